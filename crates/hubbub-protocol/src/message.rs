@@ -1,0 +1,218 @@
+//! The message types of the chat protocol, one enum per direction.
+//!
+//! The JSON shape is fixed by serde attributes: the variant name in camelCase
+//! is the `type` tag, fields are camelCase. Optional fields that Hubbub adds
+//! to the tutorial's messages are skipped when absent, so the encoded form of
+//! a tutorial message is exactly what the tutorial sends.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Number;
+use uuid::Uuid;
+
+/// A message a chat client sends to the server (a text frame on `/ws/chat`).
+///
+/// Unknown fields are ignored, so clients may send more than listed here.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase", rename_all_fields = "camelCase")]
+pub enum ClientMessage {
+    /// Choose the name shown on this connection's messages.
+    SetUsername {
+        /// The requested name; trimmed and validated by [`crate::decode_client`].
+        username: String,
+    },
+    /// Join a room, leaving the current one first; the room is created if new.
+    JoinRoom {
+        /// The room's name; trimmed and validated like a username.
+        room: String,
+    },
+    /// Leave the current room.
+    LeaveRoom {},
+    /// Send a message to the other members of the current room.
+    ChatMessage {
+        /// The message text.
+        text: String,
+    },
+    /// Tell the other members of the room that this user is typing.
+    Typing {},
+    /// The tutorial's lobby broadcast: sent to every connected chat client.
+    Chat {
+        /// The sender's name as the client sees it; the server prefers the
+        /// name set with `setUsername` when there is one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user: Option<String>,
+        /// The message text.
+        text: String,
+    },
+    /// Application-level ping; answered with [`ServerMessage::Pong`].
+    Ping {
+        /// The client's clock reading, echoed back unchanged.
+        timestamp: Number,
+    },
+    /// Begin a file upload; binary chunk frames follow.
+    FileStart {
+        /// The file's name as the user chose it.
+        name: String,
+        /// The file's size in bytes.
+        size: u64,
+        /// The file's media type; browsers send an empty string when unknown.
+        #[serde(default)]
+        mime_type: String,
+    },
+    /// Complete the current file upload.
+    FileEnd {},
+}
+
+impl ClientMessage {
+    /// Every `type` tag a client may send, in the order of the protocol table.
+    pub const TYPES: &'static [&'static str] = &[
+        "setUsername",
+        "joinRoom",
+        "leaveRoom",
+        "chatMessage",
+        "typing",
+        "chat",
+        "ping",
+        "fileStart",
+        "fileEnd",
+    ];
+
+    /// The message's `type` tag.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::SetUsername { .. } => "setUsername",
+            Self::JoinRoom { .. } => "joinRoom",
+            Self::LeaveRoom {} => "leaveRoom",
+            Self::ChatMessage { .. } => "chatMessage",
+            Self::Typing {} => "typing",
+            Self::Chat { .. } => "chat",
+            Self::Ping { .. } => "ping",
+            Self::FileStart { .. } => "fileStart",
+            Self::FileEnd {} => "fileEnd",
+        }
+    }
+
+    /// Encodes the message as the JSON text a client sends.
+    pub fn to_json(&self) -> String {
+        // Serialization cannot fail: every field is a string, a number or a
+        // unit, and there are no maps with non-string keys.
+        serde_json::to_string(self).expect("client messages always serialize")
+    }
+}
+
+/// A message the server sends to a client, on `/ws/chat` or
+/// `/ws/notifications`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase", rename_all_fields = "camelCase")]
+pub enum ServerMessage {
+    /// The first frame on a new chat connection.
+    Welcome {
+        /// A greeting for humans.
+        message: String,
+    },
+    /// Sent right after `welcome`: the id the server gave this connection.
+    Connected {
+        /// A random (v4) UUID, unique per connection.
+        client_id: Uuid,
+    },
+    /// Something the client sent was refused. The connection stays open.
+    Error {
+        /// What went wrong, for humans. `Invalid message format` for a frame
+        /// that is not a JSON object, as in the tutorial.
+        message: String,
+        /// A stable machine-readable code (Hubbub addition).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        code: Option<String>,
+    },
+    /// Reply to `setUsername`, with the name as stored (trimmed).
+    UsernameSet {
+        /// The name now in effect.
+        username: String,
+    },
+    /// Someone joined the room; sent to every member, the joiner included.
+    UserJoined {
+        /// The joiner's name.
+        user: String,
+        /// The room joined.
+        room: String,
+        /// Members after the join.
+        user_count: usize,
+    },
+    /// Sent to the joiner after `userJoined`.
+    RoomJoined {
+        /// The room joined.
+        room: String,
+        /// Members after the join.
+        user_count: usize,
+    },
+    /// Someone left the room (or disconnected); sent to those who remain.
+    UserLeft {
+        /// The leaver's name.
+        user: String,
+        /// Members after the departure.
+        user_count: usize,
+        /// The room left (Hubbub addition).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        room: Option<String>,
+    },
+    /// Reply to `leaveRoom` for the leaver (Hubbub addition).
+    RoomLeft {
+        /// The room left.
+        room: String,
+    },
+    /// A room message, delivered to the room's members except its sender.
+    ChatMessage {
+        /// The sender's name.
+        user: String,
+        /// The message text.
+        text: String,
+        /// When the server received it, in milliseconds since the Unix epoch.
+        timestamp: u64,
+    },
+    /// A member of the room is typing.
+    UserTyping {
+        /// Who is typing.
+        user: String,
+    },
+    /// A lobby broadcast, delivered to every chat client.
+    Chat {
+        /// The sender's name.
+        user: String,
+        /// The message text.
+        text: String,
+    },
+    /// Reply to `ping`.
+    Pong {
+        /// The client's timestamp, echoed unchanged.
+        timestamp: Number,
+        /// The server's clock, in milliseconds since the Unix epoch.
+        server_time: u64,
+    },
+    /// Notification feed: a room came into existence.
+    RoomCreated {
+        /// The new room.
+        room: String,
+    },
+    /// Notification feed: the last member left a room and it was removed.
+    RoomRemoved {
+        /// The removed room.
+        room: String,
+    },
+    /// Notification feed: the server is about to shut down.
+    ServerShutdown {
+        /// A notice for humans.
+        message: String,
+    },
+}
+
+impl ServerMessage {
+    /// Builds an `error` event from anything displayable, with a code.
+    pub fn error(message: impl Into<String>, code: &str) -> Self {
+        Self::Error { message: message.into(), code: Some(code.to_owned()) }
+    }
+
+    /// Encodes the message as JSON text.
+    pub fn to_json(&self) -> String {
+        // Serialization cannot fail: see `ClientMessage::to_json`.
+        serde_json::to_string(self).expect("server messages always serialize")
+    }
+}
