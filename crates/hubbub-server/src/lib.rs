@@ -1,1 +1,141 @@
-//! placeholder
+//! Hubbub's server core: one port for HTTP and WebSocket, rooms, fan-out.
+//!
+//! [`Server`] runs on a listener the caller has bound, until a shutdown
+//! future completes; then it stops accepting, closes every WebSocket with
+//! 1001 (Going Away) after what is already queued for it, and waits up to the
+//! configured drain time. Tests bind `127.0.0.1:0` and run it in-process:
+//!
+//! ```no_run
+//! # async fn demo() -> std::io::Result<()> {
+//! use hubbub_server::{Config, Server};
+//!
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let server = Server::new(Config::default()).expect("default config is valid");
+//! server.run(listener, async { let _ = tokio::signal::ctrl_c().await; }).await
+//! # }
+//! ```
+//!
+//! Layout: `http` routes requests, `upgrade` performs the WebSocket
+//! handshake, `conn` drives a connection (reader loop + batching writer),
+//! `chat` holds the endpoint handlers, `hub` owns rooms and fan-out.
+
+mod chat;
+mod config;
+mod conn;
+mod http;
+mod hub;
+mod net;
+mod upgrade;
+
+use std::future::{Future, IntoFuture};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use hubbub_protocol::ServerMessage;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::{Config, ConfigError, WebSocketLimits};
+
+/// State shared by every request and connection.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    /// The validated configuration.
+    pub(crate) config: Config,
+    /// Rooms, peers and counters.
+    pub(crate) hub: hub::Hub,
+    /// When the server was created, for `uptime`.
+    pub(crate) started: Instant,
+    /// Cancelled when shutdown begins; every connection's token is a child.
+    pub(crate) shutdown: CancellationToken,
+    /// Every connection task, so shutdown can wait for them to finish.
+    pub(crate) tasks: TaskTracker,
+}
+
+/// A Hubbub server, ready to run on a listener.
+#[derive(Debug)]
+pub struct Server {
+    shared: Arc<Shared>,
+}
+
+impl Server {
+    /// Creates a server from a configuration, which is validated first.
+    pub fn new(config: Config) -> Result<Self, ConfigError> {
+        config.validate()?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                config,
+                hub: hub::Hub::new(),
+                started: Instant::now(),
+                shutdown: CancellationToken::new(),
+                tasks: TaskTracker::new(),
+            }),
+        })
+    }
+
+    /// The configuration in effect.
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then closes every
+    /// connection and returns once they are gone or the drain time is up.
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let shared = self.shared;
+        let app = http::router(shared.clone()).into_make_service_with_connect_info::<SocketAddr>();
+        let token = shared.shutdown.clone();
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            // Frames are batched by our writer; Nagle would only add delay.
+            let _ = tcp.set_nodelay(true);
+        });
+        let server =
+            axum::serve(listener, app).with_graceful_shutdown(token.clone().cancelled_owned());
+        let mut server = tokio::spawn(server.into_future());
+
+        let notice = {
+            let shared = shared.clone();
+            async move {
+                shutdown.await;
+                tracing::info!("shutting down: closing connections with 1001");
+                shared.hub.notify(&ServerMessage::ServerShutdown {
+                    message: "The server is shutting down".to_owned(),
+                });
+            }
+        };
+        tokio::select! {
+            () = notice => {}
+            result = &mut server => {
+                // axum's accept loop only ends when told to; report why.
+                token.cancel();
+                return result.unwrap_or_else(|join| Err(std::io::Error::other(join)));
+            }
+        }
+        token.cancel();
+        shared.tasks.close();
+        let drain = shared.config.shutdown_drain;
+        let drained = tokio::time::timeout(drain, async {
+            let served = server.await;
+            shared.tasks.wait().await;
+            served
+        })
+        .await;
+        match drained {
+            Ok(Ok(result)) => result,
+            Ok(Err(join)) => Err(std::io::Error::other(join)),
+            Err(_) => {
+                tracing::warn!(
+                    remaining = shared.tasks.len(),
+                    ?drain,
+                    "drain time elapsed; exiting anyway"
+                );
+                Ok(())
+            }
+        }
+    }
+}

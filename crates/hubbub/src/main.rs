@@ -1,2 +1,99 @@
-//! placeholder
-fn main() {}
+//! The `hubbub` binary: read the configuration, set up logging, bind, serve
+//! until SIGINT or SIGTERM, exit.
+
+mod settings;
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use hubbub_server::Server;
+use settings::{Action, Cli};
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            #[allow(clippy::print_stderr)] // the one place errors reach the user
+            {
+                eprintln!("hubbub: {err:#}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: &Cli) -> anyhow::Result<()> {
+    let config = match cli.resolve()? {
+        Action::Serve(config) => config,
+        Action::PrintConfig(text) => {
+            #[allow(clippy::print_stdout)] // asked for on the command line
+            {
+                print!("{text}");
+            }
+            return Ok(());
+        }
+    };
+    let filter = EnvFilter::try_new(&cli.log).context("invalid --log filter")?;
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+
+    let server = Server::new(config)?;
+    let listen = server.config().listen;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let addr = listener.local_addr().context("reading the bound address")?;
+    let host = if addr.ip().is_unspecified() {
+        format!("localhost:{}", addr.port())
+    } else {
+        addr.to_string()
+    };
+    #[allow(clippy::print_stdout)] // the URLs are for the operator, not the log
+    {
+        println!("Hubbub {} listening on {addr}", env!("CARGO_PKG_VERSION"));
+        println!("  chat page      http://{host}/");
+        println!("  chat socket    ws://{host}/ws/chat  (and ws://{host}/)");
+        println!("  notifications  ws://{host}/ws/notifications");
+        if server.config().echo_enabled {
+            println!("  echo           ws://{host}/ws/echo");
+        }
+        println!("  health         http://{host}/health   status http://{host}/api/status");
+    }
+    server
+        .run(listener, shutdown_signal())
+        .await
+        .context("server failed")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(err) = tokio::signal::ctrl_c().await {
+            tracing::error!(cause = %err, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(err) => {
+                tracing::error!(cause = %err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

@@ -1,0 +1,231 @@
+//! The chat endpoint: one session per connection, acting on decoded client
+//! messages. The session's state (name, room) is owned by its connection's
+//! reader task, so it needs no lock.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use hubbub_protocol::{ClientMessage, ServerMessage, decode_client};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::Shared;
+use crate::conn::Handler;
+use crate::hub::{Peer, Room, encode};
+
+/// The name used for a client that never set one.
+const ANONYMOUS: &str = "Anonymous";
+
+/// One chat connection's state.
+pub(crate) struct ChatSession {
+    /// Server-wide state.
+    shared: Arc<Shared>,
+    /// This connection's queue.
+    peer: Peer,
+    /// The name set with `setUsername`, if any.
+    username: Option<String>,
+    /// The room this connection is in, if any. Holding the `Arc` lets room
+    /// messages skip the hub's rooms map.
+    room: Option<Arc<Room>>,
+}
+
+impl ChatSession {
+    /// Registers a new chat connection with the hub and greets it.
+    pub(crate) fn start(shared: Arc<Shared>, peer: Peer) -> Self {
+        let session = Self {
+            shared,
+            peer,
+            username: None,
+            room: None,
+        };
+        session.reply(&ServerMessage::Welcome {
+            message: "Welcome to Hubbub chat!".to_owned(),
+        });
+        session.reply(&ServerMessage::Connected {
+            client_id: session.peer.id,
+        });
+        session.shared.hub.lobby.insert(session.peer.clone());
+        session
+    }
+
+    fn reply(&self, msg: &ServerMessage) {
+        self.peer.reply(msg, &self.shared.hub.stats);
+    }
+
+    fn error(&self, message: &str, code: &str) {
+        self.reply(&ServerMessage::error(message, code));
+    }
+
+    /// The name others see for this connection.
+    fn name(&self) -> &str {
+        self.username.as_deref().unwrap_or(ANONYMOUS)
+    }
+
+    fn handle(&mut self, msg: ClientMessage) {
+        let hub = &self.shared.hub;
+        match msg {
+            ClientMessage::SetUsername { username } => {
+                tracing::debug!(%username, "username set");
+                self.reply(&ServerMessage::UsernameSet {
+                    username: username.clone(),
+                });
+                self.username = Some(username);
+            }
+            ClientMessage::JoinRoom { room } => {
+                if let Some(current) = &self.room
+                    && *current.name == *room
+                {
+                    // Already there: confirm without a leave/join round that
+                    // would tell everyone else twice.
+                    self.reply(&ServerMessage::RoomJoined {
+                        room,
+                        user_count: current.len(),
+                    });
+                    return;
+                }
+                self.leave_room();
+                let joined = self.shared.hub.join(&self.peer, self.name(), &room);
+                tracing::debug!(%room, members = joined.user_count, "joined room");
+                self.room = Some(joined.room);
+            }
+            ClientMessage::LeaveRoom {} => match self.leave_room() {
+                Some(room) => self.reply(&ServerMessage::RoomLeft {
+                    room: room.to_string(),
+                }),
+                None => self.error("You are not in a room", "notInRoom"),
+            },
+            ClientMessage::ChatMessage { text } => {
+                let Some(room) = &self.room else {
+                    return self.error("Join a room before sending messages", "notInRoom");
+                };
+                let frame = encode(&ServerMessage::ChatMessage {
+                    user: self.name().to_owned(),
+                    text,
+                    timestamp: now_ms(),
+                });
+                room.broadcast(&frame, Some(self.peer.id), &hub.stats);
+            }
+            ClientMessage::Typing {} => {
+                // Typing outside a room has no audience; it is not an error.
+                if let Some(room) = &self.room {
+                    let frame = encode(&ServerMessage::UserTyping {
+                        user: self.name().to_owned(),
+                    });
+                    room.broadcast(&frame, Some(self.peer.id), &hub.stats);
+                }
+            }
+            ClientMessage::Chat { user, text } => {
+                let user = match (&self.username, user) {
+                    (Some(name), _) => name.clone(),
+                    (None, Some(claimed)) => claimed,
+                    (None, None) => ANONYMOUS.to_owned(),
+                };
+                hub.lobby
+                    .broadcast(&encode(&ServerMessage::Chat { user, text }), &hub.stats);
+            }
+            ClientMessage::Ping { timestamp } => {
+                self.reply(&ServerMessage::Pong {
+                    timestamp,
+                    server_time: now_ms(),
+                });
+            }
+            ClientMessage::FileStart { .. } => {
+                self.error(
+                    "File uploads are not enabled on this server",
+                    "uploadsDisabled",
+                );
+            }
+            ClientMessage::FileEnd {} => self.error("No file upload in progress", "noUpload"),
+        }
+    }
+
+    /// Leaves the current room, if any; returns its name.
+    fn leave_room(&mut self) -> Option<Arc<str>> {
+        let room = self.room.take()?;
+        self.shared.hub.leave(&self.peer, self.name(), &room);
+        tracing::debug!(room = %room.name, "left room");
+        Some(room.name.clone())
+    }
+}
+
+impl Handler for ChatSession {
+    fn on_text(&mut self, text: Utf8Bytes) {
+        match decode_client(&text, &self.shared.config.protocol) {
+            Ok(msg) => self.handle(msg),
+            Err(err) => {
+                tracing::debug!(error = %err, "refused client message");
+                self.reply(&err.to_event());
+            }
+        }
+    }
+
+    fn on_binary(&mut self, _data: Bytes) {
+        self.error("No file upload in progress", "noUpload");
+    }
+
+    fn on_close(&mut self) {
+        self.leave_room();
+        self.shared.hub.lobby.remove(&self.peer.id);
+    }
+}
+
+/// Milliseconds since the Unix epoch, by the server's clock.
+pub(crate) fn now_ms() -> u64 {
+    // A clock before 1970 is a broken host; report 0 rather than fail a chat.
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// `/ws/echo`: every text and binary frame comes back unchanged.
+pub(crate) struct Echo {
+    /// Server-wide state.
+    pub(crate) shared: Arc<Shared>,
+    /// This connection's queue.
+    pub(crate) peer: Peer,
+}
+
+impl Handler for Echo {
+    fn on_text(&mut self, text: Utf8Bytes) {
+        self.peer.send(
+            tokio_tungstenite::tungstenite::Message::Text(text),
+            &self.shared.hub.stats,
+        );
+    }
+
+    fn on_binary(&mut self, data: Bytes) {
+        self.peer.send(
+            tokio_tungstenite::tungstenite::Message::Binary(data),
+            &self.shared.hub.stats,
+        );
+    }
+
+    fn on_close(&mut self) {}
+}
+
+/// `/ws/notifications`: a feed of server events; what the client sends is
+/// ignored.
+pub(crate) struct Subscriber {
+    /// Server-wide state.
+    pub(crate) shared: Arc<Shared>,
+    /// This connection's id in the subscriber set.
+    pub(crate) peer: Peer,
+}
+
+impl Subscriber {
+    /// Adds a subscriber to the feed.
+    pub(crate) fn start(shared: Arc<Shared>, peer: Peer) -> Self {
+        shared.hub.subscribers.insert(peer.clone());
+        Self { shared, peer }
+    }
+}
+
+impl Handler for Subscriber {
+    fn on_text(&mut self, _text: Utf8Bytes) {}
+
+    fn on_binary(&mut self, _data: Bytes) {}
+
+    fn on_close(&mut self) {
+        self.shared.hub.subscribers.remove(&self.peer.id);
+    }
+}

@@ -1,0 +1,199 @@
+//! The server's configuration: every limit, size and interval, with defaults.
+//!
+//! The binary layers defaults, a TOML file, `HUBBUB_*` environment variables
+//! and command-line flags into one [`Config`], then calls
+//! [`Config::validate`] before it binds the port.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use hubbub_protocol::Limits;
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// Everything the server can be configured with.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address to listen on. Default `0.0.0.0:8080`.
+    pub listen: SocketAddr,
+    /// Proxies whose `X-Forwarded-For` header is believed, as addresses or
+    /// CIDR blocks (`10.0.0.0/8`). Default: none, so the TCP peer address is
+    /// the client's address.
+    pub trusted_proxies: Vec<IpNet>,
+    /// Whether `/ws/echo` is served. Default true.
+    pub echo_enabled: bool,
+    /// On shutdown, how long to wait for connections to finish their closing
+    /// handshake before exiting anyway. Default 5 s.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_drain: Duration,
+    /// How long a connection's writer may spend sending its close frame (and
+    /// what is queued before it, on shutdown). Default 2 s.
+    #[serde(with = "humantime_serde")]
+    pub close_timeout: Duration,
+    /// Limits on what clients may send in chat messages.
+    pub protocol: Limits,
+    /// WebSocket transport sizes and queues.
+    pub websocket: WebSocketLimits,
+}
+
+/// Sizes of the WebSocket layer. Every per-connection buffer is bounded by
+/// one of these.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebSocketLimits {
+    /// Largest message a client may send, in bytes; a larger one closes the
+    /// connection with 1009. Default 65,540: a 64 KiB file chunk plus its
+    /// 4-byte index.
+    pub max_message_bytes: usize,
+    /// Largest single frame, in bytes. Default 65,540.
+    pub max_frame_bytes: usize,
+    /// Initial read buffer per connection, in bytes. Default 4,096.
+    pub read_buffer_bytes: usize,
+    /// Outgoing bytes buffered before a write reaches the socket. Default
+    /// 8,192: a writer fills it with a batch of frames and flushes once.
+    pub write_buffer_bytes: usize,
+    /// Hard cap on the write buffer, in bytes. Default 262,144.
+    pub max_write_buffer_bytes: usize,
+    /// Frames that may wait in one connection's outbound queue. A client
+    /// that falls this far behind is disconnected (close 1008). Default 512.
+    pub outbound_queue: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            trusted_proxies: Vec::new(),
+            echo_enabled: true,
+            shutdown_drain: Duration::from_secs(5),
+            close_timeout: Duration::from_secs(2),
+            protocol: Limits::default(),
+            websocket: WebSocketLimits::default(),
+        }
+    }
+}
+
+impl Default for WebSocketLimits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 65_540,
+            max_frame_bytes: 65_540,
+            read_buffer_bytes: 4096,
+            write_buffer_bytes: 8192,
+            max_write_buffer_bytes: 256 * 1024,
+            outbound_queue: 512,
+        }
+    }
+}
+
+/// A configuration that cannot work, found before the port opens.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// A size, count or duration that must be positive is zero.
+    #[error("{0} must be greater than zero")]
+    Zero(&'static str),
+    /// Two values contradict each other.
+    #[error("{0}")]
+    Inconsistent(String),
+}
+
+impl Config {
+    /// The names of the config file's sections, for mapping flat
+    /// `HUBBUB_SECTION_KEY` environment variables onto nested keys.
+    pub const SECTIONS: &'static [&'static str] = &["protocol", "websocket"];
+
+    /// Checks that the configuration can work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let ws = &self.websocket;
+        let positive = [
+            (
+                "protocol.max_username_chars",
+                self.protocol.max_username_chars,
+            ),
+            ("protocol.max_room_chars", self.protocol.max_room_chars),
+            ("protocol.max_text_chars", self.protocol.max_text_chars),
+            ("websocket.max_message_bytes", ws.max_message_bytes),
+            ("websocket.max_frame_bytes", ws.max_frame_bytes),
+            ("websocket.read_buffer_bytes", ws.read_buffer_bytes),
+            ("websocket.outbound_queue", ws.outbound_queue),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(ConfigError::Zero(name));
+            }
+        }
+        if self.close_timeout.is_zero() {
+            return Err(ConfigError::Zero("close_timeout"));
+        }
+        if ws.max_frame_bytes > ws.max_message_bytes {
+            return Err(ConfigError::Inconsistent(format!(
+                "websocket.max_frame_bytes ({}) exceeds websocket.max_message_bytes ({})",
+                ws.max_frame_bytes, ws.max_message_bytes
+            )));
+        }
+        // Tungstenite refuses a write that would grow the buffer past the cap,
+        // so the cap must hold a full buffer plus the largest frame we send.
+        let needed = ws.write_buffer_bytes + ws.max_message_bytes + MAX_FRAME_HEADER;
+        if ws.max_write_buffer_bytes < needed {
+            return Err(ConfigError::Inconsistent(format!(
+                "websocket.max_write_buffer_bytes ({}) must be at least write_buffer_bytes + \
+                 max_message_bytes + {MAX_FRAME_HEADER} ({needed})",
+                ws.max_write_buffer_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether `X-Forwarded-For` from this peer is believed.
+    pub fn is_trusted_proxy(&self, ip: IpAddr) -> bool {
+        self.trusted_proxies.iter().any(|net| net.contains(&ip))
+    }
+}
+
+/// Largest WebSocket frame header: 2 bytes, 8 of extended length, 4 of mask.
+const MAX_FRAME_HEADER: usize = 14;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_round_trip_through_toml_shape() {
+        let config = Config::default();
+        config.validate().unwrap();
+        let json = serde_json::to_value(&config).unwrap();
+        assert_eq!(json["shutdown_drain"], "5s");
+        let back: Config = serde_json::from_value(json).unwrap();
+        assert_eq!(back, config);
+    }
+
+    #[test]
+    fn contradictions_are_refused() {
+        let mut config = Config::default();
+        config.websocket.outbound_queue = 0;
+        assert_eq!(
+            config.validate().unwrap_err().to_string(),
+            "websocket.outbound_queue must be greater than zero"
+        );
+        let mut config = Config::default();
+        config.websocket.max_write_buffer_bytes = 1024;
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("max_write_buffer_bytes")
+        );
+    }
+
+    #[test]
+    fn trusted_proxies_match_cidrs() {
+        let config = Config {
+            trusted_proxies: vec!["10.0.0.0/8".parse().unwrap()],
+            ..Config::default()
+        };
+        assert!(config.is_trusted_proxy("10.1.2.3".parse().unwrap()));
+        assert!(!config.is_trusted_proxy("192.168.1.1".parse().unwrap()));
+    }
+}

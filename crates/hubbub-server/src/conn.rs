@@ -1,0 +1,249 @@
+//! One WebSocket connection: a reader loop that hands frames to an endpoint
+//! handler, and a writer task that drains the connection's bounded queue.
+//!
+//! The writer feeds every frame waiting in the queue into tungstenite's write
+//! buffer and flushes once per batch, so a burst of broadcasts costs one
+//! socket write, not one per message. Either side can close the connection
+//! through the peer's cancellation token; the close frame is always written
+//! by the writer, with a time limit, so a peer that stopped reading cannot
+//! hold its tasks forever.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream::SplitSink;
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::Shared;
+use crate::hub::{CloseReason, Mailbox, Peer};
+use crate::upgrade::Socket;
+
+/// What an endpoint does with the frames its client sends.
+pub(crate) trait Handler: Send {
+    /// A text frame arrived.
+    fn on_text(&mut self, text: Utf8Bytes);
+    /// A binary frame arrived.
+    fn on_binary(&mut self, data: Bytes);
+    /// The connection is over (whatever the reason); release what it holds.
+    fn on_close(&mut self);
+}
+
+/// Which endpoint a connection came in on, for logs.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Endpoint {
+    /// `/ws/chat` and `/`.
+    Chat,
+    /// `/ws/notifications`.
+    Notifications,
+    /// `/ws/echo`.
+    Echo,
+}
+
+impl Endpoint {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Chat => "chat",
+            Self::Notifications => "notifications",
+            Self::Echo => "echo",
+        }
+    }
+}
+
+/// Runs a connection to its end. `make_handler` builds the endpoint's handler
+/// once the connection's [`Peer`] exists.
+pub(crate) async fn run<H: Handler>(
+    socket: Socket,
+    shared: Arc<Shared>,
+    endpoint: Endpoint,
+    ip: IpAddr,
+    make_handler: impl FnOnce(Peer) -> H,
+) {
+    let (peer, mailbox) = Peer::new(shared.config.websocket.outbound_queue, &shared.shutdown);
+    let span =
+        tracing::info_span!("conn", client = %peer.id, peer = %ip, endpoint = endpoint.name());
+    drive(socket, shared, peer, mailbox, make_handler)
+        .instrument(span)
+        .await;
+}
+
+async fn drive<H: Handler>(
+    socket: Socket,
+    shared: Arc<Shared>,
+    peer: Peer,
+    mailbox: Mailbox,
+    make_handler: impl FnOnce(Peer) -> H,
+) {
+    let stats = &shared.hub.stats;
+    stats.connections.fetch_add(1, Ordering::Relaxed);
+    stats.accepted.fetch_add(1, Ordering::Relaxed);
+    tracing::info!("connected");
+
+    let close_timeout = shared.config.close_timeout;
+    let batch_limit = shared.config.websocket.outbound_queue;
+    let (sink, mut stream) = socket.split();
+    let Mailbox { rx, token } = mailbox;
+    let writer = tokio::spawn(
+        write_loop(
+            sink,
+            rx,
+            token.clone(),
+            peer.clone(),
+            close_timeout,
+            batch_limit,
+        )
+        .in_current_span(),
+    );
+    let mut handler = make_handler(peer.clone());
+
+    // The code the peer closed with, if it sent a close frame.
+    let mut peer_code: Option<CloseCode> = None;
+    loop {
+        tokio::select! {
+            biased;
+            () = token.cancelled() => break,
+            next = stream.next() => match next {
+                Some(Ok(Message::Text(text))) => handler.on_text(text),
+                Some(Ok(Message::Binary(data))) => handler.on_binary(data),
+                // tungstenite answers pings itself; pongs feed the heartbeat.
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                Some(Ok(Message::Close(frame))) => {
+                    let code = frame.map_or(CloseCode::Status, |f| f.code);
+                    peer_code = Some(code);
+                    // Our writer's close completes the handshake tungstenite
+                    // began by queueing its reply.
+                    peer.close(CloseReason { code: CloseCode::Normal, reason: "", drain_queue: false });
+                    break;
+                }
+                Some(Err(err)) => {
+                    peer.close(close_for(&err));
+                    tracing::debug!(cause = %err, "read failed");
+                    break;
+                }
+                None => {
+                    peer_code = Some(CloseCode::Abnormal);
+                    peer.close(CloseReason { code: CloseCode::Abnormal, reason: "", drain_queue: false });
+                    break;
+                }
+            },
+        }
+    }
+
+    handler.on_close();
+    drop(handler);
+    // Unblocks the writer if the loop ended without anyone closing.
+    peer.close(CloseReason {
+        code: CloseCode::Normal,
+        reason: "",
+        drain_queue: false,
+    });
+    let ours = peer.close_reason();
+    if writer.await.is_err() {
+        tracing::error!("connection writer panicked");
+    }
+    // When we closed first, give the peer a moment to answer our close frame
+    // so the handshake completes; whatever it still sends is discarded.
+    if peer_code.is_none() {
+        let _ = tokio::time::timeout(close_timeout, async {
+            while stream.next().await.is_some() {}
+        })
+        .await;
+    }
+    stats.connections.fetch_sub(1, Ordering::Relaxed);
+    let code = u16::from(peer_code.unwrap_or(ours.code));
+    tracing::info!(
+        code,
+        by_peer = peer_code.is_some(),
+        reason = ours.reason,
+        "disconnected"
+    );
+}
+
+/// The close frame that answers a read error.
+fn close_for(err: &WsError) -> CloseReason {
+    let (code, reason) = match err {
+        WsError::Capacity(_) => (CloseCode::Size, "Message too big"),
+        WsError::Protocol(_) => (CloseCode::Protocol, "Protocol error"),
+        WsError::Utf8(_) => (CloseCode::Invalid, "Text frame is not valid UTF-8"),
+        _ => (CloseCode::Abnormal, ""),
+    };
+    CloseReason {
+        code,
+        reason,
+        drain_queue: false,
+    }
+}
+
+/// Drains the queue into the socket, one flush per batch, until the token is
+/// cancelled; then sends the close frame (after what is queued, on shutdown).
+async fn write_loop(
+    mut sink: SplitSink<Socket, Message>,
+    mut rx: mpsc::Receiver<Message>,
+    token: CancellationToken,
+    peer: Peer,
+    close_timeout: Duration,
+    batch_limit: usize,
+) {
+    loop {
+        let first = tokio::select! {
+            biased;
+            () = token.cancelled() => break,
+            next = rx.recv() => match next {
+                Some(frame) => frame,
+                None => break,
+            },
+        };
+        let batch = async {
+            sink.feed(first).await?;
+            for _ in 1..batch_limit {
+                match rx.try_recv() {
+                    Ok(frame) => sink.feed(frame).await?,
+                    Err(_) => break,
+                }
+            }
+            sink.flush().await
+        };
+        let result = tokio::select! {
+            biased;
+            () = token.cancelled() => break,
+            result = batch => result,
+        };
+        if let Err(err) = result {
+            tracing::debug!(cause = %err, "write failed");
+            peer.close(CloseReason {
+                code: CloseCode::Abnormal,
+                reason: "",
+                drain_queue: false,
+            });
+            break;
+        }
+    }
+
+    let reason = peer.close_reason();
+    if reason.code == CloseCode::Abnormal {
+        // The transport is gone (or the peer vanished): nothing to say.
+        return;
+    }
+    let closing = async {
+        if reason.drain_queue {
+            while let Ok(frame) = rx.try_recv() {
+                if sink.feed(frame).await.is_err() {
+                    return;
+                }
+            }
+        }
+        // After the peer's own close this only flushes tungstenite's reply.
+        let _ = sink.send(Message::Close(Some(reason.frame()))).await;
+        let _ = sink.close().await;
+    };
+    if tokio::time::timeout(close_timeout, closing).await.is_err() {
+        tracing::debug!("close frame not delivered in time");
+    }
+}

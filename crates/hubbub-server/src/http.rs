@@ -1,0 +1,183 @@
+//! The HTTP routes: WebSocket endpoints, health, status and the page.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{any, get};
+use serde::Serialize;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use crate::Shared;
+use crate::chat::{ChatSession, Echo, Subscriber};
+use crate::conn::{self, Endpoint};
+use crate::net::client_ip;
+use crate::upgrade::{accept, wants_upgrade};
+
+/// The placeholder chat page served at `GET /`.
+const INDEX_HTML: &str = include_str!("../../../web/index.html");
+
+/// Builds the router over the server's shared state.
+pub(crate) fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/", any(root))
+        .route("/ws/chat", any(chat))
+        .route("/ws/notifications", any(notifications))
+        .route("/ws/echo", any(echo))
+        .route("/health", get(|| async { "OK" }))
+        .route("/api/status", get(status))
+        .route("/api/rooms", get(rooms))
+        .fallback(not_found)
+        .with_state(shared)
+}
+
+async fn root(
+    State(shared): State<Arc<Shared>>,
+    peer: ConnectInfo<SocketAddr>,
+    req: Request,
+) -> Response {
+    if wants_upgrade(req.headers()) {
+        return upgrade(shared, peer, req, Endpoint::Chat);
+    }
+    Html(INDEX_HTML).into_response()
+}
+
+async fn chat(
+    State(shared): State<Arc<Shared>>,
+    peer: ConnectInfo<SocketAddr>,
+    req: Request,
+) -> Response {
+    upgrade(shared, peer, req, Endpoint::Chat)
+}
+
+async fn notifications(
+    State(shared): State<Arc<Shared>>,
+    peer: ConnectInfo<SocketAddr>,
+    req: Request,
+) -> Response {
+    upgrade(shared, peer, req, Endpoint::Notifications)
+}
+
+async fn echo(
+    State(shared): State<Arc<Shared>>,
+    peer: ConnectInfo<SocketAddr>,
+    req: Request,
+) -> Response {
+    if !shared.config.echo_enabled {
+        return not_found().await.into_response();
+    }
+    upgrade(shared, peer, req, Endpoint::Echo)
+}
+
+/// Accepts an upgrade on `endpoint` and runs the connection.
+fn upgrade(
+    shared: Arc<Shared>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    req: Request,
+    endpoint: Endpoint,
+) -> Response {
+    let ip = client_ip(addr, req.headers(), &shared.config);
+    let config = ws_config(&shared);
+    let tasks = shared.tasks.clone();
+    accept(req, config, &tasks, move |socket| async move {
+        let state = shared.clone();
+        match endpoint {
+            Endpoint::Chat => {
+                conn::run(socket, shared, endpoint, ip, |peer| {
+                    ChatSession::start(state, peer)
+                })
+                .await
+            }
+            Endpoint::Echo => {
+                conn::run(socket, shared, endpoint, ip, |peer| Echo {
+                    shared: state,
+                    peer,
+                })
+                .await
+            }
+            Endpoint::Notifications => {
+                conn::run(socket, shared, endpoint, ip, |peer| {
+                    Subscriber::start(state, peer)
+                })
+                .await;
+            }
+        }
+    })
+}
+
+/// Tungstenite's settings from our config.
+fn ws_config(shared: &Shared) -> WebSocketConfig {
+    let ws = &shared.config.websocket;
+    WebSocketConfig::default()
+        .read_buffer_size(ws.read_buffer_bytes)
+        .write_buffer_size(ws.write_buffer_bytes)
+        .max_write_buffer_size(ws.max_write_buffer_bytes)
+        .max_message_size(Some(ws.max_message_bytes))
+        .max_frame_size(Some(ws.max_frame_bytes))
+}
+
+/// Unknown paths, upgrade or not: 404 and no upgrade.
+async fn not_found() -> impl IntoResponse {
+    (
+        StatusCode::NOT_FOUND,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        "Not Found\n",
+    )
+}
+
+/// The body of `GET /api/status`.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Status {
+    /// Open WebSocket connections, every endpoint.
+    connections: usize,
+    /// Rooms that exist.
+    rooms: usize,
+    /// Seconds since the server started.
+    uptime: u64,
+    /// The server's version.
+    version: &'static str,
+    /// WebSocket connections accepted since start.
+    connections_accepted: u64,
+    /// Connections dropped for not reading fast enough.
+    slow_consumers_dropped: u64,
+}
+
+async fn status(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    let stats = &shared.hub.stats;
+    axum::Json(Status {
+        connections: stats.connections.load(Ordering::Relaxed),
+        rooms: shared.hub.room_count(),
+        uptime: shared.started.elapsed().as_secs(),
+        version: env!("CARGO_PKG_VERSION"),
+        connections_accepted: stats.accepted.load(Ordering::Relaxed),
+        slow_consumers_dropped: stats.slow_consumers.load(Ordering::Relaxed),
+    })
+}
+
+/// One entry of `GET /api/rooms`.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RoomInfo {
+    /// The room's name.
+    name: String,
+    /// Its members.
+    user_count: usize,
+}
+
+async fn rooms(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    let list: Vec<RoomInfo> = shared
+        .hub
+        .rooms()
+        .into_iter()
+        .map(|(name, user_count)| RoomInfo {
+            name: name.to_string(),
+            user_count,
+        })
+        .collect();
+    axum::Json(list)
+}

@@ -1,0 +1,384 @@
+//! The hub: who is connected, which rooms exist, and fan-out.
+//!
+//! A broadcast is encoded once into a [`Frame`] and the same bytes are handed
+//! to every recipient's bounded queue by reference count. Delivery never
+//! waits: a recipient whose queue is full is told to close (1008) and is
+//! dropped, so one slow reader cannot hold up a room or grow memory.
+//!
+//! Locking: the rooms map is a short `std::sync::Mutex` taken only to join
+//! or leave. Each room's member list has its own `RwLock`; broadcasts take it
+//! for reading, so messages to different rooms never contend and messages to
+//! one room proceed in parallel. A connection keeps an `Arc` to its room, so
+//! a room message never touches the rooms map. No lock is held across an
+//! `.await` (there is no `.await` in this module).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
+
+use hubbub_protocol::ServerMessage;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::Utf8Bytes;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// A connection's id, sent to chat clients in `connected {clientId}`.
+pub(crate) type ClientId = Uuid;
+
+/// An encoded text frame, shared by reference count among its recipients.
+pub(crate) type Frame = Utf8Bytes;
+
+/// Encodes a message once, for any number of recipients.
+pub(crate) fn encode(msg: &ServerMessage) -> Frame {
+    Frame::from(msg.to_json())
+}
+
+/// Why a connection is closing, chosen by whoever closes it first.
+#[derive(Clone, Debug)]
+pub(crate) struct CloseReason {
+    /// The close code sent to the peer.
+    pub(crate) code: CloseCode,
+    /// The close frame's reason text.
+    pub(crate) reason: &'static str,
+    /// Whether frames already queued are sent before the close frame.
+    pub(crate) drain_queue: bool,
+}
+
+/// The close sent when the server shuts down with nothing else recorded.
+const GOING_AWAY: CloseReason = CloseReason {
+    code: CloseCode::Away,
+    reason: "Server shutting down",
+    drain_queue: true,
+};
+
+/// The part of a connection that others may touch: its queue and its
+/// kill switch. Cloning is cheap (two reference counts).
+#[derive(Clone, Debug)]
+pub(crate) struct Peer {
+    /// The connection's id.
+    pub(crate) id: ClientId,
+    /// The bounded outbound queue drained by the connection's writer.
+    tx: mpsc::Sender<Message>,
+    /// Shared close state.
+    control: Arc<Control>,
+}
+
+/// Shared close state of one connection.
+#[derive(Debug)]
+struct Control {
+    /// Cancelled when the connection must close; a child of the server's
+    /// shutdown token, so shutdown closes every connection.
+    token: CancellationToken,
+    /// The first close reason recorded wins.
+    reason: OnceLock<CloseReason>,
+}
+
+/// The receiving end of a [`Peer`], owned by the connection's tasks.
+#[derive(Debug)]
+pub(crate) struct Mailbox {
+    /// Frames to send, in order.
+    pub(crate) rx: mpsc::Receiver<Message>,
+    /// Cancelled when the connection must close.
+    pub(crate) token: CancellationToken,
+}
+
+impl Peer {
+    /// Creates a connection's queue of `capacity` frames, closed when
+    /// `shutdown` is cancelled.
+    pub(crate) fn new(capacity: usize, shutdown: &CancellationToken) -> (Self, Mailbox) {
+        let (tx, rx) = mpsc::channel(capacity);
+        let token = shutdown.child_token();
+        let control = Arc::new(Control {
+            token: token.clone(),
+            reason: OnceLock::new(),
+        });
+        (
+            Self {
+                id: Uuid::new_v4(),
+                tx,
+                control,
+            },
+            Mailbox { rx, token },
+        )
+    }
+
+    /// Queues a frame without waiting. Returns false if the connection is
+    /// closing or its queue was full (in which case it is now closing).
+    pub(crate) fn send(&self, frame: Message, stats: &Stats) -> bool {
+        match self.tx.try_send(frame) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                let reason = CloseReason {
+                    code: CloseCode::Policy,
+                    reason: "Slow consumer: outbound queue full",
+                    drain_queue: false,
+                };
+                if self.close(reason) {
+                    stats.slow_consumers.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(client = %self.id, "slow consumer: outbound queue full, disconnecting");
+                }
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Queues an encoded text frame.
+    pub(crate) fn send_text(&self, frame: &Frame, stats: &Stats) -> bool {
+        self.send(Message::Text(frame.clone()), stats)
+    }
+
+    /// Queues a message for this peer alone.
+    pub(crate) fn reply(&self, msg: &ServerMessage, stats: &Stats) -> bool {
+        self.send_text(&encode(msg), stats)
+    }
+
+    /// Asks the connection to close. Returns true if this call decided the
+    /// reason, false if the connection was already closing.
+    pub(crate) fn close(&self, reason: CloseReason) -> bool {
+        let first = self.control.reason.set(reason).is_ok();
+        self.control.token.cancel();
+        first
+    }
+
+    /// The close frame to send, once the connection's token is cancelled.
+    pub(crate) fn close_reason(&self) -> CloseReason {
+        self.control.reason.get().cloned().unwrap_or(GOING_AWAY)
+    }
+}
+
+impl CloseReason {
+    /// The close frame to send for this reason.
+    pub(crate) fn frame(&self) -> CloseFrame {
+        CloseFrame {
+            code: self.code,
+            reason: Utf8Bytes::from_static(self.reason),
+        }
+    }
+}
+
+/// Server-wide counters, for `/api/status` and logs.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    /// Open WebSocket connections on every endpoint.
+    pub(crate) connections: AtomicUsize,
+    /// Connections dropped because their outbound queue filled up.
+    pub(crate) slow_consumers: AtomicU64,
+    /// WebSocket connections accepted since start.
+    pub(crate) accepted: AtomicU64,
+}
+
+/// A set of peers that receives broadcasts, split into shards so that
+/// joining and leaving do not contend with each other or with delivery.
+#[derive(Debug)]
+pub(crate) struct PeerSet {
+    /// Each peer lives in the shard its id selects.
+    shards: Box<[RwLock<HashMap<ClientId, Peer>>]>,
+}
+
+impl PeerSet {
+    /// A set with `shards` shards (at least one).
+    pub(crate) fn new(shards: usize) -> Self {
+        Self {
+            shards: (0..shards.max(1)).map(|_| RwLock::default()).collect(),
+        }
+    }
+
+    fn shard(&self, id: &ClientId) -> &RwLock<HashMap<ClientId, Peer>> {
+        // Ids are random v4 UUIDs, so their low bits spread evenly.
+        let index = (id.as_u128() as usize) % self.shards.len();
+        &self.shards[index]
+    }
+
+    /// Adds a peer.
+    pub(crate) fn insert(&self, peer: Peer) {
+        write(self.shard(&peer.id)).insert(peer.id, peer);
+    }
+
+    /// Removes a peer.
+    pub(crate) fn remove(&self, id: &ClientId) {
+        write(self.shard(id)).remove(id);
+    }
+
+    /// Queues `frame` to every peer.
+    pub(crate) fn broadcast(&self, frame: &Frame, stats: &Stats) {
+        for shard in &self.shards {
+            for peer in read(shard).values() {
+                peer.send_text(frame, stats);
+            }
+        }
+    }
+}
+
+/// A room: a name and its members.
+#[derive(Debug)]
+pub(crate) struct Room {
+    /// The room's name, as validated (trimmed).
+    pub(crate) name: Arc<str>,
+    /// Members by connection id. Written only under the hub's rooms lock.
+    members: RwLock<HashMap<ClientId, Peer>>,
+}
+
+impl Room {
+    /// Queues `frame` to every member but `except`.
+    pub(crate) fn broadcast(&self, frame: &Frame, except: Option<ClientId>, stats: &Stats) {
+        for (id, peer) in read(&self.members).iter() {
+            if Some(*id) != except {
+                peer.send_text(frame, stats);
+            }
+        }
+    }
+
+    /// Current number of members.
+    pub(crate) fn len(&self) -> usize {
+        read(&self.members).len()
+    }
+}
+
+/// Rooms, the lobby of chat clients, and the notification subscribers.
+#[derive(Debug)]
+pub(crate) struct Hub {
+    /// Rooms by name. Locked only to join or leave.
+    rooms: Mutex<HashMap<Arc<str>, Arc<Room>>>,
+    /// Every chat connection, for the lobby `chat` broadcast.
+    pub(crate) lobby: PeerSet,
+    /// Every `/ws/notifications` subscriber.
+    pub(crate) subscribers: PeerSet,
+    /// Counters.
+    pub(crate) stats: Stats,
+}
+
+/// What [`Hub::join`] tells the joiner.
+pub(crate) struct Joined {
+    /// The room now joined.
+    pub(crate) room: Arc<Room>,
+    /// Members after the join.
+    pub(crate) user_count: usize,
+}
+
+/// Shards for the lobby and subscriber sets: enough that joins on a few
+/// cores rarely meet, few enough that a broadcast's walk stays cheap.
+const SHARDS: usize = 16;
+
+impl Hub {
+    /// An empty hub.
+    pub(crate) fn new() -> Self {
+        Self {
+            rooms: Mutex::default(),
+            lobby: PeerSet::new(SHARDS),
+            subscribers: PeerSet::new(SHARDS),
+            stats: Stats::default(),
+        }
+    }
+
+    /// Number of rooms.
+    pub(crate) fn room_count(&self) -> usize {
+        lock(&self.rooms).len()
+    }
+
+    /// Names of the rooms with their member counts, sorted by name.
+    pub(crate) fn rooms(&self) -> Vec<(Arc<str>, usize)> {
+        let rooms: Vec<Arc<Room>> = lock(&self.rooms).values().cloned().collect();
+        let mut out: Vec<_> = rooms.iter().map(|r| (r.name.clone(), r.len())).collect();
+        out.sort();
+        out
+    }
+
+    /// Adds `peer` to the room `name` (creating it if new) and tells every
+    /// member, the joiner included, with `userJoined`; then tells the joiner
+    /// `roomJoined`. The caller must have left any previous room.
+    pub(crate) fn join(&self, peer: &Peer, user: &str, name: &str) -> Joined {
+        let mut rooms = lock(&self.rooms);
+        let (room, created) = match rooms.get(name) {
+            Some(room) => (room.clone(), false),
+            None => {
+                let room = Arc::new(Room {
+                    name: Arc::from(name),
+                    members: RwLock::default(),
+                });
+                rooms.insert(room.name.clone(), room.clone());
+                (room, true)
+            }
+        };
+        // Lock order: rooms map, then room. The member list is updated and the
+        // join announced under the room's write lock, so every member sees
+        // `userJoined` before any later message in the room.
+        let mut members = write(&room.members);
+        drop(rooms);
+        members.insert(peer.id, peer.clone());
+        let user_count = members.len();
+        let joined = encode(&ServerMessage::UserJoined {
+            user: user.to_owned(),
+            room: name.to_owned(),
+            user_count,
+        });
+        for member in members.values() {
+            member.send_text(&joined, &self.stats);
+        }
+        peer.reply(
+            &ServerMessage::RoomJoined {
+                room: name.to_owned(),
+                user_count,
+            },
+            &self.stats,
+        );
+        drop(members);
+        if created {
+            self.notify(&ServerMessage::RoomCreated {
+                room: name.to_owned(),
+            });
+        }
+        Joined { room, user_count }
+    }
+
+    /// Removes `peer` from `room`, tells those who remain with `userLeft`, and
+    /// removes the room if it is now empty.
+    pub(crate) fn leave(&self, peer: &Peer, user: &str, room: &Room) {
+        let mut rooms = lock(&self.rooms);
+        let mut members = write(&room.members);
+        members.remove(&peer.id);
+        let user_count = members.len();
+        let removed = user_count == 0;
+        if removed {
+            rooms.remove(&room.name);
+        }
+        drop(rooms);
+        if !removed {
+            let left = encode(&ServerMessage::UserLeft {
+                user: user.to_owned(),
+                user_count,
+                room: Some(room.name.to_string()),
+            });
+            for member in members.values() {
+                member.send_text(&left, &self.stats);
+            }
+        }
+        drop(members);
+        if removed {
+            self.notify(&ServerMessage::RoomRemoved {
+                room: room.name.to_string(),
+            });
+        }
+    }
+
+    /// Sends a server event to every notification subscriber.
+    pub(crate) fn notify(&self, event: &ServerMessage) {
+        self.subscribers.broadcast(&encode(event), &self.stats);
+    }
+}
+
+// A poisoned lock means a panic elsewhere while it was held; the maps stay
+// structurally valid (every update is a single insert or remove), so carry on
+// rather than turn one bug into a server-wide outage.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(PoisonError::into_inner)
+}
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(PoisonError::into_inner)
+}

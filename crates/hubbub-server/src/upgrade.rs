@@ -1,0 +1,127 @@
+//! The WebSocket opening handshake on top of axum/hyper, handing the
+//! upgraded socket to tokio-tungstenite with our own buffer sizes.
+//!
+//! We do the handshake ourselves rather than through axum's `ws` extractor
+//! so the server owns the `WebSocketStream` and its configuration directly.
+
+use std::future::Future;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_util::task::TaskTracker;
+
+/// The server side of an accepted WebSocket.
+pub(crate) type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
+/// True when the request asks to switch to another protocol, whether or not
+/// it is a well-formed WebSocket upgrade.
+pub(crate) fn wants_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+}
+
+/// Answers a WebSocket upgrade request: `101` and, once hyper has switched
+/// protocols, `on_socket` runs with the socket. A request that is not a
+/// valid WebSocket upgrade gets a 4xx and `on_socket` never runs. The
+/// connection's task is tracked by `tasks`, so shutdown can wait for it.
+pub(crate) fn accept<F, Fut>(
+    mut req: Request,
+    config: WebSocketConfig,
+    tasks: &TaskTracker,
+    on_socket: F,
+) -> Response
+where
+    F: FnOnce(Socket) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let headers = req.headers();
+    if req.method() != Method::GET {
+        return (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "WebSocket upgrades must use GET\n",
+        )
+            .into_response();
+    }
+    if !header_has_token(headers, header::CONNECTION, "upgrade")
+        || !header_has_token(headers, header::UPGRADE, "websocket")
+    {
+        let mut response = (
+            StatusCode::UPGRADE_REQUIRED,
+            "This endpoint speaks WebSocket only\n",
+        )
+            .into_response();
+        response
+            .headers_mut()
+            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        return response;
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes)
+        != Some(b"13")
+    {
+        let mut response = (
+            StatusCode::UPGRADE_REQUIRED,
+            "Unsupported WebSocket version; use 13\n",
+        )
+            .into_response();
+        response.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        return response;
+    }
+    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
+        return (StatusCode::BAD_REQUEST, "Missing Sec-WebSocket-Key\n").into_response();
+    };
+    let accept_key = derive_accept_key(key.as_bytes());
+    let Some(on_upgrade) = req.extensions_mut().remove::<OnUpgrade>() else {
+        // Only hyper's HTTP/1 server provides the upgrade hook.
+        return (StatusCode::BAD_REQUEST, "Connection cannot be upgraded\n").into_response();
+    };
+
+    tasks.spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let socket = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(config),
+                )
+                .await;
+                on_socket(socket).await;
+            }
+            Err(err) => tracing::debug!(cause = %err, "upgrade failed after 101"),
+        }
+    });
+
+    let mut response = Response::new(Body::empty());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = response.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    // The accept key is base64, always a valid header value.
+    if let Ok(value) = HeaderValue::from_str(&accept_key) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, value);
+    }
+    response
+}
+
+/// Whether a comma-separated header contains `token`, case-insensitively.
+fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}

@@ -1,0 +1,183 @@
+//! Turns the command line, the config file and `HUBBUB_*` environment
+//! variables into one validated [`Config`].
+//!
+//! Precedence, lowest first: built-in defaults, the TOML file, environment
+//! variables, command-line flags.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Parser;
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use hubbub_server::Config;
+use serde::Serialize;
+
+/// Help text listing how environment variables map onto config keys.
+const ENV_HELP: &str = "\
+CONFIGURATION:
+  Every key of the TOML config file can also be set in the environment as
+  HUBBUB_<KEY>, with a section's name joined to its key by '_':
+
+    listen = \"127.0.0.1:9000\"          HUBBUB_LISTEN=127.0.0.1:9000
+    trusted_proxies = [\"10.0.0.0/8\"]   HUBBUB_TRUSTED_PROXIES='[10.0.0.0/8]'
+    echo_enabled = false               HUBBUB_ECHO_ENABLED=false
+    shutdown_drain = \"10s\"             HUBBUB_SHUTDOWN_DRAIN=10s
+    [protocol] max_text_chars = 8192   HUBBUB_PROTOCOL_MAX_TEXT_CHARS=8192
+    [websocket] outbound_queue = 1024  HUBBUB_WEBSOCKET_OUTBOUND_QUEUE=1024
+
+  Precedence, lowest first: defaults, --config file, environment, flags.
+  `hubbub --print-config` prints every key with its effective value;
+  docs/PROTOCOL.md documents each limit.";
+
+/// Hubbub: a real-time chat server over WebSocket.
+///
+/// Serves the chat protocol on /ws/chat (and /), server events on
+/// /ws/notifications, an echo endpoint on /ws/echo, GET /health,
+/// GET /api/status and a chat page on GET /, all on one port.
+#[derive(Debug, Parser)]
+#[command(name = "hubbub", version, after_long_help = ENV_HELP)]
+pub(crate) struct Cli {
+    /// Address to listen on [default: 0.0.0.0:8080]
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+
+    /// TOML config file with any of the keys --print-config shows
+    #[arg(long, short = 'c', value_name = "FILE", env = "HUBBUB_CONFIG")]
+    config: Option<PathBuf>,
+
+    /// Do not serve /ws/echo
+    #[arg(long)]
+    no_echo: bool,
+
+    /// Print the effective configuration as TOML and exit
+    #[arg(long)]
+    print_config: bool,
+
+    /// Log filter, e.g. `info` or `hubbub_server=debug`
+    #[arg(
+        long,
+        value_name = "FILTER",
+        env = "HUBBUB_LOG",
+        default_value = "info"
+    )]
+    pub(crate) log: String,
+}
+
+/// What the command line asks for, once read.
+pub(crate) enum Action {
+    /// Run the server.
+    Serve(Config),
+    /// Print this TOML and exit.
+    PrintConfig(String),
+}
+
+/// The flags that override config keys, serialized over the other layers.
+#[derive(Serialize)]
+struct Overrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    listen: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    echo_enabled: Option<bool>,
+}
+
+impl Cli {
+    /// Layers defaults, file, environment and flags into a validated config.
+    pub(crate) fn resolve(&self) -> anyhow::Result<Action> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = &self.config {
+            anyhow::ensure!(
+                path.is_file(),
+                "config file {} does not exist",
+                path.display()
+            );
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment
+            .merge(environment())
+            .merge(Serialized::defaults(Overrides {
+                listen: self.listen,
+                echo_enabled: self.no_echo.then_some(false),
+            }));
+        let config: Config = figment.extract().context("invalid configuration")?;
+        config.validate().context("invalid configuration")?;
+        if self.print_config {
+            let text = toml::to_string(&config).context("printing the configuration")?;
+            return Ok(Action::PrintConfig(text));
+        }
+        Ok(Action::Serve(config))
+    }
+}
+
+/// `HUBBUB_*` variables as config keys: `HUBBUB_PROTOCOL_MAX_TEXT_CHARS`
+/// becomes `protocol.max_text_chars`. The variables that only the command
+/// line reads are left out.
+fn environment() -> Env {
+    Env::prefixed("HUBBUB_")
+        .ignore(&["config", "log"])
+        .map(|key| {
+            let key = key.as_str().to_ascii_lowercase();
+            for section in Config::SECTIONS {
+                if let Some(rest) = key.strip_prefix(section).and_then(|r| r.strip_prefix('_')) {
+                    return format!("{section}.{rest}").into();
+                }
+            }
+            key.into()
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolve(args: &[&str]) -> anyhow::Result<Config> {
+        let cli = Cli::try_parse_from(std::iter::once("hubbub").chain(args.iter().copied()))?;
+        match cli.resolve()? {
+            Action::Serve(config) => Ok(config),
+            Action::PrintConfig(_) => anyhow::bail!("unexpected print"),
+        }
+    }
+
+    #[test]
+    fn layers_file_environment_and_flags() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "hubbub.toml",
+                "listen = \"127.0.0.1:7000\"\nshutdown_drain = \"250ms\"\n[protocol]\nmax_text_chars = 100\n",
+            )?;
+            jail.set_env("HUBBUB_PROTOCOL_MAX_TEXT_CHARS", "200");
+            jail.set_env("HUBBUB_WEBSOCKET_OUTBOUND_QUEUE", "64");
+            jail.set_env("HUBBUB_TRUSTED_PROXIES", "[10.0.0.0/8, 127.0.0.1/32]");
+            let config = resolve(&["--config", "hubbub.toml", "--listen", "127.0.0.1:7001"])
+                .map_err(|e| e.to_string())?;
+            assert_eq!(config.listen, "127.0.0.1:7001".parse().unwrap());
+            assert_eq!(config.shutdown_drain, std::time::Duration::from_millis(250));
+            assert_eq!(config.protocol.max_text_chars, 200);
+            assert_eq!(config.websocket.outbound_queue, 64);
+            assert_eq!(config.trusted_proxies.len(), 2);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_configuration_is_a_clear_error() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("typo.toml", "[protocol]\nmax_txt_chars = 5\n")?;
+            let err = format!("{:#}", resolve(&["--config", "typo.toml"]).unwrap_err());
+            assert!(err.contains("max_txt_chars"), "{err}");
+            jail.set_env("HUBBUB_WEBSOCKET_OUTBOUND_QUEUE", "0");
+            let err = format!("{:#}", resolve(&[]).unwrap_err());
+            assert!(
+                err.contains("websocket.outbound_queue must be greater than zero"),
+                "{err}"
+            );
+            Ok(())
+        });
+        let err = format!(
+            "{:#}",
+            resolve(&["--config", "/nonexistent/hubbub.toml"]).unwrap_err()
+        );
+        assert!(err.contains("does not exist"), "{err}");
+    }
+}
