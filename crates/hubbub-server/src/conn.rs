@@ -136,14 +136,10 @@ async fn drive<H: Handler>(
         }
     }
 
+    // Every way out of the loop has cancelled the token, so the writer is
+    // already closing; with no reason recorded, the server is shutting down.
     handler.on_close();
     drop(handler);
-    // Unblocks the writer if the loop ended without anyone closing.
-    peer.close(CloseReason {
-        code: CloseCode::Normal,
-        reason: "",
-        drain_queue: false,
-    });
     let ours = peer.close_reason();
     if writer.await.is_err() {
         tracing::error!("connection writer panicked");

@@ -1,0 +1,757 @@
+//! End-to-end tests: a real server on 127.0.0.1:0, real WebSocket clients.
+//!
+//! Every row of the protocol table is driven here with the JSON a client of
+//! the classic `ws` chat tutorial sends, plus the bad-input rows, the slow
+//! consumer, the endpoints and shutdown. Waits are for events, each with a
+//! timeout; nothing sleeps.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use hubbub_protocol::ServerMessage;
+use hubbub_server::{Config, Server};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Bytes, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long any single expected event may take before the test fails.
+const WAIT: Duration = Duration::from_secs(10);
+
+struct TestServer {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl TestServer {
+    async fn start() -> Self {
+        Self::with(Self::config()).await
+    }
+
+    /// Tests' clients often stop reading before the server closes them, so
+    /// waiting the default 2 s for their close reply would only slow tests.
+    fn config() -> Config {
+        Config {
+            close_timeout: Duration::from_millis(300),
+            ..Config::default()
+        }
+    }
+
+    async fn with(config: Config) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = Server::new(config).unwrap();
+        let task = tokio::spawn(server.run(listener, async {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("ws://{}{}", self.addr, path)
+    }
+
+    async fn chat(&self) -> Client {
+        Client::connect(&self.url("/ws/chat")).await
+    }
+
+    /// A chat client that has read its greeting and set its name.
+    async fn named(&self, name: &str) -> Client {
+        let mut c = self.chat().await;
+        c.greeting().await;
+        c.send(json!({"type": "setUsername", "username": name}))
+            .await;
+        assert_eq!(
+            c.recv().await,
+            json!({"type": "usernameSet", "username": name})
+        );
+        c
+    }
+
+    /// A named client that has joined `room` (and read its own join events).
+    async fn in_room(&self, name: &str, room: &str) -> Client {
+        let mut c = self.named(name).await;
+        c.send(json!({"type": "joinRoom", "room": room})).await;
+        let joined = c.recv().await;
+        assert_eq!(joined["type"], "userJoined");
+        assert_eq!(joined["user"], name);
+        assert_eq!(c.recv().await["type"], "roomJoined");
+        c
+    }
+
+    async fn status(&self) -> Value {
+        let (_, body) = http_get(self.addr, "/api/status").await;
+        serde_json::from_str(&body).unwrap()
+    }
+
+    async fn shutdown(mut self) {
+        self.stop.take().unwrap().send(()).unwrap();
+        timeout(WAIT, self.task)
+            .await
+            .expect("server stops in time")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+struct Client {
+    ws: Ws,
+}
+
+impl Client {
+    async fn connect(url: &str) -> Self {
+        let (ws, _) = timeout(WAIT, tokio_tungstenite::connect_async(url))
+            .await
+            .unwrap()
+            .unwrap();
+        Self { ws }
+    }
+
+    /// Connects over a socket with a tiny receive buffer, so that a client
+    /// that does not read pushes back on the server quickly.
+    async fn connect_small_window(addr: SocketAddr, path: &str) -> Self {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let stream = socket.connect(addr).await.unwrap();
+        let url = format!("ws://{addr}{path}");
+        let (ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream))
+            .await
+            .unwrap();
+        Self { ws }
+    }
+
+    async fn send(&mut self, value: Value) {
+        self.send_text(&value.to_string()).await;
+    }
+
+    async fn send_text(&mut self, text: &str) {
+        self.ws.send(Message::text(text)).await.unwrap();
+    }
+
+    /// The next frame, which must be text holding a JSON object.
+    async fn recv(&mut self) -> Value {
+        loop {
+            let msg = timeout(WAIT, self.ws.next())
+                .await
+                .expect("a frame in time")
+                .unwrap()
+                .unwrap();
+            match msg {
+                Message::Text(text) => {
+                    // Every server frame also decodes as a typed message.
+                    hubbub_protocol::decode_server(&text).unwrap();
+                    return serde_json::from_str(&text).unwrap();
+                }
+                Message::Ping(_) | Message::Pong(_) => {}
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    }
+
+    async fn recv_type(&mut self, kind: &str) -> Value {
+        let value = self.recv().await;
+        assert_eq!(value["type"], kind, "{value}");
+        value
+    }
+
+    async fn greeting(&mut self) -> String {
+        let welcome = self.recv_type("welcome").await;
+        assert!(welcome["message"].as_str().unwrap().len() > 3);
+        let connected = self.recv_type("connected").await;
+        let id = connected["clientId"].as_str().unwrap().to_owned();
+        assert_eq!(uuid::Uuid::parse_str(&id).unwrap().get_version_num(), 4);
+        id
+    }
+
+    /// Proves nothing else is queued for this client: a ping's pong must be
+    /// the very next frame.
+    async fn expect_nothing_pending(&mut self) {
+        self.send(json!({"type": "ping", "timestamp": 1})).await;
+        let next = self.recv().await;
+        assert_eq!(next["type"], "pong", "unexpected frame {next}");
+    }
+
+    /// Reads until the server's close frame and returns its code.
+    async fn closed(&mut self) -> CloseCode {
+        loop {
+            match timeout(WAIT, self.ws.next()).await.expect("close in time") {
+                Some(Ok(Message::Close(frame))) => {
+                    return frame.map_or(CloseCode::Status, |f| f.code);
+                }
+                Some(Ok(_)) => {}
+                Some(Err(err)) => panic!("connection failed instead of closing: {err}"),
+                None => panic!("connection ended without a close frame"),
+            }
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 GET over a fresh connection: (status line, body).
+async fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
+    http_request(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"),
+    )
+    .await
+}
+
+async fn http_request(addr: SocketAddr, request: &str) -> (String, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    timeout(WAIT, stream.read_to_end(&mut raw))
+        .await
+        .unwrap()
+        .unwrap();
+    let raw = String::from_utf8(raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_owned(), body.to_owned())
+}
+
+// ----- connection and the protocol table -------------------------------------
+
+#[tokio::test]
+async fn connect_greets_with_welcome_and_a_fresh_client_id() {
+    let server = TestServer::start().await;
+    let mut a = server.chat().await;
+    let mut b = server.chat().await;
+    let (id_a, id_b) = (a.greeting().await, b.greeting().await);
+    assert_ne!(id_a, id_b);
+    // `/` upgrades to the same chat protocol.
+    let mut root = Client::connect(&server.url("/")).await;
+    root.greeting().await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn set_username_replies_with_the_trimmed_name() {
+    let server = TestServer::start().await;
+    let mut c = server.chat().await;
+    c.greeting().await;
+    c.send(json!({"type": "setUsername", "username": "  ada  "}))
+        .await;
+    assert_eq!(
+        c.recv().await,
+        json!({"type": "usernameSet", "username": "ada"})
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn join_room_announces_to_everyone_including_the_joiner() {
+    let server = TestServer::start().await;
+    let mut ada = server.named("ada").await;
+    ada.send(json!({"type": "joinRoom", "room": "general"}))
+        .await;
+    assert_eq!(
+        ada.recv().await,
+        json!({"type": "userJoined", "user": "ada", "room": "general", "userCount": 1})
+    );
+    assert_eq!(
+        ada.recv().await,
+        json!({"type": "roomJoined", "room": "general", "userCount": 1})
+    );
+
+    let mut bob = server.named("bob").await;
+    bob.send(json!({"type": "joinRoom", "room": "general"}))
+        .await;
+    let joined = json!({"type": "userJoined", "user": "bob", "room": "general", "userCount": 2});
+    assert_eq!(bob.recv().await, joined);
+    assert_eq!(
+        bob.recv().await,
+        json!({"type": "roomJoined", "room": "general", "userCount": 2})
+    );
+    assert_eq!(ada.recv().await, joined);
+    assert_eq!(server.status().await["rooms"], 1);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn chat_message_reaches_the_others_in_the_room_but_not_the_sender() {
+    let server = TestServer::start().await;
+    let mut ada = server.in_room("ada", "r").await;
+    let mut bob = server.in_room("bob", "r").await;
+    ada.recv_type("userJoined").await;
+    let mut eve = server.in_room("eve", "elsewhere").await;
+
+    let before = now_ms();
+    ada.send(json!({"type": "chatMessage", "text": "hello <b>bob</b>"}))
+        .await;
+    let msg = bob.recv().await;
+    assert_eq!(msg["type"], "chatMessage");
+    assert_eq!(msg["user"], "ada");
+    assert_eq!(msg["text"], "hello <b>bob</b>");
+    let ts = msg["timestamp"].as_u64().unwrap();
+    assert!(
+        ts >= before && ts <= now_ms(),
+        "timestamp {ts} is server time in ms"
+    );
+
+    ada.expect_nothing_pending().await;
+    eve.expect_nothing_pending().await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn typing_reaches_the_others_in_the_room() {
+    let server = TestServer::start().await;
+    let mut ada = server.in_room("ada", "r").await;
+    let mut bob = server.in_room("bob", "r").await;
+    ada.recv_type("userJoined").await;
+    bob.send(json!({"type": "typing"})).await;
+    assert_eq!(
+        ada.recv().await,
+        json!({"type": "userTyping", "user": "bob"})
+    );
+    bob.expect_nothing_pending().await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn leave_room_tells_those_who_remain_and_removes_empty_rooms() {
+    let server = TestServer::start().await;
+    let mut notes = Client::connect(&server.url("/ws/notifications")).await;
+    let mut ada = server.in_room("ada", "r").await;
+    assert_eq!(
+        notes.recv().await,
+        json!({"type": "roomCreated", "room": "r"})
+    );
+    let mut bob = server.in_room("bob", "r").await;
+    ada.recv_type("userJoined").await;
+
+    bob.send(json!({"type": "leaveRoom"})).await;
+    let left = ada.recv().await;
+    assert_eq!(left["type"], "userLeft");
+    assert_eq!(left["user"], "bob");
+    assert_eq!(left["userCount"], 1);
+    assert_eq!(bob.recv().await, json!({"type": "roomLeft", "room": "r"}));
+    // Bob no longer hears the room.
+    ada.send(json!({"type": "chatMessage", "text": "anyone?"}))
+        .await;
+    bob.expect_nothing_pending().await;
+
+    ada.send(json!({"type": "leaveRoom"})).await;
+    ada.recv_type("roomLeft").await;
+    assert_eq!(
+        notes.recv().await,
+        json!({"type": "roomRemoved", "room": "r"})
+    );
+    assert_eq!(server.status().await["rooms"], 0);
+
+    // Leaving when in no room is an error, not a disconnect.
+    ada.send(json!({"type": "leaveRoom"})).await;
+    assert_eq!(ada.recv_type("error").await["code"], "notInRoom");
+    ada.expect_nothing_pending().await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn joining_another_room_leaves_the_current_one_first() {
+    let server = TestServer::start().await;
+    let mut ada = server.in_room("ada", "one").await;
+    let mut bob = server.in_room("bob", "one").await;
+    ada.recv_type("userJoined").await;
+    bob.send(json!({"type": "joinRoom", "room": "two"})).await;
+    assert_eq!(ada.recv().await["type"], "userLeft");
+    assert_eq!(
+        bob.recv().await,
+        json!({"type": "userJoined", "user": "bob", "room": "two", "userCount": 1})
+    );
+    assert_eq!(
+        bob.recv().await,
+        json!({"type": "roomJoined", "room": "two", "userCount": 1})
+    );
+    // Rejoining the room one is in just confirms it.
+    bob.send(json!({"type": "joinRoom", "room": "two"})).await;
+    assert_eq!(
+        bob.recv().await,
+        json!({"type": "roomJoined", "room": "two", "userCount": 1})
+    );
+    assert_eq!(server.status().await["rooms"], 2);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_disconnect_counts_as_leaving_the_room() {
+    let server = TestServer::start().await;
+    let mut ada = server.in_room("ada", "r").await;
+    let mut bob = server.in_room("bob", "r").await;
+    ada.recv_type("userJoined").await;
+    bob.ws.close(None).await.unwrap();
+    let left = ada.recv().await;
+    assert_eq!(
+        (
+            left["type"].as_str(),
+            left["user"].as_str(),
+            left["userCount"].as_u64()
+        ),
+        (Some("userLeft"), Some("bob"), Some(1))
+    );
+
+    // An abrupt drop (no close frame) counts too.
+    let carol = server.in_room("carol", "r").await;
+    ada.recv_type("userJoined").await;
+    drop(carol);
+    assert_eq!(ada.recv().await["user"], "carol");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn lobby_chat_reaches_every_chat_client_with_the_server_side_name() {
+    let server = TestServer::start().await;
+    let mut ada = server.in_room("ada", "r").await;
+    let mut anon = server.chat().await;
+    anon.greeting().await;
+    // With a username set, the server's name wins over the claimed one.
+    ada.send(json!({"type": "chat", "user": "mallory", "text": "hi all"}))
+        .await;
+    let expected = json!({"type": "chat", "user": "ada", "text": "hi all"});
+    assert_eq!(ada.recv().await, expected);
+    assert_eq!(anon.recv().await, expected);
+    // Without one, the client's own name is used, as in the tutorial.
+    anon.send(json!({"type": "chat", "user": "guest", "text": "hey"}))
+        .await;
+    let expected = json!({"type": "chat", "user": "guest", "text": "hey"});
+    assert_eq!(ada.recv().await, expected);
+    assert_eq!(anon.recv().await, expected);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn ping_is_answered_with_the_timestamp_and_server_time() {
+    let server = TestServer::start().await;
+    let mut c = server.chat().await;
+    c.greeting().await;
+    c.send(json!({"type": "ping", "timestamp": 1_700_000_000_123_u64}))
+        .await;
+    let pong = c.recv_type("pong").await;
+    assert_eq!(pong["timestamp"], 1_700_000_000_123_u64);
+    assert!(pong["serverTime"].as_u64().unwrap() >= 1_700_000_000_000);
+    server.shutdown().await;
+}
+
+// ----- bad input --------------------------------------------------------------
+
+#[tokio::test]
+async fn bad_input_gets_an_error_and_the_connection_stays_open() {
+    let server = TestServer::start().await;
+    let mut c = server.named("ada").await;
+    let cases: &[(&str, &str)] = &[
+        ("this is not json", "Invalid message format"),
+        ("[1, 2, 3]", "Invalid message format"),
+        (r#"{"type": "teleport"}"#, "Unknown message type: teleport"),
+        (r#"{"text": "no type"}"#, "Missing message type"),
+        (
+            r#"{"type": "joinRoom"}"#,
+            "Invalid joinRoom message: missing field `room`",
+        ),
+        (
+            r#"{"type": "setUsername", "username": "   "}"#,
+            "Invalid username: must not be empty",
+        ),
+        (
+            r#"{"type": "setUsername", "username": "tab\there"}"#,
+            "Invalid username: must not contain control characters",
+        ),
+        (
+            r#"{"type": "joinRoom", "room": "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}"#,
+            "Invalid room name: must be at most 64 characters",
+        ),
+        (
+            r#"{"type": "chatMessage", "text": "no room yet"}"#,
+            "Join a room before sending messages",
+        ),
+    ];
+    for (frame, message) in cases {
+        c.send_text(frame).await;
+        let err = c.recv_type("error").await;
+        assert_eq!(err["message"], *message, "for {frame}");
+    }
+    let long_name = json!({"type": "setUsername", "username": "x".repeat(33)});
+    c.send(long_name).await;
+    assert_eq!(
+        c.recv_type("error").await["message"],
+        "Invalid username: must be at most 32 characters"
+    );
+    c.send(json!({"type": "chat", "text": "y".repeat(4097)}))
+        .await;
+    assert_eq!(
+        c.recv_type("error").await["message"],
+        "Invalid message text: must be at most 4096 characters"
+    );
+
+    // A binary frame with no upload in progress.
+    c.ws.send(Message::Binary(Bytes::from_static(&[0, 0, 0, 0, 1, 2, 3])))
+        .await
+        .unwrap();
+    assert_eq!(
+        c.recv_type("error").await["message"],
+        "No file upload in progress"
+    );
+
+    // Still a working chat connection, with the name it had.
+    c.send(json!({"type": "joinRoom", "room": "ok"})).await;
+    assert_eq!(c.recv_type("userJoined").await["user"], "ada");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_oversized_frame_closes_only_that_connection_with_1009() {
+    let server = TestServer::start().await;
+    let mut ada = server.in_room("ada", "r").await;
+    let mut bob = server.in_room("bob", "r").await;
+    ada.recv_type("userJoined").await;
+    let mut big = server.in_room("big", "r").await;
+    ada.recv_type("userJoined").await;
+    bob.recv_type("userJoined").await;
+
+    let huge = format!(
+        r#"{{"type":"chatMessage","text":"{}"}}"#,
+        "z".repeat(70_000)
+    );
+    big.send_text(&huge).await;
+    assert_eq!(big.closed().await, CloseCode::Size);
+
+    // The others see the departure and keep chatting.
+    assert_eq!(ada.recv().await["user"], "big");
+    assert_eq!(bob.recv().await["user"], "big");
+    ada.send(json!({"type": "chatMessage", "text": "still here"}))
+        .await;
+    assert_eq!(bob.recv().await["text"], "still here");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_is_dropped_and_nobody_else_notices() {
+    let mut config = TestServer::config();
+    config.websocket.outbound_queue = 32;
+    let server = TestServer::with(config).await;
+    let mut slow = Client::connect_small_window(server.addr, "/ws/chat").await;
+    slow.greeting().await;
+    slow.send(json!({"type": "joinRoom", "room": "busy"})).await;
+    slow.recv_type("userJoined").await;
+    slow.recv_type("roomJoined").await;
+    let mut sender = server.in_room("sender", "busy").await;
+    let mut reader = server.in_room("reader", "busy").await;
+    sender.recv_type("userJoined").await;
+
+    // The slow client never reads again. The sender chats, keeping at most
+    // `WINDOW` messages ahead of the reader, until the server gives up on the
+    // slow client; the reader must get every message, in order.
+    const WINDOW: u64 = 8;
+    let (progress_tx, mut progress) = tokio::sync::watch::channel(0_u64);
+    let reader_task = tokio::spawn(async move {
+        let mut next = 0_u64;
+        loop {
+            let msg = reader.recv().await;
+            match msg["type"].as_str().unwrap() {
+                "chatMessage" => {
+                    let index = msg["text"].as_str().unwrap().split(':').next().unwrap();
+                    assert_eq!(
+                        index,
+                        next.to_string(),
+                        "messages arrive in order, none lost"
+                    );
+                    next += 1;
+                    progress_tx.send_replace(next);
+                }
+                "userLeft" => {
+                    assert_eq!(msg["user"], "Anonymous");
+                    return (reader, next);
+                }
+                other => panic!("unexpected {other}"),
+            }
+        }
+    });
+    let text = "m".repeat(2000);
+    let mut sent = 0_u64;
+    loop {
+        if sent >= WINDOW {
+            let wanted = sent - WINDOW;
+            // The reader stops (dropping `progress_tx`) once it hears that
+            // the slow client left the room.
+            match timeout(WAIT, progress.wait_for(|received| *received >= wanted))
+                .await
+                .unwrap()
+            {
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        sender
+            .send(json!({"type": "chatMessage", "text": format!("{sent}:{text}")}))
+            .await;
+        sent += 1;
+        assert!(sent < 100_000, "the slow consumer was never dropped");
+    }
+    let (mut reader, received) = timeout(WAIT, reader_task).await.unwrap().unwrap();
+    // What was sent after the departure was announced follows it, in order.
+    for expected in received..sent {
+        let msg = reader.recv_type("chatMessage").await;
+        assert!(
+            msg["text"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("{expected}:"))
+        );
+    }
+    reader.expect_nothing_pending().await;
+    // The slow client, reading at last, finds its backlog and then the end.
+    let ended = timeout(WAIT, async {
+        // Reading past the close frame sends the close reply and waits for
+        // the server to end the TCP connection.
+        while let Some(Ok(_)) = slow.ws.next().await {}
+    });
+    ended.await.expect("the server closed the slow connection");
+    let status = server.status().await;
+    assert_eq!(status["connections"], 2, "{status}");
+    assert_eq!(status["slowConsumersDropped"], 1, "{status}");
+    server.shutdown().await;
+}
+
+// ----- other endpoints ----------------------------------------------------------
+
+#[tokio::test]
+async fn echo_returns_text_and_binary_frames_unchanged() {
+    let server = TestServer::start().await;
+    let mut echo = Client::connect(&server.url("/ws/echo")).await;
+    echo.ws.send(Message::text("héllo")).await.unwrap();
+    echo.ws
+        .send(Message::Binary(Bytes::from_static(&[0, 255, 7])))
+        .await
+        .unwrap();
+    let first = timeout(WAIT, echo.ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let second = timeout(WAIT, echo.ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(first, Message::text("héllo"));
+    assert_eq!(second, Message::Binary(Bytes::from_static(&[0, 255, 7])));
+    server.shutdown().await;
+
+    let server = TestServer::with(Config {
+        echo_enabled: false,
+        ..TestServer::config()
+    })
+    .await;
+    let err = tokio_tungstenite::connect_async(server.url("/ws/echo"))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("404"), "{err}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn unknown_paths_get_404_and_no_upgrade() {
+    let server = TestServer::start().await;
+    let err = tokio_tungstenite::connect_async(server.url("/ws/nope"))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("404"), "{err}");
+    let (status, _) = http_get(server.addr, "/nope").await;
+    assert!(status.contains("404"), "{status}");
+    // A plain GET on a WebSocket endpoint is told to upgrade.
+    let (status, _) = http_get(server.addr, "/ws/chat").await;
+    assert!(status.contains("426"), "{status}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn health_status_and_page_are_served_over_http() {
+    let server = TestServer::start().await;
+    let (status, body) = http_get(server.addr, "/health").await;
+    assert!(status.contains("200"));
+    assert_eq!(body, "OK");
+
+    let mut a = server.chat().await;
+    a.greeting().await;
+    let _echo = Client::connect(&server.url("/ws/echo")).await;
+    let status = server.status().await;
+    assert_eq!(status["connections"], 2, "{status}");
+    assert_eq!(status["rooms"], 0);
+    assert_eq!(status["version"], env!("CARGO_PKG_VERSION"));
+    assert!(status["uptime"].is_u64());
+
+    let (status, body) = http_get(server.addr, "/").await;
+    assert!(status.contains("200"));
+    assert!(body.contains("<html"));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn rooms_are_listed_with_their_member_counts() {
+    let server = TestServer::start().await;
+    let _a = server.in_room("ada", "beta").await;
+    let _b = server.in_room("bob", "alpha").await;
+    let (_, body) = http_get(server.addr, "/api/rooms").await;
+    let rooms: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        rooms,
+        json!([{"name": "alpha", "userCount": 1}, {"name": "beta", "userCount": 1}])
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_notifies_subscribers_and_closes_everyone_with_1001() {
+    let server = TestServer::start().await;
+    let mut notes = Client::connect(&server.url("/ws/notifications")).await;
+    let mut ada = server.in_room("ada", "r").await;
+    notes.recv_type("roomCreated").await;
+    let mut echo = Client::connect(&server.url("/ws/echo")).await;
+    let addr = server.addr;
+    server.shutdown().await;
+
+    assert_eq!(
+        notes.recv().await,
+        json!({"type": "serverShutdown", "message": "The server is shutting down"})
+    );
+    assert_eq!(notes.closed().await, CloseCode::Away);
+    assert_eq!(ada.closed().await, CloseCode::Away);
+    assert_eq!(echo.closed().await, CloseCode::Away);
+    // The port no longer accepts.
+    assert!(TcpStream::connect(addr).await.is_err());
+}
+
+#[tokio::test]
+async fn client_messages_decode_as_the_protocol_crate_encodes_them() {
+    // The typed client API and the JSON on the wire agree end to end.
+    let server = TestServer::start().await;
+    let mut c = server.chat().await;
+    c.greeting().await;
+    let ping = hubbub_protocol::ClientMessage::Ping {
+        timestamp: 42.into(),
+    };
+    c.send_text(&ping.to_json()).await;
+    let pong: ServerMessage = serde_json::from_value(c.recv().await).unwrap();
+    assert!(matches!(pong, ServerMessage::Pong { timestamp, .. } if timestamp == 42.into()));
+    server.shutdown().await;
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
