@@ -755,3 +755,30 @@ fn now_ms() -> u64 {
         .unwrap()
         .as_millis() as u64
 }
+
+// ----- a client from another ecosystem -----------------------------------------
+
+/// A client written as the classic Node `ws` tutorial writes one, run with
+/// Node against `/` (a plain `new WebSocket("ws://host:port")`). Its npm
+/// dependency is installed by `.ci/run` (`npm ci` in tests/interop).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_ws_tutorial_client_works_unchanged() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop");
+    assert!(
+        dir.join("node_modules/ws").is_dir(),
+        "Node's `ws` package is missing: run `npm ci --prefix {}` (cargo xtask ci does this)",
+        dir.display()
+    );
+    let server = TestServer::start().await;
+    let output = tokio::process::Command::new("node")
+        .arg(dir.join("tutorial_client.mjs"))
+        .arg(format!("ws://{}/", server.addr))
+        .kill_on_drop(true)
+        .output();
+    let output = timeout(Duration::from_secs(30), output).await.unwrap().expect("node runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "node client failed: {stdout}{stderr}");
+    assert_eq!(stdout.trim(), "ok");
+    server.shutdown().await;
+}

@@ -1,0 +1,151 @@
+//! Property tests for the codec: every message survives an encode/decode
+//! round trip, and no input, however malformed, makes decoding panic.
+
+#![allow(clippy::unwrap_used)]
+
+use hubbub_protocol::{ClientMessage, Limits, Number, ServerMessage, decode_client, decode_server};
+use proptest::prelude::*;
+use uuid::Uuid;
+
+fn text() -> impl Strategy<Value = String> {
+    // Any Unicode, including quotes, backslashes and control characters.
+    ".{0,40}"
+}
+
+/// Names that pass validation: trimmed, no control characters, non-empty.
+fn valid_name(max: usize) -> impl Strategy<Value = String> {
+    proptest::string::string_regex(&format!("[^\\p{{Cc}}\\s][^\\p{{Cc}}]{{0,{}}}", max - 2))
+        .unwrap()
+        .prop_map(|s| s.trim().to_owned())
+        .prop_filter("non-empty after trim", |s| !s.is_empty())
+}
+
+fn number() -> impl Strategy<Value = Number> {
+    prop_oneof![
+        any::<u64>().prop_map(Number::from),
+        any::<i64>().prop_map(Number::from),
+        (-1e15f64..1e15).prop_map(|f| Number::from_f64(f).unwrap()),
+    ]
+}
+
+fn client_message() -> impl Strategy<Value = ClientMessage> {
+    prop_oneof![
+        text().prop_map(|username| ClientMessage::SetUsername { username }),
+        text().prop_map(|room| ClientMessage::JoinRoom { room }),
+        Just(ClientMessage::LeaveRoom {}),
+        text().prop_map(|text| ClientMessage::ChatMessage { text }),
+        Just(ClientMessage::Typing {}),
+        (proptest::option::of(text()), text()).prop_map(|(user, text)| ClientMessage::Chat { user, text }),
+        number().prop_map(|timestamp| ClientMessage::Ping { timestamp }),
+        (text(), any::<u64>(), text())
+            .prop_map(|(name, size, mime_type)| ClientMessage::FileStart { name, size, mime_type }),
+        Just(ClientMessage::FileEnd {}),
+    ]
+}
+
+fn server_message() -> impl Strategy<Value = ServerMessage> {
+    let count = 0usize..100_000;
+    prop_oneof![
+        text().prop_map(|message| ServerMessage::Welcome { message }),
+        any::<u128>().prop_map(|n| ServerMessage::Connected { client_id: Uuid::from_u128(n) }),
+        (text(), proptest::option::of(text())).prop_map(|(message, code)| ServerMessage::Error { message, code }),
+        text().prop_map(|username| ServerMessage::UsernameSet { username }),
+        (text(), text(), count.clone())
+            .prop_map(|(user, room, user_count)| ServerMessage::UserJoined { user, room, user_count }),
+        (text(), count.clone()).prop_map(|(room, user_count)| ServerMessage::RoomJoined { room, user_count }),
+        (text(), count, proptest::option::of(text()))
+            .prop_map(|(user, user_count, room)| ServerMessage::UserLeft { user, user_count, room }),
+        text().prop_map(|room| ServerMessage::RoomLeft { room }),
+        (text(), text(), any::<u64>())
+            .prop_map(|(user, text, timestamp)| ServerMessage::ChatMessage { user, text, timestamp }),
+        text().prop_map(|user| ServerMessage::UserTyping { user }),
+        (text(), text()).prop_map(|(user, text)| ServerMessage::Chat { user, text }),
+        (number(), any::<u64>()).prop_map(|(timestamp, server_time)| ServerMessage::Pong { timestamp, server_time }),
+        text().prop_map(|room| ServerMessage::RoomCreated { room }),
+        text().prop_map(|room| ServerMessage::RoomRemoved { room }),
+        text().prop_map(|message| ServerMessage::ServerShutdown { message }),
+    ]
+}
+
+/// Arbitrary JSON values, nested a few levels.
+fn json() -> impl Strategy<Value = serde_json::Value> {
+    let leaf = prop_oneof![
+        Just(serde_json::Value::Null),
+        any::<bool>().prop_map(serde_json::Value::Bool),
+        any::<i64>().prop_map(serde_json::Value::from),
+        any::<f64>().prop_map(serde_json::Value::from),
+        prop_oneof![
+            text(),
+            proptest::sample::select(ClientMessage::TYPES).prop_map(str::to_owned),
+        ]
+        .prop_map(serde_json::Value::String),
+    ];
+    leaf.prop_recursive(4, 32, 6, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::Array),
+            proptest::collection::btree_map(
+                prop_oneof![Just("type".to_owned()), Just("text".to_owned()), Just("room".to_owned()), text()],
+                inner,
+                0..6
+            )
+            .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+proptest! {
+    #[test]
+    fn client_messages_round_trip(msg in client_message()) {
+        let json = msg.to_json();
+        let back: ClientMessage = serde_json::from_str(&json).unwrap();
+        prop_assert_eq!(back, msg);
+    }
+
+    #[test]
+    fn server_messages_round_trip(msg in server_message()) {
+        let json = msg.to_json();
+        prop_assert_eq!(decode_server(&json).unwrap(), msg);
+    }
+
+    #[test]
+    fn valid_messages_pass_validation_unchanged(
+        username in valid_name(32),
+        room in valid_name(64),
+        text in "[a-z ]{0,10}[a-z][a-z \n]{0,100}",
+    ) {
+        let limits = Limits::default();
+        for msg in [
+            ClientMessage::SetUsername { username: username.clone() },
+            ClientMessage::JoinRoom { room },
+            ClientMessage::ChatMessage { text: text.clone() },
+            ClientMessage::Chat { user: Some(username), text },
+        ] {
+            prop_assert_eq!(decode_client(&msg.to_json(), &limits).unwrap(), msg);
+        }
+    }
+
+    #[test]
+    fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+        let text = String::from_utf8_lossy(&bytes);
+        let _ = decode_client(&text, &Limits::default());
+        let _ = decode_server(&text);
+        let _ = hubbub_protocol::chunk::split(&bytes);
+    }
+
+    #[test]
+    fn decoding_arbitrary_json_never_panics_and_errors_are_reportable(value in json()) {
+        let text = value.to_string();
+        match decode_client(&text, &Limits::default()) {
+            Ok(msg) => prop_assert!(ClientMessage::TYPES.contains(&msg.kind())),
+            Err(err) => {
+                // Every refusal turns into an `error` event a client can read.
+                let event = err.to_event();
+                let decoded = decode_server(&event.to_json());
+                prop_assert!(matches!(decoded, Ok(ServerMessage::Error { .. })), "{:?}", decoded);
+                if !value.is_object() {
+                    prop_assert_eq!(err.to_string(), "Invalid message format");
+                }
+            }
+        }
+    }
+}
