@@ -1,2 +1,92 @@
-//! placeholder
-fn main() {}
+//! `cargo xtask`: the project's own automation, in Rust so contributors need
+//! nothing but cargo (and, for the interop tests, Node and npm).
+//!
+//! - `cargo xtask ci` — what CI runs: installs the interop test's npm
+//!   dependency, checks formatting, runs clippy with warnings denied on every
+//!   target, runs every test, and builds the docs with warnings denied.
+//! - `cargo xtask test` — prepares the interop dependency and runs the tests.
+
+// Progress lines go to stderr, as cargo's own do.
+#![allow(clippy::print_stderr)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let root = workspace_root();
+    match args.first().map(String::as_str) {
+        Some("ci") => ci(&root),
+        Some("test") => test(&root),
+        Some("help" | "--help" | "-h") | None => {
+            usage();
+            Ok(())
+        }
+        Some(other) => {
+            usage();
+            bail!("unknown command `{other}`")
+        }
+    }
+}
+
+fn usage() {
+    {
+        eprintln!(
+            "usage: cargo xtask <command>\n\n\
+             commands:\n  \
+             ci     fmt check, clippy -D warnings, all tests, rustdoc -D warnings\n  \
+             test   install test dependencies (npm) and run all tests"
+        );
+    }
+}
+
+fn ci(root: &Path) -> anyhow::Result<()> {
+    run(root, "cargo", &["fmt", "--all", "--", "--check"])?;
+    run(root, "cargo", &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    test(root)?;
+    run_env(root, "cargo", &["doc", "--workspace", "--no-deps"], &[("RUSTDOCFLAGS", "-D warnings")])?;
+    eprintln!("xtask ci: all checks passed");
+    Ok(())
+}
+
+fn test(root: &Path) -> anyhow::Result<()> {
+    install_interop_deps(root)?;
+    run(root, "cargo", &["test", "--workspace", "--all-targets"])?;
+    run(root, "cargo", &["test", "--workspace", "--doc"])
+}
+
+/// The server's interop test runs a Node client built on the `ws` package.
+fn install_interop_deps(root: &Path) -> anyhow::Result<()> {
+    let dir = root.join("crates/hubbub-server/tests/interop");
+    if Command::new("npm").arg("--version").output().is_err() {
+        bail!(
+            "npm is needed for the interop tests: install Node.js and npm (on Debian: apt-get install -y nodejs npm)"
+        );
+    }
+    run(&dir, "npm", &["ci", "--no-audit", "--no-fund"])
+}
+
+fn run(dir: &Path, program: &str, args: &[&str]) -> anyhow::Result<()> {
+    run_env(dir, program, args, &[])
+}
+
+fn run_env(dir: &Path, program: &str, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<()> {
+    eprintln!("xtask: {program} {}", args.join(" "));
+    let status = Command::new(program)
+        .args(args)
+        .envs(env.iter().copied())
+        .current_dir(dir)
+        .status()
+        .with_context(|| format!("cannot run {program}"))?;
+    if !status.success() {
+        bail!("`{program} {}` failed with {status}", args.join(" "));
+    }
+    Ok(())
+}
+
+fn workspace_root() -> PathBuf {
+    // xtask lives one level below the workspace root.
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}

@@ -111,10 +111,7 @@ impl Default for HeartbeatConfig {
     /// The server's settings: a WebSocket ping every 30 s, dead after 35 s
     /// without the pong.
     fn default() -> Self {
-        Self {
-            interval: Duration::from_secs(30),
-            timeout: Duration::from_secs(35),
-        }
+        Self { interval: Duration::from_secs(30), timeout: Duration::from_secs(35) }
     }
 }
 
@@ -122,10 +119,7 @@ impl HeartbeatConfig {
     /// The client's settings: an application-level `ping` every 25 s, dead
     /// after 35 s without the `pong`.
     pub fn client_default() -> Self {
-        Self {
-            interval: Duration::from_secs(25),
-            timeout: Duration::from_secs(35),
-        }
+        Self { interval: Duration::from_secs(25), timeout: Duration::from_secs(35) }
     }
 
     /// Checks that both durations are positive. A zero interval would ping
@@ -185,19 +179,13 @@ pub struct Latency {
 
 impl Latency {
     fn first(sample: Duration) -> Self {
-        Self {
-            last: sample,
-            smoothed: sample,
-        }
+        Self { last: sample, smoothed: sample }
     }
 
     fn update(self, sample: Duration) -> Self {
         // 7/8 old + 1/8 new, written so that it cannot overflow.
         let smoothed = self.smoothed - self.smoothed / 8 + sample / 8;
-        Self {
-            last: sample,
-            smoothed,
-        }
+        Self { last: sample, smoothed }
     }
 }
 
@@ -270,10 +258,7 @@ impl Heartbeat {
         }
         let token = self.next_token;
         self.next_token = self.next_token.wrapping_add(1);
-        self.outstanding = Some(Outstanding {
-            token,
-            sent_at: now,
-        });
+        self.outstanding = Some(Outstanding { token, sent_at: now });
         self.ping_base = now;
         Some(Action::SendPing(token))
     }
@@ -369,10 +354,7 @@ impl Heartbeat {
 
     /// Declares the peer dead if the outstanding ping's deadline has passed.
     fn expire(&mut self, now: Instant) {
-        if self
-            .outstanding
-            .is_some_and(|ping| reached(now, self.deadline(ping)))
-        {
+        if self.outstanding.is_some_and(|ping| reached(now, self.deadline(ping))) {
             self.dead = true;
             self.outstanding = None;
         }
@@ -444,20 +426,11 @@ mod tests {
     fn validate_rejects_zero_durations() {
         assert_eq!(HeartbeatConfig::default().validate(), Ok(()));
         assert_eq!(HeartbeatConfig::client_default().validate(), Ok(()));
-        let zero_interval = HeartbeatConfig {
-            interval: Duration::ZERO,
-            ..HeartbeatConfig::default()
-        };
+        let zero_interval = HeartbeatConfig { interval: Duration::ZERO, ..HeartbeatConfig::default() };
         assert_eq!(zero_interval.validate(), Err(ConfigError::ZeroInterval));
-        let zero_timeout = HeartbeatConfig {
-            timeout: Duration::ZERO,
-            ..HeartbeatConfig::default()
-        };
+        let zero_timeout = HeartbeatConfig { timeout: Duration::ZERO, ..HeartbeatConfig::default() };
         assert_eq!(zero_timeout.validate(), Err(ConfigError::ZeroTimeout));
-        assert_eq!(
-            ConfigError::ZeroTimeout.to_string(),
-            "heartbeat timeout must be greater than zero"
-        );
+        assert_eq!(ConfigError::ZeroTimeout.to_string(), "heartbeat timeout must be greater than zero");
     }
 
     #[test]
@@ -610,10 +583,7 @@ mod tests {
     #[test]
     fn durations_too_large_for_an_instant_mean_never() {
         let t0 = Instant::now();
-        let config = HeartbeatConfig {
-            interval: Duration::MAX,
-            timeout: Duration::MAX,
-        };
+        let config = HeartbeatConfig { interval: Duration::MAX, timeout: Duration::MAX };
         let mut hb = Heartbeat::new(config, t0);
         assert_eq!(hb.poll_timeout(), None);
         assert_eq!(hb.poll_action(t0 + secs(1_000_000)), None);

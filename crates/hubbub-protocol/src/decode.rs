@@ -60,32 +60,20 @@ pub fn decode_client(text: &str, limits: &Limits) -> Result<ClientMessage, Proto
         Err(err) => return Err(classify(text, &err)),
     };
     Ok(match msg {
-        ClientMessage::SetUsername { username } => ClientMessage::SetUsername {
-            username: limits.username(username)?,
-        },
-        ClientMessage::JoinRoom { room } => ClientMessage::JoinRoom {
-            room: limits.room(room)?,
-        },
-        ClientMessage::ChatMessage { text } => ClientMessage::ChatMessage {
-            text: limits.text(text)?,
-        },
+        ClientMessage::SetUsername { username } => {
+            ClientMessage::SetUsername { username: limits.username(username)? }
+        }
+        ClientMessage::JoinRoom { room } => ClientMessage::JoinRoom { room: limits.room(room)? },
+        ClientMessage::ChatMessage { text } => ClientMessage::ChatMessage { text: limits.text(text)? },
         ClientMessage::Chat { user, text } => ClientMessage::Chat {
             user: user.map(|u| limits.username(u)).transpose()?,
             text: limits.text(text)?,
         },
-        ClientMessage::FileStart {
-            name,
-            size,
-            mime_type,
-        } => {
+        ClientMessage::FileStart { name, size, mime_type } => {
             if name.trim().is_empty() {
                 return Err(ValidationError::Empty { field: "file name" }.into());
             }
-            ClientMessage::FileStart {
-                name,
-                size,
-                mime_type,
-            }
+            ClientMessage::FileStart { name, size, mime_type }
         }
         other @ (ClientMessage::LeaveRoom {}
         | ClientMessage::Typing {}
@@ -115,10 +103,7 @@ fn classify(text: &str, err: &serde_json::Error) -> ProtocolError {
         return ProtocolError::MissingType;
     };
     match ClientMessage::TYPES.iter().find(|known| **known == kind) {
-        Some(known) => ProtocolError::InvalidFields {
-            kind: known,
-            detail: strip_position(err),
-        },
+        Some(known) => ProtocolError::InvalidFields { kind: known, detail: strip_position(err) },
         None => ProtocolError::UnknownType(kind.chars().take(MAX_ECHOED_TYPE_CHARS).collect()),
     }
 }
@@ -145,63 +130,32 @@ mod tests {
     fn tutorial_messages_decode() {
         assert_eq!(
             decode(r#"{"type":"setUsername","username":"ada"}"#).unwrap(),
-            ClientMessage::SetUsername {
-                username: "ada".into()
-            }
+            ClientMessage::SetUsername { username: "ada".into() }
         );
-        assert_eq!(
-            decode(r#"{"type":"leaveRoom"}"#).unwrap(),
-            ClientMessage::LeaveRoom {}
-        );
-        assert_eq!(
-            decode(r#"{"type":"typing","isTyping":true}"#).unwrap(),
-            ClientMessage::Typing {}
-        );
+        assert_eq!(decode(r#"{"type":"leaveRoom"}"#).unwrap(), ClientMessage::LeaveRoom {});
+        assert_eq!(decode(r#"{"type":"typing","isTyping":true}"#).unwrap(), ClientMessage::Typing {});
         assert_eq!(
             decode(r#"{"type":"chat","user":"bob","text":"hi"}"#).unwrap(),
-            ClientMessage::Chat {
-                user: Some("bob".into()),
-                text: "hi".into()
-            }
+            ClientMessage::Chat { user: Some("bob".into()), text: "hi".into() }
         );
         assert_eq!(
             decode(r#"{"type":"ping","timestamp":1700000000000}"#).unwrap(),
-            ClientMessage::Ping {
-                timestamp: 1_700_000_000_000_u64.into()
-            }
+            ClientMessage::Ping { timestamp: 1_700_000_000_000_u64.into() }
         );
         assert_eq!(
-            decode(r#"{"type":"fileStart","name":"a.txt","size":3,"mimeType":"text/plain"}"#)
-                .unwrap(),
-            ClientMessage::FileStart {
-                name: "a.txt".into(),
-                size: 3,
-                mime_type: "text/plain".into()
-            }
+            decode(r#"{"type":"fileStart","name":"a.txt","size":3,"mimeType":"text/plain"}"#).unwrap(),
+            ClientMessage::FileStart { name: "a.txt".into(), size: 3, mime_type: "text/plain".into() }
         );
-        assert_eq!(
-            decode(r#"{"type":"fileEnd"}"#).unwrap(),
-            ClientMessage::FileEnd {}
-        );
+        assert_eq!(decode(r#"{"type":"fileEnd"}"#).unwrap(), ClientMessage::FileEnd {});
     }
 
     #[test]
     fn every_kind_of_bad_frame_has_its_error() {
         for bad in ["", "nope", "[1,2]", "42", "\"text\"", "null", "{\"type\":"] {
-            assert_eq!(
-                decode(bad).unwrap_err(),
-                ProtocolError::InvalidFormat,
-                "{bad:?}"
-            );
+            assert_eq!(decode(bad).unwrap_err(), ProtocolError::InvalidFormat, "{bad:?}");
         }
-        assert_eq!(
-            decode(r#"{"text":"x"}"#).unwrap_err(),
-            ProtocolError::MissingType
-        );
-        assert_eq!(
-            decode(r#"{"type":7}"#).unwrap_err(),
-            ProtocolError::MissingType
-        );
+        assert_eq!(decode(r#"{"text":"x"}"#).unwrap_err(), ProtocolError::MissingType);
+        assert_eq!(decode(r#"{"type":7}"#).unwrap_err(), ProtocolError::MissingType);
         let unknown = decode(r#"{"type":"dance"}"#).unwrap_err();
         assert_eq!(unknown.to_string(), "Unknown message type: dance");
         assert_eq!(
@@ -209,9 +163,7 @@ mod tests {
             "Invalid joinRoom message: missing field `room`"
         );
         assert_eq!(
-            decode(r#"{"type":"setUsername","username":"  "}"#)
-                .unwrap_err()
-                .to_string(),
+            decode(r#"{"type":"setUsername","username":"  "}"#).unwrap_err().to_string(),
             "Invalid username: must not be empty"
         );
         let long_type = format!(r#"{{"type":"{}"}}"#, "x".repeat(1000));

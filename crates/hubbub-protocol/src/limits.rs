@@ -20,11 +20,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self {
-            max_username_chars: 32,
-            max_room_chars: 64,
-            max_text_chars: 4096,
-        }
+        Self { max_username_chars: 32, max_room_chars: 64, max_text_chars: 4096 }
     }
 }
 
@@ -73,10 +69,7 @@ impl Limits {
             return Err(ValidationError::Empty { field });
         }
         if exceeds(&raw, self.max_text_chars) {
-            return Err(ValidationError::TooLong {
-                field,
-                max: self.max_text_chars,
-            });
+            return Err(ValidationError::TooLong { field, max: self.max_text_chars });
         }
         Ok(raw)
     }
@@ -94,11 +87,7 @@ fn name(raw: String, field: &'static str, max: usize) -> Result<String, Validati
         return Err(ValidationError::ControlCharacter { field });
     }
     // Reuse the allocation when there was nothing to trim.
-    if trimmed.len() == raw.len() {
-        Ok(raw)
-    } else {
-        Ok(trimmed.to_owned())
-    }
+    if trimmed.len() == raw.len() { Ok(raw) } else { Ok(trimmed.to_owned()) }
 }
 
 /// True when `s` has more than `max` characters, without counting past `max`.
@@ -118,15 +107,9 @@ mod tests {
         assert_eq!(l.username("é".repeat(32)).unwrap(), "é".repeat(32));
         assert_eq!(
             l.username("é".repeat(33)).unwrap_err(),
-            ValidationError::TooLong {
-                field: "username",
-                max: 32
-            }
+            ValidationError::TooLong { field: "username", max: 32 }
         );
-        assert_eq!(
-            l.username("   ".into()).unwrap_err(),
-            ValidationError::Empty { field: "username" }
-        );
+        assert_eq!(l.username("   ".into()).unwrap_err(), ValidationError::Empty { field: "username" });
         assert_eq!(
             l.room("a\u{0}b".into()).unwrap_err(),
             ValidationError::ControlCharacter { field: "room name" }
@@ -137,10 +120,7 @@ mod tests {
 
     #[test]
     fn texts_keep_whitespace_but_not_blank() {
-        let l = Limits {
-            max_text_chars: 5,
-            ..Limits::default()
-        };
+        let l = Limits { max_text_chars: 5, ..Limits::default() };
         assert_eq!(l.text(" a\nb ".into()).unwrap(), " a\nb ");
         assert!(l.text("123456".into()).is_err());
         assert_eq!(

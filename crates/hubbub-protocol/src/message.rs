@@ -13,11 +13,7 @@ use uuid::Uuid;
 ///
 /// Unknown fields are ignored, so clients may send more than listed here.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(
-    tag = "type",
-    rename_all = "camelCase",
-    rename_all_fields = "camelCase"
-)]
+#[serde(tag = "type", rename_all = "camelCase", rename_all_fields = "camelCase")]
 pub enum ClientMessage {
     /// Choose the name shown on this connection's messages.
     SetUsername {
@@ -106,11 +102,7 @@ impl ClientMessage {
 /// A message the server sends to a client, on `/ws/chat` or
 /// `/ws/notifications`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(
-    tag = "type",
-    rename_all = "camelCase",
-    rename_all_fields = "camelCase"
-)]
+#[serde(tag = "type", rename_all = "camelCase", rename_all_fields = "camelCase")]
 pub enum ServerMessage {
     /// The first frame on a new chat connection.
     Welcome {
@@ -215,10 +207,7 @@ pub enum ServerMessage {
 impl ServerMessage {
     /// Builds an `error` event from anything displayable, with a code.
     pub fn error(message: impl Into<String>, code: &str) -> Self {
-        Self::Error {
-            message: message.into(),
-            code: Some(code.to_owned()),
-        }
+        Self::Error { message: message.into(), code: Some(code.to_owned()) }
     }
 
     /// Encodes the message as JSON text.

@@ -37,8 +37,11 @@ fn client_message() -> impl Strategy<Value = ClientMessage> {
         Just(ClientMessage::Typing {}),
         (proptest::option::of(text()), text()).prop_map(|(user, text)| ClientMessage::Chat { user, text }),
         number().prop_map(|timestamp| ClientMessage::Ping { timestamp }),
-        (text(), any::<u64>(), text())
-            .prop_map(|(name, size, mime_type)| ClientMessage::FileStart { name, size, mime_type }),
+        (text(), any::<u64>(), text()).prop_map(|(name, size, mime_type)| ClientMessage::FileStart {
+            name,
+            size,
+            mime_type
+        }),
         Just(ClientMessage::FileEnd {}),
     ]
 }
@@ -48,19 +51,27 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
     prop_oneof![
         text().prop_map(|message| ServerMessage::Welcome { message }),
         any::<u128>().prop_map(|n| ServerMessage::Connected { client_id: Uuid::from_u128(n) }),
-        (text(), proptest::option::of(text())).prop_map(|(message, code)| ServerMessage::Error { message, code }),
+        (text(), proptest::option::of(text()))
+            .prop_map(|(message, code)| ServerMessage::Error { message, code }),
         text().prop_map(|username| ServerMessage::UsernameSet { username }),
-        (text(), text(), count.clone())
-            .prop_map(|(user, room, user_count)| ServerMessage::UserJoined { user, room, user_count }),
+        (text(), text(), count.clone()).prop_map(|(user, room, user_count)| ServerMessage::UserJoined {
+            user,
+            room,
+            user_count
+        }),
         (text(), count.clone()).prop_map(|(room, user_count)| ServerMessage::RoomJoined { room, user_count }),
         (text(), count, proptest::option::of(text()))
             .prop_map(|(user, user_count, room)| ServerMessage::UserLeft { user, user_count, room }),
         text().prop_map(|room| ServerMessage::RoomLeft { room }),
-        (text(), text(), any::<u64>())
-            .prop_map(|(user, text, timestamp)| ServerMessage::ChatMessage { user, text, timestamp }),
+        (text(), text(), any::<u64>()).prop_map(|(user, text, timestamp)| ServerMessage::ChatMessage {
+            user,
+            text,
+            timestamp
+        }),
         text().prop_map(|user| ServerMessage::UserTyping { user }),
         (text(), text()).prop_map(|(user, text)| ServerMessage::Chat { user, text }),
-        (number(), any::<u64>()).prop_map(|(timestamp, server_time)| ServerMessage::Pong { timestamp, server_time }),
+        (number(), any::<u64>())
+            .prop_map(|(timestamp, server_time)| ServerMessage::Pong { timestamp, server_time }),
         text().prop_map(|room| ServerMessage::RoomCreated { room }),
         text().prop_map(|room| ServerMessage::RoomRemoved { room }),
         text().prop_map(|message| ServerMessage::ServerShutdown { message }),
@@ -74,17 +85,19 @@ fn json() -> impl Strategy<Value = serde_json::Value> {
         any::<bool>().prop_map(serde_json::Value::Bool),
         any::<i64>().prop_map(serde_json::Value::from),
         any::<f64>().prop_map(serde_json::Value::from),
-        prop_oneof![
-            text(),
-            proptest::sample::select(ClientMessage::TYPES).prop_map(str::to_owned),
-        ]
-        .prop_map(serde_json::Value::String),
+        prop_oneof![text(), proptest::sample::select(ClientMessage::TYPES).prop_map(str::to_owned),]
+            .prop_map(serde_json::Value::String),
     ];
     leaf.prop_recursive(4, 32, 6, |inner| {
         prop_oneof![
             proptest::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::Array),
             proptest::collection::btree_map(
-                prop_oneof![Just("type".to_owned()), Just("text".to_owned()), Just("room".to_owned()), text()],
+                prop_oneof![
+                    Just("type".to_owned()),
+                    Just("text".to_owned()),
+                    Just("room".to_owned()),
+                    text()
+                ],
                 inner,
                 0..6
             )

@@ -32,18 +32,9 @@ pub(crate) struct ChatSession {
 impl ChatSession {
     /// Registers a new chat connection with the hub and greets it.
     pub(crate) fn start(shared: Arc<Shared>, peer: Peer) -> Self {
-        let session = Self {
-            shared,
-            peer,
-            username: None,
-            room: None,
-        };
-        session.reply(&ServerMessage::Welcome {
-            message: "Welcome to Hubbub chat!".to_owned(),
-        });
-        session.reply(&ServerMessage::Connected {
-            client_id: session.peer.id,
-        });
+        let session = Self { shared, peer, username: None, room: None };
+        session.reply(&ServerMessage::Welcome { message: "Welcome to Hubbub chat!".to_owned() });
+        session.reply(&ServerMessage::Connected { client_id: session.peer.id });
         session.shared.hub.lobby.insert(session.peer.clone());
         session
     }
@@ -66,9 +57,7 @@ impl ChatSession {
         match msg {
             ClientMessage::SetUsername { username } => {
                 tracing::debug!(%username, "username set");
-                self.reply(&ServerMessage::UsernameSet {
-                    username: username.clone(),
-                });
+                self.reply(&ServerMessage::UsernameSet { username: username.clone() });
                 self.username = Some(username);
             }
             ClientMessage::JoinRoom { room } => {
@@ -77,10 +66,7 @@ impl ChatSession {
                 {
                     // Already there: confirm without a leave/join round that
                     // would tell everyone else twice.
-                    self.reply(&ServerMessage::RoomJoined {
-                        room,
-                        user_count: current.len(),
-                    });
+                    self.reply(&ServerMessage::RoomJoined { room, user_count: current.len() });
                     return;
                 }
                 self.leave_room();
@@ -89,9 +75,7 @@ impl ChatSession {
                 self.room = Some(joined.room);
             }
             ClientMessage::LeaveRoom {} => match self.leave_room() {
-                Some(room) => self.reply(&ServerMessage::RoomLeft {
-                    room: room.to_string(),
-                }),
+                Some(room) => self.reply(&ServerMessage::RoomLeft { room: room.to_string() }),
                 None => self.error("You are not in a room", "notInRoom"),
             },
             ClientMessage::ChatMessage { text } => {
@@ -108,9 +92,7 @@ impl ChatSession {
             ClientMessage::Typing {} => {
                 // Typing outside a room has no audience; it is not an error.
                 if let Some(room) = &self.room {
-                    let frame = encode(&ServerMessage::UserTyping {
-                        user: self.name().to_owned(),
-                    });
+                    let frame = encode(&ServerMessage::UserTyping { user: self.name().to_owned() });
                     room.broadcast(&frame, Some(self.peer.id), &hub.stats);
                 }
             }
@@ -120,20 +102,13 @@ impl ChatSession {
                     (None, Some(claimed)) => claimed,
                     (None, None) => ANONYMOUS.to_owned(),
                 };
-                hub.lobby
-                    .broadcast(&encode(&ServerMessage::Chat { user, text }), &hub.stats);
+                hub.lobby.broadcast(&encode(&ServerMessage::Chat { user, text }), &hub.stats);
             }
             ClientMessage::Ping { timestamp } => {
-                self.reply(&ServerMessage::Pong {
-                    timestamp,
-                    server_time: now_ms(),
-                });
+                self.reply(&ServerMessage::Pong { timestamp, server_time: now_ms() });
             }
             ClientMessage::FileStart { .. } => {
-                self.error(
-                    "File uploads are not enabled on this server",
-                    "uploadsDisabled",
-                );
+                self.error("File uploads are not enabled on this server", "uploadsDisabled");
             }
             ClientMessage::FileEnd {} => self.error("No file upload in progress", "noUpload"),
         }
@@ -172,9 +147,7 @@ impl Handler for ChatSession {
 /// Milliseconds since the Unix epoch, by the server's clock.
 pub(crate) fn now_ms() -> u64 {
     // A clock before 1970 is a broken host; report 0 rather than fail a chat.
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// `/ws/echo`: every text and binary frame comes back unchanged.
@@ -187,17 +160,11 @@ pub(crate) struct Echo {
 
 impl Handler for Echo {
     fn on_text(&mut self, text: Utf8Bytes) {
-        self.peer.send(
-            tokio_tungstenite::tungstenite::Message::Text(text),
-            &self.shared.hub.stats,
-        );
+        self.peer.send(tokio_tungstenite::tungstenite::Message::Text(text), &self.shared.hub.stats);
     }
 
     fn on_binary(&mut self, data: Bytes) {
-        self.peer.send(
-            tokio_tungstenite::tungstenite::Message::Binary(data),
-            &self.shared.hub.stats,
-        );
+        self.peer.send(tokio_tungstenite::tungstenite::Message::Binary(data), &self.shared.hub.stats);
     }
 
     fn on_close(&mut self) {}

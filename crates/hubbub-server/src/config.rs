@@ -107,10 +107,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let ws = &self.websocket;
         let positive = [
-            (
-                "protocol.max_username_chars",
-                self.protocol.max_username_chars,
-            ),
+            ("protocol.max_username_chars", self.protocol.max_username_chars),
             ("protocol.max_room_chars", self.protocol.max_room_chars),
             ("protocol.max_text_chars", self.protocol.max_text_chars),
             ("websocket.max_message_bytes", ws.max_message_bytes),
@@ -178,21 +175,12 @@ mod tests {
         );
         let mut config = Config::default();
         config.websocket.max_write_buffer_bytes = 1024;
-        assert!(
-            config
-                .validate()
-                .unwrap_err()
-                .to_string()
-                .contains("max_write_buffer_bytes")
-        );
+        assert!(config.validate().unwrap_err().to_string().contains("max_write_buffer_bytes"));
     }
 
     #[test]
     fn trusted_proxies_match_cidrs() {
-        let config = Config {
-            trusted_proxies: vec!["10.0.0.0/8".parse().unwrap()],
-            ..Config::default()
-        };
+        let config = Config { trusted_proxies: vec!["10.0.0.0/8".parse().unwrap()], ..Config::default() };
         assert!(config.is_trusted_proxy("10.1.2.3".parse().unwrap()));
         assert!(!config.is_trusted_proxy("192.168.1.1".parse().unwrap()));
     }

@@ -67,11 +67,8 @@ pub(crate) async fn run<H: Handler>(
     make_handler: impl FnOnce(Peer) -> H,
 ) {
     let (peer, mailbox) = Peer::new(shared.config.websocket.outbound_queue, &shared.shutdown);
-    let span =
-        tracing::info_span!("conn", client = %peer.id, peer = %ip, endpoint = endpoint.name());
-    drive(socket, shared, peer, mailbox, make_handler)
-        .instrument(span)
-        .await;
+    let span = tracing::info_span!("conn", client = %peer.id, peer = %ip, endpoint = endpoint.name());
+    drive(socket, shared, peer, mailbox, make_handler).instrument(span).await;
 }
 
 async fn drive<H: Handler>(
@@ -91,15 +88,7 @@ async fn drive<H: Handler>(
     let (sink, mut stream) = socket.split();
     let Mailbox { rx, token } = mailbox;
     let writer = tokio::spawn(
-        write_loop(
-            sink,
-            rx,
-            token.clone(),
-            peer.clone(),
-            close_timeout,
-            batch_limit,
-        )
-        .in_current_span(),
+        write_loop(sink, rx, token.clone(), peer.clone(), close_timeout, batch_limit).in_current_span(),
     );
     let mut handler = make_handler(peer.clone());
 
@@ -147,19 +136,11 @@ async fn drive<H: Handler>(
     // When we closed first, give the peer a moment to answer our close frame
     // so the handshake completes; whatever it still sends is discarded.
     if peer_code.is_none() {
-        let _ = tokio::time::timeout(close_timeout, async {
-            while stream.next().await.is_some() {}
-        })
-        .await;
+        let _ = tokio::time::timeout(close_timeout, async { while stream.next().await.is_some() {} }).await;
     }
     stats.connections.fetch_sub(1, Ordering::Relaxed);
     let code = u16::from(peer_code.unwrap_or(ours.code));
-    tracing::info!(
-        code,
-        by_peer = peer_code.is_some(),
-        reason = ours.reason,
-        "disconnected"
-    );
+    tracing::info!(code, by_peer = peer_code.is_some(), reason = ours.reason, "disconnected");
 }
 
 /// The close frame that answers a read error.
@@ -170,11 +151,7 @@ fn close_for(err: &WsError) -> CloseReason {
         WsError::Utf8(_) => (CloseCode::Invalid, "Text frame is not valid UTF-8"),
         _ => (CloseCode::Abnormal, ""),
     };
-    CloseReason {
-        code,
-        reason,
-        drain_queue: false,
-    }
+    CloseReason { code, reason, drain_queue: false }
 }
 
 /// Drains the queue into the socket, one flush per batch, until the token is
@@ -213,11 +190,7 @@ async fn write_loop(
         };
         if let Err(err) = result {
             tracing::debug!(cause = %err, "write failed");
-            peer.close(CloseReason {
-                code: CloseCode::Abnormal,
-                reason: "",
-                drain_queue: false,
-            });
+            peer.close(CloseReason { code: CloseCode::Abnormal, reason: "", drain_queue: false });
             break;
         }
     }

@@ -35,22 +35,14 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
-async fn root(
-    State(shared): State<Arc<Shared>>,
-    peer: ConnectInfo<SocketAddr>,
-    req: Request,
-) -> Response {
+async fn root(State(shared): State<Arc<Shared>>, peer: ConnectInfo<SocketAddr>, req: Request) -> Response {
     if wants_upgrade(req.headers()) {
         return upgrade(shared, peer, req, Endpoint::Chat);
     }
     Html(INDEX_HTML).into_response()
 }
 
-async fn chat(
-    State(shared): State<Arc<Shared>>,
-    peer: ConnectInfo<SocketAddr>,
-    req: Request,
-) -> Response {
+async fn chat(State(shared): State<Arc<Shared>>, peer: ConnectInfo<SocketAddr>, req: Request) -> Response {
     upgrade(shared, peer, req, Endpoint::Chat)
 }
 
@@ -62,11 +54,7 @@ async fn notifications(
     upgrade(shared, peer, req, Endpoint::Notifications)
 }
 
-async fn echo(
-    State(shared): State<Arc<Shared>>,
-    peer: ConnectInfo<SocketAddr>,
-    req: Request,
-) -> Response {
+async fn echo(State(shared): State<Arc<Shared>>, peer: ConnectInfo<SocketAddr>, req: Request) -> Response {
     if !shared.config.echo_enabled {
         return not_found().await.into_response();
     }
@@ -87,23 +75,13 @@ fn upgrade(
         let state = shared.clone();
         match endpoint {
             Endpoint::Chat => {
-                conn::run(socket, shared, endpoint, ip, |peer| {
-                    ChatSession::start(state, peer)
-                })
-                .await
+                conn::run(socket, shared, endpoint, ip, |peer| ChatSession::start(state, peer)).await
             }
             Endpoint::Echo => {
-                conn::run(socket, shared, endpoint, ip, |peer| Echo {
-                    shared: state,
-                    peer,
-                })
-                .await
+                conn::run(socket, shared, endpoint, ip, |peer| Echo { shared: state, peer }).await
             }
             Endpoint::Notifications => {
-                conn::run(socket, shared, endpoint, ip, |peer| {
-                    Subscriber::start(state, peer)
-                })
-                .await;
+                conn::run(socket, shared, endpoint, ip, |peer| Subscriber::start(state, peer)).await;
             }
         }
     })
@@ -122,11 +100,7 @@ fn ws_config(shared: &Shared) -> WebSocketConfig {
 
 /// Unknown paths, upgrade or not: 404 and no upgrade.
 async fn not_found() -> impl IntoResponse {
-    (
-        StatusCode::NOT_FOUND,
-        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-        "Not Found\n",
-    )
+    (StatusCode::NOT_FOUND, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], "Not Found\n")
 }
 
 /// The body of `GET /api/status`.
@@ -174,10 +148,7 @@ async fn rooms(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
         .hub
         .rooms()
         .into_iter()
-        .map(|(name, user_count)| RoomInfo {
-            name: name.to_string(),
-            user_count,
-        })
+        .map(|(name, user_count)| RoomInfo { name: name.to_string(), user_count })
         .collect();
     axum::Json(list)
 }

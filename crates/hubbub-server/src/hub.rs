@@ -48,11 +48,8 @@ pub(crate) struct CloseReason {
 }
 
 /// The close sent when the server shuts down with nothing else recorded.
-const GOING_AWAY: CloseReason = CloseReason {
-    code: CloseCode::Away,
-    reason: "Server shutting down",
-    drain_queue: true,
-};
+const GOING_AWAY: CloseReason =
+    CloseReason { code: CloseCode::Away, reason: "Server shutting down", drain_queue: true };
 
 /// The part of a connection that others may touch: its queue and its
 /// kill switch. Cloning is cheap (two reference counts).
@@ -91,18 +88,8 @@ impl Peer {
     pub(crate) fn new(capacity: usize, shutdown: &CancellationToken) -> (Self, Mailbox) {
         let (tx, rx) = mpsc::channel(capacity);
         let token = shutdown.child_token();
-        let control = Arc::new(Control {
-            token: token.clone(),
-            reason: OnceLock::new(),
-        });
-        (
-            Self {
-                id: Uuid::new_v4(),
-                tx,
-                control,
-            },
-            Mailbox { rx, token },
-        )
+        let control = Arc::new(Control { token: token.clone(), reason: OnceLock::new() });
+        (Self { id: Uuid::new_v4(), tx, control }, Mailbox { rx, token })
     }
 
     /// Queues a frame without waiting. Returns false if the connection is
@@ -153,10 +140,7 @@ impl Peer {
 impl CloseReason {
     /// The close frame to send for this reason.
     pub(crate) fn frame(&self) -> CloseFrame {
-        CloseFrame {
-            code: self.code,
-            reason: Utf8Bytes::from_static(self.reason),
-        }
+        CloseFrame { code: self.code, reason: Utf8Bytes::from_static(self.reason) }
     }
 }
 
@@ -182,9 +166,7 @@ pub(crate) struct PeerSet {
 impl PeerSet {
     /// A set with `shards` shards (at least one).
     pub(crate) fn new(shards: usize) -> Self {
-        Self {
-            shards: (0..shards.max(1)).map(|_| RwLock::default()).collect(),
-        }
+        Self { shards: (0..shards.max(1)).map(|_| RwLock::default()).collect() }
     }
 
     fn shard(&self, id: &ClientId) -> &RwLock<HashMap<ClientId, Peer>> {
@@ -295,10 +277,7 @@ impl Hub {
         let (room, created) = match rooms.get(name) {
             Some(room) => (room.clone(), false),
             None => {
-                let room = Arc::new(Room {
-                    name: Arc::from(name),
-                    members: RwLock::default(),
-                });
+                let room = Arc::new(Room { name: Arc::from(name), members: RwLock::default() });
                 rooms.insert(room.name.clone(), room.clone());
                 (room, true)
             }
@@ -310,26 +289,15 @@ impl Hub {
         drop(rooms);
         members.insert(peer.id, peer.clone());
         let user_count = members.len();
-        let joined = encode(&ServerMessage::UserJoined {
-            user: user.to_owned(),
-            room: name.to_owned(),
-            user_count,
-        });
+        let joined =
+            encode(&ServerMessage::UserJoined { user: user.to_owned(), room: name.to_owned(), user_count });
         for member in members.values() {
             member.send_text(&joined, &self.stats);
         }
-        peer.reply(
-            &ServerMessage::RoomJoined {
-                room: name.to_owned(),
-                user_count,
-            },
-            &self.stats,
-        );
+        peer.reply(&ServerMessage::RoomJoined { room: name.to_owned(), user_count }, &self.stats);
         drop(members);
         if created {
-            self.notify(&ServerMessage::RoomCreated {
-                room: name.to_owned(),
-            });
+            self.notify(&ServerMessage::RoomCreated { room: name.to_owned() });
         }
         Joined { room, user_count }
     }
@@ -358,9 +326,7 @@ impl Hub {
         }
         drop(members);
         if removed {
-            self.notify(&ServerMessage::RoomRemoved {
-                room: room.name.to_string(),
-            });
+            self.notify(&ServerMessage::RoomRemoved { room: room.name.to_string() });
         }
     }
 

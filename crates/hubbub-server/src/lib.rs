@@ -94,8 +94,7 @@ impl Server {
             // Frames are batched by our writer; Nagle would only add delay.
             let _ = tcp.set_nodelay(true);
         });
-        let server =
-            axum::serve(listener, app).with_graceful_shutdown(token.clone().cancelled_owned());
+        let server = axum::serve(listener, app).with_graceful_shutdown(token.clone().cancelled_owned());
         let mut server = tokio::spawn(server.into_future());
 
         let notice = {
@@ -129,11 +128,7 @@ impl Server {
             Ok(Ok(result)) => result,
             Ok(Err(join)) => Err(std::io::Error::other(join)),
             Err(_) => {
-                tracing::warn!(
-                    remaining = shared.tasks.len(),
-                    ?drain,
-                    "drain time elapsed; exiting anyway"
-                );
+                tracing::warn!(remaining = shared.tasks.len(), ?drain, "drain time elapsed; exiting anyway");
                 Ok(())
             }
         }

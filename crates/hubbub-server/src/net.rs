@@ -51,31 +51,16 @@ mod tests {
 
     #[test]
     fn forwarded_for_is_believed_only_from_trusted_proxies() {
-        let config = Config {
-            trusted_proxies: vec!["10.0.0.0/8".parse().unwrap()],
-            ..Config::default()
-        };
+        let config = Config { trusted_proxies: vec!["10.0.0.0/8".parse().unwrap()], ..Config::default() };
         let proxy: SocketAddr = "10.0.0.1:5000".parse().unwrap();
         let stranger: SocketAddr = "203.0.113.9:5000".parse().unwrap();
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
 
-        assert_eq!(
-            client_ip(stranger, &headers("1.2.3.4"), &config),
-            ip("203.0.113.9")
-        );
-        assert_eq!(
-            client_ip(proxy, &headers("1.2.3.4"), &config),
-            ip("1.2.3.4")
-        );
+        assert_eq!(client_ip(stranger, &headers("1.2.3.4"), &config), ip("203.0.113.9"));
+        assert_eq!(client_ip(proxy, &headers("1.2.3.4"), &config), ip("1.2.3.4"));
         // A spoofed left-most entry is skipped: the first untrusted hop wins.
-        assert_eq!(
-            client_ip(proxy, &headers("6.6.6.6, 1.2.3.4, 10.0.0.7"), &config),
-            ip("1.2.3.4")
-        );
-        assert_eq!(
-            client_ip(proxy, &headers("garbage, 10.0.0.7"), &config),
-            ip("10.0.0.7")
-        );
+        assert_eq!(client_ip(proxy, &headers("6.6.6.6, 1.2.3.4, 10.0.0.7"), &config), ip("1.2.3.4"));
+        assert_eq!(client_ip(proxy, &headers("garbage, 10.0.0.7"), &config), ip("10.0.0.7"));
         assert_eq!(client_ip(proxy, &HeaderMap::new(), &config), ip("10.0.0.1"));
     }
 }

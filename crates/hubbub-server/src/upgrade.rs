@@ -42,42 +42,21 @@ where
 {
     let headers = req.headers();
     if req.method() != Method::GET {
-        return (
-            StatusCode::METHOD_NOT_ALLOWED,
-            "WebSocket upgrades must use GET\n",
-        )
-            .into_response();
+        return (StatusCode::METHOD_NOT_ALLOWED, "WebSocket upgrades must use GET\n").into_response();
     }
     if !header_has_token(headers, header::CONNECTION, "upgrade")
         || !header_has_token(headers, header::UPGRADE, "websocket")
     {
-        let mut response = (
-            StatusCode::UPGRADE_REQUIRED,
-            "This endpoint speaks WebSocket only\n",
-        )
-            .into_response();
-        response
-            .headers_mut()
-            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        response
-            .headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        let mut response =
+            (StatusCode::UPGRADE_REQUIRED, "This endpoint speaks WebSocket only\n").into_response();
+        response.headers_mut().insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
         return response;
     }
-    if headers
-        .get(header::SEC_WEBSOCKET_VERSION)
-        .map(HeaderValue::as_bytes)
-        != Some(b"13")
-    {
-        let mut response = (
-            StatusCode::UPGRADE_REQUIRED,
-            "Unsupported WebSocket version; use 13\n",
-        )
-            .into_response();
-        response.headers_mut().insert(
-            header::SEC_WEBSOCKET_VERSION,
-            HeaderValue::from_static("13"),
-        );
+    if headers.get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
+        let mut response =
+            (StatusCode::UPGRADE_REQUIRED, "Unsupported WebSocket version; use 13\n").into_response();
+        response.headers_mut().insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
         return response;
     }
     let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
@@ -92,12 +71,9 @@ where
     tasks.spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
-                let socket = WebSocketStream::from_raw_socket(
-                    TokioIo::new(upgraded),
-                    Role::Server,
-                    Some(config),
-                )
-                .await;
+                let socket =
+                    WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
+                        .await;
                 on_socket(socket).await;
             }
             Err(err) => tracing::debug!(cause = %err, "upgrade failed after 101"),

@@ -40,10 +40,7 @@ impl TestServer {
     /// Tests' clients often stop reading before the server closes them, so
     /// waiting the default 2 s for their close reply would only slow tests.
     fn config() -> Config {
-        Config {
-            close_timeout: Duration::from_millis(300),
-            ..Config::default()
-        }
+        Config { close_timeout: Duration::from_millis(300), ..Config::default() }
     }
 
     async fn with(config: Config) -> Self {
@@ -54,11 +51,7 @@ impl TestServer {
         let task = tokio::spawn(server.run(listener, async {
             let _ = stopped.await;
         }));
-        Self {
-            addr,
-            stop: Some(stop),
-            task,
-        }
+        Self { addr, stop: Some(stop), task }
     }
 
     fn url(&self, path: &str) -> String {
@@ -73,12 +66,8 @@ impl TestServer {
     async fn named(&self, name: &str) -> Client {
         let mut c = self.chat().await;
         c.greeting().await;
-        c.send(json!({"type": "setUsername", "username": name}))
-            .await;
-        assert_eq!(
-            c.recv().await,
-            json!({"type": "usernameSet", "username": name})
-        );
+        c.send(json!({"type": "setUsername", "username": name})).await;
+        assert_eq!(c.recv().await, json!({"type": "usernameSet", "username": name}));
         c
     }
 
@@ -100,11 +89,7 @@ impl TestServer {
 
     async fn shutdown(mut self) {
         self.stop.take().unwrap().send(()).unwrap();
-        timeout(WAIT, self.task)
-            .await
-            .expect("server stops in time")
-            .unwrap()
-            .unwrap();
+        timeout(WAIT, self.task).await.expect("server stops in time").unwrap().unwrap();
     }
 }
 
@@ -116,10 +101,7 @@ struct Client {
 
 impl Client {
     async fn connect(url: &str) -> Self {
-        let (ws, _) = timeout(WAIT, tokio_tungstenite::connect_async(url))
-            .await
-            .unwrap()
-            .unwrap();
+        let (ws, _) = timeout(WAIT, tokio_tungstenite::connect_async(url)).await.unwrap().unwrap();
         Self { ws }
     }
 
@@ -130,9 +112,7 @@ impl Client {
         socket.set_recv_buffer_size(4096).unwrap();
         let stream = socket.connect(addr).await.unwrap();
         let url = format!("ws://{addr}{path}");
-        let (ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream))
-            .await
-            .unwrap();
+        let (ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream)).await.unwrap();
         Self { ws }
     }
 
@@ -147,11 +127,7 @@ impl Client {
     /// The next frame, which must be text holding a JSON object.
     async fn recv(&mut self) -> Value {
         loop {
-            let msg = timeout(WAIT, self.ws.next())
-                .await
-                .expect("a frame in time")
-                .unwrap()
-                .unwrap();
+            let msg = timeout(WAIT, self.ws.next()).await.expect("a frame in time").unwrap().unwrap();
             match msg {
                 Message::Text(text) => {
                     // Every server frame also decodes as a typed message.
@@ -204,21 +180,14 @@ impl Client {
 
 /// A minimal HTTP/1.1 GET over a fresh connection: (status line, body).
 async fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
-    http_request(
-        addr,
-        &format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"),
-    )
-    .await
+    http_request(addr, &format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")).await
 }
 
 async fn http_request(addr: SocketAddr, request: &str) -> (String, String) {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut raw = Vec::new();
-    timeout(WAIT, stream.read_to_end(&mut raw))
-        .await
-        .unwrap()
-        .unwrap();
+    timeout(WAIT, stream.read_to_end(&mut raw)).await.unwrap().unwrap();
     let raw = String::from_utf8(raw).unwrap();
     let (head, body) = raw.split_once("\r\n\r\n").unwrap();
     (head.lines().next().unwrap().to_owned(), body.to_owned())
@@ -244,12 +213,8 @@ async fn set_username_replies_with_the_trimmed_name() {
     let server = TestServer::start().await;
     let mut c = server.chat().await;
     c.greeting().await;
-    c.send(json!({"type": "setUsername", "username": "  ada  "}))
-        .await;
-    assert_eq!(
-        c.recv().await,
-        json!({"type": "usernameSet", "username": "ada"})
-    );
+    c.send(json!({"type": "setUsername", "username": "  ada  "})).await;
+    assert_eq!(c.recv().await, json!({"type": "usernameSet", "username": "ada"}));
     server.shutdown().await;
 }
 
@@ -257,26 +222,18 @@ async fn set_username_replies_with_the_trimmed_name() {
 async fn join_room_announces_to_everyone_including_the_joiner() {
     let server = TestServer::start().await;
     let mut ada = server.named("ada").await;
-    ada.send(json!({"type": "joinRoom", "room": "general"}))
-        .await;
+    ada.send(json!({"type": "joinRoom", "room": "general"})).await;
     assert_eq!(
         ada.recv().await,
         json!({"type": "userJoined", "user": "ada", "room": "general", "userCount": 1})
     );
-    assert_eq!(
-        ada.recv().await,
-        json!({"type": "roomJoined", "room": "general", "userCount": 1})
-    );
+    assert_eq!(ada.recv().await, json!({"type": "roomJoined", "room": "general", "userCount": 1}));
 
     let mut bob = server.named("bob").await;
-    bob.send(json!({"type": "joinRoom", "room": "general"}))
-        .await;
+    bob.send(json!({"type": "joinRoom", "room": "general"})).await;
     let joined = json!({"type": "userJoined", "user": "bob", "room": "general", "userCount": 2});
     assert_eq!(bob.recv().await, joined);
-    assert_eq!(
-        bob.recv().await,
-        json!({"type": "roomJoined", "room": "general", "userCount": 2})
-    );
+    assert_eq!(bob.recv().await, json!({"type": "roomJoined", "room": "general", "userCount": 2}));
     assert_eq!(ada.recv().await, joined);
     assert_eq!(server.status().await["rooms"], 1);
     server.shutdown().await;
@@ -291,17 +248,13 @@ async fn chat_message_reaches_the_others_in_the_room_but_not_the_sender() {
     let mut eve = server.in_room("eve", "elsewhere").await;
 
     let before = now_ms();
-    ada.send(json!({"type": "chatMessage", "text": "hello <b>bob</b>"}))
-        .await;
+    ada.send(json!({"type": "chatMessage", "text": "hello <b>bob</b>"})).await;
     let msg = bob.recv().await;
     assert_eq!(msg["type"], "chatMessage");
     assert_eq!(msg["user"], "ada");
     assert_eq!(msg["text"], "hello <b>bob</b>");
     let ts = msg["timestamp"].as_u64().unwrap();
-    assert!(
-        ts >= before && ts <= now_ms(),
-        "timestamp {ts} is server time in ms"
-    );
+    assert!(ts >= before && ts <= now_ms(), "timestamp {ts} is server time in ms");
 
     ada.expect_nothing_pending().await;
     eve.expect_nothing_pending().await;
@@ -315,10 +268,7 @@ async fn typing_reaches_the_others_in_the_room() {
     let mut bob = server.in_room("bob", "r").await;
     ada.recv_type("userJoined").await;
     bob.send(json!({"type": "typing"})).await;
-    assert_eq!(
-        ada.recv().await,
-        json!({"type": "userTyping", "user": "bob"})
-    );
+    assert_eq!(ada.recv().await, json!({"type": "userTyping", "user": "bob"}));
     bob.expect_nothing_pending().await;
     server.shutdown().await;
 }
@@ -328,10 +278,7 @@ async fn leave_room_tells_those_who_remain_and_removes_empty_rooms() {
     let server = TestServer::start().await;
     let mut notes = Client::connect(&server.url("/ws/notifications")).await;
     let mut ada = server.in_room("ada", "r").await;
-    assert_eq!(
-        notes.recv().await,
-        json!({"type": "roomCreated", "room": "r"})
-    );
+    assert_eq!(notes.recv().await, json!({"type": "roomCreated", "room": "r"}));
     let mut bob = server.in_room("bob", "r").await;
     ada.recv_type("userJoined").await;
 
@@ -342,16 +289,12 @@ async fn leave_room_tells_those_who_remain_and_removes_empty_rooms() {
     assert_eq!(left["userCount"], 1);
     assert_eq!(bob.recv().await, json!({"type": "roomLeft", "room": "r"}));
     // Bob no longer hears the room.
-    ada.send(json!({"type": "chatMessage", "text": "anyone?"}))
-        .await;
+    ada.send(json!({"type": "chatMessage", "text": "anyone?"})).await;
     bob.expect_nothing_pending().await;
 
     ada.send(json!({"type": "leaveRoom"})).await;
     ada.recv_type("roomLeft").await;
-    assert_eq!(
-        notes.recv().await,
-        json!({"type": "roomRemoved", "room": "r"})
-    );
+    assert_eq!(notes.recv().await, json!({"type": "roomRemoved", "room": "r"}));
     assert_eq!(server.status().await["rooms"], 0);
 
     // Leaving when in no room is an error, not a disconnect.
@@ -369,20 +312,11 @@ async fn joining_another_room_leaves_the_current_one_first() {
     ada.recv_type("userJoined").await;
     bob.send(json!({"type": "joinRoom", "room": "two"})).await;
     assert_eq!(ada.recv().await["type"], "userLeft");
-    assert_eq!(
-        bob.recv().await,
-        json!({"type": "userJoined", "user": "bob", "room": "two", "userCount": 1})
-    );
-    assert_eq!(
-        bob.recv().await,
-        json!({"type": "roomJoined", "room": "two", "userCount": 1})
-    );
+    assert_eq!(bob.recv().await, json!({"type": "userJoined", "user": "bob", "room": "two", "userCount": 1}));
+    assert_eq!(bob.recv().await, json!({"type": "roomJoined", "room": "two", "userCount": 1}));
     // Rejoining the room one is in just confirms it.
     bob.send(json!({"type": "joinRoom", "room": "two"})).await;
-    assert_eq!(
-        bob.recv().await,
-        json!({"type": "roomJoined", "room": "two", "userCount": 1})
-    );
+    assert_eq!(bob.recv().await, json!({"type": "roomJoined", "room": "two", "userCount": 1}));
     assert_eq!(server.status().await["rooms"], 2);
     server.shutdown().await;
 }
@@ -396,11 +330,7 @@ async fn a_disconnect_counts_as_leaving_the_room() {
     bob.ws.close(None).await.unwrap();
     let left = ada.recv().await;
     assert_eq!(
-        (
-            left["type"].as_str(),
-            left["user"].as_str(),
-            left["userCount"].as_u64()
-        ),
+        (left["type"].as_str(), left["user"].as_str(), left["userCount"].as_u64()),
         (Some("userLeft"), Some("bob"), Some(1))
     );
 
@@ -419,14 +349,12 @@ async fn lobby_chat_reaches_every_chat_client_with_the_server_side_name() {
     let mut anon = server.chat().await;
     anon.greeting().await;
     // With a username set, the server's name wins over the claimed one.
-    ada.send(json!({"type": "chat", "user": "mallory", "text": "hi all"}))
-        .await;
+    ada.send(json!({"type": "chat", "user": "mallory", "text": "hi all"})).await;
     let expected = json!({"type": "chat", "user": "ada", "text": "hi all"});
     assert_eq!(ada.recv().await, expected);
     assert_eq!(anon.recv().await, expected);
     // Without one, the client's own name is used, as in the tutorial.
-    anon.send(json!({"type": "chat", "user": "guest", "text": "hey"}))
-        .await;
+    anon.send(json!({"type": "chat", "user": "guest", "text": "hey"})).await;
     let expected = json!({"type": "chat", "user": "guest", "text": "hey"});
     assert_eq!(ada.recv().await, expected);
     assert_eq!(anon.recv().await, expected);
@@ -438,8 +366,7 @@ async fn ping_is_answered_with_the_timestamp_and_server_time() {
     let server = TestServer::start().await;
     let mut c = server.chat().await;
     c.greeting().await;
-    c.send(json!({"type": "ping", "timestamp": 1_700_000_000_123_u64}))
-        .await;
+    c.send(json!({"type": "ping", "timestamp": 1_700_000_000_123_u64})).await;
     let pong = c.recv_type("pong").await;
     assert_eq!(pong["timestamp"], 1_700_000_000_123_u64);
     assert!(pong["serverTime"].as_u64().unwrap() >= 1_700_000_000_000);
@@ -457,14 +384,8 @@ async fn bad_input_gets_an_error_and_the_connection_stays_open() {
         ("[1, 2, 3]", "Invalid message format"),
         (r#"{"type": "teleport"}"#, "Unknown message type: teleport"),
         (r#"{"text": "no type"}"#, "Missing message type"),
-        (
-            r#"{"type": "joinRoom"}"#,
-            "Invalid joinRoom message: missing field `room`",
-        ),
-        (
-            r#"{"type": "setUsername", "username": "   "}"#,
-            "Invalid username: must not be empty",
-        ),
+        (r#"{"type": "joinRoom"}"#, "Invalid joinRoom message: missing field `room`"),
+        (r#"{"type": "setUsername", "username": "   "}"#, "Invalid username: must not be empty"),
         (
             r#"{"type": "setUsername", "username": "tab\there"}"#,
             "Invalid username: must not contain control characters",
@@ -473,10 +394,7 @@ async fn bad_input_gets_an_error_and_the_connection_stays_open() {
             r#"{"type": "joinRoom", "room": "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}"#,
             "Invalid room name: must be at most 64 characters",
         ),
-        (
-            r#"{"type": "chatMessage", "text": "no room yet"}"#,
-            "Join a room before sending messages",
-        ),
+        (r#"{"type": "chatMessage", "text": "no room yet"}"#, "Join a room before sending messages"),
     ];
     for (frame, message) in cases {
         c.send_text(frame).await;
@@ -485,25 +403,16 @@ async fn bad_input_gets_an_error_and_the_connection_stays_open() {
     }
     let long_name = json!({"type": "setUsername", "username": "x".repeat(33)});
     c.send(long_name).await;
-    assert_eq!(
-        c.recv_type("error").await["message"],
-        "Invalid username: must be at most 32 characters"
-    );
-    c.send(json!({"type": "chat", "text": "y".repeat(4097)}))
-        .await;
+    assert_eq!(c.recv_type("error").await["message"], "Invalid username: must be at most 32 characters");
+    c.send(json!({"type": "chat", "text": "y".repeat(4097)})).await;
     assert_eq!(
         c.recv_type("error").await["message"],
         "Invalid message text: must be at most 4096 characters"
     );
 
     // A binary frame with no upload in progress.
-    c.ws.send(Message::Binary(Bytes::from_static(&[0, 0, 0, 0, 1, 2, 3])))
-        .await
-        .unwrap();
-    assert_eq!(
-        c.recv_type("error").await["message"],
-        "No file upload in progress"
-    );
+    c.ws.send(Message::Binary(Bytes::from_static(&[0, 0, 0, 0, 1, 2, 3]))).await.unwrap();
+    assert_eq!(c.recv_type("error").await["message"], "No file upload in progress");
 
     // Still a working chat connection, with the name it had.
     c.send(json!({"type": "joinRoom", "room": "ok"})).await;
@@ -521,18 +430,14 @@ async fn an_oversized_frame_closes_only_that_connection_with_1009() {
     ada.recv_type("userJoined").await;
     bob.recv_type("userJoined").await;
 
-    let huge = format!(
-        r#"{{"type":"chatMessage","text":"{}"}}"#,
-        "z".repeat(70_000)
-    );
+    let huge = format!(r#"{{"type":"chatMessage","text":"{}"}}"#, "z".repeat(70_000));
     big.send_text(&huge).await;
     assert_eq!(big.closed().await, CloseCode::Size);
 
     // The others see the departure and keep chatting.
     assert_eq!(ada.recv().await["user"], "big");
     assert_eq!(bob.recv().await["user"], "big");
-    ada.send(json!({"type": "chatMessage", "text": "still here"}))
-        .await;
+    ada.send(json!({"type": "chatMessage", "text": "still here"})).await;
     assert_eq!(bob.recv().await["text"], "still here");
     server.shutdown().await;
 }
@@ -563,11 +468,7 @@ async fn a_slow_consumer_is_dropped_and_nobody_else_notices() {
             match msg["type"].as_str().unwrap() {
                 "chatMessage" => {
                     let index = msg["text"].as_str().unwrap().split(':').next().unwrap();
-                    assert_eq!(
-                        index,
-                        next.to_string(),
-                        "messages arrive in order, none lost"
-                    );
+                    assert_eq!(index, next.to_string(), "messages arrive in order, none lost");
                     next += 1;
                     progress_tx.send_replace(next);
                 }
@@ -586,17 +487,12 @@ async fn a_slow_consumer_is_dropped_and_nobody_else_notices() {
             let wanted = sent - WINDOW;
             // The reader stops (dropping `progress_tx`) once it hears that
             // the slow client left the room.
-            match timeout(WAIT, progress.wait_for(|received| *received >= wanted))
-                .await
-                .unwrap()
-            {
+            match timeout(WAIT, progress.wait_for(|received| *received >= wanted)).await.unwrap() {
                 Ok(_) => {}
                 Err(_) => break,
             }
         }
-        sender
-            .send(json!({"type": "chatMessage", "text": format!("{sent}:{text}")}))
-            .await;
+        sender.send(json!({"type": "chatMessage", "text": format!("{sent}:{text}")})).await;
         sent += 1;
         assert!(sent < 100_000, "the slow consumer was never dropped");
     }
@@ -604,12 +500,7 @@ async fn a_slow_consumer_is_dropped_and_nobody_else_notices() {
     // What was sent after the departure was announced follows it, in order.
     for expected in received..sent {
         let msg = reader.recv_type("chatMessage").await;
-        assert!(
-            msg["text"]
-                .as_str()
-                .unwrap()
-                .starts_with(&format!("{expected}:"))
-        );
+        assert!(msg["text"].as_str().unwrap().starts_with(&format!("{expected}:")));
     }
     reader.expect_nothing_pending().await;
     // The slow client, reading at last, finds its backlog and then the end.
@@ -632,32 +523,15 @@ async fn echo_returns_text_and_binary_frames_unchanged() {
     let server = TestServer::start().await;
     let mut echo = Client::connect(&server.url("/ws/echo")).await;
     echo.ws.send(Message::text("héllo")).await.unwrap();
-    echo.ws
-        .send(Message::Binary(Bytes::from_static(&[0, 255, 7])))
-        .await
-        .unwrap();
-    let first = timeout(WAIT, echo.ws.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let second = timeout(WAIT, echo.ws.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    echo.ws.send(Message::Binary(Bytes::from_static(&[0, 255, 7]))).await.unwrap();
+    let first = timeout(WAIT, echo.ws.next()).await.unwrap().unwrap().unwrap();
+    let second = timeout(WAIT, echo.ws.next()).await.unwrap().unwrap().unwrap();
     assert_eq!(first, Message::text("héllo"));
     assert_eq!(second, Message::Binary(Bytes::from_static(&[0, 255, 7])));
     server.shutdown().await;
 
-    let server = TestServer::with(Config {
-        echo_enabled: false,
-        ..TestServer::config()
-    })
-    .await;
-    let err = tokio_tungstenite::connect_async(server.url("/ws/echo"))
-        .await
-        .unwrap_err();
+    let server = TestServer::with(Config { echo_enabled: false, ..TestServer::config() }).await;
+    let err = tokio_tungstenite::connect_async(server.url("/ws/echo")).await.unwrap_err();
     assert!(err.to_string().contains("404"), "{err}");
     server.shutdown().await;
 }
@@ -665,9 +539,7 @@ async fn echo_returns_text_and_binary_frames_unchanged() {
 #[tokio::test]
 async fn unknown_paths_get_404_and_no_upgrade() {
     let server = TestServer::start().await;
-    let err = tokio_tungstenite::connect_async(server.url("/ws/nope"))
-        .await
-        .unwrap_err();
+    let err = tokio_tungstenite::connect_async(server.url("/ws/nope")).await.unwrap_err();
     assert!(err.to_string().contains("404"), "{err}");
     let (status, _) = http_get(server.addr, "/nope").await;
     assert!(status.contains("404"), "{status}");
@@ -706,10 +578,7 @@ async fn rooms_are_listed_with_their_member_counts() {
     let _b = server.in_room("bob", "alpha").await;
     let (_, body) = http_get(server.addr, "/api/rooms").await;
     let rooms: Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(
-        rooms,
-        json!([{"name": "alpha", "userCount": 1}, {"name": "beta", "userCount": 1}])
-    );
+    assert_eq!(rooms, json!([{"name": "alpha", "userCount": 1}, {"name": "beta", "userCount": 1}]));
     server.shutdown().await;
 }
 
@@ -740,9 +609,7 @@ async fn client_messages_decode_as_the_protocol_crate_encodes_them() {
     let server = TestServer::start().await;
     let mut c = server.chat().await;
     c.greeting().await;
-    let ping = hubbub_protocol::ClientMessage::Ping {
-        timestamp: 42.into(),
-    };
+    let ping = hubbub_protocol::ClientMessage::Ping { timestamp: 42.into() };
     c.send_text(&ping.to_json()).await;
     let pong: ServerMessage = serde_json::from_value(c.recv().await).unwrap();
     assert!(matches!(pong, ServerMessage::Pong { timestamp, .. } if timestamp == 42.into()));
@@ -750,10 +617,7 @@ async fn client_messages_decode_as_the_protocol_crate_encodes_them() {
 }
 
 fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
 }
 
 // ----- a client from another ecosystem -----------------------------------------

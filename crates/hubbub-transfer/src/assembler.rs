@@ -107,25 +107,14 @@ impl Assembler {
     /// The limits should have passed [`TransferLimits::validate`]; that check
     /// is what bounds the memory an upload can make the assembler take.
     pub fn new(declared: UploadSpec, limits: &TransferLimits) -> Result<Self> {
-        let UploadSpec {
-            size,
-            chunk_size,
-            sha256,
-        } = declared;
+        let UploadSpec { size, chunk_size, sha256 } = declared;
         if size > limits.max_file_size {
-            return Err(TransferError::TooLarge {
-                size,
-                max: limits.max_file_size,
-            });
+            return Err(TransferError::TooLarge { size, max: limits.max_file_size });
         }
         let chunk_size = chunk_size.unwrap_or(limits.default_chunk_size);
         let (min, max) = (limits.min_chunk_size, limits.max_chunk_size);
         if !(min..=max).contains(&chunk_size) {
-            return Err(TransferError::InvalidChunkSize {
-                chunk_size,
-                min,
-                max,
-            });
+            return Err(TransferError::InvalidChunkSize { chunk_size, min, max });
         }
         let layout = Layout::new(size, chunk_size)?;
         Ok(Self {
@@ -149,17 +138,10 @@ impl Assembler {
             return Err(TransferError::AfterEnd);
         }
         let chunk_count = self.chunk_count();
-        let range = self
-            .layout
-            .chunk(index)
-            .ok_or(TransferError::IndexOutOfRange { index, chunk_count })?;
+        let range = self.layout.chunk(index).ok_or(TransferError::IndexOutOfRange { index, chunk_count })?;
         let (expected, got) = (range.end - range.start, data.len() as u64);
         if got != expected {
-            return Err(TransferError::WrongChunkLength {
-                index,
-                expected,
-                got,
-            });
+            return Err(TransferError::WrongChunkLength { index, expected, got });
         }
         let fingerprint = fingerprint(data);
         let slot = self
@@ -175,9 +157,7 @@ impl Assembler {
                 *slot = Some(fingerprint);
                 self.received_chunks += 1;
                 self.received_bytes += got;
-                Ok(Placement::Write {
-                    offset: range.start,
-                })
+                Ok(Placement::Write { offset: range.start })
             }
         }
     }
@@ -203,10 +183,7 @@ impl Assembler {
             return Err(TransferError::Incomplete { missing_chunks });
         }
         self.ended = true;
-        Ok(Completed {
-            size: self.size(),
-            sha256: self.sha256,
-        })
+        Ok(Completed { size: self.size(), sha256: self.sha256 })
     }
 
     /// The indices of the accepted chunks as sorted, disjoint, non-adjacent
@@ -223,9 +200,7 @@ impl Assembler {
     }
 
     fn has(&self, index: u32) -> bool {
-        self.slots
-            .get(index_to_usize(index))
-            .is_some_and(Option::is_some)
+        self.slots.get(index_to_usize(index)).is_some_and(Option::is_some)
     }
 
     /// How many bytes the accepted chunks hold; at most [`Assembler::size`].
@@ -295,119 +270,52 @@ mod tests {
     use super::*;
 
     fn limits() -> TransferLimits {
-        TransferLimits {
-            min_chunk_size: 4,
-            max_chunk_size: 64,
-            default_chunk_size: 8,
-            max_file_size: 1000,
-        }
+        TransferLimits { min_chunk_size: 4, max_chunk_size: 64, default_chunk_size: 8, max_file_size: 1000 }
     }
 
     fn upload(size: u64, chunk_size: u32) -> Assembler {
-        Assembler::new(
-            UploadSpec {
-                size,
-                chunk_size: Some(chunk_size),
-                sha256: None,
-            },
-            &limits(),
-        )
-        .unwrap()
+        Assembler::new(UploadSpec { size, chunk_size: Some(chunk_size), sha256: None }, &limits()).unwrap()
     }
 
     #[test]
     fn declaration_is_checked_against_limits() {
-        let spec = |size, chunk_size| UploadSpec {
-            size,
-            chunk_size,
-            sha256: None,
-        };
+        let spec = |size, chunk_size| UploadSpec { size, chunk_size, sha256: None };
         assert_eq!(
             Assembler::new(spec(1001, None), &limits()).unwrap_err(),
-            TransferError::TooLarge {
-                size: 1001,
-                max: 1000
-            }
+            TransferError::TooLarge { size: 1001, max: 1000 }
         );
         assert_eq!(
             Assembler::new(spec(10, Some(3)), &limits()).unwrap_err(),
-            TransferError::InvalidChunkSize {
-                chunk_size: 3,
-                min: 4,
-                max: 64
-            }
+            TransferError::InvalidChunkSize { chunk_size: 3, min: 4, max: 64 }
         );
         assert_eq!(
             Assembler::new(spec(10, Some(65)), &limits()).unwrap_err(),
-            TransferError::InvalidChunkSize {
-                chunk_size: 65,
-                min: 4,
-                max: 64
-            }
+            TransferError::InvalidChunkSize { chunk_size: 65, min: 4, max: 64 }
         );
         let default = Assembler::new(spec(1000, None), &limits()).unwrap();
-        assert_eq!(
-            (default.size(), default.chunk_size(), default.chunk_count()),
-            (1000, 8, 125)
-        );
+        assert_eq!((default.size(), default.chunk_size(), default.chunk_count()), (1000, 8, 125));
     }
 
     #[test]
     fn unvalidated_limits_cannot_cause_a_panic() {
-        let zero = TransferLimits {
-            min_chunk_size: 0,
-            ..limits()
-        };
-        let spec = UploadSpec {
-            size: 10,
-            chunk_size: Some(0),
-            sha256: None,
-        };
-        assert!(matches!(
-            Assembler::new(spec, &zero),
-            Err(TransferError::InvalidChunkSize { .. })
-        ));
-        let huge = TransferLimits {
-            min_chunk_size: 1,
-            max_file_size: u64::MAX,
-            ..limits()
-        };
-        let spec = UploadSpec {
-            size: u64::MAX,
-            chunk_size: Some(1),
-            sha256: None,
-        };
-        assert!(matches!(
-            Assembler::new(spec, &huge),
-            Err(TransferError::TooManyChunks { .. })
-        ));
+        let zero = TransferLimits { min_chunk_size: 0, ..limits() };
+        let spec = UploadSpec { size: 10, chunk_size: Some(0), sha256: None };
+        assert!(matches!(Assembler::new(spec, &zero), Err(TransferError::InvalidChunkSize { .. })));
+        let huge = TransferLimits { min_chunk_size: 1, max_file_size: u64::MAX, ..limits() };
+        let spec = UploadSpec { size: u64::MAX, chunk_size: Some(1), sha256: None };
+        assert!(matches!(Assembler::new(spec, &huge), Err(TransferError::TooManyChunks { .. })));
     }
 
     #[test]
     fn chunks_go_to_their_offsets_and_the_last_one_is_short() {
         let mut a = upload(10, 4);
         assert_eq!(a.chunk_count(), 3);
-        assert_eq!(
-            a.on_chunk(2, b"ij").unwrap(),
-            Placement::Write { offset: 8 }
-        );
-        assert_eq!(
-            a.on_chunk(0, b"abcd").unwrap(),
-            Placement::Write { offset: 0 }
-        );
-        assert_eq!(
-            a.on_chunk(1, b"efgh").unwrap(),
-            Placement::Write { offset: 4 }
-        );
+        assert_eq!(a.on_chunk(2, b"ij").unwrap(), Placement::Write { offset: 8 });
+        assert_eq!(a.on_chunk(0, b"abcd").unwrap(), Placement::Write { offset: 0 });
+        assert_eq!(a.on_chunk(1, b"efgh").unwrap(), Placement::Write { offset: 4 });
         assert!(a.is_complete());
         assert_eq!(a.received_bytes(), 10);
-        assert_eq!(
-            a.on_end().unwrap(),
-            Completed {
-                size: 10,
-                sha256: None
-            }
-        );
+        assert_eq!(a.on_end().unwrap(), Completed { size: 10, sha256: None });
         assert!(a.is_ended());
     }
 
@@ -416,17 +324,11 @@ mod tests {
         let mut a = upload(10, 4);
         assert_eq!(
             a.on_chunk(3, b"xx").unwrap_err(),
-            TransferError::IndexOutOfRange {
-                index: 3,
-                chunk_count: 3
-            }
+            TransferError::IndexOutOfRange { index: 3, chunk_count: 3 }
         );
         assert_eq!(
             a.on_chunk(u32::MAX, b"").unwrap_err(),
-            TransferError::IndexOutOfRange {
-                index: u32::MAX,
-                chunk_count: 3
-            }
+            TransferError::IndexOutOfRange { index: u32::MAX, chunk_count: 3 }
         );
         assert_eq!(a.received_chunks(), 0);
     }
@@ -436,36 +338,20 @@ mod tests {
         let mut a = upload(10, 4);
         assert_eq!(
             a.on_chunk(0, b"abc").unwrap_err(),
-            TransferError::WrongChunkLength {
-                index: 0,
-                expected: 4,
-                got: 3
-            }
+            TransferError::WrongChunkLength { index: 0, expected: 4, got: 3 }
         );
         assert_eq!(
             a.on_chunk(0, b"abcde").unwrap_err(),
-            TransferError::WrongChunkLength {
-                index: 0,
-                expected: 4,
-                got: 5
-            }
+            TransferError::WrongChunkLength { index: 0, expected: 4, got: 5 }
         );
         // The last chunk may not run past the end of the file, nor fall short.
         assert_eq!(
             a.on_chunk(2, b"ijkl").unwrap_err(),
-            TransferError::WrongChunkLength {
-                index: 2,
-                expected: 2,
-                got: 4
-            }
+            TransferError::WrongChunkLength { index: 2, expected: 2, got: 4 }
         );
         assert_eq!(
             a.on_chunk(2, b"i").unwrap_err(),
-            TransferError::WrongChunkLength {
-                index: 2,
-                expected: 2,
-                got: 1
-            }
+            TransferError::WrongChunkLength { index: 2, expected: 2, got: 1 }
         );
         assert_eq!(a.received_bytes(), 0);
     }
@@ -475,10 +361,7 @@ mod tests {
         let mut a = upload(10, 4);
         a.on_chunk(1, b"efgh").unwrap();
         assert_eq!(a.on_chunk(1, b"efgh").unwrap(), Placement::Duplicate);
-        assert_eq!(
-            a.on_chunk(1, b"efgX").unwrap_err(),
-            TransferError::DuplicateMismatch { index: 1 }
-        );
+        assert_eq!(a.on_chunk(1, b"efgX").unwrap_err(), TransferError::DuplicateMismatch { index: 1 });
         // The refused copy changed nothing: the first one still counts.
         assert_eq!(a.on_chunk(1, b"efgh").unwrap(), Placement::Duplicate);
         assert_eq!((a.received_chunks(), a.received_bytes()), (1, 4));
@@ -488,16 +371,10 @@ mod tests {
     fn incomplete_end_keeps_the_upload_open() {
         let mut a = upload(10, 4);
         a.on_chunk(0, b"abcd").unwrap();
-        assert_eq!(
-            a.on_end().unwrap_err(),
-            TransferError::Incomplete { missing_chunks: 2 }
-        );
+        assert_eq!(a.on_end().unwrap_err(), TransferError::Incomplete { missing_chunks: 2 });
         assert!(!a.is_ended());
         a.on_chunk(2, b"ij").unwrap();
-        assert_eq!(
-            a.on_end().unwrap_err(),
-            TransferError::Incomplete { missing_chunks: 1 }
-        );
+        assert_eq!(a.on_end().unwrap_err(), TransferError::Incomplete { missing_chunks: 1 });
         a.on_chunk(1, b"efgh").unwrap();
         assert!(a.on_end().is_ok());
     }
@@ -519,10 +396,7 @@ mod tests {
         assert!(a.is_complete());
         assert_eq!(
             a.on_chunk(0, b"").unwrap_err(),
-            TransferError::IndexOutOfRange {
-                index: 0,
-                chunk_count: 0
-            }
+            TransferError::IndexOutOfRange { index: 0, chunk_count: 0 }
         );
         assert!(a.received_ranges().is_empty());
         assert_eq!(a.on_end().unwrap().size, 0);
@@ -542,54 +416,24 @@ mod tests {
     fn frames_are_split_before_checking() {
         let mut a = upload(10, 4);
         let frame = hubbub_protocol::chunk::frame(1, b"efgh");
-        assert_eq!(
-            a.on_frame(&frame).unwrap(),
-            (Placement::Write { offset: 4 }, &b"efgh"[..])
-        );
-        assert_eq!(
-            a.on_frame(&[0, 0, 1]).unwrap_err(),
-            TransferError::FrameTooShort { len: 3 }
-        );
+        assert_eq!(a.on_frame(&frame).unwrap(), (Placement::Write { offset: 4 }, &b"efgh"[..]));
+        assert_eq!(a.on_frame(&[0, 0, 1]).unwrap_err(), TransferError::FrameTooShort { len: 3 });
     }
 
     #[test]
     fn completed_checks_the_declared_digest() {
-        let declared = Completed {
-            size: 1,
-            sha256: Some([1; 32]),
-        };
+        let declared = Completed { size: 1, sha256: Some([1; 32]) };
         assert_eq!(declared.verify(&[1; 32]), Ok(()));
-        assert_eq!(
-            declared.verify(&[2; 32]),
-            Err(TransferError::Sha256Mismatch)
-        );
-        assert_eq!(
-            Completed {
-                size: 1,
-                sha256: None
-            }
-            .verify(&[2; 32]),
-            Ok(())
-        );
+        assert_eq!(declared.verify(&[2; 32]), Err(TransferError::Sha256Mismatch));
+        assert_eq!(Completed { size: 1, sha256: None }.verify(&[2; 32]), Ok(()));
     }
 
     #[test]
     fn error_messages_are_sentences() {
-        let e = TransferError::WrongChunkLength {
-            index: 3,
-            expected: 4096,
-            got: 12,
-        };
+        let e = TransferError::WrongChunkLength { index: 3, expected: 4096, got: 12 };
+        assert_eq!(e.to_string(), "Chunk 3 has 12 bytes, but it must have exactly 4096 bytes.");
         assert_eq!(
-            e.to_string(),
-            "Chunk 3 has 12 bytes, but it must have exactly 4096 bytes."
-        );
-        assert_eq!(
-            TransferError::TooLarge {
-                size: 2000,
-                max: 1000
-            }
-            .to_string(),
+            TransferError::TooLarge { size: 2000, max: 1000 }.to_string(),
             "The file is too large: it has 2000 bytes and the limit is 1000 bytes."
         );
     }

@@ -78,11 +78,7 @@ mod tests {
             format!("{}g", &good[1..]),
             format!("{}é", &good[2..]),
         ] {
-            assert_eq!(
-                parse_sha256_hex(&bad),
-                Err(TransferError::InvalidSha256Hex),
-                "{bad:?}"
-            );
+            assert_eq!(parse_sha256_hex(&bad), Err(TransferError::InvalidSha256Hex), "{bad:?}");
         }
     }
 }

@@ -32,8 +32,7 @@ impl ChunkRef {
     /// A sender that reads chunk by chunk frames its buffer with
     /// `hubbub_protocol::chunk::frame` instead.
     pub fn frame(&self, file: &[u8]) -> Option<Vec<u8>> {
-        self.bytes(file)
-            .map(|data| hubbub_protocol::chunk::frame(self.index, data))
+        self.bytes(file).map(|data| hubbub_protocol::chunk::frame(self.index, data))
     }
 }
 
@@ -158,11 +157,7 @@ impl Iterator for Chunker {
         self.bytes_done += len;
         // A chunk is at most `u32::MAX` bytes, which fits a usize on the 32-
         // and 64-bit targets this crate supports.
-        Some(ChunkRef {
-            index,
-            offset: range.start,
-            len: len as usize,
-        })
+        Some(ChunkRef { index, offset: range.start, len: len as usize })
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
@@ -185,10 +180,7 @@ mod tests {
     #[test]
     fn chunks_cover_the_file_and_the_last_is_short() {
         let c = Chunker::new(10, 4).unwrap();
-        assert_eq!(
-            (c.chunk_count(), c.remaining_chunks(), c.size_hint()),
-            (3, 3, (3, Some(3)))
-        );
+        assert_eq!((c.chunk_count(), c.remaining_chunks(), c.size_hint()), (3, 3, (3, Some(3))));
         assert_eq!(chunks(c), [(0, 0, 4), (1, 4, 4), (2, 8, 2)]);
         assert_eq!(chunks(Chunker::new(8, 4).unwrap()), [(0, 0, 4), (1, 4, 4)]);
     }
@@ -207,10 +199,7 @@ mod tests {
         c.next();
         assert_eq!((c.bytes_done(), c.progress()), (4, 0.4));
         c.by_ref().for_each(drop);
-        assert_eq!(
-            (c.bytes_done(), c.progress(), c.remaining_chunks()),
-            (10, 1.0, 0)
-        );
+        assert_eq!((c.bytes_done(), c.progress(), c.remaining_chunks()), (10, 1.0, 0));
         assert_eq!(c.next(), None);
     }
 
@@ -224,22 +213,13 @@ mod tests {
         let c = Chunker::missing(10, 4, Some(1..u32::MAX)).unwrap();
         assert_eq!(chunks(c), [(0, 0, 4)]);
         let everything = Chunker::missing(10, 4, Some(0..3)).unwrap();
-        assert_eq!(
-            (everything.remaining_chunks(), everything.progress()),
-            (0, 1.0)
-        );
+        assert_eq!((everything.remaining_chunks(), everything.progress()), (0, 1.0));
     }
 
     #[test]
     fn bad_chunk_sizes_are_refused() {
-        assert!(matches!(
-            Chunker::new(10, 0),
-            Err(TransferError::InvalidChunkSize { .. })
-        ));
-        assert!(matches!(
-            Chunker::new(u64::MAX, 1),
-            Err(TransferError::TooManyChunks { .. })
-        ));
+        assert!(matches!(Chunker::new(10, 0), Err(TransferError::InvalidChunkSize { .. })));
+        assert!(matches!(Chunker::new(u64::MAX, 1), Err(TransferError::TooManyChunks { .. })));
     }
 
     #[test]

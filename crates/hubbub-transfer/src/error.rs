@@ -22,9 +22,7 @@ pub enum TransferError {
         max: u64,
     },
     /// The declared chunk size is outside the allowed bounds.
-    #[error(
-        "A chunk size of {chunk_size} bytes is not allowed; it must be between {min} and {max} bytes."
-    )]
+    #[error("A chunk size of {chunk_size} bytes is not allowed; it must be between {min} and {max} bytes.")]
     InvalidChunkSize {
         /// The chunk size asked for.
         chunk_size: u32,
@@ -34,9 +32,7 @@ pub enum TransferError {
         max: u32,
     },
     /// The file would need more chunks than a 32-bit chunk index can number.
-    #[error(
-        "A file of {size} bytes needs too many chunks of {chunk_size} bytes; use larger chunks."
-    )]
+    #[error("A file of {size} bytes needs too many chunks of {chunk_size} bytes; use larger chunks.")]
     TooManyChunks {
         /// The file's size.
         size: u64,

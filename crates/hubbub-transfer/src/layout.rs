@@ -21,19 +21,11 @@ impl Layout {
     /// The layout of a `size`-byte file in `chunk_size`-byte chunks.
     pub(crate) fn new(size: u64, chunk_size: u32) -> Result<Self> {
         if chunk_size == 0 {
-            return Err(TransferError::InvalidChunkSize {
-                chunk_size,
-                min: 1,
-                max: u32::MAX,
-            });
+            return Err(TransferError::InvalidChunkSize { chunk_size, min: 1, max: u32::MAX });
         }
         let chunk_count = u32::try_from(size.div_ceil(u64::from(chunk_size)))
             .map_err(|_| TransferError::TooManyChunks { size, chunk_size })?;
-        Ok(Self {
-            size,
-            chunk_size,
-            chunk_count,
-        })
+        Ok(Self { size, chunk_size, chunk_count })
     }
 
     pub(crate) fn size(&self) -> u64 {
@@ -51,9 +43,7 @@ impl Layout {
     /// The byte offset where chunk `boundary` starts, or the file's size for
     /// `boundary == chunk_count`. Taken as `u64` so that `index + 1` is valid.
     fn boundary(&self, boundary: u64) -> u64 {
-        boundary
-            .saturating_mul(u64::from(self.chunk_size))
-            .min(self.size)
+        boundary.saturating_mul(u64::from(self.chunk_size)).min(self.size)
     }
 
     /// The byte range of chunk `index`, or `None` past the last chunk.
@@ -98,22 +88,13 @@ mod tests {
 
     #[test]
     fn zero_chunk_size_and_index_overflow_are_refused() {
-        assert!(matches!(
-            Layout::new(1, 0),
-            Err(TransferError::InvalidChunkSize { .. })
-        ));
+        assert!(matches!(Layout::new(1, 0), Err(TransferError::InvalidChunkSize { .. })));
         assert_eq!(
             Layout::new(u64::MAX, 1),
-            Err(TransferError::TooManyChunks {
-                size: u64::MAX,
-                chunk_size: 1
-            })
+            Err(TransferError::TooManyChunks { size: u64::MAX, chunk_size: 1 })
         );
         let max = Layout::new(u64::from(u32::MAX), 1).unwrap();
         assert_eq!(max.chunk_count(), u32::MAX);
-        assert_eq!(
-            max.chunk(u32::MAX - 1),
-            Some(u64::from(u32::MAX) - 1..u64::from(u32::MAX))
-        );
+        assert_eq!(max.chunk(u32::MAX - 1), Some(u64::from(u32::MAX) - 1..u64::from(u32::MAX)));
     }
 }

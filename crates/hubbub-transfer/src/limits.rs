@@ -89,11 +89,7 @@ impl TransferLimits {
     /// assert!(matches!(odd.validate(), Err(LimitsError::DefaultOutOfRange { .. })));
     /// ```
     pub fn validate(&self) -> Result<(), LimitsError> {
-        let (min, max, default) = (
-            self.min_chunk_size,
-            self.max_chunk_size,
-            self.default_chunk_size,
-        );
+        let (min, max, default) = (self.min_chunk_size, self.max_chunk_size, self.default_chunk_size);
         if min == 0 {
             return Err(LimitsError::ZeroMinChunkSize);
         }
@@ -130,72 +126,36 @@ mod tests {
         let l = TransferLimits::default();
         assert_eq!(l.validate(), Ok(()));
         assert_eq!(l.max_file_size, 104_857_600);
-        assert_eq!(
-            (l.default_chunk_size, l.min_chunk_size, l.max_chunk_size),
-            (65_536, 4096, 65_536)
-        );
+        assert_eq!((l.default_chunk_size, l.min_chunk_size, l.max_chunk_size), (65_536, 4096, 65_536));
         assert_eq!(l.max_frame_len(), 65_540);
     }
 
     #[test]
     fn inconsistent_limits_are_refused() {
         let d = TransferLimits::default();
-        let zero = TransferLimits {
-            min_chunk_size: 0,
-            ..d.clone()
-        };
+        let zero = TransferLimits { min_chunk_size: 0, ..d.clone() };
         assert_eq!(zero.validate(), Err(LimitsError::ZeroMinChunkSize));
-        let inverted = TransferLimits {
-            min_chunk_size: 8192,
-            max_chunk_size: 4096,
-            ..d.clone()
-        };
-        assert_eq!(
-            inverted.validate(),
-            Err(LimitsError::MinAboveMax {
-                min: 8192,
-                max: 4096
-            })
-        );
-        let high = TransferLimits {
-            default_chunk_size: 65_537,
-            ..d.clone()
-        };
+        let inverted = TransferLimits { min_chunk_size: 8192, max_chunk_size: 4096, ..d.clone() };
+        assert_eq!(inverted.validate(), Err(LimitsError::MinAboveMax { min: 8192, max: 4096 }));
+        let high = TransferLimits { default_chunk_size: 65_537, ..d.clone() };
         assert_eq!(
             high.validate(),
-            Err(LimitsError::DefaultOutOfRange {
-                default: 65_537,
-                min: 4096,
-                max: 65_536
-            })
+            Err(LimitsError::DefaultOutOfRange { default: 65_537, min: 4096, max: 65_536 })
         );
-        let huge = TransferLimits {
-            max_file_size: u64::MAX,
-            ..d
-        };
+        let huge = TransferLimits { max_file_size: u64::MAX, ..d };
         assert_eq!(
             huge.validate(),
-            Err(LimitsError::TooManyChunks {
-                max_file_size: u64::MAX,
-                min_chunk_size: 4096
-            })
+            Err(LimitsError::TooManyChunks { max_file_size: u64::MAX, min_chunk_size: 4096 })
         );
     }
 
     #[test]
     fn config_fills_defaults_and_refuses_unknown_fields() {
         let l: TransferLimits = serde_json::from_str(r#"{"max_file_size": 1024}"#).unwrap();
-        assert_eq!(
-            l,
-            TransferLimits {
-                max_file_size: 1024,
-                ..TransferLimits::default()
-            }
-        );
+        assert_eq!(l, TransferLimits { max_file_size: 1024, ..TransferLimits::default() });
         let typo = serde_json::from_str::<TransferLimits>(r#"{"max_file_sise": 1024}"#);
         assert!(typo.unwrap_err().to_string().contains("unknown field"));
-        let back: TransferLimits =
-            serde_json::from_str(&serde_json::to_string(&l).unwrap()).unwrap();
+        let back: TransferLimits = serde_json::from_str(&serde_json::to_string(&l).unwrap()).unwrap();
         assert_eq!(back, l);
     }
 }

@@ -15,10 +15,7 @@ pub struct ProgressPolicy {
 
 impl Default for ProgressPolicy {
     fn default() -> Self {
-        Self {
-            step_percent: 10,
-            period: Duration::from_secs(1),
-        }
+        Self { step_percent: 10, period: Duration::from_secs(1) }
     }
 }
 
@@ -59,13 +56,7 @@ pub struct ProgressThrottle {
 impl ProgressThrottle {
     /// A throttle for a `size`-byte upload that started at `now`.
     pub fn new(size: u64, policy: ProgressPolicy, now: Instant) -> Self {
-        Self {
-            policy,
-            size,
-            last_at: now,
-            last_bytes: 0,
-            completed: false,
-        }
+        Self { policy, size, last_at: now, last_bytes: 0, completed: false }
     }
 
     /// True when a report of `received` bytes at `now` is due; the throttle
@@ -100,9 +91,7 @@ impl ProgressThrottle {
         // Only called with `bytes < size`, so `size` is not zero; u128 keeps
         // the products exact for any u64 sizes.
         let step = u128::from(self.size) * u128::from(self.policy.step_percent);
-        (u128::from(bytes) * 100)
-            .checked_div(step)
-            .unwrap_or(u128::from(bytes))
+        (u128::from(bytes) * 100).checked_div(step).unwrap_or(u128::from(bytes))
     }
 }
 
@@ -118,14 +107,9 @@ mod tests {
     fn reports_each_ten_percent_of_a_fast_upload() {
         let start = Instant::now();
         let mut t = ProgressThrottle::new(1000, ProgressPolicy::default(), start);
-        let reported: Vec<u64> = (1..=100)
-            .map(|i| i * 10)
-            .filter(|&b| t.should_report(at(start, b / 10), b))
-            .collect();
-        assert_eq!(
-            reported,
-            [100, 200, 300, 400, 500, 600, 700, 800, 900, 1000]
-        );
+        let reported: Vec<u64> =
+            (1..=100).map(|i| i * 10).filter(|&b| t.should_report(at(start, b / 10), b)).collect();
+        assert_eq!(reported, [100, 200, 300, 400, 500, 600, 700, 800, 900, 1000]);
     }
 
     #[test]
@@ -161,17 +145,11 @@ mod tests {
     #[test]
     fn policy_is_configurable() {
         let start = Instant::now();
-        let every = ProgressPolicy {
-            step_percent: 0,
-            period: Duration::from_secs(3600),
-        };
+        let every = ProgressPolicy { step_percent: 0, period: Duration::from_secs(3600) };
         let mut t = ProgressThrottle::new(1000, every, start);
         assert!(t.should_report(start, 1));
         assert!(t.should_report(start, 2));
-        let quarters = ProgressPolicy {
-            step_percent: 25,
-            period: Duration::from_millis(100),
-        };
+        let quarters = ProgressPolicy { step_percent: 25, period: Duration::from_millis(100) };
         let mut t = ProgressThrottle::new(1000, quarters, start);
         assert!(!t.should_report(at(start, 50), 240));
         assert!(t.should_report(at(start, 60), 250));

@@ -15,10 +15,7 @@ use proptest::sample::Index;
 
 /// Limits that allow any chunk size, so small files get many chunks.
 fn loose_limits() -> TransferLimits {
-    TransferLimits {
-        min_chunk_size: 1,
-        ..TransferLimits::default()
-    }
+    TransferLimits { min_chunk_size: 1, ..TransferLimits::default() }
 }
 
 /// Deterministic pseudo-random file contents (splitmix64), far cheaper than
@@ -41,10 +38,7 @@ fn file_bytes(size: usize, seed: u64) -> Vec<u8> {
 fn size_and_chunk_size() -> impl Strategy<Value = (usize, u32)> {
     (0usize..=300 * 1024).prop_flat_map(|size| {
         let smallest = u32::try_from(size / 2000).unwrap_or(u32::MAX).max(1);
-        (
-            Just(size),
-            prop_oneof![smallest..=smallest + 64, smallest..=65_536],
-        )
+        (Just(size), prop_oneof![smallest..=smallest + 64, smallest..=65_536])
     })
 }
 
@@ -58,11 +52,7 @@ fn assert_consistent(a: &Assembler) {
         // Sorted, disjoint and coalesced: a gap separates neighbours.
         assert!(pair[0].end < pair[1].start, "{ranges:?}");
     }
-    assert!(
-        ranges
-            .iter()
-            .all(|r| r.start < r.end && r.end <= a.chunk_count())
-    );
+    assert!(ranges.iter().all(|r| r.start < r.end && r.end <= a.chunk_count()));
     let covered: u32 = ranges.iter().map(|r| r.end - r.start).sum();
     assert_eq!(covered, a.received_chunks());
 }
@@ -137,12 +127,7 @@ enum Event {
     /// A chunk with this index; `exact_len` picks the length the index needs,
     /// otherwise `len`. Its bytes are all `fill`, so repeats are sometimes
     /// identical and sometimes not.
-    Chunk {
-        index: u32,
-        exact_len: bool,
-        len: usize,
-        fill: u8,
-    },
+    Chunk { index: u32, exact_len: bool, len: usize, fill: u8 },
     /// A `fileEnd`.
     End,
 }

@@ -42,15 +42,11 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
 
     let server = Server::new(config)?;
     let listen = server.config().listen;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
+    let listener =
+        tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr().context("reading the bound address")?;
-    let host = if addr.ip().is_unspecified() {
-        format!("localhost:{}", addr.port())
-    } else {
-        addr.to_string()
-    };
+    let host =
+        if addr.ip().is_unspecified() { format!("localhost:{}", addr.port()) } else { addr.to_string() };
     #[allow(clippy::print_stdout)] // the URLs are for the operator, not the log
     {
         println!("Hubbub {} listening on {addr}", env!("CARGO_PKG_VERSION"));
@@ -62,10 +58,7 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
         }
         println!("  health         http://{host}/health   status http://{host}/api/status");
     }
-    server
-        .run(listener, shutdown_signal())
-        .await
-        .context("server failed")?;
+    server.run(listener, shutdown_signal()).await.context("server failed")?;
     tracing::info!("stopped");
     Ok(())
 }

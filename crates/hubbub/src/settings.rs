@@ -56,12 +56,7 @@ pub(crate) struct Cli {
     print_config: bool,
 
     /// Log filter, e.g. `info` or `hubbub_server=debug`
-    #[arg(
-        long,
-        value_name = "FILTER",
-        env = "HUBBUB_LOG",
-        default_value = "info"
-    )]
+    #[arg(long, value_name = "FILTER", env = "HUBBUB_LOG", default_value = "info")]
     pub(crate) log: String,
 }
 
@@ -87,19 +82,13 @@ impl Cli {
     pub(crate) fn resolve(&self) -> anyhow::Result<Action> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = &self.config {
-            anyhow::ensure!(
-                path.is_file(),
-                "config file {} does not exist",
-                path.display()
-            );
+            anyhow::ensure!(path.is_file(), "config file {} does not exist", path.display());
             figment = figment.merge(Toml::file_exact(path));
         }
-        figment = figment
-            .merge(environment())
-            .merge(Serialized::defaults(Overrides {
-                listen: self.listen,
-                echo_enabled: self.no_echo.then_some(false),
-            }));
+        figment = figment.merge(environment()).merge(Serialized::defaults(Overrides {
+            listen: self.listen,
+            echo_enabled: self.no_echo.then_some(false),
+        }));
         let config: Config = figment.extract().context("invalid configuration")?;
         config.validate().context("invalid configuration")?;
         if self.print_config {
@@ -114,17 +103,15 @@ impl Cli {
 /// becomes `protocol.max_text_chars`. The variables that only the command
 /// line reads are left out.
 fn environment() -> Env {
-    Env::prefixed("HUBBUB_")
-        .ignore(&["config", "log"])
-        .map(|key| {
-            let key = key.as_str().to_ascii_lowercase();
-            for section in Config::SECTIONS {
-                if let Some(rest) = key.strip_prefix(section).and_then(|r| r.strip_prefix('_')) {
-                    return format!("{section}.{rest}").into();
-                }
+    Env::prefixed("HUBBUB_").ignore(&["config", "log"]).map(|key| {
+        let key = key.as_str().to_ascii_lowercase();
+        for section in Config::SECTIONS {
+            if let Some(rest) = key.strip_prefix(section).and_then(|r| r.strip_prefix('_')) {
+                return format!("{section}.{rest}").into();
             }
-            key.into()
-        })
+        }
+        key.into()
+    })
 }
 
 #[cfg(test)]
@@ -169,16 +156,10 @@ mod tests {
             assert!(err.contains("max_txt_chars"), "{err}");
             jail.set_env("HUBBUB_WEBSOCKET_OUTBOUND_QUEUE", "0");
             let err = format!("{:#}", resolve(&[]).unwrap_err());
-            assert!(
-                err.contains("websocket.outbound_queue must be greater than zero"),
-                "{err}"
-            );
+            assert!(err.contains("websocket.outbound_queue must be greater than zero"), "{err}");
             Ok(())
         });
-        let err = format!(
-            "{:#}",
-            resolve(&["--config", "/nonexistent/hubbub.toml"]).unwrap_err()
-        );
+        let err = format!("{:#}", resolve(&["--config", "/nonexistent/hubbub.toml"]).unwrap_err());
         assert!(err.contains("does not exist"), "{err}");
     }
 }
