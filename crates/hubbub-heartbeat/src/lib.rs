@@ -94,6 +94,11 @@
 //! assert_eq!(latency.smoothed, Duration::from_millis(40));
 //! ```
 
+#[cfg(feature = "tokio")]
+mod driver;
+#[cfg(feature = "tokio")]
+pub use driver::Monitor;
+
 use std::fmt;
 use std::time::{Duration, Instant};
 

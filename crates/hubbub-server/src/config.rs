@@ -7,6 +7,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use hubbub_heartbeat::HeartbeatConfig;
 use hubbub_protocol::Limits;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -35,6 +36,34 @@ pub struct Config {
     pub protocol: Limits,
     /// WebSocket transport sizes and queues.
     pub websocket: WebSocketLimits,
+    /// Protocol-level pings that find and reap dead connections.
+    pub heartbeat: HeartbeatSettings,
+}
+
+/// How often every connection is pinged, and how long it has to answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HeartbeatSettings {
+    /// Time between WebSocket Ping frames to each connection. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// How long after a ping its Pong may take before the connection is
+    /// declared dead and dropped without a closing handshake. Default 35 s.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for HeartbeatSettings {
+    fn default() -> Self {
+        let defaults = HeartbeatConfig::default();
+        Self { interval: defaults.interval, timeout: defaults.timeout }
+    }
+}
+
+impl From<HeartbeatSettings> for HeartbeatConfig {
+    fn from(settings: HeartbeatSettings) -> Self {
+        Self { interval: settings.interval, timeout: settings.timeout }
+    }
 }
 
 /// Sizes of the WebSocket layer. Every per-connection buffer is bounded by
@@ -70,6 +99,7 @@ impl Default for Config {
             close_timeout: Duration::from_secs(2),
             protocol: Limits::default(),
             websocket: WebSocketLimits::default(),
+            heartbeat: HeartbeatSettings::default(),
         }
     }
 }
@@ -101,7 +131,7 @@ pub enum ConfigError {
 impl Config {
     /// The names of the config file's sections, for mapping flat
     /// `HUBBUB_SECTION_KEY` environment variables onto nested keys.
-    pub const SECTIONS: &'static [&'static str] = &["protocol", "websocket"];
+    pub const SECTIONS: &'static [&'static str] = &["protocol", "websocket", "heartbeat"];
 
     /// Checks that the configuration can work.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -122,6 +152,12 @@ impl Config {
         }
         if self.close_timeout.is_zero() {
             return Err(ConfigError::Zero("close_timeout"));
+        }
+        if self.heartbeat.interval.is_zero() {
+            return Err(ConfigError::Zero("heartbeat.interval"));
+        }
+        if self.heartbeat.timeout.is_zero() {
+            return Err(ConfigError::Zero("heartbeat.timeout"));
         }
         if ws.max_frame_bytes > ws.max_message_bytes {
             return Err(ConfigError::Inconsistent(format!(

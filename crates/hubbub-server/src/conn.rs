@@ -7,6 +7,11 @@
 //! through the peer's cancellation token; the close frame is always written
 //! by the writer, with a time limit, so a peer that stopped reading cannot
 //! hold its tasks forever.
+//!
+//! The reader loop also drives the connection's heartbeat: one timer per
+//! connection, reset to the next deadline, pings sent through the same queue
+//! as everything else. A connection that does not answer a ping in time is
+//! dropped without a closing handshake and counted as reaped.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -16,6 +21,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
+use hubbub_heartbeat::{Action, Monitor, decode_token, encode_token};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
@@ -94,15 +100,36 @@ async fn drive<H: Handler>(
 
     // The code the peer closed with, if it sent a close frame.
     let mut peer_code: Option<CloseCode> = None;
+    let mut heartbeat = Monitor::new(shared.config.heartbeat.into());
     loop {
         tokio::select! {
             biased;
             () = token.cancelled() => break,
+            action = heartbeat.next_action() => match action {
+                Action::SendPing(token) => {
+                    tracing::debug!(token, "heartbeat ping");
+                    peer.send(Message::Ping(Bytes::copy_from_slice(&encode_token(token))), stats);
+                }
+                Action::PeerDead => {
+                    stats.dead_reaped.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(timeout = ?shared.config.heartbeat.timeout, "dead connection: no pong in time");
+                    peer.close(CloseReason { code: CloseCode::Abnormal, reason: "heartbeat timeout", drain_queue: false });
+                    break;
+                }
+            },
             next = stream.next() => match next {
                 Some(Ok(Message::Text(text))) => handler.on_text(text),
                 Some(Ok(Message::Binary(data))) => handler.on_binary(data),
-                // tungstenite answers pings itself; pongs feed the heartbeat.
-                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                Some(Ok(Message::Pong(payload))) => {
+                    if let Some(token) = decode_token(&payload) {
+                        heartbeat.on_pong(token);
+                        if let Some(latency) = heartbeat.latency() {
+                            tracing::debug!(token, last = ?latency.last, smoothed = ?latency.smoothed, "heartbeat pong");
+                        }
+                    }
+                }
+                // tungstenite answers pings itself.
+                Some(Ok(Message::Ping(_) | Message::Frame(_))) => {}
                 Some(Ok(Message::Close(frame))) => {
                     let code = frame.map_or(CloseCode::Status, |f| f.code);
                     peer_code = Some(code);
@@ -134,8 +161,9 @@ async fn drive<H: Handler>(
         tracing::error!("connection writer panicked");
     }
     // When we closed first, give the peer a moment to answer our close frame
-    // so the handshake completes; whatever it still sends is discarded.
-    if peer_code.is_none() {
+    // so the handshake completes; whatever it still sends is discarded. A
+    // dead or vanished peer gets no handshake and no wait.
+    if peer_code.is_none() && ours.code != CloseCode::Abnormal {
         let _ = tokio::time::timeout(close_timeout, async { while stream.next().await.is_some() {} }).await;
     }
     stats.connections.fetch_sub(1, Ordering::Relaxed);

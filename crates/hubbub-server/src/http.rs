@@ -119,6 +119,8 @@ struct Status {
     connections_accepted: u64,
     /// Connections dropped for not reading fast enough.
     slow_consumers_dropped: u64,
+    /// Connections dropped for not answering heartbeat pings.
+    dead_connections_reaped: u64,
 }
 
 async fn status(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
@@ -130,6 +132,7 @@ async fn status(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
         version: env!("CARGO_PKG_VERSION"),
         connections_accepted: stats.accepted.load(Ordering::Relaxed),
         slow_consumers_dropped: stats.slow_consumers.load(Ordering::Relaxed),
+        dead_connections_reaped: stats.dead_reaped.load(Ordering::Relaxed),
     })
 }
 

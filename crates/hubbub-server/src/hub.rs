@@ -153,6 +153,8 @@ pub(crate) struct Stats {
     pub(crate) slow_consumers: AtomicU64,
     /// WebSocket connections accepted since start.
     pub(crate) accepted: AtomicU64,
+    /// Connections dropped because they did not answer a heartbeat ping.
+    pub(crate) dead_reaped: AtomicU64,
 }
 
 /// A set of peers that receives broadcasts, split into shards so that

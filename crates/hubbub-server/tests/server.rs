@@ -646,3 +646,96 @@ async fn a_node_ws_tutorial_client_works_unchanged() {
     assert_eq!(stdout.trim(), "ok");
     server.shutdown().await;
 }
+
+// ----- heartbeat ----------------------------------------------------------------
+
+fn heartbeat_config(interval_ms: u64, timeout_ms: u64) -> Config {
+    let mut config = TestServer::config();
+    config.heartbeat.interval = Duration::from_millis(interval_ms);
+    config.heartbeat.timeout = Duration::from_millis(timeout_ms);
+    config
+}
+
+/// A WebSocket peer made by hand over raw TCP: it completes the handshake,
+/// sends what it is told, and never reads again (its kernel keeps
+/// acknowledging whatever the server sends, up to the buffer).
+async fn raw_peer(addr: SocketAddr, frames: &[Value]) -> TcpStream {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let request = "GET /ws/chat HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                   Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    // Read the response head byte by byte so no frame is consumed after it.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0_u8; 1];
+        timeout(WAIT, tcp.read_exact(&mut byte)).await.unwrap().unwrap();
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    for frame in frames {
+        let payload = frame.to_string().into_bytes();
+        assert!(payload.len() < 126, "short frames only");
+        // FIN + text; masked (as clients must) with an all-zero key.
+        let mut bytes = vec![0x81, 0x80 | payload.len() as u8, 0, 0, 0, 0];
+        bytes.extend_from_slice(&payload);
+        tcp.write_all(&bytes).await.unwrap();
+    }
+    tcp
+}
+
+#[tokio::test]
+async fn a_peer_that_never_answers_pings_is_reaped_and_its_room_told() {
+    let server = TestServer::with(heartbeat_config(100, 200)).await;
+    // Joined before the silent peer, so it hears the departure.
+    let mut ada = server.chat().await;
+    ada.greeting().await;
+    ada.send(json!({"type": "setUsername", "username": "ada"})).await;
+    ada.send(json!({"type": "joinRoom", "room": "r"})).await;
+    ada.recv_type("usernameSet").await;
+    ada.recv_type("userJoined").await;
+    ada.recv_type("roomJoined").await;
+
+    let _silent = raw_peer(
+        server.addr,
+        &[json!({"type": "setUsername", "username": "ghost"}), json!({"type": "joinRoom", "room": "r"})],
+    )
+    .await;
+    assert_eq!(ada.recv_type("userJoined").await["user"], "ghost");
+    // ada answers pings (tungstenite does, as she reads); the ghost cannot.
+    let left = ada.recv_type("userLeft").await;
+    assert_eq!((left["user"].as_str(), left["userCount"].as_u64()), (Some("ghost"), Some(1)));
+    let status = server.status().await;
+    assert_eq!(status["deadConnectionsReaped"], 1, "{status}");
+    assert_eq!(status["connections"], 1, "{status}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn healthy_peers_on_every_endpoint_are_pinged_and_never_reaped() {
+    let server = TestServer::with(heartbeat_config(50, 500)).await;
+    let mut chat = server.chat().await;
+    let mut echo = Client::connect(&server.url("/ws/echo")).await;
+    let mut notes = Client::connect(&server.url("/ws/notifications")).await;
+    // Twenty intervals: every client sees twenty pings, and reading them
+    // lets tungstenite answer each with a pong. All three read at once; a
+    // client left unread for a whole timeout would rightly be reaped.
+    async fn read_pings(client: &mut Client, count: usize) {
+        let mut pings = 0;
+        while pings < count {
+            match timeout(WAIT, client.ws.next()).await.unwrap().unwrap().unwrap() {
+                Message::Ping(payload) => {
+                    assert_eq!(payload.len(), 8, "the payload is the heartbeat token");
+                    pings += 1;
+                }
+                Message::Text(_) => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    tokio::join!(read_pings(&mut chat, 20), read_pings(&mut echo, 20), read_pings(&mut notes, 20));
+    chat.expect_nothing_pending().await;
+    let status = server.status().await;
+    assert_eq!(status["deadConnectionsReaped"], 0, "{status}");
+    assert_eq!(status["connections"], 3, "{status}");
+    server.shutdown().await;
+}

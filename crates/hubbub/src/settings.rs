@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -26,6 +27,7 @@ CONFIGURATION:
     shutdown_drain = \"10s\"             HUBBUB_SHUTDOWN_DRAIN=10s
     [protocol] max_text_chars = 8192   HUBBUB_PROTOCOL_MAX_TEXT_CHARS=8192
     [websocket] outbound_queue = 1024  HUBBUB_WEBSOCKET_OUTBOUND_QUEUE=1024
+    [heartbeat] interval = \"10s\"       HUBBUB_HEARTBEAT_INTERVAL=10s
 
   Precedence, lowest first: defaults, --config file, environment, flags.
   `hubbub --print-config` prints every key with its effective value;
@@ -51,6 +53,14 @@ pub(crate) struct Cli {
     #[arg(long)]
     no_echo: bool,
 
+    /// Time between heartbeat pings to each connection, e.g. `30s`, `500ms` [default: 30s]
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    heartbeat_interval: Option<Duration>,
+
+    /// How long a ping may go unanswered before the connection is dropped [default: 35s]
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    heartbeat_timeout: Option<Duration>,
+
     /// Print the effective configuration as TOML and exit
     #[arg(long)]
     print_config: bool,
@@ -75,6 +85,16 @@ struct Overrides {
     listen: Option<SocketAddr>,
     #[serde(skip_serializing_if = "Option::is_none")]
     echo_enabled: Option<bool>,
+    heartbeat: HeartbeatOverrides,
+}
+
+/// The `[heartbeat]` keys the command line can set, as humantime text.
+#[derive(Serialize)]
+struct HeartbeatOverrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    interval: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timeout: Option<String>,
 }
 
 impl Cli {
@@ -88,6 +108,10 @@ impl Cli {
         figment = figment.merge(environment()).merge(Serialized::defaults(Overrides {
             listen: self.listen,
             echo_enabled: self.no_echo.then_some(false),
+            heartbeat: HeartbeatOverrides {
+                interval: self.heartbeat_interval.map(|d| humantime::format_duration(d).to_string()),
+                timeout: self.heartbeat_timeout.map(|d| humantime::format_duration(d).to_string()),
+            },
         }));
         let config: Config = figment.extract().context("invalid configuration")?;
         config.validate().context("invalid configuration")?;
@@ -137,13 +161,23 @@ mod tests {
             jail.set_env("HUBBUB_PROTOCOL_MAX_TEXT_CHARS", "200");
             jail.set_env("HUBBUB_WEBSOCKET_OUTBOUND_QUEUE", "64");
             jail.set_env("HUBBUB_TRUSTED_PROXIES", "[10.0.0.0/8, 127.0.0.1/32]");
-            let config = resolve(&["--config", "hubbub.toml", "--listen", "127.0.0.1:7001"])
-                .map_err(|e| e.to_string())?;
+            jail.set_env("HUBBUB_HEARTBEAT_TIMEOUT", "2s");
+            let config = resolve(&[
+                "--config",
+                "hubbub.toml",
+                "--listen",
+                "127.0.0.1:7001",
+                "--heartbeat-interval",
+                "500ms",
+            ])
+            .map_err(|e| e.to_string())?;
             assert_eq!(config.listen, "127.0.0.1:7001".parse().unwrap());
             assert_eq!(config.shutdown_drain, std::time::Duration::from_millis(250));
             assert_eq!(config.protocol.max_text_chars, 200);
             assert_eq!(config.websocket.outbound_queue, 64);
             assert_eq!(config.trusted_proxies.len(), 2);
+            assert_eq!(config.heartbeat.interval, Duration::from_millis(500));
+            assert_eq!(config.heartbeat.timeout, Duration::from_secs(2));
             Ok(())
         });
     }
