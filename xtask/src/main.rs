@@ -5,9 +5,13 @@
 //!   dependency, checks formatting, runs clippy with warnings denied on every
 //!   target, runs every test, and builds the docs with warnings denied.
 //! - `cargo xtask test` — prepares the interop dependency and runs the tests.
+//! - `cargo xtask heartbeat-cost [--clients N] [--seconds S] [--interval D]`
+//!   — measures the server CPU that heartbeats cost for idle connections.
 
 // Progress lines go to stderr, as cargo's own do.
 #![allow(clippy::print_stderr)]
+
+mod idle;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -20,6 +24,7 @@ fn main() -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         Some("ci") => ci(&root),
         Some("test") => test(&root),
+        Some("heartbeat-cost") => idle::heartbeat_cost(&root, &idle::Options::parse(&args[1..])?),
         Some("help" | "--help" | "-h") | None => {
             usage();
             Ok(())
@@ -37,7 +42,9 @@ fn usage() {
             "usage: cargo xtask <command>\n\n\
              commands:\n  \
              ci     fmt check, clippy -D warnings, all tests, rustdoc -D warnings\n  \
-             test   install test dependencies (npm) and run all tests"
+             test   install test dependencies (npm) and run all tests\n  \
+             heartbeat-cost [--clients N] [--seconds S] [--interval D]\n         \
+             server CPU for heartbeats on N idle connections"
         );
     }
 }
@@ -68,7 +75,7 @@ fn install_interop_deps(root: &Path) -> anyhow::Result<()> {
     run(&dir, "npm", &["ci", "--no-audit", "--no-fund"])
 }
 
-fn run(dir: &Path, program: &str, args: &[&str]) -> anyhow::Result<()> {
+pub(crate) fn run(dir: &Path, program: &str, args: &[&str]) -> anyhow::Result<()> {
     run_env(dir, program, args, &[])
 }
 

@@ -23,6 +23,7 @@ use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use hubbub_heartbeat::{Action, Monitor, decode_token, encode_token};
 use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
@@ -174,6 +175,8 @@ async fn drive<H: Handler>(
 /// The close frame that answers a read error.
 fn close_for(err: &WsError) -> CloseReason {
     let (code, reason) = match err {
+        // The peer dropped TCP without a close frame: nothing left to tell it.
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => (CloseCode::Abnormal, ""),
         WsError::Capacity(_) => (CloseCode::Size, "Message too big"),
         WsError::Protocol(_) => (CloseCode::Protocol, "Protocol error"),
         WsError::Utf8(_) => (CloseCode::Invalid, "Text frame is not valid UTF-8"),
