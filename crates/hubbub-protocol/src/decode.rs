@@ -64,7 +64,9 @@ pub fn decode_client(text: &str, limits: &Limits) -> Result<ClientMessage, Proto
             ClientMessage::SetUsername { username: limits.username(username)? }
         }
         ClientMessage::JoinRoom { room } => ClientMessage::JoinRoom { room: limits.room(room)? },
-        ClientMessage::ChatMessage { text } => ClientMessage::ChatMessage { text: limits.text(text)? },
+        ClientMessage::ChatMessage { text, client_msg_id } => {
+            ClientMessage::ChatMessage { text: limits.text(text)?, client_msg_id }
+        }
         ClientMessage::Chat { user, text } => ClientMessage::Chat {
             user: user.map(|u| limits.username(u)).transpose()?,
             text: limits.text(text)?,

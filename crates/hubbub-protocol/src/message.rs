@@ -31,6 +31,11 @@ pub enum ClientMessage {
     ChatMessage {
         /// The message text.
         text: String,
+        /// A client-chosen id (Hubbub addition). When present, the server
+        /// answers with [`ServerMessage::MessageAck`] and delivers a message
+        /// resent with the same id only once.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client_msg_id: Option<Uuid>,
     },
     /// Tell the other members of the room that this user is typing.
     Typing {},
@@ -166,6 +171,18 @@ pub enum ServerMessage {
         /// The message text.
         text: String,
         /// When the server received it, in milliseconds since the Unix epoch.
+        timestamp: u64,
+        /// The sender's id for the message, when it gave one (Hubbub
+        /// addition), so receivers can drop a copy they have already shown.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client_msg_id: Option<Uuid>,
+    },
+    /// Tells the sender its `chatMessage` with this id was accepted (Hubbub
+    /// addition). Sent again, with the same timestamp, for a resend.
+    MessageAck {
+        /// The id from the `chatMessage`.
+        client_msg_id: Uuid,
+        /// The timestamp the room received with the message.
         timestamp: u64,
     },
     /// A member of the room is typing.

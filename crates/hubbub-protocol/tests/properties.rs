@@ -20,6 +20,10 @@ fn valid_name(max: usize) -> impl Strategy<Value = String> {
         .prop_filter("non-empty after trim", |s| !s.is_empty())
 }
 
+fn uuid_option() -> impl Strategy<Value = Option<Uuid>> {
+    proptest::option::of(any::<u128>().prop_map(Uuid::from_u128))
+}
+
 fn number() -> impl Strategy<Value = Number> {
     prop_oneof![
         any::<u64>().prop_map(Number::from),
@@ -33,7 +37,8 @@ fn client_message() -> impl Strategy<Value = ClientMessage> {
         text().prop_map(|username| ClientMessage::SetUsername { username }),
         text().prop_map(|room| ClientMessage::JoinRoom { room }),
         Just(ClientMessage::LeaveRoom {}),
-        text().prop_map(|text| ClientMessage::ChatMessage { text }),
+        (text(), uuid_option())
+            .prop_map(|(text, client_msg_id)| ClientMessage::ChatMessage { text, client_msg_id }),
         Just(ClientMessage::Typing {}),
         (proptest::option::of(text()), text()).prop_map(|(user, text)| ClientMessage::Chat { user, text }),
         number().prop_map(|timestamp| ClientMessage::Ping { timestamp }),
@@ -63,9 +68,11 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
         (text(), count, proptest::option::of(text()))
             .prop_map(|(user, user_count, room)| ServerMessage::UserLeft { user, user_count, room }),
         text().prop_map(|room| ServerMessage::RoomLeft { room }),
-        (text(), text(), any::<u64>()).prop_map(|(user, text, timestamp)| ServerMessage::ChatMessage {
-            user,
-            text,
+        (text(), text(), any::<u64>(), uuid_option()).prop_map(|(user, text, timestamp, client_msg_id)| {
+            ServerMessage::ChatMessage { user, text, timestamp, client_msg_id }
+        }),
+        (any::<u128>(), any::<u64>()).prop_map(|(id, timestamp)| ServerMessage::MessageAck {
+            client_msg_id: Uuid::from_u128(id),
             timestamp
         }),
         text().prop_map(|user| ServerMessage::UserTyping { user }),
@@ -130,7 +137,7 @@ proptest! {
         for msg in [
             ClientMessage::SetUsername { username: username.clone() },
             ClientMessage::JoinRoom { room },
-            ClientMessage::ChatMessage { text: text.clone() },
+            ClientMessage::ChatMessage { text: text.clone(), client_msg_id: None },
             ClientMessage::Chat { user: Some(username), text },
         ] {
             prop_assert_eq!(decode_client(&msg.to_json(), &limits).unwrap(), msg);

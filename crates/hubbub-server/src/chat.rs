@@ -11,7 +11,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::Shared;
 use crate::conn::Handler;
-use crate::hub::{Peer, Room, encode};
+use crate::hub::{Peer, Remembered, Room, encode};
 
 /// The name used for a client that never set one.
 const ANONYMOUS: &str = "Anonymous";
@@ -78,16 +78,34 @@ impl ChatSession {
                 Some(room) => self.reply(&ServerMessage::RoomLeft { room: room.to_string() }),
                 None => self.error("You are not in a room", "notInRoom"),
             },
-            ClientMessage::ChatMessage { text } => {
+            ClientMessage::ChatMessage { text, client_msg_id } => {
                 let Some(room) = &self.room else {
                     return self.error("Join a room before sending messages", "notInRoom");
                 };
+                let mut timestamp = now_ms();
+                if let Some(id) = client_msg_id {
+                    let delivery = &self.shared.config.delivery;
+                    match room.remember(id, timestamp, delivery.dedupe_window, delivery.dedupe_capacity) {
+                        Remembered::New => {}
+                        Remembered::Duplicate(original) => {
+                            // A resend whose ack was lost: ack again, deliver once.
+                            tracing::debug!(%id, "duplicate message acknowledged again");
+                            timestamp = original;
+                            self.reply(&ServerMessage::MessageAck { client_msg_id: id, timestamp });
+                            return;
+                        }
+                    }
+                }
                 let frame = encode(&ServerMessage::ChatMessage {
                     user: self.name().to_owned(),
                     text,
-                    timestamp: now_ms(),
+                    timestamp,
+                    client_msg_id,
                 });
                 room.broadcast(&frame, Some(self.peer.id), &hub.stats);
+                if let Some(id) = client_msg_id {
+                    self.reply(&ServerMessage::MessageAck { client_msg_id: id, timestamp });
+                }
             }
             ClientMessage::Typing {} => {
                 // Typing outside a room has no audience; it is not an error.

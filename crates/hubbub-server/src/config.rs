@@ -38,6 +38,28 @@ pub struct Config {
     pub websocket: WebSocketLimits,
     /// Protocol-level pings that find and reap dead connections.
     pub heartbeat: HeartbeatSettings,
+    /// Acknowledged, de-duplicated delivery of chat messages.
+    pub delivery: DeliverySettings,
+}
+
+/// How long and how many message ids each room remembers, so that a message
+/// resent after a reconnect (its `clientMsgId` already seen) is acknowledged
+/// again but delivered only once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeliverySettings {
+    /// How long a message id is remembered. Default 5 min.
+    #[serde(with = "humantime_serde")]
+    pub dedupe_window: Duration,
+    /// Most ids remembered per room; the oldest are forgotten first.
+    /// Default 10,000 (about 0.5 MB for a busy room).
+    pub dedupe_capacity: usize,
+}
+
+impl Default for DeliverySettings {
+    fn default() -> Self {
+        Self { dedupe_window: Duration::from_secs(300), dedupe_capacity: 10_000 }
+    }
 }
 
 /// How often every connection is pinged, and how long it has to answer.
@@ -100,6 +122,7 @@ impl Default for Config {
             protocol: Limits::default(),
             websocket: WebSocketLimits::default(),
             heartbeat: HeartbeatSettings::default(),
+            delivery: DeliverySettings::default(),
         }
     }
 }
@@ -131,7 +154,7 @@ pub enum ConfigError {
 impl Config {
     /// The names of the config file's sections, for mapping flat
     /// `HUBBUB_SECTION_KEY` environment variables onto nested keys.
-    pub const SECTIONS: &'static [&'static str] = &["protocol", "websocket", "heartbeat"];
+    pub const SECTIONS: &'static [&'static str] = &["protocol", "websocket", "heartbeat", "delivery"];
 
     /// Checks that the configuration can work.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -144,6 +167,7 @@ impl Config {
             ("websocket.max_frame_bytes", ws.max_frame_bytes),
             ("websocket.read_buffer_bytes", ws.read_buffer_bytes),
             ("websocket.outbound_queue", ws.outbound_queue),
+            ("delivery.dedupe_capacity", self.delivery.dedupe_capacity),
         ];
         for (name, value) in positive {
             if value == 0 {

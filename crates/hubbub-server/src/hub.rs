@@ -12,9 +12,10 @@
 //! a room message never touches the rooms map. No lock is held across an
 //! `.await` (there is no `.await` in this module).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
+use std::time::{Duration, Instant};
 
 use hubbub_protocol::ServerMessage;
 use tokio::sync::mpsc;
@@ -204,9 +205,92 @@ pub(crate) struct Room {
     pub(crate) name: Arc<str>,
     /// Members by connection id. Written only under the hub's rooms lock.
     members: RwLock<HashMap<ClientId, Peer>>,
+    /// Ids of recent messages, so a resend is delivered once.
+    recent: Mutex<RecentIds>,
+}
+
+/// What [`Room::remember`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Remembered {
+    /// A new id, now remembered with this timestamp.
+    New,
+    /// Seen before, delivered with this timestamp.
+    Duplicate(u64),
+}
+
+/// Recently seen message ids of one room, bounded in age and in number.
+#[derive(Debug, Default)]
+pub(crate) struct RecentIds {
+    /// Timestamp each id was delivered with.
+    by_id: HashMap<Uuid, u64>,
+    /// Ids in the order they arrived, for expiry.
+    order: VecDeque<(Instant, Uuid)>,
+}
+
+impl RecentIds {
+    /// Remembers `id` unless it is already known; forgets ids older than
+    /// `window` and, beyond `capacity`, the oldest.
+    pub(crate) fn remember(
+        &mut self,
+        id: Uuid,
+        timestamp: u64,
+        now: Instant,
+        window: Duration,
+        capacity: usize,
+    ) -> Remembered {
+        // Forget what has aged out of the window.
+        while let Some(&(at, old)) = self.order.front() {
+            if now.saturating_duration_since(at) <= window {
+                break;
+            }
+            self.order.pop_front();
+            self.by_id.remove(&old);
+        }
+        if let Some(&original) = self.by_id.get(&id) {
+            return Remembered::Duplicate(original);
+        }
+        // Make room: beyond capacity, the oldest go first.
+        while self.order.len() >= capacity.max(1) {
+            if let Some((_, old)) = self.order.pop_front() {
+                self.by_id.remove(&old);
+            }
+        }
+        self.by_id.insert(id, timestamp);
+        self.order.push_back((now, id));
+        Remembered::New
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recent_ids_are_bounded_in_age_and_number() {
+        let mut recent = RecentIds::default();
+        let t0 = Instant::now();
+        let window = Duration::from_secs(60);
+        let (a, b, c) = (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3));
+        assert_eq!(recent.remember(a, 100, t0, window, 2), Remembered::New);
+        assert_eq!(recent.remember(a, 999, t0, window, 2), Remembered::Duplicate(100));
+        assert_eq!(recent.remember(b, 200, t0, window, 2), Remembered::New);
+        // Capacity 2: remembering c forgets a, the oldest.
+        assert_eq!(recent.remember(c, 300, t0, window, 2), Remembered::New);
+        assert_eq!(recent.remember(a, 400, t0, window, 2), Remembered::New);
+        // Past the window everything is forgotten.
+        let later = t0 + window + Duration::from_millis(1);
+        assert_eq!(recent.remember(c, 500, later, window, 2), Remembered::New);
+        assert_eq!(recent.by_id.len(), recent.order.len());
+        assert_eq!(recent.by_id.len(), 1);
+    }
 }
 
 impl Room {
+    /// Checks a message id against the room's recent ids.
+    pub(crate) fn remember(&self, id: Uuid, timestamp: u64, window: Duration, capacity: usize) -> Remembered {
+        lock(&self.recent).remember(id, timestamp, Instant::now(), window, capacity)
+    }
+
     /// Queues `frame` to every member but `except`.
     pub(crate) fn broadcast(&self, frame: &Frame, except: Option<ClientId>, stats: &Stats) {
         for (id, peer) in read(&self.members).iter() {
@@ -279,7 +363,11 @@ impl Hub {
         let (room, created) = match rooms.get(name) {
             Some(room) => (room.clone(), false),
             None => {
-                let room = Arc::new(Room { name: Arc::from(name), members: RwLock::default() });
+                let room = Arc::new(Room {
+                    name: Arc::from(name),
+                    members: RwLock::default(),
+                    recent: Mutex::default(),
+                });
                 rooms.insert(room.name.clone(), room.clone());
                 (room, true)
             }

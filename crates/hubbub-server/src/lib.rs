@@ -37,7 +37,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use config::{Config, ConfigError, HeartbeatSettings, WebSocketLimits};
+pub use config::{Config, ConfigError, DeliverySettings, HeartbeatSettings, WebSocketLimits};
 
 /// State shared by every request and connection.
 #[derive(Debug)]

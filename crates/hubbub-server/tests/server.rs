@@ -262,6 +262,39 @@ async fn chat_message_reaches_the_others_in_the_room_but_not_the_sender() {
 }
 
 #[tokio::test]
+async fn messages_with_an_id_are_acknowledged_and_a_resend_is_delivered_once() {
+    let server = TestServer::start().await;
+    let mut ada = server.in_room("ada", "r").await;
+    let mut bob = server.in_room("bob", "r").await;
+    ada.recv_type("userJoined").await;
+    let id = "6f1c9a4e-2b7d-4c1e-9f3a-1d2e3f4a5b6c";
+    let send = json!({"type": "chatMessage", "text": "once", "clientMsgId": id});
+
+    ada.send(send.clone()).await;
+    let delivered = bob.recv_type("chatMessage").await;
+    assert_eq!(delivered["clientMsgId"], id);
+    let ack = ada.recv_type("messageAck").await;
+    assert_eq!(ack["clientMsgId"], id);
+    assert_eq!(ack["timestamp"], delivered["timestamp"]);
+
+    // The ack was "lost": the same message comes again, even from another
+    // connection of the same user after a reconnect.
+    let mut ada_again = server.in_room("ada", "r").await;
+    bob.recv_type("userJoined").await;
+    ada.recv_type("userJoined").await;
+    ada_again.send(send).await;
+    let again = ada_again.recv_type("messageAck").await;
+    assert_eq!(again, ack, "acknowledged again with the original timestamp");
+    bob.expect_nothing_pending().await;
+    ada.expect_nothing_pending().await;
+
+    // A malformed id is refused like any other bad field.
+    ada.send(json!({"type": "chatMessage", "text": "x", "clientMsgId": "not-a-uuid"})).await;
+    assert_eq!(ada.recv_type("error").await["code"], "invalidFields");
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn typing_reaches_the_others_in_the_room() {
     let server = TestServer::start().await;
     let mut ada = server.in_room("ada", "r").await;
