@@ -71,16 +71,25 @@ pub fn decode_client(text: &str, limits: &Limits) -> Result<ClientMessage, Proto
             user: user.map(|u| limits.username(u)).transpose()?,
             text: limits.text(text)?,
         },
-        ClientMessage::FileStart { name, size, mime_type } => {
-            if name.trim().is_empty() {
-                return Err(ValidationError::Empty { field: "file name" }.into());
+        ClientMessage::FileStart { name, size, mime_type, sha256, chunk_size, transfer_id } => {
+            ClientMessage::FileStart {
+                name: limits.file_name(name)?,
+                size,
+                mime_type,
+                sha256,
+                chunk_size,
+                transfer_id: transfer_id.map(|id| limits.transfer_id(id)).transpose()?,
             }
-            ClientMessage::FileStart { name, size, mime_type }
         }
-        other @ (ClientMessage::LeaveRoom {}
-        | ClientMessage::Typing {}
-        | ClientMessage::Ping { .. }
-        | ClientMessage::FileEnd {}) => other,
+        ClientMessage::FileEnd { transfer_id } => {
+            ClientMessage::FileEnd { transfer_id: transfer_id.map(|id| limits.transfer_id(id)).transpose()? }
+        }
+        ClientMessage::FileResume { transfer_id } => {
+            ClientMessage::FileResume { transfer_id: limits.transfer_id(transfer_id)? }
+        }
+        other @ (ClientMessage::LeaveRoom {} | ClientMessage::Typing {} | ClientMessage::Ping { .. }) => {
+            other
+        }
     })
 }
 
@@ -146,9 +155,16 @@ mod tests {
         );
         assert_eq!(
             decode(r#"{"type":"fileStart","name":"a.txt","size":3,"mimeType":"text/plain"}"#).unwrap(),
-            ClientMessage::FileStart { name: "a.txt".into(), size: 3, mime_type: "text/plain".into() }
+            ClientMessage::FileStart {
+                name: "a.txt".into(),
+                size: 3,
+                mime_type: "text/plain".into(),
+                sha256: None,
+                chunk_size: None,
+                transfer_id: None
+            }
         );
-        assert_eq!(decode(r#"{"type":"fileEnd"}"#).unwrap(), ClientMessage::FileEnd {});
+        assert_eq!(decode(r#"{"type":"fileEnd"}"#).unwrap(), ClientMessage::FileEnd { transfer_id: None });
     }
 
     #[test]

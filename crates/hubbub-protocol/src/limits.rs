@@ -16,11 +16,21 @@ pub struct Limits {
     pub max_room_chars: usize,
     /// Longest chat text (room and lobby messages). Default 4,096.
     pub max_text_chars: usize,
+    /// Longest file name a `fileStart` may carry. Default 255.
+    pub max_file_name_chars: usize,
+    /// Longest client-chosen `transferId`. Default 64.
+    pub max_transfer_id_chars: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_username_chars: 32, max_room_chars: 64, max_text_chars: 4096 }
+        Self {
+            max_username_chars: 32,
+            max_room_chars: 64,
+            max_text_chars: 4096,
+            max_file_name_chars: 255,
+            max_transfer_id_chars: 64,
+        }
     }
 }
 
@@ -59,6 +69,24 @@ impl Limits {
     /// Checks a room name; returns it trimmed.
     pub fn room(&self, raw: String) -> Result<String, ValidationError> {
         name(raw, "room name", self.max_room_chars)
+    }
+
+    /// Checks a file name: not blank, bounded. Path separators and the like
+    /// are the store's business; it sanitizes names before using them.
+    pub fn file_name(&self, raw: String) -> Result<String, ValidationError> {
+        let field = "file name";
+        if raw.trim().is_empty() {
+            return Err(ValidationError::Empty { field });
+        }
+        if exceeds(&raw, self.max_file_name_chars) {
+            return Err(ValidationError::TooLong { field, max: self.max_file_name_chars });
+        }
+        Ok(raw)
+    }
+
+    /// Checks a transfer id: like a username, with its own length limit.
+    pub fn transfer_id(&self, raw: String) -> Result<String, ValidationError> {
+        name(raw, "transfer id", self.max_transfer_id_chars)
     }
 
     /// Checks a chat text. Texts keep their whitespace and may span lines,

@@ -62,9 +62,30 @@ pub enum ClientMessage {
         /// The file's media type; browsers send an empty string when unknown.
         #[serde(default)]
         mime_type: String,
+        /// Lower- or upper-case hex SHA-256 of the whole file, checked at
+        /// `fileEnd` (Hubbub addition).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sha256: Option<String>,
+        /// Size of every chunk but the last (Hubbub addition; default 65,536).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        chunk_size: Option<u32>,
+        /// A client-chosen id, to resume the upload after a reconnect
+        /// (Hubbub addition). The server makes one up when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        transfer_id: Option<String>,
     },
     /// Complete the current file upload.
-    FileEnd {},
+    FileEnd {
+        /// Which upload, for clients that name it (Hubbub addition).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        transfer_id: Option<String>,
+    },
+    /// Ask where an interrupted upload stands, to continue it on this
+    /// connection (Hubbub addition). Binary frames that follow belong to it.
+    FileResume {
+        /// The id the upload was started with.
+        transfer_id: String,
+    },
 }
 
 impl ClientMessage {
@@ -79,6 +100,7 @@ impl ClientMessage {
         "ping",
         "fileStart",
         "fileEnd",
+        "fileResume",
     ];
 
     /// The message's `type` tag.
@@ -92,7 +114,8 @@ impl ClientMessage {
             Self::Chat { .. } => "chat",
             Self::Ping { .. } => "ping",
             Self::FileStart { .. } => "fileStart",
-            Self::FileEnd {} => "fileEnd",
+            Self::FileEnd { .. } => "fileEnd",
+            Self::FileResume { .. } => "fileResume",
         }
     }
 
@@ -203,6 +226,78 @@ pub enum ServerMessage {
         timestamp: Number,
         /// The server's clock, in milliseconds since the Unix epoch.
         server_time: u64,
+    },
+    /// Answer to `fileStart` or `fileResume`: send the chunks (Hubbub
+    /// addition).
+    FileAccepted {
+        /// The upload's id (the client's, or one the server made up).
+        transfer_id: String,
+        /// Size of every chunk but the last.
+        chunk_size: u32,
+        /// Largest file the server accepts, in bytes.
+        max_size: u64,
+    },
+    /// An upload failed or was refused; the connection and its chat go on
+    /// (Hubbub addition).
+    FileError {
+        /// The upload's id, when one was known.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        transfer_id: Option<String>,
+        /// What went wrong, for humans.
+        message: String,
+    },
+    /// How far an upload has come; at most every 10 % or every second
+    /// (Hubbub addition).
+    FileProgress {
+        /// The upload's id.
+        transfer_id: String,
+        /// Bytes stored so far.
+        received_bytes: u64,
+        /// The declared size.
+        size: u64,
+    },
+    /// Answer to `fileEnd`: the file is stored, verified and downloadable
+    /// (Hubbub addition).
+    FileSaved {
+        /// The stored file's id.
+        file_id: String,
+        /// The file's name, made safe.
+        name: String,
+        /// Size in bytes.
+        size: u64,
+        /// Media type it is served with.
+        mime_type: String,
+        /// Lower-case hex SHA-256 of the stored bytes.
+        sha256: String,
+        /// Server-relative download URL, `/files/{fileId}`.
+        url: String,
+        /// The upload's id.
+        transfer_id: String,
+    },
+    /// A member of the room shared a file (Hubbub addition).
+    FileShared {
+        /// Who uploaded it.
+        user: String,
+        /// The stored file's id.
+        file_id: String,
+        /// The file's name.
+        name: String,
+        /// Size in bytes.
+        size: u64,
+        /// Media type.
+        mime_type: String,
+        /// Server-relative download URL.
+        url: String,
+    },
+    /// Answer to `fileResume`: which chunks the server already has, as
+    /// half-open ranges `[start, end)` of chunk indices (Hubbub addition).
+    FileResumeState {
+        /// The upload's id.
+        transfer_id: String,
+        /// Size of every chunk but the last.
+        chunk_size: u32,
+        /// Chunk index ranges already stored, sorted and disjoint.
+        received_chunks: Vec<[u32; 2]>,
     },
     /// Notification feed: a room came into existence.
     RoomCreated {

@@ -42,12 +42,19 @@ fn client_message() -> impl Strategy<Value = ClientMessage> {
         Just(ClientMessage::Typing {}),
         (proptest::option::of(text()), text()).prop_map(|(user, text)| ClientMessage::Chat { user, text }),
         number().prop_map(|timestamp| ClientMessage::Ping { timestamp }),
-        (text(), any::<u64>(), text()).prop_map(|(name, size, mime_type)| ClientMessage::FileStart {
-            name,
-            size,
-            mime_type
-        }),
-        Just(ClientMessage::FileEnd {}),
+        (
+            text(),
+            any::<u64>(),
+            text(),
+            proptest::option::of(text()),
+            any::<Option<u32>>(),
+            proptest::option::of(text())
+        )
+            .prop_map(|(name, size, mime_type, sha256, chunk_size, transfer_id)| {
+                ClientMessage::FileStart { name, size, mime_type, sha256, chunk_size, transfer_id }
+            }),
+        proptest::option::of(text()).prop_map(|transfer_id| ClientMessage::FileEnd { transfer_id }),
+        text().prop_map(|transfer_id| ClientMessage::FileResume { transfer_id }),
     ]
 }
 
@@ -79,6 +86,42 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
         (text(), text()).prop_map(|(user, text)| ServerMessage::Chat { user, text }),
         (number(), any::<u64>())
             .prop_map(|(timestamp, server_time)| ServerMessage::Pong { timestamp, server_time }),
+        (text(), any::<u32>(), any::<u64>()).prop_map(|(transfer_id, chunk_size, max_size)| {
+            ServerMessage::FileAccepted { transfer_id, chunk_size, max_size }
+        }),
+        (proptest::option::of(text()), text())
+            .prop_map(|(transfer_id, message)| ServerMessage::FileError { transfer_id, message }),
+        (text(), any::<u64>(), any::<u64>()).prop_map(|(transfer_id, received_bytes, size)| {
+            ServerMessage::FileProgress { transfer_id, received_bytes, size }
+        }),
+        (text(), text(), any::<u64>(), text(), text(), text()).prop_map(
+            |(file_id, name, size, mime_type, sha256, transfer_id)| ServerMessage::FileSaved {
+                url: format!("/files/{file_id}"),
+                file_id,
+                name,
+                size,
+                mime_type,
+                sha256,
+                transfer_id
+            }
+        ),
+        (text(), text(), text(), any::<u64>(), text()).prop_map(|(user, file_id, name, size, mime_type)| {
+            ServerMessage::FileShared {
+                user,
+                url: format!("/files/{file_id}"),
+                file_id,
+                name,
+                size,
+                mime_type,
+            }
+        }),
+        (text(), any::<u32>(), proptest::collection::vec(any::<[u32; 2]>(), 0..5)).prop_map(
+            |(transfer_id, chunk_size, received_chunks)| ServerMessage::FileResumeState {
+                transfer_id,
+                chunk_size,
+                received_chunks
+            }
+        ),
         text().prop_map(|room| ServerMessage::RoomCreated { room }),
         text().prop_map(|room| ServerMessage::RoomRemoved { room }),
         text().prop_map(|message| ServerMessage::ServerShutdown { message }),

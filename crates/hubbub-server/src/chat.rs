@@ -128,7 +128,10 @@ impl ChatSession {
             ClientMessage::FileStart { .. } => {
                 self.error("File uploads are not enabled on this server", "uploadsDisabled");
             }
-            ClientMessage::FileEnd {} => self.error("No file upload in progress", "noUpload"),
+            ClientMessage::FileEnd { .. } => self.error("No file upload in progress", "noUpload"),
+            ClientMessage::FileResume { .. } => {
+                self.error("File uploads are not enabled on this server", "uploadsDisabled");
+            }
         }
     }
 
