@@ -12,6 +12,8 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use crate::Shared;
 use crate::conn::Handler;
 use crate::hub::{Peer, Remembered, Room, encode};
+use crate::upload::{Outcome, Uploads};
+use hubbub_transfer::NewUpload;
 
 /// The name used for a client that never set one.
 const ANONYMOUS: &str = "Anonymous";
@@ -27,12 +29,14 @@ pub(crate) struct ChatSession {
     /// The room this connection is in, if any. Holding the `Arc` lets room
     /// messages skip the hub's rooms map.
     room: Option<Arc<Room>>,
+    /// File uploads on this connection.
+    uploads: Uploads,
 }
 
 impl ChatSession {
     /// Registers a new chat connection with the hub and greets it.
     pub(crate) fn start(shared: Arc<Shared>, peer: Peer) -> Self {
-        let session = Self { shared, peer, username: None, room: None };
+        let session = Self { shared, peer, username: None, room: None, uploads: Uploads::default() };
         session.reply(&ServerMessage::Welcome { message: "Welcome to Hubbub chat!".to_owned() });
         session.reply(&ServerMessage::Connected { client_id: session.peer.id });
         session.shared.hub.lobby.insert(session.peer.clone());
@@ -52,7 +56,7 @@ impl ChatSession {
         self.username.as_deref().unwrap_or(ANONYMOUS)
     }
 
-    fn handle(&mut self, msg: ClientMessage) {
+    async fn handle(&mut self, msg: ClientMessage) {
         let hub = &self.shared.hub;
         match msg {
             ClientMessage::SetUsername { username } => {
@@ -125,12 +129,57 @@ impl ChatSession {
             ClientMessage::Ping { timestamp } => {
                 self.reply(&ServerMessage::Pong { timestamp, server_time: now_ms() });
             }
-            ClientMessage::FileStart { .. } => {
-                self.error("File uploads are not enabled on this server", "uploadsDisabled");
+            ClientMessage::FileStart { name, size, mime_type, sha256, chunk_size, transfer_id } => {
+                if !self.shared.config.uploads.enabled {
+                    return self.error("File uploads are not enabled on this server", "uploadsDisabled");
+                }
+                let transfer_id = transfer_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+                let request = NewUpload { name, size, mime_type, sha256, chunk_size, transfer_id };
+                let shared = self.shared.clone();
+                let outcome = self.uploads.start(&shared.store, &shared.config.uploads, request).await;
+                self.act(outcome);
             }
-            ClientMessage::FileEnd { .. } => self.error("No file upload in progress", "noUpload"),
-            ClientMessage::FileResume { .. } => {
-                self.error("File uploads are not enabled on this server", "uploadsDisabled");
+            ClientMessage::FileEnd { .. } => {
+                let outcome = self.uploads.end().await;
+                self.act(outcome);
+            }
+            ClientMessage::FileResume { transfer_id } => {
+                if !self.shared.config.uploads.enabled {
+                    return self.error("File uploads are not enabled on this server", "uploadsDisabled");
+                }
+                let outcome = self.uploads.resume(&self.shared.store, transfer_id);
+                self.act(outcome);
+            }
+        }
+    }
+
+    /// Carries out what an upload step asked for.
+    fn act(&mut self, outcome: Outcome) {
+        match outcome {
+            Outcome::Reply(msg) => self.reply(&msg),
+            Outcome::Quiet => {}
+            Outcome::Saved(file, transfer_id) => {
+                let url = format!("/files/{}", file.id);
+                self.reply(&ServerMessage::FileSaved {
+                    file_id: file.id.clone(),
+                    name: file.name.clone(),
+                    size: file.size,
+                    mime_type: file.mime_type.clone(),
+                    sha256: file.sha256,
+                    url: url.clone(),
+                    transfer_id,
+                });
+                if let Some(room) = &self.room {
+                    let shared = encode(&ServerMessage::FileShared {
+                        user: self.name().to_owned(),
+                        file_id: file.id,
+                        name: file.name,
+                        size: file.size,
+                        mime_type: file.mime_type,
+                        url,
+                    });
+                    room.broadcast(&shared, Some(self.peer.id), &self.shared.hub.stats);
+                }
             }
         }
     }
@@ -145,9 +194,9 @@ impl ChatSession {
 }
 
 impl Handler for ChatSession {
-    fn on_text(&mut self, text: Utf8Bytes) {
+    async fn on_text(&mut self, text: Utf8Bytes) {
         match decode_client(&text, &self.shared.config.protocol) {
-            Ok(msg) => self.handle(msg),
+            Ok(msg) => self.handle(msg).await,
             Err(err) => {
                 tracing::debug!(error = %err, "refused client message");
                 self.reply(&err.to_event());
@@ -155,11 +204,16 @@ impl Handler for ChatSession {
         }
     }
 
-    fn on_binary(&mut self, _data: Bytes) {
-        self.error("No file upload in progress", "noUpload");
+    async fn on_binary(&mut self, data: Bytes) {
+        let shared = self.shared.clone();
+        match self.uploads.chunk(&shared.config.uploads, data).await {
+            Some(outcome) => self.act(outcome),
+            None => self.error("No file upload in progress", "noUpload"),
+        }
     }
 
     fn on_close(&mut self) {
+        self.uploads.close(&self.shared.store);
         self.leave_room();
         self.shared.hub.lobby.remove(&self.peer.id);
     }
@@ -180,11 +234,11 @@ pub(crate) struct Echo {
 }
 
 impl Handler for Echo {
-    fn on_text(&mut self, text: Utf8Bytes) {
+    async fn on_text(&mut self, text: Utf8Bytes) {
         self.peer.send(tokio_tungstenite::tungstenite::Message::Text(text), &self.shared.hub.stats);
     }
 
-    fn on_binary(&mut self, data: Bytes) {
+    async fn on_binary(&mut self, data: Bytes) {
         self.peer.send(tokio_tungstenite::tungstenite::Message::Binary(data), &self.shared.hub.stats);
     }
 
@@ -209,9 +263,9 @@ impl Subscriber {
 }
 
 impl Handler for Subscriber {
-    fn on_text(&mut self, _text: Utf8Bytes) {}
+    async fn on_text(&mut self, _text: Utf8Bytes) {}
 
-    fn on_binary(&mut self, _data: Bytes) {}
+    async fn on_binary(&mut self, _data: Bytes) {}
 
     fn on_close(&mut self) {
         self.shared.hub.subscribers.remove(&self.peer.id);

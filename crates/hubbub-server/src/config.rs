@@ -5,10 +5,12 @@
 //! [`Config::validate`] before it binds the port.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use hubbub_heartbeat::HeartbeatConfig;
 use hubbub_protocol::Limits;
+use hubbub_transfer::TransferLimits;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
@@ -40,6 +42,64 @@ pub struct Config {
     pub heartbeat: HeartbeatSettings,
     /// Acknowledged, de-duplicated delivery of chat messages.
     pub delivery: DeliverySettings,
+    /// File uploads over the chat socket.
+    pub uploads: UploadSettings,
+}
+
+/// File uploads: where they go and what they may cost.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UploadSettings {
+    /// Whether `fileStart` is accepted at all. Default true.
+    pub enabled: bool,
+    /// The upload directory. Default `./data/uploads`.
+    pub dir: PathBuf,
+    /// Largest file, in bytes. Default 104,857,600 (100 MiB).
+    pub max_file_size: u64,
+    /// Most bytes the upload directory may hold, finished and unfinished
+    /// uploads together. Default 5 GiB.
+    pub quota_bytes: u64,
+    /// How long an interrupted upload is kept for `fileResume`. Default 10 min.
+    #[serde(with = "humantime_serde")]
+    pub resume_ttl: Duration,
+    /// Upload bytes per second per connection; 0 means unlimited. Default 0.
+    pub rate_bytes_per_sec: u64,
+    /// Chunk size when `fileStart` names none. Default 65,536.
+    pub default_chunk_size: u32,
+    /// Smallest chunk size a client may choose. Default 4,096.
+    pub min_chunk_size: u32,
+    /// Largest chunk size a client may choose; a chunk frame must fit
+    /// `websocket.max_message_bytes`. Default 65,536.
+    pub max_chunk_size: u32,
+}
+
+impl Default for UploadSettings {
+    fn default() -> Self {
+        let limits = TransferLimits::default();
+        Self {
+            enabled: true,
+            dir: PathBuf::from("./data/uploads"),
+            max_file_size: limits.max_file_size,
+            quota_bytes: 5 << 30,
+            resume_ttl: Duration::from_secs(600),
+            rate_bytes_per_sec: 0,
+            default_chunk_size: limits.default_chunk_size,
+            min_chunk_size: limits.min_chunk_size,
+            max_chunk_size: limits.max_chunk_size,
+        }
+    }
+}
+
+impl UploadSettings {
+    /// The transfer crate's view of these limits.
+    pub fn transfer_limits(&self) -> TransferLimits {
+        TransferLimits {
+            max_file_size: self.max_file_size,
+            default_chunk_size: self.default_chunk_size,
+            min_chunk_size: self.min_chunk_size,
+            max_chunk_size: self.max_chunk_size,
+        }
+    }
 }
 
 /// How long and how many message ids each room remembers, so that a message
@@ -123,6 +183,7 @@ impl Default for Config {
             websocket: WebSocketLimits::default(),
             heartbeat: HeartbeatSettings::default(),
             delivery: DeliverySettings::default(),
+            uploads: UploadSettings::default(),
         }
     }
 }
@@ -149,12 +210,21 @@ pub enum ConfigError {
     /// Two values contradict each other.
     #[error("{0}")]
     Inconsistent(String),
+    /// The upload directory cannot be used.
+    #[error("cannot use upload directory {path}: {cause}")]
+    UploadDir {
+        /// The configured directory.
+        path: PathBuf,
+        /// What went wrong.
+        cause: String,
+    },
 }
 
 impl Config {
     /// The names of the config file's sections, for mapping flat
     /// `HUBBUB_SECTION_KEY` environment variables onto nested keys.
-    pub const SECTIONS: &'static [&'static str] = &["protocol", "websocket", "heartbeat", "delivery"];
+    pub const SECTIONS: &'static [&'static str] =
+        &["protocol", "websocket", "heartbeat", "delivery", "uploads"];
 
     /// Checks that the configuration can work.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -182,6 +252,17 @@ impl Config {
         }
         if self.heartbeat.timeout.is_zero() {
             return Err(ConfigError::Zero("heartbeat.timeout"));
+        }
+        self.uploads
+            .transfer_limits()
+            .validate()
+            .map_err(|err| ConfigError::Inconsistent(format!("uploads: {err}")))?;
+        let chunk_frame = self.uploads.max_chunk_size as usize + hubbub_protocol::chunk::HEADER_LEN;
+        if chunk_frame > ws.max_message_bytes {
+            return Err(ConfigError::Inconsistent(format!(
+                "uploads.max_chunk_size ({}) plus its 4-byte index does not fit websocket.max_message_bytes ({})",
+                self.uploads.max_chunk_size, ws.max_message_bytes
+            )));
         }
         if ws.max_frame_bytes > ws.max_message_bytes {
             return Err(ConfigError::Inconsistent(format!(

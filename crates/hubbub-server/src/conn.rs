@@ -36,9 +36,9 @@ use crate::upgrade::Socket;
 /// What an endpoint does with the frames its client sends.
 pub(crate) trait Handler: Send {
     /// A text frame arrived.
-    fn on_text(&mut self, text: Utf8Bytes);
+    fn on_text(&mut self, text: Utf8Bytes) -> impl Future<Output = ()> + Send;
     /// A binary frame arrived.
-    fn on_binary(&mut self, data: Bytes);
+    fn on_binary(&mut self, data: Bytes) -> impl Future<Output = ()> + Send;
     /// The connection is over (whatever the reason); release what it holds.
     fn on_close(&mut self);
 }
@@ -119,8 +119,8 @@ async fn drive<H: Handler>(
                 }
             },
             next = stream.next() => match next {
-                Some(Ok(Message::Text(text))) => handler.on_text(text),
-                Some(Ok(Message::Binary(data))) => handler.on_binary(data),
+                Some(Ok(Message::Text(text))) => handler.on_text(text).await,
+                Some(Ok(Message::Binary(data))) => handler.on_binary(data).await,
                 Some(Ok(Message::Pong(payload))) => {
                     if let Some(token) = decode_token(&payload) {
                         heartbeat.on_pong(token);

@@ -31,6 +31,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/health", get(|| async { "OK" }))
         .route("/api/status", get(status))
         .route("/api/rooms", get(rooms))
+        .route("/files/{file_id}", get(download))
         .fallback(not_found)
         .with_state(shared)
 }
@@ -154,4 +155,64 @@ async fn rooms(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
         .map(|(name, user_count)| RoomInfo { name: name.to_string(), user_count })
         .collect();
     axum::Json(list)
+}
+
+/// `GET /files/{fileId}`: a saved upload, always as an attachment (so an
+/// uploaded HTML file is never rendered on our origin), with its stored type,
+/// length, and range requests.
+async fn download(
+    State(shared): State<Arc<Shared>>,
+    axum::extract::Path(file_id): axum::extract::Path<String>,
+    req: Request,
+) -> Response {
+    if !hubbub_transfer::is_file_id(&file_id) {
+        return not_found().await.into_response();
+    }
+    let Some(file) = shared.store.get(&file_id) else {
+        return not_found().await.into_response();
+    };
+    let mime: mime::Mime = file.mime_type.parse().unwrap_or(mime::APPLICATION_OCTET_STREAM);
+    let service = tower_http::services::ServeFile::new_with_mime(shared.store.path_of(&file), &mime);
+    let mut response = match tower::ServiceExt::oneshot(service, req).await {
+        Ok(response) => response.map(axum::body::Body::new),
+        Err(err) => {
+            tracing::warn!(cause = %err, file = %file_id, "cannot serve file");
+            return (StatusCode::INTERNAL_SERVER_ERROR, "Cannot read the file\n").into_response();
+        }
+    };
+    let headers = response.headers_mut();
+    if let Ok(value) = content_disposition(&file.name).parse() {
+        headers.insert(header::CONTENT_DISPOSITION, value);
+    }
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, header::HeaderValue::from_static("nosniff"));
+    response
+}
+
+/// `attachment` with an ASCII fallback name and the exact UTF-8 name
+/// (RFC 6266 / RFC 8187).
+fn content_disposition(name: &str) -> String {
+    let fallback: String = name
+        .chars()
+        .map(|c| if (c.is_ascii_graphic() && c != '"' && c != '\\') || c == ' ' { c } else { '_' })
+        .collect();
+    let mut encoded = String::new();
+    for byte in name.bytes() {
+        if byte.is_ascii_alphanumeric() || b"!#$&+-.^_`|~".contains(&byte) {
+            encoded.push(byte as char);
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    format!("attachment; filename=\"{fallback}\"; filename*=UTF-8''{encoded}")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn content_disposition_is_safe_for_any_name() {
+        assert_eq!(
+            super::content_disposition("résumé \"final\".pdf"),
+            "attachment; filename=\"r_sum_ _final_.pdf\"; filename*=UTF-8''r%C3%A9sum%C3%A9%20%22final%22.pdf"
+        );
+    }
 }

@@ -26,6 +26,7 @@ mod http;
 mod hub;
 mod net;
 mod upgrade;
+mod upload;
 
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
@@ -33,11 +34,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use hubbub_protocol::ServerMessage;
+use hubbub_transfer::{Store, StoreConfig};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use config::{Config, ConfigError, DeliverySettings, HeartbeatSettings, WebSocketLimits};
+pub use config::{Config, ConfigError, DeliverySettings, HeartbeatSettings, UploadSettings, WebSocketLimits};
 
 /// State shared by every request and connection.
 #[derive(Debug)]
@@ -52,6 +54,8 @@ pub(crate) struct Shared {
     pub(crate) shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for them to finish.
     pub(crate) tasks: TaskTracker,
+    /// The upload directory.
+    pub(crate) store: Store,
 }
 
 /// A Hubbub server, ready to run on a listener.
@@ -62,8 +66,17 @@ pub struct Server {
 
 impl Server {
     /// Creates a server from a configuration, which is validated first.
+    /// Opens (creating if needed) the upload directory.
     pub fn new(config: Config) -> Result<Self, ConfigError> {
         config.validate()?;
+        let uploads = &config.uploads;
+        let store = Store::open(StoreConfig {
+            dir: uploads.dir.clone(),
+            quota_bytes: uploads.quota_bytes,
+            resume_ttl: uploads.resume_ttl,
+            limits: uploads.transfer_limits(),
+        })
+        .map_err(|err| ConfigError::UploadDir { path: uploads.dir.clone(), cause: err.to_string() })?;
         Ok(Self {
             shared: Arc::new(Shared {
                 config,
@@ -71,6 +84,7 @@ impl Server {
                 started: Instant::now(),
                 shutdown: CancellationToken::new(),
                 tasks: TaskTracker::new(),
+                store,
             }),
         })
     }
@@ -97,6 +111,7 @@ impl Server {
         let server = axum::serve(listener, app).with_graceful_shutdown(token.clone().cancelled_owned());
         let mut server = tokio::spawn(server.into_future());
 
+        tokio::spawn(sweep_uploads(shared.clone()));
         let notice = {
             let shared = shared.clone();
             async move {
@@ -130,6 +145,24 @@ impl Server {
             Err(_) => {
                 tracing::warn!(remaining = shared.tasks.len(), ?drain, "drain time elapsed; exiting anyway");
                 Ok(())
+            }
+        }
+    }
+}
+
+/// Deletes interrupted uploads whose resume time is up, until shutdown.
+async fn sweep_uploads(shared: Arc<Shared>) {
+    let ttl = shared.config.uploads.resume_ttl;
+    let period = (ttl / 4).clamp(std::time::Duration::from_secs(1), std::time::Duration::from_secs(60));
+    let mut ticks = tokio::time::interval(period);
+    loop {
+        tokio::select! {
+            () = shared.shutdown.cancelled() => return,
+            _ = ticks.tick() => {
+                let swept = shared.store.sweep(Instant::now());
+                if swept > 0 {
+                    tracing::info!(swept, "deleted interrupted uploads past their resume time");
+                }
             }
         }
     }

@@ -28,6 +28,8 @@ const WAIT: Duration = Duration::from_secs(10);
 
 struct TestServer {
     addr: SocketAddr,
+    /// The server's upload directory, removed at shutdown.
+    uploads: std::path::PathBuf,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<std::io::Result<()>>,
 }
@@ -40,18 +42,22 @@ impl TestServer {
     /// Tests' clients often stop reading before the server closes them, so
     /// waiting the default 2 s for their close reply would only slow tests.
     fn config() -> Config {
-        Config { close_timeout: Duration::from_millis(300), ..Config::default() }
+        let mut config = Config { close_timeout: Duration::from_millis(300), ..Config::default() };
+        config.uploads.dir =
+            std::env::temp_dir().join(format!("hubbub-test-{}", uuid::Uuid::new_v4().simple()));
+        config
     }
 
     async fn with(config: Config) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let uploads = config.uploads.dir.clone();
         let (stop, stopped) = oneshot::channel::<()>();
         let server = Server::new(config).unwrap();
         let task = tokio::spawn(server.run(listener, async {
             let _ = stopped.await;
         }));
-        Self { addr, stop: Some(stop), task }
+        Self { addr, uploads, stop: Some(stop), task }
     }
 
     fn url(&self, path: &str) -> String {
@@ -90,6 +96,7 @@ impl TestServer {
     async fn shutdown(mut self) {
         self.stop.take().unwrap().send(()).unwrap();
         timeout(WAIT, self.task).await.expect("server stops in time").unwrap().unwrap();
+        let _ = std::fs::remove_dir_all(&self.uploads);
     }
 }
 
@@ -184,13 +191,19 @@ async fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
 }
 
 async fn http_request(addr: SocketAddr, request: &str) -> (String, String) {
+    let (head, body) = http_raw(addr, request).await;
+    (head.lines().next().unwrap().to_owned(), String::from_utf8(body).unwrap())
+}
+
+/// Sends a raw request; returns the whole response head and the body bytes.
+async fn http_raw(addr: SocketAddr, request: &str) -> (String, Vec<u8>) {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut raw = Vec::new();
     timeout(WAIT, stream.read_to_end(&mut raw)).await.unwrap().unwrap();
-    let raw = String::from_utf8(raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
-    (head.lines().next().unwrap().to_owned(), body.to_owned())
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8(raw[..split].to_vec()).unwrap();
+    (head, raw[split + 4..].to_vec())
 }
 
 // ----- connection and the protocol table -------------------------------------
@@ -770,5 +783,247 @@ async fn healthy_peers_on_every_endpoint_are_pinged_and_never_reaped() {
     let status = server.status().await;
     assert_eq!(status["deadConnectionsReaped"], 0, "{status}");
     assert_eq!(status["connections"], 3, "{status}");
+    server.shutdown().await;
+}
+
+// ----- file uploads -------------------------------------------------------------
+
+/// Deterministic test bytes.
+fn file_bytes(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 31 % 251) as u8).collect()
+}
+
+fn chunk_frame(index: u32, data: &[u8]) -> Message {
+    Message::Binary(Bytes::from(hubbub_protocol::chunk::frame(index, data)))
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Client {
+    async fn send_binary(&mut self, msg: Message) {
+        self.ws.send(msg).await.unwrap();
+    }
+
+    /// Skips `fileAccepted` and `fileProgress` until a message of `kind`.
+    async fn recv_skipping_progress(&mut self, kind: &str) -> Value {
+        loop {
+            let msg = self.recv().await;
+            match msg["type"].as_str() {
+                Some("fileAccepted" | "fileProgress") if kind != msg["type"] => {}
+                _ => {
+                    assert_eq!(msg["type"], kind, "{msg}");
+                    return msg;
+                }
+            }
+        }
+    }
+}
+
+async fn download(addr: SocketAddr, url: &str, extra: &str) -> (String, Vec<u8>) {
+    http_raw(addr, &format!("GET {url} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n{extra}\r\n")).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tutorial_upload_sequence_saves_a_byte_identical_file() {
+    let server = TestServer::start().await;
+    let mut ada = server.in_room("ada", "r").await;
+    let mut bob = server.in_room("bob", "r").await;
+    ada.recv_type("userJoined").await;
+
+    // fileStart, then every 64 KiB chunk in order without waiting, then fileEnd.
+    let data = file_bytes(300_000);
+    ada.send(json!({"type": "fileStart", "name": "photo.png", "size": data.len(), "mimeType": "image/png"}))
+        .await;
+    for (i, chunk) in data.chunks(65_536).enumerate() {
+        ada.send_binary(chunk_frame(i as u32, chunk)).await;
+    }
+    ada.send(json!({"type": "fileEnd"})).await;
+
+    let accepted = ada.recv_type("fileAccepted").await;
+    assert_eq!(accepted["chunkSize"], 65_536);
+    let mut progress = Vec::new();
+    let saved = loop {
+        let msg = ada.recv().await;
+        match msg["type"].as_str().unwrap() {
+            "fileProgress" => progress.push(msg["receivedBytes"].as_u64().unwrap()),
+            "fileSaved" => break msg,
+            other => panic!("unexpected {other}: {msg}"),
+        }
+    };
+    assert!(progress.windows(2).all(|w| w[0] < w[1]), "progress only grows: {progress:?}");
+    assert_eq!(saved["name"], "photo.png");
+    assert_eq!(saved["size"], data.len());
+    assert_eq!(saved["mimeType"], "image/png");
+    assert_eq!(saved["sha256"], sha256_hex(&data));
+    let url = saved["url"].as_str().unwrap().to_owned();
+    assert_eq!(url, format!("/files/{}", saved["fileId"].as_str().unwrap()));
+
+    let shared = bob.recv_type("fileShared").await;
+    assert_eq!((shared["user"].as_str(), shared["url"].as_str()), (Some("ada"), Some(url.as_str())));
+
+    let (head, body) = download(server.addr, &url, "").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.to_ascii_lowercase().contains("content-type: image/png"), "{head}");
+    assert!(head.contains("attachment; filename=\"photo.png\""), "{head}");
+    assert_eq!(body, data);
+
+    // Range requests work too.
+    let (head, body) = download(server.addr, &url, "Range: bytes=10-19\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 206"), "{head}");
+    assert_eq!(body, &data[10..20]);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn out_of_order_chunks_with_a_checksum_are_verified() {
+    let server = TestServer::start().await;
+    let mut c = server.named("ada").await;
+    let data = file_bytes(20_000);
+    let start = json!({"type": "fileStart", "name": "a.bin", "size": data.len(), "mimeType": "",
+                       "chunkSize": 4096, "sha256": sha256_hex(&data), "transferId": "t-1"});
+    c.send(start).await;
+    assert_eq!(c.recv_type("fileAccepted").await["transferId"], "t-1");
+    let chunks: Vec<&[u8]> = data.chunks(4096).collect();
+    for i in [4, 0, 3, 1, 2, 0] {
+        c.send_binary(chunk_frame(i, chunks[i as usize])).await;
+    }
+    c.send(json!({"type": "fileEnd", "transferId": "t-1"})).await;
+    let saved = c.recv_skipping_progress("fileSaved").await;
+    assert_eq!(saved["mimeType"], "application/octet-stream");
+    let (_, body) = download(server.addr, saved["url"].as_str().unwrap(), "").await;
+    assert_eq!(body, data);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_uploads_fail_alone_and_the_chat_goes_on() {
+    let server = TestServer::start().await;
+    let mut c = server.in_room("ada", "r").await;
+    let mut bob = server.in_room("bob", "r").await;
+    c.recv_type("userJoined").await;
+    let data = file_bytes(10_000);
+
+    // A wrong checksum.
+    c.send(json!({"type": "fileStart", "name": "x", "size": data.len(), "sha256": "ab".repeat(32)})).await;
+    c.send_binary(chunk_frame(0, &data)).await;
+    c.send(json!({"type": "fileEnd"})).await;
+    let err = c.recv_skipping_progress("fileError").await;
+    assert!(err["message"].as_str().unwrap().contains("SHA-256"), "{err}");
+
+    // More bytes than declared: the last chunk is too long. The chunks the
+    // client keeps streaming after the failure are dropped quietly.
+    c.send(json!({"type": "fileStart", "name": "x", "size": 100})).await;
+    c.recv_type("fileAccepted").await;
+    c.send_binary(chunk_frame(0, &data[..200])).await;
+    let err = c.recv_type("fileError").await;
+    assert!(err["message"].as_str().unwrap().contains("exactly 100 bytes"), "{err}");
+    c.send_binary(chunk_frame(1, &data[..200])).await;
+    c.send(json!({"type": "fileEnd"})).await;
+    assert_eq!(c.recv_type("fileError").await["message"], "The upload had already failed; start it again.");
+
+    // Fewer bytes than declared: fileEnd reports what is missing.
+    c.send(json!({"type": "fileStart", "name": "x", "size": 70_000})).await;
+    c.recv_type("fileAccepted").await;
+    c.send_binary(chunk_frame(0, &file_bytes(65_536))).await;
+    c.send(json!({"type": "fileEnd"})).await;
+    let err = c.recv_skipping_progress("fileError").await;
+    assert!(err["message"].as_str().unwrap().contains("chunks missing: 1"), "{err}");
+
+    // A chunk index out of range.
+    c.send(json!({"type": "fileStart", "name": "x", "size": 10})).await;
+    c.recv_type("fileAccepted").await;
+    c.send_binary(chunk_frame(7, b"0123456789")).await;
+    assert!(c.recv_type("fileError").await["message"].as_str().unwrap().contains("Chunk 7"));
+
+    // Too large for the server.
+    c.send(json!({"type": "fileStart", "name": "x", "size": 200u64 << 20})).await;
+    assert!(c.recv_type("fileError").await["message"].as_str().unwrap().contains("too large"));
+
+    // Through all of it the connection stayed open and the chat works.
+    c.send(json!({"type": "chatMessage", "text": "still here"})).await;
+    assert_eq!(bob.recv_type("chatMessage").await["text"], "still here");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_upload_abandoned_by_a_disconnect_resumes_on_another_connection() {
+    let server = TestServer::start().await;
+    let data = file_bytes(50_000);
+    let chunks: Vec<&[u8]> = data.chunks(8192).collect();
+    let mut first = server.named("ada").await;
+    first
+        .send(json!({"type": "fileStart", "name": "big.bin", "size": data.len(), "chunkSize": 8192,
+                      "transferId": "resume-me", "sha256": sha256_hex(&data)}))
+        .await;
+    first.recv_type("fileAccepted").await;
+    for i in [0, 1, 2, 5] {
+        first.send_binary(chunk_frame(i, chunks[i as usize])).await;
+    }
+    // A ping's pong comes after the server has handled every chunk before it.
+    first.send(json!({"type": "ping", "timestamp": 1})).await;
+    first.recv_skipping_progress("pong").await;
+    drop(first);
+
+    let mut second = server.named("ada").await;
+    let state = loop {
+        second.send(json!({"type": "fileResume", "transferId": "resume-me"})).await;
+        let msg = second.recv().await;
+        if msg["type"] == "fileResumeState" {
+            break msg;
+        }
+        // The first connection's end may not have been processed yet.
+        assert_eq!(msg["type"], "fileError", "{msg}");
+    };
+    assert_eq!(state["chunkSize"], 8192);
+    assert_eq!(state["receivedChunks"], json!([[0, 3], [5, 6]]));
+    for i in [3, 4, 6] {
+        second.send_binary(chunk_frame(i, chunks[i as usize])).await;
+    }
+    second.send(json!({"type": "fileEnd"})).await;
+    let saved = second.recv_skipping_progress("fileSaved").await;
+    let (_, body) = download(server.addr, saved["url"].as_str().unwrap(), "").await;
+    assert_eq!(body, data);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_path_traversal_name_is_stored_safely_under_its_id() {
+    let server = TestServer::start().await;
+    let mut c = server.named("ada").await;
+    c.send(json!({"type": "fileStart", "name": "../../etc/passwd", "size": 4, "mimeType": "text/html"}))
+        .await;
+    c.send_binary(chunk_frame(0, b"root")).await;
+    c.send(json!({"type": "fileEnd"})).await;
+    let saved = c.recv_skipping_progress("fileSaved").await;
+    assert_eq!(saved["name"], "passwd");
+    let id = saved["fileId"].as_str().unwrap();
+    assert!(id.len() == 32 && id.chars().all(|ch| ch.is_ascii_hexdigit()));
+    let (head, body) = download(server.addr, saved["url"].as_str().unwrap(), "").await;
+    assert!(head.contains("attachment; filename=\"passwd\""), "{head}");
+    assert!(head.to_ascii_lowercase().contains("x-content-type-options: nosniff"), "{head}");
+    assert_eq!(body, b"root");
+    // Ids that are not ours are simply not found.
+    let (head, _) = download(server.addr, "/files/..%2F..%2Fetc%2Fpasswd", "").await;
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_upload_quota_is_enforced() {
+    let mut config = TestServer::config();
+    config.uploads.quota_bytes = 10_000;
+    let server = TestServer::with(config).await;
+    let mut c = server.named("ada").await;
+    c.send(json!({"type": "fileStart", "name": "a", "size": 6_000})).await;
+    c.recv_type("fileAccepted").await;
+    c.send_binary(chunk_frame(0, &file_bytes(6_000))).await;
+    c.send(json!({"type": "fileEnd"})).await;
+    c.recv_skipping_progress("fileSaved").await;
+    c.send(json!({"type": "fileStart", "name": "b", "size": 6_000})).await;
+    let err = c.recv_type("fileError").await;
+    assert!(err["message"].as_str().unwrap().contains("upload space is full"), "{err}");
     server.shutdown().await;
 }

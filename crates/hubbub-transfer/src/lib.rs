@@ -18,9 +18,12 @@
 //! - [`ProgressThrottle`]: decides when a `fileProgress` report is due.
 //! - [`parse_sha256_hex`] and [`sha256_to_hex`] for the `sha256` field.
 //!
-//! Time comes in as `now: Instant` arguments. The disk store (streaming chunks
-//! to a temporary file, verifying the SHA-256, moving the file into place) and
-//! the server and client wiring come with the file-transfer issue.
+//! Time comes in as `now: Instant` arguments.
+//!
+//! Behind the `store` feature, [`Store`] is the disk side used by the server:
+//! it streams chunks to a temporary file at their offsets, verifies size and
+//! SHA-256 at `fileEnd`, fsyncs and renames the file into the upload
+//! directory, and keeps interrupted uploads for a while so they can resume.
 //!
 //! The wire format of a chunk frame is defined by `hubbub_protocol::chunk`;
 //! this crate builds on it.
@@ -57,6 +60,8 @@ mod chunker;
 mod error;
 mod layout;
 mod limits;
+#[cfg(feature = "store")]
+mod store;
 mod throttle;
 
 pub use assembler::{Assembler, Completed, Placement, UploadSpec};
@@ -64,4 +69,8 @@ pub use checksum::{parse_sha256_hex, sha256_to_hex};
 pub use chunker::{ChunkRef, Chunker};
 pub use error::{Result, TransferError};
 pub use limits::{LimitsError, TransferLimits};
+#[cfg(feature = "store")]
+pub use store::{
+    NewUpload, Store, StoreConfig, StoreError, StoredFile, Upload, is_file_id, sanitize_file_name,
+};
 pub use throttle::{ProgressPolicy, ProgressThrottle};

@@ -28,7 +28,7 @@ async fn main() -> ExitCode {
 
 async fn run(cli: &Cli) -> anyhow::Result<()> {
     let config = match cli.resolve()? {
-        Action::Serve(config) => config,
+        Action::Serve(config) => *config,
         Action::PrintConfig(text) => {
             #[allow(clippy::print_stdout)] // asked for on the command line
             {

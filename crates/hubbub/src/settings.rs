@@ -28,6 +28,7 @@ CONFIGURATION:
     [protocol] max_text_chars = 8192   HUBBUB_PROTOCOL_MAX_TEXT_CHARS=8192
     [websocket] outbound_queue = 1024  HUBBUB_WEBSOCKET_OUTBOUND_QUEUE=1024
     [heartbeat] interval = \"10s\"       HUBBUB_HEARTBEAT_INTERVAL=10s
+    [uploads] quota_bytes = 1000000    HUBBUB_UPLOADS_QUOTA_BYTES=1000000
 
   Precedence, lowest first: defaults, --config file, environment, flags.
   `hubbub --print-config` prints every key with its effective value;
@@ -53,6 +54,10 @@ pub(crate) struct Cli {
     #[arg(long)]
     no_echo: bool,
 
+    /// Directory for uploaded files [default: ./data/uploads]
+    #[arg(long, value_name = "DIR")]
+    upload_dir: Option<PathBuf>,
+
     /// Time between heartbeat pings to each connection, e.g. `30s`, `500ms` [default: 30s]
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     heartbeat_interval: Option<Duration>,
@@ -73,7 +78,7 @@ pub(crate) struct Cli {
 /// What the command line asks for, once read.
 pub(crate) enum Action {
     /// Run the server.
-    Serve(Config),
+    Serve(Box<Config>),
     /// Print this TOML and exit.
     PrintConfig(String),
 }
@@ -86,6 +91,14 @@ struct Overrides {
     #[serde(skip_serializing_if = "Option::is_none")]
     echo_enabled: Option<bool>,
     heartbeat: HeartbeatOverrides,
+    uploads: UploadOverrides,
+}
+
+/// The `[uploads]` keys the command line can set.
+#[derive(Serialize)]
+struct UploadOverrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dir: Option<PathBuf>,
 }
 
 /// The `[heartbeat]` keys the command line can set, as humantime text.
@@ -112,6 +125,7 @@ impl Cli {
                 interval: self.heartbeat_interval.map(|d| humantime::format_duration(d).to_string()),
                 timeout: self.heartbeat_timeout.map(|d| humantime::format_duration(d).to_string()),
             },
+            uploads: UploadOverrides { dir: self.upload_dir.clone() },
         }));
         let config: Config = figment.extract().context("invalid configuration")?;
         config.validate().context("invalid configuration")?;
@@ -119,7 +133,7 @@ impl Cli {
             let text = toml::to_string(&config).context("printing the configuration")?;
             return Ok(Action::PrintConfig(text));
         }
-        Ok(Action::Serve(config))
+        Ok(Action::Serve(Box::new(config)))
     }
 }
 
@@ -146,7 +160,7 @@ mod tests {
     fn resolve(args: &[&str]) -> anyhow::Result<Config> {
         let cli = Cli::try_parse_from(std::iter::once("hubbub").chain(args.iter().copied()))?;
         match cli.resolve()? {
-            Action::Serve(config) => Ok(config),
+            Action::Serve(config) => Ok(*config),
             Action::PrintConfig(_) => anyhow::bail!("unexpected print"),
         }
     }
