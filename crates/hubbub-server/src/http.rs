@@ -18,8 +18,16 @@ use crate::conn::{self, Endpoint};
 use crate::net::client_ip;
 use crate::upgrade::{accept, wants_upgrade};
 
-/// The placeholder chat page served at `GET /`.
+/// The chat page served at `GET /`.
 const INDEX_HTML: &str = include_str!("../../../web/index.html");
+
+/// The page's script, stylesheet and the browser client module, embedded so
+/// the binary needs no files beside it.
+const ASSETS: &[(&str, &str, &str)] = &[
+    ("/client.js", "text/javascript; charset=utf-8", include_str!("../../../web/client.js")),
+    ("/app.js", "text/javascript; charset=utf-8", include_str!("../../../web/app.js")),
+    ("/style.css", "text/css; charset=utf-8", include_str!("../../../web/style.css")),
+];
 
 /// Builds the router over the server's shared state.
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
@@ -29,6 +37,9 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/ws/notifications", any(notifications))
         .route("/ws/echo", any(echo))
         .route("/health", get(|| async { "OK" }))
+        .route("/client.js", get(asset))
+        .route("/app.js", get(asset))
+        .route("/style.css", get(asset))
         .route("/api/status", get(status))
         .route("/api/rooms", get(rooms))
         .route("/files/{file_id}", get(download))
@@ -97,6 +108,14 @@ fn ws_config(shared: &Shared) -> WebSocketConfig {
         .max_write_buffer_size(ws.max_write_buffer_bytes)
         .max_message_size(Some(ws.max_message_bytes))
         .max_frame_size(Some(ws.max_frame_bytes))
+}
+
+/// One of the embedded [`ASSETS`], by path.
+async fn asset(uri: axum::http::Uri) -> Response {
+    match ASSETS.iter().find(|(path, _, _)| *path == uri.path()) {
+        Some((_, content_type, body)) => ([(header::CONTENT_TYPE, *content_type)], *body).into_response(),
+        None => not_found().await.into_response(),
+    }
 }
 
 /// Unknown paths, upgrade or not: 404 and no upgrade.

@@ -1,0 +1,1 @@
+// The chat page's script: filled in by the browser-client issue.

@@ -1,0 +1,2 @@
+// Hubbub's browser client: filled in by the browser-client issue.
+export {};
