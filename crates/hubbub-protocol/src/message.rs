@@ -150,6 +150,10 @@ pub enum ServerMessage {
         /// A stable machine-readable code (Hubbub addition).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         code: Option<String>,
+        /// With code `rateLimited`: how long to wait before sending again
+        /// (Hubbub addition).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
     },
     /// Reply to `setUsername`, with the name as stored (trimmed).
     UsernameSet {
@@ -319,7 +323,7 @@ pub enum ServerMessage {
 impl ServerMessage {
     /// Builds an `error` event from anything displayable, with a code.
     pub fn error(message: impl Into<String>, code: &str) -> Self {
-        Self::Error { message: message.into(), code: Some(code.to_owned()) }
+        Self::Error { message: message.into(), code: Some(code.to_owned()), retry_after_ms: None }
     }
 
     /// Encodes the message as JSON text.

@@ -63,8 +63,9 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
     prop_oneof![
         text().prop_map(|message| ServerMessage::Welcome { message }),
         any::<u128>().prop_map(|n| ServerMessage::Connected { client_id: Uuid::from_u128(n) }),
-        (text(), proptest::option::of(text()))
-            .prop_map(|(message, code)| ServerMessage::Error { message, code }),
+        (text(), proptest::option::of(text()), any::<Option<u64>>()).prop_map(
+            |(message, code, retry_after_ms)| ServerMessage::Error { message, code, retry_after_ms }
+        ),
         text().prop_map(|username| ServerMessage::UsernameSet { username }),
         (text(), text(), count.clone()).prop_map(|(user, room, user_count)| ServerMessage::UserJoined {
             user,

@@ -11,9 +11,13 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::Shared;
 use crate::conn::Handler;
-use crate::hub::{Peer, Remembered, Room, encode};
+use crate::hub::{CloseReason, Peer, Remembered, Room, encode};
+use crate::ratelimit::{Kind, Limiter, Verdict};
 use crate::upload::{Outcome, Uploads};
 use hubbub_transfer::NewUpload;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 /// The name used for a client that never set one.
 const ANONYMOUS: &str = "Anonymous";
@@ -31,12 +35,26 @@ pub(crate) struct ChatSession {
     room: Option<Arc<Room>>,
     /// File uploads on this connection.
     uploads: Uploads,
+    /// Message rate limits, unless turned off.
+    limiter: Option<Limiter>,
+    /// When this member's last `userTyping` went out, in the current room.
+    last_typing: Option<Instant>,
 }
 
 impl ChatSession {
     /// Registers a new chat connection with the hub and greets it.
     pub(crate) fn start(shared: Arc<Shared>, peer: Peer) -> Self {
-        let session = Self { shared, peer, username: None, room: None, uploads: Uploads::default() };
+        let limiter =
+            shared.config.rate_limit.enabled.then(|| Limiter::new(&shared.config.rate_limit, Instant::now()));
+        let session = Self {
+            shared,
+            peer,
+            username: None,
+            room: None,
+            uploads: Uploads::default(),
+            limiter,
+            last_typing: None,
+        };
         session.reply(&ServerMessage::Welcome { message: "Welcome to Hubbub chat!".to_owned() });
         session.reply(&ServerMessage::Connected { client_id: session.peer.id });
         session.shared.hub.lobby.insert(session.peer.clone());
@@ -74,6 +92,7 @@ impl ChatSession {
                     return;
                 }
                 self.leave_room();
+                self.last_typing = None;
                 let joined = self.shared.hub.join(&self.peer, self.name(), &room);
                 tracing::debug!(%room, members = joined.user_count, "joined room");
                 self.room = Some(joined.room);
@@ -112,8 +131,15 @@ impl ChatSession {
                 }
             }
             ClientMessage::Typing {} => {
+                // At most one broadcast per interval, whatever the client sends.
+                let now = Instant::now();
+                let interval = self.shared.config.rate_limit.typing_broadcast_interval;
+                if self.last_typing.is_some_and(|at| now.saturating_duration_since(at) < interval) {
+                    return;
+                }
                 // Typing outside a room has no audience; it is not an error.
                 if let Some(room) = &self.room {
+                    self.last_typing = Some(now);
                     let frame = encode(&ServerMessage::UserTyping { user: self.name().to_owned() });
                     room.broadcast(&frame, Some(self.peer.id), &hub.stats);
                 }
@@ -149,6 +175,42 @@ impl ChatSession {
                 }
                 let outcome = self.uploads.resume(&self.shared.store, transfer_id);
                 self.act(outcome);
+            }
+        }
+    }
+
+    /// Applies the rate limits; false if the message must be dropped.
+    fn within_limits(&mut self, msg: &ClientMessage) -> bool {
+        let Some(limiter) = self.limiter.as_mut() else { return true };
+        let kind = match msg {
+            ClientMessage::ChatMessage { .. } | ClientMessage::Chat { .. } => Kind::Chat,
+            ClientMessage::Typing {} => Kind::Typing,
+            ClientMessage::JoinRoom { .. }
+            | ClientMessage::LeaveRoom {}
+            | ClientMessage::SetUsername { .. } => Kind::Room,
+            _ => return true,
+        };
+        match limiter.check(kind, Instant::now()) {
+            Verdict::Allow => true,
+            Verdict::Refuse(wait) => {
+                self.shared.hub.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+                let retry_after_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
+                self.reply(&ServerMessage::Error {
+                    message: format!("Too many {} messages; slow down", msg.kind()),
+                    code: Some("rateLimited".to_owned()),
+                    retry_after_ms: Some(retry_after_ms),
+                });
+                false
+            }
+            Verdict::Close => {
+                self.shared.hub.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("closing a connection that keeps flooding");
+                self.peer.close(CloseReason {
+                    code: CloseCode::Policy,
+                    reason: "Rate limit exceeded",
+                    drain_queue: true,
+                });
+                false
             }
         }
     }
@@ -196,7 +258,11 @@ impl ChatSession {
 impl Handler for ChatSession {
     async fn on_text(&mut self, text: Utf8Bytes) {
         match decode_client(&text, &self.shared.config.protocol) {
-            Ok(msg) => self.handle(msg).await,
+            Ok(msg) => {
+                if self.within_limits(&msg) {
+                    self.handle(msg).await;
+                }
+            }
             Err(err) => {
                 tracing::debug!(error = %err, "refused client message");
                 self.reply(&err.to_event());

@@ -26,6 +26,9 @@ pub struct Config {
     pub trusted_proxies: Vec<IpNet>,
     /// Whether `/ws/echo` is served. Default true.
     pub echo_enabled: bool,
+    /// Browser origins, besides the server's own, that may open WebSockets
+    /// (`https://app.example`), or `*` for any. Default: none.
+    pub allowed_origins: Vec<String>,
     /// On shutdown, how long to wait for connections to finish their closing
     /// handshake before exiting anyway. Default 5 s.
     #[serde(with = "humantime_serde")]
@@ -44,6 +47,78 @@ pub struct Config {
     pub delivery: DeliverySettings,
     /// File uploads over the chat socket.
     pub uploads: UploadSettings,
+    /// Caps on connections.
+    pub limits: ConnectionLimits,
+    /// Per-connection message rates.
+    pub rate_limit: RateLimitSettings,
+}
+
+/// Caps on open WebSocket connections. Beyond them an upgrade gets `503`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConnectionLimits {
+    /// Open connections on every endpoint together; 0 means no cap.
+    /// Default 50,000.
+    pub max_connections: usize,
+    /// Open connections from one client address (see `trusted_proxies`);
+    /// 0 means no cap. Default 1,000.
+    pub max_connections_per_ip: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self { max_connections: 50_000, max_connections_per_ip: 1_000 }
+    }
+}
+
+/// Token buckets per connection. Over a limit the client gets
+/// `error {code: "rateLimited", retryAfterMs}` and the message is dropped;
+/// a client that goes on flooding is closed with 1008.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitSettings {
+    /// Whether limits apply. Default true; `--no-rate-limit` turns them off.
+    pub enabled: bool,
+    /// Sustained `chatMessage` + lobby `chat` per second. Default 30.
+    pub chat_per_sec: f64,
+    /// Chat messages allowed in a burst. Default 60.
+    pub chat_burst: u32,
+    /// Sustained `typing` per second. Default 5.
+    pub typing_per_sec: f64,
+    /// Typing notices in a burst. Default 10.
+    pub typing_burst: u32,
+    /// Sustained `joinRoom` + `leaveRoom` + `setUsername` per second. Default 5.
+    pub room_per_sec: f64,
+    /// Room changes in a burst. Default 20.
+    pub room_burst: u32,
+    /// Refused messages tolerated per `flood_window` before the connection
+    /// is closed with 1008. Default 100.
+    pub flood_strikes: u32,
+    /// The window for `flood_strikes`. Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub flood_window: Duration,
+    /// Least time between two `userTyping` broadcasts for one member of a
+    /// room, whatever the client sends (applies even with limits off).
+    /// Default 2 s.
+    #[serde(with = "humantime_serde")]
+    pub typing_broadcast_interval: Duration,
+}
+
+impl Default for RateLimitSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            chat_per_sec: 30.0,
+            chat_burst: 60,
+            typing_per_sec: 5.0,
+            typing_burst: 10,
+            room_per_sec: 5.0,
+            room_burst: 20,
+            flood_strikes: 100,
+            flood_window: Duration::from_secs(10),
+            typing_broadcast_interval: Duration::from_secs(2),
+        }
+    }
 }
 
 /// File uploads: where they go and what they may cost.
@@ -177,6 +252,7 @@ impl Default for Config {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             trusted_proxies: Vec::new(),
             echo_enabled: true,
+            allowed_origins: Vec::new(),
             shutdown_drain: Duration::from_secs(5),
             close_timeout: Duration::from_secs(2),
             protocol: Limits::default(),
@@ -184,6 +260,8 @@ impl Default for Config {
             heartbeat: HeartbeatSettings::default(),
             delivery: DeliverySettings::default(),
             uploads: UploadSettings::default(),
+            limits: ConnectionLimits::default(),
+            rate_limit: RateLimitSettings::default(),
         }
     }
 }
@@ -224,7 +302,7 @@ impl Config {
     /// The names of the config file's sections, for mapping flat
     /// `HUBBUB_SECTION_KEY` environment variables onto nested keys.
     pub const SECTIONS: &'static [&'static str] =
-        &["protocol", "websocket", "heartbeat", "delivery", "uploads"];
+        &["protocol", "websocket", "heartbeat", "delivery", "uploads", "limits", "rate_limit"];
 
     /// Checks that the configuration can work.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -246,6 +324,31 @@ impl Config {
         }
         if self.close_timeout.is_zero() {
             return Err(ConfigError::Zero("close_timeout"));
+        }
+        let rl = &self.rate_limit;
+        for (name, rate) in [
+            ("chat_per_sec", rl.chat_per_sec),
+            ("typing_per_sec", rl.typing_per_sec),
+            ("room_per_sec", rl.room_per_sec),
+        ] {
+            if !(rate.is_finite() && rate > 0.0) {
+                return Err(ConfigError::Inconsistent(format!(
+                    "rate_limit.{name} must be a positive number"
+                )));
+            }
+        }
+        for (name, burst) in [
+            ("rate_limit.chat_burst", rl.chat_burst),
+            ("rate_limit.typing_burst", rl.typing_burst),
+            ("rate_limit.room_burst", rl.room_burst),
+            ("rate_limit.flood_strikes", rl.flood_strikes),
+        ] {
+            if burst == 0 {
+                return Err(ConfigError::Zero(name));
+            }
+        }
+        if rl.flood_window.is_zero() {
+            return Err(ConfigError::Zero("rate_limit.flood_window"));
         }
         if self.heartbeat.interval.is_zero() {
             return Err(ConfigError::Zero("heartbeat.interval"));

@@ -86,7 +86,6 @@ async fn drive<H: Handler>(
     make_handler: impl FnOnce(Peer) -> H,
 ) {
     let stats = &shared.hub.stats;
-    stats.connections.fetch_add(1, Ordering::Relaxed);
     stats.accepted.fetch_add(1, Ordering::Relaxed);
     tracing::info!("connected");
 
@@ -167,7 +166,6 @@ async fn drive<H: Handler>(
     if peer_code.is_none() && ours.code != CloseCode::Abnormal {
         let _ = tokio::time::timeout(close_timeout, async { while stream.next().await.is_some() {} }).await;
     }
-    stats.connections.fetch_sub(1, Ordering::Relaxed);
     let code = u16::from(peer_code.unwrap_or(ours.code));
     tracing::info!(code, by_peer = peer_code.is_some(), reason = ours.reason, "disconnected");
 }

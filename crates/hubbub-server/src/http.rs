@@ -13,6 +13,7 @@ use serde::Serialize;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::Shared;
+use crate::admission::check_origin;
 use crate::chat::{ChatSession, Echo, Subscriber};
 use crate::conn::{self, Endpoint};
 use crate::net::client_ip;
@@ -44,7 +45,25 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/api/rooms", get(rooms))
         .route("/files/{file_id}", get(download))
         .fallback(not_found)
+        .layer(axum::middleware::map_response(security_headers))
         .with_state(shared)
+}
+
+/// Headers every HTTP response carries: a Content-Security-Policy the chat
+/// page satisfies (no inline script or style, connections to this origin
+/// only), no MIME sniffing, no referrer leaks.
+async fn security_headers(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        header::HeaderValue::from_static(
+            "default-src 'self'; img-src 'self' blob: data:; connect-src 'self'; object-src 'none'; \
+             base-uri 'none'; frame-ancestors 'none'; form-action 'self'",
+        ),
+    );
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, header::HeaderValue::from_static("nosniff"));
+    headers.insert(header::REFERRER_POLICY, header::HeaderValue::from_static("no-referrer"));
+    response
 }
 
 async fn root(State(shared): State<Arc<Shared>>, peer: ConnectInfo<SocketAddr>, req: Request) -> Response {
@@ -81,9 +100,27 @@ fn upgrade(
     endpoint: Endpoint,
 ) -> Response {
     let ip = client_ip(addr, req.headers(), &shared.config);
+    if let Err(origin) = check_origin(req.headers(), &shared.config) {
+        shared.hub.stats.refused.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%origin, peer = %ip, "upgrade refused: origin not allowed");
+        return (StatusCode::FORBIDDEN, "Origin not allowed\n").into_response();
+    }
+    let slot = match shared.admission.admit(ip, &shared.config) {
+        Ok(slot) => slot,
+        Err(refusal) => {
+            shared.hub.stats.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(?refusal, peer = %ip, "upgrade refused: too many connections");
+            let mut response =
+                (StatusCode::SERVICE_UNAVAILABLE, "Too many connections; try again later\n").into_response();
+            response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+            return response;
+        }
+    };
     let config = ws_config(&shared);
     let tasks = shared.tasks.clone();
     accept(req, config, &tasks, move |socket| async move {
+        // Held for the connection's life; dropping it frees the place.
+        let _slot = slot;
         let state = shared.clone();
         match endpoint {
             Endpoint::Chat => {
@@ -141,18 +178,24 @@ struct Status {
     slow_consumers_dropped: u64,
     /// Connections dropped for not answering heartbeat pings.
     dead_connections_reaped: u64,
+    /// Messages refused by a rate limit.
+    rate_limited: u64,
+    /// Upgrades refused (origin, connection caps).
+    upgrades_refused: u64,
 }
 
 async fn status(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     let stats = &shared.hub.stats;
     axum::Json(Status {
-        connections: stats.connections.load(Ordering::Relaxed),
+        connections: shared.admission.open(),
         rooms: shared.hub.room_count(),
         uptime: shared.started.elapsed().as_secs(),
         version: env!("CARGO_PKG_VERSION"),
         connections_accepted: stats.accepted.load(Ordering::Relaxed),
         slow_consumers_dropped: stats.slow_consumers.load(Ordering::Relaxed),
         dead_connections_reaped: stats.dead_reaped.load(Ordering::Relaxed),
+        rate_limited: stats.rate_limited.load(Ordering::Relaxed),
+        upgrades_refused: stats.refused.load(Ordering::Relaxed),
     })
 }
 

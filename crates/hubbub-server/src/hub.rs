@@ -13,7 +13,7 @@
 //! `.await` (there is no `.await` in this module).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
@@ -148,14 +148,16 @@ impl CloseReason {
 /// Server-wide counters, for `/api/status` and logs.
 #[derive(Debug, Default)]
 pub(crate) struct Stats {
-    /// Open WebSocket connections on every endpoint.
-    pub(crate) connections: AtomicUsize,
     /// Connections dropped because their outbound queue filled up.
     pub(crate) slow_consumers: AtomicU64,
     /// WebSocket connections accepted since start.
     pub(crate) accepted: AtomicU64,
     /// Connections dropped because they did not answer a heartbeat ping.
     pub(crate) dead_reaped: AtomicU64,
+    /// Messages refused by a rate limit.
+    pub(crate) rate_limited: AtomicU64,
+    /// Upgrades refused by the origin check or the connection caps.
+    pub(crate) refused: AtomicU64,
 }
 
 /// A set of peers that receives broadcasts, split into shards so that

@@ -19,12 +19,14 @@
 //! handshake, `conn` drives a connection (reader loop + batching writer),
 //! `chat` holds the endpoint handlers, `hub` owns rooms and fan-out.
 
+mod admission;
 mod chat;
 mod config;
 mod conn;
 mod http;
 mod hub;
 mod net;
+mod ratelimit;
 mod upgrade;
 mod upload;
 
@@ -39,7 +41,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use config::{Config, ConfigError, DeliverySettings, HeartbeatSettings, UploadSettings, WebSocketLimits};
+pub use config::{
+    Config, ConfigError, ConnectionLimits, DeliverySettings, HeartbeatSettings, RateLimitSettings,
+    UploadSettings, WebSocketLimits,
+};
 
 /// State shared by every request and connection.
 #[derive(Debug)]
@@ -56,6 +61,8 @@ pub(crate) struct Shared {
     pub(crate) tasks: TaskTracker,
     /// The upload directory.
     pub(crate) store: Store,
+    /// Open connections, against the configured caps.
+    pub(crate) admission: Arc<admission::Admission>,
 }
 
 /// A Hubbub server, ready to run on a listener.
@@ -85,6 +92,7 @@ impl Server {
                 shutdown: CancellationToken::new(),
                 tasks: TaskTracker::new(),
                 store,
+                admission: Arc::default(),
             }),
         })
     }

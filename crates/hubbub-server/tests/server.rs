@@ -492,6 +492,8 @@ async fn an_oversized_frame_closes_only_that_connection_with_1009() {
 async fn a_slow_consumer_is_dropped_and_nobody_else_notices() {
     let mut config = TestServer::config();
     config.websocket.outbound_queue = 32;
+    // The sender outpaces any human on purpose.
+    config.rate_limit.enabled = false;
     let server = TestServer::with(config).await;
     let mut slow = Client::connect_small_window(server.addr, "/ws/chat").await;
     slow.greeting().await;
@@ -1025,5 +1027,158 @@ async fn the_upload_quota_is_enforced() {
     c.send(json!({"type": "fileStart", "name": "b", "size": 6_000})).await;
     let err = c.recv_type("fileError").await;
     assert!(err["message"].as_str().unwrap().contains("upload space is full"), "{err}");
+    server.shutdown().await;
+}
+
+// ----- admission and limits -----------------------------------------------------
+
+async fn connect_with_origin(server: &TestServer, origin: &str) -> Result<Client, String> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = server.url("/ws/chat").into_client_request().unwrap();
+    request.headers_mut().insert("origin", origin.parse().unwrap());
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((ws, _)) => Ok(Client { ws }),
+        Err(err) => Err(err.to_string()),
+    }
+}
+
+#[tokio::test]
+async fn browser_origins_are_checked() {
+    let mut config = TestServer::config();
+    config.allowed_origins = vec!["https://app.example".into()];
+    let server = TestServer::with(config).await;
+    // Its own origin, an allowed one, and none at all are accepted.
+    connect_with_origin(&server, &format!("http://{}", server.addr)).await.unwrap().greeting().await;
+    connect_with_origin(&server, "https://app.example").await.unwrap().greeting().await;
+    server.chat().await.greeting().await;
+    let refused = connect_with_origin(&server, "https://evil.example").await.err().unwrap();
+    assert!(refused.contains("403"), "{refused}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn connection_caps_refuse_with_503_and_free_places_on_close() {
+    let mut config = TestServer::config();
+    config.limits.max_connections_per_ip = 2;
+    let server = TestServer::with(config).await;
+    let mut a = server.chat().await;
+    a.greeting().await;
+    let mut b = server.chat().await;
+    b.greeting().await;
+    let refused = tokio_tungstenite::connect_async(server.url("/ws/chat")).await.unwrap_err();
+    assert!(refused.to_string().contains("503"), "{refused}");
+    a.ws.close(None).await.unwrap();
+    a.closed_or_ended().await;
+    // The place is free again once the server has seen the close.
+    let mut c = loop {
+        if let Ok((ws, _)) = tokio_tungstenite::connect_async(server.url("/ws/chat")).await {
+            break Client { ws };
+        }
+        tokio::task::yield_now().await;
+    };
+    c.greeting().await;
+    server.shutdown().await;
+
+    let mut config = TestServer::config();
+    config.limits.max_connections = 1;
+    let server = TestServer::with(config).await;
+    let _only = server.chat().await;
+    let refused = tokio_tungstenite::connect_async(server.url("/ws/echo")).await.unwrap_err();
+    assert!(refused.to_string().contains("503"), "{refused}");
+    server.shutdown().await;
+}
+
+impl Client {
+    /// Reads until the connection ends, whatever arrives.
+    async fn closed_or_ended(&mut self) {
+        timeout(WAIT, async { while let Some(Ok(_)) = self.ws.next().await {} }).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_client_is_limited_then_closed_and_nobody_else_notices() {
+    let mut config = TestServer::config();
+    config.rate_limit.chat_burst = 5;
+    config.rate_limit.flood_strikes = 20;
+    let server = TestServer::with(config).await;
+    let mut flood = server.in_room("flood", "r").await;
+    let mut calm = server.in_room("calm", "r").await;
+    flood.recv_type("userJoined").await;
+    let mut reader = server.in_room("reader", "r").await;
+    flood.recv_type("userJoined").await;
+    calm.recv_type("userJoined").await;
+
+    for i in 0..100 {
+        if flood
+            .ws
+            .send(Message::text(json!({"type": "chatMessage", "text": format!("spam {i}")}).to_string()))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let mut limited = 0;
+    let code = loop {
+        match timeout(WAIT, flood.ws.next()).await.unwrap() {
+            Some(Ok(Message::Text(text))) => {
+                let msg: Value = serde_json::from_str(&text).unwrap();
+                if msg["code"] == "rateLimited" {
+                    assert!(msg["retryAfterMs"].as_u64().unwrap() > 0);
+                    limited += 1;
+                }
+            }
+            Some(Ok(Message::Close(frame))) => break frame.unwrap().code,
+            Some(Ok(_)) => {}
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(code, CloseCode::Policy);
+    // Strikes refill slowly (20 per 10 s), so a fast flood gets about 20.
+    assert!((20..=25).contains(&limited), "every refusal is reported until the close: {limited}");
+
+    // The room got the burst (and what the refill allowed), in order, then
+    // the flooder's departure; the calm member chats as usual.
+    let mut delivered = 0;
+    loop {
+        let msg = reader.recv().await;
+        match msg["type"].as_str().unwrap() {
+            "chatMessage" => {
+                assert_eq!(msg["text"], format!("spam {delivered}"));
+                delivered += 1;
+            }
+            "userLeft" => break,
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert!((5..100 - 20).contains(&delivered), "the burst and no more: {delivered}");
+    calm.send(json!({"type": "chatMessage", "text": "hello"})).await;
+    assert_eq!(reader.recv_type("chatMessage").await["text"], "hello");
+    assert_eq!(server.status().await["rateLimited"], limited + 1);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn typing_is_broadcast_at_most_once_per_interval() {
+    let server = TestServer::start().await;
+    let mut ada = server.in_room("ada", "r").await;
+    let mut bob = server.in_room("bob", "r").await;
+    ada.recv_type("userJoined").await;
+    for _ in 0..5 {
+        bob.send(json!({"type": "typing"})).await;
+    }
+    assert_eq!(ada.recv_type("userTyping").await["user"], "bob");
+    ada.expect_nothing_pending().await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn http_responses_carry_security_headers() {
+    let server = TestServer::start().await;
+    let (head, _) = http_raw(server.addr, "GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").await;
+    let head = head.to_ascii_lowercase();
+    assert!(head.contains("content-security-policy: default-src 'self'"), "{head}");
+    assert!(head.contains("x-content-type-options: nosniff"), "{head}");
+    assert!(head.contains("referrer-policy: no-referrer"), "{head}");
     server.shutdown().await;
 }

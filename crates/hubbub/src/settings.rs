@@ -54,6 +54,10 @@ pub(crate) struct Cli {
     #[arg(long)]
     no_echo: bool,
 
+    /// Turn off per-connection message rate limits (for load benchmarks)
+    #[arg(long)]
+    no_rate_limit: bool,
+
     /// Directory for uploaded files [default: ./data/uploads]
     #[arg(long, value_name = "DIR")]
     upload_dir: Option<PathBuf>,
@@ -92,6 +96,14 @@ struct Overrides {
     echo_enabled: Option<bool>,
     heartbeat: HeartbeatOverrides,
     uploads: UploadOverrides,
+    rate_limit: RateLimitOverrides,
+}
+
+/// The `[rate_limit]` keys the command line can set.
+#[derive(Serialize)]
+struct RateLimitOverrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    enabled: Option<bool>,
 }
 
 /// The `[uploads]` keys the command line can set.
@@ -126,6 +138,7 @@ impl Cli {
                 timeout: self.heartbeat_timeout.map(|d| humantime::format_duration(d).to_string()),
             },
             uploads: UploadOverrides { dir: self.upload_dir.clone() },
+            rate_limit: RateLimitOverrides { enabled: self.no_rate_limit.then_some(false) },
         }));
         let config: Config = figment.extract().context("invalid configuration")?;
         config.validate().context("invalid configuration")?;
@@ -183,6 +196,7 @@ mod tests {
                 "127.0.0.1:7001",
                 "--heartbeat-interval",
                 "500ms",
+                "--no-rate-limit",
             ])
             .map_err(|e| e.to_string())?;
             assert_eq!(config.listen, "127.0.0.1:7001".parse().unwrap());
@@ -192,6 +206,7 @@ mod tests {
             assert_eq!(config.trusted_proxies.len(), 2);
             assert_eq!(config.heartbeat.interval, Duration::from_millis(500));
             assert_eq!(config.heartbeat.timeout, Duration::from_secs(2));
+            assert!(!config.rate_limit.enabled);
             Ok(())
         });
     }
