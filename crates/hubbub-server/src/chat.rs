@@ -15,7 +15,6 @@ use crate::hub::{CloseReason, Peer, Remembered, Room, encode};
 use crate::ratelimit::{Kind, Limiter, Verdict};
 use crate::upload::{Outcome, Uploads};
 use hubbub_transfer::NewUpload;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
@@ -78,6 +77,7 @@ impl ChatSession {
         let hub = &self.shared.hub;
         match msg {
             ClientMessage::SetUsername { username } => {
+                tracing::Span::current().record("user", username.as_str());
                 tracing::debug!(%username, "username set");
                 self.reply(&ServerMessage::UsernameSet { username: username.clone() });
                 self.username = Some(username);
@@ -193,7 +193,7 @@ impl ChatSession {
         match limiter.check(kind, Instant::now()) {
             Verdict::Allow => true,
             Verdict::Refuse(wait) => {
-                self.shared.hub.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+                self.shared.hub.stats.rate_limited.inc();
                 let retry_after_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
                 self.reply(&ServerMessage::Error {
                     message: format!("Too many {} messages; slow down", msg.kind()),
@@ -203,7 +203,7 @@ impl ChatSession {
                 false
             }
             Verdict::Close => {
-                self.shared.hub.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+                self.shared.hub.stats.rate_limited.inc();
                 tracing::warn!("closing a connection that keeps flooding");
                 self.peer.close(CloseReason {
                     code: CloseCode::Policy,
@@ -217,10 +217,20 @@ impl ChatSession {
 
     /// Carries out what an upload step asked for.
     fn act(&mut self, outcome: Outcome) {
+        let stats = &self.shared.hub.stats;
         match outcome {
-            Outcome::Reply(msg) => self.reply(&msg),
+            Outcome::Reply(msg) => {
+                match msg {
+                    ServerMessage::FileAccepted { .. } => stats.uploads_started.inc(),
+                    ServerMessage::FileError { .. } => stats.uploads_failed.inc(),
+                    _ => {}
+                }
+                self.reply(&msg);
+            }
             Outcome::Quiet => {}
             Outcome::Saved(file, transfer_id) => {
+                stats.uploads_finished.inc();
+                stats.upload_bytes_stored.inc_by(file.size);
                 let url = format!("/files/{}", file.id);
                 self.reply(&ServerMessage::FileSaved {
                     file_id: file.id.clone(),

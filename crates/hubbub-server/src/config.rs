@@ -51,6 +51,25 @@ pub struct Config {
     pub limits: ConnectionLimits,
     /// Per-connection message rates.
     pub rate_limit: RateLimitSettings,
+    /// The Prometheus endpoint.
+    pub metrics: MetricsSettings,
+}
+
+/// Where `/metrics` is served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// Whether `/metrics` is served at all. Default true.
+    pub enabled: bool,
+    /// Serve `/metrics` on this separate address (e.g. `127.0.0.1:9090`)
+    /// instead of the main port. Default: the main port.
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        Self { enabled: true, listen: None }
+    }
 }
 
 /// Caps on open WebSocket connections. Beyond them an upgrade gets `503`.
@@ -262,6 +281,7 @@ impl Default for Config {
             uploads: UploadSettings::default(),
             limits: ConnectionLimits::default(),
             rate_limit: RateLimitSettings::default(),
+            metrics: MetricsSettings::default(),
         }
     }
 }
@@ -302,7 +322,7 @@ impl Config {
     /// The names of the config file's sections, for mapping flat
     /// `HUBBUB_SECTION_KEY` environment variables onto nested keys.
     pub const SECTIONS: &'static [&'static str] =
-        &["protocol", "websocket", "heartbeat", "delivery", "uploads", "limits", "rate_limit"];
+        &["protocol", "websocket", "heartbeat", "delivery", "uploads", "limits", "rate_limit", "metrics"];
 
     /// Checks that the configuration can work.
     pub fn validate(&self) -> Result<(), ConfigError> {

@@ -15,7 +15,6 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -31,6 +30,7 @@ use tracing::Instrument;
 
 use crate::Shared;
 use crate::hub::{CloseReason, Mailbox, Peer};
+use crate::metrics::code_label;
 use crate::upgrade::Socket;
 
 /// What an endpoint does with the frames its client sends.
@@ -74,8 +74,14 @@ pub(crate) async fn run<H: Handler>(
     make_handler: impl FnOnce(Peer) -> H,
 ) {
     let (peer, mailbox) = Peer::new(shared.config.websocket.outbound_queue, &shared.shutdown);
-    let span = tracing::info_span!("conn", client = %peer.id, peer = %ip, endpoint = endpoint.name());
-    drive(socket, shared, peer, mailbox, make_handler).instrument(span).await;
+    let span = tracing::info_span!(
+        "conn",
+        client = %peer.id,
+        peer = %ip,
+        endpoint = endpoint.name(),
+        user = tracing::field::Empty
+    );
+    drive(socket, shared, peer, mailbox, endpoint, make_handler).instrument(span).await;
 }
 
 async fn drive<H: Handler>(
@@ -83,10 +89,13 @@ async fn drive<H: Handler>(
     shared: Arc<Shared>,
     peer: Peer,
     mailbox: Mailbox,
+    endpoint: Endpoint,
     make_handler: impl FnOnce(Peer) -> H,
 ) {
     let stats = &shared.hub.stats;
-    stats.accepted.fetch_add(1, Ordering::Relaxed);
+    stats.accepted.with_label_values(&[endpoint.name()]).inc();
+    let open = stats.open.with_label_values(&[endpoint.name()]);
+    open.inc();
     tracing::info!("connected");
 
     let close_timeout = shared.config.close_timeout;
@@ -111,15 +120,23 @@ async fn drive<H: Handler>(
                     peer.send(Message::Ping(Bytes::copy_from_slice(&encode_token(token))), stats);
                 }
                 Action::PeerDead => {
-                    stats.dead_reaped.fetch_add(1, Ordering::Relaxed);
+                    stats.dead_reaped.inc();
                     tracing::info!(timeout = ?shared.config.heartbeat.timeout, "dead connection: no pong in time");
                     peer.close(CloseReason { code: CloseCode::Abnormal, reason: "heartbeat timeout", drain_queue: false });
                     break;
                 }
             },
             next = stream.next() => match next {
-                Some(Ok(Message::Text(text))) => handler.on_text(text).await,
-                Some(Ok(Message::Binary(data))) => handler.on_binary(data).await,
+                Some(Ok(Message::Text(text))) => {
+                    stats.received.inc();
+                    stats.bytes_in.inc_by(text.len() as u64);
+                    handler.on_text(text).await;
+                }
+                Some(Ok(Message::Binary(data))) => {
+                    stats.received.inc();
+                    stats.bytes_in.inc_by(data.len() as u64);
+                    handler.on_binary(data).await;
+                }
                 Some(Ok(Message::Pong(payload))) => {
                     if let Some(token) = decode_token(&payload) {
                         heartbeat.on_pong(token);
@@ -167,6 +184,8 @@ async fn drive<H: Handler>(
         let _ = tokio::time::timeout(close_timeout, async { while stream.next().await.is_some() {} }).await;
     }
     let code = u16::from(peer_code.unwrap_or(ours.code));
+    open.dec();
+    stats.closed.with_label_values(&[code_label(code)]).inc();
     tracing::info!(code, by_peer = peer_code.is_some(), reason = ours.reason, "disconnected");
 }
 

@@ -2,7 +2,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::extract::{ConnectInfo, Request, State};
@@ -13,7 +12,7 @@ use serde::Serialize;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::Shared;
-use crate::admission::check_origin;
+use crate::admission::{Refusal, check_origin};
 use crate::chat::{ChatSession, Echo, Subscriber};
 use crate::conn::{self, Endpoint};
 use crate::net::client_ip;
@@ -43,6 +42,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/style.css", get(asset))
         .route("/api/status", get(status))
         .route("/api/rooms", get(rooms))
+        .route("/metrics", get(metrics))
         .route("/files/{file_id}", get(download))
         .fallback(not_found)
         .layer(axum::middleware::map_response(security_headers))
@@ -101,14 +101,18 @@ fn upgrade(
 ) -> Response {
     let ip = client_ip(addr, req.headers(), &shared.config);
     if let Err(origin) = check_origin(req.headers(), &shared.config) {
-        shared.hub.stats.refused.fetch_add(1, Ordering::Relaxed);
+        shared.hub.stats.refused.with_label_values(&["origin"]).inc();
         tracing::warn!(%origin, peer = %ip, "upgrade refused: origin not allowed");
         return (StatusCode::FORBIDDEN, "Origin not allowed\n").into_response();
     }
     let slot = match shared.admission.admit(ip, &shared.config) {
         Ok(slot) => slot,
         Err(refusal) => {
-            shared.hub.stats.refused.fetch_add(1, Ordering::Relaxed);
+            let reason = match refusal {
+                Refusal::ServerFull => "server_full",
+                Refusal::AddressFull => "address_full",
+            };
+            shared.hub.stats.refused.with_label_values(&[reason]).inc();
             tracing::warn!(?refusal, peer = %ip, "upgrade refused: too many connections");
             let mut response =
                 (StatusCode::SERVICE_UNAVAILABLE, "Too many connections; try again later\n").into_response();
@@ -191,12 +195,32 @@ async fn status(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
         rooms: shared.hub.room_count(),
         uptime: shared.started.elapsed().as_secs(),
         version: env!("CARGO_PKG_VERSION"),
-        connections_accepted: stats.accepted.load(Ordering::Relaxed),
-        slow_consumers_dropped: stats.slow_consumers.load(Ordering::Relaxed),
-        dead_connections_reaped: stats.dead_reaped.load(Ordering::Relaxed),
-        rate_limited: stats.rate_limited.load(Ordering::Relaxed),
-        upgrades_refused: stats.refused.load(Ordering::Relaxed),
+        connections_accepted: ["chat", "notifications", "echo"]
+            .iter()
+            .map(|e| stats.accepted.with_label_values(&[e]).get())
+            .sum(),
+        slow_consumers_dropped: stats.slow_consumers.get(),
+        dead_connections_reaped: stats.dead_reaped.get(),
+        rate_limited: stats.rate_limited.get(),
+        upgrades_refused: ["origin", "server_full", "address_full"]
+            .iter()
+            .map(|r| stats.refused.with_label_values(&[r]).get())
+            .sum(),
     })
+}
+
+/// `GET /metrics`: Prometheus text format.
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    if !shared.config.metrics.enabled || shared.config.metrics.listen.is_some() {
+        return not_found().await.into_response();
+    }
+    render_metrics(&shared)
+}
+
+/// The metrics as a response, for either listener.
+pub(crate) fn render_metrics(shared: &Shared) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], shared.hub.stats.render())
+        .into_response()
 }
 
 /// One entry of `GET /api/rooms`.

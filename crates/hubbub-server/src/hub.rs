@@ -13,7 +13,6 @@
 //! `.await` (there is no `.await` in this module).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
@@ -24,6 +23,8 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::Utf8Bytes;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_util::sync::CancellationToken;
+
+pub(crate) use crate::metrics::Stats;
 use uuid::Uuid;
 
 /// A connection's id, sent to chat clients in `connected {clientId}`.
@@ -105,7 +106,7 @@ impl Peer {
                     drain_queue: false,
                 };
                 if self.close(reason) {
-                    stats.slow_consumers.fetch_add(1, Ordering::Relaxed);
+                    stats.slow_consumers.inc();
                     tracing::warn!(client = %self.id, "slow consumer: outbound queue full, disconnecting");
                 }
                 false
@@ -121,7 +122,13 @@ impl Peer {
 
     /// Queues a message for this peer alone.
     pub(crate) fn reply(&self, msg: &ServerMessage, stats: &Stats) -> bool {
-        self.send_text(&encode(msg), stats)
+        let frame = encode(msg);
+        let sent = self.send_text(&frame, stats);
+        if sent {
+            stats.delivered.inc();
+            stats.bytes_out.inc_by(frame.len() as u64);
+        }
+        sent
     }
 
     /// Asks the connection to close. Returns true if this call decided the
@@ -143,21 +150,6 @@ impl CloseReason {
     pub(crate) fn frame(&self) -> CloseFrame {
         CloseFrame { code: self.code, reason: Utf8Bytes::from_static(self.reason) }
     }
-}
-
-/// Server-wide counters, for `/api/status` and logs.
-#[derive(Debug, Default)]
-pub(crate) struct Stats {
-    /// Connections dropped because their outbound queue filled up.
-    pub(crate) slow_consumers: AtomicU64,
-    /// WebSocket connections accepted since start.
-    pub(crate) accepted: AtomicU64,
-    /// Connections dropped because they did not answer a heartbeat ping.
-    pub(crate) dead_reaped: AtomicU64,
-    /// Messages refused by a rate limit.
-    pub(crate) rate_limited: AtomicU64,
-    /// Upgrades refused by the origin check or the connection caps.
-    pub(crate) refused: AtomicU64,
 }
 
 /// A set of peers that receives broadcasts, split into shards so that
@@ -192,11 +184,14 @@ impl PeerSet {
 
     /// Queues `frame` to every peer.
     pub(crate) fn broadcast(&self, frame: &Frame, stats: &Stats) {
+        let started = Instant::now();
+        let mut sent = 0;
         for shard in &self.shards {
             for peer in read(shard).values() {
-                peer.send_text(frame, stats);
+                sent += u64::from(peer.send_text(frame, stats));
             }
         }
+        stats.broadcast(sent, frame.len(), started);
     }
 }
 
@@ -295,11 +290,14 @@ impl Room {
 
     /// Queues `frame` to every member but `except`.
     pub(crate) fn broadcast(&self, frame: &Frame, except: Option<ClientId>, stats: &Stats) {
+        let started = Instant::now();
+        let mut sent = 0;
         for (id, peer) in read(&self.members).iter() {
             if Some(*id) != except {
-                peer.send_text(frame, stats);
+                sent += u64::from(peer.send_text(frame, stats));
             }
         }
+        stats.broadcast(sent, frame.len(), started);
     }
 
     /// Current number of members.
@@ -340,7 +338,7 @@ impl Hub {
             rooms: Mutex::default(),
             lobby: PeerSet::new(SHARDS),
             subscribers: PeerSet::new(SHARDS),
-            stats: Stats::default(),
+            stats: Stats::new(),
         }
     }
 
@@ -371,6 +369,7 @@ impl Hub {
                     recent: Mutex::default(),
                 });
                 rooms.insert(room.name.clone(), room.clone());
+                self.stats.rooms.set(rooms.len() as i64);
                 (room, true)
             }
         };
@@ -383,9 +382,9 @@ impl Hub {
         let user_count = members.len();
         let joined =
             encode(&ServerMessage::UserJoined { user: user.to_owned(), room: name.to_owned(), user_count });
-        for member in members.values() {
-            member.send_text(&joined, &self.stats);
-        }
+        let started = Instant::now();
+        let sent: u64 = members.values().map(|m| u64::from(m.send_text(&joined, &self.stats))).sum();
+        self.stats.broadcast(sent, joined.len(), started);
         peer.reply(&ServerMessage::RoomJoined { room: name.to_owned(), user_count }, &self.stats);
         drop(members);
         if created {
@@ -404,6 +403,7 @@ impl Hub {
         let removed = user_count == 0;
         if removed {
             rooms.remove(&room.name);
+            self.stats.rooms.set(rooms.len() as i64);
         }
         drop(rooms);
         if !removed {
@@ -412,9 +412,9 @@ impl Hub {
                 user_count,
                 room: Some(room.name.to_string()),
             });
-            for member in members.values() {
-                member.send_text(&left, &self.stats);
-            }
+            let started = Instant::now();
+            let sent: u64 = members.values().map(|m| u64::from(m.send_text(&left, &self.stats))).sum();
+            self.stats.broadcast(sent, left.len(), started);
         }
         drop(members);
         if removed {

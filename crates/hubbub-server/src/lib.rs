@@ -25,6 +25,7 @@ mod config;
 mod conn;
 mod http;
 mod hub;
+mod metrics;
 mod net;
 mod ratelimit;
 mod upgrade;
@@ -116,6 +117,20 @@ impl Server {
             // Frames are batched by our writer; Nagle would only add delay.
             let _ = tcp.set_nodelay(true);
         });
+        if let (true, Some(addr)) = (shared.config.metrics.enabled, shared.config.metrics.listen) {
+            let metrics_listener = TcpListener::bind(addr).await?;
+            tracing::info!(%addr, "serving /metrics on its own address");
+            let router = axum::Router::new().route(
+                "/metrics",
+                axum::routing::get({
+                    let shared = shared.clone();
+                    move || std::future::ready(http::render_metrics(&shared))
+                }),
+            );
+            let serve =
+                axum::serve(metrics_listener, router).with_graceful_shutdown(token.clone().cancelled_owned());
+            tokio::spawn(serve.into_future());
+        }
         let server = axum::serve(listener, app).with_graceful_shutdown(token.clone().cancelled_owned());
         let mut server = tokio::spawn(server.into_future());
 

@@ -1182,3 +1182,71 @@ async fn http_responses_carry_security_headers() {
     assert!(head.contains("referrer-policy: no-referrer"), "{head}");
     server.shutdown().await;
 }
+
+// ----- metrics ------------------------------------------------------------------
+
+/// Parses Prometheus text format strictly enough to catch a malformed line:
+/// returns `name{labels}` -> value.
+fn parse_prometheus(text: &str) -> std::collections::HashMap<String, f64> {
+    let mut samples = std::collections::HashMap::new();
+    for line in text.lines() {
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(comment) = line.strip_prefix('#') {
+            let mut words = comment.split_whitespace();
+            let kind = words.next().unwrap();
+            assert!(kind == "HELP" || kind == "TYPE", "bad comment line {line:?}");
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad sample line {line:?}"));
+        let name_end = series.find('{').unwrap_or(series.len());
+        let name = &series[..name_end];
+        assert!(
+            name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':') && !name.is_empty(),
+            "bad metric name in {line:?}"
+        );
+        if name_end < series.len() {
+            assert!(series.ends_with('}'), "bad labels in {line:?}");
+        }
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        samples.insert(series.to_owned(), value);
+    }
+    samples
+}
+
+#[tokio::test]
+async fn metrics_parse_as_prometheus_text_and_move_with_traffic() {
+    let server = TestServer::start().await;
+    let scrape = || async {
+        let (status, body) = http_get(server.addr, "/metrics").await;
+        assert!(status.contains("200"), "{status}");
+        parse_prometheus(&body)
+    };
+    let before = scrape().await;
+    let mut ada = server.in_room("ada", "r").await;
+    let mut bob = server.in_room("bob", "r").await;
+    ada.recv_type("userJoined").await;
+    ada.send(json!({"type": "chatMessage", "text": "counted"})).await;
+    bob.recv_type("chatMessage").await;
+    let after = scrape().await;
+
+    let get = |m: &std::collections::HashMap<String, f64>, k: &str| m.get(k).copied().unwrap_or(0.0);
+    assert_eq!(get(&after, "hubbub_connections_open{endpoint=\"chat\"}"), 2.0);
+    assert_eq!(get(&after, "hubbub_connections_accepted_total{endpoint=\"chat\"}"), 2.0);
+    assert_eq!(get(&after, "hubbub_rooms"), 1.0);
+    assert!(
+        get(&after, "hubbub_messages_received_total") >= get(&before, "hubbub_messages_received_total") + 5.0
+    );
+    assert!(get(&after, "hubbub_messages_delivered_total") > get(&before, "hubbub_messages_delivered_total"));
+    assert!(get(&after, "hubbub_bytes_received_total") > 0.0);
+    assert!(get(&after, "hubbub_broadcast_fanout_seconds_count") >= 3.0);
+    server.shutdown().await;
+
+    let mut config = TestServer::config();
+    config.metrics.enabled = false;
+    let server = TestServer::with(config).await;
+    let (status, _) = http_get(server.addr, "/metrics").await;
+    assert!(status.contains("404"), "{status}");
+    server.shutdown().await;
+}

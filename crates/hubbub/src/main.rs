@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Parser as _;
 use hubbub_server::Server;
-use settings::{Action, Cli};
+use settings::{Action, Cli, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
@@ -38,7 +38,12 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
         }
     };
     let filter = EnvFilter::try_new(&cli.log).context("invalid --log filter")?;
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    match cli.log_format {
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
+        LogFormat::Json => {
+            tracing_subscriber::fmt().json().with_current_span(true).with_env_filter(filter).init()
+        }
+    }
 
     let server = Server::new(config)?;
     let listen = server.config().listen;

@@ -74,9 +74,22 @@ pub(crate) struct Cli {
     #[arg(long)]
     print_config: bool,
 
+    /// Log format: `text` for people, `json` (one object per line) for log shippers
+    #[arg(long, value_name = "FORMAT", env = "HUBBUB_LOG_FORMAT", default_value = "text")]
+    pub(crate) log_format: LogFormat,
+
     /// Log filter, e.g. `info` or `hubbub_server=debug`
     #[arg(long, value_name = "FILTER", env = "HUBBUB_LOG", default_value = "info")]
     pub(crate) log: String,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, with the connection's span fields.
+    Json,
 }
 
 /// What the command line asks for, once read.
@@ -154,7 +167,7 @@ impl Cli {
 /// becomes `protocol.max_text_chars`. The variables that only the command
 /// line reads are left out.
 fn environment() -> Env {
-    Env::prefixed("HUBBUB_").ignore(&["config", "log"]).map(|key| {
+    Env::prefixed("HUBBUB_").ignore(&["config", "log", "log_format"]).map(|key| {
         let key = key.as_str().to_ascii_lowercase();
         for section in Config::SECTIONS {
             if let Some(rest) = key.strip_prefix(section).and_then(|r| r.strip_prefix('_')) {
