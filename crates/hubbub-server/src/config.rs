@@ -11,6 +11,8 @@ use std::time::Duration;
 use hubbub_heartbeat::HeartbeatConfig;
 use hubbub_protocol::Limits;
 use hubbub_transfer::TransferLimits;
+
+use crate::tls::TlsSettings;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
@@ -20,6 +22,9 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     /// Address to listen on. Default `0.0.0.0:8080`.
     pub listen: SocketAddr,
+    /// Serve HTTPS and `wss://` with this certificate and key. Default: none
+    /// (plain HTTP and `ws://`).
+    pub tls: Option<TlsSettings>,
     /// Proxies whose `X-Forwarded-For` header is believed, as addresses or
     /// CIDR blocks (`10.0.0.0/8`). Default: none, so the TCP peer address is
     /// the client's address.
@@ -269,6 +274,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            tls: None,
             trusted_proxies: Vec::new(),
             echo_enabled: true,
             allowed_origins: Vec::new(),
@@ -300,7 +306,7 @@ impl Default for WebSocketLimits {
 }
 
 /// A configuration that cannot work, found before the port opens.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// A size, count or duration that must be positive is zero.
     #[error("{0} must be greater than zero")]
@@ -308,6 +314,9 @@ pub enum ConfigError {
     /// Two values contradict each other.
     #[error("{0}")]
     Inconsistent(String),
+    /// The TLS certificate or key cannot be used.
+    #[error("cannot use the TLS certificate and key")]
+    Tls(#[from] crate::tls::TlsError),
     /// The upload directory cannot be used.
     #[error("cannot use upload directory {path}: {cause}")]
     UploadDir {
@@ -321,8 +330,17 @@ pub enum ConfigError {
 impl Config {
     /// The names of the config file's sections, for mapping flat
     /// `HUBBUB_SECTION_KEY` environment variables onto nested keys.
-    pub const SECTIONS: &'static [&'static str] =
-        &["protocol", "websocket", "heartbeat", "delivery", "uploads", "limits", "rate_limit", "metrics"];
+    pub const SECTIONS: &'static [&'static str] = &[
+        "protocol",
+        "websocket",
+        "heartbeat",
+        "delivery",
+        "uploads",
+        "limits",
+        "rate_limit",
+        "metrics",
+        "tls",
+    ];
 
     /// Checks that the configuration can work.
     pub fn validate(&self) -> Result<(), ConfigError> {

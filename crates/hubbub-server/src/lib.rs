@@ -28,6 +28,7 @@ mod hub;
 mod metrics;
 mod net;
 mod ratelimit;
+mod tls;
 mod upgrade;
 mod upload;
 
@@ -46,6 +47,7 @@ pub use config::{
     Config, ConfigError, ConnectionLimits, DeliverySettings, HeartbeatSettings, RateLimitSettings,
     UploadSettings, WebSocketLimits,
 };
+pub use tls::{TlsError, TlsReloader, TlsSettings};
 
 /// State shared by every request and connection.
 #[derive(Debug)]
@@ -70,6 +72,8 @@ pub(crate) struct Shared {
 #[derive(Debug)]
 pub struct Server {
     shared: Arc<Shared>,
+    /// The certificate in use, when serving TLS.
+    tls: Option<TlsReloader>,
 }
 
 impl Server {
@@ -85,7 +89,9 @@ impl Server {
             limits: uploads.transfer_limits(),
         })
         .map_err(|err| ConfigError::UploadDir { path: uploads.dir.clone(), cause: err.to_string() })?;
+        let tls = config.tls.clone().map(TlsReloader::load).transpose()?;
         Ok(Self {
+            tls,
             shared: Arc::new(Shared {
                 config,
                 hub: hub::Hub::new(),
@@ -103,6 +109,12 @@ impl Server {
         &self.shared.config
     }
 
+    /// The TLS certificate's reloader, when the server serves TLS; call
+    /// [`TlsReloader::reload`] on SIGHUP.
+    pub fn tls(&self) -> Option<&TlsReloader> {
+        self.tls.as_ref()
+    }
+
     /// Serves on `listener` until `shutdown` completes, then closes every
     /// connection and returns once they are gone or the drain time is up.
     pub async fn run(
@@ -113,10 +125,7 @@ impl Server {
         let shared = self.shared;
         let app = http::router(shared.clone()).into_make_service_with_connect_info::<SocketAddr>();
         let token = shared.shutdown.clone();
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            // Frames are batched by our writer; Nagle would only add delay.
-            let _ = tcp.set_nodelay(true);
-        });
+
         if let (true, Some(addr)) = (shared.config.metrics.enabled, shared.config.metrics.listen) {
             let metrics_listener = TcpListener::bind(addr).await?;
             tracing::info!(%addr, "serving /metrics on its own address");
@@ -131,8 +140,25 @@ impl Server {
                 axum::serve(metrics_listener, router).with_graceful_shutdown(token.clone().cancelled_owned());
             tokio::spawn(serve.into_future());
         }
-        let server = axum::serve(listener, app).with_graceful_shutdown(token.clone().cancelled_owned());
-        let mut server = tokio::spawn(server.into_future());
+        let mut server = match self.tls {
+            Some(tls) => {
+                let listener = tls::TlsListener::spawn(listener, tls, token.clone())?;
+                // Wrapped only so axum's `ConnectInfo<SocketAddr>` applies.
+                let listener = axum::serve::ListenerExt::tap_io(listener, |_| {});
+                let serve =
+                    axum::serve(listener, app).with_graceful_shutdown(token.clone().cancelled_owned());
+                tokio::spawn(serve.into_future())
+            }
+            None => {
+                let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                    // Frames are batched by our writer; Nagle would only add delay.
+                    let _ = tcp.set_nodelay(true);
+                });
+                let serve =
+                    axum::serve(listener, app).with_graceful_shutdown(token.clone().cancelled_owned());
+                tokio::spawn(serve.into_future())
+            }
+        };
 
         tokio::spawn(sweep_uploads(shared.clone()));
         let notice = {

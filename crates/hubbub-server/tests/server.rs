@@ -32,6 +32,8 @@ struct TestServer {
     uploads: std::path::PathBuf,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<std::io::Result<()>>,
+    /// The certificate reloader, when serving TLS.
+    tls: Option<hubbub_server::TlsReloader>,
 }
 
 impl TestServer {
@@ -54,10 +56,11 @@ impl TestServer {
         let uploads = config.uploads.dir.clone();
         let (stop, stopped) = oneshot::channel::<()>();
         let server = Server::new(config).unwrap();
+        let tls = server.tls().cloned();
         let task = tokio::spawn(server.run(listener, async {
             let _ = stopped.await;
         }));
-        Self { addr, uploads, stop: Some(stop), task }
+        Self { addr, uploads, stop: Some(stop), task, tls }
     }
 
     fn url(&self, path: &str) -> String {
@@ -1249,4 +1252,121 @@ async fn metrics_parse_as_prometheus_text_and_move_with_traffic() {
     let (status, _) = http_get(server.addr, "/metrics").await;
     assert!(status.contains("404"), "{status}");
     server.shutdown().await;
+}
+
+// ----- TLS ----------------------------------------------------------------------
+
+/// A self-signed certificate for localhost and 127.0.0.1, written as PEM
+/// files into a fresh directory: (dir, cert path, key path, cert DER).
+fn self_signed(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, Vec<u8>) {
+    let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+    let certified = rcgen::generate_simple_self_signed(names).unwrap();
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    (cert, key, certified.cert.der().to_vec())
+}
+
+fn tls_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("hubbub-tls-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Connects over TLS trusting `ca_der`; returns the client and the
+/// certificate the server presented.
+async fn connect_tls(addr: SocketAddr, path: &str, ca_der: &[u8]) -> (Client, Vec<u8>) {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(rustls_pki_types::CertificateDer::from(ca_der.to_vec())).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = connector.connect(name, tcp).await.unwrap();
+    let presented = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+    let url = format!("wss://localhost:{}{path}", addr.port());
+    let (ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Rustls(tls)).await.unwrap();
+    (Client { ws }, presented)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wss_chat_works_with_a_node_client_and_survives_a_certificate_reload() {
+    let dir = tls_dir();
+    let (cert, key, der) = self_signed(&dir);
+    let mut config = TestServer::config();
+    config.tls = Some(hubbub_server::TlsSettings {
+        cert: cert.clone(),
+        key: key.clone(),
+        handshake_timeout: Duration::from_secs(5),
+    });
+    let server = TestServer::with(config).await;
+
+    let (mut ada, presented) = connect_tls(server.addr, "/ws/chat", &der).await;
+    assert_eq!(presented, der);
+    ada.greeting().await;
+    ada.send(json!({"type": "setUsername", "username": "ada"})).await;
+    ada.send(json!({"type": "joinRoom", "room": "tls"})).await;
+    ada.recv_type("usernameSet").await;
+    ada.recv_type("userJoined").await;
+    ada.recv_type("roomJoined").await;
+
+    // A Node `ws` client that trusts the certificate joins and chats.
+    let interop = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop");
+    let node = tokio::process::Command::new("node")
+        .arg(interop.join("wss_client.mjs"))
+        .arg(format!("wss://localhost:{}/ws/chat", server.addr.port()))
+        .arg(&cert)
+        .kill_on_drop(true)
+        .output();
+    let node = tokio::spawn(timeout(Duration::from_secs(30), node));
+    assert_eq!(ada.recv_type("userJoined").await["user"], "node");
+    assert_eq!(ada.recv_type("chatMessage").await["text"], "hello over TLS");
+    ada.send(json!({"type": "chatMessage", "text": "hello node"})).await;
+    let output = node.await.unwrap().unwrap().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "node: {stdout}{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(stdout.trim(), "ok");
+
+    // A new certificate, reloaded: new connections get it, ada stays.
+    let (_, _, new_der) = self_signed(&dir);
+    server.tls.as_ref().unwrap().reload().unwrap();
+    let (mut bob, presented) = connect_tls(server.addr, "/ws/chat", &new_der).await;
+    assert_eq!(presented, new_der);
+    bob.greeting().await;
+    bob.send(json!({"type": "setUsername", "username": "bob"})).await;
+    bob.send(json!({"type": "joinRoom", "room": "tls"})).await;
+    assert_eq!(ada.recv_type("userLeft").await["user"], "node");
+    assert_eq!(ada.recv_type("userJoined").await["user"], "bob");
+    bob.recv_type("usernameSet").await;
+    bob.recv_type("userJoined").await;
+    bob.recv_type("roomJoined").await;
+    bob.send(json!({"type": "chatMessage", "text": "after reload"})).await;
+    assert_eq!(ada.recv_type("chatMessage").await["text"], "after reload");
+    server.shutdown().await;
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
+async fn a_bad_certificate_is_an_error_before_the_port_opens() {
+    let dir = tls_dir();
+    let (cert, _, _) = self_signed(&dir);
+    std::fs::write(dir.join("garbage.pem"), "not a key").unwrap();
+    let mut config = TestServer::config();
+    config.tls = Some(hubbub_server::TlsSettings {
+        cert,
+        key: dir.join("garbage.pem"),
+        handshake_timeout: Duration::from_secs(5),
+    });
+    let err = Server::new(config.clone()).unwrap_err().to_string();
+    assert!(err.contains("private key"), "{err}");
+    config.tls.as_mut().unwrap().cert = dir.join("missing.pem");
+    let err = Server::new(config).unwrap_err().to_string();
+    assert!(err.contains("missing.pem"), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
 }

@@ -52,20 +52,46 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
     let addr = listener.local_addr().context("reading the bound address")?;
     let host =
         if addr.ip().is_unspecified() { format!("localhost:{}", addr.port()) } else { addr.to_string() };
+    let (http, ws) = if server.tls().is_some() { ("https", "wss") } else { ("http", "ws") };
     #[allow(clippy::print_stdout)] // the URLs are for the operator, not the log
     {
         println!("Hubbub {} listening on {addr}", env!("CARGO_PKG_VERSION"));
-        println!("  chat page      http://{host}/");
-        println!("  chat socket    ws://{host}/ws/chat  (and ws://{host}/)");
-        println!("  notifications  ws://{host}/ws/notifications");
+        println!("  chat page      {http}://{host}/");
+        println!("  chat socket    {ws}://{host}/ws/chat  (and {ws}://{host}/)");
+        println!("  notifications  {ws}://{host}/ws/notifications");
         if server.config().echo_enabled {
-            println!("  echo           ws://{host}/ws/echo");
+            println!("  echo           {ws}://{host}/ws/echo");
         }
-        println!("  health         http://{host}/health   status http://{host}/api/status");
+        println!("  health         {http}://{host}/health   status {http}://{host}/api/status");
+    }
+    if let Some(tls) = server.tls().cloned() {
+        tokio::spawn(reload_on_sighup(tls));
     }
     server.run(listener, shutdown_signal()).await.context("server failed")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Reloads the TLS certificate and key on every SIGHUP; on failure the old
+/// ones stay in use.
+async fn reload_on_sighup(tls: hubbub_server::TlsReloader) {
+    #[cfg(unix)]
+    {
+        let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+            tracing::error!("cannot listen for SIGHUP; TLS certificates will not be reloaded");
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            match tls.reload() {
+                Ok(()) => tracing::info!("TLS certificate reloaded"),
+                Err(err) => {
+                    tracing::error!(cause = %err, "TLS reload failed; keeping the previous certificate")
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    drop(tls);
 }
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM.

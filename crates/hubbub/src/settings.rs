@@ -50,6 +50,14 @@ pub(crate) struct Cli {
     #[arg(long, short = 'c', value_name = "FILE", env = "HUBBUB_CONFIG")]
     config: Option<PathBuf>,
 
+    /// PEM certificate chain: serve HTTPS and wss:// (needs --tls-key); reloaded on SIGHUP
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+
+    /// PEM private key for --tls-cert
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+
     /// Do not serve /ws/echo
     #[arg(long)]
     no_echo: bool,
@@ -110,6 +118,15 @@ struct Overrides {
     heartbeat: HeartbeatOverrides,
     uploads: UploadOverrides,
     rate_limit: RateLimitOverrides,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls: Option<TlsOverrides>,
+}
+
+/// The `[tls]` keys the command line can set.
+#[derive(Serialize)]
+struct TlsOverrides {
+    cert: PathBuf,
+    key: PathBuf,
 }
 
 /// The `[rate_limit]` keys the command line can set.
@@ -152,6 +169,10 @@ impl Cli {
             },
             uploads: UploadOverrides { dir: self.upload_dir.clone() },
             rate_limit: RateLimitOverrides { enabled: self.no_rate_limit.then_some(false) },
+            tls: match (&self.tls_cert, &self.tls_key) {
+                (Some(cert), Some(key)) => Some(TlsOverrides { cert: cert.clone(), key: key.clone() }),
+                _ => None,
+            },
         }));
         let config: Config = figment.extract().context("invalid configuration")?;
         config.validate().context("invalid configuration")?;

@@ -1,0 +1,184 @@
+//! TLS with rustls: the certificate and key are loaded at startup (a bad or
+//! unreadable one is an error before the port opens) and again on reload,
+//! without touching open connections. Handshakes run in their own tasks, off
+//! the accept loop, so a slow or silent client cannot hold up others.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+
+use rustls::ServerConfig;
+use rustls_pki_types::pem::PemObject as _;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use serde::{Deserialize, Serialize};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_util::sync::CancellationToken;
+
+/// Where the PEM certificate chain and private key are.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// Longest a client may take to complete its handshake. Default 10 s.
+    #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+}
+
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// Why a certificate or key could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// The file could not be read or holds no PEM object of the right kind.
+    #[error("cannot read {what} from {path}: {cause}")]
+    Read {
+        /// `certificate` or `private key`.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        cause: String,
+    },
+    /// rustls refused the pair (e.g. the key does not match the certificate).
+    #[error("invalid certificate or key: {0}")]
+    Invalid(#[from] rustls::Error),
+}
+
+/// Reloads the certificate and key from their files; connections made
+/// afterwards use the new ones. Cheap to clone.
+#[derive(Clone)]
+pub struct TlsReloader {
+    settings: TlsSettings,
+    acceptor: Arc<RwLock<TlsAcceptor>>,
+}
+
+impl std::fmt::Debug for TlsReloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsReloader").field("settings", &self.settings).finish_non_exhaustive()
+    }
+}
+
+impl TlsReloader {
+    /// Loads the files for the first time.
+    pub(crate) fn load(settings: TlsSettings) -> Result<Self, TlsError> {
+        let acceptor = Arc::new(RwLock::new(acceptor(&settings)?));
+        Ok(Self { settings, acceptor })
+    }
+
+    /// Reads the files again. On error the old certificate stays in use.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let fresh = acceptor(&self.settings)?;
+        *self.acceptor.write().unwrap_or_else(PoisonError::into_inner) = fresh;
+        Ok(())
+    }
+
+    fn current(&self) -> TlsAcceptor {
+        self.acceptor.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+}
+
+fn acceptor(settings: &TlsSettings) -> Result<TlsAcceptor, TlsError> {
+    let certs = read_certs(&settings.cert)?;
+    let key = PrivateKeyDer::from_pem_file(&settings.key).map_err(|err| TlsError::Read {
+        what: "private key",
+        path: settings.key.clone(),
+        cause: err.to_string(),
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    // The server speaks HTTP/1.1 only; WebSocket upgrades need it.
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let error = |cause: String| TlsError::Read { what: "certificate", path: path.to_owned(), cause };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|err| error(err.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| error(err.to_string()))?;
+    if certs.is_empty() {
+        return Err(error("no PEM certificate in the file".to_owned()));
+    }
+    Ok(certs)
+}
+
+/// A listener that yields connections whose TLS handshake is complete.
+pub(crate) struct TlsListener {
+    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    local: SocketAddr,
+}
+
+/// Handshakes finished but not yet taken by the server.
+const READY_BACKLOG: usize = 1024;
+
+impl TlsListener {
+    /// Starts accepting on `tcp` until `shutdown`.
+    pub(crate) fn spawn(tcp: TcpListener, tls: TlsReloader, shutdown: CancellationToken) -> io::Result<Self> {
+        let local = tcp.local_addr()?;
+        let (tx, ready) = mpsc::channel(READY_BACKLOG);
+        let timeout = tls.settings.handshake_timeout;
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    accepted = tcp.accept() => accepted,
+                };
+                match accepted {
+                    Ok((stream, addr)) => {
+                        let _ = stream.set_nodelay(true);
+                        let acceptor = tls.current();
+                        let tx = tx.clone();
+                        tokio::spawn(async move {
+                            match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                                Ok(Ok(tls)) => {
+                                    let _ = tx.send((tls, addr)).await;
+                                }
+                                Ok(Err(err)) => {
+                                    tracing::debug!(peer = %addr, cause = %err, "TLS handshake failed")
+                                }
+                                Err(_) => tracing::debug!(peer = %addr, "TLS handshake timed out"),
+                            }
+                        });
+                    }
+                    Err(err) => {
+                        // Out of descriptors or similar: back off, then retry.
+                        tracing::warn!(cause = %err, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+        Ok(Self { ready, local })
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(ready) => ready,
+            // The accept task stopped (shutdown): nothing more will come.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        Ok(self.local)
+    }
+}
