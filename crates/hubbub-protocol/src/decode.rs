@@ -87,9 +87,10 @@ pub fn decode_client(text: &str, limits: &Limits) -> Result<ClientMessage, Proto
         ClientMessage::FileResume { transfer_id } => {
             ClientMessage::FileResume { transfer_id: limits.transfer_id(transfer_id)? }
         }
-        other @ (ClientMessage::LeaveRoom {} | ClientMessage::Typing {} | ClientMessage::Ping { .. }) => {
-            other
-        }
+        other @ (ClientMessage::LeaveRoom {}
+        | ClientMessage::Typing {}
+        | ClientMessage::Ping { .. }
+        | ClientMessage::Auth { .. }) => other,
     })
 }
 

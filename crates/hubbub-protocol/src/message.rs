@@ -80,6 +80,12 @@ pub enum ClientMessage {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         transfer_id: Option<String>,
     },
+    /// Present a token (JWT) when the server requires one, as the first
+    /// message, or later to refresh an expiring one (Hubbub addition).
+    Auth {
+        /// The token.
+        token: String,
+    },
     /// Ask where an interrupted upload stands, to continue it on this
     /// connection (Hubbub addition). Binary frames that follow belong to it.
     FileResume {
@@ -101,6 +107,7 @@ impl ClientMessage {
         "fileStart",
         "fileEnd",
         "fileResume",
+        "auth",
     ];
 
     /// The message's `type` tag.
@@ -116,6 +123,7 @@ impl ClientMessage {
             Self::FileStart { .. } => "fileStart",
             Self::FileEnd { .. } => "fileEnd",
             Self::FileResume { .. } => "fileResume",
+            Self::Auth { .. } => "auth",
         }
     }
 
@@ -302,6 +310,19 @@ pub enum ServerMessage {
         chunk_size: u32,
         /// Chunk index ranges already stored, sorted and disjoint.
         received_chunks: Vec<[u32; 2]>,
+    },
+    /// The token was accepted (Hubbub addition).
+    Authenticated {
+        /// The username the token grants.
+        user: String,
+        /// When the token expires, in milliseconds since the Unix epoch.
+        expires_at: u64,
+    },
+    /// The token expires soon: send a fresh `auth {token}` or be closed
+    /// with 4001 at `expiresAt` (Hubbub addition).
+    AuthExpiring {
+        /// When the token expires, in milliseconds since the Unix epoch.
+        expires_at: u64,
     },
     /// Notification feed: a room came into existence.
     RoomCreated {

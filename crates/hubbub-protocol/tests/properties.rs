@@ -55,6 +55,7 @@ fn client_message() -> impl Strategy<Value = ClientMessage> {
             }),
         proptest::option::of(text()).prop_map(|transfer_id| ClientMessage::FileEnd { transfer_id }),
         text().prop_map(|transfer_id| ClientMessage::FileResume { transfer_id }),
+        text().prop_map(|token| ClientMessage::Auth { token }),
     ]
 }
 
@@ -123,6 +124,9 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
                 received_chunks
             }
         ),
+        (text(), any::<u64>())
+            .prop_map(|(user, expires_at)| ServerMessage::Authenticated { user, expires_at }),
+        any::<u64>().prop_map(|expires_at| ServerMessage::AuthExpiring { expires_at }),
         text().prop_map(|room| ServerMessage::RoomCreated { room }),
         text().prop_map(|room| ServerMessage::RoomRemoved { room }),
         text().prop_map(|message| ServerMessage::ServerShutdown { message }),

@@ -10,12 +10,14 @@ use hubbub_protocol::{ClientMessage, ServerMessage, decode_client};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::Shared;
+use crate::auth::{Identity, until};
 use crate::conn::Handler;
 use crate::hub::{CloseReason, Peer, Remembered, Room, encode};
 use crate::ratelimit::{Kind, Limiter, Verdict};
 use crate::upload::{Outcome, Uploads};
 use hubbub_transfer::NewUpload;
 use std::time::Instant;
+use tokio::time::Instant as TokioInstant;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 /// The name used for a client that never set one.
@@ -38,14 +40,37 @@ pub(crate) struct ChatSession {
     limiter: Option<Limiter>,
     /// When this member's last `userTyping` went out, in the current room.
     last_typing: Option<Instant>,
+    /// Where the connection stands with token authentication.
+    auth: AuthState,
 }
 
+/// Where a chat connection stands with token authentication.
+enum AuthState {
+    /// The server does not use tokens.
+    Off,
+    /// Waiting for `auth {token}` until this instant.
+    Awaiting(TokioInstant),
+    /// Authenticated until `expires`; `warned` once `authExpiring` went out.
+    Authenticated { identity: Identity, expires: TokioInstant, warned: bool },
+}
+
+/// Close code for a token that expired (documented in PROTOCOL.md).
+const CLOSE_TOKEN_EXPIRED: u16 = 4001;
+/// Close code for a missing or invalid token.
+const CLOSE_UNAUTHENTICATED: u16 = 4003;
+
 impl ChatSession {
-    /// Registers a new chat connection with the hub and greets it.
-    pub(crate) fn start(shared: Arc<Shared>, peer: Peer) -> Self {
+    /// Greets a new chat connection and, once it is authenticated (at once
+    /// when the server uses no tokens, or when the upgrade carried a valid
+    /// one), registers it with the hub.
+    pub(crate) fn start(shared: Arc<Shared>, peer: Peer, identity: Option<Identity>) -> Self {
         let limiter =
             shared.config.rate_limit.enabled.then(|| Limiter::new(&shared.config.rate_limit, Instant::now()));
-        let session = Self {
+        let auth = match shared.auth {
+            None => AuthState::Off,
+            Some(_) => AuthState::Awaiting(TokioInstant::now() + shared.config.auth.auth_timeout),
+        };
+        let mut session = Self {
             shared,
             peer,
             username: None,
@@ -53,11 +78,69 @@ impl ChatSession {
             uploads: Uploads::default(),
             limiter,
             last_typing: None,
+            auth,
         };
         session.reply(&ServerMessage::Welcome { message: "Welcome to Hubbub chat!".to_owned() });
         session.reply(&ServerMessage::Connected { client_id: session.peer.id });
-        session.shared.hub.lobby.insert(session.peer.clone());
+        match (&session.auth, identity) {
+            (AuthState::Off, _) => session.shared.hub.lobby.insert(session.peer.clone()),
+            (_, Some(identity)) => session.authenticate(identity),
+            (_, None) => {}
+        }
         session
+    }
+
+    /// A valid token arrived: bind the username, join the lobby.
+    fn authenticate(&mut self, identity: Identity) {
+        let expires = TokioInstant::now() + until(identity.expires_at_ms, now_ms());
+        let first = !matches!(self.auth, AuthState::Authenticated { .. });
+        tracing::Span::current().record("user", identity.user.as_str());
+        tracing::debug!(user = %identity.user, "authenticated");
+        self.reply(&ServerMessage::Authenticated {
+            user: identity.user.clone(),
+            expires_at: identity.expires_at_ms,
+        });
+        self.username = Some(identity.user.clone());
+        self.auth = AuthState::Authenticated { identity, expires, warned: false };
+        if first {
+            self.shared.hub.lobby.insert(self.peer.clone());
+        }
+    }
+
+    /// Refuses the connection's authentication: error event, then close.
+    fn reject(&self, message: &str, code: u16) {
+        self.error(message, "unauthenticated");
+        self.peer.close(CloseReason {
+            code: CloseCode::from(code),
+            reason: "Authentication required",
+            drain_queue: true,
+        });
+    }
+
+    fn on_auth(&mut self, token: &str) {
+        let Some(authenticator) = &self.shared.auth else {
+            return self.error("This server does not use tokens", "authDisabled");
+        };
+        let verified = authenticator.verify(token, &self.shared.config.protocol);
+        match (&self.auth, verified) {
+            (AuthState::Awaiting(_), Ok(identity)) => self.authenticate(identity),
+            (AuthState::Awaiting(_), Err(err)) => {
+                tracing::info!(cause = %err, "token refused");
+                self.reject(&format!("Authentication failed: {err}"), CLOSE_UNAUTHENTICATED);
+            }
+            (AuthState::Authenticated { identity: current, .. }, Ok(identity)) => {
+                if identity.user == current.user {
+                    self.authenticate(identity);
+                } else {
+                    self.error("The new token is for another user", "authFailed");
+                }
+            }
+            (AuthState::Authenticated { .. }, Err(err)) => {
+                // The current token stays valid until it expires.
+                self.error(&format!("Token refused: {err}"), "authFailed");
+            }
+            (AuthState::Off, _) => self.error("This server does not use tokens", "authDisabled"),
+        }
     }
 
     fn reply(&self, msg: &ServerMessage) {
@@ -77,12 +160,22 @@ impl ChatSession {
         let hub = &self.shared.hub;
         match msg {
             ClientMessage::SetUsername { username } => {
+                if let AuthState::Authenticated { identity, .. } = &self.auth
+                    && identity.user != username
+                {
+                    return self.error("Your username is set by your token", "usernameLocked");
+                }
                 tracing::Span::current().record("user", username.as_str());
                 tracing::debug!(%username, "username set");
                 self.reply(&ServerMessage::UsernameSet { username: username.clone() });
                 self.username = Some(username);
             }
             ClientMessage::JoinRoom { room } => {
+                if let AuthState::Authenticated { identity, .. } = &self.auth
+                    && !identity.may_join(&room)
+                {
+                    return self.error("Your token does not allow joining this room", "roomForbidden");
+                }
                 if let Some(current) = &self.room
                     && *current.name == *room
                 {
@@ -169,6 +262,7 @@ impl ChatSession {
                 let outcome = self.uploads.end().await;
                 self.act(outcome);
             }
+            ClientMessage::Auth { token } => self.on_auth(&token),
             ClientMessage::FileResume { transfer_id } => {
                 if !self.shared.config.uploads.enabled {
                     return self.error("File uploads are not enabled on this server", "uploadsDisabled");
@@ -269,6 +363,10 @@ impl Handler for ChatSession {
     async fn on_text(&mut self, text: Utf8Bytes) {
         match decode_client(&text, &self.shared.config.protocol) {
             Ok(msg) => {
+                if matches!(self.auth, AuthState::Awaiting(_)) && !matches!(msg, ClientMessage::Auth { .. }) {
+                    return self
+                        .reject("Authentication required: send auth {token} first", CLOSE_UNAUTHENTICATED);
+                }
                 if self.within_limits(&msg) {
                     self.handle(msg).await;
                 }
@@ -281,6 +379,9 @@ impl Handler for ChatSession {
     }
 
     async fn on_binary(&mut self, data: Bytes) {
+        if matches!(self.auth, AuthState::Awaiting(_)) {
+            return self.reject("Authentication required: send auth {token} first", CLOSE_UNAUTHENTICATED);
+        }
         let shared = self.shared.clone();
         match self.uploads.chunk(&shared.config.uploads, data).await {
             Some(outcome) => self.act(outcome),
@@ -292,6 +393,38 @@ impl Handler for ChatSession {
         self.uploads.close(&self.shared.store);
         self.leave_room();
         self.shared.hub.lobby.remove(&self.peer.id);
+    }
+
+    fn deadline(&self) -> Option<TokioInstant> {
+        match &self.auth {
+            AuthState::Off => None,
+            AuthState::Awaiting(deadline) => Some(*deadline),
+            AuthState::Authenticated { expires, warned: true, .. } => Some(*expires),
+            AuthState::Authenticated { expires, warned: false, .. } => {
+                Some(expires.checked_sub(self.shared.config.auth.expiry_warning).unwrap_or(*expires))
+            }
+        }
+    }
+
+    fn on_deadline(&mut self) {
+        match &mut self.auth {
+            AuthState::Off => {}
+            AuthState::Awaiting(_) => self.reject("Authentication timed out", CLOSE_UNAUTHENTICATED),
+            AuthState::Authenticated { identity, warned, .. } if !*warned => {
+                *warned = true;
+                let expires_at = identity.expires_at_ms;
+                self.reply(&ServerMessage::AuthExpiring { expires_at });
+            }
+            AuthState::Authenticated { .. } => {
+                tracing::info!("token expired; closing");
+                self.error("Your token expired", "tokenExpired");
+                self.peer.close(CloseReason {
+                    code: CloseCode::from(CLOSE_TOKEN_EXPIRED),
+                    reason: "Token expired",
+                    drain_queue: true,
+                });
+            }
+        }
     }
 }
 

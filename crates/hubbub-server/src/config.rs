@@ -58,6 +58,37 @@ pub struct Config {
     pub rate_limit: RateLimitSettings,
     /// The Prometheus endpoint.
     pub metrics: MetricsSettings,
+    /// Token authentication for chat connections.
+    pub auth: AuthSettings,
+}
+
+/// JWT authentication. Off unless `secret` or `public_key` is set.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSettings {
+    /// Shared secret for HS256 tokens (at least 32 bytes).
+    pub secret: Option<String>,
+    /// PEM public key file for RS256 or ES256 tokens.
+    pub public_key: Option<PathBuf>,
+    /// How long a connection without a token on its URL or headers has to
+    /// send `auth {token}`. Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub auth_timeout: Duration,
+    /// How long before a token's expiry the client gets `authExpiring`.
+    /// Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub expiry_warning: Duration,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        Self {
+            secret: None,
+            public_key: None,
+            auth_timeout: Duration::from_secs(10),
+            expiry_warning: Duration::from_secs(30),
+        }
+    }
 }
 
 /// Where `/metrics` is served.
@@ -288,6 +319,7 @@ impl Default for Config {
             limits: ConnectionLimits::default(),
             rate_limit: RateLimitSettings::default(),
             metrics: MetricsSettings::default(),
+            auth: AuthSettings::default(),
         }
     }
 }

@@ -41,6 +41,20 @@ pub(crate) trait Handler: Send {
     fn on_binary(&mut self, data: Bytes) -> impl Future<Output = ()> + Send;
     /// The connection is over (whatever the reason); release what it holds.
     fn on_close(&mut self);
+    /// When [`Handler::on_deadline`] should next run, if ever.
+    fn deadline(&self) -> Option<tokio::time::Instant> {
+        None
+    }
+    /// The deadline passed.
+    fn on_deadline(&mut self) {}
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Which endpoint a connection came in on, for logs.
@@ -114,6 +128,7 @@ async fn drive<H: Handler>(
         tokio::select! {
             biased;
             () = token.cancelled() => break,
+            () = sleep_until(handler.deadline()) => handler.on_deadline(),
             action = heartbeat.next_action() => match action {
                 Action::SendPing(token) => {
                     tracing::debug!(token, "heartbeat ping");

@@ -13,6 +13,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::Shared;
 use crate::admission::{Refusal, check_origin};
+use crate::auth::token_from_request;
 use crate::chat::{ChatSession, Echo, Subscriber};
 use crate::conn::{self, Endpoint};
 use crate::net::client_ip;
@@ -120,6 +121,23 @@ fn upgrade(
             return response;
         }
     };
+    // A token on the upgrade request is checked before the handshake.
+    let mut identity = None;
+    if let (Endpoint::Chat, Some(authenticator)) = (endpoint, &shared.auth)
+        && let Some(token) = token_from_request(req.uri(), req.headers())
+    {
+        match authenticator.verify(&token, &shared.config.protocol) {
+            Ok(valid) => identity = Some(valid),
+            Err(err) => {
+                tracing::info!(peer = %ip, cause = %err, "upgrade refused: bad token");
+                let mut response = (StatusCode::UNAUTHORIZED, format!("{err}\n")).into_response();
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+                return response;
+            }
+        }
+    }
     let config = ws_config(&shared);
     let tasks = shared.tasks.clone();
     accept(req, config, &tasks, move |socket| async move {
@@ -128,7 +146,8 @@ fn upgrade(
         let state = shared.clone();
         match endpoint {
             Endpoint::Chat => {
-                conn::run(socket, shared, endpoint, ip, |peer| ChatSession::start(state, peer)).await
+                conn::run(socket, shared, endpoint, ip, |peer| ChatSession::start(state, peer, identity))
+                    .await
             }
             Endpoint::Echo => {
                 conn::run(socket, shared, endpoint, ip, |peer| Echo { shared: state, peer }).await

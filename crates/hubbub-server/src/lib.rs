@@ -20,6 +20,7 @@
 //! `chat` holds the endpoint handlers, `hub` owns rooms and fan-out.
 
 mod admission;
+mod auth;
 mod chat;
 mod config;
 mod conn;
@@ -66,6 +67,8 @@ pub(crate) struct Shared {
     pub(crate) store: Store,
     /// Open connections, against the configured caps.
     pub(crate) admission: Arc<admission::Admission>,
+    /// Verifies tokens, when authentication is on.
+    pub(crate) auth: Option<auth::Authenticator>,
 }
 
 /// A Hubbub server, ready to run on a listener.
@@ -90,6 +93,7 @@ impl Server {
         })
         .map_err(|err| ConfigError::UploadDir { path: uploads.dir.clone(), cause: err.to_string() })?;
         let tls = config.tls.clone().map(TlsReloader::load).transpose()?;
+        let auth = auth::Authenticator::from_settings(&config.auth)?;
         Ok(Self {
             tls,
             shared: Arc::new(Shared {
@@ -100,6 +104,7 @@ impl Server {
                 tasks: TaskTracker::new(),
                 store,
                 admission: Arc::default(),
+                auth,
             }),
         })
     }

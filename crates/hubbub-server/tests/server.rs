@@ -1363,10 +1363,164 @@ async fn a_bad_certificate_is_an_error_before_the_port_opens() {
         key: dir.join("garbage.pem"),
         handshake_timeout: Duration::from_secs(5),
     });
-    let err = Server::new(config.clone()).unwrap_err().to_string();
+    // The whole chain, as the binary prints it with `{:#}`.
+    let chain = |err: hubbub_server::ConfigError| {
+        let mut text = err.to_string();
+        let mut source = std::error::Error::source(&err);
+        while let Some(cause) = source {
+            text.push_str(&format!(": {cause}"));
+            source = cause.source();
+        }
+        text
+    };
+    let err = chain(Server::new(config.clone()).unwrap_err());
     assert!(err.contains("private key"), "{err}");
     config.tls.as_mut().unwrap().cert = dir.join("missing.pem");
-    let err = Server::new(config).unwrap_err().to_string();
+    let err = chain(Server::new(config).unwrap_err());
     assert!(err.contains("missing.pem"), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+// ----- token authentication -----------------------------------------------------
+
+const SECRET: &str = "a test secret that is at least thirty-two bytes long";
+
+#[allow(clippy::needless_pass_by_value)] // callers build the claims inline
+fn token(claims: Value) -> String {
+    let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes());
+    jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).unwrap()
+}
+
+fn now_secs() -> u64 {
+    now_ms() / 1000
+}
+
+fn auth_config() -> Config {
+    let mut config = TestServer::config();
+    config.auth.secret = Some(SECRET.to_owned());
+    config
+}
+
+#[tokio::test]
+async fn a_token_on_the_url_or_header_binds_the_username_and_rooms() {
+    let server = TestServer::with(auth_config()).await;
+    let valid = token(json!({"sub": "ada", "exp": now_secs() + 600, "rooms": ["allowed"]}));
+    let mut ada = Client::connect(&format!("{}?token={valid}", server.url("/ws/chat"))).await;
+    ada.greeting().await;
+    assert_eq!(ada.recv_type("authenticated").await["user"], "ada");
+    // The token's name wins; setUsername cannot change it.
+    ada.send(json!({"type": "setUsername", "username": "mallory"})).await;
+    assert_eq!(ada.recv_type("error").await["code"], "usernameLocked");
+    ada.send(json!({"type": "joinRoom", "room": "secret"})).await;
+    assert_eq!(ada.recv_type("error").await["code"], "roomForbidden");
+    ada.send(json!({"type": "joinRoom", "room": "allowed"})).await;
+    assert_eq!(ada.recv_type("userJoined").await["user"], "ada");
+
+    // Authorization: Bearer works too, and `name` beats `sub`.
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = server.url("/ws/chat").into_client_request().unwrap();
+    let bearer = token(json!({"sub": "u-42", "name": "bob", "exp": now_secs() + 600}));
+    request.headers_mut().insert("authorization", format!("Bearer {bearer}").parse().unwrap());
+    let (ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let mut bob = Client { ws };
+    bob.greeting().await;
+    assert_eq!(bob.recv_type("authenticated").await["user"], "bob");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_tokens_are_refused() {
+    let server = TestServer::with(auth_config()).await;
+    let forged = {
+        let key = jsonwebtoken::EncodingKey::from_secret(b"some other secret, also thirty-two bytes");
+        let claims = json!({"sub": "ada", "exp": now_secs() + 600});
+        jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).unwrap()
+    };
+    let expired = token(json!({"sub": "ada", "exp": now_secs() - 10}));
+    for bad in [forged, expired, "not.a.token".to_owned()] {
+        let err = tokio_tungstenite::connect_async(format!("{}?token={bad}", server.url("/ws/chat")))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("401"), "{err}");
+    }
+    // Without a token the first message must be `auth`.
+    let mut c = server.chat().await;
+    c.greeting().await;
+    c.send(json!({"type": "setUsername", "username": "ada"})).await;
+    assert_eq!(c.recv_type("error").await["code"], "unauthenticated");
+    assert_eq!(c.closed().await, CloseCode::from(4003));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_token_can_come_as_the_first_message_and_be_refreshed_before_it_expires() {
+    let mut config = auth_config();
+    config.auth.expiry_warning = Duration::from_millis(1500);
+    let server = TestServer::with(config).await;
+    let mut c = server.chat().await;
+    c.greeting().await;
+    // exp has whole-second resolution: this token expires in 2 to 3 s.
+    let soon = now_secs() + 3;
+    c.send(json!({"type": "auth", "token": token(json!({"sub": "ada", "exp": soon}))})).await;
+    assert_eq!(c.recv_type("authenticated").await["expiresAt"], soon * 1000);
+    let warning = c.recv_type("authExpiring").await;
+    assert_eq!(warning["expiresAt"], soon * 1000);
+    // Refreshed in place: the connection stays, with the new expiry.
+    let later = now_secs() + 600;
+    c.send(json!({"type": "auth", "token": token(json!({"sub": "ada", "exp": later}))})).await;
+    assert_eq!(c.recv_type("authenticated").await["expiresAt"], later * 1000);
+    // A token for someone else does not replace it.
+    c.send(json!({"type": "auth", "token": token(json!({"sub": "eve", "exp": later}))})).await;
+    assert_eq!(c.recv_type("error").await["code"], "authFailed");
+    c.send(json!({"type": "joinRoom", "room": "r"})).await;
+    assert_eq!(c.recv_type("userJoined").await["user"], "ada");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_expired_token_closes_the_connection_with_4001_after_a_warning() {
+    let mut config = auth_config();
+    config.auth.expiry_warning = Duration::from_millis(500);
+    let server = TestServer::with(config).await;
+    let exp = now_secs() + 2;
+    let mut c = Client::connect(&format!(
+        "{}?token={}",
+        server.url("/ws/chat"),
+        token(json!({"sub": "ada", "exp": exp}))
+    ))
+    .await;
+    c.greeting().await;
+    c.recv_type("authenticated").await;
+    c.recv_type("authExpiring").await;
+    assert_eq!(c.recv_type("error").await["code"], "tokenExpired");
+    assert_eq!(c.closed().await, CloseCode::from(4001));
+    assert!(now_ms() >= exp * 1000, "not closed before the expiry");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn es256_tokens_are_verified_with_a_public_key() {
+    let dir = tls_dir();
+    let key_pair = rcgen::KeyPair::generate().unwrap();
+    std::fs::write(dir.join("public.pem"), key_pair.public_key_pem()).unwrap();
+    let mut config = TestServer::config();
+    config.auth.public_key = Some(dir.join("public.pem"));
+    let server = TestServer::with(config).await;
+    let encoding = jsonwebtoken::EncodingKey::from_ec_pem(key_pair.serialize_pem().as_bytes()).unwrap();
+    let signed = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
+        &json!({"sub": "ada", "exp": now_secs() + 600}),
+        &encoding,
+    )
+    .unwrap();
+    let mut c = Client::connect(&format!("{}?token={signed}", server.url("/ws/chat"))).await;
+    c.greeting().await;
+    assert_eq!(c.recv_type("authenticated").await["user"], "ada");
+    // An HS256 token is refused by an ES256 server.
+    let hs = token(json!({"sub": "ada", "exp": now_secs() + 600}));
+    assert!(
+        tokio_tungstenite::connect_async(format!("{}?token={hs}", server.url("/ws/chat"))).await.is_err()
+    );
+    server.shutdown().await;
     std::fs::remove_dir_all(dir).unwrap();
 }
