@@ -259,4 +259,54 @@ mod tests {
         let err = format!("{:#}", resolve(&["--config", "/nonexistent/hubbub.toml"]).unwrap_err());
         assert!(err.contains("does not exist"), "{err}");
     }
+
+    /// Every key of the configuration, as dotted paths.
+    fn keys(prefix: &str, value: &serde_json::Value, out: &mut Vec<String>) {
+        match value.as_object() {
+            Some(object) => {
+                for (key, value) in object {
+                    let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+                    keys(&path, value, out);
+                }
+            }
+            None => out.push(prefix.to_owned()),
+        }
+    }
+
+    #[test]
+    fn operations_guide_lists_every_config_key_with_its_default() {
+        // Optional sections are filled in so their keys are listed too.
+        let mut config = Config::default();
+        config.tls = Some(hubbub_server::TlsSettings {
+            cert: "cert.pem".into(),
+            key: "key.pem".into(),
+            handshake_timeout: Duration::from_secs(10),
+        });
+        config.auth.secret = Some(String::new());
+        config.auth.public_key = Some("key.pem".into());
+        config.metrics.listen = Some("127.0.0.1:9090".parse().unwrap());
+        let mut all = Vec::new();
+        keys("", &serde_json::to_value(&config).unwrap(), &mut all);
+        let guide = include_str!("../../../docs/OPERATIONS.md");
+        let defaults = serde_json::to_value(Config::default()).unwrap();
+        for key in &all {
+            let row = guide
+                .lines()
+                .find(|line| line.starts_with(&format!("| `{key}` |")))
+                .unwrap_or_else(|| panic!("docs/OPERATIONS.md has no row for `{key}`"));
+            // Where the default is a plain value, the row shows it.
+            let default = key.split('.').fold(&defaults, |v, k| &v[k]);
+            let shown = match default {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Number(n) => n.to_string(),
+                serde_json::Value::Bool(b) => b.to_string(),
+                serde_json::Value::Array(a) if a.is_empty() => "[]".to_owned(),
+                _ => continue,
+            };
+            assert!(
+                row.contains(&format!("`{shown}`")),
+                "row for `{key}` does not show its default `{shown}`: {row}"
+            );
+        }
+    }
 }
