@@ -276,12 +276,14 @@ mod tests {
     #[test]
     fn operations_guide_lists_every_config_key_with_its_default() {
         // Optional sections are filled in so their keys are listed too.
-        let mut config = Config::default();
-        config.tls = Some(hubbub_server::TlsSettings {
-            cert: "cert.pem".into(),
-            key: "key.pem".into(),
-            handshake_timeout: Duration::from_secs(10),
-        });
+        let mut config = Config {
+            tls: Some(hubbub_server::TlsSettings {
+                cert: "cert.pem".into(),
+                key: "key.pem".into(),
+                handshake_timeout: Duration::from_secs(10),
+            }),
+            ..Config::default()
+        };
         config.auth.secret = Some(String::new());
         config.auth.public_key = Some("key.pem".into());
         config.metrics.listen = Some("127.0.0.1:9090".parse().unwrap());
