@@ -1,14 +1,610 @@
-//! The client crate against real sockets on loopback.
+//! The client crate against real sockets on loopback: the in-process
+//! `hubbub-server`, small fake servers, and a WebSocket proxy that can refuse
+//! connections, swallow acks or cut the link. Every wait is for an event,
+//! with a timeout; timers run on paused time where the test is about them.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use hubbub_client::{HeartbeatConfig, LinkEvent, LinkMonitor};
+use hubbub_client::{
+    Client, ClientConfig, ClientError, Event, EventStream, FileUpload, HeartbeatConfig, LinkEvent,
+    LinkMonitor, ReconnectPolicy,
+};
 use hubbub_protocol::{ClientMessage, ServerMessage, decode_server};
-use tokio::net::TcpListener;
+use hubbub_server::{Config, Server};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, timeout};
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+/// How long any single expected event may take before the test fails.
+const WAIT: Duration = Duration::from_secs(10);
+
+// ----- the real server ----------------------------------------------------------
+
+struct TestServer {
+    addr: SocketAddr,
+    uploads: std::path::PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl TestServer {
+    async fn start() -> Self {
+        Self::on("127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// A server on `addr`, which may be the address of one that just
+    /// stopped: the socket is bound with SO_REUSEADDR.
+    async fn on(addr: SocketAddr) -> Self {
+        let mut config = Config { close_timeout: Duration::from_millis(300), ..Config::default() };
+        config.shutdown_drain = Duration::from_secs(2);
+        config.uploads.dir = std::env::temp_dir().join(format!("hubbub-client-test-{}", uuid()));
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.set_reuseaddr(true).unwrap();
+        socket.bind(addr).unwrap();
+        let listener = socket.listen(128).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let uploads = config.uploads.dir.clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = Server::new(config).unwrap();
+        let task = tokio::spawn(server.run(listener, async {
+            let _ = stopped.await;
+        }));
+        Self { addr, uploads, stop: Some(stop), task }
+    }
+
+    fn url(&self) -> String {
+        format!("ws://{}/ws/chat", self.addr)
+    }
+
+    async fn shutdown(mut self) {
+        self.stop.take().unwrap().send(()).unwrap();
+        timeout(WAIT, &mut self.task).await.expect("server stops in time").unwrap().unwrap();
+    }
+
+    /// Open connections, from `/api/status`.
+    async fn connections(&self) -> u64 {
+        let mut tcp = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        tcp.write_all(b"GET /api/status HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").await.unwrap();
+        let mut response = String::new();
+        tcp.read_to_string(&mut response).await.unwrap();
+        let body = response.split_once("\r\n\r\n").unwrap().1;
+        serde_json::from_str::<serde_json::Value>(body).unwrap()["connections"].as_u64().unwrap()
+    }
+
+    /// Waits until the server counts `n` open connections: a connection's
+    /// room and upload are released before it stops counting.
+    async fn wait_for_connections(&self, n: u64) {
+        timeout(WAIT, async {
+            while self.connections().await != n {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the server saw the connection go");
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.uploads);
+    }
+}
+
+fn uuid() -> String {
+    hubbub_client::Uuid::new_v4().simple().to_string()
+}
+
+// ----- clients and their events ---------------------------------------------------
+
+/// Reconnects quickly and forever, without jitter: what tests need.
+fn fast() -> ClientConfig {
+    ClientConfig {
+        reconnect: ReconnectPolicy {
+            initial_delay: Duration::from_millis(20),
+            multiplier: 2.0,
+            max_delay: Duration::from_millis(100),
+            max_attempts: None,
+            jitter: 0.0,
+        },
+        ..ClientConfig::default()
+    }
+}
+
+/// An event stream that keeps everything it has read, so a test can wait
+/// for one event and still check the others afterwards.
+struct Recorder {
+    events: EventStream,
+    seen: Vec<Event>,
+}
+
+impl Recorder {
+    /// Reads until an event matches `pick`, and returns what it picked.
+    async fn until<T>(&mut self, what: &str, mut pick: impl FnMut(&Event) -> Option<T>) -> T {
+        let found = timeout(WAIT, async {
+            loop {
+                let event =
+                    self.events.recv().await.unwrap_or_else(|| panic!("the stream ended before {what}"));
+                let picked = pick(&event);
+                self.seen.push(event);
+                if let Some(picked) = picked {
+                    return picked;
+                }
+            }
+        })
+        .await;
+        found.unwrap_or_else(|_| panic!("no {what} in time; saw {:#?}", self.seen))
+    }
+
+    async fn connected(&mut self) {
+        self.until("Connected", |e| matches!(e, Event::Connected { .. }).then_some(())).await;
+    }
+
+    async fn joined(&mut self, room: &str) {
+        self.until("RoomJoined", |e| {
+            matches!(e, Event::RoomJoined { room: r, .. } if r == room).then_some(())
+        })
+        .await;
+    }
+
+    async fn acked(&mut self, id: hubbub_client::Uuid) {
+        self.until("MessageAcked", |e| {
+            matches!(e, Event::MessageAcked { client_msg_id, .. } if *client_msg_id == id).then_some(())
+        })
+        .await;
+    }
+
+    async fn disconnected(&mut self) -> u16 {
+        self.until("Disconnected", |e| match e {
+            Event::Disconnected { code, .. } => Some(*code),
+            _ => None,
+        })
+        .await
+    }
+
+    async fn message(&mut self, text: &str) {
+        self.until(text, |e| matches!(e, Event::Message { text: t, .. } if t == text).then_some(())).await;
+    }
+
+    /// Every room message seen so far, as `user: text`.
+    fn messages(&self) -> Vec<String> {
+        self.seen
+            .iter()
+            .filter_map(|e| match e {
+                Event::Message { user, text, .. } => Some(format!("{user}: {text}")),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// A client that has set its name and joined `room`.
+async fn member(url: &str, name: &str, room: &str, config: ClientConfig) -> (Client, Recorder) {
+    let (client, events) = Client::connect(url, config).await.unwrap();
+    let mut recorder = Recorder { events, seen: Vec::new() };
+    client.set_username(name).await.unwrap();
+    client.join_room(room).await.unwrap();
+    recorder.joined(room).await;
+    (client, recorder)
+}
+
+// ----- a WebSocket proxy that misbehaves on request -----------------------------------
+
+/// What the proxy does.
+#[derive(Default)]
+struct ProxyRules {
+    /// Refuse new connections (accept the TCP connection and drop it).
+    closed: bool,
+    /// Drop `messageAck` frames on their way to the client.
+    swallow_acks: bool,
+    /// Cut the link, once, instead of forwarding the next `messageAck`.
+    cut_on_ack: bool,
+    /// Cut the link, once, after forwarding this many binary frames.
+    cut_after_binary: Option<usize>,
+    /// Binary frames forwarded to the server, in total.
+    binary_forwarded: usize,
+}
+
+/// Sits between a client and the server, relaying WebSocket messages.
+struct Proxy {
+    addr: SocketAddr,
+    rules: Arc<Mutex<ProxyRules>>,
+}
+
+impl Proxy {
+    async fn start(upstream: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let rules = Arc::new(Mutex::new(ProxyRules::default()));
+        let shared = rules.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                if shared.lock().unwrap().closed {
+                    continue;
+                }
+                tokio::spawn(relay(tcp, upstream, shared.clone()));
+            }
+        });
+        Self { addr, rules }
+    }
+
+    fn url(&self) -> String {
+        format!("ws://{}/ws/chat", self.addr)
+    }
+
+    fn rules(&self) -> std::sync::MutexGuard<'_, ProxyRules> {
+        self.rules.lock().unwrap()
+    }
+}
+
+async fn relay(tcp: tokio::net::TcpStream, upstream: SocketAddr, rules: Arc<Mutex<ProxyRules>>) {
+    let Ok(mut client) = tokio_tungstenite::accept_async(tcp).await else { return };
+    let Ok((mut server, _)) = tokio_tungstenite::connect_async(format!("ws://{upstream}/ws/chat")).await
+    else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            msg = client.next() => {
+                let Some(Ok(msg)) = msg else { return };
+                let binary = msg.is_binary();
+                if !(msg.is_text() || binary || msg.is_close()) || server.send(msg).await.is_err() {
+                    continue;
+                }
+                if binary {
+                    let mut rules = rules.lock().unwrap();
+                    rules.binary_forwarded += 1;
+                    if rules.cut_after_binary == Some(rules.binary_forwarded) {
+                        rules.cut_after_binary = None;
+                        rules.closed = true;
+                        return;
+                    }
+                }
+            }
+            msg = server.next() => {
+                let Some(Ok(msg)) = msg else { return };
+                if let Message::Text(text) = &msg && text.contains("\"messageAck\"") {
+                    let mut rules = rules.lock().unwrap();
+                    if rules.swallow_acks {
+                        continue;
+                    }
+                    if std::mem::take(&mut rules.cut_on_ack) {
+                        return;
+                    }
+                }
+                if (msg.is_text() || msg.is_binary() || msg.is_close()) && client.send(msg).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+// ----- delivery across reconnects -------------------------------------------------------
+
+#[tokio::test]
+async fn a_server_restart_loses_no_message_and_doubles_none() {
+    let server = TestServer::start().await;
+    let addr = server.addr;
+    // Alice talks through the proxy, so the test decides when she is back.
+    let proxy = Proxy::start(addr).await;
+    let (_bob, mut bob) = member(&server.url(), "bob", "general", fast()).await;
+    let (alice, mut alice_events) = member(&proxy.url(), "alice", "general", fast()).await;
+
+    // Acknowledged before the restart.
+    for text in ["one", "two"] {
+        let id = alice.send_message(text).await.unwrap();
+        alice_events.acked(id).await;
+    }
+    // Delivered, but their acks never reach Alice: she must resend them, and
+    // the new server has never seen their ids.
+    proxy.rules().swallow_acks = true;
+    let three = alice.send_message("three").await.unwrap();
+    let four = alice.send_message("four").await.unwrap();
+    bob.message("four").await;
+
+    proxy.rules().closed = true;
+    server.shutdown().await;
+    assert_eq!(alice_events.disconnected().await, 1001);
+    assert_eq!(bob.disconnected().await, 1001);
+    // Typed while the server is down: queued.
+    let five = alice.send_message("five").await.unwrap();
+    let six = alice.send_message("six").await.unwrap();
+
+    let server = TestServer::on(addr).await;
+    assert_eq!(server.addr, addr);
+    // Bob comes back on his own and is in the room again before Alice is.
+    let since = bob.seen.len();
+    bob.connected().await;
+    assert!(
+        bob.seen[since..].contains(&Event::RoomJoined { room: "general".into(), user_count: 1 }),
+        "bob's room is restored before Connected: {:?}",
+        &bob.seen[since..]
+    );
+    {
+        let mut rules = proxy.rules();
+        rules.swallow_acks = false;
+        rules.closed = false;
+    }
+    let since = alice_events.seen.len();
+    alice_events.connected().await;
+    let restored = &alice_events.seen[since..];
+    assert!(restored.contains(&Event::UsernameSet { username: "alice".into() }), "{restored:?}");
+    assert!(restored.iter().any(|e| matches!(e, Event::RoomJoined { room, .. } if room == "general")));
+    for id in [three, four, five, six] {
+        alice_events.acked(id).await;
+    }
+    bob.message("six").await;
+    // The server delivered the resent "three" and "four" again (it forgot
+    // their ids); Bob's client showed them once.
+    let expected: Vec<String> =
+        ["one", "two", "three", "four", "five", "six"].iter().map(|t| format!("alice: {t}")).collect();
+    assert_eq!(bob.messages(), expected);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_lost_ack_means_a_resend_that_the_room_sees_once() {
+    let server = TestServer::start().await;
+    let proxy = Proxy::start(server.addr).await;
+    // Bob is a plain WebSocket client, so he sees exactly what the server
+    // delivers, without the client library's de-duplication.
+    let (mut bob, _) = tokio_tungstenite::connect_async(server.url()).await.unwrap();
+    for msg in [
+        ClientMessage::SetUsername { username: "bob".into() },
+        ClientMessage::JoinRoom { room: "general".into() },
+    ] {
+        bob.send(Message::text(msg.to_json())).await.unwrap();
+    }
+    let (alice, mut alice_events) = member(&proxy.url(), "alice", "general", fast()).await;
+
+    // The server takes the message and acks it; the proxy cuts the link
+    // instead of passing the ack on.
+    proxy.rules().cut_on_ack = true;
+    let id = alice.send_message("only once").await.unwrap();
+    assert_eq!(alice_events.disconnected().await, 1006);
+    alice_events.connected().await;
+    alice_events.acked(id).await;
+    let after = alice.send_message("after").await.unwrap();
+    alice_events.acked(after).await;
+
+    let mut texts = Vec::new();
+    timeout(WAIT, async {
+        while texts.last().map(String::as_str) != Some("after") {
+            let Some(Ok(Message::Text(frame))) = bob.next().await else { continue };
+            if let Ok(ServerMessage::ChatMessage { text, client_msg_id, .. }) = decode_server(&frame) {
+                if text == "only once" {
+                    assert_eq!(client_msg_id, Some(id), "the resend keeps its id");
+                }
+                texts.push(text);
+            }
+        }
+    })
+    .await
+    .expect("bob got both messages");
+    assert_eq!(texts, ["only once", "after"]);
+    server.shutdown().await;
+}
+
+// ----- reconnect policy, disconnect, offline queue --------------------------------------
+
+/// A server that greets one client, closes it with 1001, and from then on
+/// drops every connection before the WebSocket handshake.
+async fn server_that_goes_away() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}/ws/chat", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+        let hello = [
+            ServerMessage::Welcome { message: "hi".into() },
+            ServerMessage::Connected { client_id: hubbub_client::Uuid::new_v4() },
+        ];
+        for msg in hello {
+            ws.send(Message::text(msg.to_json())).await.unwrap();
+        }
+        ws.close(Some(CloseFrame { code: CloseCode::Away, reason: "bye".into() })).await.unwrap();
+        while ws.next().await.is_some() {}
+        drop(ws);
+        while let Ok((tcp, _)) = listener.accept().await {
+            drop(tcp);
+        }
+    });
+    url
+}
+
+#[tokio::test(start_paused = true)]
+async fn backoff_delays_follow_the_policy() {
+    let url = server_that_goes_away().await;
+    let config = ClientConfig {
+        reconnect: ReconnectPolicy {
+            initial_delay: Duration::from_secs(1),
+            multiplier: 2.0,
+            max_delay: Duration::from_secs(5),
+            max_attempts: Some(5),
+            jitter: 0.0,
+        },
+        heartbeat: None,
+        ..ClientConfig::default()
+    };
+    let (_client, mut events) = Client::connect(url, config).await.unwrap();
+    assert!(matches!(events.recv().await, Some(Event::Connected { .. })));
+    assert_eq!(events.recv().await, Some(Event::Disconnected { code: 1001, reason: "bye".into() }));
+
+    let mut schedule = Vec::new();
+    let start = Instant::now();
+    while let Some(event) = events.recv().await {
+        schedule.push((event, Instant::now() - start));
+    }
+    let secs = Duration::from_secs;
+    let reconnecting = |attempt, delay| Event::Reconnecting { attempt, delay: secs(delay) };
+    assert_eq!(
+        schedule,
+        [
+            (reconnecting(1, 1), secs(0)),
+            (reconnecting(2, 2), secs(1)),
+            (reconnecting(3, 4), secs(3)),
+            (reconnecting(4, 5), secs(7)),
+            (reconnecting(5, 5), secs(12)),
+            (Event::GaveUp { attempts: 5 }, secs(17)),
+        ],
+        "each attempt waits its delay, and the stream ends after the last"
+    );
+}
+
+#[tokio::test]
+async fn a_full_offline_queue_is_an_error_and_disconnect_stops_the_retries() {
+    let url = server_that_goes_away().await;
+    let config = ClientConfig {
+        // The first attempt is far away: the client stays offline.
+        reconnect: ReconnectPolicy {
+            initial_delay: Duration::from_secs(600),
+            max_delay: Duration::from_secs(600),
+            ..fast().reconnect
+        },
+        queue_capacity: 3,
+        ..ClientConfig::default()
+    };
+    let (client, events) = Client::connect(url, config).await.unwrap();
+    let mut events = Recorder { events, seen: Vec::new() };
+    assert_eq!(events.disconnected().await, 1001);
+    events.until("Reconnecting", |e| matches!(e, Event::Reconnecting { attempt: 1, .. }).then_some(())).await;
+
+    client.join_room("general").await.unwrap();
+    client.send_message("one").await.unwrap();
+    client.send_message("two").await.unwrap();
+    let full = client.send_message("three").await.unwrap_err();
+    assert!(matches!(full, ClientError::QueueFull { capacity: 3 }), "{full:?}");
+    assert!(matches!(client.send_typing().await, Err(ClientError::NotConnected)));
+
+    client.disconnect().await;
+    assert_eq!(timeout(WAIT, events.events.recv()).await.unwrap(), None, "no more attempts");
+    assert!(client.is_closed());
+    assert!(matches!(client.send_message("late").await, Err(ClientError::Closed)));
+}
+
+#[tokio::test]
+async fn disconnect_closes_normally_and_never_reconnects() {
+    let server = TestServer::start().await;
+    let (client, mut events) = member(&server.url(), "ada", "general", fast()).await;
+    client.ping().await.unwrap();
+    let rtt =
+        events.until("Latency", |e| if let Event::Latency { rtt } = e { Some(*rtt) } else { None }).await;
+    assert!(rtt < WAIT);
+    client.disconnect().await;
+    assert_eq!(events.disconnected().await, 1000);
+    assert_eq!(timeout(WAIT, events.events.recv()).await.unwrap(), None, "the stream ends");
+    server.wait_for_connections(0).await;
+    assert!(client.is_closed());
+    server.shutdown().await;
+}
+
+// ----- file upload ------------------------------------------------------------------------
+
+#[tokio::test]
+async fn an_upload_cut_by_a_lost_link_resumes_with_the_missing_chunks() {
+    let server = TestServer::start().await;
+    let proxy = Proxy::start(server.addr).await;
+    let (_bob, mut bob) = member(&server.url(), "bob", "general", fast()).await;
+    let (alice, mut alice_events) = member(&proxy.url(), "alice", "general", fast()).await;
+
+    // Five 64 KiB chunks (the last one short); the link is cut after two.
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i * 31 % 251) as u8).collect();
+    proxy.rules().cut_after_binary = Some(2);
+    let transfer = alice.send_file(FileUpload::from_bytes("photo.png", data.clone())).await.unwrap();
+    assert_eq!(alice_events.disconnected().await, 1006);
+    // The server parks the upload when it sees the connection go.
+    server.wait_for_connections(1).await;
+    proxy.rules().closed = false;
+
+    let saved = alice_events
+        .until("FileSaved", |e| match e {
+            Event::FileSaved { transfer_id, sha256, size, name, .. } => {
+                Some((transfer_id.clone(), sha256.clone(), *size, name.clone()))
+            }
+            Event::FileFailed { message, .. } => panic!("upload failed: {message}"),
+            _ => None,
+        })
+        .await;
+    let expected_sha = {
+        use sha2::Digest;
+        sha2::Sha256::digest(&data).iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    assert_eq!(saved, (transfer, expected_sha, 300_000, "photo.png".to_owned()));
+    assert_eq!(proxy.rules().binary_forwarded, 5, "only the three missing chunks were sent again");
+    let shared = bob
+        .until("FileShared", |e| match e {
+            Event::FileShared { user, name, .. } => Some((user.clone(), name.clone())),
+            _ => None,
+        })
+        .await;
+    assert_eq!(shared, ("alice".to_owned(), "photo.png".to_owned()));
+    server.shutdown().await;
+}
+
+// ----- the terminal client --------------------------------------------------------------
+
+#[tokio::test]
+async fn the_terminal_client_chats_and_uploads_through_pipes() {
+    let server = TestServer::start().await;
+    let (bob, mut bob_events) = member(&server.url(), "bob", "general", fast()).await;
+    let file = std::env::temp_dir().join(format!("hubbub-chat-{}.txt", uuid()));
+    std::fs::write(&file, "file contents\n".repeat(100)).unwrap();
+
+    let mut chat = tokio::process::Command::new(env!("CARGO_BIN_EXE_hubbub-chat"))
+        .args([&server.url(), "--name", "carol", "--room", "general"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdin = chat.stdin.take().unwrap();
+    let mut stdout = tokio::io::BufReader::new(chat.stdout.take().unwrap()).lines();
+    bob_events
+        .until("carol joining", |e| {
+            matches!(e, Event::UserJoined { user, .. } if user == "carol").then_some(())
+        })
+        .await;
+
+    let input = format!("hello from a pipe\n  spaced:  text \n/send {}\n//slash\n", file.display());
+    stdin.write_all(input.as_bytes()).await.unwrap();
+    bob_events.message("/slash").await;
+    let expected = ["carol: hello from a pipe", "carol:   spaced:  text ", "carol: /slash"];
+    assert_eq!(bob_events.messages(), expected);
+    let file_shared = |e: &Event| match e {
+        Event::FileShared { user, size, .. } => Some((user.clone(), *size)),
+        _ => None,
+    };
+    // The upload and the last line race to the room; either may be first.
+    let shared = match bob_events.seen.iter().find_map(file_shared) {
+        Some(shared) => shared,
+        None => bob_events.until("FileShared", file_shared).await,
+    };
+    assert_eq!(shared, ("carol".to_owned(), 1400));
+
+    bob.send_message("hi carol: colons: kept").await.unwrap();
+    let line = timeout(WAIT, stdout.next_line()).await.expect("a line in time").unwrap();
+    assert_eq!(line.as_deref(), Some("bob: hi carol: colons: kept"), "plain NAME: TEXT, no escapes");
+
+    drop(stdin);
+    let status = timeout(WAIT, chat.wait()).await.expect("exits after input ends").unwrap();
+    assert!(status.success(), "{status:?}");
+    assert_eq!(timeout(WAIT, stdout.next_line()).await.unwrap().unwrap(), None, "nothing else on stdout");
+    let _ = std::fs::remove_file(&file);
+    server.shutdown().await;
+}
+
+// ----- the heartbeat monitor ---------------------------------------------------------------
 
 /// A fake server that answers the first `answered` app-level pings with a
 /// `pong`, then keeps the connection open but answers nothing.
@@ -32,6 +628,25 @@ async fn fake_server(answered: usize) -> String {
         }
     });
     url
+}
+
+#[tokio::test]
+async fn a_link_the_heartbeat_finds_dead_is_reconnected() {
+    // The server greets nobody and stops answering pings after the first.
+    let url = fake_server(1).await;
+    let heartbeat =
+        HeartbeatConfig { interval: Duration::from_millis(50), timeout: Duration::from_millis(200) };
+    let config = ClientConfig { heartbeat: Some(heartbeat), ..fast() };
+    let (_client, events) = Client::connect(url, config).await.unwrap();
+    let mut events = Recorder { events, seen: Vec::new() };
+    let reason = events
+        .until("Disconnected", |e| match e {
+            Event::Disconnected { code: 1006, reason } => Some(reason.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(reason, "the server stopped answering pings");
+    events.until("Reconnecting", |e| matches!(e, Event::Reconnecting { attempt: 1, .. }).then_some(())).await;
 }
 
 fn decode_client(text: &str) -> ClientMessage {

@@ -1,0 +1,486 @@
+//! The client handle and the one background task that owns the socket.
+//!
+//! [`Client::connect`] opens the first connection and spawns the task. The
+//! task owns the WebSocket and the [`ClientState`]; handles send it commands
+//! over a channel, each with a one-shot reply, and it sends events back
+//! over a bounded channel. Everything it does is in one `select!` loop per
+//! link: commands, frames from the server, the heartbeat, delivering events
+//! and upload chunks. Between links it waits out the backoff delay and
+//! connects again, still answering commands (they are queued).
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, sleep, sleep_until, timeout};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use uuid::Uuid;
+
+use crate::config::jitter_sample;
+use crate::state::{ClientState, Op, Reply, StateLimits};
+use crate::upload::{Prepared, Send};
+use crate::{ClientConfig, ClientError, Event, EventStream, FileUpload, LinkEvent, LinkMonitor, Result};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Commands waiting for the task. The task answers each at once (it never
+/// waits on the application), so this only smooths bursts.
+const COMMAND_BUFFER: usize = 64;
+
+/// The close code for a link that ended without a close frame.
+const ABNORMAL: u16 = 1006;
+
+/// A connection to a Hubbub server that survives the server going away.
+///
+/// `Client` is a cheap, cloneable handle; the connection itself lives in a
+/// background task. Commands return once the client has taken them: sent
+/// on the live link, or queued while it reconnects. What the server makes
+/// of them arrives as [`Event`]s on the [`EventStream`].
+///
+/// See the [crate documentation](crate) for an example.
+#[derive(Clone, Debug)]
+pub struct Client {
+    /// To the connection task.
+    commands: mpsc::Sender<Command>,
+}
+
+/// What a handle asks of the task.
+#[derive(Debug)]
+enum Command {
+    Do { op: Op, reply: oneshot::Sender<Result<Reply>> },
+    Disconnect { done: oneshot::Sender<()> },
+}
+
+impl Client {
+    /// Connects to a Hubbub chat endpoint (`ws://host:8080/ws/chat`) and
+    /// starts the client.
+    ///
+    /// Returns once the WebSocket is open; [`Event::Connected`] follows when
+    /// the server has greeted it. A failure of this first connection is an
+    /// error; later ones are retried per [`ClientConfig::reconnect`].
+    pub async fn connect(url: impl Into<String>, config: ClientConfig) -> Result<(Client, EventStream)> {
+        config.validate()?;
+        let url = url.into();
+        let ws = open(url.clone(), config.connect_timeout).await?;
+        let (commands, command_rx) = mpsc::channel(COMMAND_BUFFER);
+        let (event_tx, event_rx) = mpsc::channel(config.event_buffer);
+        let state = ClientState::new(StateLimits {
+            queue_capacity: config.queue_capacity,
+            upload_queue: config.upload_queue,
+            seen_message_ids: config.seen_message_ids,
+            chunk_size: config.chunk_size,
+            send_rate: config.send_rate,
+            protocol: config.limits.clone(),
+        });
+        let task = Task { url, config, commands: command_rx, events: Outbox::new(event_tx), state };
+        tokio::spawn(task.run(ws));
+        Ok((Client { commands }, EventStream::new(event_rx)))
+    }
+
+    async fn call(&self, op: Op) -> Result<Reply> {
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(Command::Do { op, reply }).await.map_err(|_| ClientError::Closed)?;
+        answer.await.map_err(|_| ClientError::Closed)?
+    }
+
+    /// Sets the name shown on this client's messages; the server confirms
+    /// with [`Event::UsernameSet`]. Restored after every reconnect.
+    pub async fn set_username(&self, username: impl Into<String>) -> Result<()> {
+        self.call(Op::SetUsername(username.into())).await.map(drop)
+    }
+
+    /// Joins a room (leaving the current one); the server confirms with
+    /// [`Event::RoomJoined`]. Restored after every reconnect.
+    pub async fn join_room(&self, room: impl Into<String>) -> Result<()> {
+        self.call(Op::JoinRoom(room.into())).await.map(drop)
+    }
+
+    /// Leaves the room; the server confirms with [`Event::RoomLeft`].
+    pub async fn leave_room(&self) -> Result<()> {
+        self.call(Op::LeaveRoom).await.map(drop)
+    }
+
+    /// Sends a message to the room and returns its id. The message is
+    /// resent after a reconnect until the server acknowledges it
+    /// ([`Event::MessageAcked`] with this id); the server and the other
+    /// clients drop copies, so the room sees it once.
+    pub async fn send_message(&self, text: impl Into<String>) -> Result<Uuid> {
+        match self.call(Op::SendMessage(text.into())).await? {
+            Reply::MessageId(id) => Ok(id),
+            // The task answers `SendMessage` with an id, always.
+            other => unreachable!("send_message answered with {other:?}"),
+        }
+    }
+
+    /// Tells the room this user is typing. Not queued: fails with
+    /// [`ClientError::NotConnected`] while reconnecting.
+    pub async fn send_typing(&self) -> Result<()> {
+        self.call(Op::Typing).await.map(drop)
+    }
+
+    /// Sends a lobby broadcast to every connected client (the tutorial's
+    /// `chat` message).
+    pub async fn send_lobby_chat(&self, text: impl Into<String>) -> Result<()> {
+        self.call(Op::LobbyChat(text.into())).await.map(drop)
+    }
+
+    /// Measures the round-trip time; the answer is an [`Event::Latency`].
+    /// Not queued: fails with [`ClientError::NotConnected`] while
+    /// reconnecting.
+    pub async fn ping(&self) -> Result<()> {
+        self.call(Op::Ping).await.map(drop)
+    }
+
+    /// Uploads a file to the room and returns its transfer id. Uploads go
+    /// one at a time, in order, while chat goes on; progress arrives as
+    /// [`Event::FileProgress`], the end as [`Event::FileSaved`] or
+    /// [`Event::FileFailed`]. An upload cut by a reconnect resumes where
+    /// the server stopped.
+    pub async fn send_file(&self, file: FileUpload) -> Result<String> {
+        // Hashing a large file takes a while: keep it off the async threads.
+        let prepared = tokio::task::spawn_blocking(move || Prepared::new(file))
+            .await
+            .map_err(|_| ClientError::Closed)?;
+        match self.call(Op::SendFile(prepared)).await? {
+            Reply::TransferId(id) => Ok(id),
+            // The task answers `SendFile` with a transfer id, always.
+            other => unreachable!("send_file answered with {other:?}"),
+        }
+    }
+
+    /// Closes the connection (code 1000) and stops the client for good: no
+    /// reconnect, and queued commands and unacknowledged messages are
+    /// dropped. Returns once the connection is closed; the event stream then
+    /// ends. Calling it again does nothing.
+    pub async fn disconnect(&self) {
+        let (done, closed) = oneshot::channel();
+        if self.commands.send(Command::Disconnect { done }).await.is_ok() {
+            let _ = closed.await;
+        }
+    }
+
+    /// Whether the client has stopped.
+    pub fn is_closed(&self) -> bool {
+        self.commands.is_closed()
+    }
+}
+
+/// Opens a WebSocket, within `limit`.
+async fn open(url: String, limit: Duration) -> Result<Ws> {
+    match timeout(limit, tokio_tungstenite::connect_async_with_config(url.as_str(), None, true)).await {
+        Ok(Ok((ws, _response))) => Ok(ws),
+        Ok(Err(source)) => Err(ClientError::Connect { url, source }),
+        Err(_) => Err(ClientError::ConnectTimeout { url }),
+    }
+}
+
+/// Whether a link closed with `code` is worth reconnecting: the server went
+/// away or restarts (1001, 1012), failed or is overloaded (1011, 1013, 1014),
+/// or the link broke (1006). A normal close, a protocol error or a policy
+/// decision (1000, 1002, 1003, 1007–1010) would only happen again.
+pub(crate) fn should_reconnect(code: u16) -> bool {
+    matches!(code, 1001 | 1006 | 1011 | 1012 | 1013 | 1014)
+}
+
+/// Events on their way to the application. When the channel is full they
+/// wait here, and the task stops reading the server until they are taken.
+#[derive(Debug)]
+struct Outbox {
+    tx: mpsc::Sender<Event>,
+    backlog: VecDeque<Event>,
+}
+
+impl Outbox {
+    fn new(tx: mpsc::Sender<Event>) -> Self {
+        Self { tx, backlog: VecDeque::new() }
+    }
+
+    fn push(&mut self, event: Event) {
+        if !self.backlog.is_empty() {
+            self.backlog.push_back(event);
+            return;
+        }
+        match self.tx.try_send(event) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(event)) => self.backlog.push_back(event),
+            // Nobody listens any more; the application still has handles.
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+
+    fn is_blocked(&self) -> bool {
+        !self.backlog.is_empty()
+    }
+
+    /// Hands one waiting event over once the application makes room.
+    async fn deliver(&mut self) {
+        match self.tx.reserve().await {
+            Ok(permit) => {
+                if let Some(event) = self.backlog.pop_front() {
+                    permit.send(event);
+                }
+            }
+            Err(_) => self.backlog.clear(),
+        }
+    }
+
+    /// Delivers everything, before the task ends.
+    async fn flush(&mut self) {
+        while let Some(event) = self.backlog.pop_front() {
+            if self.tx.send(event).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// How a link ended.
+#[derive(Debug)]
+enum LinkEnd {
+    /// The application disconnected or dropped every handle.
+    Stop,
+    /// The link was lost.
+    Lost { code: u16, reason: String, was_live: bool },
+}
+
+/// What woke the link loop.
+enum Input {
+    Command(Option<Command>),
+    Frame(Option<std::result::Result<Message, tungstenite::Error>>),
+    Link(LinkEvent),
+    RestoreTimeout,
+    Paced,
+    Delivered,
+    Upload,
+}
+
+/// The background task.
+struct Task {
+    url: String,
+    config: ClientConfig,
+    commands: mpsc::Receiver<Command>,
+    events: Outbox,
+    state: ClientState,
+}
+
+impl Task {
+    async fn run(mut self, ws: Ws) {
+        let mut link = Some(ws);
+        // Failed attempts since the last live link.
+        let mut attempt = 0;
+        loop {
+            if let Some(ws) = link.take() {
+                match self.serve(ws).await {
+                    LinkEnd::Stop => break,
+                    LinkEnd::Lost { code, reason, was_live } => {
+                        self.state.on_link_lost();
+                        if was_live {
+                            attempt = 0;
+                        }
+                        tracing::info!(code, %reason, "link lost");
+                        self.events.push(Event::Disconnected { code, reason });
+                        if !should_reconnect(code) {
+                            break;
+                        }
+                    }
+                }
+            }
+            attempt += 1;
+            let policy = &self.config.reconnect;
+            if !policy.allows(attempt) {
+                self.events.push(Event::GaveUp { attempts: attempt - 1 });
+                break;
+            }
+            let delay = policy.delay(attempt, jitter_sample());
+            self.events.push(Event::Reconnecting { attempt, delay });
+            if self.offline(sleep(delay)).await.is_none() {
+                break;
+            }
+            let connecting = open(self.url.clone(), self.config.connect_timeout);
+            match self.offline(connecting).await {
+                None => break,
+                Some(Ok(ws)) => link = Some(ws),
+                Some(Err(err)) => tracing::debug!(attempt, cause = %err, "reconnect attempt failed"),
+            }
+        }
+        // Dropping the receiver first makes handles fail fast with `Closed`.
+        self.commands.close();
+        while let Ok(command) = self.commands.try_recv() {
+            if let Command::Do { reply, .. } = command {
+                let _ = reply.send(Err(ClientError::Closed));
+            }
+        }
+        self.events.flush().await;
+    }
+
+    /// Runs `work` while answering commands (they queue) and delivering
+    /// events. `None` when the application disconnected meanwhile.
+    async fn offline<T>(&mut self, work: impl Future<Output = T>) -> Option<T> {
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                out = &mut work => return Some(out),
+                command = self.commands.recv() => match command {
+                    Some(Command::Do { op, reply }) => {
+                        let _ = reply.send(self.state.command(op, Instant::now().into_std()));
+                    }
+                    Some(Command::Disconnect { done }) => {
+                        let _ = done.send(());
+                        return None;
+                    }
+                    None => return None,
+                },
+                () = self.events.deliver(), if self.events.is_blocked() => {}
+            }
+        }
+    }
+
+    /// Drives one link until it ends.
+    async fn serve(&mut self, mut ws: Ws) -> LinkEnd {
+        self.state.on_link_up();
+        let restore_deadline = Instant::now() + self.config.restore_timeout;
+        let mut monitor = self.config.heartbeat.map(LinkMonitor::new);
+        loop {
+            while let Some(event) = self.state.poll_event() {
+                self.events.push(event);
+            }
+            if let Err(err) = self.write_pending(&mut ws).await {
+                return self.lost(ABNORMAL, format!("write failed: {err}"));
+            }
+            let paced = self.state.poll_timeout().map(Instant::from_std);
+            let input = tokio::select! {
+                command = self.commands.recv() => Input::Command(command),
+                frame = ws.next(), if !self.events.is_blocked() => Input::Frame(frame),
+                link = link_event(&mut monitor) => Input::Link(link),
+                () = sleep_until(restore_deadline), if !self.state.is_live() => Input::RestoreTimeout,
+                () = sleep_until_some(paced), if paced.is_some() => Input::Paced,
+                () = self.events.deliver(), if self.events.is_blocked() => Input::Delivered,
+                () = std::future::ready(()), if self.state.wants_upload_send() => Input::Upload,
+            };
+            let now = Instant::now().into_std();
+            match input {
+                Input::Command(Some(Command::Do { op, reply })) => {
+                    let _ = reply.send(self.state.command(op, now));
+                }
+                Input::Command(Some(Command::Disconnect { done })) => {
+                    self.close(&mut ws).await;
+                    self.events.push(Event::Disconnected {
+                        code: 1000,
+                        reason: "disconnected by the client".into(),
+                    });
+                    let _ = done.send(());
+                    return LinkEnd::Stop;
+                }
+                Input::Command(None) => {
+                    self.close(&mut ws).await;
+                    return LinkEnd::Stop;
+                }
+                Input::Frame(Some(Ok(Message::Text(text)))) => match hubbub_protocol::decode_server(&text) {
+                    Ok(msg) => {
+                        if let Some(monitor) = &mut monitor {
+                            monitor.on_message(&msg);
+                        }
+                        self.state.on_message(msg, now);
+                    }
+                    Err(err) => tracing::warn!(cause = %err, "ignored a frame the client cannot decode"),
+                },
+                Input::Frame(Some(Ok(Message::Close(frame)))) => {
+                    let (code, reason) =
+                        frame.map_or((1005, String::new()), |f| (u16::from(f.code), f.reason.to_string()));
+                    // Reading on lets tungstenite send its reply to the close.
+                    let _ = timeout(self.config.close_timeout, async { while ws.next().await.is_some() {} })
+                        .await;
+                    return self.lost(code, reason);
+                }
+                // Pings are answered by tungstenite; nothing else is expected.
+                Input::Frame(Some(Ok(_))) => {}
+                Input::Frame(Some(Err(err))) => return self.lost(ABNORMAL, err.to_string()),
+                Input::Frame(None) => return self.lost(ABNORMAL, "the connection closed".into()),
+                Input::Link(LinkEvent::SendPing(ping)) => {
+                    if let Err(err) = ws.send(Message::text(ping.to_json())).await {
+                        return self.lost(ABNORMAL, format!("write failed: {err}"));
+                    }
+                }
+                Input::Link(LinkEvent::Dead) => {
+                    return self.lost(ABNORMAL, "the server stopped answering pings".into());
+                }
+                Input::RestoreTimeout => {
+                    return self.lost(ABNORMAL, "the server did not restore the session in time".into());
+                }
+                Input::Paced => self.state.on_timeout(now),
+                Input::Delivered => {}
+                Input::Upload => self.state.upload_step(),
+            }
+        }
+    }
+
+    fn lost(&self, code: u16, reason: String) -> LinkEnd {
+        LinkEnd::Lost { code, reason, was_live: self.state.is_live() }
+    }
+
+    /// Writes what the state wants sent, flushing once.
+    async fn write_pending(&mut self, ws: &mut Ws) -> std::result::Result<(), tungstenite::Error> {
+        let mut fed = false;
+        while let Some(send) = self.state.poll_send() {
+            let frame = match send {
+                Send::Message(msg) => Message::text(msg.to_json()),
+                Send::Chunk(bytes) => Message::binary(bytes),
+            };
+            ws.feed(frame).await?;
+            fed = true;
+        }
+        if fed {
+            ws.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Closes the link with 1000 and waits (briefly) for the server's reply.
+    async fn close(&mut self, ws: &mut Ws) {
+        let frame = CloseFrame { code: CloseCode::Normal, reason: "".into() };
+        let closing = async {
+            ws.close(Some(frame)).await?;
+            while ws.next().await.transpose()?.is_some() {}
+            Ok::<(), tungstenite::Error>(())
+        };
+        if let Ok(Err(err)) = timeout(self.config.close_timeout, closing).await {
+            tracing::debug!(cause = %err, "closing handshake incomplete");
+        }
+    }
+}
+
+/// Sleeps until `at`, or forever when there is nothing to wait for.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The heartbeat's next event, or never when it is off.
+async fn link_event(monitor: &mut Option<LinkMonitor>) -> LinkEvent {
+    match monitor {
+        Some(monitor) => monitor.next_event().await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnects_on_going_away_and_breakage_only() {
+        for code in [1001, 1006, 1011, 1012, 1013, 1014] {
+            assert!(should_reconnect(code), "{code}");
+        }
+        for code in [1000, 1002, 1003, 1005, 1007, 1008, 1009, 1010, 4000] {
+            assert!(!should_reconnect(code), "{code}");
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! What can go wrong when connecting or giving the client a command.
+
+use std::path::PathBuf;
+
+use hubbub_protocol::ValidationError;
+use hubbub_transfer::TransferError;
+use tokio_tungstenite::tungstenite;
+
+use crate::ConfigError;
+
+/// An error from [`Client::connect`](crate::Client::connect) or one of the
+/// [`Client`](crate::Client)'s commands.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The configuration cannot work.
+    #[error("invalid client configuration: {0}")]
+    Config(#[from] ConfigError),
+    /// The first connection failed: bad URL, refused, or a failed
+    /// WebSocket handshake. Later connections are retried instead.
+    #[error("could not connect to {url}: {source}")]
+    Connect {
+        /// The URL connected to.
+        url: String,
+        /// What the WebSocket layer reported.
+        #[source]
+        source: tungstenite::Error,
+    },
+    /// The first connection took longer than
+    /// [`ClientConfig::connect_timeout`](crate::ClientConfig::connect_timeout).
+    #[error("timed out connecting to {url}")]
+    ConnectTimeout {
+        /// The URL connected to.
+        url: String,
+    },
+    /// A name or text breaks the protocol's limits; nothing was sent.
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    /// A room command (message, typing, leave) while not in a room, counting
+    /// the joins and leaves already issued.
+    #[error("not in a room: join one first")]
+    NotInRoom,
+    /// A command that only makes sense on a live link (typing, ping) while
+    /// the client is reconnecting. Such commands are not queued: by the time
+    /// the link is back they would be stale.
+    #[error("not connected to the server")]
+    NotConnected,
+    /// The client already holds as many commands and unacknowledged messages
+    /// as [`ClientConfig::queue_capacity`](crate::ClientConfig::queue_capacity)
+    /// allows (or as many uploads as `upload_queue`); nothing was queued.
+    #[error("the client's queue is full ({capacity} waiting); try again once the connection is back")]
+    QueueFull {
+        /// The configured capacity that was reached.
+        capacity: usize,
+    },
+    /// The client has stopped: after [`Client::disconnect`](crate::Client::disconnect),
+    /// a close it does not retry, or its last reconnect attempt.
+    #[error("the client is closed")]
+    Closed,
+    /// A file to upload could not be read.
+    #[error("cannot read {path}: {source}")]
+    ReadFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file cannot be uploaded in chunks (too many chunks of this size).
+    #[error(transparent)]
+    Transfer(#[from] TransferError),
+}
+
+/// The result of a client operation.
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;
