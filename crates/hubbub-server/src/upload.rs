@@ -53,6 +53,9 @@ impl Uploads {
     ) -> Outcome {
         self.park_active(store);
         self.failed = None;
+        // A new upload under the id of an interrupted one replaces it:
+        // dropping the old one frees its data and quota now, not at expiry.
+        drop(store.resume(&request.transfer_id));
         let transfer_id = request.transfer_id.clone();
         let size = request.size;
         match store.begin(request).await {

@@ -1030,6 +1030,27 @@ async fn the_upload_quota_is_enforced() {
     c.send(json!({"type": "fileStart", "name": "b", "size": 6_000})).await;
     let err = c.recv_type("fileError").await;
     assert!(err["message"].as_str().unwrap().contains("upload space is full"), "{err}");
+
+    // An interrupted upload holds its reservation; starting again under the
+    // same id replaces it rather than counting it twice.
+    c.send(json!({"type": "fileStart", "name": "c", "size": 3_000, "transferId": "again"})).await;
+    c.recv_type("fileAccepted").await;
+    drop(c);
+    let mut c = server.named("ada").await;
+    let start = json!({"type": "fileStart", "name": "c", "size": 3_000, "transferId": "again"});
+    let accepted = loop {
+        c.send(start.clone()).await;
+        let msg = c.recv().await;
+        if msg["type"] == "fileAccepted" {
+            break msg;
+        }
+        // Until the first connection's end is processed, its upload is
+        // still active there and the quota holds it.
+        assert_eq!(msg["type"], "fileError", "{msg}");
+        c.send(json!({"type": "fileEnd"})).await;
+        c.recv().await;
+    };
+    assert_eq!(accepted["transferId"], "again");
     server.shutdown().await;
 }
 
