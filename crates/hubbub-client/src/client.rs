@@ -9,6 +9,7 @@
 //! connects again, still answering commands (they are queued).
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -66,7 +67,8 @@ impl Client {
     pub async fn connect(url: impl Into<String>, config: ClientConfig) -> Result<(Client, EventStream)> {
         config.validate()?;
         let url = url.into();
-        let ws = open(url.clone(), config.connect_timeout).await?;
+        let tls = tls_config(config.extra_ca_file.as_deref())?;
+        let ws = open(url.clone(), config.connect_timeout, tls.clone()).await?;
         let (commands, command_rx) = mpsc::channel(COMMAND_BUFFER);
         let (event_tx, event_rx) = mpsc::channel(config.event_buffer);
         let state = ClientState::new(StateLimits {
@@ -77,7 +79,7 @@ impl Client {
             send_rate: config.send_rate,
             protocol: config.limits.clone(),
         });
-        let task = Task { url, config, commands: command_rx, events: Outbox::new(event_tx), state };
+        let task = Task { url, config, tls, commands: command_rx, events: Outbox::new(event_tx), state };
         tokio::spawn(task.run(ws));
         Ok((Client { commands }, EventStream::new(event_rx)))
     }
@@ -170,9 +172,37 @@ impl Client {
     }
 }
 
-/// Opens a WebSocket, within `limit`.
-async fn open(url: String, limit: Duration) -> Result<Ws> {
-    match timeout(limit, tokio_tungstenite::connect_async_with_config(url.as_str(), None, true)).await {
+/// The TLS client settings for `wss://`: Mozilla's root certificates, plus
+/// the authorities in `extra_ca_file`.
+fn tls_config(extra_ca_file: Option<&std::path::Path>) -> Result<Arc<rustls::ClientConfig>> {
+    use rustls_pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+    if let Some(path) = extra_ca_file {
+        let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
+            .and_then(|certs| certs.collect::<std::result::Result<Vec<_>, _>>())
+            .map_err(|err| ClientError::Tls(format!("cannot read {}: {err}", path.display())))?;
+        if certs.is_empty() {
+            return Err(ClientError::Tls(format!("no PEM certificate in {}", path.display())));
+        }
+        for cert in certs {
+            roots.add(cert).map_err(|err| ClientError::Tls(format!("{}: {err}", path.display())))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|err| ClientError::Tls(err.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// Opens a WebSocket (`ws://` or `wss://`), within `limit`.
+async fn open(url: String, limit: Duration, tls: Arc<rustls::ClientConfig>) -> Result<Ws> {
+    let connector = tokio_tungstenite::Connector::Rustls(tls);
+    let connecting =
+        tokio_tungstenite::connect_async_tls_with_config(url.as_str(), None, true, Some(connector));
+    match timeout(limit, connecting).await {
         Ok(Ok((ws, _response))) => Ok(ws),
         Ok(Err(source)) => Err(ClientError::Connect { url, source }),
         Err(_) => Err(ClientError::ConnectTimeout { url }),
@@ -263,6 +293,8 @@ enum Input {
 struct Task {
     url: String,
     config: ClientConfig,
+    /// TLS settings for `wss://`, built once.
+    tls: Arc<rustls::ClientConfig>,
     commands: mpsc::Receiver<Command>,
     events: Outbox,
     state: ClientState,
@@ -301,7 +333,7 @@ impl Task {
             if self.offline(sleep(delay)).await.is_none() {
                 break;
             }
-            let connecting = open(self.url.clone(), self.config.connect_timeout);
+            let connecting = open(self.url.clone(), self.config.connect_timeout, self.tls.clone());
             match self.offline(connecting).await {
                 None => break,
                 Some(Ok(ws)) => link = Some(ws),

@@ -54,6 +54,10 @@ pub struct ClientConfig {
     /// How long [`Client::disconnect`](crate::Client::disconnect) waits for
     /// the server's reply to the close frame. Default 2 s.
     pub close_timeout: Duration,
+    /// A PEM file of extra certificate authorities to trust for `wss://`,
+    /// besides the public ones (for self-signed deployments and tests).
+    /// Default: none.
+    pub extra_ca_file: Option<std::path::PathBuf>,
     /// The chunk size asked for in `fileStart`; the server may choose
     /// another. Default 65,536 (the protocol's maximum with the default
     /// frame limit).
@@ -83,6 +87,7 @@ impl Default for ClientConfig {
             connect_timeout: Duration::from_secs(10),
             restore_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_secs(2),
+            extra_ca_file: None,
             chunk_size: 64 * 1024,
             send_rate: Some(SendRate { per_second: 20.0, burst: 40 }),
             limits: Limits::default(),

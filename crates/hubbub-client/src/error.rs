@@ -56,6 +56,10 @@ pub enum ClientError {
     /// a close it does not retry, or its last reconnect attempt.
     #[error("the client is closed")]
     Closed,
+    /// The TLS settings for `wss://` could not be built (e.g. an unreadable
+    /// or empty `extra_ca_file`).
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
     /// A file to upload could not be read.
     #[error("cannot read {path}: {source}")]
     ReadFile {

@@ -60,8 +60,8 @@
 //! # }
 //! ```
 //!
-//! `wss://` URLs need TLS support, which this build of the crate does not
-//! include: connecting to one fails with [`ClientError::Connect`].
+//! `wss://` URLs work with rustls and Mozilla's root certificates; trust a
+//! self-signed deployment with [`ClientConfig::extra_ca_file`].
 
 mod client;
 mod config;

@@ -682,3 +682,46 @@ async fn the_monitor_declares_the_link_dead_when_pongs_stop() {
     let latency = link.latency().expect("answered pings were measured");
     assert!(latency.last < Duration::from_millis(200));
 }
+
+// ----- wss:// --------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wss_works_with_an_extra_trusted_certificate_authority() {
+    let dir = std::env::temp_dir().join(format!("hubbub-client-tls-{}", uuid()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    std::fs::write(dir.join("cert.pem"), certified.cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), certified.signing_key.serialize_pem()).unwrap();
+
+    let mut config = Config { close_timeout: Duration::from_millis(300), ..Config::default() };
+    config.uploads.dir = dir.join("uploads");
+    config.tls = Some(hubbub_server::TlsSettings {
+        cert: dir.join("cert.pem"),
+        key: dir.join("key.pem"),
+        handshake_timeout: Duration::from_secs(5),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("wss://localhost:{}/ws/chat", listener.local_addr().unwrap().port());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(Server::new(config).unwrap().run(listener, async {
+        let _ = stopped.await;
+    }));
+
+    // Without the extra authority the self-signed certificate is refused.
+    let refused = Client::connect(&url, fast()).await.unwrap_err();
+    assert!(matches!(refused, hubbub_client::ClientError::Connect { .. }), "{refused}");
+
+    let trusting = ClientConfig { extra_ca_file: Some(dir.join("cert.pem")), ..fast() };
+    let (ada, _ada_events) = member(&url, "ada", "tls", trusting.clone()).await;
+    let (_bob, mut bob_events) = member(&url, "bob", "tls", trusting).await;
+    ada.send_message("over TLS").await.unwrap();
+    bob_events.message("over TLS").await;
+
+    let missing = ClientConfig { extra_ca_file: Some(dir.join("nope.pem")), ..fast() };
+    let err = Client::connect(&url, missing).await.unwrap_err();
+    assert!(err.to_string().contains("nope.pem"), "{err}");
+
+    stop.send(()).unwrap();
+    timeout(WAIT, server).await.unwrap().unwrap().unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+}
