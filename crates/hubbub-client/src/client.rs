@@ -333,7 +333,8 @@ impl Task {
             if self.offline(sleep(delay)).await.is_none() {
                 break;
             }
-            let connecting = open(self.url.clone(), self.config.connect_timeout, self.tls.clone());
+            // Boxed: a TLS connection in progress is large.
+            let connecting = Box::pin(open(self.url.clone(), self.config.connect_timeout, self.tls.clone()));
             match self.offline(connecting).await {
                 None => break,
                 Some(Ok(ws)) => link = Some(ws),
