@@ -699,6 +699,7 @@ async fn wss_works_with_an_extra_trusted_certificate_authority() {
         cert: dir.join("cert.pem"),
         key: dir.join("key.pem"),
         handshake_timeout: Duration::from_secs(5),
+        max_pending_handshakes: 64,
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("wss://localhost:{}/ws/chat", listener.local_addr().unwrap().port());

@@ -90,11 +90,19 @@ pub(crate) fn check_origin(headers: &HeaderMap, config: &Config) -> Result<(), S
         return Ok(());
     }
     let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
-    let origin_host = origin.split_once("://").map(|(_, rest)| rest);
-    match (origin_host, host) {
-        (Some(origin_host), Some(host)) if origin_host.eq_ignore_ascii_case(host) => Ok(()),
-        _ => Err(origin),
-    }
+    let same_host = match (origin.split_once("://"), host) {
+        (Some((scheme, origin_host)), Some(host)) => {
+            without_default_port(scheme, origin_host).eq_ignore_ascii_case(without_default_port(scheme, host))
+        }
+        _ => false,
+    };
+    if same_host { Ok(()) } else { Err(origin) }
+}
+
+/// `host:443` for https (`host:80` for http) is the same as `host`.
+fn without_default_port<'a>(scheme: &str, host: &'a str) -> &'a str {
+    let default = if scheme.eq_ignore_ascii_case("https") { ":443" } else { ":80" };
+    host.strip_suffix(default).unwrap_or(host)
 }
 
 #[cfg(test)]
@@ -123,6 +131,9 @@ mod tests {
             Err("https://evil.example".to_owned())
         );
         assert!(check_origin(&headers(Some("null"), "chat.example"), &config).is_err());
+        assert!(check_origin(&headers(Some("https://chat.example:443"), "chat.example"), &config).is_ok());
+        assert!(check_origin(&headers(Some("http://chat.example"), "chat.example:80"), &config).is_ok());
+        assert!(check_origin(&headers(Some("https://chat.example:444"), "chat.example"), &config).is_err());
         config.allowed_origins = vec!["https://app.example".into()];
         assert!(check_origin(&headers(Some("https://app.example"), "chat.example"), &config).is_ok());
         config.allowed_origins = vec!["*".into()];

@@ -201,7 +201,14 @@ impl ChatSession {
                 let mut timestamp = now_ms();
                 if let Some(id) = client_msg_id {
                     let delivery = &self.shared.config.delivery;
-                    match room.remember(id, timestamp, delivery.dedupe_window, delivery.dedupe_capacity) {
+                    let sender = self.name();
+                    match room.remember(
+                        id,
+                        sender,
+                        timestamp,
+                        delivery.dedupe_window,
+                        delivery.dedupe_capacity,
+                    ) {
                         Remembered::New => {}
                         Remembered::Duplicate(original) => {
                             // A resend whose ack was lost: ack again, deliver once.
@@ -253,7 +260,8 @@ impl ChatSession {
                     return self.error("File uploads are not enabled on this server", "uploadsDisabled");
                 }
                 let transfer_id = transfer_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-                let request = NewUpload { name, size, mime_type, sha256, chunk_size, transfer_id };
+                let owner = self.username.clone();
+                let request = NewUpload { name, size, mime_type, sha256, chunk_size, transfer_id, owner };
                 let shared = self.shared.clone();
                 let outcome = self.uploads.start(&shared.store, &shared.config.uploads, request).await;
                 self.act(outcome);
@@ -267,7 +275,7 @@ impl ChatSession {
                 if !self.shared.config.uploads.enabled {
                     return self.error("File uploads are not enabled on this server", "uploadsDisabled");
                 }
-                let outcome = self.uploads.resume(&self.shared.store, transfer_id);
+                let outcome = self.uploads.resume(&self.shared.store, transfer_id, self.username.as_deref());
                 self.act(outcome);
             }
         }
@@ -275,22 +283,31 @@ impl ChatSession {
 
     /// Applies the rate limits; false if the message must be dropped.
     fn within_limits(&mut self, msg: &ClientMessage) -> bool {
-        let Some(limiter) = self.limiter.as_mut() else { return true };
         let kind = match msg {
             ClientMessage::ChatMessage { .. } | ClientMessage::Chat { .. } => Kind::Chat,
             ClientMessage::Typing {} => Kind::Typing,
             ClientMessage::JoinRoom { .. }
             | ClientMessage::LeaveRoom {}
             | ClientMessage::SetUsername { .. } => Kind::Room,
-            _ => return true,
+            ClientMessage::Ping { .. }
+            | ClientMessage::Auth { .. }
+            | ClientMessage::FileStart { .. }
+            | ClientMessage::FileEnd { .. }
+            | ClientMessage::FileResume { .. } => Kind::Control,
         };
+        self.limit(kind, msg.kind())
+    }
+
+    /// Applies the limit of `kind`; false if the message must be dropped.
+    fn limit(&mut self, kind: Kind, what: &str) -> bool {
+        let Some(limiter) = self.limiter.as_mut() else { return true };
         match limiter.check(kind, Instant::now()) {
             Verdict::Allow => true,
             Verdict::Refuse(wait) => {
                 self.shared.hub.stats.rate_limited.inc();
                 let retry_after_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
                 self.reply(&ServerMessage::Error {
-                    message: format!("Too many {} messages; slow down", msg.kind()),
+                    message: format!("Too many {what} messages; slow down"),
                     code: Some("rateLimited".to_owned()),
                     retry_after_ms: Some(retry_after_ms),
                 });
@@ -373,7 +390,11 @@ impl Handler for ChatSession {
             }
             Err(err) => {
                 tracing::debug!(error = %err, "refused client message");
-                self.reply(&err.to_event());
+                // Error replies count against the control limit, so garbage
+                // cannot make the server write without bound.
+                if self.limit(Kind::Control, "invalid") {
+                    self.reply(&err.to_event());
+                }
             }
         }
     }

@@ -146,6 +146,11 @@ pub struct RateLimitSettings {
     pub room_per_sec: f64,
     /// Room changes in a burst. Default 20.
     pub room_burst: u32,
+    /// Sustained `ping`, `auth`, file messages and undecodable frames per
+    /// second. Default 10.
+    pub control_per_sec: f64,
+    /// Such messages in a burst. Default 40.
+    pub control_burst: u32,
     /// Refused messages tolerated per `flood_window` before the connection
     /// is closed with 1008. Default 100.
     pub flood_strikes: u32,
@@ -169,6 +174,8 @@ impl Default for RateLimitSettings {
             typing_burst: 10,
             room_per_sec: 5.0,
             room_burst: 20,
+            control_per_sec: 10.0,
+            control_burst: 40,
             flood_strikes: 100,
             flood_window: Duration::from_secs(10),
             typing_broadcast_interval: Duration::from_secs(2),
@@ -192,6 +199,8 @@ pub struct UploadSettings {
     /// How long an interrupted upload is kept for `fileResume`. Default 10 min.
     #[serde(with = "humantime_serde")]
     pub resume_ttl: Duration,
+    /// Most interrupted uploads kept at once, server-wide. Default 1,000.
+    pub max_parked: usize,
     /// Upload bytes per second per connection; 0 means unlimited. Default 0.
     pub rate_bytes_per_sec: u64,
     /// Chunk size when `fileStart` names none. Default 65,536.
@@ -212,6 +221,7 @@ impl Default for UploadSettings {
             max_file_size: limits.max_file_size,
             quota_bytes: 5 << 30,
             resume_ttl: Duration::from_secs(600),
+            max_parked: 1000,
             rate_bytes_per_sec: 0,
             default_chunk_size: limits.default_chunk_size,
             min_chunk_size: limits.min_chunk_size,
@@ -372,6 +382,7 @@ impl Config {
         "rate_limit",
         "metrics",
         "tls",
+        "auth",
     ];
 
     /// Checks that the configuration can work.
@@ -386,10 +397,41 @@ impl Config {
             ("websocket.read_buffer_bytes", ws.read_buffer_bytes),
             ("websocket.outbound_queue", ws.outbound_queue),
             ("delivery.dedupe_capacity", self.delivery.dedupe_capacity),
+            ("protocol.max_file_name_chars", self.protocol.max_file_name_chars),
+            ("protocol.max_transfer_id_chars", self.protocol.max_transfer_id_chars),
         ];
         for (name, value) in positive {
             if value == 0 {
                 return Err(ConfigError::Zero(name));
+            }
+        }
+        // A chat connection's greeting alone queues two frames, and joining a
+        // room two more; anything smaller would drop every client at once.
+        if ws.outbound_queue < MIN_OUTBOUND_QUEUE {
+            return Err(ConfigError::Inconsistent(format!(
+                "websocket.outbound_queue must be at least {MIN_OUTBOUND_QUEUE}"
+            )));
+        }
+        for (name, value) in [
+            ("auth.auth_timeout", self.auth.auth_timeout),
+            ("auth.expiry_warning", self.auth.expiry_warning),
+            ("shutdown_drain", self.shutdown_drain),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::Zero(name));
+            }
+        }
+        // A connection over its upload rate stops reading for one chunk's
+        // worth of time; its heartbeat pongs wait unread meanwhile, so that
+        // pause must stay well inside the heartbeat timeout.
+        if self.uploads.rate_bytes_per_sec > 0 {
+            let pause = self.uploads.max_chunk_size as f64 / self.uploads.rate_bytes_per_sec as f64;
+            if pause > self.heartbeat.timeout.as_secs_f64() / 4.0 {
+                return Err(ConfigError::Inconsistent(format!(
+                    "uploads.rate_bytes_per_sec ({}) is too low for uploads.max_chunk_size ({}): one chunk \
+                     would pause reading for {pause:.1} s, more than a quarter of heartbeat.timeout",
+                    self.uploads.rate_bytes_per_sec, self.uploads.max_chunk_size
+                )));
             }
         }
         if self.close_timeout.is_zero() {
@@ -411,6 +453,7 @@ impl Config {
             ("rate_limit.chat_burst", rl.chat_burst),
             ("rate_limit.typing_burst", rl.typing_burst),
             ("rate_limit.room_burst", rl.room_burst),
+            ("rate_limit.control_burst", rl.control_burst),
             ("rate_limit.flood_strikes", rl.flood_strikes),
         ] {
             if burst == 0 {
@@ -462,6 +505,9 @@ impl Config {
     }
 }
 
+/// Smallest useful outbound queue: a greeting plus a room join.
+const MIN_OUTBOUND_QUEUE: usize = 8;
+
 /// Largest WebSocket frame header: 2 bytes, 8 of extended length, 4 of mask.
 const MAX_FRAME_HEADER: usize = 14;
 
@@ -490,6 +536,32 @@ mod tests {
         let mut config = Config::default();
         config.websocket.max_write_buffer_bytes = 1024;
         assert!(config.validate().unwrap_err().to_string().contains("max_write_buffer_bytes"));
+    }
+
+    #[test]
+    fn every_section_is_listed_for_environment_variables() {
+        let json = serde_json::to_value(Config {
+            tls: Some(TlsSettings {
+                cert: "c".into(),
+                key: "k".into(),
+                handshake_timeout: Duration::from_secs(1),
+                max_pending_handshakes: 1,
+            }),
+            ..Config::default()
+        })
+        .unwrap();
+        let sections: Vec<&str> = json
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(_, v)| v.is_object())
+            .map(|(k, _)| k.as_str())
+            .collect();
+        let mut listed = Config::SECTIONS.to_vec();
+        listed.sort_unstable();
+        let mut found = sections.clone();
+        found.sort_unstable();
+        assert_eq!(listed, found);
     }
 
     #[test]

@@ -142,15 +142,25 @@ async fn drive<H: Handler>(
                 }
             },
             next = stream.next() => match next {
+                // A handler may wait (a disk write, an upload's rate limit);
+                // closing the connection does not wait for it.
                 Some(Ok(Message::Text(text))) => {
                     stats.received.inc();
                     stats.bytes_in.inc_by(text.len() as u64);
-                    handler.on_text(text).await;
+                    tokio::select! {
+                        biased;
+                        () = token.cancelled() => break,
+                        () = handler.on_text(text) => {}
+                    }
                 }
                 Some(Ok(Message::Binary(data))) => {
                     stats.received.inc();
                     stats.bytes_in.inc_by(data.len() as u64);
-                    handler.on_binary(data).await;
+                    tokio::select! {
+                        biased;
+                        () = token.cancelled() => break,
+                        () = handler.on_binary(data) => {}
+                    }
                 }
                 Some(Ok(Message::Pong(payload))) => {
                     if let Some(token) = decode_token(&payload) {

@@ -218,8 +218,9 @@ pub(crate) enum Remembered {
 /// Recently seen message ids of one room, bounded in age and in number.
 #[derive(Debug, Default)]
 pub(crate) struct RecentIds {
-    /// Timestamp each id was delivered with.
-    by_id: HashMap<Uuid, u64>,
+    /// Timestamp each id was delivered with, and who sent it: an id counts
+    /// as a resend only from the same sender.
+    by_id: HashMap<Uuid, (u64, Box<str>)>,
     /// Ids in the order they arrived, for expiry.
     order: VecDeque<(Instant, Uuid)>,
 }
@@ -230,6 +231,7 @@ impl RecentIds {
     pub(crate) fn remember(
         &mut self,
         id: Uuid,
+        sender: &str,
         timestamp: u64,
         now: Instant,
         window: Duration,
@@ -243,8 +245,11 @@ impl RecentIds {
             self.order.pop_front();
             self.by_id.remove(&old);
         }
-        if let Some(&original) = self.by_id.get(&id) {
-            return Remembered::Duplicate(original);
+        match self.by_id.get(&id) {
+            Some((original, from)) if **from == *sender => return Remembered::Duplicate(*original),
+            // Someone else's id: deliver, but keep the first sender's entry.
+            Some(_) => return Remembered::New,
+            None => {}
         }
         // Make room: beyond capacity, the oldest go first.
         while self.order.len() >= capacity.max(1) {
@@ -252,7 +257,7 @@ impl RecentIds {
                 self.by_id.remove(&old);
             }
         }
-        self.by_id.insert(id, timestamp);
+        self.by_id.insert(id, (timestamp, sender.into()));
         self.order.push_back((now, id));
         Remembered::New
     }
@@ -268,15 +273,17 @@ mod tests {
         let t0 = Instant::now();
         let window = Duration::from_secs(60);
         let (a, b, c) = (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3));
-        assert_eq!(recent.remember(a, 100, t0, window, 2), Remembered::New);
-        assert_eq!(recent.remember(a, 999, t0, window, 2), Remembered::Duplicate(100));
-        assert_eq!(recent.remember(b, 200, t0, window, 2), Remembered::New);
+        assert_eq!(recent.remember(a, "ada", 100, t0, window, 2), Remembered::New);
+        assert_eq!(recent.remember(a, "ada", 999, t0, window, 2), Remembered::Duplicate(100));
+        // The same id from someone else is not a resend.
+        assert_eq!(recent.remember(a, "eve", 999, t0, window, 2), Remembered::New);
+        assert_eq!(recent.remember(b, "ada", 200, t0, window, 2), Remembered::New);
         // Capacity 2: remembering c forgets a, the oldest.
-        assert_eq!(recent.remember(c, 300, t0, window, 2), Remembered::New);
-        assert_eq!(recent.remember(a, 400, t0, window, 2), Remembered::New);
+        assert_eq!(recent.remember(c, "ada", 300, t0, window, 2), Remembered::New);
+        assert_eq!(recent.remember(a, "ada", 400, t0, window, 2), Remembered::New);
         // Past the window everything is forgotten.
         let later = t0 + window + Duration::from_millis(1);
-        assert_eq!(recent.remember(c, 500, later, window, 2), Remembered::New);
+        assert_eq!(recent.remember(c, "ada", 500, later, window, 2), Remembered::New);
         assert_eq!(recent.by_id.len(), recent.order.len());
         assert_eq!(recent.by_id.len(), 1);
     }
@@ -284,8 +291,15 @@ mod tests {
 
 impl Room {
     /// Checks a message id against the room's recent ids.
-    pub(crate) fn remember(&self, id: Uuid, timestamp: u64, window: Duration, capacity: usize) -> Remembered {
-        lock(&self.recent).remember(id, timestamp, Instant::now(), window, capacity)
+    pub(crate) fn remember(
+        &self,
+        id: Uuid,
+        sender: &str,
+        timestamp: u64,
+        window: Duration,
+        capacity: usize,
+    ) -> Remembered {
+        lock(&self.recent).remember(id, sender, timestamp, Instant::now(), window, capacity)
     }
 
     /// Queues `frame` to every member but `except`.
@@ -377,6 +391,11 @@ impl Hub {
         // join announced under the room's write lock, so every member sees
         // `userJoined` before any later message in the room.
         let mut members = write(&room.members);
+        if created {
+            // Under the rooms lock, so subscribers see creations and removals
+            // in the order they happened.
+            self.notify(&ServerMessage::RoomCreated { room: name.to_owned() });
+        }
         drop(rooms);
         members.insert(peer.id, peer.clone());
         let user_count = members.len();
@@ -387,9 +406,6 @@ impl Hub {
         self.stats.broadcast(sent, joined.len(), started);
         peer.reply(&ServerMessage::RoomJoined { room: name.to_owned(), user_count }, &self.stats);
         drop(members);
-        if created {
-            self.notify(&ServerMessage::RoomCreated { room: name.to_owned() });
-        }
         Joined { room, user_count }
     }
 
@@ -404,6 +420,7 @@ impl Hub {
         if removed {
             rooms.remove(&room.name);
             self.stats.rooms.set(rooms.len() as i64);
+            self.notify(&ServerMessage::RoomRemoved { room: room.name.to_string() });
         }
         drop(rooms);
         if !removed {
@@ -417,9 +434,6 @@ impl Hub {
             self.stats.broadcast(sent, left.len(), started);
         }
         drop(members);
-        if removed {
-            self.notify(&ServerMessage::RoomRemoved { room: room.name.to_string() });
-        }
     }
 
     /// Sends a server event to every notification subscriber.

@@ -89,6 +89,7 @@ impl Server {
             dir: uploads.dir.clone(),
             quota_bytes: uploads.quota_bytes,
             resume_ttl: uploads.resume_ttl,
+            max_parked: uploads.max_parked,
             limits: uploads.transfer_limits(),
         })
         .map_err(|err| ConfigError::UploadDir { path: uploads.dir.clone(), cause: err.to_string() })?;

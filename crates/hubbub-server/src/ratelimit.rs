@@ -46,6 +46,9 @@ pub(crate) enum Kind {
     Typing,
     /// `joinRoom`, `leaveRoom`, `setUsername`.
     Room,
+    /// Everything else a client sends that the server answers: `ping`,
+    /// `auth`, the file messages, and frames that do not decode.
+    Control,
 }
 
 /// A connection's limits.
@@ -54,6 +57,7 @@ pub(crate) struct Limiter {
     chat: Bucket,
     typing: Bucket,
     room: Bucket,
+    control: Bucket,
     /// Refused messages allowed before the connection is closed.
     strikes: Bucket,
 }
@@ -77,6 +81,7 @@ impl Limiter {
             chat: Bucket::new(settings.chat_per_sec, settings.chat_burst, now),
             typing: Bucket::new(settings.typing_per_sec, settings.typing_burst, now),
             room: Bucket::new(settings.room_per_sec, settings.room_burst, now),
+            control: Bucket::new(settings.control_per_sec, settings.control_burst, now),
             strikes: Bucket::new(f64::from(settings.flood_strikes) / window, settings.flood_strikes, now),
         }
     }
@@ -87,6 +92,7 @@ impl Limiter {
             Kind::Chat => &mut self.chat,
             Kind::Typing => &mut self.typing,
             Kind::Room => &mut self.room,
+            Kind::Control => &mut self.control,
         };
         match bucket.take(now) {
             Ok(()) => Verdict::Allow,

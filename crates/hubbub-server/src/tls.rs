@@ -30,6 +30,14 @@ pub struct TlsSettings {
     /// Longest a client may take to complete its handshake. Default 10 s.
     #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
     pub handshake_timeout: Duration,
+    /// Most handshakes in progress at once; connections beyond it are
+    /// closed at once. Default 1,024.
+    #[serde(default = "default_max_pending_handshakes")]
+    pub max_pending_handshakes: usize,
+}
+
+fn default_max_pending_handshakes() -> usize {
+    1024
 }
 
 fn default_handshake_timeout() -> Duration {
@@ -131,6 +139,7 @@ impl TlsListener {
         let local = tcp.local_addr()?;
         let (tx, ready) = mpsc::channel(READY_BACKLOG);
         let timeout = tls.settings.handshake_timeout;
+        let pending = Arc::new(tokio::sync::Semaphore::new(tls.settings.max_pending_handshakes.max(1)));
         tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
@@ -139,10 +148,15 @@ impl TlsListener {
                 };
                 match accepted {
                     Ok((stream, addr)) => {
+                        let Ok(permit) = pending.clone().try_acquire_owned() else {
+                            tracing::warn!(peer = %addr, "too many TLS handshakes in progress; dropping connection");
+                            continue;
+                        };
                         let _ = stream.set_nodelay(true);
                         let acceptor = tls.current();
                         let tx = tx.clone();
                         tokio::spawn(async move {
+                            let _permit = permit;
                             match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
                                 Ok(Ok(tls)) => {
                                     let _ = tx.send((tls, addr)).await;

@@ -55,7 +55,7 @@ impl Uploads {
         self.failed = None;
         // A new upload under the id of an interrupted one replaces it:
         // dropping the old one frees its data and quota now, not at expiry.
-        drop(store.resume(&request.transfer_id));
+        drop(store.resume(&request.transfer_id, request.owner.as_deref()));
         let transfer_id = request.transfer_id.clone();
         let size = request.size;
         match store.begin(request).await {
@@ -138,10 +138,10 @@ impl Uploads {
     }
 
     /// `fileResume`.
-    pub(crate) fn resume(&mut self, store: &Store, transfer_id: String) -> Outcome {
+    pub(crate) fn resume(&mut self, store: &Store, transfer_id: String, owner: Option<&str>) -> Outcome {
         let current = self.active.as_ref().is_some_and(|a| a.upload.transfer_id() == transfer_id);
         if !current {
-            let Some(upload) = store.resume(&transfer_id) else {
+            let Some(upload) = store.resume(&transfer_id, owner) else {
                 return Outcome::Reply(ServerMessage::FileError {
                     transfer_id: Some(transfer_id),
                     message: "There is no interrupted upload with this id (it may have expired).".to_owned(),

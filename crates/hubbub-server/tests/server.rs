@@ -1325,6 +1325,7 @@ async fn wss_chat_works_with_a_node_client_and_survives_a_certificate_reload() {
         cert: cert.clone(),
         key: key.clone(),
         handshake_timeout: Duration::from_secs(5),
+        max_pending_handshakes: 64,
     });
     let server = TestServer::with(config).await;
 
@@ -1383,6 +1384,7 @@ async fn a_bad_certificate_is_an_error_before_the_port_opens() {
         cert,
         key: dir.join("garbage.pem"),
         handshake_timeout: Duration::from_secs(5),
+        max_pending_handshakes: 64,
     });
     // The whole chain, as the binary prints it with `{:#}`.
     let chain = |err: hubbub_server::ConfigError| {

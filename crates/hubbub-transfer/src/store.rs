@@ -38,6 +38,9 @@ pub struct StoreConfig {
     pub quota_bytes: u64,
     /// How long an interrupted upload is kept for `fileResume`.
     pub resume_ttl: Duration,
+    /// Most interrupted uploads kept at once; beyond it the one closest to
+    /// expiry is dropped first.
+    pub max_parked: usize,
     /// Limits on each upload.
     pub limits: TransferLimits,
 }
@@ -93,6 +96,9 @@ pub struct NewUpload {
     pub chunk_size: Option<u32>,
     /// The upload's id, for resume.
     pub transfer_id: String,
+    /// Who uploads it (a username, if known): only the same owner may
+    /// resume or replace it.
+    pub owner: Option<String>,
 }
 
 /// The upload directory and everything in it. Cheap to clone.
@@ -184,6 +190,7 @@ impl Store {
         let mut upload = Upload {
             store: self.clone(),
             transfer_id: request.transfer_id,
+            owner: request.owner,
             name: sanitize_file_name(&request.name),
             mime_type,
             assembler,
@@ -192,6 +199,7 @@ impl Store {
             hasher: Some(Sha256::new()),
             hashed_upto: 0,
             reserved: request.size,
+            saved: false,
         };
         let file = tokio::task::spawn_blocking(move || {
             OpenOptions::new().read(true).write(true).create_new(true).open(&temp_path)
@@ -205,15 +213,34 @@ impl Store {
     /// Keeps an interrupted upload for [`StoreConfig::resume_ttl`].
     pub fn park(&self, upload: Upload, now: Instant) {
         let expires = now + self.inner.config.resume_ttl;
-        let replaced = lock(&self.inner.parked).insert(upload.transfer_id.clone(), (upload, expires));
-        // A second interrupted upload with the same id wins; the first is
-        // dropped (its temporary file deleted) outside the lock.
-        drop(replaced);
+        let mut dropped = Vec::new();
+        {
+            let mut parked = lock(&self.inner.parked);
+            // A second interrupted upload with the same id wins.
+            dropped.extend(parked.remove(&upload.transfer_id).map(|(old, _)| old));
+            while parked.len() >= self.inner.config.max_parked.max(1) {
+                let soonest = parked.iter().min_by_key(|(_, (_, at))| *at).map(|(id, _)| id.clone());
+                match soonest.and_then(|id| parked.remove(&id)) {
+                    Some((old, _)) => dropped.push(old),
+                    None => break,
+                }
+            }
+            parked.insert(upload.transfer_id.clone(), (upload, expires));
+        }
+        // Dropped outside the lock: each deletes its temporary file.
+        drop(dropped);
     }
 
-    /// Takes back an interrupted upload to continue it.
-    pub fn resume(&self, transfer_id: &str) -> Option<Upload> {
-        lock(&self.inner.parked).remove(transfer_id).map(|(upload, _)| upload)
+    /// Takes back an interrupted upload to continue it, if `owner` is the
+    /// one who started it.
+    pub fn resume(&self, transfer_id: &str, owner: Option<&str>) -> Option<Upload> {
+        let mut parked = lock(&self.inner.parked);
+        match parked.get(transfer_id) {
+            Some((upload, _)) if upload.owner.as_deref() == owner => {
+                parked.remove(transfer_id).map(|(u, _)| u)
+            }
+            _ => None,
+        }
     }
 
     /// Deletes interrupted uploads whose time is up; returns how many.
@@ -250,6 +277,8 @@ impl Store {
 pub struct Upload {
     store: Store,
     transfer_id: String,
+    /// Who may resume it.
+    owner: Option<String>,
     /// Sanitized name.
     name: String,
     mime_type: String,
@@ -261,8 +290,11 @@ pub struct Upload {
     /// mid-way; the whole file is then hashed at the end.
     hasher: Option<Sha256>,
     hashed_upto: u64,
-    /// Bytes reserved against the quota; zero once saved.
+    /// Bytes reserved against the quota.
     reserved: u64,
+    /// Set once moved into place: the reservation then stands for the
+    /// saved file and there is no temporary file to delete.
+    saved: bool,
 }
 
 impl Upload {
@@ -356,8 +388,7 @@ impl Upload {
         };
         match saved.map_err(io::Error::other) {
             Ok(Ok(())) => {
-                // The reservation now stands for the saved file.
-                self.reserved = 0;
+                self.saved = true;
                 lock(&store.inner.files).insert(meta.id.clone(), meta.clone());
                 Ok(meta)
             }
@@ -368,9 +399,14 @@ impl Upload {
 
 impl Drop for Upload {
     fn drop(&mut self) {
-        if self.reserved > 0 {
+        if !self.saved {
             self.file = None;
-            let _ = fs::remove_file(&self.temp_path);
+            let path = std::mem::take(&mut self.temp_path);
+            // Off the async threads when there is a runtime to do it.
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn_blocking(move || fs::remove_file(path))),
+                Err(_) => drop(fs::remove_file(path)),
+            }
             self.store.release(self.reserved);
         }
     }
@@ -462,6 +498,7 @@ mod tests {
             dir: dir.to_owned(),
             quota_bytes: quota,
             resume_ttl: Duration::from_secs(600),
+            max_parked: 2,
             limits: TransferLimits { min_chunk_size: 4, ..TransferLimits::default() },
         }
     }
@@ -480,7 +517,20 @@ mod tests {
             sha256: sha,
             chunk_size: Some(chunk),
             transfer_id: "t1".into(),
+            owner: Some("ada".into()),
         }
+    }
+
+    /// Waits until `.partial` is empty: dropped uploads delete their
+    /// temporary files on the blocking pool.
+    async fn partial_emptied(dir: &Path) {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while fs::read_dir(dir.join(".partial")).unwrap().count() > 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("temporary files deleted");
     }
 
     fn frame(index: u32, data: &[u8]) -> Bytes {
@@ -521,7 +571,7 @@ mod tests {
         assert!(kept.is_none());
         assert!(matches!(err, StoreError::Transfer(TransferError::Sha256Mismatch)), "{err}");
         assert_eq!(store.used_bytes(), 0);
-        assert_eq!(fs::read_dir(dir.join(".partial")).unwrap().count(), 0);
+        partial_emptied(&dir).await;
         fs::remove_dir_all(dir).unwrap();
     }
 
@@ -539,7 +589,8 @@ mod tests {
         assert!(matches!(err, StoreError::Transfer(TransferError::Incomplete { missing_chunks: 1 })));
         let now = Instant::now();
         store.park(kept.unwrap(), now);
-        let mut resumed = store.resume("t1").unwrap();
+        assert!(store.resume("t1", Some("eve")).is_none(), "only the owner resumes");
+        let mut resumed = store.resume("t1", Some("ada")).unwrap();
         assert_eq!(resumed.assembler().received_ranges(), vec![1..2]);
         resumed.write_frame(frame(0, b"1234")).await.unwrap();
         let saved = resumed.finish().await.unwrap();
@@ -552,8 +603,18 @@ mod tests {
         assert_eq!(store.sweep(now + Duration::from_secs(599)), 0);
         assert_eq!(store.sweep(now + Duration::from_secs(600)), 1);
         assert_eq!(store.used_bytes(), 8);
-        assert!(store.resume("t2").is_none());
-        assert_eq!(fs::read_dir(dir.join(".partial")).unwrap().count(), 0);
+        assert!(store.resume("t2", Some("ada")).is_none());
+
+        // At most `max_parked` (2) are kept: the one closest to expiry goes.
+        for (i, id) in ["p1", "p2", "p3"].iter().enumerate() {
+            let upload =
+                store.begin(NewUpload { transfer_id: (*id).into(), ..request(0, 4, None) }).await.unwrap();
+            store.park(upload, now + Duration::from_secs(i as u64));
+        }
+        assert!(store.resume("p1", Some("ada")).is_none());
+        assert!(store.resume("p3", Some("ada")).is_some());
+        assert_eq!(store.sweep(now + Duration::from_secs(3600)), 1, "p2 was still kept");
+        partial_emptied(&dir).await;
         fs::remove_dir_all(dir).unwrap();
     }
 

@@ -281,6 +281,7 @@ mod tests {
                 cert: "cert.pem".into(),
                 key: "key.pem".into(),
                 handshake_timeout: Duration::from_secs(10),
+                max_pending_handshakes: 64,
             }),
             ..Config::default()
         };
