@@ -1,1 +1,742 @@
-// The chat page's script: filled in by the browser-client issue.
+// The chat page served at `/`: a join form, the room's messages, files and
+// typing indicator, and the connection state, on top of the browser client.
+//
+// Everything a user or the server provides is put on the page with
+// textContent or as a DOM property, never parsed as HTML, so the page works
+// under a strict Content-Security-Policy and a message such as
+// `<img src=x onerror=alert(1)>` shows as those characters.
+
+import { HubbubClient } from '/client.js';
+
+/** How long "X is typing…" stays after the last typing event, in ms. */
+const TYPING_VISIBLE_MS = 3000;
+/** Messages from one person closer together than this are grouped. */
+const GROUP_WINDOW_MS = 5 * 60 * 1000;
+/** How often the join form refreshes the list of active rooms, in ms. */
+const ROOMS_REFRESH_MS = 15000;
+/** Room suggestions shown as buttons under the form. */
+const MAX_ROOM_CHIPS = 6;
+/** Avatar colours (classes c0..c7 in style.css). */
+const AVATAR_COLOURS = 8;
+/** Where the last username is remembered. */
+const USERNAME_KEY = 'hubbub.username';
+
+const $ = (id) => document.getElementById(id);
+const ui = {
+  conn: $('conn'),
+  connText: $('conn-text'),
+  connAnnounce: $('conn-announce'),
+  latency: $('latency'),
+  retry: $('retry'),
+  joinView: $('join-view'),
+  joinForm: $('join-form'),
+  username: $('username'),
+  room: $('room'),
+  roomList: $('room-list'),
+  activeRooms: $('active-rooms'),
+  roomChips: $('room-chips'),
+  joinError: $('join-error'),
+  joinButton: $('join-button'),
+  chatView: $('chat-view'),
+  chatRoom: $('chat-room'),
+  chatCount: $('chat-count'),
+  leaveButton: $('leave-button'),
+  messages: $('messages'),
+  typing: $('typing'),
+  composer: $('composer'),
+  fileInput: $('file-input'),
+  attachButton: $('attach-button'),
+  message: $('message'),
+  dropOverlay: $('drop-overlay'),
+};
+
+const client = new HubbubClient();
+
+/** The username the server confirmed. */
+let me = null;
+/** The room shown, or null on the join form. */
+let currentRoom = null;
+/** The next userJoined for `me` is our own (re)join, not news. */
+let expectOwnJoin = false;
+/** Whether a "connection lost" line was shown and awaits "reconnected". */
+let announcedLoss = false;
+/** Own messages on the page, by clientMsgId, until acknowledged. */
+const ownPending = new Map();
+/** Upload items on the page, by transferId. */
+const uploads = new Map();
+/** Who is typing: name -> timer that forgets them. */
+const typists = new Map();
+let unread = 0;
+let statusTicker = null;
+/** The last state announced to screen readers (the countdown is not). */
+let announcedState = null;
+let roomsTimer = null;
+
+const timeFormat = new Intl.DateTimeFormat(undefined, { hour: '2-digit', minute: '2-digit' });
+const fullTimeFormat = new Intl.DateTimeFormat(undefined, { dateStyle: 'medium', timeStyle: 'medium' });
+
+// ---- small DOM helpers -------------------------------------------------------
+
+/** Creates an element with a class and, optionally, text (never HTML). */
+function el(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  return node;
+}
+
+function timeElement(timestamp) {
+  const date = new Date(timestamp);
+  const node = el('time', 'time', timeFormat.format(date));
+  node.dateTime = date.toISOString();
+  node.title = fullTimeFormat.format(date);
+  return node;
+}
+
+function avatarClass(name) {
+  let hash = 0;
+  for (const ch of name) hash = (hash * 31 + ch.codePointAt(0)) >>> 0;
+  return `c${hash % AVATAR_COLOURS}`;
+}
+
+function initial(name) {
+  const first = [...name.trim()][0];
+  return first ? first.toUpperCase() : '?';
+}
+
+function formatSize(bytes) {
+  if (bytes < 1024) return `${bytes} B`;
+  const units = ['KB', 'MB', 'GB'];
+  let value = bytes / 1024;
+  let unit = 0;
+  while (value >= 1024 && unit < units.length - 1) {
+    value /= 1024;
+    unit++;
+  }
+  return `${value >= 10 ? Math.round(value) : value.toFixed(1)} ${units[unit]}`;
+}
+
+/** The server's download URL, if it is a same-origin /files/ path. */
+function safeFileUrl(url) {
+  try {
+    const target = new URL(url, location.href);
+    if (target.origin !== location.origin || !target.pathname.startsWith('/files/')) return null;
+    return target.pathname;
+  } catch {
+    return null;
+  }
+}
+
+// ---- the message list --------------------------------------------------------
+
+function nearBottom() {
+  const list = ui.messages;
+  return list.scrollHeight - list.scrollTop - list.clientHeight < 80;
+}
+
+function append(item) {
+  const stick = nearBottom() || item.classList.contains('own');
+  ui.messages.append(item);
+  if (stick) ui.messages.scrollTop = ui.messages.scrollHeight;
+  if (document.hidden && !item.classList.contains('system')) {
+    unread++;
+    updateTitle();
+  }
+}
+
+function systemLine(text, kind = 'info') {
+  const item = el('li', `system ${kind}`);
+  item.append(el('span', 'system-text', text), timeElement(Date.now()));
+  append(item);
+  return item;
+}
+
+/** A message bubble: avatar, name, time, then `body`. */
+function bubble({ user, timestamp, own, lobby, extraClass }) {
+  const item = el('li', `msg${own ? ' own' : ''}${extraClass ? ` ${extraClass}` : ''}`);
+  item.dataset.user = user;
+  item.dataset.time = String(timestamp);
+  const previous = ui.messages.lastElementChild;
+  if (
+    previous &&
+    previous.classList.contains('msg') &&
+    !lobby &&
+    !previous.classList.contains('lobby') &&
+    previous.dataset.user === user &&
+    previous.classList.contains('own') === Boolean(own) &&
+    timestamp - Number(previous.dataset.time) < GROUP_WINDOW_MS
+  ) {
+    item.classList.add('cont');
+  }
+  if (lobby) item.classList.add('lobby');
+  const avatar = el('div', `avatar ${avatarClass(user)}`, initial(user));
+  avatar.setAttribute('aria-hidden', 'true');
+  const body = el('div', 'bubble');
+  const meta = el('div', 'meta');
+  meta.append(el('span', 'author', user));
+  if (lobby) meta.append(el('span', 'badge', 'lobby'));
+  const time = timeElement(timestamp);
+  meta.append(time);
+  const state = el('span', 'state');
+  meta.append(state);
+  body.append(meta);
+  item.append(avatar, body);
+  return { item, body, time, state };
+}
+
+function textMessage({ user, text, timestamp, own = false, lobby = false }) {
+  const parts = bubble({ user, timestamp, own, lobby });
+  parts.body.append(el('p', 'text', text));
+  append(parts.item);
+  return parts;
+}
+
+function fileCard({ name, size, mimeType, url }) {
+  const card = el('div', 'file-card');
+  const href = safeFileUrl(url);
+  if (href && /^image\//i.test(mimeType)) {
+    const thumbLink = el('a', 'thumb');
+    thumbLink.href = href;
+    thumbLink.download = name;
+    thumbLink.setAttribute('aria-label', `Download image ${name}`);
+    const img = el('img');
+    img.src = href;
+    img.alt = name;
+    img.loading = 'lazy';
+    img.decoding = 'async';
+    img.addEventListener('load', () => {
+      if (nearBottom()) ui.messages.scrollTop = ui.messages.scrollHeight;
+    });
+    thumbLink.append(img);
+    card.append(thumbLink);
+  }
+  const row = el('div', 'file-row');
+  row.append(fileIcon());
+  const info = el('div', 'file-info');
+  if (href) {
+    const link = el('a', 'file-name', name);
+    link.href = href;
+    link.download = name;
+    link.title = `Download ${name}`;
+    info.append(link);
+  } else {
+    info.append(el('span', 'file-name', name));
+  }
+  info.append(el('span', 'file-size', formatSize(size)));
+  row.append(info);
+  card.append(row);
+  return card;
+}
+
+function fileIcon() {
+  const ns = 'http://www.w3.org/2000/svg';
+  const svg = document.createElementNS(ns, 'svg');
+  svg.setAttribute('viewBox', '0 0 24 24');
+  svg.setAttribute('aria-hidden', 'true');
+  svg.setAttribute('class', 'file-icon');
+  const path = document.createElementNS(ns, 'path');
+  path.setAttribute('d', 'M6 2h8l6 6v12a2 2 0 0 1-2 2H6a2 2 0 0 1-2-2V4a2 2 0 0 1 2-2zm7 1.5V9h5.5L13 3.5z');
+  svg.append(path);
+  return svg;
+}
+
+function fileMessage(detail, own) {
+  const parts = bubble({ user: own ? me : detail.user, timestamp: Date.now(), own, extraClass: 'file' });
+  parts.body.append(fileCard(detail));
+  append(parts.item);
+}
+
+function clearMessages() {
+  ui.messages.replaceChildren();
+  ownPending.clear();
+  uploads.clear();
+  for (const timer of typists.values()) clearTimeout(timer);
+  typists.clear();
+  renderTyping();
+}
+
+// ---- typing ------------------------------------------------------------------
+
+function someoneTyping(user) {
+  clearTimeout(typists.get(user));
+  typists.set(
+    user,
+    setTimeout(() => {
+      typists.delete(user);
+      renderTyping();
+    }, TYPING_VISIBLE_MS),
+  );
+  renderTyping();
+}
+
+function stoppedTyping(user) {
+  if (!typists.has(user)) return;
+  clearTimeout(typists.get(user));
+  typists.delete(user);
+  renderTyping();
+}
+
+function renderTyping() {
+  const names = [...typists.keys()];
+  let text = '';
+  if (names.length === 1) text = `${names[0]} is typing…`;
+  else if (names.length === 2) text = `${names[0]} and ${names[1]} are typing…`;
+  else if (names.length > 2) text = 'Several people are typing…';
+  ui.typing.textContent = text;
+}
+
+// ---- connection state --------------------------------------------------------
+
+function renderStatus() {
+  const state = client.state;
+  const attempt = client.attempt;
+  const max = client.maxAttempts;
+  const of = Number.isFinite(max) ? ` of ${max}` : '';
+  let text;
+  let look;
+  switch (state) {
+    case 'open':
+      text = 'Connected';
+      look = 'online';
+      break;
+    case 'reconnecting': {
+      const seconds = Math.max(0, Math.ceil((client.nextRetryAt - Date.now()) / 1000));
+      text = `Reconnecting in ${seconds} s (attempt ${attempt}${of})`;
+      look = 'pending';
+      break;
+    }
+    case 'connecting':
+      text = attempt > 0 ? `Reconnecting now (attempt ${attempt}${of})` : 'Connecting…';
+      look = 'pending';
+      break;
+    case 'offline':
+      text = 'Offline';
+      look = 'offline';
+      break;
+    default:
+      text = 'Disconnected';
+      look = 'offline';
+  }
+  const queued = client.queued;
+  if (state !== 'open' && queued > 0) text += ` · ${queued} queued`;
+  ui.connText.textContent = text;
+  ui.conn.dataset.state = look;
+  if (state !== announcedState) {
+    announcedState = state;
+    const spoken = { open: 'Connected', reconnecting: 'Connection lost, reconnecting', offline: 'Offline' };
+    if (spoken[state]) ui.connAnnounce.textContent = spoken[state];
+  }
+  ui.retry.hidden = !(state === 'reconnecting' || state === 'offline');
+  const rtt = client.latency;
+  ui.latency.textContent = state === 'open' && rtt !== null ? `${Math.max(1, Math.round(rtt))} ms` : '';
+  ui.latency.hidden = ui.latency.textContent === '';
+  for (const parts of ownPending.values()) parts.state.textContent = state === 'open' ? 'Sending…' : 'Queued';
+  if (state === 'reconnecting' && statusTicker === null) {
+    statusTicker = setInterval(renderStatus, 500);
+  } else if (state !== 'reconnecting' && statusTicker !== null) {
+    clearInterval(statusTicker);
+    statusTicker = null;
+  }
+}
+
+function renderCount(count) {
+  if (typeof count !== 'number') return;
+  const text = count === 1 ? '1 person here' : `${count} people here`;
+  ui.chatCount.textContent = text;
+}
+
+function updateTitle() {
+  const base = currentRoom ? `#${currentRoom} · Hubbub` : 'Hubbub';
+  document.title = unread > 0 ? `(${unread}) ${base}` : base;
+}
+
+// ---- views -------------------------------------------------------------------
+
+function enterRoom(room, count) {
+  if (currentRoom !== room) clearMessages();
+  currentRoom = room;
+  ui.chatRoom.textContent = room;
+  ui.joinView.hidden = true;
+  ui.chatView.hidden = false;
+  ui.message.placeholder = `Message #${room}`;
+  renderCount(count);
+  systemLine(`You joined #${room} as ${me}`, 'ok');
+  updateTitle();
+  stopRoomRefresh();
+  ui.message.focus();
+}
+
+function showJoin() {
+  currentRoom = null;
+  clearMessages();
+  ui.chatView.hidden = true;
+  ui.joinView.hidden = false;
+  ui.joinError.hidden = true;
+  updateTitle();
+  refreshRooms();
+  startRoomRefresh();
+  ui.room.focus();
+  ui.room.select();
+}
+
+function showJoinError(message) {
+  ui.joinError.textContent = message;
+  ui.joinError.hidden = false;
+}
+
+async function refreshRooms() {
+  let rooms;
+  try {
+    const response = await fetch('/api/rooms', { cache: 'no-store' });
+    if (!response.ok) return;
+    rooms = await response.json();
+  } catch {
+    return;
+  }
+  if (!Array.isArray(rooms)) return;
+  rooms.sort((a, b) => b.userCount - a.userCount || String(a.name).localeCompare(String(b.name)));
+  const options = rooms.map((r) => {
+    const option = document.createElement('option');
+    option.value = String(r.name);
+    option.label = r.userCount === 1 ? '1 person' : `${r.userCount} people`;
+    return option;
+  });
+  ui.roomList.replaceChildren(...options);
+  const chips = rooms.slice(0, MAX_ROOM_CHIPS).map((r) => {
+    const li = el('li');
+    const chip = el('button', 'chip');
+    chip.type = 'button';
+    chip.append(el('span', 'chip-name', `#${r.name}`), el('span', 'chip-count', String(r.userCount)));
+    chip.setAttribute('aria-label', `Room ${r.name}, ${r.userCount} ${r.userCount === 1 ? 'person' : 'people'}`);
+    chip.addEventListener('click', () => {
+      ui.room.value = String(r.name);
+      if (ui.username.value.trim() === '') ui.username.focus();
+      else ui.joinForm.requestSubmit();
+    });
+    li.append(chip);
+    return li;
+  });
+  ui.roomChips.replaceChildren(...chips);
+  ui.activeRooms.hidden = chips.length === 0;
+}
+
+function startRoomRefresh() {
+  stopRoomRefresh();
+  roomsTimer = setInterval(() => {
+    if (!document.hidden) refreshRooms();
+  }, ROOMS_REFRESH_MS);
+}
+
+function stopRoomRefresh() {
+  clearInterval(roomsTimer);
+  roomsTimer = null;
+}
+
+// ---- sending -----------------------------------------------------------------
+
+function sendMessage() {
+  const text = ui.message.value;
+  if (text.trim() === '') return;
+  let clientMsgId;
+  try {
+    clientMsgId = client.sendMessage(text);
+  } catch (err) {
+    systemLine(err.message, 'error');
+    return;
+  }
+  const parts = textMessage({ user: me, text, timestamp: Date.now(), own: true });
+  parts.item.classList.add('pending');
+  parts.state.textContent = client.state === 'open' ? 'Sending…' : 'Queued';
+  ownPending.set(clientMsgId, parts);
+  ui.message.value = '';
+}
+
+function shareFiles(files) {
+  if (!currentRoom) return;
+  for (const file of files) {
+    client.sendFile(file).catch(() => {
+      // The fileFailed event already shows why.
+    });
+  }
+}
+
+function uploadItem(detail) {
+  const parts = bubble({ user: me, timestamp: Date.now(), own: true, extraClass: 'file uploading' });
+  const card = el('div', 'file-card');
+  const row = el('div', 'file-row');
+  row.append(fileIcon());
+  const info = el('div', 'file-info');
+  info.append(el('span', 'file-name', detail.name), el('span', 'file-size', formatSize(detail.size)));
+  row.append(info);
+  const progress = el('progress', 'upload-progress');
+  progress.max = Math.max(detail.size, 1);
+  progress.value = 0;
+  progress.setAttribute('aria-label', `Uploading ${detail.name}`);
+  const note = el('span', 'upload-note', 'Waiting…');
+  card.append(row, progress, note);
+  parts.body.append(card);
+  append(parts.item);
+  uploads.set(detail.transferId, { ...parts, card, progress, note });
+}
+
+// ---- client events -----------------------------------------------------------
+
+for (const type of ['stateChange', 'reconnecting', 'queueChange', 'latency', 'gaveUp', 'connected']) {
+  client.addEventListener(type, renderStatus);
+}
+
+client.on('disconnected', ({ wasConnected }) => {
+  expectOwnJoin = true;
+  if (wasConnected && currentRoom && !announcedLoss) {
+    systemLine('Connection lost. Reconnecting…', 'warn');
+    announcedLoss = true;
+  }
+});
+
+client.on('connected', ({ restored }) => {
+  if (restored && currentRoom && announcedLoss) systemLine('Reconnected', 'ok');
+  announcedLoss = false;
+});
+
+client.on('gaveUp', () => {
+  if (currentRoom) systemLine('Could not reach the server. Use “Retry now” to try again.', 'error');
+});
+
+client.on('usernameSet', ({ username }) => {
+  me = username;
+});
+
+client.on('roomJoined', ({ room, userCount }) => {
+  if (room === currentRoom) renderCount(userCount);
+});
+
+client.on('userJoined', ({ user, room, userCount }) => {
+  if (room !== currentRoom && room !== client.room) return;
+  renderCount(userCount);
+  if (user === me && expectOwnJoin) {
+    expectOwnJoin = false;
+    return;
+  }
+  if (currentRoom) systemLine(`${user} joined`);
+});
+
+client.on('userLeft', ({ user, userCount }) => {
+  if (!currentRoom) return;
+  renderCount(userCount);
+  stoppedTyping(user);
+  systemLine(`${user} left`);
+});
+
+client.on('userTyping', ({ user }) => {
+  if (currentRoom) someoneTyping(user);
+});
+
+client.on('message', ({ user, text, timestamp }) => {
+  if (!currentRoom) return;
+  stoppedTyping(user);
+  textMessage({ user, text, timestamp });
+});
+
+client.on('lobbyChat', ({ user, text }) => {
+  if (currentRoom) textMessage({ user, text, timestamp: Date.now(), lobby: true });
+});
+
+client.on('messageAcked', ({ clientMsgId, timestamp }) => {
+  const parts = ownPending.get(clientMsgId);
+  if (!parts) return;
+  ownPending.delete(clientMsgId);
+  parts.item.classList.remove('pending');
+  parts.item.classList.add('delivered');
+  const date = new Date(timestamp);
+  parts.time.textContent = timeFormat.format(date);
+  parts.time.dateTime = date.toISOString();
+  parts.time.title = fullTimeFormat.format(date);
+  parts.state.textContent = '';
+  parts.state.title = 'Delivered';
+});
+
+client.on('messageRejected', ({ clientMsgId, message }) => {
+  const parts = ownPending.get(clientMsgId);
+  if (!parts) return;
+  ownPending.delete(clientMsgId);
+  parts.item.classList.remove('pending');
+  parts.item.classList.add('failed');
+  parts.state.textContent = `Not sent: ${message}`;
+});
+
+client.on('error', ({ message, command }) => {
+  // Refused messages and joins are shown where they happened.
+  if (command === 'chatMessage' || command === 'setUsername' || command === 'joinRoom' || command === 'file') return;
+  if (currentRoom) systemLine(message, 'error');
+});
+
+client.on('fileQueued', (detail) => {
+  if (currentRoom) uploadItem(detail);
+});
+
+client.on('fileProgress', ({ transferId, sentBytes, size }) => {
+  const upload = uploads.get(transferId);
+  if (!upload) return;
+  upload.progress.value = sentBytes;
+  const percent = size > 0 ? Math.floor((sentBytes / size) * 100) : 100;
+  upload.note.textContent = `Uploading… ${percent} %`;
+});
+
+client.on('fileSaved', (detail) => {
+  const upload = uploads.get(detail.transferId);
+  if (!upload) {
+    if (currentRoom) fileMessage(detail, true);
+    return;
+  }
+  uploads.delete(detail.transferId);
+  upload.item.classList.remove('uploading');
+  upload.card.replaceWith(fileCard(detail));
+});
+
+client.on('fileFailed', ({ transferId, name, message }) => {
+  const upload = uploads.get(transferId);
+  if (!upload) {
+    if (currentRoom) systemLine(`Could not share ${name}: ${message}`, 'error');
+    return;
+  }
+  uploads.delete(transferId);
+  upload.item.classList.remove('uploading');
+  upload.item.classList.add('failed');
+  upload.progress.remove();
+  upload.note.textContent = `Not shared: ${message}`;
+});
+
+client.on('fileShared', (detail) => {
+  if (!currentRoom) return;
+  stoppedTyping(detail.user);
+  fileMessage(detail, false);
+});
+
+// ---- page events -------------------------------------------------------------
+
+ui.joinForm.addEventListener('submit', async (event) => {
+  event.preventDefault();
+  const username = ui.username.value.trim();
+  const room = ui.room.value.trim();
+  if (username === '') {
+    showJoinError('Choose a username.');
+    ui.username.focus();
+    return;
+  }
+  if (room === '') {
+    showJoinError('Choose a room, or type a new name to create one.');
+    ui.room.focus();
+    return;
+  }
+  ui.joinError.hidden = true;
+  ui.joinButton.disabled = true;
+  ui.joinButton.textContent = client.state === 'open' ? 'Joining…' : 'Waiting for the server…';
+  expectOwnJoin = true;
+  try {
+    const [name, joined] = await Promise.all([client.setUsername(username), client.joinRoom(room)]);
+    me = name;
+    try {
+      localStorage.setItem(USERNAME_KEY, name);
+    } catch {
+      // Storage may be off (private mode); remembering is a convenience.
+    }
+    enterRoom(joined.room, joined.userCount);
+  } catch (err) {
+    showJoinError(err.message);
+  } finally {
+    ui.joinButton.disabled = false;
+    ui.joinButton.textContent = 'Join';
+  }
+});
+
+ui.room.addEventListener('focus', refreshRooms);
+
+ui.leaveButton.addEventListener('click', () => {
+  client.leaveRoom().catch(() => {
+    // Leaving while offline simply does not rejoin on reconnect.
+  });
+  showJoin();
+});
+
+ui.retry.addEventListener('click', () => client.reconnect());
+
+ui.composer.addEventListener('submit', (event) => {
+  event.preventDefault();
+  sendMessage();
+  ui.message.focus();
+});
+
+ui.message.addEventListener('keydown', (event) => {
+  if (event.key === 'Enter' && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    ui.composer.requestSubmit();
+  }
+});
+
+ui.message.addEventListener('input', () => {
+  // The client sends at most one notice per couple of seconds.
+  if (ui.message.value.trim() !== '') client.typing();
+});
+
+ui.message.addEventListener('paste', (event) => {
+  const files = [...(event.clipboardData?.files ?? [])];
+  if (files.length > 0) {
+    event.preventDefault();
+    shareFiles(files);
+  }
+});
+
+ui.attachButton.addEventListener('click', () => ui.fileInput.click());
+
+ui.fileInput.addEventListener('change', () => {
+  shareFiles([...ui.fileInput.files]);
+  ui.fileInput.value = '';
+});
+
+// Dropping files anywhere on the chat shares them; elsewhere, a drop must
+// not make the browser navigate away to the file.
+let dragDepth = 0;
+const carriesFiles = (event) => [...(event.dataTransfer?.types ?? [])].includes('Files');
+window.addEventListener('dragenter', (event) => {
+  if (!carriesFiles(event) || !currentRoom) return;
+  dragDepth++;
+  ui.dropOverlay.hidden = false;
+});
+window.addEventListener('dragleave', () => {
+  dragDepth = Math.max(0, dragDepth - 1);
+  if (dragDepth === 0) ui.dropOverlay.hidden = true;
+});
+window.addEventListener('dragover', (event) => {
+  if (!carriesFiles(event)) return;
+  event.preventDefault();
+  event.dataTransfer.dropEffect = currentRoom ? 'copy' : 'none';
+});
+window.addEventListener('drop', (event) => {
+  if (!carriesFiles(event)) return;
+  event.preventDefault();
+  dragDepth = 0;
+  ui.dropOverlay.hidden = true;
+  shareFiles([...event.dataTransfer.files]);
+});
+
+document.addEventListener('visibilitychange', () => {
+  if (!document.hidden) {
+    unread = 0;
+    updateTitle();
+  }
+});
+
+// ---- start -------------------------------------------------------------------
+
+try {
+  ui.username.value = localStorage.getItem(USERNAME_KEY) ?? '';
+} catch {
+  // No storage: start with an empty name.
+}
+const wantedRoom = new URLSearchParams(location.search).get('room');
+if (wantedRoom) ui.room.value = wantedRoom;
+renderStatus();
+client.connect();
+refreshRooms();
+startRoomRefresh();
+(ui.username.value ? ui.room : ui.username).focus();

@@ -1,0 +1,724 @@
+// End-to-end tests of the chat page and the browser client, in Debian's
+// headless Chromium driven by playwright-core, against a real `hubbub` on
+// loopback.
+//
+//   node web/tests/e2e.mjs http://127.0.0.1:PORT
+//
+// `cargo xtask browser` starts the server and runs this script. For the
+// restart test it also passes, in the environment, E2E_SERVER_BIN (the binary),
+// E2E_SERVER_PID (the running server, which this script kills) and
+// E2E_UPLOAD_DIR; the script starts the replacement server itself, on the
+// same address, and stops it when done. Screenshots go to E2E_ARTIFACTS
+// (default target/browser-artifacts). Every wait is on a condition with a
+// time limit; nothing sleeps. Exits non-zero if any test fails.
+
+import { spawn } from 'node:child_process';
+import { createHash, randomBytes } from 'node:crypto';
+import { createWriteStream, mkdirSync } from 'node:fs';
+import path from 'node:path';
+import { createInterface } from 'node:readline';
+import { fileURLToPath } from 'node:url';
+
+import { chromium } from 'playwright-core';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const base = process.argv[2];
+if (!base || !/^http:\/\/[^/]+$/.test(base)) {
+  console.error('usage: node e2e.mjs http://127.0.0.1:PORT');
+  process.exit(2);
+}
+const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
+const ARTIFACTS = path.resolve(process.env.E2E_ARTIFACTS ?? path.join(here, '../../target/browser-artifacts'));
+/** Longest wait for any one condition. */
+const WAIT = 10_000;
+/** Longest time for one test. */
+const TEST_LIMIT = 45_000;
+/** Longest time for the whole run. */
+const RUN_LIMIT = 150_000;
+const XSS = '<img src=x onerror=alert(1)>';
+/** The policy the page must work under (the server will send it later). */
+const CSP = "default-src 'self'; img-src 'self' blob: data:";
+
+mkdirSync(ARTIFACTS, { recursive: true });
+
+/** Servers this script started (the restart test's), stopped on exit. */
+const ownServers = new Set();
+process.on('exit', () => {
+  for (const child of ownServers) child.kill('SIGKILL');
+});
+setTimeout(() => {
+  console.error(`browser tests: the run took longer than ${RUN_LIMIT / 1000} s; giving up`);
+  process.exit(1);
+}, RUN_LIMIT).unref();
+
+// ---- harness -------------------------------------------------------------------
+
+const tests = [];
+function test(name, fn) {
+  tests.push({ name, fn });
+}
+
+class Skip extends Error {}
+
+/** Runs `promise`, turning a failure into an error that says what was awaited. */
+async function step(what, promise) {
+  try {
+    return await promise;
+  } catch (err) {
+    throw new Error(`${what}: ${firstLine(err.message)}`);
+  }
+}
+
+function firstLine(text) {
+  return String(text).split('\n')[0];
+}
+
+function assert(condition, message) {
+  if (!condition) throw new Error(message);
+}
+
+/** The pages a test opened, for failure screenshots and clean-up. */
+let openContexts = [];
+
+/**
+ * Opens the chat page in a fresh browser context, checks that it is under
+ * the strict Content-Security-Policy, and waits until the client is
+ * connected. Dialogs
+ * are recorded (and dismissed); uncaught page errors and CSP violations
+ * fail the test.
+ */
+async function openPage(browser, label, options = {}) {
+  const context = await browser.newContext({ viewport: { width: 1100, height: 760 }, ...options });
+  const page = await context.newPage();
+  const record = { label, context, page, dialogs: [], errors: [] };
+  openContexts.push(record);
+  page.on('dialog', (dialog) => {
+    record.dialogs.push(dialog.message());
+    dialog.dismiss().catch(() => {});
+  });
+  page.on('pageerror', (err) => record.errors.push(firstLine(err.message)));
+  page.on('console', (msg) => {
+    if (/Content Security Policy/i.test(msg.text())) record.errors.push(firstLine(msg.text()));
+  });
+  const response = await step(`${label}: load ${base}/`, page.goto(`${base}/`));
+  const meta = await page.evaluate(() => document.querySelector('meta[http-equiv="Content-Security-Policy"]')?.content);
+  assert(
+    meta === CSP || response.headers()['content-security-policy'] === CSP,
+    `${label}: the page is not under the policy ${CSP}`,
+  );
+  await waitForStatus(record, /^Connected/);
+  return record;
+}
+
+function statusText(page) {
+  return page.evaluate(() => document.getElementById('conn').textContent.replace(/\s+/g, ' ').trim());
+}
+
+async function waitForStatus(who, pattern, timeout = WAIT) {
+  try {
+    await who.page.waitForFunction(
+      (source) => new RegExp(source).test(document.getElementById('conn-text').textContent),
+      pattern.source,
+      { timeout, polling: 50 },
+    );
+  } catch {
+    throw new Error(`${who.label}: status never matched ${pattern} (it shows "${await statusText(who.page)}")`);
+  }
+}
+
+async function join(who, username, room) {
+  const { page } = who;
+  await page.getByLabel('Username', { exact: true }).fill(username);
+  await page.getByLabel('Room', { exact: true }).fill(room);
+  await page.getByRole('button', { name: 'Join', exact: true }).click();
+  await step(`${who.label}: chat view after joining ${room}`, page.locator('#chat-view').waitFor({ state: 'visible', timeout: WAIT }));
+}
+
+async function send(who, text) {
+  const box = who.page.getByLabel('Message', { exact: true });
+  await box.fill(text);
+  await box.press('Enter');
+}
+
+/** How many message bodies in the list are exactly `text`. */
+function countMessages(who, text) {
+  return who.page.evaluate(
+    (t) => [...document.querySelectorAll('#messages .msg .text')].filter((n) => n.textContent === t).length,
+    text,
+  );
+}
+
+async function waitForMessage(who, text, timeout = WAIT) {
+  await step(
+    `${who.label}: message ${JSON.stringify(text)} to appear`,
+    who.page.waitForFunction(
+      (t) => [...document.querySelectorAll('#messages .msg .text')].some((n) => n.textContent === t),
+      text,
+      { timeout, polling: 50 },
+    ),
+  );
+}
+
+async function waitForSystemLine(who, text, timeout = WAIT) {
+  await step(
+    `${who.label}: line ${JSON.stringify(text)}`,
+    who.page.waitForFunction(
+      (t) => [...document.querySelectorAll('#messages .system-text')].some((n) => n.textContent === t),
+      text,
+      { timeout, polling: 50 },
+    ),
+  );
+}
+
+async function waitForOwnDelivered(who, text) {
+  await step(
+    `${who.label}: own message ${JSON.stringify(text)} acknowledged`,
+    who.page.waitForFunction(
+      (t) => [...document.querySelectorAll('#messages .msg.own.delivered .text')].some((n) => n.textContent === t),
+      text,
+      { timeout: WAIT, polling: 50 },
+    ),
+  );
+}
+
+/**
+ * Proves a message arrived exactly once: after it shows, a second message
+ * from the same sender is awaited (the server keeps order, so any duplicate
+ * would be in by then), then the first is counted.
+ */
+async function assertDeliveredOnce(sender, receiver, text) {
+  await waitForMessage(receiver, text);
+  const barrier = `barrier ${randomBytes(4).toString('hex')}`;
+  await send(sender, barrier);
+  await waitForMessage(receiver, barrier);
+  const seen = await countMessages(receiver, text);
+  assert(seen === 1, `${receiver.label} shows ${JSON.stringify(text)} ${seen} times, expected once`);
+  const own = await countMessages(sender, text);
+  assert(own === 1, `${sender.label} shows its own ${JSON.stringify(text)} ${own} times, expected once`);
+}
+
+function uniqueRoom(prefix) {
+  return `${prefix}-${randomBytes(3).toString('hex')}`;
+}
+
+function sha256(bytes) {
+  return createHash('sha256').update(bytes).digest('hex');
+}
+
+/** Downloads a server-relative URL in Node; returns the bytes and headers. */
+async function download(url) {
+  const response = await fetch(new URL(url, base));
+  assert(response.ok, `GET ${url} answered ${response.status}`);
+  return { bytes: Buffer.from(await response.arrayBuffer()), headers: response.headers };
+}
+
+async function fileLinkHref(who, name) {
+  const link = who.page.locator('#messages a.file-name', { hasText: name });
+  await step(`${who.label}: download link for ${name}`, link.first().waitFor({ state: 'visible', timeout: WAIT }));
+  const links = await link.count();
+  assert(links === 1, `${who.label} shows ${links} links for ${name}, expected one`);
+  return link.getAttribute('href');
+}
+
+// ---- the tests -----------------------------------------------------------------
+
+test('two pages chat: a message appears once on the other page, typing shows and clears', async (browser) => {
+  const room = uniqueRoom('general');
+  const alice = await openPage(browser, 'alice');
+  const bob = await openPage(browser, 'bob');
+  await join(alice, 'alice', room);
+  await join(bob, 'bob', room);
+  await waitForSystemLine(alice, 'bob joined');
+  await step(
+    'alice: user count 2',
+    alice.page.waitForFunction(() => document.getElementById('chat-count').textContent === '2 people here', null, {
+      timeout: WAIT,
+    }),
+  );
+
+  // Typing (key by key, as a person does) shows on the other page...
+  const box = alice.page.getByLabel('Message', { exact: true });
+  await box.pressSequentially('Hello Bob', { delay: 15 });
+  await step(
+    'bob: "alice is typing…"',
+    bob.page.waitForFunction(() => document.getElementById('typing').textContent === 'alice is typing…', null, {
+      timeout: WAIT,
+    }),
+  );
+  // ...and clears by itself a few seconds after the typing stopped.
+  const shownAt = Date.now();
+  await step(
+    'bob: typing indicator to clear',
+    bob.page.waitForFunction(() => document.getElementById('typing').textContent === '', null, { timeout: 8000, polling: 50 }),
+  );
+  const clearedAfter = Date.now() - shownAt;
+  assert(clearedAfter > 1000, `the typing indicator cleared after ${clearedAfter} ms, too soon to be read`);
+
+  await box.press('Enter');
+  await waitForOwnDelivered(alice, 'Hello Bob');
+  await assertDeliveredOnce(alice, bob, 'Hello Bob');
+
+  // The received message carries its sender's name and a time.
+  const meta = await bob.page.evaluate(() => {
+    const item = [...document.querySelectorAll('#messages .msg')].find((li) => li.querySelector('.text')?.textContent === 'Hello Bob');
+    return { author: item?.querySelector('.author')?.textContent, time: item?.querySelector('time')?.textContent };
+  });
+  assert(meta.author === 'alice', `bob shows the author as ${JSON.stringify(meta.author)}`);
+  assert(/\d/.test(meta.time ?? ''), `bob shows no time on the message (${JSON.stringify(meta.time)})`);
+
+  // Leaving is a system line on the other page, with the new count.
+  await bob.page.getByRole('button', { name: 'Leave room' }).click();
+  await waitForSystemLine(alice, 'bob left');
+});
+
+test('files: a picked file and a dropped image arrive as byte-identical downloads', async (browser) => {
+  const room = uniqueRoom('files');
+  const alice = await openPage(browser, 'alice');
+  const bob = await openPage(browser, 'bob');
+  await join(alice, 'alice', room);
+  await join(bob, 'bob', room);
+  await waitForSystemLine(alice, 'bob joined');
+
+  // A binary file of several 64 KiB chunks, through the file picker.
+  const data = randomBytes(300_000);
+  await alice.page.setInputFiles('#file-input', { name: 'data set.bin', mimeType: 'application/octet-stream', buffer: data });
+  const href = await fileLinkHref(bob, 'data set.bin');
+  const got = await download(href);
+  assert(got.bytes.equals(data), `the download of data set.bin differs (sha256 ${sha256(got.bytes)} vs ${sha256(data)})`);
+  assert(/^attachment/.test(got.headers.get('content-disposition') ?? ''), 'the download is not served as an attachment');
+  await fileLinkHref(alice, 'data set.bin');
+  const sizeText = await bob.page.locator('#messages .file-size').first().textContent();
+  assert(sizeText === '293 KB', `bob shows the size as ${JSON.stringify(sizeText)}`);
+
+  // An image, dropped on the message list as a person drags one in.
+  const png = await alice.page.evaluate(async () => {
+    const canvas = document.createElement('canvas');
+    canvas.width = 96;
+    canvas.height = 64;
+    const ctx = canvas.getContext('2d');
+    const gradient = ctx.createLinearGradient(0, 0, 96, 64);
+    gradient.addColorStop(0, '#4f46e5');
+    gradient.addColorStop(1, '#db2777');
+    ctx.fillStyle = gradient;
+    ctx.fillRect(0, 0, 96, 64);
+    const blob = await new Promise((resolve) => canvas.toBlob(resolve, 'image/png'));
+    const file = new File([blob], 'sketch.png', { type: 'image/png' });
+    const transfer = new DataTransfer();
+    transfer.items.add(file);
+    const target = document.getElementById('messages');
+    for (const type of ['dragenter', 'dragover', 'drop']) {
+      target.dispatchEvent(new DragEvent(type, { bubbles: true, cancelable: true, dataTransfer: transfer }));
+    }
+    return [...new Uint8Array(await blob.arrayBuffer())];
+  });
+  const pngHref = await fileLinkHref(bob, 'sketch.png');
+  const pngGot = await download(pngHref);
+  assert(pngGot.bytes.equals(Buffer.from(png)), 'the download of sketch.png differs from the dropped file');
+  await step(
+    'bob: the image thumbnail to load',
+    bob.page.waitForFunction(
+      () => {
+        const img = document.querySelector('#messages .thumb img[alt="sketch.png"]');
+        return img && img.complete && img.naturalWidth === 96;
+      },
+      null,
+      { timeout: WAIT, polling: 50 },
+    ),
+  );
+  const overlayHidden = await alice.page.locator('#drop-overlay').isHidden();
+  assert(overlayHidden, 'the drop overlay is still shown after the drop');
+});
+
+test('XSS payload as username, room and message is shown as text and runs nothing', async (browser) => {
+  const yara = await openPage(browser, 'yara');
+  const mallory = await openPage(browser, 'mallory');
+  await join(yara, 'yara', XSS);
+  await join(mallory, XSS, XSS);
+  await waitForSystemLine(yara, `${XSS} joined`);
+  await send(mallory, XSS);
+  await waitForMessage(yara, XSS);
+  const shown = await yara.page.evaluate(() => ({
+    room: document.getElementById('chat-room').textContent,
+    author: [...document.querySelectorAll('#messages .msg .author')].map((n) => n.textContent),
+  }));
+  assert(shown.room === XSS, `yara shows the room as ${JSON.stringify(shown.room)}`);
+  assert(shown.author.includes(XSS), `yara shows the author as ${JSON.stringify(shown.author)}`);
+
+  // The rooms list on a fresh page offers the room, as text.
+  const visitor = await openPage(browser, 'visitor');
+  await step(
+    'visitor: the room among the active rooms',
+    visitor.page.waitForFunction(
+      (name) =>
+        [...document.querySelectorAll('#room-chips .chip-name')].some((n) => n.textContent === `#${name}`) &&
+        [...document.querySelectorAll('#room-list option')].some((o) => o.value === name),
+      XSS,
+      { timeout: WAIT, polling: 50 },
+    ),
+  );
+
+  for (const who of [yara, mallory, visitor]) {
+    const injected = await who.page.evaluate(() => document.querySelectorAll('img[src="x"], img[onerror]').length);
+    assert(injected === 0, `${who.label}: the payload became ${injected} <img> element(s)`);
+    assert(who.dialogs.length === 0, `${who.label}: a dialog fired: ${who.dialogs.join(', ')}`);
+  }
+});
+
+test('keyboard only: Tab and Enter join a room, send, attach and leave', async (browser) => {
+  const room = uniqueRoom('keys');
+  const peer = await openPage(browser, 'peer');
+  await join(peer, 'peer', room);
+  const kim = await openPage(browser, 'kim');
+  const { page } = kim;
+  const focused = () => page.evaluate(() => document.activeElement?.id ?? '');
+
+  // The page starts in the Username field.
+  assert((await focused()) === 'username', `focus starts on "${await focused()}", not the Username field`);
+  await page.keyboard.type('kim');
+  await page.keyboard.press('Tab');
+  assert((await focused()) === 'room', `Tab from Username went to "${await focused()}", not Room`);
+  await page.keyboard.type(room);
+  await page.keyboard.press('Enter');
+  await step('kim: chat view after Enter in Room', page.locator('#chat-view').waitFor({ state: 'visible', timeout: WAIT }));
+  await step(
+    'kim: focus in the Message field after joining',
+    page.waitForFunction(() => document.activeElement?.id === 'message', null, { timeout: WAIT, polling: 50 }),
+  );
+  await page.keyboard.type('typed without a mouse');
+  await page.keyboard.press('Enter');
+  await waitForMessage(peer, 'typed without a mouse');
+
+  // Tab reaches the Send button, Enter on it sends.
+  await page.keyboard.type('sent with the Send button');
+  await page.keyboard.press('Tab');
+  assert((await focused()) === 'send-button', `Tab from Message went to "${await focused()}", not Send`);
+  await page.keyboard.press('Enter');
+  await waitForMessage(peer, 'sent with the Send button');
+  assert((await focused()) === 'message', `after sending, focus is on "${await focused()}", not Message`);
+
+  // Shift+Tab from the field reaches the named Attach button.
+  await page.keyboard.press('Shift+Tab');
+  assert((await focused()) === 'attach-button', `Shift+Tab went to "${await focused()}", not Attach file`);
+  const attachName = await page.getByRole('button', { name: 'Attach file' }).count();
+  assert(attachName === 1, 'no button is named "Attach file"');
+
+  // And on to Leave room, which Enter activates.
+  await page.keyboard.press('Shift+Tab');
+  await page.keyboard.press('Shift+Tab');
+  assert((await focused()) === 'leave-button', `Shift+Tab went to "${await focused()}", not Leave room`);
+  await page.keyboard.press('Enter');
+  await step('kim: join form after leaving', page.locator('#join-view').waitFor({ state: 'visible', timeout: WAIT }));
+  assert((await focused()) === 'room', `after leaving, focus is on "${await focused()}", not Room`);
+  await waitForSystemLine(peer, 'kim left');
+});
+
+test('screenshots at desktop and phone width', async (browser) => {
+  const room = uniqueRoom('design');
+  const ada = await openPage(browser, 'ada (desktop)', { viewport: { width: 1280, height: 800 } });
+  await ada.page.screenshot({ path: path.join(ARTIFACTS, 'join-desktop.png') });
+  await join(ada, 'ada', room);
+
+  // The phone joins through the active-room button under the form.
+  const phone = await openPage(browser, 'grace (phone)', {
+    viewport: { width: 390, height: 844 },
+    deviceScaleFactor: 2,
+    isMobile: true,
+    hasTouch: true,
+  });
+  await phone.page.getByLabel('Username', { exact: true }).fill('grace');
+  const chip = phone.page.locator('#room-chips .chip', { hasText: `#${room}` });
+  await step('grace (phone): the active room offered under the form', chip.waitFor({ state: 'visible', timeout: WAIT }));
+  await phone.page.screenshot({ path: path.join(ARTIFACTS, 'join-phone.png') });
+  await chip.click();
+  await step('grace (phone): chat view after choosing the room', phone.page.locator('#chat-view').waitFor({ state: 'visible', timeout: WAIT }));
+  await waitForSystemLine(ada, 'grace joined');
+  const script = [
+    [ada, 'Morning! Did the build go green overnight?'],
+    [phone, 'It did: all checks passed, the browser tests too.'],
+    [ada, 'Great. Sharing the release notes draft.'],
+  ];
+  for (const [who, text] of script) {
+    await send(who, text);
+    await waitForMessage(who === ada ? phone : ada, text);
+  }
+  await ada.page.setInputFiles('#file-input', {
+    name: 'release-notes.md',
+    mimeType: 'text/markdown',
+    buffer: Buffer.from('# Release notes\n\n- Browser client\n- Chat page\n'),
+  });
+  await fileLinkHref(phone, 'release-notes.md');
+  await send(phone, 'Looks good to me');
+  await waitForMessage(ada, 'Looks good to me');
+  // A third member who has not typed yet (servers pass on one typing notice
+  // per member every couple of seconds), typing for the screenshots.
+  const linus = await openPage(browser, 'linus');
+  await join(linus, 'linus', room);
+  await waitForSystemLine(ada, 'linus joined');
+  await linus.page.getByLabel('Message', { exact: true }).pressSequentially('On it', { delay: 10 });
+  for (const who of [ada, phone]) {
+    await step(
+      `${who.label}: typing indicator for the screenshot`,
+      who.page.waitForFunction(() => document.getElementById('typing').textContent === 'linus is typing…', null, {
+        timeout: WAIT,
+        polling: 50,
+      }),
+    );
+  }
+  await ada.page.screenshot({ path: path.join(ARTIFACTS, 'chat-desktop.png') });
+  await phone.page.screenshot({ path: path.join(ARTIFACTS, 'chat-phone.png') });
+
+  const overflow = await phone.page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+  assert(overflow <= 0, `the phone layout scrolls sideways by ${overflow} px`);
+  const composerVisible = await phone.page.locator('#send-button').isVisible();
+  assert(composerVisible, 'the Send button is not visible at phone width');
+});
+
+test('client.js: backoff, bounded queue, dead-link detection, latency, upload resumed after a dropped link', async (browser) => {
+  // The module on its own, in a page without the chat app.
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  const record = { label: 'module', context, page, dialogs: [], errors: [] };
+  openContexts.push(record);
+  page.on('pageerror', (err) => record.errors.push(firstLine(err.message)));
+  const sockets = [];
+  page.on('websocket', (ws) => {
+    const socket = { url: ws.url(), text: [], binary: 0 };
+    sockets.push(socket);
+    ws.on('framesent', (frame) => {
+      if (typeof frame.payload === 'string') socket.text.push(frame.payload);
+      else socket.binary++;
+    });
+  });
+  await page.goto(`${base}/health`);
+
+  const delays = await page.evaluate(async () => {
+    const { backoff, DEFAULTS } = await import('/client.js');
+    const exact = { ...DEFAULTS.reconnect, jitter: 0 };
+    return {
+      plain: [1, 2, 3, 4, 5].map((n) => backoff(exact, n, 0.5)),
+      capped: [3, 4, 9].map((n) => backoff({ ...exact, maxDelay: 5000 }, n, 0.5)),
+      spread: [backoff(DEFAULTS.reconnect, 1, 0), backoff(DEFAULTS.reconnect, 1, 0.999999)],
+      maxAttempts: DEFAULTS.reconnect.maxAttempts,
+    };
+  });
+  assert(delays.plain.join() === '1000,2000,4000,8000,16000', `backoff delays ${delays.plain}`);
+  assert(delays.capped.join() === '4000,5000,5000', `capped backoff delays ${delays.capped}`);
+  assert(delays.spread[0] === 800 && delays.spread[1] === 1200, `jittered first delay spans ${delays.spread}`);
+  assert(delays.maxAttempts === 5, `default attempts ${delays.maxAttempts}`);
+
+  const full = await page.evaluate(async () => {
+    const { HubbubClient } = await import('/client.js');
+    const client = new HubbubClient(undefined, { queueCapacity: 2 });
+    client.joinRoom('never-connected').catch(() => {});
+    client.sendMessage('one');
+    client.sendMessage('two');
+    try {
+      client.sendMessage('three');
+      return { thrown: false };
+    } catch (err) {
+      return { thrown: true, name: err.name, code: err.code, message: err.message, queued: client.queued };
+    }
+  });
+  assert(full.thrown && full.code === 'queueFull' && full.queued === 2, `a full queue gave ${JSON.stringify(full)}`);
+  assert(/queue is full/.test(full.message), `the queue-full error says ${JSON.stringify(full.message)}`);
+
+  // /ws/echo sends every ping back as a ping, never a pong: a dead link.
+  const dead = await page.evaluate(async () => {
+    const { HubbubClient } = await import('/client.js');
+    const client = new HubbubClient('/ws/echo', { heartbeat: { interval: 100, timeout: 300 }, reconnect: { maxAttempts: 0 } });
+    const started = performance.now();
+    const lost = new Promise((resolve) => client.on('disconnected', (d) => resolve({ ...d, after: performance.now() - started })));
+    const gaveUp = new Promise((resolve) => client.on('gaveUp', resolve));
+    client.connect();
+    const result = await lost;
+    await gaveUp;
+    return { ...result, state: client.state };
+  });
+  assert(dead.reason === 'heartbeat timeout', `the silent link ended with ${JSON.stringify(dead)}`);
+  assert(dead.after >= 300 && dead.after < 5000, `the dead link was found after ${Math.round(dead.after)} ms`);
+  assert(dead.state === 'offline', `after giving up the state is ${dead.state}`);
+
+  const latency = await page.evaluate(async () => {
+    const { HubbubClient } = await import('/client.js');
+    const client = new HubbubClient(undefined, { heartbeat: { interval: 100, timeout: 2000 } });
+    let pongs = 0;
+    const third = new Promise((resolve) => client.on('latency', (d) => ++pongs === 3 && resolve(d)));
+    client.connect();
+    const detail = await third;
+    client.close();
+    return { ...detail, latency: client.latency };
+  });
+  assert(latency.rtt >= 0 && latency.rtt < 1000 && latency.latency === latency.rtt, `latency ${JSON.stringify(latency)}`);
+  assert(typeof latency.serverTime === 'number', 'the latency event has no serverTime');
+
+  // An upload whose link drops after its first chunk continues with
+  // fileResume on the new link and arrives intact.
+  const room = uniqueRoom('resume');
+  const upload = await page.evaluate(async (room) => {
+    const { HubbubClient } = await import('/client.js');
+    const client = new HubbubClient(undefined, { uploadHighWater: 64 * 1024 });
+    client.connect();
+    await client.setUsername('uploader');
+    await client.joinRoom(room);
+    const bytes = new Uint8Array(3 * 1024 * 1024);
+    for (let at = 0; at < bytes.length; at += 65536) crypto.getRandomValues(bytes.subarray(at, at + 65536));
+    let dropped = false;
+    client.on('fileProgress', (p) => {
+      if (!dropped && p.sentBytes > 0) {
+        dropped = true;
+        client.reconnect();
+      }
+    });
+    const states = [];
+    client.on('stateChange', ({ state }) => states.push(state));
+    const saved = await client.sendFile(new File([bytes], 'big.bin', { type: 'application/octet-stream' }));
+    const digest = await crypto.subtle.digest('SHA-256', bytes);
+    client.close();
+    const local = [...new Uint8Array(digest)].map((x) => x.toString(16).padStart(2, '0')).join('');
+    return { saved, local, dropped, states, chunks: Math.ceil(bytes.length / 65536) };
+  }, room);
+  assert(upload.dropped, 'the link was never dropped during the upload');
+  assert(upload.states.includes('reconnecting'), `states during the upload: ${upload.states}`);
+  assert(upload.saved.sha256 === upload.local, `saved sha256 ${upload.saved.sha256}, local ${upload.local}`);
+  const got = await download(upload.saved.url);
+  assert(sha256(got.bytes) === upload.local, 'the downloaded big.bin differs from what was sent');
+  const chat = sockets.filter((s) => s.url.endsWith('/ws/chat') && s.text.some((t) => t.includes('"uploader"')));
+  const first = chat.find((s) => s.text.some((t) => t.includes('"fileStart"')));
+  const resumed = chat.find((s) => s.text.some((t) => t.includes('"fileResume"')));
+  assert(first && resumed && first !== resumed, 'the upload did not continue with fileResume on a new connection');
+  assert(
+    resumed.binary < upload.chunks && first.binary + resumed.binary >= upload.chunks,
+    `chunks sent: ${first.binary} before the drop, ${resumed.binary} after, of ${upload.chunks}`,
+  );
+  const restoredFirst = resumed.text.findIndex((t) => t.includes('"setUsername"'));
+  const resumeAt = resumed.text.findIndex((t) => t.includes('"fileResume"'));
+  assert(restoredFirst >= 0 && restoredFirst < resumeAt, 'the session was not restored before the upload resumed');
+});
+
+test('server restart: the page shows reconnecting, rejoins, and a message sent offline arrives once', async (browser) => {
+  const { E2E_SERVER_BIN: bin, E2E_SERVER_PID: pid, E2E_UPLOAD_DIR: uploadDir } = process.env;
+  if (!bin || !pid || !uploadDir) throw new Skip('needs E2E_SERVER_BIN, E2E_SERVER_PID and E2E_UPLOAD_DIR (cargo xtask browser sets them)');
+  const room = uniqueRoom('restart');
+  const alice = await openPage(browser, 'alice');
+  const bob = await openPage(browser, 'bob');
+  await join(alice, 'alice', room);
+  await join(bob, 'bob', room);
+  await waitForSystemLine(alice, 'bob joined');
+
+  process.kill(Number(pid), 'SIGKILL');
+  await waitForStatus(alice, /^Reconnecting/);
+  await waitForStatus(bob, /^Reconnecting/);
+  await waitForSystemLine(alice, 'Connection lost. Reconnecting…');
+
+  const offline = 'written while the server was down';
+  await send(alice, offline);
+  await waitForStatus(alice, /1 queued/);
+  const queuedLabel = await alice.page.locator('#messages .msg.own.pending .state').last().textContent();
+  assert(queuedLabel === 'Queued', `alice's offline message is labelled ${JSON.stringify(queuedLabel)}, not "Queued"`);
+  await alice.page.screenshot({ path: path.join(ARTIFACTS, 'reconnecting-desktop.png') });
+
+  // Alice's network stays down until Bob is back in the room, so the order
+  // of the two reconnections, and what Bob can receive, is fixed.
+  await alice.context.setOffline(true);
+  await startServer(bin, new URL(base).host, uploadDir);
+  await waitForStatus(bob, /^Connected/, 20_000);
+  await waitForSystemLine(bob, 'Reconnected');
+  await alice.context.setOffline(false);
+  await waitForStatus(alice, /^Connected/, 20_000);
+  await waitForSystemLine(alice, 'Reconnected');
+
+  await waitForOwnDelivered(alice, offline);
+  await assertDeliveredOnce(alice, bob, offline);
+  const count = await bob.page.locator('#chat-count').textContent();
+  assert(count === '2 people here', `bob shows "${count}" after the restart`);
+});
+
+/** Starts a replacement server on `host` and waits until it listens. */
+async function startServer(bin, host, uploadDir) {
+  const child = spawn(bin, ['--listen', host, '--upload-dir', uploadDir], { stdio: ['ignore', 'pipe', 'pipe'] });
+  ownServers.add(child);
+  const log = createWriteStream(path.join(ARTIFACTS, 'server-restarted.log'));
+  child.stderr.pipe(log);
+  const lines = createInterface({ input: child.stdout });
+  const listening = new Promise((resolve, reject) => {
+    lines.once('line', (line) => (line.includes(' listening on ') ? resolve() : reject(new Error(`unexpected first line: ${line}`))));
+    child.once('exit', (code) => reject(new Error(`the restarted server exited with ${code}`)));
+  });
+  lines.on('line', (line) => log.write(`${line}\n`));
+  let timer;
+  const limit = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error('it did not listen within 10 s')), WAIT);
+  });
+  try {
+    await step(`restarting the server on ${host}`, Promise.race([listening, limit]));
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+// ---- run -----------------------------------------------------------------------
+
+async function run() {
+  const started = Date.now();
+  const browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    args: [
+      '--no-sandbox',
+      '--disable-gpu',
+      '--disable-quic',
+      '--no-first-run',
+      '--disable-background-networking',
+      '--disable-component-update',
+      '--disable-sync',
+    ],
+  });
+  console.log(`browser tests: Chromium ${browser.version()} against ${base}`);
+  let passed = 0;
+  let failed = 0;
+  let skipped = 0;
+  for (const [index, { name, fn }] of tests.entries()) {
+    const t0 = Date.now();
+    openContexts = [];
+    let timer;
+    try {
+      const limit = new Promise((_, reject) => {
+        timer = setTimeout(() => reject(new Error(`took longer than ${TEST_LIMIT / 1000} s`)), TEST_LIMIT);
+      });
+      await Promise.race([fn(browser), limit]);
+      for (const record of openContexts) {
+        assert(record.errors.length === 0, `${record.label}: uncaught error in the page: ${record.errors.join('; ')}`);
+      }
+      passed++;
+      console.log(`ok   ${name} (${((Date.now() - t0) / 1000).toFixed(1)} s)`);
+    } catch (err) {
+      if (err instanceof Skip) {
+        skipped++;
+        console.log(`skip ${name}: ${err.message}`);
+      } else {
+        failed++;
+        console.log(`FAIL ${name}\n     ${err.message}`);
+        for (const [i, record] of openContexts.entries()) {
+          const file = path.join(ARTIFACTS, `failure-${index + 1}-${i + 1}.png`);
+          await record.page.screenshot({ path: file }).catch(() => {});
+          console.log(`     screenshot of ${record.label}: ${file}`);
+        }
+      }
+    } finally {
+      clearTimeout(timer);
+      for (const record of openContexts) await record.context.close().catch(() => {});
+    }
+  }
+  await browser.close();
+  const seconds = ((Date.now() - started) / 1000).toFixed(1);
+  console.log(`browser tests: screenshots in ${ARTIFACTS}`);
+  console.log(`browser tests: ${passed} passed, ${failed} failed${skipped ? `, ${skipped} skipped` : ''} in ${seconds} s`);
+  return failed === 0;
+}
+
+run().then(
+  (ok) => process.exit(ok ? 0 : 1),
+  (err) => {
+    console.error(`browser tests: ${err.stack ?? err}`);
+    process.exit(1);
+  },
+);
