@@ -397,6 +397,7 @@ impl Config {
             ("websocket.read_buffer_bytes", ws.read_buffer_bytes),
             ("websocket.outbound_queue", ws.outbound_queue),
             ("delivery.dedupe_capacity", self.delivery.dedupe_capacity),
+            ("uploads.max_parked", self.uploads.max_parked),
             ("protocol.max_file_name_chars", self.protocol.max_file_name_chars),
             ("protocol.max_transfer_id_chars", self.protocol.max_transfer_id_chars),
         ];
@@ -434,6 +435,14 @@ impl Config {
                 )));
             }
         }
+        if let Some(tls) = &self.tls {
+            if tls.handshake_timeout.is_zero() {
+                return Err(ConfigError::Zero("tls.handshake_timeout"));
+            }
+            if tls.max_pending_handshakes == 0 {
+                return Err(ConfigError::Zero("tls.max_pending_handshakes"));
+            }
+        }
         if self.close_timeout.is_zero() {
             return Err(ConfigError::Zero("close_timeout"));
         }
@@ -442,6 +451,7 @@ impl Config {
             ("chat_per_sec", rl.chat_per_sec),
             ("typing_per_sec", rl.typing_per_sec),
             ("room_per_sec", rl.room_per_sec),
+            ("control_per_sec", rl.control_per_sec),
         ] {
             if !(rate.is_finite() && rate > 0.0) {
                 return Err(ConfigError::Inconsistent(format!(

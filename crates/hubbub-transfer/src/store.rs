@@ -116,9 +116,13 @@ struct Inner {
     files: Mutex<HashMap<String, StoredFile>>,
     /// Bytes counted against the quota: saved files plus reservations.
     used: Mutex<u64>,
-    /// Interrupted uploads by transfer id, with when they expire.
-    parked: Mutex<HashMap<String, (Upload, Instant)>>,
+    /// Interrupted uploads by owner and transfer id, with when they expire.
+    parked: Mutex<HashMap<ParkedKey, (Upload, Instant)>>,
 }
+
+/// Interrupted uploads are found by who started them and their id, so one
+/// user's id cannot reach another's upload.
+type ParkedKey = (Option<String>, String);
 
 /// Media type for uploads that do not declare a usable one.
 const OCTET_STREAM: &str = "application/octet-stream";
@@ -216,16 +220,17 @@ impl Store {
         let mut dropped = Vec::new();
         {
             let mut parked = lock(&self.inner.parked);
-            // A second interrupted upload with the same id wins.
-            dropped.extend(parked.remove(&upload.transfer_id).map(|(old, _)| old));
+            let key = (upload.owner.clone(), upload.transfer_id.clone());
+            // A second interrupted upload with the same owner and id wins.
+            dropped.extend(parked.remove(&key).map(|(old, _)| old));
             while parked.len() >= self.inner.config.max_parked.max(1) {
-                let soonest = parked.iter().min_by_key(|(_, (_, at))| *at).map(|(id, _)| id.clone());
-                match soonest.and_then(|id| parked.remove(&id)) {
+                let soonest = parked.iter().min_by_key(|(_, (_, at))| *at).map(|(key, _)| key.clone());
+                match soonest.and_then(|key| parked.remove(&key)) {
                     Some((old, _)) => dropped.push(old),
                     None => break,
                 }
             }
-            parked.insert(upload.transfer_id.clone(), (upload, expires));
+            parked.insert(key, (upload, expires));
         }
         // Dropped outside the lock: each deletes its temporary file.
         drop(dropped);
@@ -234,22 +239,20 @@ impl Store {
     /// Takes back an interrupted upload to continue it, if `owner` is the
     /// one who started it.
     pub fn resume(&self, transfer_id: &str, owner: Option<&str>) -> Option<Upload> {
-        let mut parked = lock(&self.inner.parked);
-        match parked.get(transfer_id) {
-            Some((upload, _)) if upload.owner.as_deref() == owner => {
-                parked.remove(transfer_id).map(|(u, _)| u)
-            }
-            _ => None,
-        }
+        let key = (owner.map(str::to_owned), transfer_id.to_owned());
+        lock(&self.inner.parked).remove(&key).map(|(upload, _)| upload)
     }
 
     /// Deletes interrupted uploads whose time is up; returns how many.
     pub fn sweep(&self, now: Instant) -> usize {
         let expired: Vec<Upload> = {
             let mut parked = lock(&self.inner.parked);
-            let ids: Vec<String> =
-                parked.iter().filter(|(_, (_, expires))| *expires <= now).map(|(id, _)| id.clone()).collect();
-            ids.iter().filter_map(|id| parked.remove(id)).map(|(upload, _)| upload).collect()
+            let keys: Vec<ParkedKey> = parked
+                .iter()
+                .filter(|(_, (_, expires))| *expires <= now)
+                .map(|(key, _)| key.clone())
+                .collect();
+            keys.iter().filter_map(|key| parked.remove(key)).map(|(upload, _)| upload).collect()
         };
         // Dropping deletes each temporary file and releases its reservation.
         expired.len()
@@ -355,22 +358,62 @@ impl Upload {
             Err(err @ TransferError::Incomplete { .. }) => return Err((Some(self), err.into())),
             Err(err) => return Err((None, err.into())),
         };
-        let Some(file) = self.file.clone() else {
+        let Some(file) = self.file.take() else {
             return Err((None, io::Error::other("upload file missing").into()));
         };
         let (hasher, from) = match self.hasher.take() {
             Some(hasher) => (hasher, self.hashed_upto),
             None => (Sha256::new(), 0),
         };
-        let size = completed.size;
-        let digest = tokio::task::spawn_blocking(move || hash_rest(&file, hasher, from, size)).await;
-        let digest = match digest.map_err(io::Error::other) {
-            Ok(Ok(digest)) => digest,
-            Ok(Err(err)) | Err(err) => return Err((None, err.into())),
+        // From here a blocking task owns the upload's data and reservation:
+        // it saves the file (or cleans up) even if this future is dropped
+        // half-way, say because the connection closed.
+        self.saved = true;
+        let job = Finish {
+            store: self.store.clone(),
+            file,
+            temp: std::mem::take(&mut self.temp_path),
+            reserved: self.reserved,
+            name: std::mem::take(&mut self.name),
+            mime_type: std::mem::take(&mut self.mime_type),
+            completed,
+            hasher,
+            from,
         };
-        if let Err(err) = completed.verify(&digest) {
-            return Err((None, err.into()));
+        match tokio::task::spawn_blocking(move || job.run()).await {
+            Ok(result) => result.map_err(|err| (None, err)),
+            Err(join) => Err((None, io::Error::other(join).into())),
         }
+    }
+}
+
+/// The end of an upload, run to completion on the blocking pool.
+struct Finish {
+    store: Store,
+    file: Arc<File>,
+    temp: PathBuf,
+    reserved: u64,
+    name: String,
+    mime_type: String,
+    completed: crate::Completed,
+    hasher: Sha256,
+    from: u64,
+}
+
+impl Finish {
+    fn run(self) -> Result<StoredFile, StoreError> {
+        let outcome = self.save();
+        if outcome.is_err() {
+            let _ = fs::remove_file(&self.temp);
+            self.store.release(self.reserved);
+        }
+        outcome
+    }
+
+    fn save(&self) -> Result<StoredFile, StoreError> {
+        let size = self.completed.size;
+        let digest = hash_rest(&self.file, self.hasher.clone(), self.from, size)?;
+        self.completed.verify(&digest)?;
         let meta = StoredFile {
             id: uuid::Uuid::new_v4().simple().to_string(),
             name: self.name.clone(),
@@ -378,22 +421,10 @@ impl Upload {
             mime_type: self.mime_type.clone(),
             sha256: sha256_to_hex(&digest),
         };
-        let store = self.store.clone();
-        let dir = store.inner.config.dir.clone();
-        let temp = self.temp_path.clone();
-        let file = self.file.take();
-        let saved = {
-            let meta = meta.clone();
-            tokio::task::spawn_blocking(move || move_into_place(file, &temp, &dir, &meta)).await
-        };
-        match saved.map_err(io::Error::other) {
-            Ok(Ok(())) => {
-                self.saved = true;
-                lock(&store.inner.files).insert(meta.id.clone(), meta.clone());
-                Ok(meta)
-            }
-            Ok(Err(err)) | Err(err) => Err((None, err.into())),
-        }
+        move_into_place(&self.file, &self.temp, &self.store.inner.config.dir, &meta)?;
+        // The reservation now stands for the saved file.
+        lock(&self.store.inner.files).insert(meta.id.clone(), meta.clone());
+        Ok(meta)
     }
 }
 
@@ -430,10 +461,8 @@ fn hash_rest(file: &File, mut hasher: Sha256, from: u64, size: u64) -> io::Resul
 
 /// Syncs the temporary file, writes the sidecar, and renames both into the
 /// upload directory; the data file last-but-one, the directory synced last.
-fn move_into_place(file: Option<Arc<File>>, temp: &Path, dir: &Path, meta: &StoredFile) -> io::Result<()> {
-    if let Some(file) = file {
-        file.sync_all()?;
-    }
+fn move_into_place(file: &File, temp: &Path, dir: &Path, meta: &StoredFile) -> io::Result<()> {
+    file.sync_all()?;
     let sidecar_temp = temp.with_extension("json");
     fs::write(&sidecar_temp, serde_json::to_vec(meta).map_err(io::Error::other)?)?;
     File::open(&sidecar_temp)?.sync_all()?;

@@ -32,7 +32,7 @@ CONFIGURATION:
 
   Precedence, lowest first: defaults, --config file, environment, flags.
   `hubbub --print-config` prints every key with its effective value;
-  docs/PROTOCOL.md documents each limit.";
+  docs/OPERATIONS.md documents every key.";
 
 /// Hubbub: a real-time chat server over WebSocket.
 ///

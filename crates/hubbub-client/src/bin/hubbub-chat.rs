@@ -43,6 +43,10 @@ struct Args {
     /// acknowledge what was sent before giving up.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
+    /// A PEM file of certificate authorities to trust for wss:// besides the
+    /// public ones (a self-signed server).
+    #[arg(long, value_name = "FILE")]
+    ca_file: Option<std::path::PathBuf>,
 }
 
 /// `--reconnect-attempts`: a number, or `None` for unlimited.
@@ -87,6 +91,7 @@ fn fail(err: &anyhow::Error) -> ExitCode {
 async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let config = ClientConfig {
         reconnect: ReconnectPolicy { max_attempts: args.reconnect_attempts.0, ..ReconnectPolicy::default() },
+        extra_ca_file: args.ca_file.clone(),
         ..ClientConfig::default()
     };
     let ui = Ui::new(args.reconnect_attempts.0);
