@@ -3,15 +3,26 @@
 //!
 //! - `cargo xtask ci` — what CI runs: installs the interop test's npm
 //!   dependency, checks formatting, runs clippy with warnings denied on every
-//!   target, runs every test, and builds the docs with warnings denied.
+//!   target, runs every test and the browser tests, and builds the docs
+//!   with warnings denied.
 //! - `cargo xtask test` — prepares the interop dependency and runs the tests.
+//! - `cargo xtask browser` — end-to-end tests of the chat page in headless
+//!   Chromium (also part of `ci`).
 //! - `cargo xtask heartbeat-cost [--clients N] [--seconds S] [--interval D]`
 //!   — measures the server CPU that heartbeats cost for idle connections.
 
 // Progress lines go to stderr, as cargo's own do.
 #![allow(clippy::print_stderr)]
 
+mod autobahn;
+mod bench;
+mod browser;
+mod fuzz;
 mod idle;
+mod loadgen;
+mod loadtest;
+mod measure;
+mod upload_bench;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -24,7 +35,13 @@ fn main() -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         Some("ci") => ci(&root),
         Some("test") => test(&root),
+        Some("browser") => browser::browser(&root),
         Some("heartbeat-cost") => idle::heartbeat_cost(&root, &idle::Options::parse(&args[1..])?),
+        Some("fuzz") => fuzz::fuzz(&root, &fuzz::Options::parse(&args[1..])?),
+        Some("autobahn") => autobahn::autobahn(&root),
+        Some("bench") => bench::bench(&root, &args[1..]),
+        Some("loadtest") => loadtest::loadtest(&root, &args[1..]),
+        Some("upload-bench") => upload_bench::upload_bench(&root, &args[1..]),
         Some("help" | "--help" | "-h") | None => {
             usage();
             Ok(())
@@ -43,8 +60,19 @@ fn usage() {
              commands:\n  \
              ci     fmt check, clippy -D warnings, all tests, rustdoc -D warnings\n  \
              test   install test dependencies (npm) and run all tests\n  \
+             browser  end-to-end tests of the chat page in headless Chromium\n  \
              heartbeat-cost [--clients N] [--seconds S] [--interval D]\n         \
-             server CPU for heartbeats on N idle connections"
+             server CPU for heartbeats on N idle connections\n  \
+             fuzz [TARGET] [--time SECS] [--build-only] [-- LIBFUZZER_FLAGS]\n         \
+             build the fuzz targets (stable toolchain) and run one or each\n  \
+             autobahn  Autobahn TestSuite: server /ws/echo and the tokio-tungstenite client\n  \
+             bench [--quick] [--no-load]  criterion micro-benchmarks, then the load benchmark\n  \
+             loadtest [SCENARIO|all] [--compare node-ws] [--quick] [--clients N] [--rooms N]\n         \
+             [--senders N] [--window N] [--rate R] [--seconds S] [--workers N] [--threads N]\n         \
+             [--sources N] [--padding BYTES] [--rounds N] [--json] [--write-docs]\n         \
+             load scenarios fanout, fixed, rooms, idle, churn against release hubbub (and node-ws)\n  \
+             upload-bench [--size-mib N] [--chat-size-mib M]\n         \
+             upload throughput and peak RSS vs sha256sum; chat latency during an upload"
         );
     }
 }
@@ -53,6 +81,7 @@ fn ci(root: &Path) -> anyhow::Result<()> {
     run(root, "cargo", &["fmt", "--all", "--", "--check"])?;
     run(root, "cargo", &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
     test(root)?;
+    browser::browser(root)?;
     run_env(root, "cargo", &["doc", "--workspace", "--no-deps"], &[("RUSTDOCFLAGS", "-D warnings")])?;
     eprintln!("xtask ci: all checks passed");
     Ok(())

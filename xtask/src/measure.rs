@@ -1,0 +1,197 @@
+//! Helpers shared by the measuring commands (`fuzz`, `autobahn`, `bench`,
+//! `loadtest`): running programs, starting a server under test and reading
+//! its address, reading a process's CPU time and RSS from /proc, describing
+//! the machine, and replacing a generated section of a Markdown file.
+
+use std::io::{BufRead as _, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+
+/// Runs `program args` in `dir` with extra environment variables; fails
+/// unless it exits successfully.
+pub(crate) fn run_env(dir: &Path, program: &str, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<()> {
+    let shown: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v:?} ")).collect();
+    eprintln!("xtask: {}{program} {}", shown.concat(), args.join(" "));
+    let status = Command::new(program)
+        .args(args)
+        .envs(env.iter().copied())
+        .current_dir(dir)
+        .status()
+        .with_context(|| format!("cannot run {program}"))?;
+    if !status.success() {
+        bail!("`{program} {}` failed with {status}", args.join(" "));
+    }
+    Ok(())
+}
+
+/// Runs a program and returns its standard output, trimmed.
+pub(crate) fn output(dir: &Path, program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("cannot run {program}"))?;
+    if !out.status.success() {
+        bail!("`{program} {}` failed with {}", args.join(" "), out.status);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// A server under test, killed when dropped.
+pub(crate) struct ServerProcess {
+    /// The running process.
+    child: Child,
+    /// The address it listens on, from its first lines of output.
+    pub(crate) addr: std::net::SocketAddr,
+}
+
+impl ServerProcess {
+    /// Starts `command`, whose standard output must print a line containing
+    /// `listening on ADDR` (Hubbub's first line; the Node peer prints the
+    /// same). The rest of its output is read and dropped so the server never
+    /// blocks on a full pipe.
+    pub(crate) fn start(mut command: Command) -> anyhow::Result<Self> {
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {:?}", command.get_program()))?;
+        let stdout = child.stdout.take().context("server stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = loop {
+            let Some(line) = lines.next() else {
+                let status = child.wait().ok();
+                bail!("{:?} exited before it was listening ({status:?})", command.get_program());
+            };
+            let line = line.context("reading server output")?;
+            if let Some((_, addr)) = line.split_once("listening on ") {
+                break addr.trim().parse().with_context(|| format!("address in {line:?}"))?;
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        Ok(Self { child, addr })
+    }
+
+    /// The server's process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// CPU time (user + system) the server has used so far.
+    pub(crate) fn cpu(&self) -> anyhow::Result<Duration> {
+        cpu_time(self.pid())
+    }
+
+    /// The server's resident set size, in bytes.
+    pub(crate) fn rss(&self) -> anyhow::Result<u64> {
+        rss_bytes(self.pid())
+    }
+
+    /// Fails if the server has exited.
+    pub(crate) fn check_alive(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("the server exited during the run with {status}");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A process's user + system CPU time, from /proc/PID/stat (Linux).
+pub(crate) fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
+    stat_cpu(&format!("/proc/{pid}/stat"))
+}
+
+/// This process's CPU time, all threads.
+pub(crate) fn own_cpu_time() -> anyhow::Result<Duration> {
+    stat_cpu("/proc/self/stat")
+}
+
+fn stat_cpu(path: &str) -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+    // The fields after the command name, which is in parentheses and may
+    // hold spaces; utime and stime are fields 14 and 15, 12 and 13 after it.
+    let rest = stat.rsplit_once(')').context("malformed stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 =
+        fields.get(11).context("utime")?.parse::<u64>()? + fields.get(12).context("stime")?.parse::<u64>()?;
+    Ok(Duration::from_secs_f64(ticks as f64 / clock_ticks() as f64))
+}
+
+/// Clock ticks per second for /proc times (`getconf CLK_TCK`, 100 on Linux).
+fn clock_ticks() -> u64 {
+    static TICKS: OnceLock<u64> = OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|out| String::from_utf8(out.stdout).ok())
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(100)
+    })
+}
+
+/// A process's resident set size in bytes, from /proc/PID/status.
+pub(crate) fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).context("reading /proc/PID/status")?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS")?;
+    let kb: u64 = line.split_whitespace().nth(1).context("VmRSS value")?.parse()?;
+    Ok(kb * 1024)
+}
+
+/// One line about the machine, for benchmark tables: CPU model, cores,
+/// memory, kernel.
+pub(crate) fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, m)| m.trim()))
+        .unwrap_or("unknown CPU")
+        .to_owned();
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_gib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{model}, {cores} cores, {mem_gib:.0} GiB, Linux {}", kernel.trim())
+}
+
+/// Today's date (UTC) and the commit, for benchmark tables.
+pub(crate) fn date_and_commit(root: &Path) -> (String, String) {
+    let date = output(root, "date", &["-u", "+%Y-%m-%d"]).unwrap_or_else(|_| "unknown date".into());
+    let commit = output(root, "git", &["rev-parse", "--short", "HEAD"]).unwrap_or_else(|_| "unknown".into());
+    (date, commit)
+}
+
+/// Replaces the text between `<!-- NAME:begin -->` and `<!-- NAME:end -->`
+/// in `file` with `body`; appends the section, under `heading`, if the
+/// markers are not there yet.
+pub(crate) fn replace_section(file: &Path, name: &str, heading: &str, body: &str) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let (begin, end) = (format!("<!-- {name}:begin -->"), format!("<!-- {name}:end -->"));
+    let section = format!("{begin}\n{}\n{end}", body.trim_end());
+    let updated = match (text.find(&begin), text.find(&end)) {
+        (Some(b), Some(e)) if b < e => format!("{}{section}{}", &text[..b], &text[e + end.len()..]),
+        _ => format!("{}\n\n{heading}\n\n{section}\n", text.trim_end()),
+    };
+    std::fs::write(file, updated).with_context(|| format!("writing {}", file.display()))?;
+    eprintln!("xtask: wrote the {name} table to {}", file.display());
+    Ok(())
+}
