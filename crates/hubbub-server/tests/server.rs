@@ -479,8 +479,12 @@ async fn an_oversized_frame_closes_only_that_connection_with_1009() {
     ada.recv_type("userJoined").await;
     bob.recv_type("userJoined").await;
 
+    // A ping just before the oversized frame is still answered: what was
+    // queued goes out before the close frame.
+    big.send(json!({"type": "ping", "timestamp": 7})).await;
     let huge = format!(r#"{{"type":"chatMessage","text":"{}"}}"#, "z".repeat(70_000));
     big.send_text(&huge).await;
+    assert_eq!(big.recv_type("pong").await["timestamp"], 7);
     assert_eq!(big.closed().await, CloseCode::Size);
 
     // The others see the departure and keep chatting.
