@@ -27,7 +27,7 @@ mod upload_bench;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -82,7 +82,12 @@ fn ci(root: &Path) -> anyhow::Result<()> {
     run(root, "cargo", &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
     test(root)?;
     browser::browser(root)?;
-    run_env(root, "cargo", &["doc", "--workspace", "--no-deps"], &[("RUSTDOCFLAGS", "-D warnings")])?;
+    measure::run_env(
+        root,
+        "cargo",
+        &["doc", "--workspace", "--no-deps"],
+        &[("RUSTDOCFLAGS", "-D warnings")],
+    )?;
     eprintln!("xtask ci: all checks passed");
     Ok(())
 }
@@ -104,22 +109,9 @@ fn install_interop_deps(root: &Path) -> anyhow::Result<()> {
     run(&dir, "npm", &["ci", "--no-audit", "--no-fund"])
 }
 
+/// Runs `program args` in `dir`; fails unless it succeeds.
 pub(crate) fn run(dir: &Path, program: &str, args: &[&str]) -> anyhow::Result<()> {
-    run_env(dir, program, args, &[])
-}
-
-fn run_env(dir: &Path, program: &str, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<()> {
-    eprintln!("xtask: {program} {}", args.join(" "));
-    let status = Command::new(program)
-        .args(args)
-        .envs(env.iter().copied())
-        .current_dir(dir)
-        .status()
-        .with_context(|| format!("cannot run {program}"))?;
-    if !status.success() {
-        bail!("`{program} {}` failed with {status}", args.join(" "));
-    }
-    Ok(())
+    measure::run_env(dir, program, args, &[])
 }
 
 fn workspace_root() -> PathBuf {
