@@ -144,22 +144,20 @@ async fn drive<H: Handler>(
             next = stream.next() => match next {
                 // A handler may wait (a disk write, an upload's rate limit);
                 // closing the connection does not wait for it.
-                Some(Ok(Message::Text(text))) => {
+                Some(Ok(frame @ (Message::Text(_) | Message::Binary(_)))) => {
                     stats.received.inc();
-                    stats.bytes_in.inc_by(text.len() as u64);
+                    stats.bytes_in.inc_by(frame.len() as u64);
+                    let handled = async {
+                        match frame {
+                            Message::Text(text) => handler.on_text(text).await,
+                            Message::Binary(data) => handler.on_binary(data).await,
+                            _ => {}
+                        }
+                    };
                     tokio::select! {
                         biased;
                         () = token.cancelled() => break,
-                        () = handler.on_text(text) => {}
-                    }
-                }
-                Some(Ok(Message::Binary(data))) => {
-                    stats.received.inc();
-                    stats.bytes_in.inc_by(data.len() as u64);
-                    tokio::select! {
-                        biased;
-                        () = token.cancelled() => break,
-                        () = handler.on_binary(data) => {}
+                        () = handled => {}
                     }
                 }
                 Some(Ok(Message::Pong(payload))) => {
