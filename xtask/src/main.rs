@@ -58,7 +58,8 @@ fn usage() {
         eprintln!(
             "usage: cargo xtask <command>\n\n\
              commands:\n  \
-             ci     fmt check, clippy -D warnings, all tests, rustdoc -D warnings\n  \
+             ci     fmt check, clippy -D warnings, all tests, browser e2e, rustdoc -D warnings,\n         \
+             the fuzz targets' build, and the Autobahn TestSuite\n  \
              test   install test dependencies (npm) and run all tests\n  \
              browser  end-to-end tests of the chat page in headless Chromium\n  \
              heartbeat-cost [--clients N] [--seconds S] [--interval D]\n         \
@@ -88,6 +89,8 @@ fn ci(root: &Path) -> anyhow::Result<()> {
         &["doc", "--workspace", "--no-deps"],
         &[("RUSTDOCFLAGS", "-D warnings")],
     )?;
+    fuzz::fuzz(root, &fuzz::Options::parse(&["--build-only".to_owned()])?)?;
+    autobahn::autobahn(root)?;
     eprintln!("xtask ci: all checks passed");
     Ok(())
 }
