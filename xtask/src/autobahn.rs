@@ -228,7 +228,6 @@ fn fuzzing_client(root: &Path, install: &Install, outdir: &Path) -> anyhow::Resu
         .arg(install.dir.join("uploads"))
         .env("HUBBUB_WEBSOCKET_MAX_MESSAGE_BYTES", (32 << 20).to_string())
         .env("HUBBUB_WEBSOCKET_MAX_FRAME_BYTES", (32 << 20).to_string())
-        .env("HUBBUB_WEBSOCKET_MAX_WRITE_BUFFER_BYTES", (33 << 20).to_string())
         .env("HUBBUB_LIMITS_MAX_CONNECTIONS_PER_IP", "0");
     let server = ServerProcess::start(command)?;
     let spec = format!(

@@ -1,7 +1,9 @@
 //! `cargo xtask loadtest`: end-to-end load scenarios against a freshly
-//! started release `hubbub`, and with `--compare node-ws` against the Node
-//! `ws` reference server in `bench/peers/node-ws/` in the same run, servers
-//! alternating on fresh processes so the ratio holds on a noisy machine.
+//! started release `hubbub`, and with `--compare node-ws,uws` against the
+//! reference servers in `bench/peers/` in the same run: `node-ws` (Node's
+//! `ws`) and `uws` (uWebSockets.js), both speaking the same chat protocol.
+//! Servers alternate on fresh processes so the ratios hold on a noisy
+//! machine.
 //!
 //! Scenarios (issue 8's names, so results compare over time):
 //! - `fanout`: 1,000 clients in one room, 10 senders, each as fast as a
@@ -16,7 +18,8 @@
 //!   baseline.
 //!
 //! Every run is bounded in time and count, and all traffic goes to 127.0.0.1.
-//! The generator (see `loadgen`) reports its own CPU beside the server's.
+//! The generator (the `hubbub-loadgen` crate) reports its own CPU beside the
+//! server's.
 
 use std::fmt::Write as _;
 use std::io::{Read as _, Write as _};
@@ -27,8 +30,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use hubbub_loadgen::{self as loadgen, Histogram, Phase, Plan, Sending, Shared};
 
-use crate::loadgen::{self, Histogram, Phase, Plan, Sending, Shared};
 use crate::measure::{self, ServerProcess};
 
 /// A named scenario.
@@ -68,14 +71,31 @@ impl Scenario {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum ServerKind {
     Hubbub,
+    /// `bench/peers/node-ws/`: Node's `ws`.
     NodeWs,
+    /// `bench/peers/uws/`: uWebSockets.js.
+    Uws,
 }
 
 impl ServerKind {
+    /// The reference peers `--compare` takes.
+    const PEERS: [Self; 2] = [Self::NodeWs, Self::Uws];
+
     fn name(self) -> &'static str {
         match self {
             Self::Hubbub => "hubbub",
             Self::NodeWs => "node-ws",
+            Self::Uws => "uws",
+        }
+    }
+
+    /// A reference peer's folder, holding its `package.json` and
+    /// `server.js`; Hubbub has none.
+    fn peer_dir(self) -> Option<&'static str> {
+        match self {
+            Self::Hubbub => None,
+            Self::NodeWs => Some("bench/peers/node-ws"),
+            Self::Uws => Some("bench/peers/uws"),
         }
     }
 }
@@ -128,11 +148,15 @@ impl Options {
             let scale = &mut options.scale;
             match arg.as_str() {
                 "--scenario" => options.scenarios.extend(Scenario::parse(value("--scenario")?)?),
+                // A comma-separated list; the flag may also be repeated.
                 "--compare" => {
-                    for peer in value("--compare")?.split(',') {
-                        match peer {
-                            "node-ws" => options.compare.push(ServerKind::NodeWs),
-                            other => bail!("unknown peer `{other}`; peers: node-ws"),
+                    for peer in value("--compare")?.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                        let Some(kind) = ServerKind::PEERS.into_iter().find(|k| k.name() == peer) else {
+                            let names: Vec<&str> = ServerKind::PEERS.iter().map(|k| k.name()).collect();
+                            bail!("unknown peer `{peer}`; peers: {}", names.join(", "));
+                        };
+                        if !options.compare.contains(&kind) {
+                            options.compare.push(kind);
                         }
                     }
                 }
@@ -341,21 +365,26 @@ pub(crate) fn run_loadtest(root: &Path, options: &Options) -> anyhow::Result<()>
     Ok(())
 }
 
-/// Builds the release server and installs the Node peer's packages.
+/// Builds the release server and installs the compared Node peers'
+/// packages.
 fn prepare(root: &Path, servers: &[ServerKind]) -> anyhow::Result<()> {
     crate::run(root, "cargo", &["build", "--release", "--package", "hubbub"])?;
-    if servers.contains(&ServerKind::NodeWs) {
+    for &kind in servers {
+        let Some(dir) = kind.peer_dir() else { continue };
         if Command::new("npm").arg("--version").output().is_err() {
-            bail!("--compare node-ws needs Node.js and npm (on Debian: apt-get install -y nodejs npm)");
+            bail!(
+                "--compare {} needs Node.js and npm (on Debian: apt-get install -y nodejs npm)",
+                kind.name()
+            );
         }
-        crate::run(&root.join("bench/peers/node-ws"), "npm", &["ci", "--no-audit", "--no-fund"])?;
+        crate::run(&root.join(dir), "npm", &["ci", "--no-audit", "--no-fund"])?;
     }
     Ok(())
 }
 
 fn start(root: &Path, kind: ServerKind) -> anyhow::Result<ServerProcess> {
-    let mut command = match kind {
-        ServerKind::Hubbub => {
+    let mut command = match kind.peer_dir() {
+        None => {
             let uploads = root.join("target/loadtest/uploads");
             let mut command = Command::new(root.join("target/release/hubbub"));
             command
@@ -365,9 +394,10 @@ fn start(root: &Path, kind: ServerKind) -> anyhow::Result<ServerProcess> {
                 .env("HUBBUB_LIMITS_MAX_CONNECTIONS_PER_IP", "0");
             command
         }
-        ServerKind::NodeWs => {
+        // Each peer prints `... listening on HOST:PORT` as Hubbub does.
+        Some(dir) => {
             let mut command = Command::new("node");
-            command.arg(root.join("bench/peers/node-ws/server.js")).env("HOST", "127.0.0.1").env("PORT", "0");
+            command.arg(root.join(dir).join("server.js")).env("HOST", "127.0.0.1").env("PORT", "0");
             command
         }
     };
@@ -553,7 +583,7 @@ fn churn(server: &mut ServerProcess, params: &Params, kind: ServerKind) -> anyho
     let rss_after = server.rss()?;
     let connections_after = match kind {
         ServerKind::Hubbub => http_status_connections(server.addr).ok(),
-        ServerKind::NodeWs => None,
+        ServerKind::NodeWs | ServerKind::Uws => None,
     };
     Ok(Report {
         connections: done as usize,

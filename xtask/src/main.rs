@@ -19,7 +19,6 @@ mod bench;
 mod browser;
 mod fuzz;
 mod idle;
-mod loadgen;
 mod loadtest;
 mod measure;
 mod upload_bench;
@@ -68,10 +67,11 @@ fn usage() {
              build the fuzz targets (stable toolchain) and run one or each\n  \
              autobahn  Autobahn TestSuite: server /ws/echo and the tokio-tungstenite client\n  \
              bench [--quick] [--no-load]  criterion micro-benchmarks, then the load benchmark\n  \
-             loadtest [SCENARIO|all] [--compare node-ws] [--quick] [--clients N] [--rooms N]\n         \
+             loadtest [SCENARIO|all] [--compare node-ws,uws] [--quick] [--clients N] [--rooms N]\n         \
              [--senders N] [--window N] [--rate R] [--seconds S] [--workers N] [--threads N]\n         \
              [--sources N] [--padding BYTES] [--rounds N] [--json] [--write-docs]\n         \
-             load scenarios fanout, fixed, rooms, idle, churn against release hubbub (and node-ws)\n  \
+             load scenarios fanout, fixed, rooms, idle, churn against release hubbub\n         \
+             (and the reference peers in bench/peers: node-ws, uws)\n  \
              upload-bench [--size-mib N] [--chat-size-mib M]\n         \
              upload throughput and peak RSS vs sha256sum; chat latency during an upload"
         );

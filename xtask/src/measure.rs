@@ -1,12 +1,12 @@
 //! Helpers shared by the measuring commands (`fuzz`, `autobahn`, `bench`,
 //! `loadtest`): running programs, starting a server under test and reading
-//! its address, reading a process's CPU time and RSS from /proc, describing
-//! the machine, and replacing a generated section of a Markdown file.
+//! its address, reading a process's CPU time and RSS from /proc (with
+//! `hubbub-loadgen`'s code), describing the machine, and replacing a
+//! generated section of a Markdown file.
 
 use std::io::{BufRead as _, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -108,49 +108,9 @@ impl Drop for ServerProcess {
     }
 }
 
-/// A process's user + system CPU time, from /proc/PID/stat (Linux).
-pub(crate) fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
-    stat_cpu(&format!("/proc/{pid}/stat"))
-}
-
-/// This process's CPU time, all threads.
-pub(crate) fn own_cpu_time() -> anyhow::Result<Duration> {
-    stat_cpu("/proc/self/stat")
-}
-
-fn stat_cpu(path: &str) -> anyhow::Result<Duration> {
-    let stat = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
-    // The fields after the command name, which is in parentheses and may
-    // hold spaces; utime and stime are fields 14 and 15, 12 and 13 after it.
-    let rest = stat.rsplit_once(')').context("malformed stat")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 =
-        fields.get(11).context("utime")?.parse::<u64>()? + fields.get(12).context("stime")?.parse::<u64>()?;
-    Ok(Duration::from_secs_f64(ticks as f64 / clock_ticks() as f64))
-}
-
-/// Clock ticks per second for /proc times (`getconf CLK_TCK`, 100 on Linux).
-fn clock_ticks() -> u64 {
-    static TICKS: OnceLock<u64> = OnceLock::new();
-    *TICKS.get_or_init(|| {
-        Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|out| String::from_utf8(out.stdout).ok())
-            .and_then(|text| text.trim().parse().ok())
-            .unwrap_or(100)
-    })
-}
-
-/// A process's resident set size in bytes, from /proc/PID/status.
-pub(crate) fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
-    let status =
-        std::fs::read_to_string(format!("/proc/{pid}/status")).context("reading /proc/PID/status")?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS")?;
-    let kb: u64 = line.split_whitespace().nth(1).context("VmRSS value")?.parse()?;
-    Ok(kb * 1024)
-}
+// Reading a process's CPU time and RSS from /proc is shared with the
+// `hubbub-loadgen` binary.
+pub(crate) use hubbub_loadgen::process::{cpu_time, own_cpu_time, rss_bytes};
 
 /// One line about the machine, for benchmark tables: CPU model, cores,
 /// memory, kernel.

@@ -15,6 +15,7 @@ use crate::conn::Handler;
 use crate::hub::{CloseReason, Peer, Remembered, Room, encode};
 use crate::ratelimit::{Kind, Limiter, Verdict};
 use crate::upload::{Outcome, Uploads};
+use crate::ws;
 use hubbub_transfer::NewUpload;
 use std::time::Instant;
 use tokio::time::Instant as TokioInstant;
@@ -51,7 +52,8 @@ enum AuthState {
     /// Waiting for `auth {token}` until this instant.
     Awaiting(TokioInstant),
     /// Authenticated until `expires`; `warned` once `authExpiring` went out.
-    Authenticated { identity: Identity, expires: TokioInstant, warned: bool },
+    /// (The identity is boxed to keep an unauthenticated session small.)
+    Authenticated { identity: Box<Identity>, expires: TokioInstant, warned: bool },
 }
 
 /// Close code for a token that expired (documented in PROTOCOL.md).
@@ -101,7 +103,7 @@ impl ChatSession {
             expires_at: identity.expires_at_ms,
         });
         self.username = Some(identity.user.clone());
-        self.auth = AuthState::Authenticated { identity, expires, warned: false };
+        self.auth = AuthState::Authenticated { identity: Box::new(identity), expires, warned: false };
         if first {
             self.shared.hub.lobby.insert(self.peer.clone());
         }
@@ -465,11 +467,11 @@ pub(crate) struct Echo {
 
 impl Handler for Echo {
     async fn on_text(&mut self, text: Utf8Bytes) {
-        self.peer.send(tokio_tungstenite::tungstenite::Message::Text(text), &self.shared.hub.stats);
+        self.peer.send(ws::encode(ws::TEXT, text.as_bytes()), &self.shared.hub.stats);
     }
 
     async fn on_binary(&mut self, data: Bytes) {
-        self.peer.send(tokio_tungstenite::tungstenite::Message::Binary(data), &self.shared.hub.stats);
+        self.peer.send(ws::encode(ws::BINARY, &data), &self.shared.hub.stats);
     }
 
     fn on_close(&mut self) {}

@@ -289,7 +289,9 @@ impl From<HeartbeatSettings> for HeartbeatConfig {
 }
 
 /// Sizes of the WebSocket layer. Every per-connection buffer is bounded by
-/// one of these.
+/// these: an idle connection holds none, a frame being received at most
+/// `max_frame_bytes`, a fragmented message at most `max_message_bytes`, and
+/// the outbound queue `outbound_queue` frames.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WebSocketLimits {
@@ -299,13 +301,6 @@ pub struct WebSocketLimits {
     pub max_message_bytes: usize,
     /// Largest single frame, in bytes. Default 65,540.
     pub max_frame_bytes: usize,
-    /// Initial read buffer per connection, in bytes. Default 4,096.
-    pub read_buffer_bytes: usize,
-    /// Outgoing bytes buffered before a write reaches the socket. Default
-    /// 8,192: a writer fills it with a batch of frames and flushes once.
-    pub write_buffer_bytes: usize,
-    /// Hard cap on the write buffer, in bytes. Default 262,144.
-    pub max_write_buffer_bytes: usize,
     /// Frames that may wait in one connection's outbound queue. A client
     /// that falls this far behind is disconnected (close 1008). Default 512.
     pub outbound_queue: usize,
@@ -339,9 +334,6 @@ impl Default for WebSocketLimits {
         Self {
             max_message_bytes: 65_540,
             max_frame_bytes: 65_540,
-            read_buffer_bytes: 4096,
-            write_buffer_bytes: 8192,
-            max_write_buffer_bytes: 256 * 1024,
             outbound_queue: 512,
         }
     }
@@ -394,7 +386,6 @@ impl Config {
             ("protocol.max_text_chars", self.protocol.max_text_chars),
             ("websocket.max_message_bytes", ws.max_message_bytes),
             ("websocket.max_frame_bytes", ws.max_frame_bytes),
-            ("websocket.read_buffer_bytes", ws.read_buffer_bytes),
             ("websocket.outbound_queue", ws.outbound_queue),
             ("delivery.dedupe_capacity", self.delivery.dedupe_capacity),
             ("uploads.max_parked", self.uploads.max_parked),
@@ -496,16 +487,6 @@ impl Config {
                 ws.max_frame_bytes, ws.max_message_bytes
             )));
         }
-        // Tungstenite refuses a write that would grow the buffer past the cap,
-        // so the cap must hold a full buffer plus the largest frame we send.
-        let needed = ws.write_buffer_bytes + ws.max_message_bytes + MAX_FRAME_HEADER;
-        if ws.max_write_buffer_bytes < needed {
-            return Err(ConfigError::Inconsistent(format!(
-                "websocket.max_write_buffer_bytes ({}) must be at least write_buffer_bytes + \
-                 max_message_bytes + {MAX_FRAME_HEADER} ({needed})",
-                ws.max_write_buffer_bytes
-            )));
-        }
         Ok(())
     }
 
@@ -517,9 +498,6 @@ impl Config {
 
 /// Smallest useful outbound queue: a greeting plus a room join.
 const MIN_OUTBOUND_QUEUE: usize = 8;
-
-/// Largest WebSocket frame header: 2 bytes, 8 of extended length, 4 of mask.
-const MAX_FRAME_HEADER: usize = 14;
 
 #[cfg(test)]
 mod tests {
@@ -544,8 +522,8 @@ mod tests {
             "websocket.outbound_queue must be greater than zero"
         );
         let mut config = Config::default();
-        config.websocket.max_write_buffer_bytes = 1024;
-        assert!(config.validate().unwrap_err().to_string().contains("max_write_buffer_bytes"));
+        config.websocket.max_frame_bytes = config.websocket.max_message_bytes + 1;
+        assert!(config.validate().unwrap_err().to_string().contains("exceeds websocket.max_message_bytes"));
     }
 
     #[test]

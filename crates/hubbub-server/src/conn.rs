@@ -1,37 +1,51 @@
-//! One WebSocket connection: a reader loop that hands frames to an endpoint
-//! handler, and a writer task that drains the connection's bounded queue.
+//! One WebSocket connection, driven by a single task.
 //!
-//! The writer feeds every frame waiting in the queue into tungstenite's write
-//! buffer and flushes once per batch, so a burst of broadcasts costs one
-//! socket write, not one per message. Either side can close the connection
-//! through the peer's cancellation token; the close frame is always written
-//! by the writer, with a time limit, so a peer that stopped reading cannot
-//! hold its tasks forever.
+//! The task owns the socket and does everything for it: it reads and
+//! decodes frames (`ws`), hands messages to the endpoint's [`Handler`],
+//! answers pings, runs the connection's heartbeat and the handler's
+//! deadline on one timer, and writes what others queued for it.
 //!
-//! The reader loop also drives the connection's heartbeat: one timer per
-//! connection, reset to the next deadline, pings sent through the same queue
-//! as everything else. A connection that does not answer a ping in time is
-//! dropped without a closing handshake and counted as reaped.
+//! Writing: the [`Peer`]'s queue holds complete frames, shared by reference
+//! count with the other recipients of a broadcast. The task takes the whole
+//! queue at once and writes it with vectored writes, so a burst of
+//! broadcasts costs one system call and no copy. While a handler waits (a
+//! disk write, an upload's rate limit), the task goes on writing.
+//!
+//! Memory: an idle connection holds no buffer. Reads go through a buffer on
+//! the task's stack; the decoder keeps only what is left of a frame that has
+//! not fully arrived, and the queue's deque is released once written.
+//!
+//! Closing: whoever closes first records the reason on the peer. The task
+//! then sends what is queued if the reason says so, the close frame, waits
+//! briefly for the client's close frame when it closed first, and shuts the
+//! socket, all within `close_timeout`, so a peer that stopped reading cannot
+//! hold the task. A connection that does not answer a heartbeat ping in time
+//! is dropped without a closing handshake and counted as reaped.
 
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
 use std::net::IpAddr;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::stream::SplitSink;
-use futures_util::{SinkExt, StreamExt};
-use hubbub_heartbeat::{Action, Monitor, decode_token, encode_token};
-use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::error::ProtocolError;
+use hubbub_heartbeat::{Action, Heartbeat, decode_token, encode_token};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::WaitForCancellationFuture;
 use tracing::Instrument;
 
 use crate::Shared;
-use crate::hub::{CloseReason, Mailbox, Peer};
+use crate::hub::{CloseReason, Frame, Peer};
 use crate::metrics::code_label;
 use crate::upgrade::Socket;
+use crate::ws::{self, Decoder, Incoming, ReadError};
 
 /// What an endpoint does with the frames its client sends.
 pub(crate) trait Handler: Send {
@@ -42,19 +56,11 @@ pub(crate) trait Handler: Send {
     /// The connection is over (whatever the reason); release what it holds.
     fn on_close(&mut self);
     /// When [`Handler::on_deadline`] should next run, if ever.
-    fn deadline(&self) -> Option<tokio::time::Instant> {
+    fn deadline(&self) -> Option<Instant> {
         None
     }
     /// The deadline passed.
     fn on_deadline(&mut self) {}
-}
-
-/// Sleeps until `deadline`, or forever without one.
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// Which endpoint a connection came in on, for logs.
@@ -87,7 +93,7 @@ pub(crate) async fn run<H: Handler>(
     ip: IpAddr,
     make_handler: impl FnOnce(Peer) -> H,
 ) {
-    let (peer, mailbox) = Peer::new(shared.config.websocket.outbound_queue, &shared.shutdown);
+    let peer = Peer::new(shared.config.websocket.outbound_queue);
     let span = tracing::info_span!(
         "conn",
         client = %peer.id,
@@ -95,14 +101,200 @@ pub(crate) async fn run<H: Handler>(
         endpoint = endpoint.name(),
         user = tracing::field::Empty
     );
-    drive(socket, shared, peer, mailbox, endpoint, make_handler).instrument(span).await;
+    drive(socket, shared, peer, endpoint, make_handler).instrument(span).await;
 }
+
+/// Bytes read from the socket at a time, into a buffer on the stack.
+const READ_CHUNK: usize = 8192;
+/// Most frames handed to one vectored write.
+const MAX_SLICES: usize = 64;
+
+/// What woke the connection's task.
+enum Event {
+    /// The peer was asked to close (by the hub, a handler, or a reaper).
+    Closing,
+    /// The server is shutting down.
+    Shutdown,
+    /// The timer (heartbeat or handler deadline) fired.
+    Timer,
+    /// Writing failed: the transport is gone.
+    WriteFailed(io::Error),
+    /// A message, the end of the stream (`None`), or a read failure.
+    Read(Result<Option<Incoming>, ReadFailure>),
+}
+
+/// Why reading stopped.
+enum ReadFailure {
+    /// The client broke the protocol.
+    Ws(ReadError),
+    /// The transport failed.
+    Io(io::Error),
+}
+
+impl From<ReadError> for ReadFailure {
+    fn from(err: ReadError) -> Self {
+        Self::Ws(err)
+    }
+}
+
+/// The socket side of a connection: framing, reading and writing.
+struct Wire {
+    io: Socket,
+    decoder: Decoder,
+    /// Frames taken from the peer's queue, being written.
+    sending: VecDeque<Frame>,
+    /// Bytes of `sending[0]` already written.
+    offset: usize,
+}
+
+impl Wire {
+    /// Polls everything the idle connection waits for, in priority order.
+    fn poll_event(
+        &mut self,
+        cx: &mut Context<'_>,
+        peer: &Peer,
+        shutdown: Pin<&mut WaitForCancellationFuture<'_>>,
+        timer: Pin<&mut Sleep>,
+    ) -> Poll<Event> {
+        peer.register(cx.waker());
+        if peer.is_closing() {
+            return Poll::Ready(Event::Closing);
+        }
+        if shutdown.poll(cx).is_ready() {
+            return Poll::Ready(Event::Shutdown);
+        }
+        if timer.poll(cx).is_ready() {
+            return Poll::Ready(Event::Timer);
+        }
+        if let Poll::Ready(Err(err)) = self.poll_write(cx, peer) {
+            return Poll::Ready(Event::WriteFailed(err));
+        }
+        self.poll_read(cx).map(Event::Read)
+    }
+
+    /// Writes everything queued, then flushes. Ready once nothing is left.
+    fn poll_write(&mut self, cx: &mut Context<'_>, peer: &Peer) -> Poll<io::Result<()>> {
+        loop {
+            if self.sending.is_empty() {
+                // Release a deque that grew for a burst, then take the queue.
+                if self.sending.capacity() > 0 {
+                    self.sending = VecDeque::new();
+                }
+                peer.take_queued(&mut self.sending);
+                if self.sending.is_empty() {
+                    return Pin::new(&mut self.io).poll_flush(cx);
+                }
+            }
+            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+            let mut count = 0;
+            for (slot, frame) in slices.iter_mut().zip(&self.sending) {
+                *slot = IoSlice::new(if count == 0 { &frame[self.offset..] } else { frame });
+                count += 1;
+            }
+            let written = ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..count]))?;
+            if written == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.advance(written);
+        }
+    }
+
+    /// Drops what a write consumed.
+    fn advance(&mut self, mut written: usize) {
+        while let Some(front) = self.sending.front() {
+            let left = front.len() - self.offset;
+            if written < left {
+                self.offset += written;
+                return;
+            }
+            written -= left;
+            self.offset = 0;
+            self.sending.pop_front();
+        }
+    }
+
+    /// Reads until a message is complete: `None` at the end of the stream.
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Incoming>, ReadFailure>> {
+        loop {
+            if self.decoder.has_buffered()
+                && let Some(message) = self.decoder.next_buffered()?
+            {
+                return Poll::Ready(Ok(Some(message)));
+            }
+            // A large frame in progress is read straight into its buffer.
+            if let Some(spare) = self.decoder.spare(READ_CHUNK) {
+                let read = ready!(tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, spare))
+                    .map_err(ReadFailure::Io)?;
+                if read == 0 {
+                    return Poll::Ready(Ok(None));
+                }
+                continue;
+            }
+            let mut chunk = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
+            let mut buf = ReadBuf::uninit(&mut chunk);
+            ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf)).map_err(ReadFailure::Io)?;
+            let filled = buf.filled_mut();
+            if filled.is_empty() {
+                return Poll::Ready(Ok(None));
+            }
+            if let Some(message) = self.decoder.feed(filled)? {
+                return Poll::Ready(Ok(Some(message)));
+            }
+        }
+    }
+
+    /// Writes everything queued (or left to write) to the socket.
+    async fn write_all(&mut self, peer: &Peer) -> io::Result<()> {
+        poll_fn(|cx| self.poll_write(cx, peer)).await
+    }
+}
+
+/// When the connection's timer should next fire: the heartbeat's next ping
+/// or pong deadline, or the handler's deadline, whichever comes first.
+fn next_deadline(heartbeat: &Heartbeat, handler: &impl Handler) -> Instant {
+    let beat = heartbeat.poll_timeout().map(Instant::from_std);
+    match (beat, handler.deadline()) {
+        (Some(a), Some(b)) => a.min(b),
+        (Some(at), None) | (None, Some(at)) => at,
+        // Nothing to wait for: a day is as good as forever here.
+        (None, None) => Instant::now() + Duration::from_secs(86_400),
+    }
+}
+
+/// Runs a handler's future to its end while the connection goes on writing.
+/// False if the connection must stop meanwhile.
+async fn handle(
+    wire: &mut Wire,
+    peer: &Peer,
+    mut shutdown: Pin<&mut WaitForCancellationFuture<'_>>,
+    mut handled: Pin<Box<impl Future<Output = ()>>>,
+) -> bool {
+    poll_fn(|cx| {
+        peer.register(cx.waker());
+        // A closing connection does not wait for its handler.
+        if peer.is_closing() || shutdown.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(false);
+        }
+        if handled.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(true);
+        }
+        if let Poll::Ready(Err(err)) = wire.poll_write(cx, peer) {
+            tracing::debug!(cause = %err, "write failed");
+            peer.close(CloseReason { code: CloseCode::Abnormal, reason: "", drain_queue: false });
+            return Poll::Ready(false);
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// The close the server sends for an abnormal end: none at all.
+const ABNORMAL: CloseReason = CloseReason { code: CloseCode::Abnormal, reason: "", drain_queue: false };
 
 async fn drive<H: Handler>(
     socket: Socket,
     shared: Arc<Shared>,
     peer: Peer,
-    mailbox: Mailbox,
     endpoint: Endpoint,
     make_handler: impl FnOnce(Peer) -> H,
 ) {
@@ -112,180 +304,165 @@ async fn drive<H: Handler>(
     open.inc();
     tracing::info!("connected");
 
-    let close_timeout = shared.config.close_timeout;
-    let batch_limit = shared.config.websocket.outbound_queue;
-    let (sink, mut stream) = socket.split();
-    let Mailbox { rx, token } = mailbox;
-    let writer = tokio::spawn(
-        write_loop(sink, rx, token.clone(), peer.clone(), close_timeout, batch_limit).in_current_span(),
-    );
+    let limits = &shared.config.websocket;
+    let mut wire = Wire {
+        io: socket,
+        decoder: Decoder::new(ws::Limits {
+            max_frame: limits.max_frame_bytes,
+            max_message: limits.max_message_bytes,
+        }),
+        sending: VecDeque::new(),
+        offset: 0,
+    };
     let mut handler = make_handler(peer.clone());
+    let mut heartbeat = Heartbeat::new(shared.config.heartbeat.into(), Instant::now().into_std());
+    let mut shutdown = pin!(shared.shutdown.cancelled());
+    let mut timer = pin!(tokio::time::sleep_until(next_deadline(&heartbeat, &handler)));
 
-    // The code the peer closed with, if it sent a close frame.
-    let mut peer_code: Option<CloseCode> = None;
-    let mut heartbeat = Monitor::new(shared.config.heartbeat.into());
+    // The client's close frame, if it sent one: `Some(None)` for a close
+    // frame without a code.
+    let mut client_close: Option<Option<CloseCode>> = None;
     loop {
-        tokio::select! {
-            biased;
-            () = token.cancelled() => break,
-            () = sleep_until(handler.deadline()) => handler.on_deadline(),
-            action = heartbeat.next_action() => match action {
-                Action::SendPing(token) => {
-                    tracing::debug!(token, "heartbeat ping");
-                    peer.send(Message::Ping(Bytes::copy_from_slice(&encode_token(token))), stats);
+        let event = poll_fn(|cx| wire.poll_event(cx, &peer, shutdown.as_mut(), timer.as_mut())).await;
+        match event {
+            Event::Closing | Event::Shutdown => break,
+            Event::Timer => {
+                let now = Instant::now();
+                if handler.deadline().is_some_and(|at| at <= now) {
+                    handler.on_deadline();
                 }
-                Action::PeerDead => {
-                    stats.dead_reaped.inc();
-                    tracing::info!(timeout = ?shared.config.heartbeat.timeout, "dead connection: no pong in time");
-                    peer.close(CloseReason { code: CloseCode::Abnormal, reason: "heartbeat timeout", drain_queue: false });
-                    break;
+                match heartbeat.poll_action(now.into_std()) {
+                    Some(Action::SendPing(token)) => {
+                        tracing::debug!(token, "heartbeat ping");
+                        peer.send(ws::encode(ws::PING, &encode_token(token)), stats);
+                    }
+                    Some(Action::PeerDead) => {
+                        stats.dead_reaped.inc();
+                        tracing::info!(timeout = ?shared.config.heartbeat.timeout, "dead connection: no pong in time");
+                        peer.close(CloseReason { reason: "heartbeat timeout", ..ABNORMAL });
+                        break;
+                    }
+                    None => {}
                 }
-            },
-            next = stream.next() => match next {
-                // A handler may wait (a disk write, an upload's rate limit);
-                // closing the connection does not wait for it.
-                Some(Ok(frame @ (Message::Text(_) | Message::Binary(_)))) => {
+            }
+            Event::WriteFailed(err) => {
+                tracing::debug!(cause = %err, "write failed");
+                peer.close(ABNORMAL);
+                break;
+            }
+            Event::Read(Ok(Some(message))) => match message {
+                Incoming::Text(text) => {
                     stats.received.inc();
-                    stats.bytes_in.inc_by(frame.len() as u64);
-                    let handled = async {
-                        match frame {
-                            Message::Text(text) => handler.on_text(text).await,
-                            Message::Binary(data) => handler.on_binary(data).await,
-                            _ => {}
-                        }
-                    };
-                    tokio::select! {
-                        biased;
-                        () = token.cancelled() => break,
-                        () = handled => {}
+                    stats.bytes_in.inc_by(text.len() as u64);
+                    if !handle(&mut wire, &peer, shutdown.as_mut(), Box::pin(handler.on_text(text))).await {
+                        break;
                     }
                 }
-                Some(Ok(Message::Pong(payload))) => {
+                Incoming::Binary(data) => {
+                    stats.received.inc();
+                    stats.bytes_in.inc_by(data.len() as u64);
+                    if !handle(&mut wire, &peer, shutdown.as_mut(), Box::pin(handler.on_binary(data))).await {
+                        break;
+                    }
+                }
+                Incoming::Ping(payload) => {
+                    peer.send(ws::encode(ws::PONG, &payload), stats);
+                }
+                Incoming::Pong(payload) => {
                     if let Some(token) = decode_token(&payload) {
-                        heartbeat.on_pong(token);
+                        heartbeat.on_pong(Instant::now().into_std(), token);
                         if let Some(latency) = heartbeat.latency() {
                             tracing::debug!(token, last = ?latency.last, smoothed = ?latency.smoothed, "heartbeat pong");
                         }
                     }
                 }
-                // tungstenite answers pings itself.
-                Some(Ok(Message::Ping(_) | Message::Frame(_))) => {}
-                Some(Ok(Message::Close(frame))) => {
-                    let code = frame.map_or(CloseCode::Status, |f| f.code);
-                    peer_code = Some(code);
-                    // Our writer's close completes the handshake tungstenite
-                    // began by queueing its reply.
+                Incoming::Close(frame) => {
+                    client_close = Some(frame.map(|(code, _)| code));
                     peer.close(CloseReason { code: CloseCode::Normal, reason: "", drain_queue: false });
                     break;
                 }
-                Some(Err(err)) => {
-                    peer.close(close_for(&err));
-                    tracing::debug!(cause = %err, "read failed");
-                    break;
-                }
-                None => {
-                    peer_code = Some(CloseCode::Abnormal);
-                    peer.close(CloseReason { code: CloseCode::Abnormal, reason: "", drain_queue: false });
-                    break;
-                }
             },
+            Event::Read(Ok(None)) => {
+                // The client dropped TCP without a close frame.
+                peer.close(ABNORMAL);
+                break;
+            }
+            Event::Read(Err(ReadFailure::Io(err))) => {
+                tracing::debug!(cause = %err, "read failed");
+                peer.close(ABNORMAL);
+                break;
+            }
+            Event::Read(Err(ReadFailure::Ws(err))) => {
+                tracing::debug!(cause = %err, "bad frame from the client");
+                // Replies to what the client sent before its bad frame are
+                // already queued; they go out before the close frame (found
+                // by Autobahn 3.*, 4.*, 5.15).
+                peer.close(CloseReason {
+                    code: err.close_code(),
+                    reason: err.close_reason(),
+                    drain_queue: true,
+                });
+                break;
+            }
+        }
+        let next = next_deadline(&heartbeat, &handler);
+        if timer.deadline() != next {
+            timer.as_mut().reset(next);
         }
     }
 
-    // Every way out of the loop has cancelled the token, so the writer is
-    // already closing; with no reason recorded, the server is shutting down.
     handler.on_close();
     drop(handler);
+    // With no reason recorded, the server is shutting down; recording it now
+    // also refuses anything queued from here on.
     let ours = peer.close_reason();
-    if writer.await.is_err() {
-        tracing::error!("connection writer panicked");
+    peer.close(ours.clone());
+    let vanished = client_close.is_none() && ours.code == CloseCode::Abnormal;
+    if !vanished {
+        let close_timeout = shared.config.close_timeout;
+        // Boxed: the handshake runs once, at the end, and its state would
+        // otherwise enlarge every connection's task for its whole life.
+        let closing = Box::pin(tokio::time::timeout(close_timeout, close(&mut wire, &peer, &ours, client_close)));
+        if closing.await.is_err() {
+            tracing::debug!("closing handshake not completed in time");
+        }
     }
-    // When we closed first, give the peer a moment to answer our close frame
-    // so the handshake completes; whatever it still sends is discarded. A
-    // dead or vanished peer gets no handshake and no wait.
-    if peer_code.is_none() && ours.code != CloseCode::Abnormal {
-        let _ = tokio::time::timeout(close_timeout, async { while stream.next().await.is_some() {} }).await;
-    }
-    let code = u16::from(peer_code.unwrap_or(ours.code));
+    let code = u16::from(client_close.map_or(ours.code, |code| code.unwrap_or(CloseCode::Status)));
     open.dec();
     stats.closed.with_label_values(&[code_label(code)]).inc();
-    tracing::info!(code, by_peer = peer_code.is_some(), reason = ours.reason, "disconnected");
+    tracing::info!(code, by_peer = client_close.is_some(), reason = ours.reason, "disconnected");
 }
 
-/// The close frame that answers a read error.
-fn close_for(err: &WsError) -> CloseReason {
-    let (code, reason) = match err {
-        // The peer dropped TCP without a close frame: nothing left to tell it.
-        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => (CloseCode::Abnormal, ""),
-        WsError::Capacity(_) => (CloseCode::Size, "Message too big"),
-        WsError::Protocol(_) => (CloseCode::Protocol, "Protocol error"),
-        WsError::Utf8(_) => (CloseCode::Invalid, "Text frame is not valid UTF-8"),
-        _ => (CloseCode::Abnormal, ""),
+/// The closing handshake: what is queued (if the reason says so), the close
+/// frame, then, when the server closed first, the client's close frame.
+async fn close(wire: &mut Wire, peer: &Peer, ours: &CloseReason, client_close: Option<Option<CloseCode>>) {
+    let frame = match client_close {
+        // Echo the client's code, as RFC 6455 suggests.
+        Some(Some(code)) => ws::encode_close(code, ""),
+        Some(None) => ws::encode(ws::CLOSE, &[]),
+        None => ours.frame(),
     };
-    // Replies to what the peer sent before its bad frame are already queued;
-    // they go out before the close frame (found by Autobahn 3.*, 4.*, 5.15).
-    CloseReason { code, reason, drain_queue: code != CloseCode::Abnormal }
-}
-
-/// Drains the queue into the socket, one flush per batch, until the token is
-/// cancelled; then sends the close frame (after what is queued, on shutdown).
-async fn write_loop(
-    mut sink: SplitSink<Socket, Message>,
-    mut rx: mpsc::Receiver<Message>,
-    token: CancellationToken,
-    peer: Peer,
-    close_timeout: Duration,
-    batch_limit: usize,
-) {
-    loop {
-        let first = tokio::select! {
-            biased;
-            () = token.cancelled() => break,
-            next = rx.recv() => match next {
-                Some(frame) => frame,
-                None => break,
-            },
-        };
-        let batch = async {
-            sink.feed(first).await?;
-            for _ in 1..batch_limit {
-                match rx.try_recv() {
-                    Ok(frame) => sink.feed(frame).await?,
-                    Err(_) => break,
-                }
-            }
-            sink.flush().await
-        };
-        let result = tokio::select! {
-            biased;
-            () = token.cancelled() => break,
-            result = batch => result,
-        };
-        if let Err(err) = result {
-            tracing::debug!(cause = %err, "write failed");
-            peer.close(CloseReason { code: CloseCode::Abnormal, reason: "", drain_queue: false });
-            break;
+    if client_close.is_none() && ours.drain_queue {
+        if wire.write_all(peer).await.is_err() {
+            return;
         }
+    } else {
+        peer.discard_queued();
+        // A frame cut short would corrupt the stream: finish it, drop the rest.
+        wire.sending.truncate(usize::from(wire.offset > 0));
     }
-
-    let reason = peer.close_reason();
-    if reason.code == CloseCode::Abnormal {
-        // The transport is gone (or the peer vanished): nothing to say.
+    wire.sending.push_back(frame);
+    if wire.write_all(peer).await.is_err() {
         return;
     }
-    let closing = async {
-        if reason.drain_queue {
-            while let Ok(frame) = rx.try_recv() {
-                if sink.feed(frame).await.is_err() {
-                    return;
-                }
+    if client_close.is_none() {
+        // Whatever the client still sends before its close frame is dropped.
+        loop {
+            match poll_fn(|cx| wire.poll_read(cx)).await {
+                Ok(Some(Incoming::Close(_)) | None) | Err(_) => break,
+                Ok(Some(_)) => {}
             }
         }
-        // After the peer's own close this only flushes tungstenite's reply.
-        let _ = sink.send(Message::Close(Some(reason.frame()))).await;
-        let _ = sink.close().await;
-    };
-    if tokio::time::timeout(close_timeout, closing).await.is_err() {
-        tracing::debug!("close frame not delivered in time");
     }
+    let _ = poll_fn(|cx| Pin::new(&mut wire.io).poll_shutdown(cx)).await;
 }

@@ -9,7 +9,6 @@ use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{any, get};
 use serde::Serialize;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::Shared;
 use crate::admission::{Refusal, check_origin};
@@ -138,9 +137,8 @@ fn upgrade(
             }
         }
     }
-    let config = ws_config(&shared);
     let tasks = shared.tasks.clone();
-    accept(req, config, &tasks, move |socket| async move {
+    accept(req, &tasks, move |socket| async move {
         // Held for the connection's life; dropping it frees the place.
         let _slot = slot;
         let state = shared.clone();
@@ -157,17 +155,6 @@ fn upgrade(
             }
         }
     })
-}
-
-/// Tungstenite's settings from our config.
-fn ws_config(shared: &Shared) -> WebSocketConfig {
-    let ws = &shared.config.websocket;
-    WebSocketConfig::default()
-        .read_buffer_size(ws.read_buffer_bytes)
-        .write_buffer_size(ws.write_buffer_bytes)
-        .max_write_buffer_size(ws.max_write_buffer_bytes)
-        .max_message_size(Some(ws.max_message_bytes))
-        .max_frame_size(Some(ws.max_frame_bytes))
 }
 
 /// One of the embedded [`ASSETS`], by path.

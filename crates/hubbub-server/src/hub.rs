@@ -1,7 +1,9 @@
 //! The hub: who is connected, which rooms exist, and fan-out.
 //!
-//! A broadcast is encoded once into a [`Frame`] and the same bytes are handed
-//! to every recipient's bounded queue by reference count. Delivery never
+//! A broadcast is encoded once into a [`Frame`] (the complete WebSocket
+//! frame, header included) and the same bytes are handed to every
+//! recipient's bounded queue by reference count; the connection writes them
+//! to its socket as they are, with no copy per recipient. Delivery never
 //! waits: a recipient whose queue is full is told to close (1008) and is
 //! dropped, so one slow reader cannot hold up a room or grow memory.
 //!
@@ -13,29 +15,30 @@
 //! `.await` (there is no `.await` in this module).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
+use std::task::Waker;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use hubbub_protocol::ServerMessage;
-use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::protocol::frame::Utf8Bytes;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_util::sync::CancellationToken;
 
 pub(crate) use crate::metrics::Stats;
+use crate::ws;
 use uuid::Uuid;
 
 /// A connection's id, sent to chat clients in `connected {clientId}`.
 pub(crate) type ClientId = Uuid;
 
-/// An encoded text frame, shared by reference count among its recipients.
-pub(crate) type Frame = Utf8Bytes;
+/// A complete WebSocket frame, header included, ready for the socket and
+/// shared by reference count among its recipients.
+pub(crate) type Frame = Bytes;
 
-/// Encodes a message once, for any number of recipients.
+/// Encodes a message once, as a text frame, for any number of recipients.
 pub(crate) fn encode(msg: &ServerMessage) -> Frame {
-    Frame::from(msg.to_json())
+    ws::encode(ws::TEXT, msg.to_json().as_bytes())
 }
 
 /// Why a connection is closing, chosen by whoever closes it first.
@@ -53,80 +56,90 @@ pub(crate) struct CloseReason {
 const GOING_AWAY: CloseReason =
     CloseReason { code: CloseCode::Away, reason: "Server shutting down", drain_queue: true };
 
-/// The part of a connection that others may touch: its queue and its
-/// kill switch. Cloning is cheap (two reference counts).
+/// The part of a connection that others may touch: its outbound queue and
+/// its close switch. Cloning is cheap (a reference count).
 #[derive(Clone, Debug)]
 pub(crate) struct Peer {
     /// The connection's id.
     pub(crate) id: ClientId,
-    /// The bounded outbound queue drained by the connection's writer.
-    tx: mpsc::Sender<Message>,
-    /// Shared close state.
-    control: Arc<Control>,
+    /// Shared with the connection's task.
+    link: Arc<Link>,
 }
 
-/// Shared close state of one connection.
+/// What a connection shares with those who send to it.
 #[derive(Debug)]
-struct Control {
-    /// Cancelled when the connection must close; a child of the server's
-    /// shutdown token, so shutdown closes every connection.
-    token: CancellationToken,
+struct Link {
+    /// Frames waiting for the connection's task, in order. The deque is
+    /// handed to the task whole and starts unallocated again, so an idle
+    /// connection holds no queue memory.
+    queue: Mutex<VecDeque<Frame>>,
+    /// Most frames that may wait.
+    capacity: usize,
+    /// Wakes the connection's task: frames queued, or a close asked for.
+    waker: AtomicWaker,
+    /// Set once the connection must close; nothing more is queued after.
+    closing: AtomicBool,
     /// The first close reason recorded wins.
     reason: OnceLock<CloseReason>,
 }
 
-/// The receiving end of a [`Peer`], owned by the connection's tasks.
-#[derive(Debug)]
-pub(crate) struct Mailbox {
-    /// Frames to send, in order.
-    pub(crate) rx: mpsc::Receiver<Message>,
-    /// Cancelled when the connection must close.
-    pub(crate) token: CancellationToken,
-}
-
 impl Peer {
-    /// Creates a connection's queue of `capacity` frames, closed when
-    /// `shutdown` is cancelled.
-    pub(crate) fn new(capacity: usize, shutdown: &CancellationToken) -> (Self, Mailbox) {
-        let (tx, rx) = mpsc::channel(capacity);
-        let token = shutdown.child_token();
-        let control = Arc::new(Control { token: token.clone(), reason: OnceLock::new() });
-        (Self { id: Uuid::new_v4(), tx, control }, Mailbox { rx, token })
+    /// A new connection's shared half, whose queue holds `capacity` frames.
+    pub(crate) fn new(capacity: usize) -> Self {
+        let link = Link {
+            queue: Mutex::new(VecDeque::new()),
+            capacity,
+            waker: AtomicWaker::new(),
+            closing: AtomicBool::new(false),
+            reason: OnceLock::new(),
+        };
+        Self { id: Uuid::new_v4(), link: Arc::new(link) }
     }
 
     /// Queues a frame without waiting. Returns false if the connection is
     /// closing or its queue was full (in which case it is now closing).
-    pub(crate) fn send(&self, frame: Message, stats: &Stats) -> bool {
-        match self.tx.try_send(frame) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                let reason = CloseReason {
-                    code: CloseCode::Policy,
-                    reason: "Slow consumer: outbound queue full",
-                    drain_queue: false,
-                };
-                if self.close(reason) {
-                    stats.slow_consumers.inc();
-                    tracing::warn!(client = %self.id, "slow consumer: outbound queue full, disconnecting");
-                }
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+    pub(crate) fn send(&self, frame: Frame, stats: &Stats) -> bool {
+        let mut queue = lock(&self.link.queue);
+        if self.link.closing.load(Ordering::Acquire) {
+            return false;
         }
+        if queue.len() >= self.link.capacity {
+            drop(queue);
+            let reason = CloseReason {
+                code: CloseCode::Policy,
+                reason: "Slow consumer: outbound queue full",
+                drain_queue: false,
+            };
+            if self.close(reason) {
+                stats.slow_consumers.inc();
+                tracing::warn!(client = %self.id, "slow consumer: outbound queue full, disconnecting");
+            }
+            return false;
+        }
+        let was_empty = queue.is_empty();
+        queue.push_back(frame);
+        drop(queue);
+        // A non-empty queue has already woken the task, which empties the
+        // queue before it sleeps again.
+        if was_empty {
+            self.link.waker.wake();
+        }
+        true
     }
 
-    /// Queues an encoded text frame.
+    /// Queues an encoded frame shared with other recipients.
     pub(crate) fn send_text(&self, frame: &Frame, stats: &Stats) -> bool {
-        self.send(Message::Text(frame.clone()), stats)
+        self.send(frame.clone(), stats)
     }
 
     /// Queues a message for this peer alone.
     pub(crate) fn reply(&self, msg: &ServerMessage, stats: &Stats) -> bool {
         let frame = encode(msg);
-        let sent = self.send_text(&frame, stats);
+        let len = frame.len();
+        let sent = self.send(frame, stats);
         if sent {
             stats.delivered.inc();
-            stats.bytes_out.inc_by(frame.len() as u64);
+            stats.bytes_out.inc_by(len as u64);
         }
         sent
     }
@@ -134,21 +147,47 @@ impl Peer {
     /// Asks the connection to close. Returns true if this call decided the
     /// reason, false if the connection was already closing.
     pub(crate) fn close(&self, reason: CloseReason) -> bool {
-        let first = self.control.reason.set(reason).is_ok();
-        self.control.token.cancel();
+        let first = self.link.reason.set(reason).is_ok();
+        self.link.closing.store(true, Ordering::Release);
+        self.link.waker.wake();
         first
     }
 
-    /// The close frame to send, once the connection's token is cancelled.
+    /// Whether the connection has been asked to close.
+    pub(crate) fn is_closing(&self) -> bool {
+        self.link.closing.load(Ordering::Acquire)
+    }
+
+    /// The close frame to send, once the connection is closing (shutdown
+    /// when nobody recorded a reason).
     pub(crate) fn close_reason(&self) -> CloseReason {
-        self.control.reason.get().cloned().unwrap_or(GOING_AWAY)
+        self.link.reason.get().cloned().unwrap_or(GOING_AWAY)
+    }
+
+    /// Registers the connection task's waker, before it looks at the queue
+    /// and the close switch.
+    pub(crate) fn register(&self, waker: &Waker) {
+        self.link.waker.register(waker);
+    }
+
+    /// Moves every queued frame into `out`, which must be empty: the two
+    /// deques swap, so the queue keeps `out`'s (usually unallocated) buffer.
+    pub(crate) fn take_queued(&self, out: &mut VecDeque<Frame>) {
+        debug_assert!(out.is_empty());
+        std::mem::swap(&mut *lock(&self.link.queue), out);
+    }
+
+    /// Discards what is queued; later sends are refused.
+    pub(crate) fn discard_queued(&self) {
+        self.link.closing.store(true, Ordering::Release);
+        drop(std::mem::take(&mut *lock(&self.link.queue)));
     }
 }
 
 impl CloseReason {
     /// The close frame to send for this reason.
-    pub(crate) fn frame(&self) -> CloseFrame {
-        CloseFrame { code: self.code, reason: Utf8Bytes::from_static(self.reason) }
+    pub(crate) fn frame(&self) -> Frame {
+        ws::encode_close(self.code, self.reason)
     }
 }
 

@@ -32,6 +32,7 @@ mod ratelimit;
 mod tls;
 mod upgrade;
 mod upload;
+mod ws;
 
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;

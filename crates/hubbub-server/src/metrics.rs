@@ -96,7 +96,10 @@ impl Stats {
             received: counter("messages_received_total", "Frames received from clients"),
             delivered: counter("messages_delivered_total", "Frames queued to clients"),
             bytes_in: counter("bytes_received_total", "Payload bytes received from clients"),
-            bytes_out: counter("bytes_delivered_total", "Payload bytes queued to clients"),
+            bytes_out: counter(
+                "bytes_delivered_total",
+                "Bytes queued to clients: WebSocket frames, headers included",
+            ),
             rooms,
             dead_reaped: counter(
                 "dead_connections_reaped_total",

@@ -1,8 +1,9 @@
 //! The WebSocket opening handshake on top of axum/hyper, handing the
-//! upgraded socket to tokio-tungstenite with our own buffer sizes.
+//! upgraded socket to our own framing (`ws`, driven by `conn`).
 //!
 //! We do the handshake ourselves rather than through axum's `ws` extractor
-//! so the server owns the `WebSocketStream` and its configuration directly.
+//! so the server owns the raw upgraded stream: `conn` reads and writes it
+//! directly, without per-connection buffers while the connection is idle.
 
 use std::future::Future;
 
@@ -12,13 +13,11 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_util::task::TaskTracker;
 
-/// The server side of an accepted WebSocket.
-pub(crate) type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+/// The byte stream of an accepted WebSocket, after the handshake.
+pub(crate) type Socket = TokioIo<hyper::upgrade::Upgraded>;
 
 /// True when the request asks to switch to another protocol, whether or not
 /// it is a well-formed WebSocket upgrade.
@@ -30,12 +29,7 @@ pub(crate) fn wants_upgrade(headers: &HeaderMap) -> bool {
 /// protocols, `on_socket` runs with the socket. A request that is not a
 /// valid WebSocket upgrade gets a 4xx and `on_socket` never runs. The
 /// connection's task is tracked by `tasks`, so shutdown can wait for it.
-pub(crate) fn accept<F, Fut>(
-    mut req: Request,
-    config: WebSocketConfig,
-    tasks: &TaskTracker,
-    on_socket: F,
-) -> Response
+pub(crate) fn accept<F, Fut>(mut req: Request, tasks: &TaskTracker, on_socket: F) -> Response
 where
     F: FnOnce(Socket) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
@@ -70,12 +64,7 @@ where
 
     tasks.spawn(async move {
         match on_upgrade.await {
-            Ok(upgraded) => {
-                let socket =
-                    WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
-                        .await;
-                on_socket(socket).await;
-            }
+            Ok(upgraded) => on_socket(TokioIo::new(upgraded)).await,
             Err(err) => tracing::debug!(cause = %err, "upgrade failed after 101"),
         }
     });

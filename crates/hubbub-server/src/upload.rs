@@ -20,7 +20,8 @@ use crate::config::UploadSettings;
 #[derive(Debug, Default)]
 pub(crate) struct Uploads {
     /// The upload binary frames go to.
-    active: Option<Active>,
+    /// Boxed: most connections never upload, and an idle one should stay small.
+    active: Option<Box<Active>>,
     /// The id of an upload that failed; its remaining chunks are ignored.
     failed: Option<String>,
 }
@@ -169,7 +170,7 @@ impl Uploads {
     fn activate(&mut self, upload: Upload) {
         let throttle =
             ProgressThrottle::new(upload.assembler().size(), ProgressPolicy::default(), Instant::now());
-        self.active = Some(Active { upload, throttle, not_before: None });
+        self.active = Some(Box::new(Active { upload, throttle, not_before: None }));
     }
 
     fn park_active(&mut self, store: &Store) {

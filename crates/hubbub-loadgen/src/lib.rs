@@ -1,5 +1,10 @@
-//! The load generator's engine: many lean WebSocket chat clients on a few
+//! Hubbub's load generator: many lean WebSocket chat clients on a few
 //! threads, each thread a single-threaded tokio runtime.
+//!
+//! The library is the engine that `cargo xtask loadtest` drives; the
+//! `hubbub-loadgen` binary runs one load against a server that is already
+//! running (see [`run`]). [`process`] reads a process's CPU time and RSS
+//! from /proc, for the generator's own CPU beside the server's.
 //!
 //! A client is a raw `TcpStream` with a hand-written RFC 6455 client: it
 //! sends a fixed upgrade request, masks what it sends, and parses the
@@ -18,6 +23,13 @@
 //! of recipients; the receiver that brings it to zero frees the slot and
 //! wakes the sender. A message is complete only when every recipient has it,
 //! so the server's queues never fill faster than all clients read them.
+//!
+//! All traffic goes to the one address of the [`Plan`] (with more than one
+//! source, from 127.0.0.1, 127.0.0.2, ...); [`run::run`] and the binary
+//! accept only loopback addresses.
+
+pub mod process;
+pub mod run;
 
 use std::cell::RefCell;
 use std::fmt::Write as _;
@@ -36,7 +48,7 @@ use tokio::sync::{Notify, Semaphore};
 /// Phases of a run, in order. Senders send only in [`Phase::Run`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
-pub(crate) enum Phase {
+pub enum Phase {
     /// Connecting, naming and joining.
     Setup = 0,
     /// The measured window: senders send.
@@ -49,54 +61,65 @@ pub(crate) enum Phase {
 
 /// How the chosen senders send.
 #[derive(Clone, Copy, Debug)]
-pub(crate) enum Sending {
+pub enum Sending {
     /// Nobody sends (idle connections).
     Nobody,
     /// The first `senders` clients send as fast as a window of `window`
     /// undelivered messages each allows (at most 64).
-    Window { senders: usize, window: u32 },
+    Window {
+        /// How many clients send: the first ones.
+        senders: usize,
+        /// Messages each sender may have on the way, 1 to 64.
+        window: u32,
+    },
     /// The first `senders` clients each send one message every `period`.
-    Rate { senders: usize, period: Duration },
+    Rate {
+        /// How many clients send: the first ones.
+        senders: usize,
+        /// The time between two messages of one sender.
+        period: Duration,
+    },
 }
 
 /// What to run: who connects where, and who sends.
 #[derive(Clone, Debug)]
-pub(crate) struct Plan {
+pub struct Plan {
     /// The server under test.
-    pub(crate) addr: SocketAddr,
+    pub addr: SocketAddr,
     /// Number of clients.
-    pub(crate) clients: usize,
+    pub clients: usize,
     /// Client `i` joins room `i % rooms`.
-    pub(crate) rooms: usize,
+    pub rooms: usize,
     /// Who sends, and how.
-    pub(crate) sending: Sending,
+    pub sending: Sending,
     /// Generator threads.
-    pub(crate) threads: usize,
+    pub threads: usize,
     /// Source addresses 127.0.0.1, 127.0.0.2, ... used round robin, so more
     /// connections than one address's ephemeral ports allow can be opened.
-    pub(crate) sources: usize,
+    pub sources: usize,
     /// Initial read buffer per client, in bytes; grown for larger frames.
-    pub(crate) read_buffer: usize,
+    pub read_buffer: usize,
     /// Handshakes in progress at once, per thread.
-    pub(crate) connect_concurrency: usize,
+    pub connect_concurrency: usize,
     /// Bytes of padding added to each chat message's text.
-    pub(crate) padding: usize,
+    pub padding: usize,
 }
 
 impl Plan {
     /// Members of room `room`.
-    pub(crate) fn room_size(&self, room: usize) -> usize {
+    pub fn room_size(&self, room: usize) -> usize {
         self.clients / self.rooms + usize::from(room < self.clients % self.rooms)
     }
 
     /// The `userJoined` events every client together receives while the
     /// rooms fill: each join is announced to the members so far, joiner
     /// included, so a room of n members sees n(n+1)/2.
-    pub(crate) fn expected_join_events(&self) -> u64 {
+    pub fn expected_join_events(&self) -> u64 {
         (0..self.rooms).map(|r| self.room_size(r) as u64).map(|n| n * (n + 1) / 2).sum()
     }
 
-    fn senders(&self) -> usize {
+    /// Clients that send: the first `senders`, at most all of them.
+    pub fn senders(&self) -> usize {
         match self.sending {
             Sending::Nobody => 0,
             Sending::Window { senders, .. } | Sending::Rate { senders, .. } => senders.min(self.clients),
@@ -116,25 +139,25 @@ struct Window {
 }
 
 /// State shared by every thread of a run and the thread that drives it.
-pub(crate) struct Shared {
+pub struct Shared {
     /// The current [`Phase`].
     phase: AtomicU8,
     /// Clients that have joined their room (seen `roomJoined`).
-    pub(crate) ready: AtomicUsize,
+    pub ready: AtomicUsize,
     /// Clients that could not connect.
-    pub(crate) failed: AtomicUsize,
+    pub failed: AtomicUsize,
     /// The first connection error, for the report.
-    pub(crate) first_error: Mutex<Option<String>>,
+    pub first_error: Mutex<Option<String>>,
     /// Clients whose connection the server closed or dropped after setup.
-    pub(crate) closed: AtomicUsize,
+    pub closed: AtomicUsize,
     /// `userJoined` events received.
-    pub(crate) join_events: AtomicU64,
+    pub join_events: AtomicU64,
     /// Chat messages sent in the run.
-    pub(crate) sent: AtomicU64,
+    pub sent: AtomicU64,
     /// Deliveries the sent messages should make (recipients per message).
-    pub(crate) expected: AtomicU64,
+    pub expected: AtomicU64,
     /// Chat messages received.
-    pub(crate) delivered: AtomicU64,
+    pub delivered: AtomicU64,
     /// Per sender, in window mode.
     windows: Vec<Window>,
     /// The zero of the send timestamps in messages.
@@ -142,7 +165,8 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(plan: &Plan) -> Arc<Self> {
+    /// The state for a run of `plan`, in [`Phase::Setup`].
+    pub fn new(plan: &Plan) -> Arc<Self> {
         let windows = match plan.sending {
             Sending::Window { window, .. } => (0..plan.senders())
                 .map(|_| Window {
@@ -168,7 +192,8 @@ impl Shared {
         })
     }
 
-    fn phase(&self) -> Phase {
+    /// The current phase.
+    pub fn phase(&self) -> Phase {
         match self.phase.load(Ordering::Acquire) {
             0 => Phase::Setup,
             1 => Phase::Run,
@@ -178,7 +203,7 @@ impl Shared {
     }
 
     /// Moves the run to `phase`. Entering [`Phase::Run`] opens every window.
-    pub(crate) fn set_phase(&self, phase: Phase) {
+    pub fn set_phase(&self, phase: Phase) {
         self.phase.store(phase as u8, Ordering::Release);
         if phase == Phase::Run {
             for window in &self.windows {
@@ -203,7 +228,7 @@ impl Shared {
 
 /// Runs every client of `plan` on `plan.threads` threads until the phase
 /// becomes [`Phase::Stop`]; returns the latencies they measured.
-pub(crate) fn spawn(plan: &Arc<Plan>, shared: &Arc<Shared>) -> Vec<std::thread::JoinHandle<Histogram>> {
+pub fn spawn(plan: &Arc<Plan>, shared: &Arc<Shared>) -> Vec<std::thread::JoinHandle<Histogram>> {
     (0..plan.threads.max(1))
         .map(|thread| {
             let (plan, shared) = (plan.clone(), shared.clone());
@@ -484,6 +509,7 @@ fn parse_marker(text: &[u8]) -> Option<(usize, usize, u64)> {
 
 /// A log line for an unexpected close, to stderr (only the first few, so a
 /// mass disconnect does not flood the terminal).
+#[allow(clippy::print_stderr)] // the generator's only diagnostic
 fn tracing_line(id: usize, err: &anyhow::Error) {
     static SHOWN: AtomicUsize = AtomicUsize::new(0);
     if SHOWN.fetch_add(1, Ordering::Relaxed) < 5 {
@@ -493,10 +519,12 @@ fn tracing_line(id: usize, err: &anyhow::Error) {
 
 /// Opens a TCP connection (from source address `id % sources`) and performs
 /// the WebSocket handshake; returns the stream and a read buffer holding
-/// whatever followed the response head.
-pub(crate) async fn connect(plan: &Plan, id: usize) -> anyhow::Result<(TcpStream, Vec<u8>, usize)> {
-    let socket = TcpSocket::new_v4().context("socket")?;
-    if plan.sources > 1 {
+/// whatever followed the response head. Source addresses apply to IPv4 only;
+/// an IPv6 server is reached from the system's choice.
+pub async fn connect(plan: &Plan, id: usize) -> anyhow::Result<(TcpStream, Vec<u8>, usize)> {
+    let socket = if plan.addr.is_ipv6() { TcpSocket::new_v6() } else { TcpSocket::new_v4() };
+    let socket = socket.context("socket")?;
+    if plan.sources > 1 && plan.addr.is_ipv4() {
         let source = Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 0, 0, 1)) + (id % plan.sources) as u32);
         socket.bind(SocketAddr::new(source.into(), 0)).with_context(|| format!("binding {source}"))?;
     }
@@ -534,24 +562,30 @@ pub(crate) async fn connect(plan: &Plan, id: usize) -> anyhow::Result<(TcpStream
     Ok((stream, buf, filled - head_end))
 }
 
-pub(crate) const OP_CONTINUATION: u8 = 0x0;
-pub(crate) const OP_TEXT: u8 = 0x1;
-pub(crate) const OP_CLOSE: u8 = 0x8;
-pub(crate) const OP_PING: u8 = 0x9;
-pub(crate) const OP_PONG: u8 = 0xA;
+/// Opcode of a continuation frame.
+pub const OP_CONTINUATION: u8 = 0x0;
+/// Opcode of a text frame.
+pub const OP_TEXT: u8 = 0x1;
+/// Opcode of a close frame.
+pub const OP_CLOSE: u8 = 0x8;
+/// Opcode of a ping frame.
+pub const OP_PING: u8 = 0x9;
+/// Opcode of a pong frame.
+pub const OP_PONG: u8 = 0xA;
 
 /// Where one complete frame lies at the start of a buffer.
-pub(crate) struct FrameRef {
-    pub(crate) opcode: u8,
+pub struct FrameRef {
+    /// The frame's opcode (`OP_*`).
+    pub opcode: u8,
     /// The payload's byte range, relative to the frame's start.
-    pub(crate) payload: std::ops::Range<usize>,
+    pub payload: std::ops::Range<usize>,
     /// The whole frame's length.
-    pub(crate) len: usize,
+    pub len: usize,
 }
 
 /// Parses the frame at the start of `buf`, if it is complete. Server frames
 /// are not masked; a masked one is refused, as RFC 6455 requires.
-pub(crate) fn parse_frame(buf: &[u8]) -> anyhow::Result<Option<FrameRef>> {
+pub fn parse_frame(buf: &[u8]) -> anyhow::Result<Option<FrameRef>> {
     let [first, second, ..] = *buf else { return Ok(None) };
     if second & 0x80 != 0 {
         bail!("the server sent a masked frame");
@@ -576,7 +610,7 @@ pub(crate) fn parse_frame(buf: &[u8]) -> anyhow::Result<Option<FrameRef>> {
 }
 
 /// Appends a final, masked client frame.
-pub(crate) fn push_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: [u8; 4]) {
+pub fn push_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: [u8; 4]) {
     out.push(0x80 | opcode);
     match payload.len() {
         n @ 0..=125 => out.push(0x80 | n as u8),
@@ -600,7 +634,7 @@ pub(crate) fn push_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: [u
 /// Opens a connection, reads the two greeting frames, closes with 1000 and
 /// waits for the server to finish the close: one cycle of the churn
 /// scenario. Returns the time it took.
-pub(crate) async fn churn_once(plan: &Plan, id: usize) -> anyhow::Result<Duration> {
+pub async fn churn_once(plan: &Plan, id: usize) -> anyhow::Result<Duration> {
     let started = Instant::now();
     let (mut stream, mut buf, mut end) = connect(plan, id).await?;
     let mut texts = 0;
@@ -643,7 +677,7 @@ pub(crate) async fn churn_once(plan: &Plan, id: usize) -> anyhow::Result<Duratio
 /// Latencies in microseconds, in log-linear buckets: exact below 128 µs,
 /// then 64 buckets per power of two (under 1.6 % error).
 #[derive(Clone)]
-pub(crate) struct Histogram {
+pub struct Histogram {
     counts: Vec<u64>,
     total: u64,
     max: u64,
@@ -654,7 +688,8 @@ const SUB: u64 = 1 << SUB_BITS;
 const HALF: u64 = SUB / 2;
 
 impl Histogram {
-    pub(crate) fn new() -> Self {
+    /// An empty histogram.
+    pub fn new() -> Self {
         Self { counts: vec![0; (SUB + 64 * HALF) as usize], total: 0, max: 0 }
     }
 
@@ -680,7 +715,8 @@ impl Histogram {
         low + (1 << shift) / 2
     }
 
-    pub(crate) fn record(&mut self, micros: u64) {
+    /// Adds one latency, in microseconds.
+    pub fn record(&mut self, micros: u64) {
         if let Some(count) = self.counts.get_mut(Self::index(micros)) {
             *count += 1;
         }
@@ -688,7 +724,8 @@ impl Histogram {
         self.max = self.max.max(micros);
     }
 
-    pub(crate) fn merge(&mut self, other: &Self) {
+    /// Adds every sample of `other`.
+    pub fn merge(&mut self, other: &Self) {
         for (a, b) in self.counts.iter_mut().zip(&other.counts) {
             *a += b;
         }
@@ -696,16 +733,18 @@ impl Histogram {
         self.max = self.max.max(other.max);
     }
 
-    pub(crate) fn count(&self) -> u64 {
+    /// The number of samples.
+    pub fn count(&self) -> u64 {
         self.total
     }
 
-    pub(crate) fn max(&self) -> Duration {
+    /// The largest sample, exactly.
+    pub fn max(&self) -> Duration {
         Duration::from_micros(self.max)
     }
 
     /// The latency below which a fraction `q` of the samples fall.
-    pub(crate) fn quantile(&self, q: f64) -> Duration {
+    pub fn quantile(&self, q: f64) -> Duration {
         if self.total == 0 {
             return Duration::ZERO;
         }
@@ -718,6 +757,11 @@ impl Histogram {
             }
         }
         Duration::from_micros(self.max)
+    }
+
+    /// p50, p90, p99, p99.9 and the maximum.
+    pub fn summary(&self) -> [Duration; 5] {
+        [self.quantile(0.5), self.quantile(0.9), self.quantile(0.99), self.quantile(0.999), self.max()]
     }
 }
 

@@ -1,0 +1,316 @@
+//! One measured load against a server that is already running: set up every
+//! client, send for a fixed time, wait for what is in flight, and report.
+//! This is what the `hubbub-loadgen` binary does; every wait in it is
+//! bounded, so a run always ends by itself.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use serde::Serialize;
+
+use crate::process::{cpu_time, own_cpu_time, rss_bytes};
+use crate::{Histogram, Phase, Plan, Sending, Shared, spawn};
+
+/// How long a run lasts, and what else it samples.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The sending window: how long senders send.
+    pub seconds: Duration,
+    /// The longest wait for every client to connect, join its room and see
+    /// every `userJoined` of its room.
+    pub setup_timeout: Duration,
+    /// The longest wait after the window for the deliveries still in flight.
+    pub drain_timeout: Duration,
+    /// The server's process id, to sample its CPU and RSS from /proc.
+    pub server_pid: Option<u32>,
+}
+
+/// What a run measured. Serialised with camelCase names for `--json`.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Summary {
+    /// The server's address.
+    pub addr: String,
+    /// Clients connected and joined.
+    pub clients: usize,
+    /// Rooms they were spread over.
+    pub rooms: usize,
+    /// Clients that sent.
+    pub senders: usize,
+    /// How they sent: `window W`, `rate R/s` or `none`.
+    pub sending: String,
+    /// Generator threads.
+    pub threads: usize,
+    /// From the first connect until every client had joined and seen every
+    /// join of its room.
+    pub setup_seconds: f64,
+    /// The measured sending window.
+    pub seconds: f64,
+    /// Chat messages sent.
+    pub sent: u64,
+    /// Deliveries the sent messages should make: one per other member.
+    pub expected: u64,
+    /// Deliveries that arrived, the drain included.
+    pub delivered: u64,
+    /// `expected - delivered`.
+    pub lost: i64,
+    /// `delivered / expected`; `None` when nothing was sent.
+    pub delivery_ratio: Option<f64>,
+    /// Deliveries per second over the sending window.
+    pub deliveries_per_sec: f64,
+    /// Connections the server closed during the run.
+    pub closed: usize,
+    /// End-to-end latency from the send time each message carries to its
+    /// receipt; `None` when nothing was delivered.
+    pub latency_ms: Option<Latency>,
+    /// The generator's CPU over the window, in % of one core.
+    pub generator_cpu_percent: f64,
+    /// The server's CPU and memory, when its process id was given.
+    pub server: Option<ServerSample>,
+}
+
+/// Latency percentiles, in milliseconds.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Latency {
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// 99.9th percentile.
+    pub p999: f64,
+    /// The largest.
+    pub max: f64,
+}
+
+impl Latency {
+    fn new(histogram: &Histogram) -> Self {
+        let [p50, p90, p99, p999, max] = histogram.summary().map(|d| d.as_micros() as f64 / 1000.0);
+        Self { p50, p90, p99, p999, max }
+    }
+}
+
+/// The server process, sampled from /proc.
+#[derive(Clone, Copy, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServerSample {
+    /// Its process id.
+    pub pid: u32,
+    /// Its CPU (user + system) over the window, in % of one core.
+    pub cpu_percent: f64,
+    /// Its RSS before the first client connected.
+    pub rss_base_bytes: u64,
+    /// Its RSS at the end of the window.
+    pub rss_bytes: u64,
+}
+
+/// Parses where to send the load: `HOST:PORT` or `ws://HOST:PORT[/ws/chat]`,
+/// where HOST is an IP address or `localhost`. Refuses every address that is
+/// not loopback (127.0.0.0/8 or ::1), and names are never looked up.
+pub fn loopback_target(spec: &str) -> anyhow::Result<SocketAddr> {
+    let authority = match spec.split_once("://") {
+        Some(("ws", rest)) => {
+            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            if !matches!(path, "" | "/" | "/ws/chat") {
+                bail!("the generator always connects to /ws/chat, not {path}");
+            }
+            authority
+        }
+        Some((scheme, _)) => bail!("unsupported scheme {scheme}:// (only ws:// on loopback)"),
+        None => spec,
+    };
+    let addr = match authority.strip_prefix("localhost:") {
+        Some(port) => SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port.parse().context("port")?),
+        None => authority.parse().with_context(|| format!("{authority:?} is not IP:PORT"))?,
+    };
+    if !is_loopback(addr.ip()) {
+        bail!("{} is not a loopback address: load goes only to 127.0.0.0/8 or ::1", addr.ip());
+    }
+    if addr.port() == 0 {
+        bail!("port 0 is not a server's port");
+    }
+    Ok(addr)
+}
+
+fn is_loopback(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => v6.is_loopback(),
+    }
+}
+
+/// Runs `plan` against its server: sets every client up, sends for
+/// `options.seconds`, drains, stops every client and reports. Fails if a
+/// client cannot connect or a wait times out; the clients stop either way.
+pub fn run(plan: Plan, options: &Options) -> anyhow::Result<Summary> {
+    check(&plan, options)?;
+    let plan = Arc::new(plan);
+    let shared = Shared::new(&plan);
+    let rss_base = options.server_pid.map(server_rss).transpose()?;
+    let started = Instant::now();
+    let threads = spawn(&plan, &shared);
+    let outcome = drive(&plan, &shared, options, started);
+    shared.set_phase(Phase::Stop);
+    let mut histogram = Histogram::new();
+    for thread in threads {
+        let part = thread.join().map_err(|_| anyhow::anyhow!("a generator thread panicked"))?;
+        histogram.merge(&part);
+    }
+    let mut summary = outcome?;
+    if let (Some(server), Some(base)) = (summary.server.as_mut(), rss_base) {
+        server.rss_base_bytes = base;
+    }
+    summary.latency_ms = (histogram.count() > 0).then(|| Latency::new(&histogram));
+    Ok(summary)
+}
+
+fn check(plan: &Plan, options: &Options) -> anyhow::Result<()> {
+    if plan.clients == 0 || plan.rooms == 0 || plan.rooms > plan.clients {
+        bail!("need at least one client and between 1 and {} rooms", plan.clients);
+    }
+    match plan.sending {
+        Sending::Window { window, .. } if !(1..=64).contains(&window) => {
+            bail!("the window must be between 1 and 64")
+        }
+        Sending::Rate { period, .. } if period.is_zero() => bail!("the rate is too high"),
+        _ => {}
+    }
+    if !is_loopback(plan.addr.ip()) {
+        bail!("{} is not a loopback address", plan.addr.ip());
+    }
+    if options.seconds.is_zero() {
+        bail!("the run needs a sending window longer than zero");
+    }
+    Ok(())
+}
+
+fn server_rss(pid: u32) -> anyhow::Result<u64> {
+    rss_bytes(pid).with_context(|| format!("sampling the server, process {pid}"))
+}
+
+fn server_cpu(pid: Option<u32>) -> anyhow::Result<Duration> {
+    pid.map_or(Ok(Duration::ZERO), |pid| {
+        cpu_time(pid).with_context(|| format!("sampling the server, process {pid}"))
+    })
+}
+
+/// The phases, from the calling thread.
+fn drive(plan: &Plan, shared: &Shared, options: &Options, started: Instant) -> anyhow::Result<Summary> {
+    let deadline = started + options.setup_timeout;
+    wait_until(deadline, "clients to connect and join", || {
+        shared.ready.load(Ordering::Relaxed) + shared.failed.load(Ordering::Relaxed) >= plan.clients
+    })?;
+    let failed = shared.failed.load(Ordering::Relaxed);
+    if failed > 0 {
+        let first = shared.first_error.lock().map(|e| e.clone()).unwrap_or_default().unwrap_or_default();
+        bail!("{failed} of {} connections failed; first error: {first}", plan.clients);
+    }
+    let want = plan.expected_join_events();
+    wait_until(deadline, "every userJoined to arrive", || {
+        shared.join_events.load(Ordering::Relaxed) >= want
+    })?;
+    let setup = started.elapsed();
+
+    let (cpu0, gen0, delivered0) =
+        (server_cpu(options.server_pid)?, own_cpu_time()?, shared.delivered.load(Ordering::Relaxed));
+    let t0 = Instant::now();
+    shared.set_phase(Phase::Run);
+    std::thread::sleep(options.seconds);
+    shared.set_phase(Phase::Drain);
+    let window = t0.elapsed();
+    let (cpu1, gen1, delivered1) =
+        (server_cpu(options.server_pid)?, own_cpu_time()?, shared.delivered.load(Ordering::Relaxed));
+    let server = match options.server_pid {
+        Some(pid) => Some(ServerSample {
+            pid,
+            cpu_percent: percent(cpu1.saturating_sub(cpu0), window),
+            rss_base_bytes: 0,
+            rss_bytes: server_rss(pid)?,
+        }),
+        None => None,
+    };
+    // What was sent must arrive; give it a little time.
+    let _ = wait_until(Instant::now() + options.drain_timeout, "deliveries to drain", || {
+        shared.delivered.load(Ordering::Relaxed) >= shared.expected.load(Ordering::Relaxed)
+    });
+    let (sent, expected, delivered) = (
+        shared.sent.load(Ordering::Relaxed),
+        shared.expected.load(Ordering::Relaxed),
+        shared.delivered.load(Ordering::Relaxed),
+    );
+    Ok(Summary {
+        addr: plan.addr.to_string(),
+        clients: shared.ready.load(Ordering::Relaxed),
+        rooms: plan.rooms,
+        senders: plan.senders(),
+        sending: match plan.sending {
+            Sending::Window { window, .. } if plan.senders() > 0 => format!("window {window}"),
+            Sending::Rate { period, .. } if plan.senders() > 0 => {
+                format!("rate {:.2}/s", 1.0 / period.as_secs_f64())
+            }
+            _ => "none".to_owned(),
+        },
+        threads: plan.threads.max(1),
+        setup_seconds: setup.as_secs_f64(),
+        seconds: window.as_secs_f64(),
+        sent,
+        expected,
+        delivered,
+        lost: i64::try_from(i128::from(expected) - i128::from(delivered)).unwrap_or(i64::MAX),
+        delivery_ratio: (expected > 0).then(|| delivered as f64 / expected as f64),
+        deliveries_per_sec: delivered1.saturating_sub(delivered0) as f64 / window.as_secs_f64(),
+        closed: shared.closed.load(Ordering::Relaxed),
+        latency_ms: None,
+        generator_cpu_percent: percent(gen1.saturating_sub(gen0), window),
+        server,
+    })
+}
+
+fn percent(cpu: Duration, window: Duration) -> f64 {
+    cpu.as_secs_f64() / window.as_secs_f64().max(1e-9) * 100.0
+}
+
+fn wait_until(deadline: Instant, what: &str, mut done: impl FnMut() -> bool) -> anyhow::Result<()> {
+    while !done() {
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_targets_are_accepted() {
+        let ok = |s: &str| loopback_target(s).unwrap().to_string();
+        assert_eq!(ok("127.0.0.1:8080"), "127.0.0.1:8080");
+        assert_eq!(ok("127.1.2.3:80"), "127.1.2.3:80");
+        assert_eq!(ok("[::1]:9000"), "[::1]:9000");
+        assert_eq!(ok("localhost:8080"), "127.0.0.1:8080");
+        assert_eq!(ok("ws://127.0.0.1:8080/ws/chat"), "127.0.0.1:8080");
+        assert_eq!(ok("ws://[::1]:8080"), "[::1]:8080");
+        for refused in [
+            "10.0.0.1:80",
+            "192.168.1.1:80",
+            "8.8.8.8:53",
+            "[::ffff:127.0.0.1]:80",
+            "[2001:db8::1]:80",
+            "0.0.0.0:80",
+            "example.com:80",
+            "wss://127.0.0.1:443",
+            "ws://127.0.0.1:80/ws/echo",
+            "127.0.0.1:0",
+            "127.0.0.1",
+        ] {
+            assert!(loopback_target(refused).is_err(), "{refused} must be refused");
+        }
+    }
+}

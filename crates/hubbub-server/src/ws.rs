@@ -1,0 +1,684 @@
+//! The server side of RFC 6455 framing, without IO.
+//!
+//! [`Decoder`] turns the bytes a client sends into messages: it checks every
+//! frame header (masking, reserved bits and opcodes, control-frame rules,
+//! size limits), unmasks in place, joins fragments, validates UTF-8 (for
+//! fragmented text as each fragment arrives, so a bad message fails early)
+//! and parses close frames. It holds no buffer while a connection is idle:
+//! the connection reads into a buffer on its stack and hands the bytes over;
+//! only bytes past the end of a complete message, or a frame that has not
+//! fully arrived, are kept, in a buffer that is released as soon as it is
+//! consumed. A frame larger than a read is collected in a buffer reserved
+//! once for its whole size, into which the connection then reads directly.
+//!
+//! [`encode`] builds a server frame (never masked): one allocation holding
+//! header and payload, which a broadcast shares among all its recipients.
+
+use std::ops::Range;
+
+use bytes::Bytes;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+/// Text data frame.
+pub(crate) const TEXT: u8 = 0x1;
+/// Binary data frame.
+pub(crate) const BINARY: u8 = 0x2;
+/// Connection close.
+pub(crate) const CLOSE: u8 = 0x8;
+/// Ping.
+pub(crate) const PING: u8 = 0x9;
+/// Pong.
+pub(crate) const PONG: u8 = 0xA;
+const CONTINUATION: u8 = 0x0;
+
+/// Largest frame header a server writes: 2 bytes plus an 8-byte length.
+pub(crate) const MAX_HEADER: usize = 10;
+/// Largest payload of a control frame.
+const MAX_CONTROL_PAYLOAD: usize = 125;
+
+/// Encodes a complete, unmasked server frame.
+pub(crate) fn encode(opcode: u8, payload: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(MAX_HEADER + payload.len());
+    out.push(0x80 | opcode);
+    match payload.len() {
+        len @ 0..=125 => out.push(len as u8),
+        len @ 126..=0xFFFF => {
+            out.push(126);
+            out.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        len => {
+            out.push(127);
+            out.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(payload);
+    Bytes::from(out)
+}
+
+/// Encodes a close frame with a code and a reason (cut to fit a control
+/// frame at a character boundary).
+pub(crate) fn encode_close(code: CloseCode, reason: &str) -> Bytes {
+    let mut cut = reason.len().min(MAX_CONTROL_PAYLOAD - 2);
+    while !reason.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let mut payload = Vec::with_capacity(2 + cut);
+    payload.extend_from_slice(&u16::from(code).to_be_bytes());
+    payload.extend_from_slice(&reason.as_bytes()[..cut]);
+    encode(CLOSE, &payload)
+}
+
+/// A complete message or control frame from the client.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Incoming {
+    /// A text message (valid UTF-8).
+    Text(Utf8Bytes),
+    /// A binary message.
+    Binary(Bytes),
+    /// A ping; the payload goes back in the pong.
+    Ping(Bytes),
+    /// A pong.
+    Pong(Bytes),
+    /// A close frame: its code and reason, if it had any.
+    Close(Option<(CloseCode, String)>),
+}
+
+/// Why the client's bytes cannot be read: the connection must close with
+/// [`ReadError::close_code`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum ReadError {
+    /// A frame breaks RFC 6455.
+    #[error("protocol error: {0}")]
+    Protocol(&'static str),
+    /// A frame or message is larger than the configured limit.
+    #[error("message too big")]
+    TooBig,
+    /// A text message or close reason is not valid UTF-8.
+    #[error("invalid UTF-8 in a text message or close reason")]
+    Utf8,
+}
+
+impl ReadError {
+    /// The close code that answers this error.
+    pub(crate) fn close_code(self) -> CloseCode {
+        match self {
+            Self::Protocol(_) => CloseCode::Protocol,
+            Self::TooBig => CloseCode::Size,
+            Self::Utf8 => CloseCode::Invalid,
+        }
+    }
+
+    /// The close frame's reason text.
+    pub(crate) fn close_reason(self) -> &'static str {
+        match self {
+            Self::Protocol(_) => "Protocol error",
+            Self::TooBig => "Message too big",
+            Self::Utf8 => "Text frame is not valid UTF-8",
+        }
+    }
+}
+
+/// Size limits for what a client may send.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Limits {
+    /// Largest frame payload.
+    pub(crate) max_frame: usize,
+    /// Largest message, all its fragments together.
+    pub(crate) max_message: usize,
+}
+
+/// A fragmented message whose last fragment has not arrived.
+#[derive(Debug)]
+struct Fragments {
+    text: bool,
+    data: Vec<u8>,
+    /// How much of `data` is known to be valid UTF-8 (text only).
+    valid_up_to: usize,
+}
+
+/// What one frame amounted to.
+enum Parsed {
+    /// The frame has not fully arrived.
+    Incomplete,
+    /// A frame was consumed; it may have completed something.
+    Frame { consumed: usize, output: Option<Output> },
+}
+
+/// A complete message or control frame, its payload not yet copied out.
+enum Output {
+    /// The payload is `range` of the bytes just parsed (already unmasked).
+    InPlace { opcode: u8, range: Range<usize> },
+    /// A fragmented message, joined.
+    Joined { text: bool, data: Vec<u8> },
+}
+
+/// Parser state that outlives a frame: limits and a message in fragments.
+#[derive(Debug)]
+struct FrameState {
+    limits: Limits,
+    fragments: Option<Fragments>,
+}
+
+/// The decoder of one connection. See the [module docs](self).
+#[derive(Debug)]
+pub(crate) struct Decoder {
+    state: FrameState,
+    /// Bytes received and not yet consumed. Empty (and unallocated) unless
+    /// a frame is in flight or a read held more than one message.
+    buf: Vec<u8>,
+    /// How much of `buf` is consumed.
+    pos: usize,
+}
+
+impl Decoder {
+    /// A decoder that enforces `limits`.
+    pub(crate) fn new(limits: Limits) -> Self {
+        Self { state: FrameState { limits, fragments: None }, buf: Vec::new(), pos: 0 }
+    }
+
+    /// Whether bytes are waiting: [`Decoder::next_buffered`] may yield a
+    /// message without another read.
+    pub(crate) fn has_buffered(&self) -> bool {
+        self.pos < self.buf.len()
+    }
+
+    /// The buffer reserved for a large frame, if at least `min` bytes of
+    /// it are still to fill: the connection reads into it directly, then
+    /// calls [`Decoder::next_buffered`].
+    pub(crate) fn spare(&mut self, min: usize) -> Option<&mut Vec<u8>> {
+        (self.buf.capacity() - self.buf.len() >= min).then_some(&mut self.buf)
+    }
+
+    /// Takes fresh bytes (unmasked in place) and returns the first message
+    /// they complete, if any; the rest is kept for
+    /// [`Decoder::next_buffered`].
+    pub(crate) fn feed(&mut self, data: &mut [u8]) -> Result<Option<Incoming>, ReadError> {
+        if self.has_buffered() {
+            self.buf.extend_from_slice(data);
+            return self.next_buffered();
+        }
+        let mut at = 0;
+        while at < data.len() {
+            match self.state.parse(&mut data[at..])? {
+                Parsed::Incomplete => break,
+                Parsed::Frame { consumed, output } => {
+                    let start = at;
+                    at += consumed;
+                    if let Some(output) = output {
+                        let message = finish(output, &data[start..at])?;
+                        self.keep(&data[at..]);
+                        return Ok(Some(message));
+                    }
+                }
+            }
+        }
+        self.keep(&data[at..]);
+        Ok(None)
+    }
+
+    /// The next message in the bytes already received, if they complete one.
+    pub(crate) fn next_buffered(&mut self) -> Result<Option<Incoming>, ReadError> {
+        while self.has_buffered() {
+            let parsed = self.state.parse(&mut self.buf[self.pos..])?;
+            let Parsed::Frame { consumed, output } = parsed else {
+                break;
+            };
+            let start = self.pos;
+            self.pos += consumed;
+            if let Some(output) = output {
+                let message = if start == 0 && self.pos == self.buf.len() {
+                    // The buffer holds exactly this frame: hand it over
+                    // without copying (a large upload chunk, typically).
+                    let whole = Bytes::from(std::mem::take(&mut self.buf));
+                    self.pos = 0;
+                    finish_owned(output, &whole)?
+                } else {
+                    let message = finish(output, &self.buf[start..self.pos])?;
+                    self.compact();
+                    message
+                };
+                return Ok(Some(message));
+            }
+        }
+        self.compact();
+        Ok(None)
+    }
+
+    /// Drops consumed bytes, and the allocation once nothing is left.
+    fn compact(&mut self) {
+        if self.pos == self.buf.len() {
+            self.buf = Vec::new();
+            self.pos = 0;
+        } else if self.pos > 0 && self.pos * 2 >= self.buf.len() {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+            self.reserve_frame();
+        }
+    }
+
+    /// Keeps unconsumed bytes of a read.
+    fn keep(&mut self, rest: &[u8]) {
+        if rest.is_empty() {
+            return;
+        }
+        self.buf.extend_from_slice(rest);
+        self.reserve_frame();
+    }
+
+    /// Once a frame's header is buffered, reserves room for all of it, so a
+    /// large frame is read straight into place.
+    fn reserve_frame(&mut self) {
+        if let Some(total) = frame_len(&self.buf[self.pos..], self.state.limits.max_frame) {
+            let want = self.pos + total;
+            if want > self.buf.len() {
+                self.buf.reserve_exact(want - self.buf.len());
+            }
+        }
+    }
+}
+
+/// The length of the frame at the start of `data` (header and payload), if
+/// its header is complete and its payload within `max_frame` (a larger one
+/// is refused by the parser before any of it is read).
+fn frame_len(data: &[u8], max_frame: usize) -> Option<usize> {
+    let header = Header::parse(data).ok()??;
+    (header.len <= max_frame).then_some(header.header_len + header.len)
+}
+
+/// A frame header.
+struct Header {
+    fin: bool,
+    rsv: u8,
+    opcode: u8,
+    masked: bool,
+    mask: [u8; 4],
+    len: usize,
+    header_len: usize,
+}
+
+impl Header {
+    /// Reads a header; `None` until it has fully arrived.
+    fn parse(data: &[u8]) -> Result<Option<Self>, ReadError> {
+        let [b0, b1, ..] = *data else {
+            return Ok(None);
+        };
+        let masked = b1 & 0x80 != 0;
+        let (len, mut at) = match b1 & 0x7F {
+            126 => {
+                let Some(bytes) = data.get(2..4) else { return Ok(None) };
+                (u64::from(u16::from_be_bytes([bytes[0], bytes[1]])), 4)
+            }
+            127 => {
+                let Some(bytes) = data.get(2..10) else { return Ok(None) };
+                let mut raw = [0; 8];
+                raw.copy_from_slice(bytes);
+                let len = u64::from_be_bytes(raw);
+                if len >> 63 != 0 {
+                    return Err(ReadError::Protocol("payload length with the top bit set"));
+                }
+                (len, 10)
+            }
+            len => (u64::from(len), 2),
+        };
+        let mut mask = [0; 4];
+        if masked {
+            let Some(bytes) = data.get(at..at + 4) else { return Ok(None) };
+            mask.copy_from_slice(bytes);
+            at += 4;
+        }
+        Ok(Some(Self {
+            fin: b0 & 0x80 != 0,
+            rsv: b0 & 0x70,
+            opcode: b0 & 0x0F,
+            masked,
+            mask,
+            len: usize::try_from(len).unwrap_or(usize::MAX),
+            header_len: at,
+        }))
+    }
+}
+
+impl FrameState {
+    /// Parses one frame at the start of `data`, unmasking its payload in
+    /// place.
+    fn parse(&mut self, data: &mut [u8]) -> Result<Parsed, ReadError> {
+        let Some(header) = Header::parse(data)? else {
+            return Ok(Parsed::Incomplete);
+        };
+        // Everything about the header is checked before its payload arrives,
+        // so an oversized or bogus frame is refused without buffering it.
+        if header.rsv != 0 {
+            return Err(ReadError::Protocol("reserved bits set without an extension"));
+        }
+        if !header.masked {
+            return Err(ReadError::Protocol("client frame not masked"));
+        }
+        let control = header.opcode & 0x8 != 0;
+        match header.opcode {
+            CONTINUATION if self.fragments.is_none() => {
+                return Err(ReadError::Protocol("continuation frame with nothing to continue"));
+            }
+            TEXT | BINARY if self.fragments.is_some() => {
+                return Err(ReadError::Protocol("new message before the last one finished"));
+            }
+            CONTINUATION | TEXT | BINARY | CLOSE | PING | PONG => {}
+            _ => return Err(ReadError::Protocol("reserved opcode")),
+        }
+        if control && (!header.fin || header.len > MAX_CONTROL_PAYLOAD) {
+            return Err(ReadError::Protocol("control frame fragmented or over 125 bytes"));
+        }
+        if header.len > self.limits.max_frame {
+            return Err(ReadError::TooBig);
+        }
+        if let Some(fragments) = &self.fragments
+            && !control
+            && fragments.data.len().saturating_add(header.len) > self.limits.max_message
+        {
+            return Err(ReadError::TooBig);
+        }
+        let end = header.header_len + header.len;
+        if data.len() < end {
+            return Ok(Parsed::Incomplete);
+        }
+        let range = header.header_len..end;
+        unmask(&mut data[range.clone()], header.mask);
+
+        let output = match header.opcode {
+            CONTINUATION => {
+                let Some(fragments) = self.fragments.as_mut() else {
+                    return Err(ReadError::Protocol("continuation frame with nothing to continue"));
+                };
+                fragments.data.extend_from_slice(&data[range]);
+                if fragments.text {
+                    check_utf8_prefix(fragments, header.fin)?;
+                }
+                if header.fin {
+                    self.fragments.take().map(|f| Output::Joined { text: f.text, data: f.data })
+                } else {
+                    None
+                }
+            }
+            TEXT | BINARY if !header.fin => {
+                let mut fragments =
+                    Fragments { text: header.opcode == TEXT, data: data[range].to_vec(), valid_up_to: 0 };
+                if fragments.text {
+                    check_utf8_prefix(&mut fragments, false)?;
+                }
+                self.fragments = Some(fragments);
+                None
+            }
+            opcode => Some(Output::InPlace { opcode, range }),
+        };
+        Ok(Parsed::Frame { consumed: end, output })
+    }
+}
+
+/// Checks the UTF-8 of a fragmented text message as far as it has arrived;
+/// a character may be cut at the end unless this is the last fragment.
+fn check_utf8_prefix(fragments: &mut Fragments, last: bool) -> Result<(), ReadError> {
+    match std::str::from_utf8(&fragments.data[fragments.valid_up_to..]) {
+        Ok(_) => {
+            fragments.valid_up_to = fragments.data.len();
+            Ok(())
+        }
+        Err(err) if err.error_len().is_none() && !last => {
+            fragments.valid_up_to += err.valid_up_to();
+            Ok(())
+        }
+        Err(_) => Err(ReadError::Utf8),
+    }
+}
+
+/// Turns a parsed frame into a message, copying its payload out of `frame`
+/// (the frame's bytes, header included).
+fn finish(output: Output, frame: &[u8]) -> Result<Incoming, ReadError> {
+    match output {
+        Output::InPlace { opcode, range } => {
+            let payload = &frame[range];
+            match opcode {
+                TEXT => {
+                    std::str::from_utf8(payload).map_err(|_| ReadError::Utf8)?;
+                    let bytes = Bytes::copy_from_slice(payload);
+                    Utf8Bytes::try_from(bytes).map(Incoming::Text).map_err(|_| ReadError::Utf8)
+                }
+                _ => finish_control(opcode, Bytes::copy_from_slice(payload)),
+            }
+        }
+        Output::Joined { text, data } => joined(text, data),
+    }
+}
+
+/// As [`finish`], taking the frame's bytes without a copy.
+fn finish_owned(output: Output, frame: &Bytes) -> Result<Incoming, ReadError> {
+    match output {
+        Output::InPlace { opcode: TEXT, range } => {
+            Utf8Bytes::try_from(frame.slice(range)).map(Incoming::Text).map_err(|_| ReadError::Utf8)
+        }
+        Output::InPlace { opcode, range } => finish_control(opcode, frame.slice(range)),
+        Output::Joined { text, data } => joined(text, data),
+    }
+}
+
+fn joined(text: bool, data: Vec<u8>) -> Result<Incoming, ReadError> {
+    let bytes = Bytes::from(data);
+    if text {
+        // Already validated fragment by fragment.
+        Utf8Bytes::try_from(bytes).map(Incoming::Text).map_err(|_| ReadError::Utf8)
+    } else {
+        Ok(Incoming::Binary(bytes))
+    }
+}
+
+/// A single-frame binary message or a control frame.
+fn finish_control(opcode: u8, payload: Bytes) -> Result<Incoming, ReadError> {
+    Ok(match opcode {
+        BINARY => Incoming::Binary(payload),
+        PING => Incoming::Ping(payload),
+        PONG => Incoming::Pong(payload),
+        _ => Incoming::Close(parse_close(&payload)?),
+    })
+}
+
+/// A close frame's code and reason.
+fn parse_close(payload: &[u8]) -> Result<Option<(CloseCode, String)>, ReadError> {
+    match payload {
+        [] => Ok(None),
+        [_] => Err(ReadError::Protocol("close frame with a one-byte payload")),
+        [hi, lo, reason @ ..] => {
+            let code = CloseCode::from(u16::from_be_bytes([*hi, *lo]));
+            if !code.is_allowed() {
+                return Err(ReadError::Protocol("invalid close code"));
+            }
+            let reason = std::str::from_utf8(reason).map_err(|_| ReadError::Utf8)?;
+            Ok(Some((code, reason.to_owned())))
+        }
+    }
+}
+
+/// XORs `data` with the mask, which starts at `data[0]`.
+fn unmask(data: &mut [u8], mask: [u8; 4]) {
+    let wide = u64::from_ne_bytes([mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3]]);
+    let mut chunks = data.chunks_exact_mut(8);
+    for chunk in &mut chunks {
+        let mut word = [0; 8];
+        word.copy_from_slice(chunk);
+        chunk.copy_from_slice(&(u64::from_ne_bytes(word) ^ wide).to_ne_bytes());
+    }
+    for (i, byte) in chunks.into_remainder().iter_mut().enumerate() {
+        *byte ^= mask[i % 4];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits { max_frame: 1024, max_message: 4096 };
+    const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+
+    /// A client frame: masked, with the given first byte.
+    fn client_frame(b0: u8, payload: &[u8]) -> Vec<u8> {
+        let mut out = encode(b0 & 0x0F, payload).to_vec();
+        out[0] = b0;
+        out[1] |= 0x80;
+        let header = out.len() - payload.len();
+        let mut body = out.split_off(header);
+        out.extend_from_slice(&MASK);
+        unmask(&mut body, MASK);
+        out.extend_from_slice(&body);
+        out
+    }
+
+    fn text(s: &str) -> Incoming {
+        Incoming::Text(Utf8Bytes::from(s.to_owned()))
+    }
+
+    /// Feeds `bytes` in chunks of `chunk`, collecting every message.
+    fn decode_chunked(bytes: &[u8], chunk: usize) -> Result<Vec<Incoming>, ReadError> {
+        let mut decoder = Decoder::new(LIMITS);
+        let mut out = Vec::new();
+        for piece in bytes.chunks(chunk) {
+            let mut piece = piece.to_vec();
+            if let Some(message) = decoder.feed(&mut piece)? {
+                out.push(message);
+            }
+            while let Some(message) = decoder.next_buffered()? {
+                out.push(message);
+            }
+        }
+        assert!(!decoder.has_buffered(), "bytes left over");
+        assert_eq!(decoder.buf.capacity(), 0, "buffer kept after everything was consumed");
+        Ok(out)
+    }
+
+    #[test]
+    fn messages_survive_any_chopping() {
+        let mut stream = client_frame(0x81, b"hello");
+        stream.extend(client_frame(0x82, &[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]));
+        stream.extend(client_frame(0x01, "caf".as_bytes()));
+        stream.extend(client_frame(0x89, b"ping!"));
+        stream.extend(client_frame(0x80, "é au lait".as_bytes()));
+        stream.extend(client_frame(0x81, &[b'x'; 300]));
+        stream.extend(client_frame(0x8A, b""));
+        stream.extend(client_frame(0x88, &[0x03, 0xe8, b'b', b'y', b'e']));
+        let expected = vec![
+            text("hello"),
+            Incoming::Binary(Bytes::from_static(&[0, 1, 2, 3, 4, 5, 6, 7, 8, 9])),
+            Incoming::Ping(Bytes::from_static(b"ping!")),
+            text("café au lait"),
+            text(&"x".repeat(300)),
+            Incoming::Pong(Bytes::new()),
+            Incoming::Close(Some((CloseCode::Normal, "bye".to_owned()))),
+        ];
+        for chunk in [1, 2, 3, 7, 64, stream.len()] {
+            assert_eq!(decode_chunked(&stream, chunk).unwrap(), expected, "chunk size {chunk}");
+        }
+    }
+
+    #[test]
+    fn large_frames_are_read_in_place() {
+        let limits = Limits { max_frame: 1 << 20, max_message: 1 << 20 };
+        let payload: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+        let frame = client_frame(0x82, &payload);
+        let mut decoder = Decoder::new(limits);
+        let (first, rest) = frame.split_at(4096);
+        assert_eq!(decoder.feed(&mut first.to_vec()).unwrap(), None);
+        // The whole frame's room is reserved, and filled directly.
+        let capacity = decoder.buf.capacity();
+        let spare = decoder.spare(rest.len()).expect("room reserved for the frame");
+        spare.extend_from_slice(rest);
+        assert_eq!(decoder.buf.capacity(), capacity, "the buffer grew");
+        assert_eq!(decoder.next_buffered().unwrap(), Some(Incoming::Binary(Bytes::from(payload))));
+        assert_eq!(decoder.buf.capacity(), 0);
+    }
+
+    #[test]
+    fn bad_frames_are_refused_with_the_right_code() {
+        let cases: Vec<(Vec<u8>, ReadError)> = vec![
+            (client_frame(0xC1, b"rsv1"), ReadError::Protocol("reserved bits set without an extension")),
+            (client_frame(0x83, b""), ReadError::Protocol("reserved opcode")),
+            (client_frame(0x8B, b""), ReadError::Protocol("reserved opcode")),
+            (client_frame(0x80, b"x"), ReadError::Protocol("continuation frame with nothing to continue")),
+            (client_frame(0x09, b""), ReadError::Protocol("control frame fragmented or over 125 bytes")),
+            (
+                client_frame(0x89, &[0; 126]),
+                ReadError::Protocol("control frame fragmented or over 125 bytes"),
+            ),
+            (client_frame(0x82, &[0; 1025]), ReadError::TooBig),
+            (client_frame(0x81, &[0xff, 0xfe]), ReadError::Utf8),
+            (client_frame(0x88, &[0x03]), ReadError::Protocol("close frame with a one-byte payload")),
+            (client_frame(0x88, &[0x03, 0xed]), ReadError::Protocol("invalid close code")),
+            (client_frame(0x88, &[0x03, 0xe8, 0xff]), ReadError::Utf8),
+            (
+                [client_frame(0x01, b"a"), client_frame(0x81, b"b")].concat(),
+                ReadError::Protocol("new message before the last one finished"),
+            ),
+            (encode(TEXT, b"unmasked").to_vec(), ReadError::Protocol("client frame not masked")),
+        ];
+        for (bytes, want) in cases {
+            assert_eq!(decode_chunked(&bytes, bytes.len()).unwrap_err(), want, "{bytes:02x?}");
+        }
+    }
+
+    #[test]
+    fn oversized_frames_fail_on_the_header_alone() {
+        let mut decoder = Decoder::new(LIMITS);
+        // A header announcing 2^40 bytes, and nothing else.
+        let mut header = vec![0x82, 0xFF, 0, 0, 1, 0, 0, 0, 0, 0];
+        header.extend_from_slice(&MASK);
+        assert_eq!(decoder.feed(&mut header).unwrap_err(), ReadError::TooBig);
+        let mut top_bit = vec![0x82, 0xFF, 0x80, 0, 0, 0, 0, 0, 0, 0];
+        assert!(matches!(Decoder::new(LIMITS).feed(&mut top_bit), Err(ReadError::Protocol(_))));
+    }
+
+    #[test]
+    fn fragmented_messages_are_bounded_and_fail_fast_on_bad_utf8() {
+        let fragment = client_frame(0x02, &[0; 1000]);
+        let more = client_frame(0x00, &[0; 1000]);
+        let stream = [fragment, more.clone(), more.clone(), more.clone(), more].concat();
+        assert_eq!(decode_chunked(&stream, 512).unwrap_err(), ReadError::TooBig);
+
+        // The bad byte is in the first fragment; the message never finishes.
+        let bad = client_frame(0x01, &[b'a', 0xC0, b'b']);
+        assert_eq!(decode_chunked(&bad, bad.len()).unwrap_err(), ReadError::Utf8);
+        // A character cut between fragments is fine.
+        let euro = "€".as_bytes();
+        let split = [client_frame(0x01, &euro[..1]), client_frame(0x80, &euro[1..])].concat();
+        assert_eq!(decode_chunked(&split, 1).unwrap(), vec![text("€")]);
+        // ... unless the message ends with it cut.
+        let cut = [client_frame(0x01, b"a"), client_frame(0x80, &euro[..2])].concat();
+        assert_eq!(decode_chunked(&cut, cut.len()).unwrap_err(), ReadError::Utf8);
+    }
+
+    #[test]
+    fn control_frames_may_interleave_with_fragments() {
+        let stream =
+            [client_frame(0x01, b"one "), client_frame(0x89, b"p"), client_frame(0x80, b"two")].concat();
+        assert_eq!(
+            decode_chunked(&stream, 5).unwrap(),
+            vec![Incoming::Ping(Bytes::from_static(b"p")), text("one two")]
+        );
+    }
+
+    #[test]
+    fn encoded_frames_have_minimal_headers() {
+        assert_eq!(encode(TEXT, b"hi").as_ref(), &[0x81, 2, b'h', b'i']);
+        assert_eq!(&encode(BINARY, &[0; 126])[..4], &[0x82, 126, 0, 126]);
+        assert_eq!(&encode(BINARY, &[0; 70_000])[..10], &[0x82, 127, 0, 0, 0, 0, 0, 1, 0x11, 0x70]);
+        let close = encode_close(CloseCode::Policy, &"é".repeat(100));
+        assert_eq!(close.len(), 2 + 2 + 122);
+        assert_eq!(&close[2..4], &[0x03, 0xf0]);
+    }
+
+    #[test]
+    fn unmask_matches_the_bytewise_definition() {
+        let data: Vec<u8> = (0..=255).collect();
+        for len in [0, 1, 7, 8, 9, 31, 256] {
+            let mut fast = data[..len].to_vec();
+            unmask(&mut fast, MASK);
+            let slow: Vec<u8> = data[..len].iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]).collect();
+            assert_eq!(fast, slow);
+        }
+    }
+}
