@@ -331,11 +331,7 @@ impl Default for Config {
 
 impl Default for WebSocketLimits {
     fn default() -> Self {
-        Self {
-            max_message_bytes: 65_540,
-            max_frame_bytes: 65_540,
-            outbound_queue: 512,
-        }
+        Self { max_message_bytes: 65_540, max_frame_bytes: 65_540, outbound_queue: 512 }
     }
 }
 

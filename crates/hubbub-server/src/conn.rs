@@ -322,6 +322,9 @@ async fn drive<H: Handler>(
     // The client's close frame, if it sent one: `Some(None)` for a close
     // frame without a code.
     let mut client_close: Option<Option<CloseCode>> = None;
+    // Set when the client broke the protocol: the connection is failed, so
+    // nothing more is read from it, not even a close frame.
+    let mut failed = false;
     loop {
         let event = poll_fn(|cx| wire.poll_event(cx, &peer, shutdown.as_mut(), timer.as_mut())).await;
         match event {
@@ -402,6 +405,7 @@ async fn drive<H: Handler>(
                     reason: err.close_reason(),
                     drain_queue: true,
                 });
+                failed = true;
                 break;
             }
         }
@@ -422,7 +426,10 @@ async fn drive<H: Handler>(
         let close_timeout = shared.config.close_timeout;
         // Boxed: the handshake runs once, at the end, and its state would
         // otherwise enlarge every connection's task for its whole life.
-        let closing = Box::pin(tokio::time::timeout(close_timeout, close(&mut wire, &peer, &ours, client_close)));
+        let closing = Box::pin(tokio::time::timeout(
+            close_timeout,
+            close(&mut wire, &peer, &ours, client_close, failed),
+        ));
         if closing.await.is_err() {
             tracing::debug!("closing handshake not completed in time");
         }
@@ -434,8 +441,15 @@ async fn drive<H: Handler>(
 }
 
 /// The closing handshake: what is queued (if the reason says so), the close
-/// frame, then, when the server closed first, the client's close frame.
-async fn close(wire: &mut Wire, peer: &Peer, ours: &CloseReason, client_close: Option<Option<CloseCode>>) {
+/// frame, then, when the server closed first on a healthy connection, the
+/// client's close frame; then the server closes TCP, as RFC 6455 prefers.
+async fn close(
+    wire: &mut Wire,
+    peer: &Peer,
+    ours: &CloseReason,
+    client_close: Option<Option<CloseCode>>,
+    failed: bool,
+) {
     let frame = match client_close {
         // Echo the client's code, as RFC 6455 suggests.
         Some(Some(code)) => ws::encode_close(code, ""),
@@ -455,7 +469,7 @@ async fn close(wire: &mut Wire, peer: &Peer, ours: &CloseReason, client_close: O
     if wire.write_all(peer).await.is_err() {
         return;
     }
-    if client_close.is_none() {
+    if client_close.is_none() && !failed {
         // Whatever the client still sends before its close frame is dropped.
         loop {
             match poll_fn(|cx| wire.poll_read(cx)).await {
