@@ -385,8 +385,11 @@ fn prepare(root: &Path, servers: &[ServerKind]) -> anyhow::Result<()> {
 fn start(root: &Path, kind: ServerKind) -> anyhow::Result<ServerProcess> {
     let mut command = match kind.peer_dir() {
         None => {
-            let uploads = root.join("target/loadtest/uploads");
-            let mut command = Command::new(root.join("target/release/hubbub"));
+            // The binary `prepare` built, wherever CARGO_TARGET_DIR put it.
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map_or_else(|| root.join("target"), |dir| root.join(dir));
+            let uploads = target.join("loadtest/uploads");
+            let mut command = Command::new(target.join("release/hubbub"));
             command
                 .args(["--listen", "127.0.0.1:0", "--no-rate-limit", "--log", "warn", "--upload-dir"])
                 .arg(uploads)
