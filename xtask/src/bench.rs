@@ -58,7 +58,7 @@ pub(crate) fn bench(root: &Path, args: &[String]) -> anyhow::Result<()> {
         let node = Command::new("node").arg("--version").output().is_ok_and(|o| o.status.success());
         let mut args: Vec<String> = vec!["loadtest".into(), "all".into()];
         if node {
-            args.extend(["--compare".into(), "node-ws".into()]);
+            args.extend(["--compare".into(), "node-ws,uws".into()]);
         } else {
             eprintln!("xtask bench: Node.js not found; the load benchmark runs against hubbub alone");
         }
