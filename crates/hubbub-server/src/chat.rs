@@ -1,6 +1,6 @@
 //! The chat endpoint: one session per connection, acting on decoded client
 //! messages. The session's state (name, room) is owned by its connection's
-//! reader task, so it needs no lock.
+//! task, so it needs no lock.
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};

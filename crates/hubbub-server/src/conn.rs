@@ -84,15 +84,20 @@ impl Endpoint {
     }
 }
 
-/// Runs a connection to its end. `make_handler` builds the endpoint's handler
-/// once the connection's [`Peer`] exists.
-pub(crate) async fn run<H: Handler>(
+/// Sets up a connection and returns the future that runs it to its end.
+/// `make_handler` builds the endpoint's handler once the connection's
+/// [`Peer`] exists (a chat session greets its client there).
+///
+/// Everything is built here, synchronously, and moved into one `async`
+/// block that uses it in place: an `async fn` would keep a second copy of
+/// its arguments in its state for the connection's whole life.
+pub(crate) fn run<H: Handler>(
     socket: Socket,
     shared: Arc<Shared>,
     endpoint: Endpoint,
     ip: IpAddr,
     make_handler: impl FnOnce(Peer) -> H,
-) {
+) -> impl Future<Output = ()> {
     let peer = Peer::new(shared.config.websocket.outbound_queue);
     let span = tracing::info_span!(
         "conn",
@@ -101,7 +106,24 @@ pub(crate) async fn run<H: Handler>(
         endpoint = endpoint.name(),
         user = tracing::field::Empty
     );
-    drive(socket, shared, peer, endpoint, make_handler).instrument(span).await;
+    let (wire, handler) = {
+        let _entered = span.enter();
+        shared.hub.stats.accepted.with_label_values(&[endpoint.name()]).inc();
+        shared.hub.stats.open.with_label_values(&[endpoint.name()]).inc();
+        tracing::info!("connected");
+        let limits = &shared.config.websocket;
+        let wire = Wire {
+            io: socket,
+            decoder: Decoder::new(ws::Limits {
+                max_frame: limits.max_frame_bytes,
+                max_message: limits.max_message_bytes,
+            }),
+            sending: VecDeque::new(),
+            offset: 0,
+        };
+        (wire, make_handler(peer.clone()))
+    };
+    drive(wire, handler, shared, peer, endpoint).instrument(span)
 }
 
 /// Bytes read from the socket at a time, into a buffer on the stack.
@@ -251,14 +273,32 @@ impl Wire {
 
 /// When the connection's timer should next fire: the heartbeat's next ping
 /// or pong deadline, or the handler's deadline, whichever comes first.
+///
+/// Heartbeat deadlines are rounded up to a tick of an eighth of the interval
+/// (at most a second), the same ticks for every connection, so the pings of
+/// many connections go out in one wake-up of the runtime rather than each in
+/// its own: an idle server wakes a few times per interval, not once per
+/// connection. A ping goes out at most one tick late, and a dead peer is
+/// found at most one tick later.
 fn next_deadline(heartbeat: &Heartbeat, handler: &impl Handler) -> Instant {
-    let beat = heartbeat.poll_timeout().map(Instant::from_std);
+    let tick = (heartbeat.config().interval / 8).clamp(Duration::from_millis(1), Duration::from_secs(1));
+    let beat = heartbeat.poll_timeout().map(|at| round_up(Instant::from_std(at), tick));
     match (beat, handler.deadline()) {
         (Some(a), Some(b)) => a.min(b),
         (Some(at), None) | (None, Some(at)) => at,
         // Nothing to wait for: a day is as good as forever here.
         (None, None) => Instant::now() + Duration::from_secs(86_400),
     }
+}
+
+/// Rounds `at` up to a multiple of `tick` since a process-wide epoch.
+fn round_up(at: Instant, tick: Duration) -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    let since = at.saturating_duration_since(epoch).as_nanos();
+    let tick_nanos = tick.as_nanos().max(1);
+    let rounded = since.div_ceil(tick_nanos) * tick_nanos;
+    epoch + Duration::from_nanos(u64::try_from(rounded).unwrap_or(u64::MAX))
 }
 
 /// Runs a handler's future to its end while the connection goes on writing.
@@ -291,153 +331,146 @@ async fn handle(
 /// The close the server sends for an abnormal end: none at all.
 const ABNORMAL: CloseReason = CloseReason { code: CloseCode::Abnormal, reason: "", drain_queue: false };
 
-async fn drive<H: Handler>(
-    socket: Socket,
+#[expect(clippy::manual_async_fn, reason = "an async fn would store its arguments twice; see `run`")]
+fn drive<H: Handler>(
+    mut wire: Wire,
+    mut handler: H,
     shared: Arc<Shared>,
     peer: Peer,
     endpoint: Endpoint,
-    make_handler: impl FnOnce(Peer) -> H,
-) {
-    let stats = &shared.hub.stats;
-    stats.accepted.with_label_values(&[endpoint.name()]).inc();
-    let open = stats.open.with_label_values(&[endpoint.name()]);
-    open.inc();
-    tracing::info!("connected");
+) -> impl Future<Output = ()> {
+    async move {
+        let stats = &shared.hub.stats;
+        let open = stats.open.with_label_values(&[endpoint.name()]);
+        let mut heartbeat = Heartbeat::new(shared.config.heartbeat.into(), Instant::now().into_std());
+        let mut shutdown = pin!(shared.shutdown.cancelled());
+        let mut timer = pin!(tokio::time::sleep_until(next_deadline(&heartbeat, &handler)));
 
-    let limits = &shared.config.websocket;
-    let mut wire = Wire {
-        io: socket,
-        decoder: Decoder::new(ws::Limits {
-            max_frame: limits.max_frame_bytes,
-            max_message: limits.max_message_bytes,
-        }),
-        sending: VecDeque::new(),
-        offset: 0,
-    };
-    let mut handler = make_handler(peer.clone());
-    let mut heartbeat = Heartbeat::new(shared.config.heartbeat.into(), Instant::now().into_std());
-    let mut shutdown = pin!(shared.shutdown.cancelled());
-    let mut timer = pin!(tokio::time::sleep_until(next_deadline(&heartbeat, &handler)));
-
-    // The client's close frame, if it sent one: `Some(None)` for a close
-    // frame without a code.
-    let mut client_close: Option<Option<CloseCode>> = None;
-    // Set when the client broke the protocol: the connection is failed, so
-    // nothing more is read from it, not even a close frame.
-    let mut failed = false;
-    loop {
-        let event = poll_fn(|cx| wire.poll_event(cx, &peer, shutdown.as_mut(), timer.as_mut())).await;
-        match event {
-            Event::Closing | Event::Shutdown => break,
-            Event::Timer => {
-                let now = Instant::now();
-                if handler.deadline().is_some_and(|at| at <= now) {
-                    handler.on_deadline();
-                }
-                match heartbeat.poll_action(now.into_std()) {
-                    Some(Action::SendPing(token)) => {
-                        tracing::debug!(token, "heartbeat ping");
-                        peer.send(ws::encode(ws::PING, &encode_token(token)), stats);
+        // The client's close frame, if it sent one: `Some(None)` for a close
+        // frame without a code.
+        let mut client_close: Option<Option<CloseCode>> = None;
+        // Set when the client broke the protocol: the connection is failed, so
+        // nothing more is read from it, not even a close frame.
+        let mut failed = false;
+        loop {
+            let event = poll_fn(|cx| wire.poll_event(cx, &peer, shutdown.as_mut(), timer.as_mut())).await;
+            match event {
+                Event::Closing | Event::Shutdown => break,
+                Event::Timer => {
+                    let now = Instant::now();
+                    if handler.deadline().is_some_and(|at| at <= now) {
+                        handler.on_deadline();
                     }
-                    Some(Action::PeerDead) => {
-                        stats.dead_reaped.inc();
-                        tracing::info!(timeout = ?shared.config.heartbeat.timeout, "dead connection: no pong in time");
-                        peer.close(CloseReason { reason: "heartbeat timeout", ..ABNORMAL });
-                        break;
-                    }
-                    None => {}
-                }
-            }
-            Event::WriteFailed(err) => {
-                tracing::debug!(cause = %err, "write failed");
-                peer.close(ABNORMAL);
-                break;
-            }
-            Event::Read(Ok(Some(message))) => match message {
-                Incoming::Text(text) => {
-                    stats.received.inc();
-                    stats.bytes_in.inc_by(text.len() as u64);
-                    if !handle(&mut wire, &peer, shutdown.as_mut(), Box::pin(handler.on_text(text))).await {
-                        break;
-                    }
-                }
-                Incoming::Binary(data) => {
-                    stats.received.inc();
-                    stats.bytes_in.inc_by(data.len() as u64);
-                    if !handle(&mut wire, &peer, shutdown.as_mut(), Box::pin(handler.on_binary(data))).await {
-                        break;
-                    }
-                }
-                Incoming::Ping(payload) => {
-                    peer.send(ws::encode(ws::PONG, &payload), stats);
-                }
-                Incoming::Pong(payload) => {
-                    if let Some(token) = decode_token(&payload) {
-                        heartbeat.on_pong(Instant::now().into_std(), token);
-                        if let Some(latency) = heartbeat.latency() {
-                            tracing::debug!(token, last = ?latency.last, smoothed = ?latency.smoothed, "heartbeat pong");
+                    match heartbeat.poll_action(now.into_std()) {
+                        Some(Action::SendPing(token)) => {
+                            tracing::debug!(token, "heartbeat ping");
+                            // Straight onto the socket's list, not through the
+                            // queue: no lock and no wake-up of this very task.
+                            wire.sending.push_back(ws::encode(ws::PING, &encode_token(token)));
                         }
+                        Some(Action::PeerDead) => {
+                            stats.dead_reaped.inc();
+                            tracing::info!(timeout = ?shared.config.heartbeat.timeout, "dead connection: no pong in time");
+                            peer.close(CloseReason { reason: "heartbeat timeout", ..ABNORMAL });
+                            break;
+                        }
+                        None => {}
                     }
                 }
-                Incoming::Close(frame) => {
-                    client_close = Some(frame.map(|(code, _)| code));
-                    peer.close(CloseReason { code: CloseCode::Normal, reason: "", drain_queue: false });
+                Event::WriteFailed(err) => {
+                    tracing::debug!(cause = %err, "write failed");
+                    peer.close(ABNORMAL);
                     break;
                 }
-            },
-            Event::Read(Ok(None)) => {
-                // The client dropped TCP without a close frame.
-                peer.close(ABNORMAL);
-                break;
+                Event::Read(Ok(Some(message))) => match message {
+                    Incoming::Text(text) => {
+                        stats.received.inc();
+                        stats.bytes_in.inc_by(text.len() as u64);
+                        if !handle(&mut wire, &peer, shutdown.as_mut(), Box::pin(handler.on_text(text))).await
+                        {
+                            break;
+                        }
+                    }
+                    Incoming::Binary(data) => {
+                        stats.received.inc();
+                        stats.bytes_in.inc_by(data.len() as u64);
+                        if !handle(&mut wire, &peer, shutdown.as_mut(), Box::pin(handler.on_binary(data)))
+                            .await
+                        {
+                            break;
+                        }
+                    }
+                    Incoming::Ping(payload) => {
+                        peer.send(ws::encode(ws::PONG, &payload), stats);
+                    }
+                    Incoming::Pong(payload) => {
+                        if let Some(token) = decode_token(&payload) {
+                            heartbeat.on_pong(Instant::now().into_std(), token);
+                            if let Some(latency) = heartbeat.latency() {
+                                tracing::debug!(token, last = ?latency.last, smoothed = ?latency.smoothed, "heartbeat pong");
+                            }
+                        }
+                    }
+                    Incoming::Close(frame) => {
+                        client_close = Some(frame.map(|(code, _)| code));
+                        peer.close(CloseReason { code: CloseCode::Normal, reason: "", drain_queue: false });
+                        break;
+                    }
+                },
+                Event::Read(Ok(None)) => {
+                    // The client dropped TCP without a close frame.
+                    peer.close(ABNORMAL);
+                    break;
+                }
+                Event::Read(Err(ReadFailure::Io(err))) => {
+                    tracing::debug!(cause = %err, "read failed");
+                    peer.close(ABNORMAL);
+                    break;
+                }
+                Event::Read(Err(ReadFailure::Ws(err))) => {
+                    tracing::debug!(cause = %err, "bad frame from the client");
+                    // Replies to what the client sent before its bad frame are
+                    // already queued; they go out before the close frame (found
+                    // by Autobahn 3.*, 4.*, 5.15).
+                    peer.close(CloseReason {
+                        code: err.close_code(),
+                        reason: err.close_reason(),
+                        drain_queue: true,
+                    });
+                    failed = true;
+                    break;
+                }
             }
-            Event::Read(Err(ReadFailure::Io(err))) => {
-                tracing::debug!(cause = %err, "read failed");
-                peer.close(ABNORMAL);
-                break;
-            }
-            Event::Read(Err(ReadFailure::Ws(err))) => {
-                tracing::debug!(cause = %err, "bad frame from the client");
-                // Replies to what the client sent before its bad frame are
-                // already queued; they go out before the close frame (found
-                // by Autobahn 3.*, 4.*, 5.15).
-                peer.close(CloseReason {
-                    code: err.close_code(),
-                    reason: err.close_reason(),
-                    drain_queue: true,
-                });
-                failed = true;
-                break;
+            let next = next_deadline(&heartbeat, &handler);
+            if timer.deadline() != next {
+                timer.as_mut().reset(next);
             }
         }
-        let next = next_deadline(&heartbeat, &handler);
-        if timer.deadline() != next {
-            timer.as_mut().reset(next);
-        }
-    }
 
-    handler.on_close();
-    drop(handler);
-    // With no reason recorded, the server is shutting down; recording it now
-    // also refuses anything queued from here on.
-    let ours = peer.close_reason();
-    peer.close(ours.clone());
-    let vanished = client_close.is_none() && ours.code == CloseCode::Abnormal;
-    if !vanished {
-        let close_timeout = shared.config.close_timeout;
-        // Boxed: the handshake runs once, at the end, and its state would
-        // otherwise enlarge every connection's task for its whole life.
-        let closing = Box::pin(tokio::time::timeout(
-            close_timeout,
-            close(&mut wire, &peer, &ours, client_close, failed),
-        ));
-        if closing.await.is_err() {
-            tracing::debug!("closing handshake not completed in time");
+        handler.on_close();
+        drop(handler);
+        // With no reason recorded, the server is shutting down; recording it now
+        // also refuses anything queued from here on.
+        let ours = peer.close_reason();
+        peer.close(ours.clone());
+        let vanished = client_close.is_none() && ours.code == CloseCode::Abnormal;
+        if !vanished {
+            let close_timeout = shared.config.close_timeout;
+            // Boxed: the handshake runs once, at the end, and its state would
+            // otherwise enlarge every connection's task for its whole life.
+            let closing = Box::pin(tokio::time::timeout(
+                close_timeout,
+                close(&mut wire, &peer, &ours, client_close, failed),
+            ));
+            if closing.await.is_err() {
+                tracing::debug!("closing handshake not completed in time");
+            }
         }
+        let code = u16::from(client_close.map_or(ours.code, |code| code.unwrap_or(CloseCode::Status)));
+        open.dec();
+        stats.closed.with_label_values(&[code_label(code)]).inc();
+        tracing::info!(code, by_peer = client_close.is_some(), reason = ours.reason, "disconnected");
     }
-    let code = u16::from(client_close.map_or(ours.code, |code| code.unwrap_or(CloseCode::Status)));
-    open.dec();
-    stats.closed.with_label_values(&[code_label(code)]).inc();
-    tracing::info!(code, by_peer = client_close.is_some(), reason = ours.reason, "disconnected");
 }
 
 /// The closing handshake: what is queued (if the reason says so), the close

@@ -8,6 +8,8 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{any, get};
+use futures_util::FutureExt as _;
+use futures_util::future::Either;
 use serde::Serialize;
 
 use crate::Shared;
@@ -137,23 +139,27 @@ fn upgrade(
             }
         }
     }
+    // Boxed while it waits for the handshake to complete.
+    let identity = identity.map(Box::new);
     let tasks = shared.tasks.clone();
-    accept(req, &tasks, move |socket| async move {
-        // Held for the connection's life; dropping it frees the place.
-        let _slot = slot;
+    accept(req, &tasks, move |socket| {
         let state = shared.clone();
-        match endpoint {
-            Endpoint::Chat => {
-                conn::run(socket, shared, endpoint, ip, |peer| ChatSession::start(state, peer, identity))
-                    .await
-            }
-            Endpoint::Echo => {
-                conn::run(socket, shared, endpoint, ip, |peer| Echo { shared: state, peer }).await
-            }
+        let connection = match endpoint {
+            Endpoint::Chat => Either::Left(conn::run(socket, shared, endpoint, ip, |peer| {
+                ChatSession::start(state, peer, identity.map(|identity| *identity))
+            })),
+            Endpoint::Echo => Either::Right(Either::Left(conn::run(socket, shared, endpoint, ip, |peer| {
+                Echo { shared: state, peer }
+            }))),
             Endpoint::Notifications => {
-                conn::run(socket, shared, endpoint, ip, |peer| Subscriber::start(state, peer)).await;
+                Either::Right(Either::Right(conn::run(socket, shared, endpoint, ip, |peer| {
+                    Subscriber::start(state, peer)
+                })))
             }
-        }
+        };
+        // The admission slot is held for the connection's life; dropping it
+        // frees the place.
+        connection.map(move |()| drop(slot))
     })
 }
 

@@ -16,8 +16,9 @@
 //! ```
 //!
 //! Layout: `http` routes requests, `upgrade` performs the WebSocket
-//! handshake, `conn` drives a connection (reader loop + batching writer),
-//! `chat` holds the endpoint handlers, `hub` owns rooms and fan-out.
+//! handshake, `conn` drives a connection (one task: reads, handler calls,
+//! vectored writes of its queue), `ws` is the RFC 6455 framing, `chat` holds
+//! the endpoint handlers, `hub` owns rooms and fan-out.
 
 mod admission;
 mod auth;
@@ -60,7 +61,7 @@ pub(crate) struct Shared {
     pub(crate) hub: hub::Hub,
     /// When the server was created, for `uptime`.
     pub(crate) started: Instant,
-    /// Cancelled when shutdown begins; every connection's token is a child.
+    /// Cancelled when shutdown begins; every connection's task watches it.
     pub(crate) shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for them to finish.
     pub(crate) tasks: TaskTracker,
