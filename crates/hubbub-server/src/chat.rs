@@ -303,7 +303,7 @@ impl ChatSession {
     /// Applies the limit of `kind`; false if the message must be dropped.
     fn limit(&mut self, kind: Kind, what: &str) -> bool {
         let Some(limiter) = self.limiter.as_mut() else { return true };
-        match limiter.check(kind, Instant::now()) {
+        match limiter.check(&self.shared.config.rate_limit, kind, Instant::now()) {
             Verdict::Allow => true,
             Verdict::Refuse(wait) => {
                 self.shared.hub.stats.rate_limited.inc();

@@ -157,7 +157,8 @@ enum Output {
 #[derive(Debug)]
 struct FrameState {
     limits: Limits,
-    fragments: Option<Fragments>,
+    /// Boxed: rare, and an idle connection should stay small.
+    fragments: Option<Box<Fragments>>,
 }
 
 /// The decoder of one connection. See the [module docs](self).
@@ -400,8 +401,11 @@ impl FrameState {
                 }
             }
             TEXT | BINARY if !header.fin => {
-                let mut fragments =
-                    Fragments { text: header.opcode == TEXT, data: data[range].to_vec(), valid_up_to: 0 };
+                let mut fragments = Box::new(Fragments {
+                    text: header.opcode == TEXT,
+                    data: data[range].to_vec(),
+                    valid_up_to: 0,
+                });
                 if fragments.text {
                     check_utf8_prefix(&mut fragments, false)?;
                 }
