@@ -83,7 +83,7 @@ impl ChatSession {
             auth,
         };
         session.reply(&ServerMessage::Welcome { message: "Welcome to Hubbub chat!".to_owned() });
-        session.reply(&ServerMessage::Connected { client_id: session.peer.id });
+        session.reply(&ServerMessage::Connected { client_id: session.peer.id() });
         match (&session.auth, identity) {
             (AuthState::Off, _) => session.shared.hub.lobby.insert(session.peer.clone()),
             (_, Some(identity)) => session.authenticate(identity),
@@ -227,7 +227,7 @@ impl ChatSession {
                     timestamp,
                     client_msg_id,
                 });
-                room.broadcast(&frame, Some(self.peer.id), &hub.stats);
+                room.broadcast(&frame, Some(self.peer.id()), &hub.stats);
                 if let Some(id) = client_msg_id {
                     self.reply(&ServerMessage::MessageAck { client_msg_id: id, timestamp });
                 }
@@ -243,7 +243,7 @@ impl ChatSession {
                 if let Some(room) = &self.room {
                     self.last_typing = Some(now);
                     let frame = encode(&ServerMessage::UserTyping { user: self.name().to_owned() });
-                    room.broadcast(&frame, Some(self.peer.id), &hub.stats);
+                    room.broadcast(&frame, Some(self.peer.id()), &hub.stats);
                 }
             }
             ClientMessage::Chat { user, text } => {
@@ -363,7 +363,7 @@ impl ChatSession {
                         mime_type: file.mime_type,
                         url,
                     });
-                    room.broadcast(&shared, Some(self.peer.id), &self.shared.hub.stats);
+                    room.broadcast(&shared, Some(self.peer.id()), &self.shared.hub.stats);
                 }
             }
         }
@@ -415,7 +415,7 @@ impl Handler for ChatSession {
     fn on_close(&mut self) {
         self.uploads.close(&self.shared.store);
         self.leave_room();
-        self.shared.hub.lobby.remove(&self.peer.id);
+        self.shared.hub.lobby.remove(&self.peer.id());
     }
 
     fn deadline(&self) -> Option<TokioInstant> {
@@ -500,6 +500,6 @@ impl Handler for Subscriber {
     async fn on_binary(&mut self, _data: Bytes) {}
 
     fn on_close(&mut self) {
-        self.shared.hub.subscribers.remove(&self.peer.id);
+        self.shared.hub.subscribers.remove(&self.peer.id());
     }
 }

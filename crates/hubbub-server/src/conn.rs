@@ -101,7 +101,7 @@ pub(crate) fn run<H: Handler>(
     let peer = Peer::new(shared.config.websocket.outbound_queue);
     let span = tracing::info_span!(
         "conn",
-        client = %peer.id,
+        client = %peer.id(),
         peer = %ip,
         endpoint = endpoint.name(),
         user = tracing::field::Empty
