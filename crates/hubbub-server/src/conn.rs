@@ -2,8 +2,9 @@
 //!
 //! The task owns the socket and does everything for it: it reads and
 //! decodes frames (`ws`), hands messages to the endpoint's [`Handler`],
-//! answers pings, runs the connection's heartbeat and the handler's
-//! deadline on one timer, and writes what others queued for it.
+//! answers pings, records pongs for the heartbeat sweeper (`beat`), runs the
+//! handler's deadline (when it has one) on a timer, and writes what others
+//! queued for it.
 //!
 //! Writing: the [`Peer`]'s queue holds complete frames, shared by reference
 //! count with the other recipients of a broadcast. The task takes the whole
@@ -30,10 +31,9 @@ use std::net::IpAddr;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
-use std::time::Duration;
 
 use bytes::Bytes;
-use hubbub_heartbeat::{Action, Heartbeat, decode_token, encode_token};
+use hubbub_heartbeat::decode_token;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
@@ -137,7 +137,7 @@ enum Event {
     Closing,
     /// The server is shutting down.
     Shutdown,
-    /// The timer (heartbeat or handler deadline) fired.
+    /// The handler's deadline passed.
     Timer,
     /// Writing failed: the transport is gone.
     WriteFailed(io::Error),
@@ -176,7 +176,7 @@ impl Wire {
         cx: &mut Context<'_>,
         peer: &Peer,
         shutdown: Pin<&mut WaitForCancellationFuture<'_>>,
-        timer: Pin<&mut Sleep>,
+        timer: Option<Pin<&mut Sleep>>,
     ) -> Poll<Event> {
         peer.register(cx.waker());
         if peer.is_closing() {
@@ -185,7 +185,7 @@ impl Wire {
         if shutdown.poll(cx).is_ready() {
             return Poll::Ready(Event::Shutdown);
         }
-        if timer.poll(cx).is_ready() {
+        if timer.is_some_and(|timer| timer.poll(cx).is_ready()) {
             return Poll::Ready(Event::Timer);
         }
         if let Poll::Ready(Err(err)) = self.poll_write(cx, peer) {
@@ -271,36 +271,6 @@ impl Wire {
     }
 }
 
-/// When the connection's timer should next fire: the heartbeat's next ping
-/// or pong deadline, or the handler's deadline, whichever comes first.
-///
-/// Heartbeat deadlines are rounded up to a tick of an eighth of the interval
-/// (at most a second), the same ticks for every connection, so the pings of
-/// many connections go out in one wake-up of the runtime rather than each in
-/// its own: an idle server wakes a few times per interval, not once per
-/// connection. A ping goes out at most one tick late, and a dead peer is
-/// found at most one tick later.
-fn next_deadline(heartbeat: &Heartbeat, handler: &impl Handler) -> Instant {
-    let tick = (heartbeat.config().interval / 8).clamp(Duration::from_millis(1), Duration::from_secs(1));
-    let beat = heartbeat.poll_timeout().map(|at| round_up(Instant::from_std(at), tick));
-    match (beat, handler.deadline()) {
-        (Some(a), Some(b)) => a.min(b),
-        (Some(at), None) | (None, Some(at)) => at,
-        // Nothing to wait for: a day is as good as forever here.
-        (None, None) => Instant::now() + Duration::from_secs(86_400),
-    }
-}
-
-/// Rounds `at` up to a multiple of `tick` since a process-wide epoch.
-fn round_up(at: Instant, tick: Duration) -> Instant {
-    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    let epoch = *EPOCH.get_or_init(Instant::now);
-    let since = at.saturating_duration_since(epoch).as_nanos();
-    let tick_nanos = tick.as_nanos().max(1);
-    let rounded = since.div_ceil(tick_nanos) * tick_nanos;
-    epoch + Duration::from_nanos(u64::try_from(rounded).unwrap_or(u64::MAX))
-}
-
 /// Runs a handler's future to its end while the connection goes on writing.
 /// False if the connection must stop meanwhile.
 async fn handle(
@@ -342,9 +312,12 @@ fn drive<H: Handler>(
     async move {
         let stats = &shared.hub.stats;
         let open = stats.open.with_label_values(&[endpoint.name()]);
-        let mut heartbeat = Heartbeat::new(shared.config.heartbeat.into(), Instant::now().into_std());
+        let beat = shared.beats.insert(&peer, shared.config.heartbeat.interval);
         let mut shutdown = pin!(shared.shutdown.cancelled());
-        let mut timer = pin!(tokio::time::sleep_until(next_deadline(&heartbeat, &handler)));
+        // Boxed, and only while the handler has a deadline (chat waiting
+        // for a token, or a token's expiry): most connections need no timer.
+        let mut timer: Option<Pin<Box<Sleep>>> =
+            handler.deadline().map(|at| Box::pin(tokio::time::sleep_until(at)));
 
         // The client's close frame, if it sent one: `Some(None)` for a close
         // frame without a code.
@@ -353,28 +326,15 @@ fn drive<H: Handler>(
         // nothing more is read from it, not even a close frame.
         let mut failed = false;
         loop {
-            let event = poll_fn(|cx| wire.poll_event(cx, &peer, shutdown.as_mut(), timer.as_mut())).await;
+            let event =
+                poll_fn(|cx| wire.poll_event(cx, &peer, shutdown.as_mut(), timer.as_mut().map(Pin::as_mut)))
+                    .await;
             match event {
                 Event::Closing | Event::Shutdown => break,
                 Event::Timer => {
                     let now = Instant::now();
                     if handler.deadline().is_some_and(|at| at <= now) {
                         handler.on_deadline();
-                    }
-                    match heartbeat.poll_action(now.into_std()) {
-                        Some(Action::SendPing(token)) => {
-                            tracing::debug!(token, "heartbeat ping");
-                            // Straight onto the socket's list, not through the
-                            // queue: no lock and no wake-up of this very task.
-                            wire.sending.push_back(ws::encode(ws::PING, &encode_token(token)));
-                        }
-                        Some(Action::PeerDead) => {
-                            stats.dead_reaped.inc();
-                            tracing::info!(timeout = ?shared.config.heartbeat.timeout, "dead connection: no pong in time");
-                            peer.close(CloseReason { reason: "heartbeat timeout", ..ABNORMAL });
-                            break;
-                        }
-                        None => {}
                     }
                 }
                 Event::WriteFailed(err) => {
@@ -405,10 +365,8 @@ fn drive<H: Handler>(
                     }
                     Incoming::Pong(payload) => {
                         if let Some(token) = decode_token(&payload) {
-                            heartbeat.on_pong(Instant::now().into_std(), token);
-                            if let Some(latency) = heartbeat.latency() {
-                                tracing::debug!(token, last = ?latency.last, smoothed = ?latency.smoothed, "heartbeat pong");
-                            }
+                            tracing::trace!(token, "heartbeat pong");
+                            peer.record_pong(token);
                         }
                     }
                     Incoming::Close(frame) => {
@@ -441,12 +399,15 @@ fn drive<H: Handler>(
                     break;
                 }
             }
-            let next = next_deadline(&heartbeat, &handler);
-            if timer.deadline() != next {
-                timer.as_mut().reset(next);
+            match (handler.deadline(), timer.as_mut()) {
+                (None, _) => timer = None,
+                (Some(at), Some(timer)) if timer.deadline() != at => timer.as_mut().reset(at),
+                (Some(_), Some(_)) => {}
+                (Some(at), None) => timer = Some(Box::pin(tokio::time::sleep_until(at))),
             }
         }
 
+        shared.beats.remove(beat);
         handler.on_close();
         drop(handler);
         // With no reason recorded, the server is shutting down; recording it now

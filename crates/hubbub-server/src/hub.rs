@@ -15,7 +15,7 @@
 //! `.await` (there is no `.await` in this module).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::task::Waker;
 use std::time::{Duration, Instant};
@@ -80,6 +80,8 @@ struct Link {
     waker: AtomicWaker,
     /// Set once the connection must close; nothing more is queued after.
     closing: AtomicBool,
+    /// The token of the last heartbeat pong, for the sweeper (`beat`).
+    last_pong: AtomicU32,
     /// The first close reason recorded wins.
     reason: OnceLock<CloseReason>,
 }
@@ -93,6 +95,7 @@ impl Peer {
             capacity,
             waker: AtomicWaker::new(),
             closing: AtomicBool::new(false),
+            last_pong: AtomicU32::new(0),
             reason: OnceLock::new(),
         };
         Self { link: Arc::new(link) }
@@ -158,6 +161,19 @@ impl Peer {
         self.link.closing.store(true, Ordering::Release);
         self.link.waker.wake();
         first
+    }
+
+    /// Records a heartbeat pong's token (tokens the sweeper sends fit 32
+    /// bits; any other pong is ignored).
+    pub(crate) fn record_pong(&self, token: u64) {
+        if let Ok(token) = u32::try_from(token) {
+            self.link.last_pong.store(token, Ordering::Release);
+        }
+    }
+
+    /// The token of the last heartbeat pong, 0 before any.
+    pub(crate) fn last_pong(&self) -> u32 {
+        self.link.last_pong.load(Ordering::Acquire)
     }
 
     /// Whether the connection has been asked to close.

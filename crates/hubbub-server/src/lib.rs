@@ -22,6 +22,7 @@
 
 mod admission;
 mod auth;
+mod beat;
 mod chat;
 mod config;
 mod conn;
@@ -59,6 +60,8 @@ pub(crate) struct Shared {
     pub(crate) config: Config,
     /// Rooms, peers and counters.
     pub(crate) hub: hub::Hub,
+    /// Every connection, for the heartbeat sweeper.
+    pub(crate) beats: beat::Registry,
     /// When the server was created, for `uptime`.
     pub(crate) started: Instant,
     /// Cancelled when shutdown begins; every connection's task watches it.
@@ -102,6 +105,7 @@ impl Server {
             shared: Arc::new(Shared {
                 config,
                 hub: hub::Hub::new(),
+                beats: beat::Registry::new(),
                 started: Instant::now(),
                 shutdown: CancellationToken::new(),
                 tasks: TaskTracker::new(),
@@ -169,6 +173,7 @@ impl Server {
         };
 
         tokio::spawn(sweep_uploads(shared.clone()));
+        tokio::spawn(beat::sweeper(shared.clone()));
         let notice = {
             let shared = shared.clone();
             async move {
