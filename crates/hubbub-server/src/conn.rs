@@ -243,9 +243,13 @@ impl Wire {
             {
                 return Poll::Ready(Ok(Some(message)));
             }
-            // A large frame in progress is read straight into its buffer.
-            if let Some(spare) = self.decoder.spare(READ_CHUNK) {
-                let read = ready!(tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, spare))
+            // The rest of a large frame is read straight into its buffer,
+            // and not a byte further.
+            if self.decoder.has_buffered()
+                && let Some(remaining) = self.decoder.large_frame_remaining(READ_CHUNK)
+            {
+                let mut limited = bytes::BufMut::limit(self.decoder.buffer(), remaining);
+                let read = ready!(tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut limited))
                     .map_err(ReadFailure::Io)?;
                 if read == 0 {
                     return Poll::Ready(Ok(None));

@@ -184,11 +184,26 @@ impl Decoder {
         self.pos < self.buf.len()
     }
 
-    /// The buffer reserved for a large frame, if at least `min` bytes of
-    /// it are still to fill: the connection reads into it directly, then
-    /// calls [`Decoder::next_buffered`].
-    pub(crate) fn spare(&mut self, min: usize) -> Option<&mut Vec<u8>> {
-        (self.buf.capacity() - self.buf.len() >= min).then_some(&mut self.buf)
+    /// Once a frame of at least `large` bytes has begun to arrive, how many
+    /// of its bytes are still to come. The connection reads exactly those
+    /// into [`Decoder::buffer`] (room for them is reserved here), then calls
+    /// [`Decoder::next_buffered`]: a large frame is neither copied nor read
+    /// together with the start of the next one, so it is handed over whole.
+    pub(crate) fn large_frame_remaining(&mut self, large: usize) -> Option<usize> {
+        let total = frame_len(&self.buf[self.pos..], self.state.limits.max_frame)?;
+        let end = self.pos + total;
+        if total < large || end <= self.buf.len() {
+            return None;
+        }
+        let remaining = end - self.buf.len();
+        self.buf.reserve_exact(remaining);
+        Some(remaining)
+    }
+
+    /// The buffer a large frame is read into; see
+    /// [`Decoder::large_frame_remaining`].
+    pub(crate) fn buffer(&mut self) -> &mut Vec<u8> {
+        &mut self.buf
     }
 
     /// Takes fresh bytes (unmasked in place) and returns the first message
@@ -589,10 +604,11 @@ mod tests {
         let (first, rest) = frame.split_at(4096);
         assert_eq!(decoder.feed(&mut first.to_vec()).unwrap(), None);
         // The whole frame's room is reserved, and filled directly.
+        assert_eq!(decoder.large_frame_remaining(8192), Some(rest.len()));
         let capacity = decoder.buf.capacity();
-        let spare = decoder.spare(rest.len()).expect("room reserved for the frame");
-        spare.extend_from_slice(rest);
+        decoder.buffer().extend_from_slice(rest);
         assert_eq!(decoder.buf.capacity(), capacity, "the buffer grew");
+        assert_eq!(decoder.large_frame_remaining(8192), None, "nothing more to read");
         assert_eq!(decoder.next_buffered().unwrap(), Some(Incoming::Binary(Bytes::from(payload))));
         assert_eq!(decoder.buf.capacity(), 0);
     }

@@ -202,6 +202,7 @@ impl Store {
             temp_path: temp_path.clone(),
             hasher: Some(Sha256::new()),
             hashed_upto: 0,
+            in_flight: None,
             reserved: request.size,
             saved: false,
         };
@@ -293,6 +294,10 @@ pub struct Upload {
     /// mid-way; the whole file is then hashed at the end.
     hasher: Option<Sha256>,
     hashed_upto: u64,
+    /// The last chunk's write (and hash), still running on the blocking pool
+    /// while the connection reads the next chunk. At most one is in flight:
+    /// the next write, and `finish`, wait for it first.
+    in_flight: Option<tokio::task::JoinHandle<ChunkWritten>>,
     /// Bytes reserved against the quota.
     reserved: u64,
     /// Set once moved into place: the reservation then stands for the
@@ -317,27 +322,38 @@ impl Upload {
         let (placement, data) = self.assembler.on_frame(&frame)?;
         let Placement::Write { offset } = placement else { return Ok(0) };
         let len = data.len() as u64;
+        // The previous chunk must be on disk (and its hasher back) first.
+        self.settle().await?;
         let data = frame.slice(hubbub_protocol::chunk::HEADER_LEN..);
         let file = self.file.clone().ok_or_else(|| io::Error::other("upload file missing"))?;
         let in_order = offset == self.hashed_upto;
         let mut hasher = if in_order { self.hasher.take() } else { None };
-        let hasher_in_use = hasher.is_some();
-        let written = tokio::task::spawn_blocking(move || {
-            file.write_all_at(&data, offset)?;
-            if let Some(h) = hasher.as_mut() {
+        // Not awaited here: the write and the hash overlap with reading the
+        // next chunk from the socket. A failure surfaces on the next write
+        // or in `finish`.
+        self.in_flight = Some(tokio::task::spawn_blocking(move || {
+            let result = file.write_all_at(&data, offset);
+            if result.is_ok()
+                && let Some(h) = hasher.as_mut()
+            {
                 h.update(&data);
             }
-            Ok::<_, io::Error>(hasher)
-        })
-        .await
-        .map_err(io::Error::other)?;
-        match written {
-            Ok(hasher) => {
-                if hasher_in_use {
-                    self.hasher = hasher;
-                    self.hashed_upto += len;
+            ChunkWritten { len, hasher, result }
+        }));
+        Ok(len)
+    }
+
+    /// Waits for the chunk write in flight, if any.
+    async fn settle(&mut self) -> Result<(), StoreError> {
+        let Some(job) = self.in_flight.take() else { return Ok(()) };
+        let written = job.await.map_err(io::Error::other)?;
+        match written.result {
+            Ok(()) => {
+                if let Some(hasher) = written.hasher {
+                    self.hasher = Some(hasher);
+                    self.hashed_upto += written.len;
                 }
-                Ok(len)
+                Ok(())
             }
             Err(err) => {
                 // The chunk may be partly on disk; hash everything again at
@@ -353,6 +369,9 @@ impl Upload {
     /// On [`TransferError::Incomplete`] the upload stays usable, so missing
     /// chunks may still come.
     pub async fn finish(mut self) -> Result<StoredFile, (Option<Self>, StoreError)> {
+        if let Err(err) = self.settle().await {
+            return Err((None, err));
+        }
         let completed = match self.assembler.on_end() {
             Ok(completed) => completed,
             Err(err @ TransferError::Incomplete { .. }) => return Err((Some(self), err.into())),
@@ -441,6 +460,15 @@ impl Drop for Upload {
             self.store.release(self.reserved);
         }
     }
+}
+
+/// What a chunk write on the blocking pool hands back.
+#[derive(Debug)]
+struct ChunkWritten {
+    len: u64,
+    /// The running hash, when this chunk was the next in order.
+    hasher: Option<Sha256>,
+    result: io::Result<()>,
 }
 
 /// Hashes `file[from..size]` into `hasher`.
