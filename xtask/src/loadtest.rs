@@ -828,11 +828,23 @@ fn table(scenario: Scenario, reports: &[Report], servers: &[ServerKind]) -> Stri
                 let x = if higher_better { h / o } else { o / h };
                 if x.is_finite() { format!("×{x:.1}") } else { "n/a".to_owned() }
             };
+            // For a figure where less is better: "×2.0 lower" when Hubbub's
+            // is lower, "×1.5 higher" when it is not.
+            let less = |h: f64, o: f64, lower: &str, higher: &str| {
+                let x = o / h;
+                if !x.is_finite() || x == 0.0 {
+                    "n/a".to_owned()
+                } else if x >= 1.0 {
+                    format!("×{x:.1} {lower}")
+                } else {
+                    format!("×{:.1} {higher}", 1.0 / x)
+                }
+            };
             let line = match scenario {
                 Scenario::Idle => format!(
-                    "\nHubbub vs {}: RSS per connection {} smaller.",
+                    "\nHubbub vs {}: RSS per connection {}.",
                     peer.name(),
-                    times(hub[0], other[0], false)
+                    less(hub[0], other[0], "smaller", "larger")
                 ),
                 Scenario::Churn => {
                     format!(
@@ -842,12 +854,12 @@ fn table(scenario: Scenario, reports: &[Report], servers: &[ServerKind]) -> Stri
                     )
                 }
                 _ => format!(
-                    "\nHubbub vs {}: deliveries/s {}, p50 {} lower, p99 {} lower, server CPU {} lower.",
+                    "\nHubbub vs {}: deliveries/s {}, p50 {}, p99 {}, server CPU {}.",
                     peer.name(),
                     times(hub[0], other[0], true),
-                    times(hub[1], other[1], false),
-                    times(hub[2], other[2], false),
-                    times(hub[3], other[3], false)
+                    less(hub[1], other[1], "lower", "higher"),
+                    less(hub[2], other[2], "lower", "higher"),
+                    less(hub[3], other[3], "lower", "higher")
                 ),
             };
             let _ = writeln!(out, "{line}");
