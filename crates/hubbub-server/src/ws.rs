@@ -701,4 +701,83 @@ mod tests {
             assert_eq!(fast, slow);
         }
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// Splits `bytes` at the given cut points (taken modulo its length).
+        fn chop(bytes: &[u8], cuts: &[usize]) -> Vec<Vec<u8>> {
+            let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+            cuts.sort_unstable();
+            cuts.dedup();
+            let mut pieces = Vec::new();
+            let mut from = 0;
+            for cut in cuts.into_iter().chain([bytes.len()]) {
+                pieces.push(bytes[from..cut].to_vec());
+                from = cut;
+            }
+            pieces
+        }
+
+        /// Feeds the pieces until the first error; returns what came out.
+        fn run(decoder: &mut Decoder, pieces: Vec<Vec<u8>>) -> Result<Vec<Incoming>, ReadError> {
+            let mut out = Vec::new();
+            for mut piece in pieces {
+                if let Some(message) = decoder.feed(&mut piece)? {
+                    out.push(message);
+                }
+                while let Some(message) = decoder.next_buffered()? {
+                    out.push(message);
+                }
+                // Nothing beyond one frame, or one message, is ever held.
+                assert!(decoder.buf.len() - decoder.pos <= LIMITS.max_frame + 14 + 8192);
+                assert!(decoder.state.fragments.as_ref().is_none_or(|f| f.data.len() <= LIMITS.max_message));
+            }
+            Ok(out)
+        }
+
+        proptest! {
+            #[test]
+            fn arbitrary_bytes_never_panic_and_stay_bounded(
+                bytes in proptest::collection::vec(any::<u8>(), 0..4096),
+                cuts in proptest::collection::vec(any::<usize>(), 0..8),
+            ) {
+                let _ = run(&mut Decoder::new(LIMITS), chop(&bytes, &cuts));
+            }
+
+            #[test]
+            fn fragmented_messages_decode_whatever_the_chopping(
+                messages in proptest::collection::vec(
+                    (any::<bool>(), proptest::collection::vec(any::<u8>(), 0..300), 1..4_usize),
+                    1..6,
+                ),
+                cuts in proptest::collection::vec(any::<usize>(), 0..12),
+            ) {
+                let mut stream = Vec::new();
+                let mut expected = Vec::new();
+                for (text, raw, parts) in messages {
+                    let payload = if text { String::from_utf8_lossy(&raw).into_owned().into_bytes() } else { raw };
+                    let opcode = if text { TEXT } else { BINARY };
+                    let size = payload.len().div_ceil(parts).max(1);
+                    let chunks: Vec<&[u8]> =
+                        if payload.is_empty() { vec![&[]] } else { payload.chunks(size).collect() };
+                    for (i, chunk) in chunks.iter().enumerate() {
+                        let first = if i == 0 { opcode } else { CONTINUATION };
+                        let fin = if i + 1 == chunks.len() { 0x80 } else { 0 };
+                        stream.extend(client_frame(fin | first, chunk));
+                    }
+                    expected.push(if text {
+                        Incoming::Text(Utf8Bytes::try_from(Bytes::from(payload)).unwrap())
+                    } else {
+                        Incoming::Binary(Bytes::from(payload))
+                    });
+                }
+                let limits = Limits { max_frame: 1024, max_message: 4096 };
+                let got = run(&mut Decoder::new(limits), chop(&stream, &cuts)).unwrap();
+                prop_assert_eq!(got, expected);
+            }
+        }
+    }
 }
