@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use hubbub_loadgen::{self as loadgen, Histogram, Phase, Plan, Sending, Shared};
+use hubbub_loadgen::{self as loadgen, Histogram, Phase, Plan, Sending, Shared, format_mib};
 
 use crate::measure::{self, ServerProcess};
 
@@ -456,14 +456,8 @@ fn clients(server: &mut ServerProcess, scenario: Scenario, params: &Params) -> a
     let shared = Shared::new(&plan);
     let rss_base = server.rss()?;
     let started = Instant::now();
-    let threads = loadgen::spawn(&plan, &shared);
-    let outcome = drive(server, scenario, params, &plan, &shared, started);
-    shared.set_phase(Phase::Stop);
-    let mut histogram = Histogram::new();
-    for thread in threads {
-        let part = thread.join().map_err(|_| anyhow::anyhow!("a generator thread panicked"))?;
-        histogram.merge(&part);
-    }
+    let (outcome, histogram) =
+        loadgen::run_clients(&plan, &shared, || drive(server, scenario, params, &plan, &shared, started))?;
     let mut report = outcome?;
     report.rss_base = rss_base;
     if histogram.count() > 0 {
@@ -678,18 +672,7 @@ fn http_status_connections(addr: std::net::SocketAddr) -> anyhow::Result<u64> {
 }
 
 fn ms(d: Duration) -> String {
-    let ms = d.as_secs_f64() * 1000.0;
-    if ms >= 100.0 {
-        format!("{ms:.0} ms")
-    } else if ms >= 1.0 {
-        format!("{ms:.2} ms")
-    } else {
-        format!("{ms:.3} ms")
-    }
-}
-
-fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+    loadgen::format_ms(d.as_secs_f64() * 1000.0)
 }
 
 fn rate(per_sec: f64) -> String {
@@ -708,8 +691,8 @@ fn one_line(scenario: Scenario, r: &Report) -> String {
             "{}: {} connections, RSS {} -> {} ({:.2} KB per connection), CPU idle {:.1} %",
             r.server,
             r.connections,
-            mib(r.rss_base),
-            mib(r.rss),
+            format_mib(r.rss_base),
+            format_mib(r.rss),
             r.rss_per_connection() / 1000.0,
             r.server_cpu
         ),
@@ -719,9 +702,9 @@ fn one_line(scenario: Scenario, r: &Report) -> String {
             rate(r.connects_per_sec),
             r.connections,
             r.failures,
-            mib(r.rss_base),
-            mib(r.rss),
-            mib(r.rss_after.unwrap_or_default())
+            format_mib(r.rss_base),
+            format_mib(r.rss),
+            format_mib(r.rss_after.unwrap_or_default())
         ),
         _ => {
             let p = r.latency.map(|l| l.map(ms)).unwrap_or_default();
@@ -755,8 +738,8 @@ fn table(scenario: Scenario, reports: &[Report], servers: &[ServerKind]) -> Stri
                         r.server,
                         r.connections,
                         r.connect.as_secs_f64(),
-                        mib(r.rss_base),
-                        mib(r.rss),
+                        format_mib(r.rss_base),
+                        format_mib(r.rss),
                         r.rss_per_connection() / 1000.0,
                         r.server_cpu
                     );
@@ -779,9 +762,9 @@ fn table(scenario: Scenario, reports: &[Report], servers: &[ServerKind]) -> Stri
                         r.failures,
                         r.server_cpu,
                         r.generator_cpu,
-                        mib(r.rss_base),
-                        mib(r.rss),
-                        mib(r.rss_after.unwrap_or_default()),
+                        format_mib(r.rss_base),
+                        format_mib(r.rss),
+                        format_mib(r.rss_after.unwrap_or_default()),
                         r.connections_after.map_or_else(|| "n/a".to_owned(), |c| c.to_string())
                     );
                     (row, vec![r.connects_per_sec])
@@ -808,7 +791,7 @@ fn table(scenario: Scenario, reports: &[Report], servers: &[ServerKind]) -> Stri
                         r.closed,
                         r.server_cpu,
                         r.generator_cpu,
-                        mib(r.rss)
+                        format_mib(r.rss)
                     );
                     (row, vec![r.deliveries_per_sec, l[0].as_secs_f64(), l[2].as_secs_f64(), r.server_cpu])
                 })

@@ -226,6 +226,42 @@ impl Shared {
     }
 }
 
+/// Runs the clients of `plan` (see [`spawn`]) while `phases` drives the run
+/// from this thread; then sets [`Phase::Stop`], waits for every client
+/// thread and merges their latencies. The clients stop whatever `phases`
+/// returns.
+pub fn run_clients<T>(
+    plan: &Arc<Plan>,
+    shared: &Arc<Shared>,
+    phases: impl FnOnce() -> T,
+) -> anyhow::Result<(T, Histogram)> {
+    let threads = spawn(plan, shared);
+    let outcome = phases();
+    shared.set_phase(Phase::Stop);
+    let mut histogram = Histogram::new();
+    for thread in threads {
+        let part = thread.join().map_err(|_| anyhow::anyhow!("a generator thread panicked"))?;
+        histogram.merge(&part);
+    }
+    Ok((outcome, histogram))
+}
+
+/// A latency in milliseconds, with the precision its size deserves.
+pub fn format_ms(ms: f64) -> String {
+    if ms >= 100.0 {
+        format!("{ms:.0} ms")
+    } else if ms >= 1.0 {
+        format!("{ms:.2} ms")
+    } else {
+        format!("{ms:.3} ms")
+    }
+}
+
+/// A size in MiB.
+pub fn format_mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
 /// Runs every client of `plan` on `plan.threads` threads until the phase
 /// becomes [`Phase::Stop`]; returns the latencies they measured.
 pub fn spawn(plan: &Arc<Plan>, shared: &Arc<Shared>) -> Vec<std::thread::JoinHandle<Histogram>> {

@@ -18,7 +18,7 @@ use anyhow::{Context as _, bail};
 use clap::Parser;
 use hubbub_loadgen::process::{cpu_time, raise_fd_limit};
 use hubbub_loadgen::run::{Options, Summary, loopback_target, run};
-use hubbub_loadgen::{Plan, Sending};
+use hubbub_loadgen::{Plan, Sending, format_mib, format_ms};
 
 /// Runs one load against a chat server on this machine (loopback only) and
 /// reports connect time, deliveries/s, latency, delivery ratio and CPU.
@@ -169,20 +169,6 @@ fn plan(args: &Args) -> anyhow::Result<(Plan, Options)> {
     Ok((plan, options))
 }
 
-fn ms(value: f64) -> String {
-    if value >= 100.0 {
-        format!("{value:.0} ms")
-    } else if value >= 1.0 {
-        format!("{value:.2} ms")
-    } else {
-        format!("{value:.3} ms")
-    }
-}
-
-fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
-}
-
 /// The report as a two-column Markdown table.
 fn table(s: &Summary) -> String {
     let mut rows: Vec<(&str, String)> = vec![
@@ -193,7 +179,7 @@ fn table(s: &Summary) -> String {
         ("window", format!("{:.1} s", s.seconds)),
         ("deliveries/s", format!("{:.0}", s.deliveries_per_sec)),
     ];
-    let latency = s.latency_ms.map(|l| [l.p50, l.p90, l.p99, l.p999, l.max].map(ms));
+    let latency = s.latency_ms.map(|l| [l.p50, l.p90, l.p99, l.p999, l.max].map(format_ms));
     for (i, name) in
         ["latency p50", "latency p90", "latency p99", "latency p99.9", "latency max"].into_iter().enumerate()
     {
@@ -209,7 +195,10 @@ fn table(s: &Summary) -> String {
     if let Some(server) = &s.server {
         rows.extend([
             ("server CPU", format!("{:.0} % of one core (pid {})", server.cpu_percent, server.pid)),
-            ("server RSS", format!("{} -> {}", mib(server.rss_base_bytes), mib(server.rss_bytes))),
+            (
+                "server RSS",
+                format!("{} -> {}", format_mib(server.rss_base_bytes), format_mib(server.rss_bytes)),
+            ),
         ]);
     }
     let mut out = String::from("| measure | value |\n| --- | --- |\n");

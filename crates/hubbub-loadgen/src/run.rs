@@ -12,7 +12,7 @@ use anyhow::{Context as _, bail};
 use serde::Serialize;
 
 use crate::process::{cpu_time, own_cpu_time, rss_bytes};
-use crate::{Histogram, Phase, Plan, Sending, Shared, spawn};
+use crate::{Histogram, Phase, Plan, Sending, Shared, run_clients};
 
 /// How long a run lasts, and what else it samples.
 #[derive(Clone, Debug)]
@@ -152,14 +152,7 @@ pub fn run(plan: Plan, options: &Options) -> anyhow::Result<Summary> {
     let shared = Shared::new(&plan);
     let rss_base = options.server_pid.map(server_rss).transpose()?;
     let started = Instant::now();
-    let threads = spawn(&plan, &shared);
-    let outcome = drive(&plan, &shared, options, started);
-    shared.set_phase(Phase::Stop);
-    let mut histogram = Histogram::new();
-    for thread in threads {
-        let part = thread.join().map_err(|_| anyhow::anyhow!("a generator thread panicked"))?;
-        histogram.merge(&part);
-    }
+    let (outcome, histogram) = run_clients(&plan, &shared, || drive(&plan, &shared, options, started))?;
     let mut summary = outcome?;
     if let (Some(server), Some(base)) = (summary.server.as_mut(), rss_base) {
         server.rss_base_bytes = base;

@@ -19,7 +19,7 @@
 //! most one tick late, and a dead peer is found at most one tick after its
 //! timeout.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hubbub_heartbeat::encode_token;
@@ -27,7 +27,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::Shared;
-use crate::hub::{CloseReason, Peer};
+use crate::hub::{CloseReason, Peer, lock};
 use crate::ws;
 
 /// Shards of the registry: registering and sweeping rarely meet.
@@ -172,10 +172,4 @@ pub(crate) async fn sweeper(shared: Arc<Shared>) {
             now = ticks.tick() => shared.beats.sweep(&shared, now),
         }
     }
-}
-
-// A poisoned shard means a panic elsewhere while it was held; its entries
-// stay valid, so carry on.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }

@@ -34,6 +34,7 @@ use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
 use hubbub_heartbeat::decode_token;
+use prometheus::IntGauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
@@ -106,10 +107,11 @@ pub(crate) fn run<H: Handler>(
         endpoint = endpoint.name(),
         user = tracing::field::Empty
     );
+    let open = shared.hub.stats.open.with_label_values(&[endpoint.name()]);
     let (wire, handler) = {
         let _entered = span.enter();
         shared.hub.stats.accepted.with_label_values(&[endpoint.name()]).inc();
-        shared.hub.stats.open.with_label_values(&[endpoint.name()]).inc();
+        open.inc();
         tracing::info!("connected");
         let limits = &shared.config.websocket;
         let wire = Wire {
@@ -123,7 +125,7 @@ pub(crate) fn run<H: Handler>(
         };
         (wire, make_handler(peer.clone()))
     };
-    drive(wire, handler, shared, peer, endpoint).instrument(span)
+    drive(wire, handler, shared, peer, open).instrument(span)
 }
 
 /// Bytes read from the socket at a time, into a buffer on the stack.
@@ -275,6 +277,15 @@ impl Wire {
     }
 }
 
+/// Hands a text or binary message to the handler.
+async fn dispatch<H: Handler>(handler: &mut H, message: Incoming) {
+    match message {
+        Incoming::Text(text) => handler.on_text(text).await,
+        Incoming::Binary(data) => handler.on_binary(data).await,
+        Incoming::Ping(_) | Incoming::Pong(_) | Incoming::Close(_) => {}
+    }
+}
+
 /// Runs a handler's future to its end while the connection goes on writing.
 /// False if the connection must stop meanwhile.
 async fn handle(
@@ -294,7 +305,7 @@ async fn handle(
         }
         if let Poll::Ready(Err(err)) = wire.poll_write(cx, peer) {
             tracing::debug!(cause = %err, "write failed");
-            peer.close(CloseReason { code: CloseCode::Abnormal, reason: "", drain_queue: false });
+            peer.close(ABNORMAL);
             return Poll::Ready(false);
         }
         Poll::Pending
@@ -311,11 +322,10 @@ fn drive<H: Handler>(
     mut handler: H,
     shared: Arc<Shared>,
     peer: Peer,
-    endpoint: Endpoint,
+    open: IntGauge,
 ) -> impl Future<Output = ()> {
     async move {
         let stats = &shared.hub.stats;
-        let open = stats.open.with_label_values(&[endpoint.name()]);
         let beat = shared.beats.insert(&peer, shared.config.heartbeat.interval);
         let mut shutdown = pin!(shared.shutdown.cancelled());
         // Boxed, and only while the handler has a deadline (chat waiting
@@ -347,20 +357,11 @@ fn drive<H: Handler>(
                     break;
                 }
                 Event::Read(Ok(Some(message))) => match message {
-                    Incoming::Text(text) => {
+                    Incoming::Text(_) | Incoming::Binary(_) => {
                         stats.received.inc();
-                        stats.bytes_in.inc_by(text.len() as u64);
-                        if !handle(&mut wire, &peer, shutdown.as_mut(), Box::pin(handler.on_text(text))).await
-                        {
-                            break;
-                        }
-                    }
-                    Incoming::Binary(data) => {
-                        stats.received.inc();
-                        stats.bytes_in.inc_by(data.len() as u64);
-                        if !handle(&mut wire, &peer, shutdown.as_mut(), Box::pin(handler.on_binary(data)))
-                            .await
-                        {
+                        stats.bytes_in.inc_by(message.data_len() as u64);
+                        let handled = Box::pin(dispatch(&mut handler, message));
+                        if !handle(&mut wire, &peer, shutdown.as_mut(), handled).await {
                             break;
                         }
                     }

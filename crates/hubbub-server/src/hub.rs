@@ -507,7 +507,7 @@ impl Hub {
 // A poisoned lock means a panic elsewhere while it was held; the maps stay
 // structurally valid (every update is a single insert or remove), so carry on
 // rather than turn one bug into a server-wide outage.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {

@@ -84,6 +84,17 @@ pub(crate) enum Incoming {
     Close(Option<(CloseCode, String)>),
 }
 
+impl Incoming {
+    /// Payload bytes of a text or binary message (0 for control frames).
+    pub(crate) fn data_len(&self) -> usize {
+        match self {
+            Self::Text(text) => text.len(),
+            Self::Binary(data) => data.len(),
+            Self::Ping(_) | Self::Pong(_) | Self::Close(_) => 0,
+        }
+    }
+}
+
 /// Why the client's bytes cannot be read: the connection must close with
 /// [`ReadError::close_code`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -222,7 +233,8 @@ impl Decoder {
                     let start = at;
                     at += consumed;
                     if let Some(output) = output {
-                        let message = finish(output, &data[start..at])?;
+                        let frame = &data[start..at];
+                        let message = finish(output, |range| Bytes::copy_from_slice(&frame[range]))?;
                         self.keep(&data[at..]);
                         return Ok(Some(message));
                     }
@@ -248,9 +260,10 @@ impl Decoder {
                     // without copying (a large upload chunk, typically).
                     let whole = Bytes::from(std::mem::take(&mut self.buf));
                     self.pos = 0;
-                    finish_owned(output, &whole)?
+                    finish(output, |range| whole.slice(range))?
                 } else {
-                    let message = finish(output, &self.buf[start..self.pos])?;
+                    let frame = &self.buf[start..self.pos];
+                    let message = finish(output, |range| Bytes::copy_from_slice(&frame[range]))?;
                     self.compact();
                     message
                 };
@@ -449,32 +462,15 @@ fn check_utf8_prefix(fragments: &mut Fragments, last: bool) -> Result<(), ReadEr
     }
 }
 
-/// Turns a parsed frame into a message, copying its payload out of `frame`
-/// (the frame's bytes, header included).
-fn finish(output: Output, frame: &[u8]) -> Result<Incoming, ReadError> {
-    match output {
-        Output::InPlace { opcode, range } => {
-            let payload = &frame[range];
-            match opcode {
-                TEXT => {
-                    std::str::from_utf8(payload).map_err(|_| ReadError::Utf8)?;
-                    let bytes = Bytes::copy_from_slice(payload);
-                    Utf8Bytes::try_from(bytes).map(Incoming::Text).map_err(|_| ReadError::Utf8)
-                }
-                _ => finish_control(opcode, Bytes::copy_from_slice(payload)),
-            }
-        }
-        Output::Joined { text, data } => joined(text, data),
-    }
-}
-
-/// As [`finish`], taking the frame's bytes without a copy.
-fn finish_owned(output: Output, frame: &Bytes) -> Result<Incoming, ReadError> {
+/// Turns a parsed frame into a message. `payload` gives the bytes of a
+/// range of the frame (header included): a copy, or a slice of a buffer
+/// handed over whole. Text is validated once, here.
+fn finish(output: Output, payload: impl FnOnce(Range<usize>) -> Bytes) -> Result<Incoming, ReadError> {
     match output {
         Output::InPlace { opcode: TEXT, range } => {
-            Utf8Bytes::try_from(frame.slice(range)).map(Incoming::Text).map_err(|_| ReadError::Utf8)
+            Utf8Bytes::try_from(payload(range)).map(Incoming::Text).map_err(|_| ReadError::Utf8)
         }
-        Output::InPlace { opcode, range } => finish_control(opcode, frame.slice(range)),
+        Output::InPlace { opcode, range } => finish_control(opcode, payload(range)),
         Output::Joined { text, data } => joined(text, data),
     }
 }
