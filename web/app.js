@@ -8,6 +8,8 @@
 
 import { HubbubClient } from '/client.js';
 
+/** What the ✓ on an own message means (its tooltip and spoken label). */
+const DELIVERED = 'Delivered to the server';
 /** How long "X is typing…" stays after the last typing event, in ms. */
 const TYPING_VISIBLE_MS = 3000;
 /** Messages from one person closer together than this are grouped. */
@@ -20,6 +22,35 @@ const MAX_ROOM_CHIPS = 6;
 const AVATAR_COLOURS = 8;
 /** Where the last username is remembered. */
 const USERNAME_KEY = 'hubbub.username';
+/** Where the room is remembered, so a reload rejoins it. */
+const ROOM_KEY = 'hubbub.room';
+/** A reader closer than this to the end of the list (px) counts as at the bottom. */
+const NEAR_BOTTOM_PX = 80;
+
+/**
+ * Page options, from the query string (docs/CLIENT-JS.md lists them):
+ * `?room=NAME` fills in the room; the others change waits, for tests and for
+ * deployments that want them shorter or longer.
+ */
+const query = new URLSearchParams(location.search);
+
+/** A duration option in ms, kept within [min, max]; `fallback` when absent or not a number. */
+function msOption(name, fallback, min, max) {
+  const raw = query.get(name);
+  const value = raw === null || raw.trim() === '' ? NaN : Number(raw);
+  return Number.isFinite(value) ? Math.min(Math.max(value, min), max) : fallback;
+}
+
+/** The longest wait between two reconnect attempts (ms); the page never stops trying. */
+const RECONNECT_MAX_DELAY_MS = msOption('reconnectMaxDelay', 30000, 100, 3600000);
+/** The first wait after the link is lost (ms), doubling up to the longest. */
+const RECONNECT_DELAY_MS = msOption('reconnectDelay', Math.min(1000, RECONNECT_MAX_DELAY_MS), 100, 3600000);
+/**
+ * How long a `userLeft` waits before it is shown (ms). A member who joins
+ * again within it (a reload, a reconnect, a server restart) was never away
+ * as far as the reader is concerned, and neither line is shown.
+ */
+const LEAVE_GRACE_MS = msOption('leaveGrace', 5000, 0, 600000);
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -48,9 +79,12 @@ const ui = {
   attachButton: $('attach-button'),
   message: $('message'),
   dropOverlay: $('drop-overlay'),
+  newMessages: $('new-messages'),
 };
 
-const client = new HubbubClient();
+const client = new HubbubClient(undefined, {
+  reconnect: { initialDelay: RECONNECT_DELAY_MS, maxDelay: RECONNECT_MAX_DELAY_MS, maxAttempts: Infinity },
+});
 
 /** The username the server confirmed. */
 let me = null;
@@ -60,6 +94,34 @@ let currentRoom = null;
 let expectOwnJoin = false;
 /** Whether a "connection lost" line was shown and awaits "reconnected". */
 let announcedLoss = false;
+/**
+ * Members known to be in the room (seen to join, write, type or share
+ * since this page entered it), so that one who joins again without a
+ * `userLeft` in between (the server went away, say) is not news.
+ */
+const present = new Set();
+/** `userLeft`s not shown yet: name -> the timer that shows it. */
+const pendingLeaves = new Map();
+/**
+ * After this page's own reconnection, joins up to the count the room had
+ * before the link was lost are members coming back, until `until`
+ * (performance.now()).
+ */
+let returnWindow = { until: 0, count: 0 };
+/** The last member count the server told, or null while it is unknown. */
+let lastCount = null;
+/** The count when the link was lost. */
+let countBeforeLoss = null;
+/**
+ * True while the reader is at the bottom of the list: then everything that
+ * arrives, and everything that grows (an image loading), keeps them there.
+ * Only the reader's own scrolling clears it.
+ */
+let pinned = true;
+/** The list's scrollTop at the last scroll event, to tell up from down. */
+let lastScrollTop = 0;
+/** Messages that arrived below a reader who scrolled up. */
+let unseenBelow = 0;
 /** Own messages on the page, by clientMsgId, until acknowledged. */
 const ownPending = new Map();
 /** Upload items on the page, by transferId. */
@@ -131,22 +193,52 @@ function safeFileUrl(url) {
 
 function nearBottom() {
   const list = ui.messages;
-  return list.scrollHeight - list.scrollTop - list.clientHeight < 80;
+  return list.scrollHeight - list.scrollTop - list.clientHeight < NEAR_BOTTOM_PX;
+}
+
+function scrollToBottom() {
+  ui.messages.scrollTop = ui.messages.scrollHeight;
+  lastScrollTop = ui.messages.scrollTop;
+  pinned = true;
+  unseenBelow = 0;
+  renderNewMarker();
+}
+
+/** Called whenever the list or anything in it changed size. */
+function keepPinned() {
+  if (pinned) scrollToBottom();
+}
+
+// Images load, uploads turn into file cards, the window or the typing line
+// changes the list's height: whatever grows, a pinned reader stays pinned.
+// The decision was made before the growth (`pinned`), never after it.
+const resizeWatcher = typeof ResizeObserver === 'function' ? new ResizeObserver(keepPinned) : null;
+resizeWatcher?.observe(ui.messages);
+
+function renderNewMarker() {
+  ui.newMessages.hidden = unseenBelow === 0;
+  ui.newMessages.textContent = unseenBelow === 1 ? '1 new message ↓' : `${unseenBelow} new messages ↓`;
 }
 
 function append(item) {
-  const stick = nearBottom() || item.classList.contains('own');
+  const news = !item.classList.contains('system');
   ui.messages.append(item);
-  if (stick) ui.messages.scrollTop = ui.messages.scrollHeight;
-  if (document.hidden && !item.classList.contains('system')) {
+  resizeWatcher?.observe(item);
+  if (pinned || item.classList.contains('own')) {
+    scrollToBottom();
+  } else if (news) {
+    unseenBelow++;
+    renderNewMarker();
+  }
+  if (document.hidden && news) {
     unread++;
     updateTitle();
   }
 }
 
-function systemLine(text, kind = 'info') {
+function systemLine(text, kind = 'info', at = Date.now()) {
   const item = el('li', `system ${kind}`);
-  item.append(el('span', 'system-text', text), timeElement(Date.now()));
+  item.append(el('span', 'system-text', text), timeElement(at));
   append(item);
   return item;
 }
@@ -204,9 +296,8 @@ function fileCard({ name, size, mimeType, url }) {
     img.alt = name;
     img.loading = 'lazy';
     img.decoding = 'async';
-    img.addEventListener('load', () => {
-      if (nearBottom()) ui.messages.scrollTop = ui.messages.scrollHeight;
-    });
+    // Where ResizeObserver is missing, the load is the moment it grew.
+    img.addEventListener('load', keepPinned);
     thumbLink.append(img);
     card.append(thumbLink);
   }
@@ -247,12 +338,24 @@ function fileMessage(detail, own) {
 }
 
 function clearMessages() {
+  if (resizeWatcher) {
+    resizeWatcher.disconnect();
+    resizeWatcher.observe(ui.messages);
+  }
   ui.messages.replaceChildren();
   ownPending.clear();
   uploads.clear();
   for (const timer of typists.values()) clearTimeout(timer);
   typists.clear();
   renderTyping();
+  for (const timer of pendingLeaves.values()) clearTimeout(timer);
+  pendingLeaves.clear();
+  present.clear();
+  returnWindow = { until: 0, count: 0 };
+  pinned = true;
+  lastScrollTop = 0;
+  unseenBelow = 0;
+  renderNewMarker();
 }
 
 // ---- typing ------------------------------------------------------------------
@@ -341,8 +444,20 @@ function renderStatus() {
 
 function renderCount(count) {
   if (typeof count !== 'number') return;
-  const text = count === 1 ? '1 person here' : `${count} people here`;
-  ui.chatCount.textContent = text;
+  lastCount = count;
+  ui.chatCount.textContent = count === 1 ? '1 person here' : `${count} people here`;
+  ui.chatCount.removeAttribute('title');
+  delete ui.chatCount.dataset.stale;
+}
+
+/** Offline, the page cannot know who is here: say so until the rejoin answers. */
+function renderCountUnknown() {
+  if (ui.chatCount.dataset.stale) return;
+  countBeforeLoss = lastCount;
+  lastCount = null;
+  ui.chatCount.textContent = '? people here';
+  ui.chatCount.title = 'Not known while offline; updated once the page has reconnected';
+  ui.chatCount.dataset.stale = 'true';
 }
 
 function updateTitle() {
@@ -487,6 +602,7 @@ for (const type of ['stateChange', 'reconnecting', 'queueChange', 'latency', 'ga
 
 client.on('disconnected', ({ wasConnected }) => {
   expectOwnJoin = true;
+  if (currentRoom) renderCountUnknown();
   if (wasConnected && currentRoom && !announcedLoss) {
     systemLine('Connection lost. Reconnecting…', 'warn');
     announcedLoss = true;
@@ -496,6 +612,11 @@ client.on('disconnected', ({ wasConnected }) => {
 client.on('connected', ({ restored }) => {
   if (restored && currentRoom && announcedLoss) systemLine('Reconnected', 'ok');
   announcedLoss = false;
+  if (restored && currentRoom && countBeforeLoss !== null) {
+    // Those who were here come back too (after a server restart, all at
+    // once): their joins are not news for a while.
+    returnWindow = { until: performance.now() + LEAVE_GRACE_MS, count: countBeforeLoss };
+  }
 });
 
 client.on('gaveUp', () => {
@@ -517,22 +638,52 @@ client.on('userJoined', ({ user, room, userCount }) => {
     expectOwnJoin = false;
     return;
   }
-  if (currentRoom) systemLine(`${user} joined`);
+  if (!currentRoom) return;
+  const leaving = pendingLeaves.get(user);
+  if (leaving !== undefined) {
+    clearTimeout(leaving);
+    pendingLeaves.delete(user);
+  }
+  const returning =
+    leaving !== undefined ||
+    present.has(user) ||
+    (performance.now() < returnWindow.until && userCount <= returnWindow.count);
+  present.add(user);
+  if (!returning) systemLine(`${user} joined`);
 });
 
-client.on('userLeft', ({ user, userCount }) => {
-  if (!currentRoom) return;
+client.on('userLeft', ({ user, room, userCount }) => {
+  if (!currentRoom || (room && room !== currentRoom)) return;
   renderCount(userCount);
   stoppedTyping(user);
-  systemLine(`${user} left`);
+  present.delete(user);
+  clearTimeout(pendingLeaves.get(user));
+  const at = Date.now();
+  const show = () => {
+    pendingLeaves.delete(user);
+    systemLine(`${user} left`, 'info', at);
+  };
+  if (LEAVE_GRACE_MS === 0) show();
+  else pendingLeaves.set(user, setTimeout(show, LEAVE_GRACE_MS));
+});
+
+client.on('userRenamed', ({ user, previous, room }) => {
+  if (!currentRoom || (room && room !== currentRoom)) return;
+  stoppedTyping(previous);
+  present.delete(previous);
+  present.add(user);
+  systemLine(`${previous} is now ${user}`);
 });
 
 client.on('userTyping', ({ user }) => {
-  if (currentRoom) someoneTyping(user);
+  if (!currentRoom) return;
+  present.add(user);
+  someoneTyping(user);
 });
 
 client.on('message', ({ user, text, timestamp }) => {
   if (!currentRoom) return;
+  present.add(user);
   stoppedTyping(user);
   textMessage({ user, text, timestamp });
 });
@@ -551,8 +702,11 @@ client.on('messageAcked', ({ clientMsgId, timestamp }) => {
   parts.time.textContent = timeFormat.format(date);
   parts.time.dateTime = date.toISOString();
   parts.time.title = fullTimeFormat.format(date);
-  parts.state.textContent = '';
-  parts.state.title = 'Delivered';
+  // The tick says what is known: the server accepted the message and passed
+  // it on to the members connected then. It is not a read receipt.
+  parts.state.textContent = '✓';
+  parts.state.title = DELIVERED;
+  parts.state.setAttribute('aria-label', DELIVERED);
 });
 
 client.on('messageRejected', ({ clientMsgId, message }) => {
@@ -591,6 +745,7 @@ client.on('fileSaved', (detail) => {
   uploads.delete(detail.transferId);
   upload.item.classList.remove('uploading');
   upload.card.replaceWith(fileCard(detail));
+  keepPinned();
 });
 
 client.on('fileFailed', ({ transferId, name, message }) => {
@@ -608,6 +763,7 @@ client.on('fileFailed', ({ transferId, name, message }) => {
 
 client.on('fileShared', (detail) => {
   if (!currentRoom) return;
+  present.add(detail.user);
   stoppedTyping(detail.user);
   fileMessage(detail, false);
 });
@@ -637,6 +793,7 @@ ui.joinForm.addEventListener('submit', async (event) => {
     me = name;
     try {
       localStorage.setItem(USERNAME_KEY, name);
+      localStorage.setItem(ROOM_KEY, joined.room);
     } catch {
       // Storage may be off (private mode); remembering is a convenience.
     }
@@ -655,7 +812,37 @@ ui.leaveButton.addEventListener('click', () => {
   client.leaveRoom().catch(() => {
     // Leaving while offline simply does not rejoin on reconnect.
   });
+  try {
+    localStorage.removeItem(ROOM_KEY);
+  } catch {
+    // No storage: nothing was remembered.
+  }
   showJoin();
+});
+
+ui.messages.addEventListener(
+  'scroll',
+  () => {
+    // Growth below never moves scrollTop up, so only the reader scrolling up
+    // unpins; reaching the bottom again pins.
+    const top = ui.messages.scrollTop;
+    if (nearBottom()) {
+      pinned = true;
+      if (unseenBelow > 0) {
+        unseenBelow = 0;
+        renderNewMarker();
+      }
+    } else if (top < lastScrollTop) {
+      pinned = false;
+    }
+    lastScrollTop = top;
+  },
+  { passive: true },
+);
+
+ui.newMessages.addEventListener('click', () => {
+  scrollToBottom();
+  ui.messages.focus({ preventScroll: true });
 });
 
 ui.retry.addEventListener('click', () => client.reconnect());
@@ -728,15 +915,22 @@ document.addEventListener('visibilitychange', () => {
 
 // ---- start -------------------------------------------------------------------
 
+let rememberedRoom = null;
 try {
   ui.username.value = localStorage.getItem(USERNAME_KEY) ?? '';
+  rememberedRoom = localStorage.getItem(ROOM_KEY);
 } catch {
   // No storage: start with an empty name.
 }
-const wantedRoom = new URLSearchParams(location.search).get('room');
-if (wantedRoom) ui.room.value = wantedRoom;
+const wantedRoom = query.get('room');
+ui.room.value = wantedRoom || rememberedRoom || '';
 renderStatus();
 client.connect();
 refreshRooms();
 startRoomRefresh();
-(ui.username.value ? ui.room : ui.username).focus();
+if (ui.username.value && rememberedRoom && ui.room.value === rememberedRoom) {
+  // A reload (or a new tab) goes back to the room the page was in.
+  ui.joinForm.requestSubmit();
+} else {
+  (ui.username.value ? ui.room : ui.username).focus();
+}

@@ -2,7 +2,8 @@
 //
 // An ES module with no dependencies. It speaks the Hubbub chat protocol (see
 // docs/PROTOCOL.md) over a browser WebSocket and adds what the Rust client
-// has: reconnection with exponential backoff and jitter, session restore
+// has: reconnection with capped exponential backoff and jitter (forever by
+// default, and at once when the network or the tab comes back), session restore
 // (username, then room) before anything queued is sent, a bounded offline
 // queue, a `clientMsgId` on every chat message with resend until the server
 // acknowledges it, de-duplication of received messages, an application-level
@@ -11,7 +12,12 @@
 
 /** The defaults of every option; see docs/CLIENT-JS.md. */
 export const DEFAULTS = Object.freeze({
-  /** Reconnection after the link is lost (the classic tutorial's defaults). */
+  /**
+   * Reconnection after the link is lost. The delays are the classic
+   * tutorial's (1 s, doubling), but there is no attempt limit: a tab left
+   * open for days must come back by itself. Set `maxAttempts: 5` for the
+   * tutorial's giving up.
+   */
   reconnect: Object.freeze({
     /** Delay before the first attempt, in ms. */
     initialDelay: 1000,
@@ -20,7 +26,7 @@ export const DEFAULTS = Object.freeze({
     /** Longest delay, in ms. */
     maxDelay: 30000,
     /** Attempts before giving up; `Infinity` retries forever, 0 never does. */
-    maxAttempts: 5,
+    maxAttempts: Infinity,
     /** Random spread of each delay, as a fraction of it (0 to 1). */
     jitter: 0.2,
   }),
@@ -49,8 +55,10 @@ export const DEFAULTS = Object.freeze({
   typingInterval: 2000,
   /** Least time (ms) between two `fileProgress` events of one upload. */
   progressInterval: 100,
-  /** Reconnect at once when the browser says the network is back. */
+  /** Reconnect at once when the browser says the network is back (`online`). */
   reconnectOnOnline: true,
+  /** Reconnect at once when the page becomes visible again (`visibilitychange`). */
+  reconnectOnVisible: true,
   /** Limits checked before sending, so a mistake fails at the call. */
   limits: Object.freeze({ username: 32, room: 64, text: 4096 }),
 });
@@ -129,8 +137,9 @@ export class HubbubClient extends EventTarget {
   #uploads = [];
   /** True while an upload job is running on the current socket. */
   #uploadRunning = false;
-  /** The `online` listener, removed by close(). */
+  /** The `online` and `visibilitychange` listeners, removed by close(). */
   #onOnline = null;
+  #onVisible = null;
   /** When the last typing notice was sent (performance.now()), or -Infinity. */
   #lastTyping = -Infinity;
 
@@ -209,7 +218,7 @@ export class HubbubClient extends EventTarget {
     if (this.#state === 'connecting' || this.#state === 'open') return this;
     this.#closedByUser = false;
     this.#attempt = 0;
-    this.#listenForOnline();
+    this.#listenForWake();
     this.#open();
     return this;
   }
@@ -242,10 +251,7 @@ export class HubbubClient extends EventTarget {
     this.#sessionWaiters = [];
     for (const w of waiters) w.reject(new HubbubError('The client was closed', 'closed'));
     this.#clearRetry();
-    if (this.#onOnline) {
-      globalThis.removeEventListener?.('online', this.#onOnline);
-      this.#onOnline = null;
-    }
+    this.#stopListeningForWake();
     const ws = this.#ws;
     if (ws) {
       detach(ws);
@@ -260,12 +266,37 @@ export class HubbubClient extends EventTarget {
     }
   }
 
-  #listenForOnline() {
-    if (!this.#options.reconnectOnOnline || this.#onOnline || !globalThis.addEventListener) return;
-    this.#onOnline = () => {
+  /**
+   * Listens for the moments a waiting reconnect should not wait: the browser
+   * says the network is back, or the user comes back to the tab (browsers
+   * throttle timers in hidden tabs, so the scheduled attempt may be late).
+   */
+  #listenForWake() {
+    const wake = () => {
       if (this.#state === 'reconnecting' || this.#state === 'offline') this.reconnect();
     };
-    globalThis.addEventListener('online', this.#onOnline);
+    if (this.#options.reconnectOnOnline && !this.#onOnline && globalThis.addEventListener) {
+      this.#onOnline = wake;
+      globalThis.addEventListener('online', this.#onOnline);
+    }
+    const doc = globalThis.document;
+    if (this.#options.reconnectOnVisible && !this.#onVisible && doc?.addEventListener) {
+      this.#onVisible = () => {
+        if (doc.visibilityState === 'visible') wake();
+      };
+      doc.addEventListener('visibilitychange', this.#onVisible);
+    }
+  }
+
+  #stopListeningForWake() {
+    if (this.#onOnline) {
+      globalThis.removeEventListener?.('online', this.#onOnline);
+      this.#onOnline = null;
+    }
+    if (this.#onVisible) {
+      globalThis.document?.removeEventListener('visibilitychange', this.#onVisible);
+      this.#onVisible = null;
+    }
   }
 
   #open() {
@@ -849,6 +880,9 @@ export class HubbubClient extends EventTarget {
       case 'userLeft':
         this.#emit('userLeft', { user: msg.user, room: msg.room ?? null, userCount: msg.userCount });
         break;
+      case 'userRenamed':
+        this.#emit('userRenamed', { user: msg.user, previous: msg.previous, room: msg.room ?? null });
+        break;
       case 'userTyping':
         this.#emit('userTyping', { user: msg.user });
         break;
@@ -1001,7 +1035,10 @@ export class HubbubClient extends EventTarget {
  * to ± `jitter` of itself (`random` in [0, 1) picks where; 0.5 is none).
  */
 export function backoff(policy, attempt, random) {
-  const nominal = Math.min(policy.initialDelay * policy.multiplier ** (attempt - 1), policy.maxDelay);
+  // The exponent is bounded so that endless retrying never computes
+  // Infinity (or 0 × Infinity) on its way to the cap.
+  const growth = policy.multiplier ** Math.min(Math.max(attempt - 1, 0), 64);
+  const nominal = Math.min(policy.initialDelay * growth, policy.maxDelay);
   const spread = Math.min(Math.max(policy.jitter, 0), 1) * (2 * random - 1);
   return Math.round(Math.min(Math.max(nominal * (1 + spread), 0), policy.maxDelay));
 }

@@ -11,10 +11,14 @@
 // same address, and stops it when done. Screenshots go to E2E_ARTIFACTS
 // (default target/browser-artifacts). Every wait is on a condition with a
 // time limit; nothing sleeps. Exits non-zero if any test fails.
+//
+// E2E_WEB_DIR=web (optional) serves the page's files from that directory
+// instead of the server's embedded copies, to try a change to the page
+// without rebuilding the binary. `cargo xtask browser` never sets it.
 
 import { spawn } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { createWriteStream, mkdirSync } from 'node:fs';
+import { createWriteStream, mkdirSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
@@ -80,6 +84,30 @@ function assert(condition, message) {
 /** The pages a test opened, for failure screenshots and clean-up. */
 let openContexts = [];
 
+/** The page's files and their types, for E2E_WEB_DIR. */
+const WEB_FILES = {
+  '/': ['index.html', 'text/html; charset=utf-8'],
+  '/client.js': ['client.js', 'text/javascript; charset=utf-8'],
+  '/app.js': ['app.js', 'text/javascript; charset=utf-8'],
+  '/style.css': ['style.css', 'text/css; charset=utf-8'],
+};
+
+/** A fresh browser context; with E2E_WEB_DIR, the page's files come from there. */
+async function newContext(browser, options = {}) {
+  const context = await browser.newContext(options);
+  const dir = process.env.E2E_WEB_DIR;
+  if (dir) {
+    await context.route(
+      (url) => url.origin === base && Object.hasOwn(WEB_FILES, url.pathname),
+      (route) => {
+        const [file, contentType] = WEB_FILES[new URL(route.request().url()).pathname];
+        return route.fulfill({ status: 200, contentType, body: readFileSync(path.join(path.resolve(dir), file)) });
+      },
+    );
+  }
+  return context;
+}
+
 /**
  * Opens the chat page in a fresh browser context, checks that it is under
  * the strict Content-Security-Policy, and waits until the client is
@@ -87,8 +115,8 @@ let openContexts = [];
  * are recorded (and dismissed); uncaught page errors and CSP violations
  * fail the test.
  */
-async function openPage(browser, label, options = {}) {
-  const context = await browser.newContext({ viewport: { width: 1100, height: 760 }, ...options });
+async function openPage(browser, label, options = {}, query = '') {
+  const context = await newContext(browser, { viewport: { width: 1100, height: 760 }, ...options });
   const page = await context.newPage();
   const record = { label, context, page, dialogs: [], errors: [] };
   openContexts.push(record);
@@ -100,7 +128,7 @@ async function openPage(browser, label, options = {}) {
   page.on('console', (msg) => {
     if (/Content Security Policy/i.test(msg.text())) record.errors.push(firstLine(msg.text()));
   });
-  const response = await step(`${label}: load ${base}/`, page.goto(`${base}/`));
+  const response = await step(`${label}: load ${base}/${query}`, page.goto(`${base}/${query}`));
   const meta = await page.evaluate(() => document.querySelector('meta[http-equiv="Content-Security-Policy"]')?.content);
   assert(
     meta === CSP || response.headers()['content-security-policy'] === CSP,
@@ -197,6 +225,57 @@ async function assertDeliveredOnce(sender, receiver, text) {
   assert(own === 1, `${sender.label} shows its own ${JSON.stringify(text)} ${own} times, expected once`);
 }
 
+/** The texts of the system lines (joins, leaves, connection notes) on a page. */
+function systemLines(who) {
+  return who.page.evaluate(() => [...document.querySelectorAll('#messages .system-text')].map((n) => n.textContent));
+}
+
+async function waitForCount(who, text, timeout = WAIT) {
+  await step(
+    `${who.label}: header count ${JSON.stringify(text)}`,
+    who.page.waitForFunction((t) => document.getElementById('chat-count').textContent === t, text, { timeout, polling: 50 }),
+  );
+}
+
+/** Waits until the message list is scrolled to its end (within 2 px). */
+async function waitAtBottom(who, when) {
+  const distance = () =>
+    who.page.evaluate(() => {
+      const list = document.getElementById('messages');
+      return Math.round(list.scrollHeight - list.scrollTop - list.clientHeight);
+    });
+  try {
+    await who.page.waitForFunction(
+      () => {
+        const list = document.getElementById('messages');
+        return list.scrollHeight - list.scrollTop - list.clientHeight <= 2;
+      },
+      null,
+      { timeout: 3000, polling: 50 },
+    );
+  } catch {
+    throw new Error(`${who.label}: not at the bottom of the list ${when} (${await distance()} px above it)`);
+  }
+}
+
+/** A PNG of `width` × `height` drawn in the page, as bytes. */
+async function drawPng(who, width, height) {
+  const bytes = await who.page.evaluate(
+    async ([w, h]) => {
+      const canvas = document.createElement('canvas');
+      canvas.width = w;
+      canvas.height = h;
+      const ctx = canvas.getContext('2d');
+      ctx.fillStyle = '#0ea5e9';
+      ctx.fillRect(0, 0, w, h);
+      const blob = await new Promise((resolve) => canvas.toBlob(resolve, 'image/png'));
+      return [...new Uint8Array(await blob.arrayBuffer())];
+    },
+    [width, height],
+  );
+  return Buffer.from(bytes);
+}
+
 function uniqueRoom(prefix) {
   return `${prefix}-${randomBytes(3).toString('hex')}`;
 }
@@ -224,7 +303,8 @@ async function fileLinkHref(who, name) {
 
 test('two pages chat: a message appears once on the other page, typing shows and clears', async (browser) => {
   const room = uniqueRoom('general');
-  const alice = await openPage(browser, 'alice');
+  // A short grace period before a leave is shown, to keep the test short.
+  const alice = await openPage(browser, 'alice', {}, '?leaveGrace=500');
   const bob = await openPage(browser, 'bob');
   await join(alice, 'alice', room);
   await join(bob, 'bob', room);
@@ -366,7 +446,7 @@ test('XSS payload as username, room and message is shown as text and runs nothin
 
 test('keyboard only: Tab and Enter join a room, send, attach and leave', async (browser) => {
   const room = uniqueRoom('keys');
-  const peer = await openPage(browser, 'peer');
+  const peer = await openPage(browser, 'peer', {}, '?leaveGrace=500');
   await join(peer, 'peer', room);
   const kim = await openPage(browser, 'kim');
   const { page } = kim;
@@ -473,9 +553,158 @@ test('screenshots at desktop and phone width', async (browser) => {
   assert(composerVisible, 'the Send button is not visible at phone width');
 });
 
+test('scroll: a reader at the bottom stays there when an image arrives; one scrolled up gets a new-messages button', async (browser) => {
+  const room = uniqueRoom('scroll');
+  const alice = await openPage(browser, 'alice');
+  const bob = await openPage(browser, 'bob', { viewport: { width: 900, height: 600 } });
+  await join(alice, 'alice', room);
+  await join(bob, 'bob', room);
+  await waitForSystemLine(alice, 'bob joined');
+  for (let i = 1; i <= 20; i++) await send(alice, `filler ${i}`);
+  await waitForMessage(bob, 'filler 20');
+  const overflow = await bob.page.evaluate(() => {
+    const list = document.getElementById('messages');
+    return list.scrollHeight - list.clientHeight;
+  });
+  assert(overflow > 300, `bob's list overflows by only ${overflow} px; the test needs a full list`);
+  await waitAtBottom(bob, 'after 20 messages');
+
+  // The image is held back until its message is on bob's page, so it grows
+  // the list after the page decided where to scroll, as on a slow link.
+  let release;
+  const held = new Promise((resolve) => {
+    release = resolve;
+  });
+  await bob.page.route('**/files/**', async (route) => {
+    await held;
+    await route.continue();
+  });
+  await alice.page.setInputFiles('#file-input', { name: 'tall.png', mimeType: 'image/png', buffer: await drawPng(alice, 200, 400) });
+  await fileLinkHref(bob, 'tall.png');
+  await waitAtBottom(bob, 'when the image message arrived');
+  release();
+  await step(
+    'bob: the image to load',
+    bob.page.waitForFunction(
+      () => {
+        const img = document.querySelector('#messages .thumb img[alt="tall.png"]');
+        return img && img.complete && img.naturalWidth === 200;
+      },
+      null,
+      { timeout: WAIT, polling: 50 },
+    ),
+  );
+  const grown = await bob.page.evaluate(() => document.querySelector('#messages .thumb img[alt="tall.png"]').getBoundingClientRect().height);
+  assert(grown > 150, `the image is only ${grown} px high; it would not have moved the reader`);
+  await waitAtBottom(bob, 'after the image loaded');
+  await send(alice, 'after the image');
+  await waitForMessage(bob, 'after the image');
+  await waitAtBottom(bob, 'after a message that followed the image');
+  await bob.page.screenshot({ path: path.join(ARTIFACTS, 'scroll-image-desktop.png') });
+
+  // Bob scrolls up to read; what arrives then does not move him, and a
+  // button says there is more below.
+  await bob.page.locator('#messages').hover();
+  await bob.page.mouse.wheel(0, -800);
+  await step(
+    'bob: scrolled up',
+    bob.page.waitForFunction(
+      () => {
+        const list = document.getElementById('messages');
+        return list.scrollHeight - list.scrollTop - list.clientHeight > 400;
+      },
+      null,
+      { timeout: WAIT, polling: 50 },
+    ),
+  );
+  const readingAt = await bob.page.evaluate(() => document.getElementById('messages').scrollTop);
+  assert(await bob.page.locator('#new-messages').isHidden(), 'the new-messages button shows before anything new arrived');
+  await send(alice, 'while bob reads older messages');
+  await waitForMessage(bob, 'while bob reads older messages');
+  const marker = bob.page.locator('#new-messages');
+  await step('bob: the new-messages button', marker.waitFor({ state: 'visible', timeout: WAIT }));
+  const label = await marker.textContent();
+  assert(label === '1 new message ↓', `the button says ${JSON.stringify(label)}`);
+  const stillAt = await bob.page.evaluate(() => document.getElementById('messages').scrollTop);
+  assert(Math.abs(stillAt - readingAt) <= 1, `bob was moved from ${readingAt} to ${stillAt} while reading`);
+  await bob.page.screenshot({ path: path.join(ARTIFACTS, 'new-messages-desktop.png') });
+  await marker.click();
+  await waitAtBottom(bob, 'after the new-messages button');
+  await step('bob: the button hides once used', marker.waitFor({ state: 'hidden', timeout: WAIT }));
+  await send(alice, 'and the reader is pinned again');
+  await waitForMessage(bob, 'and the reader is pinned again');
+  await waitAtBottom(bob, 'after the next message');
+});
+
+test('reload: the room is remembered and rejoined; a member back within the grace period is not shown leaving and joining', async (browser) => {
+  const room = uniqueRoom('grace');
+  const GRACE = 4000;
+  const alice = await openPage(browser, 'alice', {}, `?leaveGrace=${GRACE}`);
+  const bob = await openPage(browser, 'bob');
+  const carol = await openPage(browser, 'carol');
+  await join(alice, 'alice', room);
+  await join(bob, 'bob', room);
+  await join(carol, 'carol', room);
+  await waitForSystemLine(alice, 'carol joined');
+  await waitForCount(alice, '3 people here');
+
+  // Bob reloads: his page goes back to the room by itself, without the form.
+  await bob.page.reload();
+  await step(
+    'bob: back in the room after the reload',
+    bob.page.waitForFunction(
+      (r) => !document.getElementById('chat-view').hidden && document.getElementById('chat-room').textContent === r,
+      room,
+      { timeout: WAIT, polling: 50 },
+    ),
+  );
+  await waitForStatus(bob, /^Connected/);
+  await send(bob, 'back after a reload');
+  await waitForMessage(alice, 'back after a reload');
+
+  // Carol leaves for good: the count drops at once, the line waits for the
+  // grace period.
+  const clicked = Date.now();
+  await carol.page.getByRole('button', { name: 'Leave room' }).click();
+  await waitForCount(alice, '2 people here');
+  assert(!(await systemLines(alice)).includes('carol left'), 'alice shows "carol left" before the grace period ended');
+  await waitForSystemLine(alice, 'carol left', GRACE + WAIT);
+  const shownAfter = Date.now() - clicked;
+  assert(shownAfter >= GRACE - 250, `"carol left" showed ${shownAfter} ms after she left, inside the ${GRACE} ms grace`);
+
+  // Bob's leave came earlier with the same grace: had it been kept, it would
+  // show by now.
+  const lines = await systemLines(alice);
+  assert(!lines.includes('bob left'), `alice shows "bob left" for a reload: ${JSON.stringify(lines)}`);
+  const joins = lines.filter((line) => line === 'bob joined').length;
+  assert(joins === 1, `alice shows "bob joined" ${joins} times, expected once: ${JSON.stringify(lines)}`);
+  const remembered = await bob.page.evaluate(() => localStorage.getItem('hubbub.room'));
+  assert(remembered === room, `bob's page remembers the room as ${JSON.stringify(remembered)}`);
+});
+
+test('a member\'s new name is shown: "dora is now dorothy"', async (browser) => {
+  const room = uniqueRoom('names');
+  const alice = await openPage(browser, 'alice');
+  await join(alice, 'alice', room);
+  const renamed = await alice.page.evaluate(async (room) => {
+    // A second client, on its own, in the same page.
+    const { HubbubClient } = await import('/client.js');
+    const dora = new HubbubClient();
+    dora.connect();
+    await dora.setUsername('dora');
+    await dora.joinRoom(room);
+    await dora.setUsername('dorothy');
+    window.dora = dora;
+    return dora.username;
+  }, room);
+  assert(renamed === 'dorothy', `the rename was confirmed as ${JSON.stringify(renamed)}`);
+  await waitForSystemLine(alice, 'dora is now dorothy');
+  await alice.page.evaluate(() => window.dora.close());
+});
+
 test('client.js: backoff, bounded queue, dead-link detection, latency, upload resumed after a dropped link', async (browser) => {
   // The module on its own, in a page without the chat app.
-  const context = await browser.newContext();
+  const context = await newContext(browser);
   const page = await context.newPage();
   const record = { label: 'module', context, page, dialogs: [], errors: [] };
   openContexts.push(record);
@@ -498,13 +727,43 @@ test('client.js: backoff, bounded queue, dead-link detection, latency, upload re
       plain: [1, 2, 3, 4, 5].map((n) => backoff(exact, n, 0.5)),
       capped: [3, 4, 9].map((n) => backoff({ ...exact, maxDelay: 5000 }, n, 0.5)),
       spread: [backoff(DEFAULTS.reconnect, 1, 0), backoff(DEFAULTS.reconnect, 1, 0.999999)],
+      // Retrying for days: still the cap, never Infinity or NaN.
+      late: [backoff(exact, 10_000, 0.5), backoff({ ...exact, initialDelay: 0 }, 10_000, 0.5)],
       maxAttempts: DEFAULTS.reconnect.maxAttempts,
     };
   });
   assert(delays.plain.join() === '1000,2000,4000,8000,16000', `backoff delays ${delays.plain}`);
   assert(delays.capped.join() === '4000,5000,5000', `capped backoff delays ${delays.capped}`);
   assert(delays.spread[0] === 800 && delays.spread[1] === 1200, `jittered first delay spans ${delays.spread}`);
-  assert(delays.maxAttempts === 5, `default attempts ${delays.maxAttempts}`);
+  assert(delays.late.join() === '30000,0', `backoff after 10,000 attempts ${delays.late}`);
+  assert(delays.maxAttempts === Infinity, `default attempts ${delays.maxAttempts}, not unlimited`);
+
+  // A reconnect a minute away starts at once when the tab becomes visible
+  // again (headless Chromium never hides a tab, so the page is told so).
+  const wake = await page.evaluate(async () => {
+    const { HubbubClient } = await import('/client.js');
+    // Nothing listens on port 9: every attempt fails at once.
+    const client = new HubbubClient('ws://127.0.0.1:9/', {
+      reconnect: { initialDelay: 60_000, maxDelay: 60_000, jitter: 0 },
+      heartbeat: false,
+    });
+    const scheduled = new Promise((resolve) => client.on('reconnecting', resolve));
+    client.connect();
+    const first = await scheduled;
+    const started = performance.now();
+    const attempt = new Promise((resolve) => {
+      client.on('stateChange', ({ state }) => state === 'connecting' && resolve(performance.now() - started));
+      setTimeout(() => resolve(null), 5000);
+    });
+    Object.defineProperty(document, 'visibilityState', { configurable: true, get: () => 'visible' });
+    document.dispatchEvent(new Event('visibilitychange'));
+    const after = await attempt;
+    delete document.visibilityState;
+    client.close();
+    return { delay: first.delay, after };
+  });
+  assert(wake.delay === 60_000, `the first reconnect was scheduled in ${wake.delay} ms`);
+  assert(wake.after !== null && wake.after < 1000, `after visibilitychange the next attempt began after ${wake.after} ms`);
 
   const full = await page.evaluate(async () => {
     const { HubbubClient } = await import('/client.js');
@@ -596,8 +855,8 @@ test('client.js: backoff, bounded queue, dead-link detection, latency, upload re
 });
 
 test('server restart: the page shows reconnecting, rejoins, and a message sent offline arrives once', async (browser) => {
-  const { E2E_SERVER_BIN: bin, E2E_SERVER_PID: pid, E2E_UPLOAD_DIR: uploadDir } = process.env;
-  if (!bin || !pid || !uploadDir) throw new Skip('needs E2E_SERVER_BIN, E2E_SERVER_PID and E2E_UPLOAD_DIR (cargo xtask browser sets them)');
+  const { E2E_SERVER_BIN: bin, E2E_UPLOAD_DIR: uploadDir } = process.env;
+  if (!bin || !serverPid || !uploadDir) throw new Skip('needs E2E_SERVER_BIN, E2E_SERVER_PID and E2E_UPLOAD_DIR (cargo xtask browser sets them)');
   const room = uniqueRoom('restart');
   const alice = await openPage(browser, 'alice');
   const bob = await openPage(browser, 'bob');
@@ -605,7 +864,7 @@ test('server restart: the page shows reconnecting, rejoins, and a message sent o
   await join(bob, 'bob', room);
   await waitForSystemLine(alice, 'bob joined');
 
-  process.kill(Number(pid), 'SIGKILL');
+  await killServer();
   await waitForStatus(alice, /^Reconnecting/);
   await waitForStatus(bob, /^Reconnecting/);
   await waitForSystemLine(alice, 'Connection lost. Reconnecting…');
@@ -633,11 +892,77 @@ test('server restart: the page shows reconnecting, rejoins, and a message sent o
   assert(count === '2 people here', `bob shows "${count}" after the restart`);
 });
 
+test('server down longer than the old five attempts: the page keeps trying, shows the count as unknown, and tries at once when back online', async (browser) => {
+  const { E2E_SERVER_BIN: bin, E2E_UPLOAD_DIR: uploadDir } = process.env;
+  if (!bin || !serverPid || !uploadDir) throw new Skip('needs E2E_SERVER_BIN, E2E_SERVER_PID and E2E_UPLOAD_DIR (cargo xtask browser sets them)');
+  const room = uniqueRoom('outage');
+  // Alice retries at most 300 ms apart, so the old limit of five attempts
+  // passes in a couple of seconds; Carol waits a minute between attempts.
+  const alice = await openPage(browser, 'alice', {}, '?reconnectMaxDelay=300&leaveGrace=30000');
+  const carol = await openPage(browser, 'carol', {}, '?reconnectDelay=60000&reconnectMaxDelay=60000');
+  await join(alice, 'alice', room);
+  await join(carol, 'carol', room);
+  await waitForSystemLine(alice, 'carol joined');
+  await waitForCount(alice, '2 people here');
+
+  await killServer();
+  for (const who of [alice, carol]) {
+    await waitForCount(who, '? people here');
+    const stale = await who.page.locator('#chat-count').getAttribute('data-stale');
+    assert(stale === 'true', `${who.label}: the offline count is not marked stale`);
+  }
+  await waitForStatus(carol, /^Reconnecting in [3-6]\d s \(attempt 1\)/);
+  await waitForStatus(alice, /\(attempt (?:[89]|\d{2,})\)/);
+  const aliceLines = await systemLines(alice);
+  assert(!aliceLines.some((line) => /Could not reach/.test(line)), `alice gave up: ${JSON.stringify(aliceLines)}`);
+  await alice.page.screenshot({ path: path.join(ARTIFACTS, 'offline-count-desktop.png') });
+
+  await startServer(bin, new URL(base).host, uploadDir);
+  await waitForStatus(alice, /^Connected/);
+  await waitForSystemLine(alice, 'Reconnected');
+  await waitForCount(alice, '1 person here');
+
+  // Carol's next attempt is most of a minute away; the browser saying the
+  // network is back starts it now.
+  await waitForStatus(carol, /^Reconnecting in [2-6]\d s/);
+  await carol.context.setOffline(true);
+  await step('carol: the browser is offline', carol.page.waitForFunction(() => !navigator.onLine, null, { timeout: WAIT, polling: 50 }));
+  await carol.context.setOffline(false);
+  await waitForStatus(carol, /^Connected/, 5000);
+  await waitForCount(carol, '2 people here');
+  await waitForCount(alice, '2 people here');
+
+  // Carol was in the room before the outage: back, she is not news.
+  await send(carol, 'back online');
+  await waitForMessage(alice, 'back online');
+  const joins = (await systemLines(alice)).filter((line) => line === 'carol joined').length;
+  assert(joins === 1, `alice shows "carol joined" ${joins} times after the outage, expected once`);
+});
+
+/** The pid of the server the tests run against: xtask's, then the replacements'. */
+let serverPid = Number(process.env.E2E_SERVER_PID) || null;
+
+/** Kills the server and waits until its port refuses connections. */
+async function killServer() {
+  process.kill(serverPid, 'SIGKILL');
+  const deadline = Date.now() + WAIT;
+  for (;;) {
+    try {
+      await fetch(`${base}/health`, { signal: AbortSignal.timeout(1000) });
+    } catch {
+      return;
+    }
+    if (Date.now() > deadline) throw new Error(`the server (pid ${serverPid}) still answers after SIGKILL`);
+    await new Promise((resolve) => setTimeout(resolve, 20)); // the polling interval
+  }
+}
+
 /** Starts a replacement server on `host` and waits until it listens. */
 async function startServer(bin, host, uploadDir) {
   const child = spawn(bin, ['--listen', host, '--upload-dir', uploadDir], { stdio: ['ignore', 'pipe', 'pipe'] });
   ownServers.add(child);
-  const log = createWriteStream(path.join(ARTIFACTS, 'server-restarted.log'));
+  serverPid = child.pid;
+  const log = createWriteStream(path.join(ARTIFACTS, `server-restarted-${ownServers.size}.log`));
   child.stderr.pipe(log);
   const lines = createInterface({ input: child.stdout });
   const listening = new Promise((resolve, reject) => {
@@ -670,6 +995,9 @@ async function run() {
       '--disable-background-networking',
       '--disable-component-update',
       '--disable-sync',
+      // Pages served by a route count as public, and Chromium's Local
+      // Network Access checks would then block their sockets to loopback.
+      ...(process.env.E2E_WEB_DIR ? ['--disable-features=LocalNetworkAccessChecks'] : []),
     ],
   });
   console.log(`browser tests: Chromium ${browser.version()} against ${base}`);
