@@ -1,8 +1,10 @@
-//! Who may open a WebSocket: the origin check and the connection caps.
+//! Who may connect: the origin check and the connection caps.
 //!
 //! An upgrade is refused before the handshake completes: `403` for an origin
 //! that is not allowed, `503` when the server or the client's address already
-//! holds as many connections as configured. An admitted connection holds a
+//! holds as many WebSocket connections as configured. The same counting caps
+//! the HTTP connections that have not upgraded (TLS handshakes included),
+//! which are closed at once when over. An admitted connection holds a
 //! [`Slot`] until it ends; dropping the slot gives the place back.
 
 use std::collections::HashMap;
@@ -13,6 +15,15 @@ use std::sync::{Arc, Mutex, PoisonError};
 use axum::http::{HeaderMap, header};
 
 use crate::Config;
+
+/// How many connections an [`Admission`] lets in; 0 means no cap.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Caps {
+    /// From every address together.
+    pub(crate) total: usize,
+    /// From one address.
+    pub(crate) per_ip: usize,
+}
 
 /// Open connections, in total and per client address.
 #[derive(Debug, Default)]
@@ -26,9 +37,9 @@ pub(crate) struct Admission {
 /// Why an upgrade was refused.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Refusal {
-    /// The server holds `limits.max_connections` already.
+    /// The server holds as many as its total cap already.
     ServerFull,
-    /// The client's address holds `limits.max_connections_per_ip` already.
+    /// The client's address holds as many as the per-address cap already.
     AddressFull,
 }
 
@@ -46,16 +57,15 @@ impl Admission {
     }
 
     /// Takes a place for a connection from `ip`, if the caps allow.
-    pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr, config: &Config) -> Result<Slot, Refusal> {
-        let limits = &config.limits;
+    pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr, caps: Caps) -> Result<Slot, Refusal> {
         let mut per_ip = self.per_ip.lock().unwrap_or_else(PoisonError::into_inner);
         // Zero means no cap.
         let over = |count: usize, max: usize| max != 0 && count >= max;
-        if over(self.total.load(Ordering::Relaxed), limits.max_connections) {
+        if over(self.total.load(Ordering::Relaxed), caps.total) {
             return Err(Refusal::ServerFull);
         }
         let count = per_ip.entry(ip).or_insert(0);
-        if over(*count, limits.max_connections_per_ip) {
+        if over(*count, caps.per_ip) {
             if *count == 0 {
                 per_ip.remove(&ip);
             }
@@ -142,18 +152,16 @@ mod tests {
 
     #[test]
     fn slots_are_capped_and_given_back() {
-        let mut config = Config::default();
-        config.limits.max_connections = 3;
-        config.limits.max_connections_per_ip = 2;
+        let caps = Caps { total: 3, per_ip: 2 };
         let admission = Arc::new(Admission::default());
         let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
-        let a1 = admission.admit(a, &config).unwrap();
-        let _a2 = admission.admit(a, &config).unwrap();
-        assert_eq!(admission.admit(a, &config).unwrap_err(), Refusal::AddressFull);
-        let _b1 = admission.admit(b, &config).unwrap();
-        assert_eq!(admission.admit(b, &config).unwrap_err(), Refusal::ServerFull);
+        let a1 = admission.admit(a, caps).unwrap();
+        let _a2 = admission.admit(a, caps).unwrap();
+        assert_eq!(admission.admit(a, caps).unwrap_err(), Refusal::AddressFull);
+        let _b1 = admission.admit(b, caps).unwrap();
+        assert_eq!(admission.admit(b, caps).unwrap_err(), Refusal::ServerFull);
         drop(a1);
         assert_eq!(admission.open(), 2);
-        assert!(admission.admit(a, &config).is_ok());
+        assert!(admission.admit(a, caps).is_ok());
     }
 }

@@ -13,10 +13,11 @@ use crate::Shared;
 use crate::auth::{Identity, until};
 use crate::conn::Handler;
 use crate::hub::{CloseReason, Peer, Remembered, Room, encode};
-use crate::ratelimit::{Kind, Limiter, Verdict};
+use crate::ratelimit::{Key, Kind, Limiter, Shared as RateShared, Verdict};
 use crate::upload::{Outcome, Uploads};
 use crate::ws;
 use hubbub_transfer::NewUpload;
+use std::net::IpAddr;
 use std::time::Instant;
 use tokio::time::Instant as TokioInstant;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -39,6 +40,8 @@ pub(crate) struct ChatSession {
     uploads: Uploads,
     /// Message rate limits, unless turned off.
     limiter: Option<Limiter>,
+    /// The client's address, for the limits its connections share.
+    ip: IpAddr,
     /// When this member's last `userTyping` went out, in the current room.
     last_typing: Option<Instant>,
     /// Where the connection stands with token authentication.
@@ -65,7 +68,7 @@ impl ChatSession {
     /// Greets a new chat connection and, once it is authenticated (at once
     /// when the server uses no tokens, or when the upgrade carried a valid
     /// one), registers it with the hub.
-    pub(crate) fn start(shared: Arc<Shared>, peer: Peer, identity: Option<Identity>) -> Self {
+    pub(crate) fn start(shared: Arc<Shared>, peer: Peer, ip: IpAddr, identity: Option<Identity>) -> Self {
         let limiter =
             shared.config.rate_limit.enabled.then(|| Limiter::new(&shared.config.rate_limit, Instant::now()));
         let auth = match shared.auth {
@@ -79,6 +82,7 @@ impl ChatSession {
             room: None,
             uploads: Uploads::default(),
             limiter,
+            ip,
             last_typing: None,
             auth,
         };
@@ -170,6 +174,19 @@ impl ChatSession {
                 tracing::Span::current().record("user", username.as_str());
                 tracing::debug!(%username, "username set");
                 self.reply(&ServerMessage::UsernameSet { username: username.clone() });
+                let previous = self.name().to_owned();
+                if let Some(room) = &self.room
+                    && previous != username
+                {
+                    // The room's other members learn the new name before any
+                    // message that carries it.
+                    let renamed = encode(&ServerMessage::UserRenamed {
+                        user: username.clone(),
+                        previous,
+                        room: room.name.to_string(),
+                    });
+                    room.broadcast(&renamed, Some(self.peer.id()), &hub.stats);
+                }
                 self.username = Some(username);
             }
             ClientMessage::JoinRoom { room } => {
@@ -204,8 +221,10 @@ impl ChatSession {
                 if let Some(id) = client_msg_id {
                     let delivery = &self.shared.config.delivery;
                     let sender = self.name();
+                    // Resends are recognised by the UUID, whatever its
+                    // spelling; the replies carry the spelling just sent.
                     match room.remember(
-                        id,
+                        id.uuid(),
                         sender,
                         timestamp,
                         delivery.dedupe_window,
@@ -214,7 +233,7 @@ impl ChatSession {
                         Remembered::New => {}
                         Remembered::Duplicate(original) => {
                             // A resend whose ack was lost: ack again, deliver once.
-                            tracing::debug!(%id, "duplicate message acknowledged again");
+                            tracing::debug!(id = %id.uuid(), "duplicate message acknowledged again");
                             timestamp = original;
                             self.reply(&ServerMessage::MessageAck { client_msg_id: id, timestamp });
                             return;
@@ -252,7 +271,19 @@ impl ChatSession {
                     (None, Some(claimed)) => claimed,
                     (None, None) => ANONYMOUS.to_owned(),
                 };
-                hub.lobby.broadcast(&encode(&ServerMessage::Chat { user, text }), &hub.stats);
+                let frame = encode(&ServerMessage::Chat { user, text });
+                // Every lobby reader receives every lobby message: the
+                // server-wide budget keeps their queues within reach.
+                let budget = self.shared.limits.lobby_bytes(
+                    &self.shared.config.rate_limit,
+                    frame.len(),
+                    Instant::now(),
+                );
+                if let Err(wait) = budget {
+                    self.refuse_shared(wait, "lobby chat");
+                    return;
+                }
+                hub.lobby.broadcast(&frame, &hub.stats);
             }
             ClientMessage::Ping { timestamp } => {
                 self.reply(&ServerMessage::Pong { timestamp, server_time: now_ms() });
@@ -263,7 +294,14 @@ impl ChatSession {
                 }
                 let transfer_id = transfer_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
                 let owner = self.username.clone();
-                let request = NewUpload { name, size, mime_type, sha256, chunk_size, transfer_id, owner };
+                // The quota share is charged to what the client cannot pick:
+                // its verified user, else its address.
+                let account = crate::upload::account(&match &self.auth {
+                    AuthState::Authenticated { identity, .. } => Key::User(identity.user.as_str().into()),
+                    _ => Key::address(self.ip),
+                });
+                let request =
+                    NewUpload { name, size, mime_type, sha256, chunk_size, transfer_id, owner, account };
                 let shared = self.shared.clone();
                 let outcome = self.uploads.start(&shared.store, &shared.config.uploads, request).await;
                 self.act(outcome);
@@ -297,35 +335,62 @@ impl ChatSession {
             | ClientMessage::FileEnd { .. }
             | ClientMessage::FileResume { .. } => Kind::Control,
         };
-        self.limit(kind, msg.kind())
+        if !self.limit(kind, msg.kind()) {
+            return false;
+        }
+        match msg {
+            ClientMessage::ChatMessage { .. } => self.limit_shared(&[RateShared::Chat], msg.kind()),
+            ClientMessage::Chat { .. } => {
+                self.limit_shared(&[RateShared::Chat, RateShared::Lobby], msg.kind())
+            }
+            _ => true,
+        }
+    }
+
+    /// Applies the limits shared by every connection of this address and,
+    /// when authenticated, of this user; false if the message must be
+    /// dropped.
+    fn limit_shared(&mut self, limits: &[RateShared], what: &str) -> bool {
+        if self.limiter.is_none() {
+            return true;
+        }
+        let now = Instant::now();
+        let settings = &self.shared.config.rate_limit;
+        let user = match &self.auth {
+            AuthState::Authenticated { identity, .. } => Some(Key::User(identity.user.as_str().into())),
+            _ => None,
+        };
+        let keys = std::iter::once(Key::address(self.ip)).chain(user);
+        let mut refused = None;
+        for key in keys {
+            for &limit in limits {
+                if let Err(wait) = self.shared.limits.check(settings, &key, limit, now) {
+                    refused = Some(refused.map_or(wait, |longest: std::time::Duration| longest.max(wait)));
+                }
+            }
+        }
+        match refused {
+            None => true,
+            Some(wait) => self.refuse_shared(wait, what),
+        }
+    }
+
+    /// Answers a message refused by a shared limit (this address's, this
+    /// user's or the server's): `rateLimited`, and a strike against the
+    /// connection, which is closed if it keeps on. Always false.
+    fn refuse_shared(&mut self, wait: std::time::Duration, what: &str) -> bool {
+        let verdict = match self.limiter.as_mut() {
+            Some(limiter) => limiter.refused_elsewhere(&self.shared.config.rate_limit, wait, Instant::now()),
+            None => Verdict::Refuse(wait),
+        };
+        enforce(verdict, &self.peer, &self.shared.hub.stats, what)
     }
 
     /// Applies the limit of `kind`; false if the message must be dropped.
     fn limit(&mut self, kind: Kind, what: &str) -> bool {
         let Some(limiter) = self.limiter.as_mut() else { return true };
-        match limiter.check(&self.shared.config.rate_limit, kind, Instant::now()) {
-            Verdict::Allow => true,
-            Verdict::Refuse(wait) => {
-                self.shared.hub.stats.rate_limited.inc();
-                let retry_after_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
-                self.reply(&ServerMessage::Error {
-                    message: format!("Too many {what} messages; slow down"),
-                    code: Some("rateLimited".to_owned()),
-                    retry_after_ms: Some(retry_after_ms),
-                });
-                false
-            }
-            Verdict::Close => {
-                self.shared.hub.stats.rate_limited.inc();
-                tracing::warn!("closing a connection that keeps flooding");
-                self.peer.close(CloseReason {
-                    code: CloseCode::Policy,
-                    reason: "Rate limit exceeded",
-                    drain_queue: true,
-                });
-                false
-            }
-        }
+        let verdict = limiter.check(&self.shared.config.rate_limit, kind, Instant::now());
+        enforce(verdict, &self.peer, &self.shared.hub.stats, what)
     }
 
     /// Carries out what an upload step asked for.
@@ -408,12 +473,25 @@ impl Handler for ChatSession {
         let shared = self.shared.clone();
         match self.uploads.chunk(&shared.config.uploads, data).await {
             Some(outcome) => self.act(outcome),
-            None => self.error("No file upload in progress", "noUpload"),
+            // Error replies count against the control limit, like every
+            // other reply to something the client got wrong.
+            None => {
+                if self.limit(Kind::Control, "binary") {
+                    self.error("No file upload in progress", "noUpload");
+                }
+            }
         }
     }
 
     fn on_close(&mut self) {
         self.uploads.close(&self.shared.store);
+        if self.shared.shutdown.is_cancelled() {
+            // The server is going away, not the member: nobody is told that
+            // everyone else left (they reconnect once the server is back).
+            if let Some(room) = self.room.take() {
+                self.shared.hub.leave_quietly(&self.peer, &room);
+            }
+        }
         self.leave_room();
         self.shared.hub.lobby.remove(&self.peer.id());
     }
@@ -451,27 +529,97 @@ impl Handler for ChatSession {
     }
 }
 
+/// Carries out a rate limit's verdict on a message: `rateLimited` with
+/// `retryAfterMs` for a refusal, close 1008 for a connection that keeps
+/// flooding. True if the message may go ahead.
+fn enforce(verdict: Verdict, peer: &Peer, stats: &crate::metrics::Stats, what: &str) -> bool {
+    match verdict {
+        Verdict::Allow => true,
+        Verdict::Refuse(wait) => {
+            stats.rate_limited.inc();
+            let retry_after_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
+            peer.reply(
+                &ServerMessage::Error {
+                    message: format!("Too many {what} messages; slow down"),
+                    code: Some("rateLimited".to_owned()),
+                    retry_after_ms: Some(retry_after_ms),
+                },
+                stats,
+            );
+            false
+        }
+        Verdict::Close => {
+            stats.rate_limited.inc();
+            tracing::warn!("closing a connection that keeps flooding");
+            peer.close(CloseReason {
+                code: CloseCode::Policy,
+                reason: "Rate limit exceeded",
+                drain_queue: true,
+            });
+            false
+        }
+    }
+}
+
 /// Milliseconds since the Unix epoch, by the server's clock.
 pub(crate) fn now_ms() -> u64 {
     // A clock before 1970 is a broken host; report 0 rather than fail a chat.
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-/// `/ws/echo`: every text and binary frame comes back unchanged.
+/// `/ws/echo`: every text and binary frame comes back unchanged, within
+/// the same limits as chat messages: each frame counts as a chat message
+/// against the connection's and its address's rates, and the outbound
+/// queue's limits apply as to every connection.
 pub(crate) struct Echo {
     /// Server-wide state.
-    pub(crate) shared: Arc<Shared>,
+    shared: Arc<Shared>,
     /// This connection's queue.
-    pub(crate) peer: Peer,
+    peer: Peer,
+    /// The client's address, for the limits its connections share.
+    ip: IpAddr,
+    /// Rate limits, unless turned off.
+    limiter: Option<Limiter>,
+}
+
+impl Echo {
+    /// A new echo connection.
+    pub(crate) fn new(shared: Arc<Shared>, peer: Peer, ip: IpAddr) -> Self {
+        let limiter =
+            shared.config.rate_limit.enabled.then(|| Limiter::new(&shared.config.rate_limit, Instant::now()));
+        Self { shared, peer, ip, limiter }
+    }
+
+    /// Whether a frame may be echoed; a refused one is answered with a
+    /// `rateLimited` error, and a connection that keeps flooding is closed.
+    fn allowed(&mut self) -> bool {
+        let Some(limiter) = self.limiter.as_mut() else { return true };
+        let settings = &self.shared.config.rate_limit;
+        let now = Instant::now();
+        let verdict = match limiter.check(settings, Kind::Chat, now) {
+            Verdict::Allow => {
+                match self.shared.limits.check(settings, &Key::address(self.ip), RateShared::Chat, now) {
+                    Ok(()) => Verdict::Allow,
+                    Err(wait) => limiter.refused_elsewhere(settings, wait, now),
+                }
+            }
+            verdict => verdict,
+        };
+        enforce(verdict, &self.peer, &self.shared.hub.stats, "echo")
+    }
 }
 
 impl Handler for Echo {
     async fn on_text(&mut self, text: Utf8Bytes) {
-        self.peer.send(ws::encode(ws::TEXT, text.as_bytes()), &self.shared.hub.stats);
+        if self.allowed() {
+            self.peer.send(ws::encode(ws::TEXT, text.as_bytes()), &self.shared.hub.stats);
+        }
     }
 
     async fn on_binary(&mut self, data: Bytes) {
-        self.peer.send(ws::encode(ws::BINARY, &data), &self.shared.hub.stats);
+        if self.allowed() {
+            self.peer.send(ws::encode(ws::BINARY, &data), &self.shared.hub.stats);
+        }
     }
 
     fn on_close(&mut self) {}

@@ -54,6 +54,8 @@ pub struct Config {
     pub uploads: UploadSettings,
     /// Caps on connections.
     pub limits: ConnectionLimits,
+    /// HTTP connections before (or without) a WebSocket upgrade.
+    pub http: HttpSettings,
     /// Per-connection message rates.
     pub rate_limit: RateLimitSettings,
     /// The Prometheus endpoint.
@@ -108,6 +110,36 @@ impl Default for MetricsSettings {
     }
 }
 
+/// HTTP connections: every TCP (or TLS) connection is one until it upgrades
+/// to a WebSocket, and counts against these caps meanwhile. Beyond a cap a
+/// new connection is closed at once, before anything is read from it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSettings {
+    /// Longest a client may take to send a request's headers, counted from
+    /// when the connection opens or its previous response was sent; so it
+    /// is also how long an idle keep-alive connection stays open. Default
+    /// 10 s.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Connections not upgraded to WebSocket, from every address together
+    /// (TLS handshakes included); 0 means no cap. Default 10,000.
+    pub max_connections: usize,
+    /// Connections not upgraded to WebSocket from one TCP peer address;
+    /// trusted proxies are exempt; 0 means no cap. Default 64.
+    pub max_connections_per_ip: usize,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
+            max_connections_per_ip: 64,
+        }
+    }
+}
+
 /// Caps on open WebSocket connections. Beyond them an upgrade gets `503`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -118,6 +150,13 @@ pub struct ConnectionLimits {
     /// Open connections from one client address (see `trusted_proxies`);
     /// 0 means no cap. Default 1,000.
     pub max_connections_per_ip: usize,
+}
+
+impl ConnectionLimits {
+    /// The caps as the admission counter takes them.
+    pub(crate) fn caps(&self) -> crate::admission::Caps {
+        crate::admission::Caps { total: self.max_connections, per_ip: self.max_connections_per_ip }
+    }
 }
 
 impl Default for ConnectionLimits {
@@ -157,6 +196,30 @@ pub struct RateLimitSettings {
     /// The window for `flood_strikes`. Default 10 s.
     #[serde(with = "humantime_serde")]
     pub flood_window: Duration,
+    /// Sustained new WebSocket connections per second from one client
+    /// address (see `trusted_proxies`); beyond it an upgrade gets `429` with
+    /// `Retry-After`. Default 10.
+    pub address_connections_per_sec: f64,
+    /// New connections from one address in a burst. Default 50.
+    pub address_connections_burst: u32,
+    /// Sustained `chatMessage` + lobby `chat` + echoed frames per second
+    /// from all connections of one address together, and of one
+    /// authenticated user together. Default 60.
+    pub address_chat_per_sec: f64,
+    /// Such messages from one address (or user) in a burst. Default 120.
+    pub address_chat_burst: u32,
+    /// Sustained lobby `chat` per second from one address (or user).
+    /// Default 2.
+    pub address_lobby_per_sec: f64,
+    /// Lobby messages from one address (or user) in a burst. Default 10.
+    pub address_lobby_burst: u32,
+    /// Lobby bytes per second the whole server broadcasts (every lobby
+    /// reader receives every one). Default 65,536.
+    pub lobby_bytes_per_sec: u64,
+    /// Lobby bytes in a burst, server-wide; at most half of
+    /// `websocket.outbound_queue_bytes`, so a reader with nothing else
+    /// queued is never dropped for a lobby burst. Default 131,072.
+    pub lobby_burst_bytes: u64,
     /// Least time between two `userTyping` broadcasts for one member of a
     /// room, whatever the client sends (applies even with limits off).
     /// Default 2 s.
@@ -178,6 +241,14 @@ impl Default for RateLimitSettings {
             control_burst: 40,
             flood_strikes: 100,
             flood_window: Duration::from_secs(10),
+            address_connections_per_sec: 10.0,
+            address_connections_burst: 50,
+            address_chat_per_sec: 60.0,
+            address_chat_burst: 120,
+            address_lobby_per_sec: 2.0,
+            address_lobby_burst: 10,
+            lobby_bytes_per_sec: 64 << 10,
+            lobby_burst_bytes: 128 << 10,
             typing_broadcast_interval: Duration::from_secs(2),
         }
     }
@@ -201,6 +272,19 @@ pub struct UploadSettings {
     pub resume_ttl: Duration,
     /// Most interrupted uploads kept at once, server-wide. Default 1,000.
     pub max_parked: usize,
+    /// How long an interrupted upload that received no bytes at all is kept
+    /// for `fileResume`; 0 drops it, and its reservation, at once. Default 0.
+    #[serde(with = "humantime_serde")]
+    pub empty_resume_ttl: Duration,
+    /// Most bytes one owner's unfinished uploads (active and interrupted)
+    /// may reserve together, so that nobody can reserve the whole quota.
+    /// The owner is the authenticated user, or the client's address (an
+    /// IPv6 client's /64) when authentication is off. At least
+    /// `max_file_size`. Default 268,435,456 (256 MiB).
+    pub max_reserved_bytes_per_owner: u64,
+    /// Most unfinished uploads (active and interrupted) one owner may have.
+    /// Default 4.
+    pub max_uploads_per_owner: usize,
     /// Upload bytes per second per connection; 0 means unlimited. Default 0.
     pub rate_bytes_per_sec: u64,
     /// Chunk size when `fileStart` names none. Default 65,536.
@@ -222,6 +306,9 @@ impl Default for UploadSettings {
             quota_bytes: 5 << 30,
             resume_ttl: Duration::from_secs(600),
             max_parked: 1000,
+            empty_resume_ttl: Duration::ZERO,
+            max_reserved_bytes_per_owner: 256 << 20,
+            max_uploads_per_owner: 4,
             rate_bytes_per_sec: 0,
             default_chunk_size: limits.default_chunk_size,
             min_chunk_size: limits.min_chunk_size,
@@ -304,6 +391,11 @@ pub struct WebSocketLimits {
     /// Frames that may wait in one connection's outbound queue. A client
     /// that falls this far behind is disconnected (close 1008). Default 512.
     pub outbound_queue: usize,
+    /// Bytes that may wait in one connection's outbound queue (frames
+    /// queued and not yet written to the socket). A client that falls this
+    /// far behind is disconnected (close 1008); one frame is always
+    /// accepted into an empty queue, whatever its size. Default 262,144.
+    pub outbound_queue_bytes: usize,
 }
 
 impl Default for Config {
@@ -322,6 +414,7 @@ impl Default for Config {
             delivery: DeliverySettings::default(),
             uploads: UploadSettings::default(),
             limits: ConnectionLimits::default(),
+            http: HttpSettings::default(),
             rate_limit: RateLimitSettings::default(),
             metrics: MetricsSettings::default(),
             auth: AuthSettings::default(),
@@ -331,7 +424,12 @@ impl Default for Config {
 
 impl Default for WebSocketLimits {
     fn default() -> Self {
-        Self { max_message_bytes: 65_540, max_frame_bytes: 65_540, outbound_queue: 512 }
+        Self {
+            max_message_bytes: 65_540,
+            max_frame_bytes: 65_540,
+            outbound_queue: 512,
+            outbound_queue_bytes: 256 << 10,
+        }
     }
 }
 
@@ -367,6 +465,7 @@ impl Config {
         "delivery",
         "uploads",
         "limits",
+        "http",
         "rate_limit",
         "metrics",
         "tls",
@@ -383,8 +482,10 @@ impl Config {
             ("websocket.max_message_bytes", ws.max_message_bytes),
             ("websocket.max_frame_bytes", ws.max_frame_bytes),
             ("websocket.outbound_queue", ws.outbound_queue),
+            ("websocket.outbound_queue_bytes", ws.outbound_queue_bytes),
             ("delivery.dedupe_capacity", self.delivery.dedupe_capacity),
             ("uploads.max_parked", self.uploads.max_parked),
+            ("uploads.max_uploads_per_owner", self.uploads.max_uploads_per_owner),
             ("protocol.max_file_name_chars", self.protocol.max_file_name_chars),
             ("protocol.max_transfer_id_chars", self.protocol.max_transfer_id_chars),
         ];
@@ -404,6 +505,7 @@ impl Config {
             ("auth.auth_timeout", self.auth.auth_timeout),
             ("auth.expiry_warning", self.auth.expiry_warning),
             ("shutdown_drain", self.shutdown_drain),
+            ("http.header_read_timeout", self.http.header_read_timeout),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::Zero(name));
@@ -439,6 +541,9 @@ impl Config {
             ("typing_per_sec", rl.typing_per_sec),
             ("room_per_sec", rl.room_per_sec),
             ("control_per_sec", rl.control_per_sec),
+            ("address_connections_per_sec", rl.address_connections_per_sec),
+            ("address_chat_per_sec", rl.address_chat_per_sec),
+            ("address_lobby_per_sec", rl.address_lobby_per_sec),
         ] {
             if !(rate.is_finite() && rate > 0.0) {
                 return Err(ConfigError::Inconsistent(format!(
@@ -452,10 +557,24 @@ impl Config {
             ("rate_limit.room_burst", rl.room_burst),
             ("rate_limit.control_burst", rl.control_burst),
             ("rate_limit.flood_strikes", rl.flood_strikes),
+            ("rate_limit.address_connections_burst", rl.address_connections_burst),
+            ("rate_limit.address_chat_burst", rl.address_chat_burst),
+            ("rate_limit.address_lobby_burst", rl.address_lobby_burst),
         ] {
             if burst == 0 {
                 return Err(ConfigError::Zero(name));
             }
+        }
+        if rl.lobby_bytes_per_sec == 0 {
+            return Err(ConfigError::Zero("rate_limit.lobby_bytes_per_sec"));
+        }
+        // A lobby burst must fit a reader's queue with room to spare, or the
+        // limit meant to protect readers would itself drop them.
+        if rl.lobby_burst_bytes == 0 || rl.lobby_burst_bytes > (ws.outbound_queue_bytes / 2) as u64 {
+            return Err(ConfigError::Inconsistent(format!(
+                "rate_limit.lobby_burst_bytes ({}) must be between 1 and half of websocket.outbound_queue_bytes ({})",
+                rl.lobby_burst_bytes, ws.outbound_queue_bytes
+            )));
         }
         if rl.flood_window.is_zero() {
             return Err(ConfigError::Zero("rate_limit.flood_window"));
@@ -470,6 +589,13 @@ impl Config {
             .transfer_limits()
             .validate()
             .map_err(|err| ConfigError::Inconsistent(format!("uploads: {err}")))?;
+        // Otherwise a file of the largest allowed size could never be sent.
+        if self.uploads.max_reserved_bytes_per_owner < self.uploads.max_file_size {
+            return Err(ConfigError::Inconsistent(format!(
+                "uploads.max_reserved_bytes_per_owner ({}) must be at least uploads.max_file_size ({})",
+                self.uploads.max_reserved_bytes_per_owner, self.uploads.max_file_size
+            )));
+        }
         let chunk_frame = self.uploads.max_chunk_size as usize + hubbub_protocol::chunk::HEADER_LEN;
         if chunk_frame > ws.max_message_bytes {
             return Err(ConfigError::Inconsistent(format!(
@@ -520,6 +646,14 @@ mod tests {
         let mut config = Config::default();
         config.websocket.max_frame_bytes = config.websocket.max_message_bytes + 1;
         assert!(config.validate().unwrap_err().to_string().contains("exceeds websocket.max_message_bytes"));
+        let mut config = Config::default();
+        config.uploads.max_uploads_per_owner = 0;
+        assert!(config.validate().unwrap_err().to_string().contains("uploads.max_uploads_per_owner"));
+        let mut config = Config::default();
+        config.uploads.max_reserved_bytes_per_owner = config.uploads.max_file_size - 1;
+        assert!(
+            config.validate().unwrap_err().to_string().contains("must be at least uploads.max_file_size")
+        );
     }
 
     #[test]

@@ -99,7 +99,8 @@ pub(crate) fn run<H: Handler>(
     ip: IpAddr,
     make_handler: impl FnOnce(Peer) -> H,
 ) -> impl Future<Output = ()> {
-    let peer = Peer::new(shared.config.websocket.outbound_queue);
+    let peer =
+        Peer::new(shared.config.websocket.outbound_queue, shared.config.websocket.outbound_queue_bytes);
     let span = tracing::info_span!(
         "conn",
         client = %peer.id(),
@@ -190,8 +191,16 @@ impl Wire {
         if timer.is_some_and(|timer| timer.poll(cx).is_ready()) {
             return Poll::Ready(Event::Timer);
         }
-        if let Poll::Ready(Err(err)) = self.poll_write(cx, peer) {
-            return Poll::Ready(Event::WriteFailed(err));
+        match self.poll_write(cx, peer) {
+            Poll::Ready(Err(err)) => return Poll::Ready(Event::WriteFailed(err)),
+            // Reading waits while much is left to write: every message read
+            // may queue a reply, and a client that sends faster than it reads
+            // (or the runtime's budget pausing our writes while the decoder
+            // still holds frames) must not make the queue grow until the
+            // connection is dropped as a slow consumer. The socket's
+            // readiness or the budget's wake-up brings the task back.
+            Poll::Pending if peer.backlogged() => return Poll::Pending,
+            _ => {}
         }
         self.poll_read(cx).map(Event::Read)
     }
@@ -219,21 +228,29 @@ impl Wire {
             if written == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
-            self.advance(written);
+            self.advance(written, peer);
         }
     }
 
-    /// Drops what a write consumed.
-    fn advance(&mut self, mut written: usize) {
+    /// Drops what a write consumed, and tells the peer's queue limits.
+    fn advance(&mut self, written: usize, peer: &Peer) {
+        let mut left_over = written;
+        let mut frames = 0;
+        let mut bytes = 0;
         while let Some(front) = self.sending.front() {
             let left = front.len() - self.offset;
-            if written < left {
-                self.offset += written;
-                return;
+            if left_over < left {
+                self.offset += left_over;
+                break;
             }
-            written -= left;
+            left_over -= left;
             self.offset = 0;
+            frames += 1;
+            bytes += front.len();
             self.sending.pop_front();
+        }
+        if frames > 0 {
+            peer.written(frames, bytes);
         }
     }
 

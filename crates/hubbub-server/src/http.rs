@@ -18,6 +18,7 @@ use crate::auth::token_from_request;
 use crate::chat::{ChatSession, Echo, Subscriber};
 use crate::conn::{self, Endpoint};
 use crate::net::client_ip;
+use crate::ratelimit::{Key, Shared as RateShared};
 use crate::upgrade::{accept, wants_upgrade};
 
 /// The chat page served at `GET /`.
@@ -107,7 +108,28 @@ fn upgrade(
         tracing::warn!(%origin, peer = %ip, "upgrade refused: origin not allowed");
         return (StatusCode::FORBIDDEN, "Origin not allowed\n").into_response();
     }
-    let slot = match shared.admission.admit(ip, &shared.config) {
+    // New connections per second from one address: reconnecting in a loop
+    // buys no more than keeping a connection open.
+    let key = Key::address(ip);
+    if let Err(wait) = shared.limits.check(
+        &shared.config.rate_limit,
+        &key,
+        RateShared::Connections,
+        std::time::Instant::now(),
+    ) {
+        shared.hub.stats.refused.with_label_values(&["rate_limited"]).inc();
+        if let Some(count) = shared.hub.stats.refusals_logged.due() {
+            tracing::warn!(peer = %ip, count, "upgrades refused: too many new connections from one address");
+        }
+        let retry_after = wait.as_secs().saturating_add(u64::from(wait.subsec_nanos() > 0)).max(1);
+        let mut response =
+            (StatusCode::TOO_MANY_REQUESTS, "Too many new connections; try again later\n").into_response();
+        if let Ok(value) = header::HeaderValue::from_str(&retry_after.to_string()) {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
+        }
+        return response;
+    }
+    let slot = match shared.admission.admit(ip, shared.config.limits.caps()) {
         Ok(slot) => slot,
         Err(refusal) => {
             let reason = match refusal {
@@ -115,28 +137,39 @@ fn upgrade(
                 Refusal::AddressFull => "address_full",
             };
             shared.hub.stats.refused.with_label_values(&[reason]).inc();
-            tracing::warn!(?refusal, peer = %ip, "upgrade refused: too many connections");
+            if let Some(count) = shared.hub.stats.refusals_logged.due() {
+                tracing::warn!(?refusal, peer = %ip, count, "upgrades refused: too many connections");
+            }
             let mut response =
                 (StatusCode::SERVICE_UNAVAILABLE, "Too many connections; try again later\n").into_response();
             response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
             return response;
         }
     };
-    // A token on the upgrade request is checked before the handshake.
+    // A token on the upgrade request is checked before the handshake. Echo
+    // connections need one when tokens are on: they have no other way to
+    // authenticate.
     let mut identity = None;
-    if let (Endpoint::Chat, Some(authenticator)) = (endpoint, &shared.auth)
-        && let Some(token) = token_from_request(req.uri(), req.headers())
-    {
-        match authenticator.verify(&token, &shared.config.protocol) {
-            Ok(valid) => identity = Some(valid),
-            Err(err) => {
-                tracing::info!(peer = %ip, cause = %err, "upgrade refused: bad token");
-                let mut response = (StatusCode::UNAUTHORIZED, format!("{err}\n")).into_response();
-                response
-                    .headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
-                return response;
-            }
+    if let (Endpoint::Chat | Endpoint::Echo, Some(authenticator)) = (endpoint, &shared.auth) {
+        let refused = match token_from_request(req.uri(), req.headers()) {
+            Some(token) => match authenticator.verify(&token, &shared.config.protocol) {
+                Ok(valid) => {
+                    identity = Some(valid);
+                    None
+                }
+                Err(err) => Some(err.to_string()),
+            },
+            // A chat client may send `auth {token}` as its first message.
+            None if matches!(endpoint, Endpoint::Chat) => None,
+            None => Some("A token is required".to_owned()),
+        };
+        if let Some(err) = refused {
+            tracing::info!(peer = %ip, cause = %err, "upgrade refused: bad token");
+            let mut response = (StatusCode::UNAUTHORIZED, format!("{err}\n")).into_response();
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            return response;
         }
     }
     // Boxed while it waits for the handshake to complete.
@@ -145,12 +178,14 @@ fn upgrade(
     accept(req, &tasks, move |socket| {
         let state = shared.clone();
         let connection = match endpoint {
-            Endpoint::Chat => Either::Left(conn::run(socket, shared, endpoint, ip, |peer| {
-                ChatSession::start(state, peer, identity.map(|identity| *identity))
+            Endpoint::Chat => Either::Left(conn::run(socket, shared, endpoint, ip, move |peer| {
+                ChatSession::start(state, peer, ip, identity.map(|identity| *identity))
             })),
-            Endpoint::Echo => Either::Right(Either::Left(conn::run(socket, shared, endpoint, ip, |peer| {
-                Echo { shared: state, peer }
-            }))),
+            Endpoint::Echo => {
+                Either::Right(Either::Left(conn::run(socket, shared, endpoint, ip, move |peer| {
+                    Echo::new(state, peer, ip)
+                })))
+            }
             Endpoint::Notifications => {
                 Either::Right(Either::Right(conn::run(socket, shared, endpoint, ip, |peer| {
                     Subscriber::start(state, peer)

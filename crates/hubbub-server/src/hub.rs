@@ -74,8 +74,16 @@ struct Link {
     /// handed to the task whole and starts unallocated again, so an idle
     /// connection holds no queue memory.
     queue: Mutex<VecDeque<Frame>>,
-    /// Most frames that may wait.
-    capacity: usize,
+    /// Most frames that may wait, queued or taken by the task but not yet
+    /// written.
+    capacity: u32,
+    /// Most bytes that may wait, likewise.
+    max_bytes: u32,
+    /// Frames queued and not yet written, counted down by the task as it
+    /// writes them.
+    backlog_frames: AtomicU32,
+    /// Bytes queued and not yet written.
+    backlog_bytes: AtomicU32,
     /// Wakes the connection's task: frames queued, or a close asked for.
     waker: AtomicWaker,
     /// Set once the connection must close; nothing more is queued after.
@@ -87,12 +95,16 @@ struct Link {
 }
 
 impl Peer {
-    /// A new connection's shared half, whose queue holds `capacity` frames.
-    pub(crate) fn new(capacity: usize) -> Self {
+    /// A new connection's shared half, whose queue holds `capacity` frames
+    /// and `max_bytes` bytes (limits past `u32::MAX` count as `u32::MAX`).
+    pub(crate) fn new(capacity: usize, max_bytes: usize) -> Self {
         let link = Link {
             id: Uuid::new_v4(),
             queue: Mutex::new(VecDeque::new()),
-            capacity,
+            capacity: u32::try_from(capacity).unwrap_or(u32::MAX),
+            max_bytes: u32::try_from(max_bytes).unwrap_or(u32::MAX),
+            backlog_frames: AtomicU32::new(0),
+            backlog_bytes: AtomicU32::new(0),
             waker: AtomicWaker::new(),
             closing: AtomicBool::new(false),
             last_pong: AtomicU32::new(0),
@@ -107,13 +119,18 @@ impl Peer {
     }
 
     /// Queues a frame without waiting. Returns false if the connection is
-    /// closing or its queue was full (in which case it is now closing).
+    /// closing or its queue was full, in frames or in bytes (in which case
+    /// it is now closing). A frame always fits a queue with nothing waiting.
     pub(crate) fn send(&self, frame: Frame, stats: &Stats) -> bool {
-        let mut queue = lock(&self.link.queue);
-        if self.link.closing.load(Ordering::Acquire) {
+        let link = &*self.link;
+        let mut queue = lock(&link.queue);
+        if link.closing.load(Ordering::Acquire) {
             return false;
         }
-        if queue.len() >= self.link.capacity {
+        let len = u32::try_from(frame.len()).unwrap_or(u32::MAX);
+        let frames = link.backlog_frames.load(Ordering::Acquire);
+        let bytes = link.backlog_bytes.load(Ordering::Acquire);
+        if frames > 0 && (frames >= link.capacity || bytes.saturating_add(len) > link.max_bytes) {
             drop(queue);
             let reason = CloseReason {
                 code: CloseCode::Policy,
@@ -122,10 +139,19 @@ impl Peer {
             };
             if self.close(reason) {
                 stats.slow_consumers.inc();
-                tracing::warn!(client = %self.id(), "slow consumer: outbound queue full, disconnecting");
+                tracing::warn!(
+                    client = %self.id(),
+                    frames,
+                    bytes,
+                    "slow consumer: outbound queue full, disconnecting"
+                );
             }
             return false;
         }
+        // Counted under the queue's lock, so two senders cannot both pass
+        // the check with the last place.
+        link.backlog_frames.fetch_add(1, Ordering::AcqRel);
+        link.backlog_bytes.fetch_add(len, Ordering::AcqRel);
         let was_empty = queue.is_empty();
         queue.push_back(frame);
         drop(queue);
@@ -174,6 +200,31 @@ impl Peer {
     /// The token of the last heartbeat pong, 0 before any.
     pub(crate) fn last_pong(&self) -> u32 {
         self.link.last_pong.load(Ordering::Acquire)
+    }
+
+    /// The task wrote (or dropped) these frames: they no longer count
+    /// against the queue's limits.
+    pub(crate) fn written(&self, frames: u32, bytes: usize) {
+        let bytes = u32::try_from(bytes).unwrap_or(u32::MAX);
+        // Saturating: frames the task writes itself (the close frame) were
+        // never counted.
+        let _ = self
+            .link
+            .backlog_frames
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| Some(n.saturating_sub(frames)));
+        let _ = self
+            .link
+            .backlog_bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| Some(n.saturating_sub(bytes)));
+    }
+
+    /// Whether so much waits to be written that the connection should stop
+    /// reading (and so stop making replies) until its client catches up:
+    /// half of either limit.
+    pub(crate) fn backlogged(&self) -> bool {
+        let link = &*self.link;
+        link.backlog_frames.load(Ordering::Acquire) >= link.capacity / 2
+            || link.backlog_bytes.load(Ordering::Acquire) >= link.max_bytes / 2
     }
 
     /// Whether the connection has been asked to close.
@@ -496,6 +547,19 @@ impl Hub {
             self.stats.broadcast(sent, left.len(), started);
         }
         drop(members);
+    }
+
+    /// Removes `peer` from `room` without telling the other members, for a
+    /// server shutdown; the room goes when it is empty, as with
+    /// [`Hub::leave`].
+    pub(crate) fn leave_quietly(&self, peer: &Peer, room: &Room) {
+        let mut rooms = lock(&self.rooms);
+        let mut members = write(&room.members);
+        members.remove(&peer.id());
+        if members.is_empty() {
+            rooms.remove(&room.name);
+            self.stats.rooms.set(rooms.len() as i64);
+        }
     }
 
     /// Sends a server event to every notification subscriber.

@@ -31,13 +31,13 @@ mod hub;
 mod metrics;
 mod net;
 mod ratelimit;
+mod serve;
 mod tls;
 mod upgrade;
 mod upload;
 mod ws;
 
-use std::future::{Future, IntoFuture};
-use std::net::SocketAddr;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -70,8 +70,15 @@ pub(crate) struct Shared {
     pub(crate) tasks: TaskTracker,
     /// The upload directory.
     pub(crate) store: Store,
-    /// Open connections, against the configured caps.
+    /// Open WebSocket connections, against `limits`.
     pub(crate) admission: Arc<admission::Admission>,
+    /// Open HTTP connections not upgraded, against `http`'s caps.
+    pub(crate) http_admission: Arc<admission::Admission>,
+    /// TLS handshakes in progress, against `tls.max_pending_handshakes`.
+    pub(crate) handshakes: Arc<admission::Admission>,
+    /// Rate limits shared by the connections of one address or user, and
+    /// the server-wide lobby budget.
+    pub(crate) limits: ratelimit::Limits,
     /// Verifies tokens, when authentication is on.
     pub(crate) auth: Option<auth::Authenticator>,
 }
@@ -94,12 +101,16 @@ impl Server {
             dir: uploads.dir.clone(),
             quota_bytes: uploads.quota_bytes,
             resume_ttl: uploads.resume_ttl,
+            empty_resume_ttl: uploads.empty_resume_ttl,
             max_parked: uploads.max_parked,
+            account_reserved_bytes: uploads.max_reserved_bytes_per_owner,
+            account_max_uploads: uploads.max_uploads_per_owner,
             limits: uploads.transfer_limits(),
         })
         .map_err(|err| ConfigError::UploadDir { path: uploads.dir.clone(), cause: err.to_string() })?;
         let tls = config.tls.clone().map(TlsReloader::load).transpose()?;
         let auth = auth::Authenticator::from_settings(&config.auth)?;
+        let limits = ratelimit::Limits::new(&config.rate_limit, Instant::now());
         Ok(Self {
             tls,
             shared: Arc::new(Shared {
@@ -111,6 +122,9 @@ impl Server {
                 tasks: TaskTracker::new(),
                 store,
                 admission: Arc::default(),
+                http_admission: Arc::default(),
+                handshakes: Arc::default(),
+                limits,
                 auth,
             }),
         })
@@ -135,44 +149,17 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let shared = self.shared;
-        let app = http::router(shared.clone()).into_make_service_with_connect_info::<SocketAddr>();
-        let token = shared.shutdown.clone();
-
         if let (true, Some(addr)) = (shared.config.metrics.enabled, shared.config.metrics.listen) {
             let metrics_listener = TcpListener::bind(addr).await?;
             tracing::info!(%addr, "serving /metrics on its own address");
-            let router = axum::Router::new().route(
-                "/metrics",
-                axum::routing::get({
-                    let shared = shared.clone();
-                    move || std::future::ready(http::render_metrics(&shared))
-                }),
-            );
-            let serve =
-                axum::serve(metrics_listener, router).with_graceful_shutdown(token.clone().cancelled_owned());
-            tokio::spawn(serve.into_future());
+            tokio::spawn(serve::metrics_only(metrics_listener, shared.clone()));
         }
-        let mut server = match self.tls {
-            Some(tls) => {
-                let listener = tls::TlsListener::spawn(listener, tls, token.clone())?;
-                // Wrapped only so axum's `ConnectInfo<SocketAddr>` applies.
-                let listener = axum::serve::ListenerExt::tap_io(listener, |_| {});
-                let serve =
-                    axum::serve(listener, app).with_graceful_shutdown(token.clone().cancelled_owned());
-                tokio::spawn(serve.into_future())
-            }
-            None => {
-                let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-                    // Frames are batched by our writer; Nagle would only add delay.
-                    let _ = tcp.set_nodelay(true);
-                });
-                let serve =
-                    axum::serve(listener, app).with_graceful_shutdown(token.clone().cancelled_owned());
-                tokio::spawn(serve.into_future())
-            }
-        };
+        let app = http::router(shared.clone());
+        let mut server = tokio::spawn(serve::serve(listener, self.tls, app, shared.clone()));
+        let token = shared.shutdown.clone();
 
         tokio::spawn(sweep_uploads(shared.clone()));
+        tokio::spawn(sweep_limits(shared.clone()));
         tokio::spawn(beat::sweeper(shared.clone()));
         let notice = {
             let shared = shared.clone();
@@ -187,9 +174,9 @@ impl Server {
         tokio::select! {
             () = notice => {}
             result = &mut server => {
-                // axum's accept loop only ends when told to; report why.
+                // The accept loop only ends when told to; report why.
                 token.cancel();
-                return result.unwrap_or_else(|join| Err(std::io::Error::other(join)));
+                return result.map_err(std::io::Error::other);
             }
         }
         token.cancel();
@@ -202,7 +189,7 @@ impl Server {
         })
         .await;
         match drained {
-            Ok(Ok(result)) => result,
+            Ok(Ok(())) => Ok(()),
             Ok(Err(join)) => Err(std::io::Error::other(join)),
             Err(_) => {
                 tracing::warn!(remaining = shared.tasks.len(), ?drain, "drain time elapsed; exiting anyway");
@@ -212,9 +199,30 @@ impl Server {
     }
 }
 
+/// Forgets the shared rate limits' idle entries now and then, so that
+/// their memory follows the addresses active lately, until shutdown.
+async fn sweep_limits(shared: Arc<Shared>) {
+    let mut ticks = tokio::time::interval(std::time::Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            () = shared.shutdown.cancelled() => return,
+            _ = ticks.tick() => {
+                let remaining = shared.limits.forget_idle(&shared.config.rate_limit, Instant::now());
+                tracing::trace!(remaining, "rate limit entries");
+            }
+        }
+    }
+}
+
 /// Deletes interrupted uploads whose resume time is up, until shutdown.
 async fn sweep_uploads(shared: Arc<Shared>) {
-    let ttl = shared.config.uploads.resume_ttl;
+    let uploads = &shared.config.uploads;
+    // The shorter of the two resume times sets the pace (zero means none).
+    let ttl = [uploads.resume_ttl, uploads.empty_resume_ttl]
+        .into_iter()
+        .filter(|ttl| !ttl.is_zero())
+        .min()
+        .unwrap_or(uploads.resume_ttl);
     let period = (ttl / 4).clamp(std::time::Duration::from_secs(1), std::time::Duration::from_secs(60));
     let mut ticks = tokio::time::interval(period);
     loop {

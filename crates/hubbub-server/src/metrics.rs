@@ -36,8 +36,24 @@ pub(crate) struct Stats {
     pub(crate) slow_consumers: IntCounter,
     /// Messages refused by a rate limit.
     pub(crate) rate_limited: IntCounter,
-    /// Upgrades refused, by reason (`origin`, `server_full`, `address_full`).
+    /// Upgrades refused, by reason (`origin`, `server_full`,
+    /// `address_full`, `rate_limited`).
     pub(crate) refused: IntCounterVec,
+    /// TCP connections closed at once, before HTTP, by reason
+    /// (`server_full`, `address_full`).
+    pub(crate) connections_refused: IntCounterVec,
+    /// HTTP connections open and not upgraded (TLS handshakes included).
+    pub(crate) http_open: IntGauge,
+    /// HTTP connections closed for not sending a request's headers in time.
+    pub(crate) header_timeouts: IntCounter,
+    /// TLS handshakes that failed or timed out.
+    pub(crate) tls_handshakes_failed: IntCounter,
+    /// Failed `accept` calls (out of descriptors, mostly).
+    pub(crate) accept_errors: IntCounter,
+    /// When the next warning about refused connections may be logged.
+    pub(crate) refusals_logged: Throttle,
+    /// When the next warning about failed accepts may be logged.
+    pub(crate) accept_errors_logged: Throttle,
     /// Uploads accepted.
     pub(crate) uploads_started: IntCounter,
     /// Uploads saved.
@@ -71,8 +87,12 @@ impl Stats {
         )
         .expect("valid metric");
         registry.register(Box::new(open.clone())).expect("metric registered once");
-        let rooms = IntGauge::new("hubbub_rooms", "Rooms that exist").expect("valid metric");
-        registry.register(Box::new(rooms.clone())).expect("metric registered once");
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(format!("hubbub_{name}"), help).expect("valid metric");
+            registry.register(Box::new(g.clone())).expect("metric registered once");
+            g
+        };
+        let rooms = gauge("rooms", "Rooms that exist");
         // From 1 µs to about 1 s: one broadcast to a handful up to tens of
         // thousands of queues.
         let buckets = prometheus::exponential_buckets(1e-6, 4.0, 11).expect("valid buckets");
@@ -108,6 +128,23 @@ impl Stats {
             slow_consumers: counter("slow_consumers_dropped_total", "Connections dropped for a full queue"),
             rate_limited: counter("rate_limited_total", "Messages refused by a rate limit"),
             refused: counter_vec("upgrades_refused_total", "WebSocket upgrades refused", "reason"),
+            connections_refused: counter_vec(
+                "connections_refused_total",
+                "TCP connections closed at once, over a connection cap",
+                "reason",
+            ),
+            http_open: gauge("http_connections_open", "HTTP connections open and not upgraded"),
+            header_timeouts: counter(
+                "http_header_timeouts_total",
+                "HTTP connections closed for not sending request headers in time",
+            ),
+            tls_handshakes_failed: counter(
+                "tls_handshakes_failed_total",
+                "TLS handshakes failed or timed out",
+            ),
+            accept_errors: counter("accept_errors_total", "Failed accept calls (out of descriptors, mostly)"),
+            refusals_logged: Throttle::default(),
+            accept_errors_logged: Throttle::default(),
             uploads_started: counter("uploads_started_total", "Uploads accepted"),
             uploads_finished: counter("uploads_finished_total", "Uploads saved"),
             uploads_failed: counter("upload_errors_total", "Upload errors reported to clients (fileError)"),
@@ -130,6 +167,32 @@ impl Stats {
         // Encoding into a Vec cannot fail for well-formed metric families.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// Keeps a warning that may repeat many times a second (an attack, a
+/// descriptor shortage) to one log line per second, which says how many
+/// times it happened since the last.
+#[derive(Debug, Default)]
+pub(crate) struct Throttle {
+    /// When a line was last logged, and occurrences since.
+    state: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl Throttle {
+    /// Counts one occurrence; `Some(count)` when a line is due, with the
+    /// occurrences it stands for.
+    pub(crate) fn due(&self) -> Option<u64> {
+        const EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+        let now = std::time::Instant::now();
+        let mut state = crate::hub::lock(&self.state);
+        let (last, count) = &mut *state;
+        *count += 1;
+        if last.is_some_and(|at| now.saturating_duration_since(at) < EVERY) {
+            return None;
+        }
+        *last = Some(now);
+        Some(std::mem::take(count))
     }
 }
 

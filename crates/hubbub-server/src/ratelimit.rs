@@ -1,10 +1,20 @@
-//! Per-connection rate limits: token buckets for chat messages, typing
-//! notices and room changes, and a strike bucket that closes a connection
-//! that keeps flooding after it was told to slow down.
+//! Rate limits: per connection, token buckets for chat messages, typing
+//! notices, room changes and control messages, and a strike bucket that
+//! closes a connection that keeps flooding after it was told to slow down;
+//! shared by every connection of one address (or one authenticated user),
+//! buckets for new connections, chat and lobby messages, so that opening
+//! more connections or reconnecting in a loop buys no more; and one
+//! server-wide budget of lobby bytes, so that the lobby's readers, who
+//! receive every lobby message, are never sent more than they can read.
 
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::config::RateLimitSettings;
+use crate::hub::lock;
 
 /// A token bucket's rate: `per_sec` tokens per second, at most `burst`
 /// saved up. It comes from the settings at each check, so a connection
@@ -39,18 +49,28 @@ impl Bucket {
     pub(crate) fn take(&mut self, rate: Rate, now_ms: u32) -> Result<(), Duration> {
         let elapsed = f64::from(now_ms.saturating_sub(self.last_ms)) / 1000.0;
         self.last_ms = now_ms;
-        let tokens = (f64::from(self.tokens) + elapsed * rate.per_sec).min(rate.burst);
-        if tokens >= 1.0 {
-            self.tokens = (tokens - 1.0) as f32;
-            return Ok(());
-        }
+        let (tokens, verdict) = refill_and_take(f64::from(self.tokens), elapsed, rate, 1.0);
         self.tokens = tokens as f32;
-        if rate.per_sec > 0.0 {
-            Err(Duration::from_secs_f64((1.0 - tokens) / rate.per_sec))
-        } else {
-            Err(Duration::MAX)
-        }
+        verdict
     }
+}
+
+/// The token bucket's arithmetic, shared by every bucket: refills `tokens`
+/// for `elapsed_secs` at `rate`, then takes `cost` if there is as much.
+/// Returns the new level and, when refused, how long until `cost` is there
+/// (a cost above the burst waits for a full bucket).
+fn refill_and_take(tokens: f64, elapsed_secs: f64, rate: Rate, cost: f64) -> (f64, Result<(), Duration>) {
+    let tokens = (tokens + elapsed_secs * rate.per_sec).min(rate.burst);
+    let cost = cost.min(rate.burst);
+    if tokens >= cost {
+        return (tokens - cost, Ok(()));
+    }
+    let wait = if rate.per_sec > 0.0 {
+        Duration::try_from_secs_f64((cost - tokens) / rate.per_sec).unwrap_or(Duration::MAX)
+    } else {
+        Duration::MAX
+    };
+    (tokens, Err(wait))
 }
 
 /// What kind of message a limit applies to.
@@ -138,6 +158,211 @@ impl Limiter {
             },
         }
     }
+}
+
+impl Limiter {
+    /// Counts a message refused by a limit other than this connection's
+    /// own (its address's, or the server's) as a strike: the verdict is to
+    /// refuse it, or to close a connection refused too often.
+    pub(crate) fn refused_elsewhere(
+        &mut self,
+        settings: &RateLimitSettings,
+        wait: Duration,
+        now: Instant,
+    ) -> Verdict {
+        let now_ms = u32::try_from(now.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u32::MAX);
+        match self.strikes.take(rate(settings, None), now_ms) {
+            Ok(()) => Verdict::Refuse(wait),
+            Err(_) => Verdict::Close,
+        }
+    }
+}
+
+/// What a shared limit applies to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Shared {
+    /// New WebSocket connections from one address.
+    Connections,
+    /// `chatMessage`, lobby `chat` and echoed frames from one address (or
+    /// one authenticated user).
+    Chat,
+    /// Lobby `chat` from one address (or one authenticated user).
+    Lobby,
+}
+
+/// Who a shared limit counts: a client address (IPv6 addresses by their
+/// /64, which one host usually holds whole), or an authenticated user.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Key {
+    /// A client address.
+    Address(IpAddr),
+    /// An authenticated user's name.
+    User(Box<str>),
+}
+
+impl Key {
+    /// The key for a client address.
+    pub(crate) fn address(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(_) => Self::Address(ip),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => Self::Address(IpAddr::V4(v4)),
+                None => {
+                    let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                    Self::Address(IpAddr::V6(prefix.into()))
+                }
+            },
+        }
+    }
+}
+
+/// A bucket of a shared limit: its level and when it was last filled, in
+/// milliseconds since the limiter's start.
+#[derive(Clone, Copy, Debug)]
+struct SharedBucket {
+    tokens: f64,
+    last_ms: u64,
+}
+
+impl SharedBucket {
+    fn full(rate: Rate) -> Self {
+        Self { tokens: rate.burst, last_ms: 0 }
+    }
+
+    fn take(&mut self, rate: Rate, now_ms: u64, cost: f64) -> Result<(), Duration> {
+        let elapsed = now_ms.saturating_sub(self.last_ms) as f64 / 1000.0;
+        self.last_ms = self.last_ms.max(now_ms);
+        let (tokens, verdict) = refill_and_take(self.tokens, elapsed, rate, cost);
+        self.tokens = tokens;
+        verdict
+    }
+}
+
+/// One address's (or user's) buckets.
+#[derive(Debug)]
+struct Entry {
+    connections: SharedBucket,
+    chat: SharedBucket,
+    lobby: SharedBucket,
+    /// When any bucket was last used, to forget idle entries.
+    last_ms: u64,
+}
+
+/// Limits shared by every connection of one address or one user, and the
+/// server-wide lobby budget. Entries are forgotten once idle long enough
+/// that their buckets would be full again ([`Limits::forget_idle`]).
+#[derive(Debug)]
+pub(crate) struct Limits {
+    /// What the millisecond times count from.
+    epoch: Instant,
+    /// Entries by key, in shards so that connections rarely contend.
+    shards: Box<[Mutex<HashMap<Key, Entry>>]>,
+    /// Lobby bytes the whole server may still broadcast.
+    lobby_bytes: Mutex<SharedBucket>,
+}
+
+/// Shards of [`Limits`].
+const SHARDS: usize = 16;
+
+impl Limits {
+    /// Empty limits, every bucket full.
+    pub(crate) fn new(settings: &RateLimitSettings, now: Instant) -> Self {
+        Self {
+            epoch: now,
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            lobby_bytes: Mutex::new(SharedBucket::full(lobby_bytes_rate(settings))),
+        }
+    }
+
+    fn millis(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn shard(&self, key: &Key) -> &Mutex<HashMap<Key, Entry>> {
+        let mut hasher = std::hash::DefaultHasher::new();
+        key.hash(&mut hasher);
+        &self.shards[(hasher.finish() as usize) % self.shards.len()]
+    }
+
+    /// Takes one token from `key`'s bucket of `what`, or says how long to
+    /// wait. Always allows when the limits are off.
+    pub(crate) fn check(
+        &self,
+        settings: &RateLimitSettings,
+        key: &Key,
+        what: Shared,
+        now: Instant,
+    ) -> Result<(), Duration> {
+        if !settings.enabled {
+            return Ok(());
+        }
+        let now_ms = self.millis(now);
+        let mut shard = lock(self.shard(key));
+        let entry = shard.entry(key.clone()).or_insert_with(|| Entry {
+            connections: SharedBucket::full(shared_rate(settings, Shared::Connections)),
+            chat: SharedBucket::full(shared_rate(settings, Shared::Chat)),
+            lobby: SharedBucket::full(shared_rate(settings, Shared::Lobby)),
+            last_ms: now_ms,
+        });
+        entry.last_ms = now_ms;
+        let bucket = match what {
+            Shared::Connections => &mut entry.connections,
+            Shared::Chat => &mut entry.chat,
+            Shared::Lobby => &mut entry.lobby,
+        };
+        bucket.take(shared_rate(settings, what), now_ms, 1.0)
+    }
+
+    /// Takes `bytes` from the server-wide lobby budget, or says how long to
+    /// wait. Always allows when the limits are off.
+    pub(crate) fn lobby_bytes(
+        &self,
+        settings: &RateLimitSettings,
+        bytes: usize,
+        now: Instant,
+    ) -> Result<(), Duration> {
+        if !settings.enabled {
+            return Ok(());
+        }
+        let now_ms = self.millis(now);
+        lock(&self.lobby_bytes).take(lobby_bytes_rate(settings), now_ms, bytes as f64)
+    }
+
+    /// Forgets entries that have been idle long enough for every bucket to
+    /// be full again: they would allow exactly what a fresh entry allows.
+    /// Returns how many remain.
+    pub(crate) fn forget_idle(&self, settings: &RateLimitSettings, now: Instant) -> usize {
+        let refill_secs = [Shared::Connections, Shared::Chat, Shared::Lobby]
+            .into_iter()
+            .map(|what| {
+                let rate = shared_rate(settings, what);
+                rate.burst / rate.per_sec.max(f64::MIN_POSITIVE)
+            })
+            .fold(0.0_f64, f64::max);
+        let idle_ms = (refill_secs * 1000.0).ceil().min(u64::MAX as f64) as u64;
+        let now_ms = self.millis(now);
+        let mut remaining = 0;
+        for shard in &self.shards {
+            let mut shard = lock(shard);
+            shard.retain(|_, entry| now_ms.saturating_sub(entry.last_ms) < idle_ms);
+            remaining += shard.len();
+        }
+        remaining
+    }
+}
+
+fn shared_rate(settings: &RateLimitSettings, what: Shared) -> Rate {
+    match what {
+        Shared::Connections => {
+            Rate::new(settings.address_connections_per_sec, settings.address_connections_burst)
+        }
+        Shared::Chat => Rate::new(settings.address_chat_per_sec, settings.address_chat_burst),
+        Shared::Lobby => Rate::new(settings.address_lobby_per_sec, settings.address_lobby_burst),
+    }
+}
+
+fn lobby_bytes_rate(settings: &RateLimitSettings) -> Rate {
+    Rate { per_sec: settings.lobby_bytes_per_sec as f64, burst: settings.lobby_burst_bytes as f64 }
 }
 
 /// The configured rate of a kind's bucket, or of the strikes (`None`).

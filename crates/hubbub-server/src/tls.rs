@@ -1,10 +1,10 @@
 //! TLS with rustls: the certificate and key are loaded at startup (a bad or
 //! unreadable one is an error before the port opens) and again on reload,
-//! without touching open connections. Handshakes run in their own tasks, off
-//! the accept loop, so a slow or silent client cannot hold up others.
+//! without touching open connections. Handshakes run in each connection's
+//! own task (`serve`), off the accept loop, so a slow or silent client
+//! cannot hold up others; the HTTP connection caps, per address and in
+//! total, bound how many are in progress.
 
-use std::io;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
@@ -13,11 +13,7 @@ use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
-use tokio_util::sync::CancellationToken;
 
 /// Where the PEM certificate chain and private key are.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,7 +27,8 @@ pub struct TlsSettings {
     #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
     pub handshake_timeout: Duration,
     /// Most handshakes in progress at once; connections beyond it are
-    /// closed at once. Default 1,024.
+    /// closed at once. Default 1,024. (One address holds at most
+    /// `http.max_connections_per_ip` of them.)
     #[serde(default = "default_max_pending_handshakes")]
     pub max_pending_handshakes: usize,
 }
@@ -90,8 +87,19 @@ impl TlsReloader {
         Ok(())
     }
 
-    fn current(&self) -> TlsAcceptor {
+    /// The acceptor for new connections.
+    pub(crate) fn current(&self) -> TlsAcceptor {
         self.acceptor.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Longest a client may take to complete its handshake.
+    pub(crate) fn handshake_timeout(&self) -> Duration {
+        self.settings.handshake_timeout
+    }
+
+    /// Most handshakes in progress at once.
+    pub(crate) fn max_pending_handshakes(&self) -> usize {
+        self.settings.max_pending_handshakes
     }
 }
 
@@ -122,77 +130,4 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
         return Err(error("no PEM certificate in the file".to_owned()));
     }
     Ok(certs)
-}
-
-/// A listener that yields connections whose TLS handshake is complete.
-pub(crate) struct TlsListener {
-    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
-    local: SocketAddr,
-}
-
-/// Handshakes finished but not yet taken by the server.
-const READY_BACKLOG: usize = 1024;
-
-impl TlsListener {
-    /// Starts accepting on `tcp` until `shutdown`.
-    pub(crate) fn spawn(tcp: TcpListener, tls: TlsReloader, shutdown: CancellationToken) -> io::Result<Self> {
-        let local = tcp.local_addr()?;
-        let (tx, ready) = mpsc::channel(READY_BACKLOG);
-        let timeout = tls.settings.handshake_timeout;
-        let pending = Arc::new(tokio::sync::Semaphore::new(tls.settings.max_pending_handshakes.max(1)));
-        tokio::spawn(async move {
-            loop {
-                let accepted = tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    accepted = tcp.accept() => accepted,
-                };
-                match accepted {
-                    Ok((stream, addr)) => {
-                        let Ok(permit) = pending.clone().try_acquire_owned() else {
-                            tracing::warn!(peer = %addr, "too many TLS handshakes in progress; dropping connection");
-                            continue;
-                        };
-                        let _ = stream.set_nodelay(true);
-                        let acceptor = tls.current();
-                        let tx = tx.clone();
-                        tokio::spawn(async move {
-                            let _permit = permit;
-                            match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-                                Ok(Ok(tls)) => {
-                                    let _ = tx.send((tls, addr)).await;
-                                }
-                                Ok(Err(err)) => {
-                                    tracing::debug!(peer = %addr, cause = %err, "TLS handshake failed")
-                                }
-                                Err(_) => tracing::debug!(peer = %addr, "TLS handshake timed out"),
-                            }
-                        });
-                    }
-                    Err(err) => {
-                        // Out of descriptors or similar: back off, then retry.
-                        tracing::warn!(cause = %err, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
-            }
-        });
-        Ok(Self { ready, local })
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.ready.recv().await {
-            Some(ready) => ready,
-            // The accept task stopped (shutdown): nothing more will come.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        Ok(self.local)
-    }
 }
