@@ -137,7 +137,7 @@ fn build(root: &Path, targets: &[&str]) -> anyhow::Result<PathBuf> {
 }
 
 fn host_triple() -> anyhow::Result<String> {
-    let out = Command::new("rustc").arg("-vV").output().context("running rustc -vV")?;
+    let out = crate::measure::command("rustc").arg("-vV").output().context("running rustc -vV")?;
     let text = String::from_utf8(out.stdout).context("rustc -vV output")?;
     text.lines()
         .find_map(|line| line.strip_prefix("host: "))

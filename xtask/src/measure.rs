@@ -1,5 +1,6 @@
 //! Helpers shared by the measuring commands (`fuzz`, `autobahn`, `bench`,
-//! `loadtest`): running programs, starting a server under test and reading
+//! `loadtest`) and `ci`: running programs (every child cargo goes through
+//! [`command`]), starting a server under test and reading
 //! its address, reading a process's CPU time and RSS from /proc (with
 //! `hubbub-loadgen`'s code), describing the machine, and replacing a
 //! generated section of a Markdown file.
@@ -11,12 +12,46 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 
+/// A command for `program` without the variables `cargo run` set for xtask
+/// itself (`CARGO_MANIFEST_DIR`, `CARGO_PKG_*`, ...). Every child cargo is
+/// built here: inherited, they differ from what a plain `cargo build` sees,
+/// and build scripts that declare `rerun-if-env-changed` on them (ring's
+/// does) would rerun and rebuild ring, rustls and everything above them on
+/// each switch between `cargo xtask` and plain `cargo`. Variables a user
+/// sets to configure cargo (`CARGO_TARGET_DIR`, `CARGO_HOME`, `RUSTFLAGS`,
+/// ...) are kept.
+pub(crate) fn command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut command = Command::new(program);
+    for (key, _) in std::env::vars_os() {
+        if key.to_str().is_some_and(set_by_cargo_for_a_crate) {
+            command.env_remove(key);
+        }
+    }
+    command
+}
+
+/// Whether `key` is one of the variables cargo sets for the crate it builds
+/// or runs, as opposed to one that configures cargo.
+fn set_by_cargo_for_a_crate(key: &str) -> bool {
+    const PREFIXES: &[&str] =
+        &["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_CFG_", "CARGO_FEATURE_", "CARGO_BIN_EXE_"];
+    const NAMES: &[&str] = &[
+        "CARGO_CRATE_NAME",
+        "CARGO_BIN_NAME",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_TARGET_TMPDIR",
+        "CARGO_RUSTC_CURRENT_DIR",
+        "OUT_DIR",
+    ];
+    PREFIXES.iter().any(|prefix| key.starts_with(prefix)) || NAMES.contains(&key)
+}
+
 /// Runs `program args` in `dir` with extra environment variables; fails
 /// unless it exits successfully.
 pub(crate) fn run_env(dir: &Path, program: &str, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<()> {
     let shown: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v:?} ")).collect();
     eprintln!("xtask: {}{program} {}", shown.concat(), args.join(" "));
-    let status = Command::new(program)
+    let status = command(program)
         .args(args)
         .envs(env.iter().copied())
         .current_dir(dir)
@@ -30,7 +65,7 @@ pub(crate) fn run_env(dir: &Path, program: &str, args: &[&str], env: &[(&str, &s
 
 /// Runs a program and returns its standard output, trimmed.
 pub(crate) fn output(dir: &Path, program: &str, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(program)
+    let out = command(program)
         .args(args)
         .current_dir(dir)
         .stderr(Stdio::inherit())
@@ -154,4 +189,25 @@ pub(crate) fn replace_section(file: &Path, name: &str, heading: &str, body: &str
     std::fs::write(file, updated).with_context(|| format!("writing {}", file.display()))?;
     eprintln!("xtask: wrote the {name} table to {}", file.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn child_commands_drop_what_cargo_set_for_xtask_and_keep_cargo_configuration() {
+        assert!(set_by_cargo_for_a_crate("CARGO_MANIFEST_DIR"));
+        assert!(set_by_cargo_for_a_crate("CARGO_PKG_VERSION_MAJOR"));
+        assert!(set_by_cargo_for_a_crate("CARGO_CRATE_NAME"));
+        for kept in ["CARGO", "CARGO_HOME", "CARGO_TARGET_DIR", "CARGO_BUILD_JOBS", "RUSTFLAGS", "PATH"] {
+            assert!(!set_by_cargo_for_a_crate(kept), "{kept} must be kept");
+        }
+        // `cargo test` sets CARGO_MANIFEST_DIR for this test, as `cargo run`
+        // does for xtask: the command must remove it.
+        assert!(std::env::var_os("CARGO_MANIFEST_DIR").is_some());
+        let command = command("cargo");
+        let removed = command.get_envs().any(|(key, value)| key == "CARGO_MANIFEST_DIR" && value.is_none());
+        assert!(removed, "CARGO_MANIFEST_DIR is passed on to child cargo commands");
+    }
 }
