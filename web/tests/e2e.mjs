@@ -607,14 +607,17 @@ test('scroll: a reader at the bottom stays there when an image arrives; one scro
   await bob.page.locator('#messages').hover();
   await bob.page.mouse.wheel(0, -800);
   await step(
-    'bob: scrolled up',
+    'bob: scrolled up, and the scrolling over',
     bob.page.waitForFunction(
       () => {
+        // A wheel may scroll smoothly: wait until two looks agree.
         const list = document.getElementById('messages');
-        return list.scrollHeight - list.scrollTop - list.clientHeight > 400;
+        const settled = window.lastLook === list.scrollTop;
+        window.lastLook = list.scrollTop;
+        return settled && list.scrollHeight - list.scrollTop - list.clientHeight > 400;
       },
       null,
-      { timeout: WAIT, polling: 50 },
+      { timeout: WAIT, polling: 100 },
     ),
   );
   const readingAt = await bob.page.evaluate(() => document.getElementById('messages').scrollTop);
