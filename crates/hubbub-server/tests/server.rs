@@ -677,17 +677,81 @@ fn now_ms() -> u64 {
 
 // ----- a client from another ecosystem -----------------------------------------
 
+/// The folder of the Node interop clients (`tests/interop`), with their one
+/// npm dependency (`ws`) installed, or `None` when Node.js is not installed.
+///
+/// The first test to ask runs `npm ci` there unless it already ran for the
+/// current `package-lock.json`, so plain `cargo test` works on a fresh clone.
+/// Without Node.js the interop tests pass as skipped, after one line on
+/// stderr naming what to install; under CI (`CI=true`) that is a failure
+/// instead, so CI never skips them. A failed `npm ci` fails the test with
+/// npm's own message: a missing dependency never shows up as a timeout.
+fn node_interop() -> Option<std::path::PathBuf> {
+    static PREPARED: std::sync::OnceLock<Result<Option<std::path::PathBuf>, String>> =
+        std::sync::OnceLock::new();
+    match PREPARED.get_or_init(prepare_node_interop) {
+        Ok(dir) => dir.clone(),
+        Err(message) => panic!("{message}"),
+    }
+}
+
+fn prepare_node_interop() -> Result<Option<std::path::PathBuf>, String> {
+    use std::io::Write as _;
+    use std::process::Command;
+
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop");
+    // Written to the stderr handle, not with `eprintln!`, so that the test
+    // harness does not capture it: the reader must see why tests were skipped
+    // or why the run paused.
+    let say = |line: String| {
+        let _ = writeln!(std::io::stderr(), "{line}");
+    };
+    let install = "install Node.js and npm (Debian: apt-get install -y nodejs npm)";
+    if Command::new("node").arg("--version").output().is_err() {
+        if std::env::var("CI").is_ok_and(|ci| ci == "true") {
+            return Err(format!("the Node interop tests need `node` on PATH under CI: {install}"));
+        }
+        say(format!("SKIPPED the Node interop tests (hubbub-server tests/server.rs): no `node`; {install}"));
+        return Ok(None);
+    }
+    // `npm ci` leaves its own copy of the lock file in node_modules; one at
+    // least as new as the committed lock means the install is current.
+    let modified = |path: std::path::PathBuf| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let installed = modified(dir.join("node_modules/.package-lock.json"));
+    let locked = modified(dir.join("package-lock.json"));
+    if dir.join("node_modules/ws").is_dir() && installed.is_some() && installed >= locked {
+        return Ok(Some(dir));
+    }
+    say(format!("installing the Node interop tests' dependency: npm ci in {}", dir.display()));
+    let output = Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund"])
+        .current_dir(&dir)
+        .output()
+        .map_err(|err| format!("the Node interop tests need npm to install `ws` ({err}): {install}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "`npm ci` in {} failed ({}), so the Node interop tests lack Node's `ws` package:\n{}{}",
+            dir.display(),
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    Ok(Some(dir))
+}
+
+/// How a Node client ended and what it printed, for failure messages.
+fn node_said(output: &std::process::Output) -> String {
+    let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    format!("{}\n{stdout}{stderr}", output.status)
+}
+
 /// A client written as the classic Node `ws` tutorial writes one, run with
 /// Node against `/` (a plain `new WebSocket("ws://host:port")`). Its npm
-/// dependency is installed by `.ci/run` (`npm ci` in tests/interop).
+/// dependency is installed by [`node_interop`].
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_ws_tutorial_client_works_unchanged() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop");
-    assert!(
-        dir.join("node_modules/ws").is_dir(),
-        "Node's `ws` package is missing: run `npm ci --prefix {}` (cargo xtask ci does this)",
-        dir.display()
-    );
+    let Some(dir) = node_interop() else { return };
     let server = TestServer::start().await;
     let output = tokio::process::Command::new("node")
         .arg(dir.join("tutorial_client.mjs"))
@@ -1322,6 +1386,7 @@ async fn connect_tls(addr: SocketAddr, path: &str, ca_der: &[u8]) -> (Client, Ve
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wss_chat_works_with_a_node_client_and_survives_a_certificate_reload() {
+    let Some(interop) = node_interop() else { return };
     let dir = tls_dir();
     let (cert, key, der) = self_signed(&dir);
     let mut config = TestServer::config();
@@ -1343,15 +1408,23 @@ async fn wss_chat_works_with_a_node_client_and_survives_a_certificate_reload() {
     ada.recv_type("roomJoined").await;
 
     // A Node `ws` client that trusts the certificate joins and chats.
-    let interop = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop");
     let node = tokio::process::Command::new("node")
         .arg(interop.join("wss_client.mjs"))
         .arg(format!("wss://localhost:{}/ws/chat", server.addr.port()))
         .arg(&cert)
         .kill_on_drop(true)
         .output();
-    let node = tokio::spawn(timeout(Duration::from_secs(30), node));
-    assert_eq!(ada.recv_type("userJoined").await["user"], "node");
+    let mut node = tokio::spawn(timeout(Duration::from_secs(30), node));
+    // Until it has joined, the client ending (a refused certificate, a
+    // missing module) is the failure to report, not ada's wait for it.
+    let joined = tokio::select! {
+        joined = ada.recv_type("userJoined") => joined,
+        exited = &mut node => {
+            let output = exited.unwrap().expect("the node client ends within 30 s").expect("node runs");
+            panic!("the node client ended before joining: {}", node_said(&output))
+        }
+    };
+    assert_eq!(joined["user"], "node");
     assert_eq!(ada.recv_type("chatMessage").await["text"], "hello over TLS");
     ada.send(json!({"type": "chatMessage", "text": "hello node"})).await;
     let output = node.await.unwrap().unwrap().unwrap();
