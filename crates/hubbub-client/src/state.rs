@@ -455,7 +455,7 @@ impl ClientState {
                 let written = self.next_written();
                 let room = self.session.room.clone();
                 self.unacked.push_back(Unacked { id, text: text.clone(), room, written });
-                ClientMessage::ChatMessage { text, client_msg_id: Some(id) }
+                ClientMessage::ChatMessage { text, client_msg_id: Some(id.into()) }
             }
             Queued::LobbyChat(text) => ClientMessage::Chat { user: self.session.username.clone(), text },
         };
@@ -529,6 +529,8 @@ impl ClientState {
             }
             ServerMessage::RoomLeft { room } => self.emit(Event::RoomLeft { room }),
             ServerMessage::ChatMessage { user, text, timestamp, client_msg_id } => {
+                // Applications see UUIDs: two spellings of one are one id.
+                let client_msg_id = client_msg_id.map(|id| id.uuid());
                 if let Some(id) = client_msg_id
                     && !self.seen.insert(id)
                 {
@@ -537,7 +539,9 @@ impl ClientState {
                 }
                 self.emit(Event::Message { user, text, timestamp, client_msg_id });
             }
-            ServerMessage::MessageAck { client_msg_id, timestamp } => self.on_ack(client_msg_id, timestamp),
+            ServerMessage::MessageAck { client_msg_id, timestamp } => {
+                self.on_ack(client_msg_id.uuid(), timestamp);
+            }
             ServerMessage::UserTyping { user } => self.emit(Event::UserTyping { user }),
             ServerMessage::Chat { user, text } => self.emit(Event::LobbyChat { user, text }),
             ServerMessage::Pong { timestamp, .. } => {
@@ -712,7 +716,7 @@ mod tests {
     }
 
     fn chat(text: &str, id: Uuid) -> ClientMessage {
-        ClientMessage::ChatMessage { text: text.into(), client_msg_id: Some(id) }
+        ClientMessage::ChatMessage { text: text.into(), client_msg_id: Some(id.into()) }
     }
 
     #[test]
@@ -785,8 +789,12 @@ mod tests {
         sent(&mut s);
         events(&mut s);
         s.on_message(ServerMessage::error("nope", "x"), now);
-        s.on_message(ServerMessage::MessageAck { client_msg_id: fine, timestamp: 7 }, now);
-        s.on_message(ServerMessage::MessageAck { client_msg_id: fine, timestamp: 7 }, now);
+        // The id spelled otherwise (upper-case, as Swift writes it) is the
+        // same id; so is a second ack.
+        let upper = fine.hyphenated().to_string().to_uppercase();
+        let upper = hubbub_protocol::ClientMsgId::parse(&upper).unwrap();
+        s.on_message(ServerMessage::MessageAck { client_msg_id: upper, timestamp: 7 }, now);
+        s.on_message(ServerMessage::MessageAck { client_msg_id: fine.into(), timestamp: 7 }, now);
         let pong = barrier_pong(&mut s);
         s.on_message(pong, now);
         assert_eq!(
@@ -874,11 +882,11 @@ mod tests {
         let now = Instant::now();
         let mut s = state(2);
         connect(&mut s);
-        let message = |id| ServerMessage::ChatMessage {
+        let message = |id: Uuid| ServerMessage::ChatMessage {
             user: "bob".into(),
             text: "hi".into(),
             timestamp: 1,
-            client_msg_id: Some(id),
+            client_msg_id: Some(id.into()),
         };
         let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
         for id in [a, b, a, c, a] {

@@ -26,10 +26,12 @@
 
 pub mod chunk;
 mod decode;
+mod id;
 mod limits;
 mod message;
 
 pub use decode::{ProtocolError, decode_client, decode_server};
+pub use id::{ClientMsgId, InvalidClientMsgId};
 pub use limits::{Limits, ValidationError};
 pub use message::{ClientMessage, ServerMessage};
 

@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Number;
 use uuid::Uuid;
 
+use crate::ClientMsgId;
+
 /// A message a chat client sends to the server (a text frame on `/ws/chat`).
 ///
 /// Unknown fields are ignored, so clients may send more than listed here.
@@ -33,9 +35,10 @@ pub enum ClientMessage {
         text: String,
         /// A client-chosen id (Hubbub addition). When present, the server
         /// answers with [`ServerMessage::MessageAck`] and delivers a message
-        /// resent with the same id only once.
+        /// resent with the same id only once. Any spelling of a UUID; it
+        /// comes back spelled the same.
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        client_msg_id: Option<Uuid>,
+        client_msg_id: Option<ClientMsgId>,
     },
     /// Tell the other members of the room that this user is typing.
     Typing {},
@@ -194,6 +197,16 @@ pub enum ServerMessage {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         room: Option<String>,
     },
+    /// A member of the room changed its name with `setUsername`; sent to
+    /// the room's other members (Hubbub addition).
+    UserRenamed {
+        /// The name now in effect.
+        user: String,
+        /// The name the member had before.
+        previous: String,
+        /// The room the member is in.
+        room: String,
+    },
     /// Reply to `leaveRoom` for the leaver (Hubbub addition).
     RoomLeft {
         /// The room left.
@@ -209,14 +222,15 @@ pub enum ServerMessage {
         timestamp: u64,
         /// The sender's id for the message, when it gave one (Hubbub
         /// addition), so receivers can drop a copy they have already shown.
+        /// Spelled as the sender spelled it.
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        client_msg_id: Option<Uuid>,
+        client_msg_id: Option<ClientMsgId>,
     },
     /// Tells the sender its `chatMessage` with this id was accepted (Hubbub
     /// addition). Sent again, with the same timestamp, for a resend.
     MessageAck {
-        /// The id from the `chatMessage`.
-        client_msg_id: Uuid,
+        /// The id from the `chatMessage`, spelled as it was there.
+        client_msg_id: ClientMsgId,
         /// The timestamp the room received with the message.
         timestamp: u64,
     },

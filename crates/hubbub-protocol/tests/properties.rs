@@ -3,7 +3,9 @@
 
 #![allow(clippy::unwrap_used)]
 
-use hubbub_protocol::{ClientMessage, Limits, Number, ServerMessage, decode_client, decode_server};
+use hubbub_protocol::{
+    ClientMessage, ClientMsgId, Limits, Number, ServerMessage, decode_client, decode_server,
+};
 use proptest::prelude::*;
 use uuid::Uuid;
 
@@ -20,8 +22,30 @@ fn valid_name(max: usize) -> impl Strategy<Value = String> {
         .prop_filter("non-empty after trim", |s| !s.is_empty())
 }
 
-fn uuid_option() -> impl Strategy<Value = Option<Uuid>> {
-    proptest::option::of(any::<u128>().prop_map(Uuid::from_u128))
+/// A UUID in any spelling a client may use: hyphenated or simple, braced,
+/// a URN, in any mix of cases.
+fn client_msg_id() -> impl Strategy<Value = ClientMsgId> {
+    (any::<u128>(), 0..4_u8, any::<u64>()).prop_map(|(n, form, case)| {
+        let uuid = Uuid::from_u128(n);
+        let text = match form {
+            0 => uuid.hyphenated().to_string(),
+            1 => uuid.simple().to_string(),
+            2 => uuid.braced().to_string(),
+            _ => uuid.urn().to_string(),
+        };
+        // Upper-case some of the hex digits (never the `urn:uuid:` prefix,
+        // which the parser takes only in lower case).
+        let prefix = if form == 3 { "urn:uuid:".len() } else { 0 };
+        let spelled: String = text
+            .char_indices()
+            .map(|(i, c)| if i >= prefix && case >> (i % 64) & 1 == 1 { c.to_ascii_uppercase() } else { c })
+            .collect();
+        ClientMsgId::parse(&spelled).unwrap()
+    })
+}
+
+fn id_option() -> impl Strategy<Value = Option<ClientMsgId>> {
+    proptest::option::of(client_msg_id())
 }
 
 fn number() -> impl Strategy<Value = Number> {
@@ -37,7 +61,7 @@ fn client_message() -> impl Strategy<Value = ClientMessage> {
         text().prop_map(|username| ClientMessage::SetUsername { username }),
         text().prop_map(|room| ClientMessage::JoinRoom { room }),
         Just(ClientMessage::LeaveRoom {}),
-        (text(), uuid_option())
+        (text(), id_option())
             .prop_map(|(text, client_msg_id)| ClientMessage::ChatMessage { text, client_msg_id }),
         Just(ClientMessage::Typing {}),
         (proptest::option::of(text()), text()).prop_map(|(user, text)| ClientMessage::Chat { user, text }),
@@ -77,13 +101,16 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
         (text(), count, proptest::option::of(text()))
             .prop_map(|(user, user_count, room)| ServerMessage::UserLeft { user, user_count, room }),
         text().prop_map(|room| ServerMessage::RoomLeft { room }),
-        (text(), text(), any::<u64>(), uuid_option()).prop_map(|(user, text, timestamp, client_msg_id)| {
+        (text(), text(), text()).prop_map(|(user, previous, room)| ServerMessage::UserRenamed {
+            user,
+            previous,
+            room
+        }),
+        (text(), text(), any::<u64>(), id_option()).prop_map(|(user, text, timestamp, client_msg_id)| {
             ServerMessage::ChatMessage { user, text, timestamp, client_msg_id }
         }),
-        (any::<u128>(), any::<u64>()).prop_map(|(id, timestamp)| ServerMessage::MessageAck {
-            client_msg_id: Uuid::from_u128(id),
-            timestamp
-        }),
+        (client_msg_id(), any::<u64>())
+            .prop_map(|(client_msg_id, timestamp)| ServerMessage::MessageAck { client_msg_id, timestamp }),
         text().prop_map(|user| ServerMessage::UserTyping { user }),
         (text(), text()).prop_map(|(user, text)| ServerMessage::Chat { user, text }),
         (number(), any::<u64>())
@@ -167,6 +194,34 @@ proptest! {
         let json = msg.to_json();
         let back: ClientMessage = serde_json::from_str(&json).unwrap();
         prop_assert_eq!(back, msg);
+    }
+
+    #[test]
+    fn client_msg_ids_round_trip_spelled_as_sent(id in client_msg_id()) {
+        let json = serde_json::to_string(&id).unwrap();
+        let back: ClientMsgId = serde_json::from_str(&json).unwrap();
+        prop_assert_eq!(back.as_str(), id.as_str());
+        prop_assert_eq!(back, id);
+        // Through a whole message and its validation, too.
+        let sent = ClientMessage::ChatMessage { text: "hi".into(), client_msg_id: Some(id) };
+        let decoded = decode_client(&sent.to_json(), &Limits::default()).unwrap();
+        let ClientMessage::ChatMessage { client_msg_id: Some(decoded), .. } = decoded else {
+            panic!("not a chatMessage with an id: {decoded:?}");
+        };
+        prop_assert_eq!(decoded.as_str(), id.as_str());
+        let ack = ServerMessage::MessageAck { client_msg_id: decoded, timestamp: 1 }.to_json();
+        prop_assert!(ack.contains(&format!("\"clientMsgId\":\"{}\"", id.as_str())), "{}", ack);
+    }
+
+    #[test]
+    fn client_msg_ids_parse_exactly_what_uuid_parses(text in "[0-9a-fA-F{}urn:id-]{0,48}") {
+        match ClientMsgId::parse(&text) {
+            Ok(id) => {
+                prop_assert_eq!(id.as_str(), text.as_str());
+                prop_assert_eq!(Some(id.uuid()), Uuid::try_parse(&text).ok());
+            }
+            Err(_) => prop_assert!(Uuid::try_parse(&text).is_err()),
+        }
     }
 
     #[test]

@@ -311,6 +311,31 @@ async fn messages_with_an_id_are_acknowledged_and_a_resend_is_delivered_once() {
 }
 
 #[tokio::test]
+async fn a_client_msg_id_comes_back_spelled_as_sent_and_resends_match_any_spelling() {
+    let server = TestServer::start().await;
+    let mut ada = server.in_room("ada", "r").await;
+    let mut bob = server.in_room("bob", "r").await;
+    ada.recv_type("userJoined").await;
+    for id in [
+        "6F1C9A4E-2B7D-4C1E-9F3A-1D2E3F4A5B6C",
+        "{0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d}",
+        "urn:uuid:1b2c3d4e-5f6a-4b7c-8d9e-0f1a2b3c4d5e",
+        "2C3D4E5F6A7B4C8D9E0F1A2B3C4D5E6F",
+    ] {
+        ada.send(json!({"type": "chatMessage", "text": "hi", "clientMsgId": id})).await;
+        assert_eq!(bob.recv_type("chatMessage").await["clientMsgId"], id);
+        assert_eq!(ada.recv_type("messageAck").await["clientMsgId"], id);
+    }
+    // A resend spelled otherwise is still the same message: acknowledged
+    // again, in the resend's own spelling, and not delivered twice.
+    let resend = "6f1c9a4e2b7d4c1e9f3a1d2e3f4a5b6c";
+    ada.send(json!({"type": "chatMessage", "text": "hi", "clientMsgId": resend})).await;
+    assert_eq!(ada.recv_type("messageAck").await["clientMsgId"], resend);
+    bob.expect_nothing_pending().await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn typing_reaches_the_others_in_the_room() {
     let server = TestServer::start().await;
     let mut ada = server.in_room("ada", "r").await;
