@@ -57,13 +57,16 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
 /// only), no MIME sniffing, no referrer leaks.
 async fn security_headers(mut response: Response) -> Response {
     let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_SECURITY_POLICY,
-        header::HeaderValue::from_static(
-            "default-src 'self'; img-src 'self' blob: data:; connect-src 'self'; object-src 'none'; \
-             base-uri 'none'; frame-ancestors 'none'; form-action 'self'",
-        ),
-    );
+    // Downloads bring their own, stricter policy.
+    if !headers.contains_key(header::CONTENT_SECURITY_POLICY) {
+        headers.insert(
+            header::CONTENT_SECURITY_POLICY,
+            header::HeaderValue::from_static(
+                "default-src 'self'; img-src 'self' blob: data:; connect-src 'self'; object-src 'none'; \
+                 base-uri 'none'; frame-ancestors 'none'; form-action 'self'",
+            ),
+        );
+    }
     headers.insert(header::X_CONTENT_TYPE_OPTIONS, header::HeaderValue::from_static("nosniff"));
     headers.insert(header::REFERRER_POLICY, header::HeaderValue::from_static("no-referrer"));
     response
@@ -290,9 +293,53 @@ async fn rooms(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     axum::Json(list)
 }
 
+/// The policy of every download: were one ever rendered as a document (an
+/// old browser ignoring `attachment`, a user opening it in a tab), it runs in
+/// a unique opaque origin and may load nothing.
+const DOWNLOAD_POLICY: &str = "sandbox; default-src 'none'";
+
+/// Types a download keeps when it was uploaded with one of them: media a
+/// browser only ever shows, never runs. Everything else (JavaScript, HTML,
+/// SVG, XML, CSS, JSON, WebAssembly...) is served as
+/// `application/octet-stream`, which with `nosniff` no browser will run as a
+/// script, apply as a stylesheet or render as a page.
+const INERT_TYPES: &[&str] = &[
+    "image/png",
+    "image/jpeg",
+    "image/gif",
+    "image/webp",
+    "image/avif",
+    "image/bmp",
+    "audio/mpeg",
+    "audio/ogg",
+    "audio/wav",
+    "audio/webm",
+    "audio/aac",
+    "audio/flac",
+    "audio/mp4",
+    "video/mp4",
+    "video/webm",
+    "video/ogg",
+    "video/quicktime",
+    "application/pdf",
+    "text/plain",
+];
+
+/// The type a download is served with: its stored type if inert, else
+/// `application/octet-stream`.
+fn served_type(stored: &str) -> mime::Mime {
+    match stored.parse::<mime::Mime>() {
+        Ok(mime) if INERT_TYPES.iter().any(|inert| mime.essence_str().eq_ignore_ascii_case(inert)) => mime,
+        _ => mime::APPLICATION_OCTET_STREAM,
+    }
+}
+
 /// `GET /files/{fileId}`: a saved upload, always as an attachment (so an
-/// uploaded HTML file is never rendered on our origin), with its stored type,
-/// length, and range requests.
+/// uploaded HTML file is never rendered on our origin), with its length,
+/// range requests, and its stored type only if that is inert. The page's
+/// `script-src 'self'` would run an uploaded script under our origin, so a
+/// download is never served as anything a browser executes, carries a
+/// sandboxing policy of its own, and may not be embedded by other sites.
 async fn download(
     State(shared): State<Arc<Shared>>,
     axum::extract::Path(file_id): axum::extract::Path<String>,
@@ -304,7 +351,7 @@ async fn download(
     let Some(file) = shared.store.get(&file_id) else {
         return not_found().await.into_response();
     };
-    let mime: mime::Mime = file.mime_type.parse().unwrap_or(mime::APPLICATION_OCTET_STREAM);
+    let mime = served_type(&file.mime_type);
     let service = tower_http::services::ServeFile::new_with_mime(shared.store.path_of(&file), &mime);
     let mut response = match tower::ServiceExt::oneshot(service, req).await {
         Ok(response) => response.map(axum::body::Body::new),
@@ -318,6 +365,11 @@ async fn download(
         headers.insert(header::CONTENT_DISPOSITION, value);
     }
     headers.insert(header::X_CONTENT_TYPE_OPTIONS, header::HeaderValue::from_static("nosniff"));
+    headers.insert(header::CONTENT_SECURITY_POLICY, header::HeaderValue::from_static(DOWNLOAD_POLICY));
+    headers.insert(
+        header::HeaderName::from_static("cross-origin-resource-policy"),
+        header::HeaderValue::from_static("same-origin"),
+    );
     response
 }
 
@@ -341,6 +393,28 @@ fn content_disposition(name: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn only_inert_types_are_served_as_stored() {
+        for inert in ["image/png", "IMAGE/PNG", "text/plain", "application/pdf", "video/mp4"] {
+            assert_eq!(super::served_type(inert).essence_str(), inert.to_ascii_lowercase());
+        }
+        for active in [
+            "text/javascript",
+            "application/javascript",
+            "text/html",
+            "image/svg+xml",
+            "application/xhtml+xml",
+            "text/xml",
+            "text/css",
+            "application/json",
+            "application/wasm",
+            "text/plain+evil",
+            "",
+        ] {
+            assert_eq!(super::served_type(active), mime::APPLICATION_OCTET_STREAM, "{active}");
+        }
+    }
+
     #[test]
     fn content_disposition_is_safe_for_any_name() {
         assert_eq!(

@@ -15,6 +15,7 @@ use hubbub_protocol::ServerMessage;
 use hubbub_transfer::{NewUpload, ProgressPolicy, ProgressThrottle, Store, StoreError, StoredFile, Upload};
 
 use crate::config::UploadSettings;
+use crate::ratelimit::Key;
 
 /// A connection's upload state.
 #[derive(Debug, Default)]
@@ -186,6 +187,16 @@ impl Uploads {
         tracing::info!(transfer_id = ?transfer_id, error = %err, "upload aborted");
         self.failed = transfer_id.clone().or_else(|| Some(String::new()));
         Outcome::Reply(file_error(transfer_id, err))
+    }
+}
+
+/// The store's account for an owner of uploads: whose share of the quota
+/// they are charged to. Distinct prefixes keep a user named like an address
+/// apart from that address.
+pub(crate) fn account(owner: &Key) -> String {
+    match owner {
+        Key::Address(ip) => format!("ip:{ip}"),
+        Key::User(name) => format!("user:{name}"),
     }
 }
 

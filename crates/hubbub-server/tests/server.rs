@@ -1147,6 +1147,167 @@ async fn the_upload_quota_is_enforced() {
     server.shutdown().await;
 }
 
+/// A named chat client whose connection comes from `local` (any 127.x.y.z
+/// reaches the server on loopback), so per-address limits see another owner.
+async fn named_from(server: &TestServer, local: &str, name: &str) -> Client {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{local}:0").parse().unwrap()).unwrap();
+    let stream = socket.connect(server.addr).await.unwrap();
+    let (ws, _) =
+        tokio_tungstenite::client_async(server.url("/ws/chat"), MaybeTlsStream::Plain(stream)).await.unwrap();
+    let mut c = Client { ws };
+    c.greeting().await;
+    c.send(json!({"type": "setUsername", "username": name})).await;
+    c.recv_type("usernameSet").await;
+    c
+}
+
+/// Uploads `data` whole; returns the server's answer to `fileEnd` (or to
+/// `fileStart`, when that is refused).
+async fn upload_small(c: &mut Client, data: &[u8]) -> Value {
+    c.send(json!({"type": "fileStart", "name": "small.txt", "size": data.len(), "mimeType": "text/plain"}))
+        .await;
+    let reply = c.recv().await;
+    if reply["type"] != "fileAccepted" {
+        return reply;
+    }
+    c.send_binary(chunk_frame(0, data)).await;
+    c.send(json!({"type": "fileEnd"})).await;
+    c.recv_skipping_progress("fileSaved").await
+}
+
+impl Client {
+    /// The next message that is not `fileProgress`.
+    async fn recv_past_progress(&mut self) -> Value {
+        loop {
+            let msg = self.recv().await;
+            if msg["type"] != "fileProgress" {
+                return msg;
+            }
+        }
+    }
+}
+
+const MIB_100: u64 = 100 << 20;
+
+#[tokio::test]
+async fn uploads_that_never_send_a_byte_do_not_hold_the_quota() {
+    // Room for two 100 MiB files and a small one.
+    let mut config = TestServer::config();
+    config.uploads.quota_bytes = 2 * MIB_100 + 10;
+    let server = TestServer::with(config).await;
+    // Ten fileStarts that send nothing: each interrupts the previous, empty
+    // upload, which is dropped at once with its reservation.
+    let mut mallory = server.named("mallory").await;
+    for i in 0..10 {
+        let id = format!("hog-{i}");
+        mallory.send(json!({"type": "fileStart", "name": "x", "size": MIB_100, "transferId": id})).await;
+        let reply = mallory.recv().await;
+        assert_eq!(
+            (reply["type"].as_str(), reply["transferId"].as_str()),
+            (Some("fileAccepted"), Some(&*id))
+        );
+    }
+    mallory.send(json!({"type": "fileResume", "transferId": "hog-0"})).await;
+    let err = mallory.recv_type("fileError").await;
+    assert!(err["message"].as_str().unwrap().contains("no interrupted upload"), "{err}");
+    let mut ada = named_from(&server, "127.0.0.2", "ada").await;
+    let saved = upload_small(&mut ada, b"0123456789").await;
+    assert_eq!(saved["type"], "fileSaved", "{saved}");
+
+    // Its last empty upload goes with its connection. (The server has run
+    // the connection's end once it answers the close.)
+    mallory.ws.close(None).await.unwrap();
+    mallory.closed_or_ended().await;
+    let mut bob = named_from(&server, "127.0.0.3", "bob").await;
+    bob.send(json!({"type": "fileStart", "name": "x", "size": MIB_100, "transferId": "b1"})).await;
+    bob.recv_type("fileAccepted").await;
+    bob.send_binary(chunk_frame(0, &file_bytes(65_536))).await;
+    // b1 has bytes, so it stays reserved while b2 takes the rest.
+    bob.send(json!({"type": "fileStart", "name": "x", "size": MIB_100, "transferId": "b2"})).await;
+    let reply = bob.recv_past_progress().await;
+    assert_eq!(reply["type"], "fileAccepted", "{reply}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn one_address_cannot_reserve_the_whole_upload_quota() {
+    let mut config = TestServer::config();
+    config.uploads.quota_bytes = 10 * MIB_100;
+    let server = TestServer::with(config).await;
+    let mut mallory = server.named("mallory").await;
+    // Each upload gets its first chunk, so it is kept for resume when the
+    // next one starts.
+    let chunk = file_bytes(65_536);
+    let mut accepted = 0;
+    let refusal = loop {
+        let id = format!("big-{accepted}");
+        mallory.send(json!({"type": "fileStart", "name": "x", "size": MIB_100, "transferId": id})).await;
+        let reply = mallory.recv_past_progress().await;
+        if reply["type"] != "fileAccepted" {
+            break reply;
+        }
+        accepted += 1;
+        assert!(accepted < 10, "one address reserved the whole quota");
+        mallory.send_binary(chunk_frame(0, &chunk)).await;
+    };
+    assert_eq!((accepted, refusal["type"].as_str()), (2, Some("fileError")), "{refusal}");
+    let message = refusal["message"].as_str().unwrap();
+    assert!(message.contains("one user may reserve"), "{message}");
+
+    // Small ones too, up to a handful of uploads in flight.
+    let refusal = loop {
+        let id = format!("small-{accepted}");
+        mallory.send(json!({"type": "fileStart", "name": "x", "size": 100_000, "transferId": id})).await;
+        let reply = mallory.recv_past_progress().await;
+        if reply["type"] != "fileAccepted" {
+            break reply;
+        }
+        accepted += 1;
+        assert!(accepted < 10, "one address has {accepted} uploads in flight");
+        mallory.send_binary(chunk_frame(0, &chunk)).await;
+    };
+    assert_eq!(accepted, 4, "{refusal}");
+    assert!(refusal["message"].as_str().unwrap().contains("4 unfinished uploads"), "{refusal}");
+
+    // Meanwhile another address uploads as usual.
+    let mut ada = named_from(&server, "127.0.0.2", "ada").await;
+    let saved = upload_small(&mut ada, b"0123456789").await;
+    assert_eq!(saved["type"], "fileSaved", "{saved}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn downloads_are_never_served_as_something_a_browser_runs() {
+    let server = TestServer::start().await;
+    let mut c = server.named("ada").await;
+    let script = b"document.title = 'pwned';";
+    for (mime, served) in [
+        ("text/javascript", "application/octet-stream"),
+        ("text/html", "application/octet-stream"),
+        ("image/svg+xml", "application/octet-stream"),
+        ("text/css", "application/octet-stream"),
+        ("image/png", "image/png"),
+        ("text/plain", "text/plain"),
+    ] {
+        c.send(json!({"type": "fileStart", "name": "f", "size": script.len(), "mimeType": mime})).await;
+        c.recv_type("fileAccepted").await;
+        c.send_binary(chunk_frame(0, script)).await;
+        c.send(json!({"type": "fileEnd"})).await;
+        let saved = c.recv_skipping_progress("fileSaved").await;
+        let (head, body) = download(server.addr, saved["url"].as_str().unwrap(), "").await;
+        assert_eq!(body, script);
+        let head = head.to_ascii_lowercase();
+        assert!(head.contains(&format!("\r\ncontent-type: {served}\r\n")), "{mime}: {head}");
+        // Its own policy, not the page's: no origin, nothing loads.
+        assert!(head.contains("\r\ncontent-security-policy: sandbox; default-src 'none'\r\n"), "{head}");
+        assert_eq!(head.matches("content-security-policy").count(), 1, "{head}");
+        assert!(head.contains("\r\ncross-origin-resource-policy: same-origin\r\n"), "{head}");
+        assert!(head.contains("x-content-type-options: nosniff"), "{head}");
+    }
+    server.shutdown().await;
+}
+
 // ----- admission and limits -----------------------------------------------------
 
 async fn connect_with_origin(server: &TestServer, origin: &str) -> Result<Client, String> {

@@ -36,11 +36,23 @@ pub struct StoreConfig {
     /// Most bytes the directory may hold, saved files and uploads in
     /// progress (counted at their declared size) together.
     pub quota_bytes: u64,
-    /// How long an interrupted upload is kept for `fileResume`.
+    /// How long an interrupted upload is kept for `fileResume`, once some of
+    /// its bytes have arrived.
     pub resume_ttl: Duration,
+    /// How long an interrupted upload that received no bytes is kept; zero
+    /// drops it (and its reservation) at once. Resuming such an upload saves
+    /// nothing over starting it again, and keeping it would let a client
+    /// hold quota without sending data.
+    pub empty_resume_ttl: Duration,
     /// Most interrupted uploads kept at once; beyond it the one closest to
     /// expiry is dropped first.
     pub max_parked: usize,
+    /// Most bytes the unfinished uploads (active and interrupted) of one
+    /// account may reserve together, so that no account can reserve the
+    /// whole quota. Saved files count only against `quota_bytes`.
+    pub account_reserved_bytes: u64,
+    /// Most unfinished uploads (active and interrupted) one account may have.
+    pub account_max_uploads: usize,
     /// Limits on each upload.
     pub limits: TransferLimits,
 }
@@ -59,6 +71,29 @@ pub enum StoreError {
         needed: u64,
         /// What the quota still allows.
         available: u64,
+    },
+    /// The account's unfinished uploads already reserve too much of the
+    /// quota for this one.
+    #[error(
+        "Your unfinished uploads already reserve {reserved} of the {limit} bytes one user may reserve, \
+         and this file needs {needed}: finish or resume them first, or wait until they expire."
+    )]
+    AccountQuotaExceeded {
+        /// The declared size of the upload.
+        needed: u64,
+        /// What the account's unfinished uploads reserve now.
+        reserved: u64,
+        /// [`StoreConfig::account_reserved_bytes`].
+        limit: u64,
+    },
+    /// The account already has as many unfinished uploads as it may.
+    #[error(
+        "You already have {limit} unfinished uploads, the most one user may have: \
+         finish or resume one first, or wait until it expires."
+    )]
+    TooManyUploads {
+        /// [`StoreConfig::account_max_uploads`].
+        limit: usize,
     },
     /// Reading or writing the disk failed.
     #[error("The server could not store the file: {0}")]
@@ -99,6 +134,10 @@ pub struct NewUpload {
     /// Who uploads it (a username, if known): only the same owner may
     /// resume or replace it.
     pub owner: Option<String>,
+    /// Whose share of the quota the upload is charged to while unfinished:
+    /// the authenticated user, or the client's address when anonymous.
+    /// Unlike `owner`, a client cannot choose it.
+    pub account: String,
 }
 
 /// The upload directory and everything in it. Cheap to clone.
@@ -114,8 +153,8 @@ struct Inner {
     partial_dir: PathBuf,
     /// Saved files by id.
     files: Mutex<HashMap<String, StoredFile>>,
-    /// Bytes counted against the quota: saved files plus reservations.
-    used: Mutex<u64>,
+    /// Bytes counted against the quota, in total and per account.
+    usage: Mutex<Usage>,
     /// Interrupted uploads by owner and transfer id, with when they expire.
     parked: Mutex<HashMap<ParkedKey, (Upload, Instant)>>,
 }
@@ -123,6 +162,25 @@ struct Inner {
 /// Interrupted uploads are found by who started them and their id, so one
 /// user's id cannot reach another's upload.
 type ParkedKey = (Option<String>, String);
+
+/// What the quota holds. One lock for the total and the accounts, so a
+/// reservation is checked and taken against both at once.
+#[derive(Debug, Default)]
+struct Usage {
+    /// Saved files plus the reservations of unfinished uploads.
+    used: u64,
+    /// Unfinished uploads by account; an account with none has no entry.
+    accounts: HashMap<String, Reserved>,
+}
+
+/// One account's unfinished uploads.
+#[derive(Debug, Default)]
+struct Reserved {
+    /// Their declared sizes, summed.
+    bytes: u64,
+    /// How many there are, active or interrupted.
+    uploads: usize,
+}
 
 /// Media type for uploads that do not declare a usable one.
 const OCTET_STREAM: &str = "application/octet-stream";
@@ -155,7 +213,7 @@ impl Store {
                 config,
                 partial_dir,
                 files: Mutex::new(files),
-                used: Mutex::new(used),
+                usage: Mutex::new(Usage { used, accounts: HashMap::new() }),
                 parked: Mutex::default(),
             }),
         })
@@ -168,7 +226,13 @@ impl Store {
 
     /// Bytes counted against the quota.
     pub fn used_bytes(&self) -> u64 {
-        *lock(&self.inner.used)
+        lock(&self.inner.usage).used
+    }
+
+    /// Bytes reserved by `account`'s unfinished uploads, and how many there
+    /// are.
+    pub fn account_usage(&self, account: &str) -> (u64, usize) {
+        lock(&self.inner.usage).accounts.get(account).map_or((0, 0), |r| (r.bytes, r.uploads))
     }
 
     /// A saved file's metadata.
@@ -182,12 +246,13 @@ impl Store {
     }
 
     /// Starts an upload: validates what `fileStart` declared, reserves its
-    /// size against the quota and creates its temporary file.
+    /// size against the quota and its account's share of it, and creates its
+    /// temporary file.
     pub async fn begin(&self, request: NewUpload) -> Result<Upload, StoreError> {
         let sha256 = request.sha256.as_deref().map(parse_sha256_hex).transpose()?;
         let spec = UploadSpec { size: request.size, chunk_size: request.chunk_size, sha256 };
         let assembler = Assembler::new(spec, &self.inner.config.limits)?;
-        self.reserve(request.size)?;
+        self.reserve(&request.account, request.size)?;
         let temp_path = self.inner.partial_dir.join(format!("{}.part", uuid::Uuid::new_v4().simple()));
         let mime_type =
             if is_plausible_mime(&request.mime_type) { request.mime_type } else { OCTET_STREAM.to_owned() };
@@ -195,6 +260,7 @@ impl Store {
             store: self.clone(),
             transfer_id: request.transfer_id,
             owner: request.owner,
+            account: request.account,
             name: sanitize_file_name(&request.name),
             mime_type,
             assembler,
@@ -215,23 +281,31 @@ impl Store {
         Ok(upload)
     }
 
-    /// Keeps an interrupted upload for [`StoreConfig::resume_ttl`].
+    /// Keeps an interrupted upload for [`StoreConfig::resume_ttl`], or for
+    /// [`StoreConfig::empty_resume_ttl`] if none of its bytes arrived (when
+    /// that is zero, the upload is dropped at once).
     pub fn park(&self, upload: Upload, now: Instant) {
-        let expires = now + self.inner.config.resume_ttl;
+        let config = &self.inner.config;
+        let ttl =
+            if upload.assembler.received_bytes() == 0 { config.empty_resume_ttl } else { config.resume_ttl };
         let mut dropped = Vec::new();
         {
             let mut parked = lock(&self.inner.parked);
             let key = (upload.owner.clone(), upload.transfer_id.clone());
             // A second interrupted upload with the same owner and id wins.
             dropped.extend(parked.remove(&key).map(|(old, _)| old));
-            while parked.len() >= self.inner.config.max_parked.max(1) {
-                let soonest = parked.iter().min_by_key(|(_, (_, at))| *at).map(|(key, _)| key.clone());
-                match soonest.and_then(|key| parked.remove(&key)) {
-                    Some((old, _)) => dropped.push(old),
-                    None => break,
+            if ttl.is_zero() {
+                dropped.push(upload);
+            } else {
+                while parked.len() >= config.max_parked.max(1) {
+                    let soonest = parked.iter().min_by_key(|(_, (_, at))| *at).map(|(key, _)| key.clone());
+                    match soonest.and_then(|key| parked.remove(&key)) {
+                        Some((old, _)) => dropped.push(old),
+                        None => break,
+                    }
                 }
+                parked.insert(key, (upload, now + ttl));
             }
-            parked.insert(key, (upload, expires));
         }
         // Dropped outside the lock: each deletes its temporary file.
         drop(dropped);
@@ -259,19 +333,48 @@ impl Store {
         expired.len()
     }
 
-    fn reserve(&self, size: u64) -> Result<(), StoreError> {
-        let mut used = lock(&self.inner.used);
-        let available = self.inner.config.quota_bytes.saturating_sub(*used);
+    /// Takes `size` bytes of the quota for a new upload of `account`, if
+    /// the account's share and the quota both allow it.
+    fn reserve(&self, account: &str, size: u64) -> Result<(), StoreError> {
+        let config = &self.inner.config;
+        let mut usage = lock(&self.inner.usage);
+        let (bytes, uploads) = usage.accounts.get(account).map_or((0, 0), |r| (r.bytes, r.uploads));
+        if uploads >= config.account_max_uploads {
+            return Err(StoreError::TooManyUploads { limit: config.account_max_uploads });
+        }
+        let available = config.quota_bytes.saturating_sub(usage.used);
         if size > available {
             return Err(StoreError::QuotaExceeded { needed: size, available });
         }
-        *used += size;
+        if size > config.account_reserved_bytes.saturating_sub(bytes) {
+            return Err(StoreError::AccountQuotaExceeded {
+                needed: size,
+                reserved: bytes,
+                limit: config.account_reserved_bytes,
+            });
+        }
+        usage.used += size;
+        let reserved = usage.accounts.entry(account.to_owned()).or_default();
+        reserved.bytes += size;
+        reserved.uploads += 1;
         Ok(())
     }
 
-    fn release(&self, size: u64) {
-        let mut used = lock(&self.inner.used);
-        *used = used.saturating_sub(size);
+    /// An upload of `account` that reserved `size` bytes is over. Its bytes
+    /// leave the account's share either way; they stay in the quota if the
+    /// file was `saved`.
+    fn release(&self, account: &str, size: u64, saved: bool) {
+        let mut usage = lock(&self.inner.usage);
+        if !saved {
+            usage.used = usage.used.saturating_sub(size);
+        }
+        if let Some(reserved) = usage.accounts.get_mut(account) {
+            reserved.bytes = reserved.bytes.saturating_sub(size);
+            reserved.uploads = reserved.uploads.saturating_sub(1);
+            if reserved.uploads == 0 {
+                usage.accounts.remove(account);
+            }
+        }
     }
 }
 
@@ -283,6 +386,8 @@ pub struct Upload {
     transfer_id: String,
     /// Who may resume it.
     owner: Option<String>,
+    /// Whose share of the quota it is charged to.
+    account: String,
     /// Sanitized name.
     name: String,
     mime_type: String,
@@ -392,6 +497,7 @@ impl Upload {
             store: self.store.clone(),
             file,
             temp: std::mem::take(&mut self.temp_path),
+            account: std::mem::take(&mut self.account),
             reserved: self.reserved,
             name: std::mem::take(&mut self.name),
             mime_type: std::mem::take(&mut self.mime_type),
@@ -411,6 +517,7 @@ struct Finish {
     store: Store,
     file: Arc<File>,
     temp: PathBuf,
+    account: String,
     reserved: u64,
     name: String,
     mime_type: String,
@@ -424,8 +531,9 @@ impl Finish {
         let outcome = self.save();
         if outcome.is_err() {
             let _ = fs::remove_file(&self.temp);
-            self.store.release(self.reserved);
         }
+        // Saved or not, the upload is no longer in flight for its account.
+        self.store.release(&self.account, self.reserved, outcome.is_ok());
         outcome
     }
 
@@ -457,7 +565,7 @@ impl Drop for Upload {
                 Ok(runtime) => drop(runtime.spawn_blocking(move || fs::remove_file(path))),
                 Err(_) => drop(fs::remove_file(path)),
             }
-            self.store.release(self.reserved);
+            self.store.release(&self.account, self.reserved, false);
         }
     }
 }
@@ -555,7 +663,10 @@ mod tests {
             dir: dir.to_owned(),
             quota_bytes: quota,
             resume_ttl: Duration::from_secs(600),
+            empty_resume_ttl: Duration::ZERO,
             max_parked: 2,
+            account_reserved_bytes: quota,
+            account_max_uploads: 10,
             limits: TransferLimits { min_chunk_size: 4, ..TransferLimits::default() },
         }
     }
@@ -575,7 +686,13 @@ mod tests {
             chunk_size: Some(chunk),
             transfer_id: "t1".into(),
             owner: Some("ada".into()),
+            account: "user:ada".into(),
         }
+    }
+
+    /// A request of `account` under its own transfer id.
+    fn request_of(account: &str, transfer_id: &str, size: u64) -> NewUpload {
+        NewUpload { transfer_id: transfer_id.into(), account: account.into(), ..request(size, 4, None) }
     }
 
     /// Waits until `.partial` is empty: dropped uploads delete their
@@ -653,24 +770,122 @@ mod tests {
         let saved = resumed.finish().await.unwrap();
         assert_eq!(fs::read(store.path_of(&saved)).unwrap(), b"12345678");
 
-        let upload =
+        let mut upload =
             store.begin(NewUpload { transfer_id: "t2".into(), ..request(2, 4, None) }).await.unwrap();
+        upload.write_frame(frame(0, b"ab")).await.unwrap();
         store.park(upload, now);
         assert_eq!(store.used_bytes(), 10);
+        assert_eq!(store.account_usage("user:ada"), (2, 1));
         assert_eq!(store.sweep(now + Duration::from_secs(599)), 0);
         assert_eq!(store.sweep(now + Duration::from_secs(600)), 1);
         assert_eq!(store.used_bytes(), 8);
+        assert_eq!(store.account_usage("user:ada"), (0, 0));
         assert!(store.resume("t2", Some("ada")).is_none());
+        partial_emptied(&dir).await;
+        fs::remove_dir_all(dir).unwrap();
+    }
 
-        // At most `max_parked` (2) are kept: the one closest to expiry goes.
+    #[tokio::test]
+    async fn at_most_max_parked_are_kept_and_the_one_closest_to_expiry_goes_first() {
+        let dir = temp_dir();
+        let store = Store::open(config(&dir, 100)).unwrap();
+        let now = Instant::now();
         for (i, id) in ["p1", "p2", "p3"].iter().enumerate() {
-            let upload =
-                store.begin(NewUpload { transfer_id: (*id).into(), ..request(0, 4, None) }).await.unwrap();
+            let mut upload = store.begin(request_of("user:ada", id, 4)).await.unwrap();
+            upload.write_frame(frame(0, b"abcd")).await.unwrap();
             store.park(upload, now + Duration::from_secs(i as u64));
         }
         assert!(store.resume("p1", Some("ada")).is_none());
+        assert_eq!(store.used_bytes(), 8, "p1's reservation went with it");
         assert!(store.resume("p3", Some("ada")).is_some());
         assert_eq!(store.sweep(now + Duration::from_secs(3600)), 1, "p2 was still kept");
+        assert_eq!((store.used_bytes(), store.account_usage("user:ada")), (0, (0, 0)));
+        partial_emptied(&dir).await;
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn one_account_cannot_reserve_more_than_its_share_of_the_quota() {
+        let dir = temp_dir();
+        let store = Store::open(StoreConfig { account_reserved_bytes: 40, ..config(&dir, 100) }).unwrap();
+        let mut first = store.begin(request_of("ip:10.0.0.1", "a", 30)).await.unwrap();
+        assert!(matches!(
+            store.begin(request_of("ip:10.0.0.1", "b", 20)).await.unwrap_err(),
+            StoreError::AccountQuotaExceeded { needed: 20, reserved: 30, limit: 40 }
+        ));
+        // Others still have their share; the total quota binds last.
+        let other = store.begin(request_of("ip:10.0.0.2", "a", 40)).await.unwrap();
+        assert!(matches!(
+            store.begin(request_of("ip:10.0.0.3", "a", 40)).await.unwrap_err(),
+            StoreError::QuotaExceeded { needed: 40, available: 30 }
+        ));
+        assert_eq!(store.account_usage("ip:10.0.0.3"), (0, 0), "a refusal reserves nothing");
+
+        // A saved file leaves the account's share and stays in the quota.
+        for (i, chunk) in [0_u8; 30].chunks(4).enumerate() {
+            first.write_frame(frame(i as u32, chunk)).await.unwrap();
+        }
+        first.finish().await.unwrap();
+        assert_eq!((store.used_bytes(), store.account_usage("ip:10.0.0.1")), (70, (0, 0)));
+        store.begin(request_of("ip:10.0.0.1", "b", 20)).await.unwrap();
+        // Dropped unfinished, an upload gives both back.
+        assert_eq!(store.used_bytes(), 70, "b was dropped right away");
+        drop(other);
+        assert_eq!((store.used_bytes(), store.account_usage("ip:10.0.0.2")), (30, (0, 0)));
+        partial_emptied(&dir).await;
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn one_account_has_at_most_a_few_uploads_active_or_interrupted() {
+        let dir = temp_dir();
+        let store = Store::open(StoreConfig { account_max_uploads: 2, ..config(&dir, 100) }).unwrap();
+        let now = Instant::now();
+        let mut parked = store.begin(request_of("user:ada", "a", 4)).await.unwrap();
+        parked.write_frame(frame(0, b"abcd")).await.unwrap();
+        store.park(parked, now);
+        let active = store.begin(request_of("user:ada", "b", 4)).await.unwrap();
+        let refused = store.begin(request_of("user:ada", "c", 4)).await.unwrap_err();
+        assert!(matches!(refused, StoreError::TooManyUploads { limit: 2 }), "{refused}");
+        assert!(refused.to_string().contains("2 unfinished uploads"), "{refused}");
+        let _bob = store.begin(request_of("user:bob", "c", 4)).await.unwrap();
+        drop(active);
+        let _again = store.begin(request_of("user:ada", "c", 4)).await.unwrap();
+        assert_eq!(store.account_usage("user:ada"), (8, 2));
+        drop((_bob, _again, store.resume("a", Some("ada"))));
+        assert_eq!(store.used_bytes(), 0);
+        partial_emptied(&dir).await;
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_upload_without_bytes_keeps_its_reservation_only_briefly() {
+        let dir = temp_dir();
+        let store = Store::open(config(&dir, 100)).unwrap();
+        let now = Instant::now();
+        // With no grace time it goes at once, with its reservation.
+        let empty = store.begin(request_of("user:ada", "empty", 50)).await.unwrap();
+        store.park(empty, now);
+        assert_eq!((store.used_bytes(), store.account_usage("user:ada")), (0, (0, 0)));
+        assert!(store.resume("empty", Some("ada")).is_none());
+        // One whose bytes arrived keeps the full resume time.
+        let mut started = store.begin(request_of("user:ada", "started", 50)).await.unwrap();
+        started.write_frame(frame(0, b"abcd")).await.unwrap();
+        store.park(started, now);
+        assert_eq!(store.sweep(now + Duration::from_secs(599)), 0);
+        assert!(store.resume("started", Some("ada")).is_some());
+        partial_emptied(&dir).await;
+
+        // With a grace time, until it is up.
+        let store =
+            Store::open(StoreConfig { empty_resume_ttl: Duration::from_secs(5), ..config(&dir, 100) })
+                .unwrap();
+        let empty = store.begin(request_of("user:ada", "empty", 50)).await.unwrap();
+        store.park(empty, now);
+        assert_eq!(store.used_bytes(), 50);
+        assert_eq!(store.sweep(now + Duration::from_secs(4)), 0);
+        assert_eq!(store.sweep(now + Duration::from_secs(5)), 1);
+        assert_eq!((store.used_bytes(), store.account_usage("user:ada")), (0, (0, 0)));
         partial_emptied(&dir).await;
         fs::remove_dir_all(dir).unwrap();
     }
