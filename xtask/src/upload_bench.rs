@@ -63,7 +63,9 @@ pub(crate) fn upload_bench(root: &Path, args: &[String]) -> anyhow::Result<()> {
         .arg("--upload-dir")
         .arg(work.join("uploads"))
         .env("HUBBUB_UPLOADS_MAX_FILE_SIZE", max.to_string())
-        .env("HUBBUB_UPLOADS_QUOTA_BYTES", (4 * max).to_string());
+        .env("HUBBUB_UPLOADS_QUOTA_BYTES", (4 * max).to_string())
+        // Every upload comes from this one address.
+        .env("HUBBUB_UPLOADS_MAX_RESERVED_BYTES_PER_OWNER", (4 * max).to_string());
     let server = ServerProcess::start(command)?;
     let url = format!("ws://{}/ws/chat", server.addr);
 
