@@ -102,7 +102,7 @@ pub(crate) struct Limiter {
 }
 
 /// The verdict on one message.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Verdict {
     /// Go ahead.
     Allow,

@@ -26,6 +26,8 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 /// How long any single expected event may take before the test fails.
 const WAIT: Duration = Duration::from_secs(10);
 
+mod abuse;
+
 struct TestServer {
     addr: SocketAddr,
     /// The server's upload directory, removed at shutdown.
@@ -171,6 +173,17 @@ impl Client {
         self.send(json!({"type": "ping", "timestamp": 1})).await;
         let next = self.recv().await;
         assert_eq!(next["type"], "pong", "unexpected frame {next}");
+    }
+
+    /// The next frame, which must be the server's close frame: its code.
+    async fn closed_next(&mut self) -> CloseCode {
+        loop {
+            match timeout(WAIT, self.ws.next()).await.expect("close in time") {
+                Some(Ok(Message::Close(frame))) => return frame.map_or(CloseCode::Status, |f| f.code),
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                other => panic!("expected the close frame, got {other:?}"),
+            }
+        }
     }
 
     /// Reads until the server's close frame and returns its code.
@@ -684,6 +697,37 @@ async fn shutdown_notifies_subscribers_and_closes_everyone_with_1001() {
 }
 
 #[tokio::test]
+async fn a_shutdown_does_not_announce_members_as_leaving() {
+    let server = TestServer::start().await;
+    let mut ada = server.in_room("ada", "r").await;
+    let mut bob = server.in_room("bob", "r").await;
+    ada.recv_type("userJoined").await;
+    server.shutdown().await;
+    // Each sees the close frame next: no `userLeft` for the other first.
+    assert_eq!(ada.closed_next().await, CloseCode::Away);
+    assert_eq!(bob.closed_next().await, CloseCode::Away);
+}
+
+#[tokio::test]
+async fn a_rename_in_a_room_is_announced_to_the_other_members() {
+    let server = TestServer::start().await;
+    let mut ada = server.in_room("ada", "r").await;
+    let mut bob = server.in_room("bob", "r").await;
+    ada.recv_type("userJoined").await;
+    ada.send(json!({"type": "setUsername", "username": "ada2"})).await;
+    assert_eq!(ada.recv().await, json!({"type": "usernameSet", "username": "ada2"}));
+    assert_eq!(
+        bob.recv().await,
+        json!({"type": "userRenamed", "user": "ada2", "previous": "ada", "room": "r"})
+    );
+    // The same name again is no news; outside a room nobody is told.
+    ada.send(json!({"type": "setUsername", "username": "ada2"})).await;
+    ada.recv_type("usernameSet").await;
+    bob.expect_nothing_pending().await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn client_messages_decode_as_the_protocol_crate_encodes_them() {
     // The typed client API and the JSON on the wire agree end to end.
     let server = TestServer::start().await;
@@ -825,6 +869,85 @@ async fn raw_peer(addr: SocketAddr, frames: &[Value]) -> TcpStream {
         tcp.write_all(&bytes).await.unwrap();
     }
     tcp
+}
+
+/// Sends an upgrade request for `path` with `key_headers` (each a whole
+/// `Sec-WebSocket-Key: …\r\n` line, or none); returns the response's status
+/// line and the socket, positioned after the response head.
+async fn raw_upgrade(addr: SocketAddr, path: &str, key_headers: &str) -> (String, TcpStream) {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         {key_headers}Sec-WebSocket-Version: 13\r\n\r\n"
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0_u8; 1];
+        timeout(WAIT, tcp.read_exact(&mut byte)).await.unwrap().unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    (head.lines().next().unwrap().to_owned(), tcp)
+}
+
+/// Reads server frames (never masked) until a close frame; returns its payload.
+async fn raw_close_payload(tcp: &mut TcpStream) -> Vec<u8> {
+    loop {
+        let mut start = [0_u8; 2];
+        timeout(WAIT, tcp.read_exact(&mut start)).await.unwrap().unwrap();
+        let len = match start[1] & 0x7F {
+            126 => u64::from(tcp.read_u16().await.unwrap()),
+            127 => tcp.read_u64().await.unwrap(),
+            len => u64::from(len),
+        };
+        let mut payload = vec![0; usize::try_from(len).unwrap()];
+        timeout(WAIT, tcp.read_exact(&mut payload)).await.unwrap().unwrap();
+        if start[0] & 0x0F == 0x8 {
+            return payload;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_sec_websocket_key_must_be_one_16_byte_base64_value() {
+    let server = TestServer::start().await;
+    let valid = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+    let (status, _) = raw_upgrade(server.addr, "/ws/echo", valid).await;
+    assert!(status.starts_with("HTTP/1.1 101"), "{status}");
+    for bad in [
+        "",
+        "Sec-WebSocket-Key: \r\n",
+        "Sec-WebSocket-Key: x\r\n",
+        // 15 and 17 bytes, unpadded, and not base64.
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25j\r\n",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZSEh\r\n",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ\r\n",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25j*Q==\r\n",
+        // Two keys, even two valid ones.
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Key: AAAAAAAAAAAAAAAAAAAAAA==\r\n",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
+    ] {
+        let (status, _) = raw_upgrade(server.addr, "/ws/echo", bad).await;
+        assert!(status.starts_with("HTTP/1.1 400"), "{bad:?}: {status}");
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn close_code_1014_is_echoed_not_refused() {
+    let server = TestServer::start().await;
+    for (code, answer) in [(1014_u16, 1014_u16), (1015, 1002), (1004, 1002)] {
+        let (status, mut tcp) =
+            raw_upgrade(server.addr, "/ws/echo", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n").await;
+        assert!(status.starts_with("HTTP/1.1 101"), "{status}");
+        // A masked close frame (all-zero mask) with the code and no reason.
+        let [hi, lo] = code.to_be_bytes();
+        tcp.write_all(&[0x88, 0x82, 0, 0, 0, 0, hi, lo]).await.unwrap();
+        let payload = raw_close_payload(&mut tcp).await;
+        assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), answer, "close {code}");
+    }
+    server.shutdown().await;
 }
 
 #[tokio::test]
