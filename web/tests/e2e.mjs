@@ -444,6 +444,72 @@ test('XSS payload as username, room and message is shown as text and runs nothin
   }
 });
 
+test('an uploaded script never runs on the chat page, though the page allows scripts from its origin', async (browser) => {
+  const eve = await openPage(browser, 'eve');
+  const script = "window.__pwned = (window.__pwned ?? 0) + 1;";
+  // Uploaded over the chat socket as JavaScript, the way any client may.
+  const url = await step(
+    'eve: upload a script with mimeType text/javascript',
+    eve.page.evaluate(
+      (body) =>
+        new Promise((resolve, reject) => {
+          const bytes = new TextEncoder().encode(body);
+          const ws = new WebSocket(`${location.origin.replace(/^http/, 'ws')}/ws/chat`);
+          ws.onerror = () => reject(new Error('the upload socket failed'));
+          ws.onmessage = (event) => {
+            const msg = JSON.parse(event.data);
+            if (msg.type === 'connected') {
+              ws.send(JSON.stringify({ type: 'fileStart', name: 'evil.js', size: bytes.length, mimeType: 'text/javascript' }));
+            } else if (msg.type === 'fileAccepted') {
+              const frame = new Uint8Array(4 + bytes.length);
+              frame.set(bytes, 4);
+              ws.send(frame);
+              ws.send(JSON.stringify({ type: 'fileEnd' }));
+            } else if (msg.type === 'fileSaved') {
+              ws.close();
+              resolve(msg.url);
+            } else if (msg.type === 'fileError' || msg.type === 'error') {
+              reject(new Error(msg.message));
+            }
+          };
+        }),
+      script,
+    ),
+  );
+  /** Adds `<script src>` to the page: 'load' if it ran, 'error' if the browser refused it. */
+  const insert = (src) =>
+    eve.page.evaluate(
+      (s) =>
+        new Promise((resolve) => {
+          const tag = document.createElement('script');
+          tag.src = s;
+          tag.onload = () => resolve('load');
+          tag.onerror = () => resolve('error');
+          document.head.append(tag);
+        }),
+      src,
+    );
+  const pwned = () => eve.page.evaluate(() => window.__pwned ?? 0);
+
+  // The same bytes served as JavaScript from this origin do run: the page's
+  // policy allows it, so only the download's own headers can stop it.
+  await eve.context.route(`${base}/e2e-control.js`, (route) =>
+    route.fulfill({ status: 200, contentType: 'text/javascript', body: script }),
+  );
+  assert((await insert('/e2e-control.js')) === 'load', 'the control script did not load');
+  assert((await pwned()) === 1, 'the control script did not run, so this test could not see a script run');
+
+  assert((await insert(url)) === 'error', `${url} loaded as a script on the chat page`);
+  assert((await pwned()) === 1, `${url} ran as a script on the chat page`);
+  const headers = await eve.page.evaluate(async (u) => {
+    const response = await fetch(u);
+    return Object.fromEntries(['content-type', 'content-security-policy', 'cross-origin-resource-policy'].map((h) => [h, response.headers.get(h)]));
+  }, url);
+  assert(headers['content-type'] === 'application/octet-stream', `${url} is served as ${headers['content-type']}`);
+  assert(/(^|;)\s*sandbox\b/.test(headers['content-security-policy'] ?? ''), `${url} has the policy ${headers['content-security-policy']}`);
+  assert(headers['cross-origin-resource-policy'] === 'same-origin', `${url} has CORP ${headers['cross-origin-resource-policy']}`);
+});
+
 test('keyboard only: Tab and Enter join a room, send, attach and leave', async (browser) => {
   const room = uniqueRoom('keys');
   const peer = await openPage(browser, 'peer', {}, '?leaveGrace=500');
