@@ -67,6 +67,7 @@ impl Client {
     pub async fn connect(url: impl Into<String>, config: ClientConfig) -> Result<(Client, EventStream)> {
         config.validate()?;
         let url = url.into();
+        validate_url(&url)?;
         let tls = tls_config(config.extra_ca_file.as_deref())?;
         let ws = open(url.clone(), config.connect_timeout, tls.clone()).await?;
         let (commands, command_rx) = mpsc::channel(COMMAND_BUFFER);
@@ -170,6 +171,40 @@ impl Client {
     pub fn is_closed(&self) -> bool {
         self.commands.is_closed()
     }
+}
+
+/// Checks that `url` is a WebSocket URL the client can connect to: `ws://`
+/// or `wss://`, a host, and nothing malformed. The error says what is wrong
+/// and, for a URL without a scheme or with `http(s)://`, the URL meant.
+///
+/// [`Client::connect`] calls it first; a program can call it earlier, while
+/// it checks its other input.
+///
+/// ```
+/// use hubbub_client::validate_url;
+///
+/// assert!(validate_url("wss://chat.example.com/ws/chat").is_ok());
+/// let err = validate_url("http://localhost:8080/ws/chat").unwrap_err();
+/// assert!(err.to_string().contains("use ws://localhost:8080/ws/chat"), "{err}");
+/// ```
+pub fn validate_url(url: &str) -> Result<()> {
+    use tungstenite::client::IntoClientRequest as _;
+    let invalid = |reason: String| ClientError::InvalidUrl { url: url.to_owned(), reason };
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(invalid(format!("it has no scheme; use ws://{url} (or wss:// for TLS)")));
+    };
+    match scheme.to_ascii_lowercase().as_str() {
+        "ws" | "wss" => {}
+        "http" => return Err(invalid(format!("the chat speaks WebSocket: use ws://{rest}"))),
+        "https" => return Err(invalid(format!("the chat speaks WebSocket: use wss://{rest}"))),
+        other => return Err(invalid(format!("unsupported scheme {other}://; use ws:// or wss://"))),
+    }
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = authority.rsplit('@').next().unwrap_or_default();
+    if host.is_empty() || host.starts_with(':') {
+        return Err(invalid("it has no host".to_owned()));
+    }
+    url.into_client_request().map(drop).map_err(|err| invalid(err.to_string()))
 }
 
 /// The TLS client settings for `wss://`: Mozilla's root certificates, plus
@@ -515,5 +550,28 @@ mod tests {
         for code in [1000, 1002, 1003, 1005, 1007, 1008, 1009, 1010, 4000] {
             assert!(!should_reconnect(code), "{code}");
         }
+    }
+
+    #[test]
+    fn urls_are_checked_with_the_fix_in_the_message() {
+        for good in ["ws://localhost:8080/ws/chat", "wss://chat.example.com", "WS://[::1]:80/"] {
+            assert!(validate_url(good).is_ok(), "{good}");
+        }
+        let cases = [
+            (
+                "localhost:8080/ws/chat",
+                "it has no scheme; use ws://localhost:8080/ws/chat (or wss:// for TLS)",
+            ),
+            ("http://h:1/ws/chat", "the chat speaks WebSocket: use ws://h:1/ws/chat"),
+            ("https://h/ws/chat", "the chat speaks WebSocket: use wss://h/ws/chat"),
+            ("ftp://h/", "unsupported scheme ftp://; use ws:// or wss://"),
+            ("ws:///ws/chat", "it has no host"),
+            ("ws://:8080/", "it has no host"),
+        ];
+        for (url, reason) in cases {
+            let err = validate_url(url).unwrap_err();
+            assert_eq!(err.to_string(), format!("invalid server URL {url:?}: {reason}"));
+        }
+        assert!(validate_url("ws://bad host/").is_err());
     }
 }

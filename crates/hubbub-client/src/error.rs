@@ -10,14 +10,28 @@ use crate::ConfigError;
 
 /// An error from [`Client::connect`](crate::Client::connect) or one of the
 /// [`Client`](crate::Client)'s commands.
+///
+/// A variant that wraps a cause returns it from
+/// [`source`](std::error::Error::source) and does not repeat it in its own
+/// message, so printing the chain (anyhow's `{:#}`, for one) shows each
+/// cause once.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The configuration cannot work.
     #[error("invalid client configuration: {0}")]
     Config(#[from] ConfigError),
-    /// The first connection failed: bad URL, refused, or a failed
+    /// The server URL is not a WebSocket URL (`ws://` or `wss://` with a
+    /// host); nothing was tried.
+    #[error("invalid server URL {url:?}: {reason}")]
+    InvalidUrl {
+        /// The URL as given.
+        url: String,
+        /// What is wrong, with the likely fix.
+        reason: String,
+    },
+    /// The first connection failed: refused, a TLS failure, or a failed
     /// WebSocket handshake. Later connections are retried instead.
-    #[error("could not connect to {url}: {source}")]
+    #[error("could not connect to {url}")]
     Connect {
         /// The URL connected to.
         url: String,

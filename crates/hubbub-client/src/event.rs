@@ -79,6 +79,15 @@ pub enum Event {
         /// Members after the departure.
         user_count: usize,
     },
+    /// Another member of the room changed its name.
+    UserRenamed {
+        /// The new name.
+        user: String,
+        /// The name it had before.
+        previous: String,
+        /// The room.
+        room: String,
+    },
     /// Someone in the room is typing.
     UserTyping {
         /// Who.

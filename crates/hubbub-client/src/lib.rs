@@ -55,8 +55,9 @@
 //! let err = Client::connect("ws://localhost:8080/ws/chat", no_queue).await.unwrap_err();
 //! assert_eq!(err.to_string(), "invalid client configuration: queue_capacity must be greater than zero");
 //!
-//! let err = Client::connect("not a url", ClientConfig::default()).await.unwrap_err();
-//! assert!(matches!(err, ClientError::Connect { .. }));
+//! let err = Client::connect("localhost:8080", ClientConfig::default()).await.unwrap_err();
+//! assert!(matches!(err, ClientError::InvalidUrl { .. }));
+//! assert!(err.to_string().contains("ws://localhost:8080"), "suggests the fix: {err}");
 //! # }
 //! ```
 //!
@@ -71,7 +72,7 @@ mod monitor;
 mod state;
 mod upload;
 
-pub use client::Client;
+pub use client::{Client, validate_url};
 pub use config::{ClientConfig, ConfigError, ReconnectPolicy, SendRate};
 pub use error::{ClientError, Result};
 pub use event::{Event, EventStream};

@@ -528,6 +528,9 @@ impl ClientState {
                 self.emit(Event::UserLeft { user, room, user_count });
             }
             ServerMessage::RoomLeft { room } => self.emit(Event::RoomLeft { room }),
+            ServerMessage::UserRenamed { user, previous, room } => {
+                self.emit(Event::UserRenamed { user, previous, room });
+            }
             ServerMessage::ChatMessage { user, text, timestamp, client_msg_id } => {
                 // Applications see UUIDs: two spellings of one are one id.
                 let client_msg_id = client_msg_id.map(|id| id.uuid());

@@ -28,6 +28,9 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 /// How long any single expected event may take before the test fails.
 const WAIT: Duration = Duration::from_secs(10);
 
+/// `hubbub-chat`, the terminal client, run as a process.
+mod hubbub_chat;
+
 // ----- the real server ----------------------------------------------------------
 
 struct TestServer {

@@ -5,7 +5,8 @@
 //! in order and, at the end of input, it waits until the server has
 //! acknowledged every message and upload before it exits; when stdout is not
 //! a terminal each received message is one plain `NAME: TEXT` line, and
-//! everything else goes to stderr.
+//! everything else goes to stderr. The exit status says whether everything
+//! sent was delivered ([`EXIT_STATUS`], shown by `--help`).
 
 use std::collections::{HashMap, HashSet};
 use std::io::{IsTerminal, Write};
@@ -20,15 +21,31 @@ use hubbub_client::{
 use tokio::io::AsyncBufReadExt;
 use tokio::time::{Instant, sleep_until};
 
+/// What the exit status means: shown by `--help`, and what [`run`] returns.
+/// The process tests hold the two together.
+const EXIT_STATUS: &str = "\
+Exit status:
+  0  input ended (or /quit) and the server acknowledged every message and
+     upload sent
+  1  a message or upload was refused or not delivered (a line sent while in
+     no room, a file that cannot be read, one the server refused, or one still
+     unacknowledged after --drain-timeout), the connection was lost for good,
+     or the client could not connect
+  2  invalid arguments, a server URL that is not ws:// or wss:// included
+Unknown commands and refused /nick, /join, /leave or /ping are reported but do
+not change the exit status.";
+
 /// A terminal chat client for Hubbub servers.
 ///
 /// Type a line to send it to the room. Commands: /nick NAME, /join ROOM,
-/// /leave, /send PATH, /ping, /quit (a line starting with // sends the rest
-/// as a message starting with /).
+/// /leave, /send PATH, /ping, /help, /quit (a line starting with // sends
+/// the rest as a message starting with /).
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(version, after_help = EXIT_STATUS)]
 struct Args {
-    /// The server's chat endpoint, e.g. ws://localhost:8080/ws/chat.
+    /// The server's chat endpoint, e.g. ws://localhost:8080/ws/chat
+    /// (wss:// for TLS).
+    #[arg(value_parser = parse_url)]
     url: String,
     /// Your name in the chat.
     #[arg(long)]
@@ -44,7 +61,8 @@ struct Args {
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
     /// A PEM file of certificate authorities to trust for wss:// besides the
-    /// public ones (a self-signed server).
+    /// public ones (your own CA). The server's certificate must be a leaf
+    /// signed by one of them, not a CA certificate itself.
     #[arg(long, value_name = "FILE")]
     ca_file: Option<std::path::PathBuf>,
 }
@@ -52,6 +70,16 @@ struct Args {
 /// `--reconnect-attempts`: a number, or `None` for unlimited.
 #[derive(Clone, Copy, Debug)]
 struct Attempts(Option<u32>);
+
+/// The URL, checked before anything else happens.
+fn parse_url(raw: &str) -> Result<String, String> {
+    match hubbub_client::validate_url(raw) {
+        Ok(()) => Ok(raw.to_owned()),
+        // The message names the URL; clap names it too, so give the reason.
+        Err(ClientError::InvalidUrl { reason, .. }) => Err(reason),
+        Err(err) => Err(err.to_string()),
+    }
+}
 
 fn parse_attempts(raw: &str) -> Result<Attempts, String> {
     if raw.eq_ignore_ascii_case("unlimited") {
@@ -84,8 +112,66 @@ fn main() -> ExitCode {
 }
 
 fn fail(err: &anyhow::Error) -> ExitCode {
-    let _ = writeln!(std::io::stderr(), "hubbub-chat: {err:#}");
+    let _ = writeln!(std::io::stderr(), "hubbub-chat: {}", causes(err.chain()));
     ExitCode::FAILURE
+}
+
+/// An error and its causes on one line, each said once. Some libraries
+/// repeat their cause in their own message (`IO error: X`, then `X`): a
+/// cause already contained in the message before it is not said again, and
+/// when that message is only a `… error:` label in front of it, the label
+/// goes.
+fn causes<'a>(chain: impl Iterator<Item = &'a (dyn std::error::Error + 'static)>) -> String {
+    let mut said: Vec<String> = Vec::new();
+    for cause in chain {
+        let text = cause.to_string();
+        match said.last_mut() {
+            _ if text.is_empty() => {}
+            Some(last) if last.contains(&text) => {
+                let label = last.strip_suffix(&text).map(str::trim_end);
+                if label.is_some_and(|label| label.to_ascii_lowercase().ends_with("error:")) {
+                    *last = text;
+                }
+            }
+            _ => said.push(text),
+        }
+    }
+    said.join(": ")
+}
+
+/// What a failed first connection means for someone at the terminal. A
+/// certificate problem gets one line on what to do; anything else keeps its
+/// causes.
+fn connect_error(err: ClientError) -> anyhow::Error {
+    if let ClientError::Connect { url, .. } = &err
+        && let Some(advice) = certificate_advice(&err)
+    {
+        return anyhow::anyhow!("could not connect to {url}: {advice}");
+    }
+    err.into()
+}
+
+/// The rustls certificate error inside a failed `wss://` connection, turned
+/// into advice.
+fn certificate_advice(err: &ClientError) -> Option<String> {
+    use rustls::{CertificateError, Error as TlsError};
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    let ClientError::Connect { source: WsError::Io(io), .. } = err else { return None };
+    let TlsError::InvalidCertificate(cert) = io.get_ref()?.downcast_ref::<TlsError>()? else { return None };
+    const SEE: &str = "see \"wss:// with your own certificate authority\" in hubbub-client's README";
+    Some(match cert {
+        // webpki's error has no variant in rustls; its name is in the text.
+        CertificateError::Other(other) if other.to_string().contains("CaUsedAsEndEntity") => format!(
+            "the server's certificate is a CA certificate (CA:TRUE, as `openssl req -x509` makes), \
+             which cannot identify a server: have the server use a leaf certificate signed by that \
+             CA, and pass the CA with --ca-file ({SEE})"
+        ),
+        CertificateError::UnknownIssuer => format!(
+            "the server's certificate is not signed by a trusted authority: pass the CA that \
+             signed it with --ca-file ({SEE})"
+        ),
+        other => format!("the server's certificate was refused: {other}"),
+    })
 }
 
 async fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -95,21 +181,46 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         ..ClientConfig::default()
     };
     let ui = Ui::new(args.reconnect_attempts.0);
-    let (client, events) = Client::connect(&args.url, config)
-        .await
-        .with_context(|| format!("cannot connect to {}", args.url))?;
+    let (client, events) = Client::connect(&args.url, config).await.map_err(connect_error)?;
     client.set_username(&args.name).await.context("invalid --name")?;
     if let Some(room) = &args.room {
         client.join_room(room).await.context("invalid --room")?;
     }
-    let mut chat =
-        Chat { client, events, ui, outstanding: HashSet::new(), uploads: HashMap::new(), failed: false };
+    let mut chat = Chat {
+        client,
+        events,
+        ui,
+        files_base: http_origin(&args.url),
+        outstanding: HashSet::new(),
+        uploads: HashMap::new(),
+        me: None,
+        own_join: None,
+        restoring: Some(Vec::new()),
+        failed: false,
+    };
     let finished = chat.interact().await?;
     if finished {
         chat.drain(args.drain_timeout).await;
+    } else {
+        // The client stopped by itself: the connection is lost for good.
+        chat.failed = true;
     }
     chat.client.disconnect().await;
     Ok(if chat.failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+/// The HTTP origin of the server behind a `ws://` or `wss://` URL, for the
+/// links to shared files: `ws://host:8080/ws/chat` gives `http://host:8080`.
+fn http_origin(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("ws", url));
+    let scheme = if scheme.eq_ignore_ascii_case("wss") { "https" } else { "http" };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    format!("{scheme}://{authority}")
+}
+
+/// A file link as the server gives it (`/files/…`), made absolute.
+fn file_link(origin: &str, url: &str) -> String {
+    if url.contains("://") { url.to_owned() } else { format!("{origin}{url}") }
 }
 
 /// The session: the client, what it waits for, and the screen.
@@ -117,11 +228,24 @@ struct Chat {
     client: Client,
     events: EventStream,
     ui: Ui,
+    /// `http(s)://host:port` of the server, for absolute file links.
+    files_base: String,
     /// Messages sent and not yet acknowledged.
     outstanding: HashSet<Uuid>,
     /// Uploads not yet finished: transfer id -> file name.
     uploads: HashMap<String, String>,
-    /// Something was lost or refused: exit with a failure.
+    /// This client's name as the server confirmed it.
+    me: Option<String>,
+    /// A `UserJoined` naming this client, held back: the server sends the
+    /// joiner its own join before `RoomJoined`, which says the same. Shown
+    /// only if something else follows it (someone else with the same name).
+    own_join: Option<Event>,
+    /// Until the link is live (at start, and after a disconnect): the
+    /// server's replies to the restored session, held so that `connected`
+    /// comes before them.
+    restoring: Option<Vec<Event>>,
+    /// A message or upload was refused or lost, or the connection was lost
+    /// for good: exit with a failure (see [`EXIT_STATUS`]).
     failed: bool,
 }
 
@@ -135,8 +259,16 @@ enum Line {
     Ping,
     Quit,
     Help,
+    /// A known command without its argument: how to use it.
+    Usage(&'static str),
+    /// A command that does not exist.
+    Unknown(String),
     Nothing,
 }
+
+/// The commands, for `/help` and after a mistake.
+const COMMANDS: &str = "commands: /nick NAME, /join ROOM, /leave, /send PATH, /ping, /help, /quit \
+                        (//text sends /text)";
 
 fn parse_line(line: &str) -> Line {
     if let Some(rest) = line.strip_prefix("//") {
@@ -148,13 +280,17 @@ fn parse_line(line: &str) -> Line {
     let (name, arg) = command.split_once(char::is_whitespace).unwrap_or((command, ""));
     let arg = arg.trim().to_owned();
     match name {
-        "nick" if !arg.is_empty() => Line::Nick(arg),
-        "join" if !arg.is_empty() => Line::Join(arg),
+        "nick" if arg.is_empty() => Line::Usage("/nick NAME"),
+        "nick" => Line::Nick(arg),
+        "join" if arg.is_empty() => Line::Usage("/join ROOM"),
+        "join" => Line::Join(arg),
         "leave" => Line::Leave,
-        "send" if !arg.is_empty() => Line::Send(arg),
+        "send" if arg.is_empty() => Line::Usage("/send PATH"),
+        "send" => Line::Send(arg),
         "ping" => Line::Ping,
         "quit" | "exit" => Line::Quit,
-        _ => Line::Help,
+        "help" | "?" => Line::Help,
+        _ => Line::Unknown(format!("/{name}")),
     }
 }
 
@@ -183,7 +319,7 @@ impl Chat {
                         blocked = self.send(text).await;
                     }
                 }
-                () = self.ui.countdown_tick() => self.ui.show_countdown(),
+                () = self.ui.tick() => self.ui.redraw_status(),
             }
         }
     }
@@ -205,6 +341,9 @@ impl Chat {
     }
 
     async fn command(&mut self, line: Line) {
+        // Only a refused upload counts against the exit status; the other
+        // commands' errors are shown and done with.
+        let upload = matches!(line, Line::Send(_));
         let result = match line {
             Line::Nick(name) => self.client.set_username(name).await,
             Line::Join(room) => self.client.join_room(room).await,
@@ -221,14 +360,23 @@ impl Chat {
                 Err(err) => Err(err),
             },
             Line::Help => {
-                self.ui.info("commands: /nick NAME, /join ROOM, /leave, /send PATH, /ping, /quit");
+                self.ui.info(COMMANDS);
+                Ok(())
+            }
+            Line::Usage(usage) => {
+                self.ui.info(&format!("usage: {usage}"));
+                Ok(())
+            }
+            Line::Unknown(name) => {
+                self.ui.info(&format!("unknown command {name}; {COMMANDS}"));
                 Ok(())
             }
             Line::Message(_) | Line::Quit | Line::Nothing => Ok(()),
         };
         if let Err(err) = result {
-            self.failed |= matches!(err, ClientError::QueueFull { .. } | ClientError::ReadFile { .. });
-            self.ui.info(&format!("error: {err}"));
+            self.failed |= upload;
+            let what = if upload { "not sent" } else { "error" };
+            self.ui.info(&format!("{what}: {err}"));
         }
     }
 
@@ -242,7 +390,7 @@ impl Chat {
                     Some(event) => self.show(event),
                     None => break,
                 },
-                () = self.ui.countdown_tick() => self.ui.show_countdown(),
+                () = self.ui.tick() => self.ui.redraw_status(),
                 () = sleep_until(deadline) => break,
             }
         }
@@ -256,10 +404,63 @@ impl Chat {
         }
     }
 
+    /// Shows an event, in an order that reads well: `connected` before the
+    /// replies to the restored session, and this client's own join once.
     fn show(&mut self, event: Event) {
+        let connection = matches!(
+            event,
+            Event::Connected { .. }
+                | Event::Disconnected { .. }
+                | Event::Reconnecting { .. }
+                | Event::GaveUp { .. }
+        );
+        if let Some(held) = &mut self.restoring
+            && !connection
+        {
+            held.push(event);
+            return;
+        }
+        match event {
+            Event::Connected { .. } => {
+                self.ui.connected();
+                for held in self.restoring.take().unwrap_or_default() {
+                    self.show_reply(held);
+                }
+            }
+            Event::Disconnected { .. } => {
+                self.restoring.get_or_insert_with(Vec::new);
+                self.render(event);
+            }
+            other => self.show_reply(other),
+        }
+    }
+
+    /// Shows what the server said, holding back this client's own
+    /// `UserJoined` until it is clear whether `RoomJoined` repeats it.
+    fn show_reply(&mut self, event: Event) {
+        if let Some(held) = self.own_join.take() {
+            let repeated = matches!((&held, &event),
+                (Event::UserJoined { room: joined, .. }, Event::RoomJoined { room, .. }) if joined == room);
+            if !repeated {
+                self.render(held);
+            }
+        }
+        match &event {
+            Event::UserJoined { user, .. } if self.me.as_ref() == Some(user) => self.own_join = Some(event),
+            Event::UsernameSet { username } if self.me.as_ref() == Some(username) => {
+                // A restored session says the name again; nothing changed.
+            }
+            _ => self.render(event),
+        }
+    }
+
+    fn render(&mut self, event: Event) {
         let ui = &mut self.ui;
         match event {
-            Event::Message { user, text, .. } => ui.message(&user, &text),
+            Event::Message { user, text, .. } => {
+                ui.stopped_typing(&user);
+                ui.message(&user, &text);
+            }
             Event::LobbyChat { user, text } => ui.message(&format!("[lobby] {user}"), &text),
             Event::MessageAcked { client_msg_id, .. } => {
                 self.outstanding.remove(&client_msg_id);
@@ -278,12 +479,22 @@ impl Chat {
                 self.failed = true;
                 ui.info(&format!("gave up after {attempts} reconnect attempt(s)"));
             }
-            Event::UsernameSet { username } => ui.info(&format!("you are {username}")),
+            Event::UsernameSet { username } => {
+                ui.info(&format!("you are {username}"));
+                self.me = Some(username);
+            }
             Event::RoomJoined { room, user_count } => ui.info(&format!("joined #{room} ({user_count} here)")),
             Event::RoomLeft { room } => ui.info(&format!("left #{room}")),
             Event::UserJoined { user, room, .. } => ui.info(&format!("{user} joined #{room}")),
-            Event::UserLeft { user, .. } => ui.info(&format!("{user} left")),
-            Event::UserTyping { user } => ui.info(&format!("{user} is typing…")),
+            Event::UserLeft { user, .. } => {
+                ui.stopped_typing(&user);
+                ui.info(&format!("{user} left"));
+            }
+            Event::UserRenamed { user, previous, .. } => {
+                ui.stopped_typing(&previous);
+                ui.info(&format!("{previous} is now known as {user}"));
+            }
+            Event::UserTyping { user } => ui.typing(&user),
             Event::Latency { rtt } => ui.info(&format!("latency {:.1} ms", rtt.as_secs_f64() * 1000.0)),
             Event::Error { message, .. } => ui.info(&format!("server: {message}")),
             Event::FileProgress { transfer_id, received_bytes, size } => {
@@ -292,7 +503,8 @@ impl Chat {
             }
             Event::FileSaved { transfer_id, name, size, url, .. } => {
                 self.uploads.remove(&transfer_id);
-                ui.info(&format!("uploaded {name} ({size} bytes): {url}"));
+                let link = file_link(&self.files_base, &url);
+                ui.info(&format!("uploaded {name} ({size} bytes): {link}"));
             }
             Event::FileFailed { transfer_id, message } => {
                 let name = self.uploads.remove(&transfer_id).unwrap_or_default();
@@ -300,7 +512,8 @@ impl Chat {
                 ui.info(&format!("upload of {name} failed: {message}"));
             }
             Event::FileShared { user, name, size, url, .. } => {
-                ui.info(&format!("{user} shared {name} ({size} bytes): {url}"));
+                let link = file_link(&self.files_base, &url);
+                ui.info(&format!("{user} shared {name} ({size} bytes): {link}"));
             }
             Event::Authenticated { user, .. } => ui.info(&format!("authenticated as {user}")),
             Event::AuthExpiring { .. } => {
@@ -311,8 +524,13 @@ impl Chat {
     }
 }
 
+/// How long "NAME is typing…" stays up after the last typing notice. The
+/// web page sends one every few seconds while its user types.
+const TYPING_SHOWN: Duration = Duration::from_secs(4);
+
 /// The screen: plain lines when stdout is not a terminal, a little status
-/// styling (and a live countdown and progress bar) when it is.
+/// styling when it is, with one status line under the scrollback for what is
+/// transient (the reconnect countdown, who is typing, an upload's progress).
 struct Ui {
     /// Whether stdout is a terminal.
     tty: bool,
@@ -320,14 +538,23 @@ struct Ui {
     max_attempts: Option<u32>,
     /// While reconnecting: when the next attempt is due, and its number.
     countdown: Option<(Instant, u32)>,
-    /// A status line (countdown, progress bar) is on screen without a
-    /// newline and must be cleared before the next line.
+    /// Who is typing, and until when to say so (terminals only: a line-mode
+    /// reader would only get a stale line per burst).
+    typing: Vec<(String, Instant)>,
+    /// A status line is on screen without a newline and must be cleared
+    /// before the next line.
     status_shown: bool,
 }
 
 impl Ui {
     fn new(max_attempts: Option<u32>) -> Self {
-        Self { tty: std::io::stdout().is_terminal(), max_attempts, countdown: None, status_shown: false }
+        Self {
+            tty: std::io::stdout().is_terminal(),
+            max_attempts,
+            countdown: None,
+            typing: Vec::new(),
+            status_shown: false,
+        }
     }
 
     /// A received message: `NAME: TEXT`, verbatim, one flush per line.
@@ -340,6 +567,8 @@ impl Ui {
             writeln!(out, "{user}: {text}")
         };
         let _ = out.flush();
+        drop(out);
+        self.redraw_status();
     }
 
     /// Anything but a message: dimmed on a terminal, on stderr otherwise so
@@ -350,6 +579,8 @@ impl Ui {
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "\x1b[2m* {line}\x1b[0m");
             let _ = out.flush();
+            drop(out);
+            self.redraw_status();
         } else {
             let _ = writeln!(std::io::stderr().lock(), "* {line}");
         }
@@ -364,30 +595,60 @@ impl Ui {
         let of = self.max_attempts.map_or_else(String::new, |max| format!("/{max}"));
         if self.tty {
             self.countdown = Some((Instant::now() + delay, attempt));
-            self.show_countdown();
+            self.redraw_status();
         } else {
             self.info(&format!("reconnecting in {:.1}s (attempt {attempt}{of})", delay.as_secs_f64()));
         }
     }
 
-    /// Fires every second while a countdown is on screen.
-    async fn countdown_tick(&self) {
-        match self.countdown {
-            Some(_) => tokio::time::sleep(Duration::from_secs(1)).await,
-            None => std::future::pending().await,
+    /// Someone is typing: the status line says so for a while.
+    fn typing(&mut self, user: &str) {
+        if !self.tty {
+            return;
+        }
+        let until = Instant::now() + TYPING_SHOWN;
+        match self.typing.iter_mut().find(|(name, _)| name == user) {
+            Some(entry) => entry.1 = until,
+            None => self.typing.push((user.to_owned(), until)),
+        }
+        self.redraw_status();
+    }
+
+    /// Someone's message arrived, or they left: they are no longer typing.
+    fn stopped_typing(&mut self, user: &str) {
+        self.typing.retain(|(name, _)| name != user);
+    }
+
+    /// Fires every second while the status line has something that changes
+    /// with time: a countdown, or a typing notice to take down.
+    async fn tick(&self) {
+        if self.countdown.is_some() || !self.typing.is_empty() {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        } else {
+            std::future::pending().await
         }
     }
 
-    fn show_countdown(&mut self) {
-        let Some((due, attempt)) = self.countdown else { return };
-        let left = due.saturating_duration_since(Instant::now()).as_secs_f64().ceil();
+    /// Puts the status line up to date: the countdown first, else who is
+    /// typing, else nothing.
+    fn redraw_status(&mut self) {
+        let now = Instant::now();
+        self.typing.retain(|(_, until)| *until > now);
         let of = self.max_attempts.map_or_else(String::new, |max| format!("/{max}"));
-        let line = if left > 0.0 {
-            format!("reconnecting in {left:.0}s (attempt {attempt}{of})")
+        let line = if let Some((due, attempt)) = self.countdown {
+            let left = due.saturating_duration_since(now).as_secs_f64().ceil();
+            Some(if left > 0.0 {
+                format!("reconnecting in {left:.0}s (attempt {attempt}{of})")
+            } else {
+                format!("reconnecting (attempt {attempt}{of})…")
+            })
         } else {
-            format!("reconnecting (attempt {attempt}{of})…")
+            typing_line(self.typing.iter().map(|(name, _)| name.as_str()))
         };
-        self.status(&line);
+        match line {
+            Some(line) => self.status(&line),
+            None => self.clear_status(),
+        }
     }
 
     fn progress(&mut self, name: &str, received: u64, size: u64) {
@@ -414,7 +675,20 @@ impl Ui {
         if std::mem::take(&mut self.status_shown) {
             let mut out = std::io::stdout().lock();
             let _ = write!(out, "\r\x1b[K");
+            let _ = out.flush();
         }
+    }
+}
+
+/// The status line for who is typing, if anyone is.
+fn typing_line<'a>(names: impl ExactSizeIterator<Item = &'a str>) -> Option<String> {
+    let names: Vec<&str> = names.collect();
+    match names.as_slice() {
+        [] => None,
+        [one] => Some(format!("{one} is typing…")),
+        [one, two] => Some(format!("{one} and {two} are typing…")),
+        [one, two, three] => Some(format!("{one}, {two} and {three} are typing…")),
+        _ => Some("several people are typing…".to_owned()),
     }
 }
 
@@ -428,8 +702,51 @@ mod tests {
         assert!(matches!(parse_line("//me waves"), Line::Message(t) if t == "/me waves"));
         assert!(matches!(parse_line("/join  general "), Line::Join(r) if r == "general"));
         assert!(matches!(parse_line("/send a b.txt"), Line::Send(p) if p == "a b.txt"));
-        assert!(matches!(parse_line("/join"), Line::Help));
+        assert!(matches!(parse_line("/join"), Line::Usage("/join ROOM")));
+        assert!(matches!(parse_line("/help"), Line::Help));
+        assert!(matches!(parse_line("/bogus x"), Line::Unknown(c) if c == "/bogus"));
         assert!(matches!(parse_line("   "), Line::Nothing));
         assert!(matches!(parse_line("/quit"), Line::Quit));
+    }
+
+    #[test]
+    fn typing_reads_as_a_sentence() {
+        let line = |names: &[&str]| typing_line(names.iter().copied());
+        assert_eq!(line(&[]), None);
+        assert_eq!(line(&["webby"]).unwrap(), "webby is typing…");
+        assert_eq!(line(&["a", "b"]).unwrap(), "a and b are typing…");
+        assert_eq!(line(&["a", "b", "c"]).unwrap(), "a, b and c are typing…");
+        assert_eq!(line(&["a", "b", "c", "d"]).unwrap(), "several people are typing…");
+    }
+
+    #[test]
+    fn file_links_are_absolute_on_the_server_origin() {
+        assert_eq!(http_origin("ws://localhost:8080/ws/chat"), "http://localhost:8080");
+        assert_eq!(http_origin("WSS://chat.example.com/ws/chat?x=1"), "https://chat.example.com");
+        assert_eq!(http_origin("ws://[::1]:9"), "http://[::1]:9");
+        assert_eq!(file_link("http://h:1", "/files/abc/x.png"), "http://h:1/files/abc/x.png");
+        assert_eq!(file_link("http://h:1", "https://cdn/x.png"), "https://cdn/x.png");
+    }
+
+    #[test]
+    fn each_cause_is_said_once() {
+        #[derive(Debug)]
+        struct Wrap(&'static str, Option<Box<Wrap>>);
+        impl std::fmt::Display for Wrap {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.0)
+            }
+        }
+        impl std::error::Error for Wrap {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                self.1.as_deref().map(|e| e as _)
+            }
+        }
+        let refused = "Connection refused (os error 111)";
+        let io = Wrap("IO error: Connection refused (os error 111)", Some(Box::new(Wrap(refused, None))));
+        let err = anyhow::Error::new(Wrap("could not connect to ws://h/ws/chat", Some(Box::new(io))));
+        assert_eq!(causes(err.chain()), format!("could not connect to ws://h/ws/chat: {refused}"));
+        let err = anyhow::Error::new(Wrap("cannot read a: b", Some(Box::new(Wrap("b", None)))));
+        assert_eq!(causes(err.chain()), "cannot read a: b", "a cause already said is not said again");
     }
 }

@@ -1,0 +1,390 @@
+//! `hubbub-chat` as a user meets it: the real binary, its stdout and stderr
+//! read line by line, against the in-process server. Every wait is for a
+//! line, with a timeout.
+
+use std::process::{ExitStatus, Stdio};
+
+use tokio::io::AsyncBufRead;
+use tokio::process::{Child, ChildStdin, Command};
+use tokio::sync::mpsc;
+
+use super::*;
+
+/// Which of the process's outputs a line came from.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Out {
+    Stdout,
+    Stderr,
+}
+
+/// A running `hubbub-chat` whose output lines are kept as they arrive.
+struct Chat {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::UnboundedReceiver<(Out, String)>,
+    /// Every line read so far, in order of arrival per output.
+    seen: Vec<(Out, String)>,
+}
+
+impl Chat {
+    fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hubbub-chat"))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let (tx, lines) = mpsc::unbounded_channel();
+        forward(Out::Stdout, tokio::io::BufReader::new(child.stdout.take().unwrap()), tx.clone());
+        forward(Out::Stderr, tokio::io::BufReader::new(child.stderr.take().unwrap()), tx);
+        Self { stdin: child.stdin.take(), child, lines, seen: Vec::new() }
+    }
+
+    /// Types `line`.
+    async fn type_line(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("input is still open");
+        stdin.write_all(format!("{line}\n").as_bytes()).await.unwrap();
+        stdin.flush().await.unwrap();
+    }
+
+    /// Reads until a line on `out` equals `wanted`.
+    async fn expect(&mut self, out: Out, wanted: &str) {
+        let found = timeout(WAIT, async {
+            loop {
+                let Some(line) = self.lines.recv().await else { return false };
+                let hit = line.0 == out && line.1 == wanted;
+                self.seen.push(line);
+                if hit {
+                    return true;
+                }
+            }
+        })
+        .await;
+        assert!(matches!(found, Ok(true)), "no {out:?} line {wanted:?} in time; saw {:#?}", self.seen);
+    }
+
+    /// Ends input, waits for the exit, and reads what is left of the output.
+    async fn finish(mut self) -> (ExitStatus, Vec<(Out, String)>) {
+        drop(self.stdin.take());
+        let status = timeout(WAIT, self.child.wait()).await.expect("exits in time").unwrap();
+        while let Some(line) = timeout(WAIT, self.lines.recv()).await.expect("output ends") {
+            self.seen.push(line);
+        }
+        (status, self.seen)
+    }
+
+    /// What it prints on stderr (status lines and errors, with stdout not a
+    /// terminal).
+    fn stderr(seen: &[(Out, String)]) -> Vec<&str> {
+        seen.iter().filter(|(out, _)| *out == Out::Stderr).map(|(_, line)| line.as_str()).collect()
+    }
+}
+
+fn forward(
+    out: Out,
+    reader: impl AsyncBufRead + Unpin + Send + 'static,
+    tx: mpsc::UnboundedSender<(Out, String)>,
+) {
+    tokio::spawn(async move {
+        let mut lines = reader.lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if tx.send((out, line)).is_err() {
+                return;
+            }
+        }
+    });
+}
+
+/// The position of `line` in `lines`, which must hold it.
+fn position(lines: &[&str], line: &str) -> usize {
+    lines.iter().position(|l| *l == line).unwrap_or_else(|| panic!("no {line:?} in {lines:#?}"))
+}
+
+// ----- item by item -----------------------------------------------------------------
+
+#[tokio::test]
+async fn its_own_join_is_said_once_and_connected_comes_first_after_a_reconnect() {
+    let server = TestServer::start().await;
+    let addr = server.addr;
+    let mut chat = Chat::start(&[
+        &server.url(),
+        "--name",
+        "ada",
+        "--room",
+        "general",
+        "--reconnect-attempts",
+        "unlimited",
+    ]);
+    chat.expect(Out::Stderr, "* joined #general (1 here)").await;
+    // Someone else's join is still shown.
+    let (bob, _bob_events) = member(&server.url(), "bob", "general", fast()).await;
+    chat.expect(Out::Stderr, "* bob joined #general").await;
+
+    // The server restarts on the same address; the client restores its
+    // session on the new one (bob has gone, so the count is known).
+    bob.disconnect().await;
+    chat.expect(Out::Stderr, "* bob left").await;
+    server.shutdown().await;
+    let server = TestServer::on(addr).await;
+    chat.expect(Out::Stderr, "* joined #general (1 here)").await;
+    let (status, seen) = chat.finish().await;
+    assert!(status.success(), "{status:?}");
+
+    let lines = Chat::stderr(&seen);
+    let start = ["* connected", "* you are ada", "* joined #general (1 here)", "* bob joined #general"];
+    assert_eq!(lines[..4], start, "connected first, the own join once: {lines:#?}");
+    let again = position(&lines[4..], "* connected") + 4;
+    assert!(lines[4..again].iter().any(|l| l.starts_with("* disconnected (1001")), "{lines:#?}");
+    assert_eq!(lines[again + 1], "* joined #general (1 here)", "after connected, the room: {lines:#?}");
+    assert!(!lines.iter().any(|l| l.contains("ada joined")), "{lines:#?}");
+    assert_eq!(
+        lines.iter().filter(|l| **l == "* you are ada").count(),
+        1,
+        "the name is not news: {lines:#?}"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn typing_leaves_no_line_in_a_line_mode_client() {
+    let server = TestServer::start().await;
+    let mut chat = Chat::start(&[&server.url(), "--name", "ada", "--room", "general"]);
+    chat.expect(Out::Stderr, "* joined #general (1 here)").await;
+    let (webby, _webby_events) = member(&server.url(), "webby", "general", fast()).await;
+    chat.expect(Out::Stderr, "* webby joined #general").await;
+
+    for _ in 0..3 {
+        webby.send_typing().await.unwrap();
+    }
+    webby.send_message("typed it").await.unwrap();
+    // The room delivers in order: the typing notices came before this.
+    chat.expect(Out::Stdout, "webby: typed it").await;
+    let (status, seen) = chat.finish().await;
+    assert!(status.success(), "{status:?}");
+    assert!(!seen.iter().any(|(_, line)| line.contains("typing")), "{seen:#?}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_rename_is_announced_both_ways() {
+    let server = TestServer::start().await;
+    let mut chat = Chat::start(&[&server.url(), "--name", "ada", "--room", "general"]);
+    chat.expect(Out::Stderr, "* joined #general (1 here)").await;
+    let (bob, mut bob_events) = member(&server.url(), "bob", "general", fast()).await;
+    chat.expect(Out::Stderr, "* bob joined #general").await;
+
+    bob.set_username("robert").await.unwrap();
+    chat.expect(Out::Stderr, "* bob is now known as robert").await;
+
+    chat.type_line("/nick lovelace").await;
+    chat.expect(Out::Stderr, "* you are lovelace").await;
+    let renamed = bob_events
+        .until("UserRenamed", |e| match e {
+            Event::UserRenamed { user, previous, room } => {
+                Some((user.clone(), previous.clone(), room.clone()))
+            }
+            _ => None,
+        })
+        .await;
+    assert_eq!(renamed, ("lovelace".to_owned(), "ada".to_owned(), "general".to_owned()));
+    let (status, _) = chat.finish().await;
+    assert!(status.success(), "{status:?}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_unknown_command_is_named_and_the_exit_status_is_what_help_says() {
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_hubbub-chat")).arg("--help").output().unwrap();
+    let help = String::from_utf8(help.stdout).unwrap();
+    for promise in [
+        "0  input ended (or /quit) and the server acknowledged every message and",
+        "1  a message or upload was refused or not delivered (a line sent while in",
+        "Unknown commands and refused /nick, /join, /leave or /ping are reported but do",
+    ] {
+        assert!(help.contains(promise), "--help says {promise:?}: {help}");
+    }
+    let server = TestServer::start().await;
+
+    // Mistyped commands and a refused /leave are shown and do not count.
+    let mut chat = Chat::start(&[&server.url(), "--name", "ada", "--room", "general"]);
+    chat.expect(Out::Stderr, "* joined #general (1 here)").await;
+    chat.type_line("/bogus now").await;
+    chat.type_line("/join").await;
+    chat.type_line("delivered").await;
+    chat.type_line("/leave").await;
+    chat.type_line("/leave").await;
+    chat.type_line("/quit").await;
+    let (status, seen) = chat.finish().await;
+    let lines = Chat::stderr(&seen);
+    assert!(
+        lines.iter().any(|l| l.starts_with("* unknown command /bogus; commands: /nick NAME")),
+        "{lines:#?}"
+    );
+    assert!(lines.contains(&"* usage: /join ROOM"), "{lines:#?}");
+    assert!(lines.contains(&"* error: not in a room: join one first"), "{lines:#?}");
+    assert_eq!(status.code(), Some(0), "everything sent was delivered: {lines:#?}");
+
+    // A line refused before /quit makes it 1, as --help says.
+    let mut chat = Chat::start(&[&server.url(), "--name", "ada"]);
+    chat.expect(Out::Stderr, "* you are ada").await;
+    chat.type_line("nobody hears this").await;
+    chat.type_line("/quit").await;
+    let (status, seen) = chat.finish().await;
+    let lines = Chat::stderr(&seen);
+    assert!(lines.contains(&"* not sent (not in a room: join one first): nobody hears this"), "{lines:#?}");
+    assert_eq!(status.code(), Some(1), "{lines:#?}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn file_links_are_absolute_urls_that_work() {
+    let server = TestServer::start().await;
+    let mut chat = Chat::start(&[&server.url(), "--name", "ada", "--room", "general"]);
+    chat.expect(Out::Stderr, "* joined #general (1 here)").await;
+    let (bob, _bob_events) = member(&server.url(), "bob", "general", fast()).await;
+    chat.expect(Out::Stderr, "* bob joined #general").await;
+
+    bob.send_file(FileUpload::from_bytes("notes.txt", b"shared bytes".to_vec())).await.unwrap();
+    let prefix = format!("* bob shared notes.txt (12 bytes): http://{}/files/", server.addr);
+    let line = timeout(WAIT, async {
+        loop {
+            let (out, line) = chat.lines.recv().await.expect("output goes on");
+            chat.seen.push((out, line.clone()));
+            if line.contains(" shared ") {
+                return line;
+            }
+        }
+    })
+    .await
+    .expect("the shared file in time");
+    assert!(line.starts_with(&prefix), "{line:?} starts with {prefix:?}");
+
+    // The link is one a browser or curl can open.
+    let path = &line[prefix.len() - "/files/".len()..];
+    let mut tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    tcp.read_to_end(&mut response).await.unwrap();
+    let response = String::from_utf8_lossy(&response);
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.ends_with("shared bytes"), "{response}");
+    let _ = chat.finish().await;
+    server.shutdown().await;
+}
+
+// ----- errors: one line, each cause once --------------------------------------------
+
+/// Runs `hubbub-chat` to its end with no input; its exit code and stderr.
+async fn run_to_error(args: &[&str]) -> (Option<i32>, String) {
+    let output = timeout(
+        WAIT,
+        Command::new(env!("CARGO_BIN_EXE_hubbub-chat")).args(args).stdin(Stdio::null()).output(),
+    )
+    .await
+    .expect("exits in time")
+    .unwrap();
+    (output.status.code(), String::from_utf8(output.stderr).unwrap())
+}
+
+#[tokio::test]
+async fn a_refused_connection_is_one_line_that_says_each_thing_once() {
+    let port = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port();
+    let url = format!("ws://127.0.0.1:{port}/ws/chat");
+    let (code, stderr) = run_to_error(&[&url, "--name", "ada"]).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(
+        stderr,
+        format!("hubbub-chat: could not connect to {url}: Connection refused (os error 111)\n")
+    );
+}
+
+#[tokio::test]
+async fn a_url_that_is_not_a_websocket_url_is_refused_with_the_fix() {
+    for (url, fix) in [
+        ("127.0.0.1:8080/ws/chat", "use ws://127.0.0.1:8080/ws/chat"),
+        ("http://127.0.0.1:8080/ws/chat", "use ws://127.0.0.1:8080/ws/chat"),
+        ("https://chat.example.com/ws/chat", "use wss://chat.example.com/ws/chat"),
+    ] {
+        let (code, stderr) = run_to_error(&[url, "--name", "ada"]).await;
+        assert_eq!(code, Some(2), "a usage error: {stderr}");
+        assert_eq!(stderr.matches(fix).count(), 1, "{stderr}");
+        assert!(!stderr.contains("scheme not supported"), "{stderr}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_certificate_served_as_the_server_certificate_is_explained() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let dir = std::env::temp_dir().join(format!("hubbub-chat-tls-{}", uuid()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // What `openssl req -x509 -nodes …` makes: self-signed, CA:TRUE.
+    let mut ca_params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(dir.join("ca.key"), ca_key.serialize_pem()).unwrap();
+    // What the README says to make instead: a leaf signed by that CA.
+    let leaf_key = KeyPair::generate().unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf =
+        CertificateParams::new(vec!["localhost".to_owned()]).unwrap().signed_by(&leaf_key, &issuer).unwrap();
+    std::fs::write(dir.join("leaf.pem"), leaf.pem()).unwrap();
+    std::fs::write(dir.join("leaf.key"), leaf_key.serialize_pem()).unwrap();
+
+    let tls_server = |cert: &str, key: &str| {
+        let mut config = Config { close_timeout: Duration::from_millis(300), ..Config::default() };
+        config.uploads.dir = dir.join("uploads");
+        config.tls = Some(hubbub_server::TlsSettings {
+            cert: dir.join(cert),
+            key: dir.join(key),
+            handshake_timeout: Duration::from_secs(5),
+            max_pending_handshakes: 64,
+        });
+        async move {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("wss://localhost:{}/ws/chat", listener.local_addr().unwrap().port());
+            let (stop, stopped) = oneshot::channel::<()>();
+            let task = tokio::spawn(Server::new(config).unwrap().run(listener, async {
+                let _ = stopped.await;
+            }));
+            (url, stop, task)
+        }
+    };
+    let ca_file = dir.join("ca.pem").display().to_string();
+
+    let (url, stop, task) = tls_server("ca.pem", "ca.key").await;
+    let (code, stderr) = run_to_error(&[&url, "--name", "ada", "--ca-file", &ca_file]).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with(&format!(
+            "hubbub-chat: could not connect to {url}: the server's certificate is a CA certificate"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("leaf certificate signed by that CA") && stderr.contains("--ca-file"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("CaUsedAsEndEntity"), "{stderr}");
+    stop.send(()).unwrap();
+    timeout(WAIT, task).await.unwrap().unwrap().unwrap();
+
+    // The advice works; without the CA the leaf is refused, with a hint.
+    let (url, stop, task) = tls_server("leaf.pem", "leaf.key").await;
+    let (code, stderr) = run_to_error(&[&url, "--name", "ada"]).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    let unknown = "the server's certificate is not signed by a trusted authority: pass the CA that signed it with --ca-file";
+    assert!(stderr.contains(unknown), "{stderr}");
+    let mut chat = Chat::start(&[&url, "--name", "ada", "--room", "tls", "--ca-file", &ca_file]);
+    chat.expect(Out::Stderr, "* joined #tls (1 here)").await;
+    let (status, _) = chat.finish().await;
+    assert!(status.success(), "{status:?}");
+    stop.send(()).unwrap();
+    timeout(WAIT, task).await.unwrap().unwrap().unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+}
