@@ -252,7 +252,7 @@ async fn status(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
         slow_consumers_dropped: stats.slow_consumers.get(),
         dead_connections_reaped: stats.dead_reaped.get(),
         rate_limited: stats.rate_limited.get(),
-        upgrades_refused: ["origin", "server_full", "address_full"]
+        upgrades_refused: ["origin", "server_full", "address_full", "rate_limited"]
             .iter()
             .map(|r| stats.refused.with_label_values(&[r]).get())
             .sum(),
