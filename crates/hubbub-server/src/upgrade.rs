@@ -53,9 +53,13 @@ where
         response.headers_mut().insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
         return response;
     }
-    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
-        return (StatusCode::BAD_REQUEST, "Missing Sec-WebSocket-Key\n").into_response();
+    let mut keys = headers.get_all(header::SEC_WEBSOCKET_KEY).iter();
+    let (Some(key), None) = (keys.next(), keys.next()) else {
+        return (StatusCode::BAD_REQUEST, "Exactly one Sec-WebSocket-Key is required\n").into_response();
     };
+    if !is_websocket_key(key.as_bytes()) {
+        return (StatusCode::BAD_REQUEST, "Sec-WebSocket-Key must be 16 bytes in base64\n").into_response();
+    }
     let accept_key = derive_accept_key(key.as_bytes());
     let Some(on_upgrade) = req.extensions_mut().remove::<OnUpgrade>() else {
         // Only hyper's HTTP/1 server provides the upgrade hook.
@@ -81,6 +85,17 @@ where
     response
 }
 
+/// Whether `key` is what RFC 6455 section 4.1 asks of `Sec-WebSocket-Key`:
+/// 16 bytes in base64, which is 22 characters of the base64 alphabet and
+/// `==`. The last character's unused low bits are not checked, so a key
+/// made of random characters decodes (leniently) and is accepted.
+fn is_websocket_key(key: &[u8]) -> bool {
+    let Some((data, b"==")) = key.split_at_checked(22) else {
+        return false;
+    };
+    data.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/')
+}
+
 /// Whether a comma-separated header contains `token`, case-insensitively.
 fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
     headers
@@ -89,4 +104,30 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn websocket_keys_are_16_bytes_in_base64() {
+        for good in ["dGhlIHNhbXBsZSBub25jZQ==", "AAAAAAAAAAAAAAAAAAAAAA==", "+/+/+/+/+/+/+/+/+/+/+/=="] {
+            assert!(is_websocket_key(good.as_bytes()), "{good}");
+        }
+        for bad in [
+            "",
+            "x",
+            "dGhlIHNhbXBsZSBub25jZQ",
+            "dGhlIHNhbXBsZSBub25jZQ=",
+            "dGhlIHNhbXBsZSBub25jZQ===",
+            "dGhlIHNhbXBsZSBub25jZSE=",
+            "dGhlIHNhbXBsZSBub25jZSEh",
+            "dGhlIHNhbXBsZSBub25j-Q==",
+            "dGhlIHNhbXBsZSBub25jZ Q==",
+            "dGhlIHNhbXBsZSBub25jZQ==dGhlIHNhbXBsZSBub25jZQ==",
+        ] {
+            assert!(!is_websocket_key(bad.as_bytes()), "{bad}");
+        }
+    }
 }

@@ -8,8 +8,10 @@
 //! the connection reads into a buffer on its stack and hands the bytes over;
 //! only bytes past the end of a complete message, or a frame that has not
 //! fully arrived, are kept, in a buffer that is released as soon as it is
-//! consumed. A frame larger than a read is collected in a buffer reserved
-//! once for its whole size, into which the connection then reads directly.
+//! consumed. A frame larger than a read is collected in a buffer that the
+//! connection reads into directly; the buffer grows with the bytes that
+//! have arrived (at most doubling them), never to the length a header
+//! announces, so headers alone cannot make the server reserve memory.
 //!
 //! [`encode`] builds a server frame (never masked): one allocation holding
 //! header and payload, which a broadcast shares among all its recipients.
@@ -195,20 +197,35 @@ impl Decoder {
         self.pos < self.buf.len()
     }
 
-    /// Once a frame of at least `large` bytes has begun to arrive, how many
-    /// of its bytes are still to come. The connection reads exactly those
-    /// into [`Decoder::buffer`] (room for them is reserved here), then calls
-    /// [`Decoder::next_buffered`]: a large frame is neither copied nor read
-    /// together with the start of the next one, so it is handed over whole.
+    /// Once at least `large` bytes of a frame of at least `large` bytes have
+    /// arrived, how many more of its bytes to read now. The connection reads
+    /// up to that many into [`Decoder::buffer`] (the room is there already,
+    /// so the read does not reallocate), then calls
+    /// [`Decoder::next_buffered`], and repeats until this says `None`. A
+    /// large frame is thus neither copied out of a read nor read together
+    /// with the start of the next one, so it is handed over whole.
+    ///
+    /// Room is added only as bytes arrive: each step at most doubles what
+    /// has arrived, and never goes past the frame's end, so a header that
+    /// announces a large frame costs nothing until its bytes come. Before
+    /// `large` bytes have arrived this says `None`, and the connection reads
+    /// into its stack buffer and [`Decoder::feed`]s what came.
     pub(crate) fn large_frame_remaining(&mut self, large: usize) -> Option<usize> {
         let total = frame_len(&self.buf[self.pos..], self.state.limits.max_frame)?;
-        let end = self.pos + total;
-        if total < large || end <= self.buf.len() {
+        let arrived = self.buf.len() - self.pos;
+        if total < large || arrived < large || arrived >= total {
             return None;
         }
-        let remaining = end - self.buf.len();
-        self.buf.reserve_exact(remaining);
-        Some(remaining)
+        if self.pos > 0 {
+            // The frame starts the buffer, so it can be handed over whole.
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
+        let remaining = total - arrived;
+        if self.buf.capacity() == self.buf.len() {
+            self.buf.reserve_exact(remaining.min(arrived));
+        }
+        Some(remaining.min(self.buf.capacity() - self.buf.len()))
     }
 
     /// The buffer a large frame is read into; see
@@ -282,28 +299,13 @@ impl Decoder {
         } else if self.pos > 0 && self.pos * 2 >= self.buf.len() {
             self.buf.drain(..self.pos);
             self.pos = 0;
-            self.reserve_frame();
         }
     }
 
-    /// Keeps unconsumed bytes of a read.
+    /// Keeps unconsumed bytes of a read: only those, not the room the frame
+    /// they begin will need (see [`Decoder::large_frame_remaining`]).
     fn keep(&mut self, rest: &[u8]) {
-        if rest.is_empty() {
-            return;
-        }
         self.buf.extend_from_slice(rest);
-        self.reserve_frame();
-    }
-
-    /// Once a frame's header is buffered, reserves room for all of it, so a
-    /// large frame is read straight into place.
-    fn reserve_frame(&mut self) {
-        if let Some(total) = frame_len(&self.buf[self.pos..], self.state.limits.max_frame) {
-            let want = self.pos + total;
-            if want > self.buf.len() {
-                self.buf.reserve_exact(want - self.buf.len());
-            }
-        }
     }
 }
 
@@ -501,14 +503,24 @@ fn parse_close(payload: &[u8]) -> Result<Option<(CloseCode, String)>, ReadError>
         [] => Ok(None),
         [_] => Err(ReadError::Protocol("close frame with a one-byte payload")),
         [hi, lo, reason @ ..] => {
-            let code = CloseCode::from(u16::from_be_bytes([*hi, *lo]));
-            if !code.is_allowed() {
+            let code = u16::from_be_bytes([*hi, *lo]);
+            if !close_code_allowed(code) {
                 return Err(ReadError::Protocol("invalid close code"));
             }
+            let code = CloseCode::from(code);
             let reason = std::str::from_utf8(reason).map_err(|_| ReadError::Utf8)?;
             Ok(Some((code, reason.to_owned())))
         }
     }
+}
+
+/// Whether a peer may send this close code (RFC 6455 section 7.4 and the
+/// IANA registry it set up): the registered codes, except 1004 (reserved),
+/// 1005, 1006 and 1015 (for reporting only, never sent), and the ranges for
+/// libraries and applications. tungstenite's `CloseCode::is_allowed`
+/// refuses 1014, registered since (Bad Gateway), so it is not used here.
+fn close_code_allowed(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
 /// XORs `data` with the mask, which starts at `data[0]`.
@@ -591,22 +603,72 @@ mod tests {
         }
     }
 
+    /// Reads `frame` the way the connection does (`conn::poll_read`):
+    /// pieces of at most `chunk` bytes through `feed` until the decoder asks
+    /// for the rest of a large frame, then straight into its buffer. Checks
+    /// after every step that the buffer holds at most twice what has
+    /// arrived, and that a read into it never reallocates.
+    fn read_like_the_connection(decoder: &mut Decoder, frame: &[u8], chunk: usize) -> Option<Incoming> {
+        let mut at = 0;
+        loop {
+            if decoder.has_buffered()
+                && let Some(message) = decoder.next_buffered().unwrap()
+            {
+                return Some(message);
+            }
+            if decoder.has_buffered()
+                && let Some(want) = decoder.large_frame_remaining(chunk)
+            {
+                let capacity = decoder.buf.capacity();
+                let n = want.min(chunk).min(frame.len() - at);
+                assert!(n > 0, "asked for bytes the frame does not have");
+                decoder.buffer().extend_from_slice(&frame[at..at + n]);
+                at += n;
+                assert_eq!(decoder.buf.capacity(), capacity, "a read into the buffer reallocated");
+            } else {
+                let n = chunk.min(frame.len() - at);
+                if n == 0 {
+                    return None;
+                }
+                let message = decoder.feed(&mut frame[at..at + n].to_vec()).unwrap();
+                at += n;
+                if message.is_some() {
+                    return message;
+                }
+            }
+            let held = decoder.buf.len() - decoder.pos;
+            assert!(
+                decoder.buf.capacity() <= 2 * held.max(chunk),
+                "{} reserved for {held}",
+                decoder.buf.capacity()
+            );
+        }
+    }
+
     #[test]
-    fn large_frames_are_read_in_place() {
+    fn large_frames_are_read_in_place_and_handed_over_whole() {
         let limits = Limits { max_frame: 1 << 20, max_message: 1 << 20 };
         let payload: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
         let frame = client_frame(0x82, &payload);
         let mut decoder = Decoder::new(limits);
-        let (first, rest) = frame.split_at(4096);
-        assert_eq!(decoder.feed(&mut first.to_vec()).unwrap(), None);
-        // The whole frame's room is reserved, and filled directly.
-        assert_eq!(decoder.large_frame_remaining(8192), Some(rest.len()));
-        let capacity = decoder.buf.capacity();
-        decoder.buffer().extend_from_slice(rest);
-        assert_eq!(decoder.buf.capacity(), capacity, "the buffer grew");
-        assert_eq!(decoder.large_frame_remaining(8192), None, "nothing more to read");
-        assert_eq!(decoder.next_buffered().unwrap(), Some(Incoming::Binary(Bytes::from(payload))));
+        let message = read_like_the_connection(&mut decoder, &frame, 8192);
+        assert_eq!(message, Some(Incoming::Binary(Bytes::from(payload))));
         assert_eq!(decoder.buf.capacity(), 0);
+    }
+
+    #[test]
+    fn a_header_announcing_a_large_frame_reserves_nothing_until_its_bytes_come() {
+        let limits = Limits { max_frame: 65_540, max_message: 65_540 };
+        let mut decoder = Decoder::new(limits);
+        // A masked binary frame header announcing 65,540 bytes, and 100 of them.
+        let mut header = vec![0x82, 0xFF, 0, 0, 0, 0, 0, 1, 0, 4];
+        header.extend_from_slice(&MASK);
+        assert_eq!(decoder.feed(&mut header.clone()).unwrap(), None);
+        assert!(decoder.buf.capacity() < 64, "{} bytes reserved for a header", decoder.buf.capacity());
+        assert_eq!(decoder.large_frame_remaining(8192), None, "read more before growing");
+        assert_eq!(decoder.feed(&mut [0; 100]).unwrap(), None);
+        assert!(decoder.buf.capacity() < 2 * (header.len() + 100));
+        assert_eq!(decoder.large_frame_remaining(8192), None);
     }
 
     #[test]
@@ -625,6 +687,7 @@ mod tests {
             (client_frame(0x81, &[0xff, 0xfe]), ReadError::Utf8),
             (client_frame(0x88, &[0x03]), ReadError::Protocol("close frame with a one-byte payload")),
             (client_frame(0x88, &[0x03, 0xed]), ReadError::Protocol("invalid close code")),
+            (client_frame(0x88, &[0x03, 0xf7]), ReadError::Protocol("invalid close code")),
             (client_frame(0x88, &[0x03, 0xe8, 0xff]), ReadError::Utf8),
             (
                 [client_frame(0x01, b"a"), client_frame(0x81, b"b")].concat(),
@@ -646,6 +709,20 @@ mod tests {
         assert_eq!(decoder.feed(&mut header).unwrap_err(), ReadError::TooBig);
         let mut top_bit = vec![0x82, 0xFF, 0x80, 0, 0, 0, 0, 0, 0, 0];
         assert!(matches!(Decoder::new(LIMITS).feed(&mut top_bit), Err(ReadError::Protocol(_))));
+    }
+
+    #[test]
+    fn every_registered_close_code_a_peer_may_send_is_accepted() {
+        for code in [1000_u16, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 4999] {
+            let [hi, lo] = code.to_be_bytes();
+            let got = decode_chunked(&client_frame(0x88, &[hi, lo]), 64).unwrap();
+            assert_eq!(got, vec![Incoming::Close(Some((CloseCode::from(code), String::new())))], "{code}");
+        }
+        for code in [0_u16, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535] {
+            let [hi, lo] = code.to_be_bytes();
+            let err = decode_chunked(&client_frame(0x88, &[hi, lo]), 64).unwrap_err();
+            assert_eq!(err, ReadError::Protocol("invalid close code"), "{code}");
+        }
     }
 
     #[test]

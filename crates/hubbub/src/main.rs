@@ -1,19 +1,24 @@
 //! The `hubbub` binary: read the configuration, set up logging, bind, serve
 //! until SIGINT or SIGTERM, exit.
+//!
+//! Logs go to stderr, coloured only when stderr is a terminal and `NO_COLOR`
+//! is unset; the banner of URLs goes to stdout.
 
+mod print_config;
 mod settings;
+mod sources;
 
+use std::io::IsTerminal as _;
+use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::Parser as _;
-use hubbub_server::Server;
+use hubbub_server::{Config, Server};
 use settings::{Action, Cli, LogFormat};
-use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::from_env_and_args();
     match run(&cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -27,8 +32,8 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: &Cli) -> anyhow::Result<()> {
-    let config = match cli.resolve()? {
-        Action::Serve(config) => *config,
+    let (config, sources) = match cli.resolve()? {
+        Action::Serve { config, sources } => (*config, sources),
         Action::PrintConfig(text) => {
             #[allow(clippy::print_stdout)] // asked for on the command line
             {
@@ -37,39 +42,74 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
             return Ok(());
         }
     };
-    let filter = EnvFilter::try_new(&cli.log).context("invalid --log filter")?;
+    let filter = cli.log_filter()?;
+    let logs = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter);
     match cli.log_format {
-        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
-        LogFormat::Json => {
-            tracing_subscriber::fmt().json().with_current_span(true).with_env_filter(filter).init()
+        LogFormat::Text => {
+            logs.with_ansi(colour(std::io::stderr().is_terminal(), std::env::var_os("NO_COLOR"))).init()
         }
+        LogFormat::Json => logs.json().with_ansi(false).with_current_span(true).init(),
     }
 
-    let server = Server::new(config)?;
+    let server = Server::new(config.clone()).map_err(|err| sources.refused(&err, &config))?;
     let listen = server.config().listen;
-    let listener =
-        tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", sources.describe("listen")))?;
     let addr = listener.local_addr().context("reading the bound address")?;
-    let host =
-        if addr.ip().is_unspecified() { format!("localhost:{}", addr.port()) } else { addr.to_string() };
-    let (http, ws) = if server.tls().is_some() { ("https", "wss") } else { ("http", "ws") };
+    let shutdown = shutdown_signal()?;
     #[allow(clippy::print_stdout)] // the URLs are for the operator, not the log
     {
-        println!("Hubbub {} listening on {addr}", env!("CARGO_PKG_VERSION"));
-        println!("  chat page      {http}://{host}/");
-        println!("  chat socket    {ws}://{host}/ws/chat  (and {ws}://{host}/)");
-        println!("  notifications  {ws}://{host}/ws/notifications");
-        if server.config().echo_enabled {
-            println!("  echo           {ws}://{host}/ws/echo");
-        }
-        println!("  health         {http}://{host}/health   status {http}://{host}/api/status");
+        print!("{}", banner(addr, server.config(), server.tls().is_some()));
     }
+    tracing::info!(%addr, version = env!("CARGO_PKG_VERSION"), "listening");
     if let Some(tls) = server.tls().cloned() {
         tokio::spawn(reload_on_sighup(tls));
     }
-    server.run(listener, shutdown_signal()).await.context("server failed")?;
+    server.run(listener, shutdown).await.context("server failed")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Whether log lines are coloured: only on a terminal, and never when
+/// `NO_COLOR` is set to anything but the empty string (<https://no-color.org>).
+fn colour(terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    terminal && no_color.is_none_or(|value| value.is_empty())
+}
+
+/// The lines printed on stdout once the port is open: every URL the server
+/// answers on, as they are with this configuration.
+fn banner(addr: SocketAddr, config: &Config, tls: bool) -> String {
+    let host = |addr: SocketAddr| {
+        if addr.ip().is_unspecified() { format!("localhost:{}", addr.port()) } else { addr.to_string() }
+    };
+    let main = host(addr);
+    let (http, ws) = if tls { ("https", "wss") } else { ("http", "ws") };
+    let mut lines = vec![
+        format!("Hubbub {} listening on {addr}", env!("CARGO_PKG_VERSION")),
+        format!("  chat page      {http}://{main}/"),
+        format!("  chat socket    {ws}://{main}/ws/chat  (and {ws}://{main}/)"),
+        format!("  notifications  {ws}://{main}/ws/notifications"),
+    ];
+    if config.echo_enabled {
+        lines.push(format!("  echo           {ws}://{main}/ws/echo"));
+    }
+    lines.push(format!("  health         {http}://{main}/health"));
+    lines.push(format!("  status         {http}://{main}/api/status"));
+    lines.push(format!("  rooms          {http}://{main}/api/rooms"));
+    // The metrics listener is plain HTTP even when the main port is TLS.
+    lines.push(match (config.metrics.enabled, config.metrics.listen) {
+        (false, _) => "  metrics        off (metrics.enabled = false)".to_owned(),
+        (true, None) => format!("  metrics        {http}://{main}/metrics"),
+        (true, Some(listen)) if listen.port() == 0 => {
+            format!(
+                "  metrics        http://{}:PORT/metrics  (metrics.listen: a free port, see the log)",
+                listen.ip()
+            )
+        }
+        (true, Some(listen)) => format!("  metrics        http://{}/metrics", host(listen)),
+    });
+    lines.iter().flat_map(|line| [line.as_str(), "\n"]).collect()
 }
 
 /// Reloads the TLS certificate and key on every SIGHUP; on failure the old
@@ -94,30 +134,64 @@ async fn reload_on_sighup(tls: hubbub_server::TlsReloader) {
     drop(tls);
 }
 
-/// Completes on SIGINT (Ctrl-C) or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(err) = tokio::signal::ctrl_c().await {
-            tracing::error!(cause = %err, "cannot listen for Ctrl-C");
-            std::future::pending::<()>().await;
-        }
-    };
+/// Starts listening for SIGINT (Ctrl-C) and SIGTERM at once, so that a
+/// signal sent as soon as the banner is out stops the server gracefully;
+/// the future completes on either.
+fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+        let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+        Ok(async move {
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
             }
-            Err(err) => {
-                tracing::error!(cause = %err, "cannot listen for SIGTERM");
+        })
+    }
+    #[cfg(not(unix))]
+    {
+        Ok(async {
+            if let Err(err) = tokio::signal::ctrl_c().await {
+                tracing::error!(cause = %err, "cannot listen for Ctrl-C");
                 std::future::pending::<()>().await;
             }
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(colour(true, None));
+        assert!(colour(true, Some("".into())));
+        assert!(!colour(true, Some("1".into())));
+        assert!(!colour(false, None));
+    }
+
+    #[test]
+    fn the_banner_lists_every_url_as_configured() {
+        let addr: SocketAddr = "0.0.0.0:8080".parse().unwrap();
+        let mut config = Config::default();
+        let text = banner(addr, &config, false);
+        assert!(text.contains("  rooms          http://localhost:8080/api/rooms\n"), "{text}");
+        assert!(text.contains("  metrics        http://localhost:8080/metrics\n"), "{text}");
+        assert!(text.contains("  echo           ws://localhost:8080/ws/echo\n"), "{text}");
+        let text = banner(addr, &config, true);
+        assert!(text.contains("  status         https://localhost:8080/api/status\n"), "{text}");
+        assert!(text.contains("  metrics        https://localhost:8080/metrics\n"), "{text}");
+
+        config.metrics.listen = Some("127.0.0.1:9090".parse().unwrap());
+        config.echo_enabled = false;
+        let text = banner(addr, &config, true);
+        assert!(text.contains("  metrics        http://127.0.0.1:9090/metrics\n"), "{text}");
+        assert!(!text.contains("/ws/echo"), "{text}");
+        config.metrics.enabled = false;
+        let text = banner(addr, &config, false);
+        assert!(text.contains("  metrics        off"), "{text}");
     }
 }

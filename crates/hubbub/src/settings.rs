@@ -8,12 +8,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context as _;
-use clap::Parser;
+use clap::parser::ValueSource;
+use clap::{CommandFactory as _, FromArgMatches as _, Parser};
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use hubbub_server::Config;
 use serde::Serialize;
+
+use crate::sources::Sources;
 
 /// Help text listing how environment variables map onto config keys.
 const ENV_HELP: &str = "\
@@ -89,6 +91,15 @@ pub(crate) struct Cli {
     /// Log filter, e.g. `info` or `hubbub_server=debug`
     #[arg(long, value_name = "FILTER", env = "HUBBUB_LOG", default_value = "info")]
     pub(crate) log: String,
+
+    /// Whether `log` came from `HUBBUB_LOG` rather than `--log`, so an error
+    /// names what the user wrote.
+    #[arg(skip)]
+    log_from_env: bool,
+
+    /// Whether `config` came from `HUBBUB_CONFIG` rather than `--config`.
+    #[arg(skip)]
+    config_from_env: bool,
 }
 
 /// How log lines are written.
@@ -103,7 +114,12 @@ pub(crate) enum LogFormat {
 /// What the command line asks for, once read.
 pub(crate) enum Action {
     /// Run the server.
-    Serve(Box<Config>),
+    Serve {
+        /// The validated configuration.
+        config: Box<Config>,
+        /// Where its values came from, to name them in later errors.
+        sources: Box<Sources>,
+    },
     /// Print this TOML and exit.
     PrintConfig(String),
 }
@@ -153,11 +169,41 @@ struct HeartbeatOverrides {
 }
 
 impl Cli {
+    /// Reads the command line (and the variables that stand for flags);
+    /// exits with clap's message on a usage error.
+    pub(crate) fn from_env_and_args() -> Self {
+        let matches = Self::command().get_matches();
+        let mut cli = Self::from_arg_matches(&matches).unwrap_or_else(|err| err.exit());
+        cli.log_from_env = matches.value_source("log") == Some(ValueSource::EnvVariable);
+        cli.config_from_env = matches.value_source("config") == Some(ValueSource::EnvVariable);
+        cli
+    }
+
+    /// The log filter, or an error naming `--log` or `HUBBUB_LOG` as the
+    /// user wrote it.
+    pub(crate) fn log_filter(&self) -> anyhow::Result<tracing_subscriber::EnvFilter> {
+        tracing_subscriber::EnvFilter::try_new(&self.log).map_err(|err| {
+            // The error's source repeats its message: print it once.
+            let written = if self.log_from_env {
+                format!("HUBBUB_LOG={}", self.log)
+            } else {
+                format!("--log {}", self.log)
+            };
+            anyhow::anyhow!(
+                "invalid log filter: {written}: {err}; a filter is a level or TARGET=LEVEL, comma-separated, \
+                 such as info,hubbub_server=debug"
+            )
+        })
+    }
+
     /// Layers defaults, file, environment and flags into a validated config.
     pub(crate) fn resolve(&self) -> anyhow::Result<Action> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = &self.config {
-            anyhow::ensure!(path.is_file(), "config file {} does not exist", path.display());
+            if !path.is_file() {
+                let written = if self.config_from_env { "HUBBUB_CONFIG=" } else { "--config " };
+                anyhow::bail!("{written}{}: no such file", path.display());
+            }
             figment = figment.merge(Toml::file_exact(path));
         }
         figment = figment.merge(environment()).merge(Serialized::defaults(Overrides {
@@ -174,13 +220,13 @@ impl Cli {
                 _ => None,
             },
         }));
-        let config: Config = figment.extract().context("invalid configuration")?;
-        config.validate().context("invalid configuration")?;
+        let sources = Sources::new(figment, std::any::type_name::<Overrides>());
+        let config = sources.extract()?;
+        config.validate().map_err(|err| sources.refused(&err, &config))?;
         if self.print_config {
-            let text = toml::to_string(&config).context("printing the configuration")?;
-            return Ok(Action::PrintConfig(text));
+            return Ok(Action::PrintConfig(crate::print_config::render(&config)?));
         }
-        Ok(Action::Serve(Box::new(config)))
+        Ok(Action::Serve { config: Box::new(config), sources: Box::new(sources) })
     }
 }
 
@@ -207,7 +253,7 @@ mod tests {
     fn resolve(args: &[&str]) -> anyhow::Result<Config> {
         let cli = Cli::try_parse_from(std::iter::once("hubbub").chain(args.iter().copied()))?;
         match cli.resolve()? {
-            Action::Serve(config) => Ok(*config),
+            Action::Serve { config, .. } => Ok(*config),
             Action::PrintConfig(_) => anyhow::bail!("unexpected print"),
         }
     }
@@ -257,59 +303,6 @@ mod tests {
             Ok(())
         });
         let err = format!("{:#}", resolve(&["--config", "/nonexistent/hubbub.toml"]).unwrap_err());
-        assert!(err.contains("does not exist"), "{err}");
-    }
-
-    /// Every key of the configuration, as dotted paths.
-    fn keys(prefix: &str, value: &serde_json::Value, out: &mut Vec<String>) {
-        match value.as_object() {
-            Some(object) => {
-                for (key, value) in object {
-                    let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
-                    keys(&path, value, out);
-                }
-            }
-            None => out.push(prefix.to_owned()),
-        }
-    }
-
-    #[test]
-    fn operations_guide_lists_every_config_key_with_its_default() {
-        // Optional sections are filled in so their keys are listed too.
-        let mut config = Config {
-            tls: Some(hubbub_server::TlsSettings {
-                cert: "cert.pem".into(),
-                key: "key.pem".into(),
-                handshake_timeout: Duration::from_secs(10),
-                max_pending_handshakes: 64,
-            }),
-            ..Config::default()
-        };
-        config.auth.secret = Some(String::new());
-        config.auth.public_key = Some("key.pem".into());
-        config.metrics.listen = Some("127.0.0.1:9090".parse().unwrap());
-        let mut all = Vec::new();
-        keys("", &serde_json::to_value(&config).unwrap(), &mut all);
-        let guide = include_str!("../../../docs/OPERATIONS.md");
-        let defaults = serde_json::to_value(Config::default()).unwrap();
-        for key in &all {
-            let row = guide
-                .lines()
-                .find(|line| line.starts_with(&format!("| `{key}` |")))
-                .unwrap_or_else(|| panic!("docs/OPERATIONS.md has no row for `{key}`"));
-            // Where the default is a plain value, the row shows it.
-            let default = key.split('.').fold(&defaults, |v, k| &v[k]);
-            let shown = match default {
-                serde_json::Value::String(s) => s.clone(),
-                serde_json::Value::Number(n) => n.to_string(),
-                serde_json::Value::Bool(b) => b.to_string(),
-                serde_json::Value::Array(a) if a.is_empty() => "[]".to_owned(),
-                _ => continue,
-            };
-            assert!(
-                row.contains(&format!("`{shown}`")),
-                "row for `{key}` does not show its default `{shown}`: {row}"
-            );
-        }
+        assert!(err.contains("--config /nonexistent/hubbub.toml: no such file"), "{err}");
     }
 }
