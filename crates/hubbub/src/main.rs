@@ -4,6 +4,7 @@
 //! Logs go to stderr, coloured only when stderr is a terminal and `NO_COLOR`
 //! is unset; the banner of URLs goes to stdout.
 
+mod logfmt;
 mod print_config;
 mod settings;
 mod sources;
@@ -45,13 +46,20 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
     let filter = cli.log_filter()?;
     let logs = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter);
     match cli.log_format {
-        LogFormat::Text => {
-            logs.with_ansi(colour(std::io::stderr().is_terminal(), std::env::var_os("NO_COLOR"))).init()
-        }
+        LogFormat::Text => logs
+            .fmt_fields(logfmt::escaped_fields())
+            .with_ansi(colour(std::io::stderr().is_terminal(), std::env::var_os("NO_COLOR")))
+            .init(),
         LogFormat::Json => logs.json().with_ansi(false).with_current_span(true).init(),
     }
 
     let server = Server::new(config.clone()).map_err(|err| sources.refused(&err, &config))?;
+    // The server binds metrics.listen once it runs; trying the address now
+    // makes a bad one an error that names the key, before the port opens.
+    if let (true, Some(metrics)) = (config.metrics.enabled, config.metrics.listen) {
+        std::net::TcpListener::bind(metrics)
+            .with_context(|| format!("cannot listen on {}", sources.describe("metrics.listen")))?;
+    }
     let listen = server.config().listen;
     let listener = tokio::net::TcpListener::bind(listen)
         .await

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 /// How long any expected line or exit may take.
 const WAIT: Duration = Duration::from_secs(20);
 
+mod abuse;
+
 /// A fresh directory for one test, under cargo's scratch space.
 fn scratch(name: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("cli-{name}"));
@@ -25,7 +27,12 @@ fn scratch(name: &str) -> PathBuf {
 /// `hubbub` with none of the caller's `HUBBUB_*` or `NO_COLOR` variables,
 /// working in `dir` (where its upload directory goes).
 fn hubbub(dir: &Path) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_hubbub"));
+    isolated(Command::new(env!("CARGO_BIN_EXE_hubbub")), dir)
+}
+
+/// `command` without the caller's `HUBBUB_*` or `NO_COLOR` variables,
+/// working in `dir`.
+fn isolated(mut command: Command, dir: &Path) -> Command {
     for (name, _) in std::env::vars_os() {
         if name.to_string_lossy().starts_with("HUBBUB_") || name == "NO_COLOR" {
             command.env_remove(name);
@@ -102,8 +109,16 @@ impl Running {
     }
 
     /// Sends SIGTERM and returns what stdout and stderr carried after the
-    /// lines already read, once the process has exited (with success).
-    fn stop(mut self) -> (Vec<String>, Vec<String>) {
+    /// lines already read, once the process has exited with success.
+    fn stop(self) -> (Vec<String>, Vec<String>) {
+        let (status, stdout, stderr) = self.terminate();
+        assert!(status.success(), "{status}");
+        (stdout, stderr)
+    }
+
+    /// Sends SIGTERM and returns the exit status and what stdout and stderr
+    /// carried after the lines already read.
+    fn terminate(mut self) -> (std::process::ExitStatus, Vec<String>, Vec<String>) {
         let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
         assert!(status.success());
         let (tx, rx) = mpsc::channel();
@@ -112,7 +127,6 @@ impl Running {
             let _ = tx.send(child.wait());
         });
         let status = rx.recv_timeout(WAIT).expect("hubbub did not stop on SIGTERM").unwrap();
-        assert!(status.success(), "{status}");
         // The pipes close at exit, so these end.
         let rest = |rx: &mut mpsc::Receiver<String>| {
             let deadline = Instant::now() + WAIT;
@@ -122,7 +136,7 @@ impl Running {
             }
             out
         };
-        (rest(&mut self.stdout), rest(&mut self.stderr))
+        (status, rest(&mut self.stdout), rest(&mut self.stderr))
     }
 }
 
@@ -179,6 +193,28 @@ fn logs_go_to_stderr_uncoloured_and_the_banner_to_stdout() {
         stdout.iter().chain(&banner).all(|line| !line.contains("INFO")),
         "log lines on stdout: {stdout:#?}"
     );
+}
+
+/// On a terminal (util-linux `script` gives the server one) log lines are
+/// coloured, unless `NO_COLOR` is set.
+#[test]
+fn logs_on_a_terminal_are_coloured_unless_no_color_is_set() {
+    let dir = scratch("terminal");
+    for (no_color, coloured) in [(None, true), (Some("1"), false), (Some(""), true)] {
+        let server = format!("exec '{}' --listen 127.0.0.1:0", env!("CARGO_BIN_EXE_hubbub"));
+        let mut command = isolated(Command::new("script"), &dir);
+        command.args(["-qec", &server, "/dev/null"]);
+        if let Some(value) = no_color {
+            command.env("NO_COLOR", value);
+        }
+        let server = Running::start(command);
+        let seen =
+            Running::until(&server.stdout, |line| line.contains("listening") && line.contains("addr="));
+        let log = seen.last().unwrap();
+        assert_eq!(log.contains('\x1b'), coloured, "NO_COLOR={no_color:?}: {log:?}");
+        // script passes SIGTERM on to the server.
+        server.terminate();
+    }
 }
 
 #[test]
@@ -291,6 +327,19 @@ fn configuration_errors_name_the_key_as_written_its_value_and_what_is_allowed() 
         c.env("HUBBUB_HEARTBEAT_TIMEOUT", "5x");
     });
     assert!(err.contains("HUBBUB_HEARTBEAT_TIMEOUT=5x: unknown time unit"), "{err}");
+
+    // An address in use, for the main port and for metrics.listen.
+    let hold = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = hold.local_addr().unwrap();
+    let err = config_error(&dir, |c| {
+        c.env("HUBBUB_LISTEN", taken.to_string());
+    });
+    assert!(err.contains(&format!("cannot listen on HUBBUB_LISTEN={taken}: ")), "{err}");
+    let err = config_error(&dir, |c| {
+        c.args(["--listen", "127.0.0.1:0"]).env("HUBBUB_METRICS_LISTEN", taken.to_string());
+    });
+    assert!(err.contains(&format!("cannot listen on HUBBUB_METRICS_LISTEN={taken}: ")), "{err}");
+    drop(hold);
 
     let err = config_error(&dir, |c| {
         c.args(["--log", "hubbub=verbose"]);
