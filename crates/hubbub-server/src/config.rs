@@ -80,6 +80,15 @@ pub struct AuthSettings {
     /// Default 30 s.
     #[serde(with = "humantime_serde")]
     pub expiry_warning: Duration,
+    /// Tokens must name this audience in `aud` (a string, or a list that
+    /// holds it). Default: none, and `aud` is not checked.
+    pub audience: Option<String>,
+    /// Tokens must carry this `iss`. Default: none, and `iss` is not checked.
+    pub issuer: Option<String>,
+    /// How far ahead a token's `nbf` may be, in whole seconds, for an issuer
+    /// whose clock runs fast. `exp` has no leeway. Default 5 s.
+    #[serde(with = "humantime_serde")]
+    pub leeway: Duration,
 }
 
 impl Default for AuthSettings {
@@ -89,6 +98,9 @@ impl Default for AuthSettings {
             public_key: None,
             auth_timeout: Duration::from_secs(10),
             expiry_warning: Duration::from_secs(30),
+            audience: None,
+            issuer: None,
+            leeway: Duration::from_secs(5),
         }
     }
 }

@@ -1862,6 +1862,40 @@ async fn bad_tokens_are_refused() {
 }
 
 #[tokio::test]
+async fn tokens_not_yet_valid_or_for_another_audience_or_issuer_are_refused() {
+    let upgrade = |server: &TestServer, claims: Value| {
+        let url = format!("{}?token={}", server.url("/ws/chat"), token(claims));
+        async move { tokio_tungstenite::connect_async(url).await.map(|_| ()).map_err(|e| e.to_string()) }
+    };
+    let exp = now_secs() + 600;
+    let server = TestServer::with(auth_config()).await;
+    let err =
+        upgrade(&server, json!({"sub": "ada", "exp": exp, "nbf": now_secs() + 3600})).await.unwrap_err();
+    assert!(err.contains("401"), "{err}");
+    upgrade(&server, json!({"sub": "ada", "exp": exp, "nbf": now_secs() - 5})).await.unwrap();
+    server.shutdown().await;
+
+    let mut config = auth_config();
+    config.auth.audience = Some("hubbub".to_owned());
+    config.auth.issuer = Some("https://id.example".to_owned());
+    config.auth.leeway = Duration::from_secs(120);
+    let server = TestServer::with(config).await;
+    // Within the leeway, with the right audience and issuer.
+    let good = json!({"sub": "ada", "exp": exp, "nbf": now_secs() + 60, "aud": "hubbub", "iss": "https://id.example"});
+    upgrade(&server, good).await.unwrap();
+    for bad in [
+        json!({"sub": "ada", "exp": exp, "iss": "https://id.example"}),
+        json!({"sub": "ada", "exp": exp, "aud": "elsewhere", "iss": "https://id.example"}),
+        json!({"sub": "ada", "exp": exp, "aud": "hubbub", "iss": "https://evil.example"}),
+        json!({"sub": "ada", "exp": exp, "aud": "hubbub", "iss": "https://id.example", "nbf": now_secs() + 600}),
+    ] {
+        let err = upgrade(&server, bad.clone()).await.unwrap_err();
+        assert!(err.contains("401"), "{bad}: {err}");
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_token_can_come_as_the_first_message_and_be_refreshed_before_it_expires() {
     let mut config = auth_config();
     config.auth.expiry_warning = Duration::from_millis(1500);
