@@ -286,7 +286,9 @@ function textMessage({ user, text, timestamp, own = false, lobby = false }) {
 function fileCard({ name, size, mimeType, url }) {
   const card = el('div', 'file-card');
   const href = safeFileUrl(url);
-  if (href && /^image\//i.test(mimeType)) {
+  // Only the image types the server serves as images (not SVG, which it
+  // serves as a download) are previewed.
+  if (href && /^image\/(png|jpeg|gif|webp|avif|bmp)$/i.test(mimeType)) {
     const thumbLink = el('a', 'thumb');
     thumbLink.href = href;
     thumbLink.download = name;

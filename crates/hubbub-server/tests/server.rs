@@ -1273,13 +1273,7 @@ async fn the_upload_quota_is_enforced() {
 /// A named chat client whose connection comes from `local` (any 127.x.y.z
 /// reaches the server on loopback), so per-address limits see another owner.
 async fn named_from(server: &TestServer, local: &str, name: &str) -> Client {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind(format!("{local}:0").parse().unwrap()).unwrap();
-    let stream = socket.connect(server.addr).await.unwrap();
-    let (ws, _) =
-        tokio_tungstenite::client_async(server.url("/ws/chat"), MaybeTlsStream::Plain(stream)).await.unwrap();
-    let mut c = Client { ws };
-    c.greeting().await;
+    let mut c = abuse::chat_from(local, server.addr).await;
     c.send(json!({"type": "setUsername", "username": name})).await;
     c.recv_type("usernameSet").await;
     c

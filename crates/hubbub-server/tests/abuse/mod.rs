@@ -24,8 +24,8 @@ async fn connect_from(from: &str, addr: SocketAddr) -> TcpStream {
     socket.connect(addr).await.unwrap()
 }
 
-/// A chat client connected from the loopback address `from`.
-async fn chat_from(from: &str, addr: SocketAddr) -> Client {
+/// A chat client connected from the loopback address `from`, greeted.
+pub(super) async fn chat_from(from: &str, addr: SocketAddr) -> Client {
     let tcp = connect_from(from, addr).await;
     let (ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}/ws/chat"), MaybeTlsStream::Plain(tcp))
         .await
