@@ -29,6 +29,14 @@ pub(crate) struct Row {
 }
 
 impl Row {
+    /// The meaning without its example, which the printout shows as a value.
+    pub(crate) fn description(&self) -> &str {
+        ["; e.g. `", ", e.g. `"]
+            .iter()
+            .find_map(|marker| self.meaning.split_once(marker).map(|(before, _)| before))
+            .unwrap_or(&self.meaning)
+    }
+
     /// A value to show for the key when it is not set: its default, else the
     /// example the meaning gives as ``e.g. `VALUE` ``.
     pub(crate) fn example(&self) -> Option<String> {
@@ -144,7 +152,7 @@ pub(crate) fn render(config: &Config) -> anyhow::Result<String> {
             let leaf = key.rsplit_once('.').map_or(key.as_str(), |(_, leaf)| leaf);
             let row = rows.iter().find(|row| row.key == *key);
             if let Some(row) = row {
-                out.push_str(&format!("# {}\n", row.meaning));
+                out.push_str(&format!("# {}\n", row.description()));
             }
             match lookup(&present, key) {
                 Some(value) => out.push_str(&format!("{leaf} = {value}\n")),
@@ -250,7 +258,10 @@ mod tests {
     #[test]
     fn unset_keys_are_printed_commented_out_with_their_meaning() {
         let text = render(&Config::default()).unwrap();
-        assert!(text.contains("\n#[tls]\n# PEM certificate chain"), "{text}");
+        assert!(
+            text.contains("\n#[tls]\n# PEM certificate chain; with `tls.key`, serve HTTPS and `wss://`\n"),
+            "{text}"
+        );
         assert!(text.contains("\n#cert = \"/etc/hubbub/fullchain.pem\"\n"), "{text}");
         assert!(text.contains("\n#handshake_timeout = \"10s\"\n"), "{text}");
         assert!(text.contains("\n[metrics]\n"), "{text}");

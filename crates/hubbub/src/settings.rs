@@ -80,7 +80,8 @@ pub(crate) struct Cli {
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     heartbeat_timeout: Option<Duration>,
 
-    /// Print the effective configuration as TOML and exit
+    /// Print the effective configuration as a commented TOML file and exit:
+    /// every key with its value and meaning, unset keys commented out
     #[arg(long)]
     print_config: bool,
 
