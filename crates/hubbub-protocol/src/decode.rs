@@ -55,6 +55,11 @@ impl ProtocolError {
 /// Names are returned trimmed. The result is either a message the server can
 /// act on without further checks, or the error to report.
 pub fn decode_client(text: &str, limits: &Limits) -> Result<ClientMessage, ProtocolError> {
+    // serde reads an internally tagged enum from an array too (the tag
+    // first: `["setUsername","ada"]`); the protocol takes objects only.
+    if !text.trim_start_matches([' ', '\t', '\n', '\r']).starts_with('{') {
+        return Err(ProtocolError::InvalidFormat);
+    }
     let msg = match serde_json::from_str::<ClientMessage>(text) {
         Ok(msg) => msg,
         Err(err) => return Err(classify(text, &err)),
@@ -170,7 +175,7 @@ mod tests {
 
     #[test]
     fn every_kind_of_bad_frame_has_its_error() {
-        for bad in ["", "nope", "[1,2]", "42", "\"text\"", "null", "{\"type\":"] {
+        for bad in ["", "nope", "[1,2]", "42", "\"text\"", "null", "{\"type\":", r#"["setUsername","ada"]"#] {
             assert_eq!(decode(bad).unwrap_err(), ProtocolError::InvalidFormat, "{bad:?}");
         }
         assert_eq!(decode(r#"{"text":"x"}"#).unwrap_err(), ProtocolError::MissingType);

@@ -32,7 +32,7 @@ mod message;
 
 pub use decode::{ProtocolError, decode_client, decode_server};
 pub use id::{ClientMsgId, InvalidClientMsgId};
-pub use limits::{Limits, ValidationError};
+pub use limits::{Limits, ValidationError, is_bidi_control};
 pub use message::{ClientMessage, ServerMessage};
 
 /// Re-exported so users of the protocol types need not depend on `serde_json`

@@ -61,19 +61,23 @@ pub enum ValidationError {
 }
 
 impl Limits {
-    /// Checks a username; returns it trimmed.
+    /// Checks a username; returns it without bidirectional controls (see
+    /// [`is_bidi_control`]) and trimmed.
     pub fn username(&self, raw: String) -> Result<String, ValidationError> {
-        name(raw, "username", self.max_username_chars)
+        name(strip_bidi_controls(raw), "username", self.max_username_chars)
     }
 
-    /// Checks a room name; returns it trimmed.
+    /// Checks a room name; returns it without bidirectional controls and
+    /// trimmed.
     pub fn room(&self, raw: String) -> Result<String, ValidationError> {
-        name(raw, "room name", self.max_room_chars)
+        name(strip_bidi_controls(raw), "room name", self.max_room_chars)
     }
 
-    /// Checks a file name: not blank, bounded. Path separators and the like
-    /// are the store's business; it sanitizes names before using them.
+    /// Checks a file name: not blank, bounded; returns it without
+    /// bidirectional controls. Path separators and the like are the store's
+    /// business; it sanitizes names before using them.
     pub fn file_name(&self, raw: String) -> Result<String, ValidationError> {
+        let raw = strip_bidi_controls(raw);
         let field = "file name";
         if raw.trim().is_empty() {
             return Err(ValidationError::Empty { field });
@@ -100,6 +104,37 @@ impl Limits {
             return Err(ValidationError::TooLong { field, max: self.max_text_chars });
         }
         Ok(raw)
+    }
+}
+
+/// Whether `c` is a Unicode bidirectional control: the embeddings and
+/// overrides U+202A–U+202E, the isolates U+2066–U+2069, and the marks
+/// U+200E, U+200F and U+061C.
+///
+/// They are invisible, and they reorder what follows them when displayed: a
+/// file named `evil\u{202E}gnp.exe` shows as `evilexe.png`. Names are shown
+/// to other people, so the protocol removes these from usernames, room names
+/// and file names (texts keep them: writing in right-to-left scripts needs
+/// them there).
+///
+/// ```
+/// use hubbub_protocol::{Limits, is_bidi_control};
+///
+/// assert!(is_bidi_control('\u{202E}'));
+/// assert!(!is_bidi_control('\u{05D0}')); // Hebrew alef: a letter, not a control
+/// let name = Limits::default().file_name("evil\u{202E}gnp.exe".into()).unwrap();
+/// assert_eq!(name, "evilgnp.exe");
+/// ```
+pub fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
+/// `raw` without its bidirectional controls; allocates only when it has some.
+fn strip_bidi_controls(raw: String) -> String {
+    if raw.chars().any(is_bidi_control) {
+        raw.chars().filter(|c| !is_bidi_control(*c)).collect()
+    } else {
+        raw
     }
 }
 
@@ -144,6 +179,31 @@ mod tests {
         );
         assert!(l.room("r".repeat(64)).is_ok());
         assert!(l.room("r".repeat(65)).is_err());
+    }
+
+    #[test]
+    fn bidi_controls_are_removed_from_names_but_kept_in_texts() {
+        let l = Limits::default();
+        assert_eq!(l.file_name("evil\u{202E}gnp.exe".into()).unwrap(), "evilgnp.exe");
+        assert_eq!(l.username("\u{202E} ada\u{2066}\u{2069} ".into()).unwrap(), "ada");
+        assert_eq!(l.room("gen\u{200E}er\u{061C}al\u{200F}".into()).unwrap(), "general");
+        for c in
+            ['\u{202A}', '\u{202B}', '\u{202C}', '\u{202D}', '\u{202E}', '\u{2066}', '\u{2067}', '\u{2068}']
+        {
+            assert_eq!(l.username(format!("a{c}b")).unwrap(), "ab", "{c:?}");
+        }
+        // Nothing but controls is nothing.
+        assert_eq!(
+            l.username("\u{202E}\u{202C}".into()).unwrap_err(),
+            ValidationError::Empty { field: "username" }
+        );
+        assert_eq!(
+            l.file_name("\u{202E}".into()).unwrap_err(),
+            ValidationError::Empty { field: "file name" }
+        );
+        // Right-to-left letters are not controls.
+        assert_eq!(l.username("שלום".into()).unwrap(), "שלום");
+        assert_eq!(l.text("a\u{202E}b".into()).unwrap(), "a\u{202E}b");
     }
 
     #[test]

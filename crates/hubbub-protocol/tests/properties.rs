@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 use hubbub_protocol::{
-    ClientMessage, ClientMsgId, Limits, Number, ServerMessage, decode_client, decode_server,
+    ClientMessage, ClientMsgId, Limits, Number, ServerMessage, decode_client, decode_server, is_bidi_control,
 };
 use proptest::prelude::*;
 use uuid::Uuid;
@@ -14,11 +14,12 @@ fn text() -> impl Strategy<Value = String> {
     ".{0,40}"
 }
 
-/// Names that pass validation: trimmed, no control characters, non-empty.
+/// Names that pass validation unchanged: trimmed, no control characters,
+/// no bidirectional controls (which validation removes), non-empty.
 fn valid_name(max: usize) -> impl Strategy<Value = String> {
     proptest::string::string_regex(&format!("[^\\p{{Cc}}\\s][^\\p{{Cc}}]{{0,{}}}", max - 2))
         .unwrap()
-        .prop_map(|s| s.trim().to_owned())
+        .prop_map(|s| s.chars().filter(|c| !is_bidi_control(*c)).collect::<String>().trim().to_owned())
         .prop_filter("non-empty after trim", |s| !s.is_empty())
 }
 
@@ -47,6 +48,12 @@ fn client_msg_id() -> impl Strategy<Value = ClientMsgId> {
 fn id_option() -> impl Strategy<Value = Option<ClientMsgId>> {
     proptest::option::of(client_msg_id())
 }
+
+/// Every bidirectional control character.
+const BIDI_CONTROLS: &[char] = &[
+    '\u{061C}', '\u{200E}', '\u{200F}', '\u{202A}', '\u{202B}', '\u{202C}', '\u{202D}', '\u{202E}',
+    '\u{2066}', '\u{2067}', '\u{2068}', '\u{2069}',
+];
 
 fn number() -> impl Strategy<Value = Number> {
     prop_oneof![
@@ -245,6 +252,25 @@ proptest! {
         ] {
             prop_assert_eq!(decode_client(&msg.to_json(), &limits).unwrap(), msg);
         }
+    }
+
+    #[test]
+    fn names_decode_the_same_with_bidi_controls_sprinkled_in(
+        name in valid_name(32),
+        controls in proptest::collection::vec(
+            (any::<proptest::sample::Index>(), proptest::sample::select(BIDI_CONTROLS)),
+            1..6,
+        ),
+    ) {
+        let mut sprinkled: Vec<char> = name.chars().collect();
+        for (at, c) in controls {
+            sprinkled.insert(at.index(sprinkled.len() + 1), c);
+        }
+        let sprinkled: String = sprinkled.into_iter().collect();
+        let limits = Limits::default();
+        prop_assert_eq!(limits.username(sprinkled.clone()).unwrap(), name.clone());
+        prop_assert_eq!(limits.room(sprinkled.clone()).unwrap(), name.clone());
+        prop_assert_eq!(limits.file_name(sprinkled).unwrap(), name);
     }
 
     #[test]

@@ -1233,6 +1233,35 @@ async fn a_path_traversal_name_is_stored_safely_under_its_id() {
 }
 
 #[tokio::test]
+async fn bidi_controls_are_removed_from_file_names_usernames_and_room_names() {
+    let server = TestServer::start().await;
+    let mut bob = server.in_room("bob", "general").await;
+    // A right-to-left override would show this name as "evilexe.png".
+    let mut ada = server.chat().await;
+    ada.greeting().await;
+    ada.send(json!({"type": "setUsername", "username": "\u{202E}ada\u{2066}"})).await;
+    assert_eq!(ada.recv_type("usernameSet").await["username"], "ada");
+    ada.send(json!({"type": "joinRoom", "room": "gen\u{200F}eral\u{202C}"})).await;
+    let joined = ada.recv_type("userJoined").await;
+    assert_eq!((joined["room"].as_str(), joined["userCount"].as_u64()), (Some("general"), Some(2)));
+    ada.recv_type("roomJoined").await;
+    bob.recv_type("userJoined").await;
+
+    ada.send(json!({"type": "fileStart", "name": "evil\u{202E}gnp.exe", "size": 4, "mimeType": ""})).await;
+    ada.send_binary(chunk_frame(0, b"MZ!!")).await;
+    ada.send(json!({"type": "fileEnd"})).await;
+    let saved = ada.recv_skipping_progress("fileSaved").await;
+    assert_eq!(saved["name"], "evilgnp.exe");
+    assert_eq!(bob.recv_type("fileShared").await["name"], "evilgnp.exe");
+    let (head, _) = download(server.addr, saved["url"].as_str().unwrap(), "").await;
+    assert!(
+        head.contains("evilgnp.exe") && !head.contains('\u{202E}') && !head.contains("%E2%80%AE"),
+        "{head}"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn the_upload_quota_is_enforced() {
     let mut config = TestServer::config();
     config.uploads.quota_bytes = 10_000;

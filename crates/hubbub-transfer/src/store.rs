@@ -611,8 +611,10 @@ fn move_into_place(file: &File, temp: &Path, dir: &Path, meta: &StoredFile) -> i
 }
 
 /// Makes an uploader's file name safe to show and to offer for download:
-/// only the last path component, no control characters, no leading dots,
-/// at most 255 bytes. Never empty.
+/// only the last path component, no control characters, no bidirectional
+/// controls (which would show `evil\u{202E}gnp.exe` as `evilexe.png`; see
+/// [`hubbub_protocol::is_bidi_control`]), no leading dots, at most 255
+/// bytes. Never empty.
 ///
 /// ```
 /// use hubbub_transfer::sanitize_file_name;
@@ -622,7 +624,8 @@ fn move_into_place(file: &File, temp: &Path, dir: &Path, meta: &StoredFile) -> i
 /// ```
 pub fn sanitize_file_name(raw: &str) -> String {
     let last = raw.rsplit(['/', '\\']).next().unwrap_or(raw);
-    let cleaned: String = last.chars().filter(|c| !c.is_control()).collect();
+    let cleaned: String =
+        last.chars().filter(|c| !c.is_control() && !hubbub_protocol::is_bidi_control(*c)).collect();
     let cleaned = cleaned.trim().trim_start_matches('.').trim();
     let mut name = String::new();
     for c in cleaned.chars() {
@@ -893,6 +896,8 @@ mod tests {
     #[test]
     fn names_and_ids_are_checked() {
         assert_eq!(sanitize_file_name("a\u{0}b\nc.txt"), "abc.txt");
+        assert_eq!(sanitize_file_name("evil\u{202E}gnp.exe"), "evilgnp.exe");
+        assert_eq!(sanitize_file_name("\u{2067}\u{200F}"), "file");
         assert_eq!(sanitize_file_name(&"é".repeat(300)).len(), 254);
         assert!(is_file_id(&uuid::Uuid::new_v4().simple().to_string()));
         assert!(!is_file_id("../../etc/passwd"));
