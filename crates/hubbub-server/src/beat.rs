@@ -22,9 +22,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::ws::CloseCode;
 use hubbub_heartbeat::encode_token;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::Shared;
 use crate::hub::{CloseReason, Peer, lock};
@@ -134,7 +134,7 @@ impl Registry {
                         stats.dead_reaped.inc();
                         tracing::info!(client = %entry.peer.id(), timeout = ?shared.config.heartbeat.timeout, "dead connection: no pong in time");
                         entry.peer.close(CloseReason {
-                            code: CloseCode::Abnormal,
+                            code: CloseCode::ABNORMAL,
                             reason: "heartbeat timeout",
                             drain_queue: false,
                         });
@@ -146,7 +146,9 @@ impl Registry {
                     *last_token = last_token.wrapping_add(1).max(1);
                     entry.token = *last_token;
                     entry.at_ms = now_ms;
-                    entry.peer.send(ws::encode(ws::PING, &encode_token(u64::from(entry.token))), stats);
+                    entry
+                        .peer
+                        .send(ws::encode(ws::OpCode::Ping, &encode_token(u64::from(entry.token))), stats);
                 }
             }
         }

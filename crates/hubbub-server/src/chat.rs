@@ -7,7 +7,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use hubbub_protocol::{ClientMessage, ServerMessage, decode_client};
-use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::Shared;
 use crate::auth::{Identity, until};
@@ -16,11 +15,11 @@ use crate::hub::{CloseReason, Peer, Remembered, Room, encode};
 use crate::ratelimit::{Key, Kind, Limiter, Shared as RateShared, Verdict};
 use crate::upload::{Outcome, Uploads};
 use crate::ws;
+use crate::ws::{CloseCode, Text};
 use hubbub_transfer::NewUpload;
 use std::net::IpAddr;
 use std::time::Instant;
 use tokio::time::Instant as TokioInstant;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 /// The name used for a client that never set one.
 const ANONYMOUS: &str = "Anonymous";
@@ -444,8 +443,8 @@ impl ChatSession {
 }
 
 impl Handler for ChatSession {
-    async fn on_text(&mut self, text: Utf8Bytes) {
-        match decode_client(&text, &self.shared.config.protocol) {
+    async fn on_text(&mut self, text: Text) {
+        match decode_client(text.as_str(), &self.shared.config.protocol) {
             Ok(msg) => {
                 if matches!(self.auth, AuthState::Awaiting(_)) && !matches!(msg, ClientMessage::Auth { .. }) {
                     return self
@@ -552,7 +551,7 @@ fn enforce(verdict: Verdict, peer: &Peer, stats: &crate::metrics::Stats, what: &
             stats.rate_limited.inc();
             tracing::warn!("closing a connection that keeps flooding");
             peer.close(CloseReason {
-                code: CloseCode::Policy,
+                code: CloseCode::POLICY,
                 reason: "Rate limit exceeded",
                 drain_queue: true,
             });
@@ -610,15 +609,15 @@ impl Echo {
 }
 
 impl Handler for Echo {
-    async fn on_text(&mut self, text: Utf8Bytes) {
+    async fn on_text(&mut self, text: Text) {
         if self.allowed() {
-            self.peer.send(ws::encode(ws::TEXT, text.as_bytes()), &self.shared.hub.stats);
+            self.peer.send(ws::encode(ws::OpCode::Text, text.as_bytes()), &self.shared.hub.stats);
         }
     }
 
     async fn on_binary(&mut self, data: Bytes) {
         if self.allowed() {
-            self.peer.send(ws::encode(ws::BINARY, &data), &self.shared.hub.stats);
+            self.peer.send(ws::encode(ws::OpCode::Binary, &data), &self.shared.hub.stats);
         }
     }
 
@@ -643,7 +642,7 @@ impl Subscriber {
 }
 
 impl Handler for Subscriber {
-    async fn on_text(&mut self, _text: Utf8Bytes) {}
+    async fn on_text(&mut self, _text: Text) {}
 
     async fn on_binary(&mut self, _data: Bytes) {}
 

@@ -37,8 +37,8 @@ use hubbub_heartbeat::decode_token;
 use prometheus::IntGauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
-use tokio_tungstenite::tungstenite::Utf8Bytes;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+use crate::ws::{CloseCode, Text};
 use tokio_util::sync::WaitForCancellationFuture;
 use tracing::Instrument;
 
@@ -51,7 +51,7 @@ use crate::ws::{self, Decoder, Incoming, ReadError};
 /// What an endpoint does with the frames its client sends.
 pub(crate) trait Handler: Send {
     /// A text frame arrived.
-    fn on_text(&mut self, text: Utf8Bytes) -> impl Future<Output = ()> + Send;
+    fn on_text(&mut self, text: Text) -> impl Future<Output = ()> + Send;
     /// A binary frame arrived.
     fn on_binary(&mut self, data: Bytes) -> impl Future<Output = ()> + Send;
     /// The connection is over (whatever the reason); release what it holds.
@@ -331,7 +331,7 @@ async fn handle(
 }
 
 /// The close the server sends for an abnormal end: none at all.
-const ABNORMAL: CloseReason = CloseReason { code: CloseCode::Abnormal, reason: "", drain_queue: false };
+const ABNORMAL: CloseReason = CloseReason { code: CloseCode::ABNORMAL, reason: "", drain_queue: false };
 
 #[expect(clippy::manual_async_fn, reason = "an async fn would store its arguments twice; see `run`")]
 fn drive<H: Handler>(
@@ -383,7 +383,7 @@ fn drive<H: Handler>(
                         }
                     }
                     Incoming::Ping(payload) => {
-                        peer.send(ws::encode(ws::PONG, &payload), stats);
+                        peer.send(ws::encode(ws::OpCode::Pong, &payload), stats);
                     }
                     Incoming::Pong(payload) => {
                         if let Some(token) = decode_token(&payload) {
@@ -393,7 +393,7 @@ fn drive<H: Handler>(
                     }
                     Incoming::Close(frame) => {
                         client_close = Some(frame.map(|(code, _)| code));
-                        peer.close(CloseReason { code: CloseCode::Normal, reason: "", drain_queue: false });
+                        peer.close(CloseReason { code: CloseCode::NORMAL, reason: "", drain_queue: false });
                         break;
                     }
                 },
@@ -436,7 +436,7 @@ fn drive<H: Handler>(
         // also refuses anything queued from here on.
         let ours = peer.close_reason();
         peer.close(ours.clone());
-        let vanished = client_close.is_none() && ours.code == CloseCode::Abnormal;
+        let vanished = client_close.is_none() && ours.code == CloseCode::ABNORMAL;
         if !vanished {
             let close_timeout = shared.config.close_timeout;
             // Boxed: the handshake runs once, at the end, and its state would
@@ -449,7 +449,7 @@ fn drive<H: Handler>(
                 tracing::debug!("closing handshake not completed in time");
             }
         }
-        let code = u16::from(client_close.map_or(ours.code, |code| code.unwrap_or(CloseCode::Status)));
+        let code = client_close.map_or(ours.code, |code| code.unwrap_or(CloseCode::NO_STATUS)).get();
         open.dec();
         stats.closed.with_label_values(&[code_label(code)]).inc();
         tracing::info!(code, by_peer = client_close.is_some(), reason = ours.reason, "disconnected");
@@ -469,7 +469,7 @@ async fn close(
     let frame = match client_close {
         // Echo the client's code, as RFC 6455 suggests.
         Some(Some(code)) => ws::encode_close(code, ""),
-        Some(None) => ws::encode(ws::CLOSE, &[]),
+        Some(None) => ws::encode(ws::OpCode::Close, &[]),
         None => ours.frame(),
     };
     if client_close.is_none() && ours.drain_queue {

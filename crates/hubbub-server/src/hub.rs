@@ -20,10 +20,10 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::task::Waker;
 use std::time::{Duration, Instant};
 
+use crate::ws::CloseCode;
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use hubbub_protocol::ServerMessage;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 pub(crate) use crate::metrics::Stats;
 use crate::ws;
@@ -38,7 +38,7 @@ pub(crate) type Frame = Bytes;
 
 /// Encodes a message once, as a text frame, for any number of recipients.
 pub(crate) fn encode(msg: &ServerMessage) -> Frame {
-    ws::encode(ws::TEXT, msg.to_json().as_bytes())
+    ws::encode(ws::OpCode::Text, msg.to_json().as_bytes())
 }
 
 /// Why a connection is closing, chosen by whoever closes it first.
@@ -54,7 +54,7 @@ pub(crate) struct CloseReason {
 
 /// The close sent when the server shuts down with nothing else recorded.
 const GOING_AWAY: CloseReason =
-    CloseReason { code: CloseCode::Away, reason: "Server shutting down", drain_queue: true };
+    CloseReason { code: CloseCode::AWAY, reason: "Server shutting down", drain_queue: true };
 
 /// The part of a connection that others may touch: its id, its outbound
 /// queue and its close switch. One pointer: cloning is a reference count,
@@ -133,7 +133,7 @@ impl Peer {
         if frames > 0 && (frames >= link.capacity || bytes.saturating_add(len) > link.max_bytes) {
             drop(queue);
             let reason = CloseReason {
-                code: CloseCode::Policy,
+                code: CloseCode::POLICY,
                 reason: "Slow consumer: outbound queue full",
                 drain_queue: false,
             };

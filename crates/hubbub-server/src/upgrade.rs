@@ -13,7 +13,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use sha1::{Digest as _, Sha1};
 use tokio_util::task::TaskTracker;
 
 /// The byte stream of an accepted WebSocket, after the handshake.
@@ -85,6 +85,31 @@ where
     response
 }
 
+/// `Sec-WebSocket-Accept` for a key (RFC 6455 section 4.2.2): the base64 of
+/// the SHA-1 of the key followed by the protocol's GUID.
+fn derive_accept_key(key: &[u8]) -> String {
+    const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+    let digest = Sha1::new().chain_update(key).chain_update(GUID).finalize();
+    base64(&digest)
+}
+
+/// Standard base64 with padding (RFC 4648 section 4).
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0_u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
 /// Whether `key` is what RFC 6455 section 4.1 asks of `Sec-WebSocket-Key`:
 /// 16 bytes in base64, which is 22 characters of the base64 alphabet and
 /// `==`. The last character's unused low bits are not checked, so a key
@@ -109,6 +134,16 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_accept_key_is_the_one_rfc_6455_gives() {
+        // The worked example of RFC 6455 section 1.3.
+        assert_eq!(derive_accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+    }
 
     #[test]
     fn websocket_keys_are_16_bytes_in_base64() {

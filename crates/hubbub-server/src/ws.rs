@@ -19,20 +19,104 @@
 use std::ops::Range;
 
 use bytes::Bytes;
-use tokio_tungstenite::tungstenite::Utf8Bytes;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
-/// Text data frame.
-pub(crate) const TEXT: u8 = 0x1;
-/// Binary data frame.
-pub(crate) const BINARY: u8 = 0x2;
-/// Connection close.
-pub(crate) const CLOSE: u8 = 0x8;
-/// Ping.
-pub(crate) const PING: u8 = 0x9;
-/// Pong.
-pub(crate) const PONG: u8 = 0xA;
+/// The opcode of a frame the server sends (RFC 6455 section 5.2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum OpCode {
+    /// Text data frame.
+    Text = 0x1,
+    /// Binary data frame.
+    Binary = 0x2,
+    /// Connection close.
+    Close = 0x8,
+    /// Ping.
+    Ping = 0x9,
+    /// Pong.
+    Pong = 0xA,
+}
+
+// The opcodes as the decoder reads them off the wire, where reserved values
+// must be recognised and refused too.
+const TEXT: u8 = OpCode::Text as u8;
+const BINARY: u8 = OpCode::Binary as u8;
+const PING: u8 = OpCode::Ping as u8;
+const PONG: u8 = OpCode::Pong as u8;
+const CLOSE: u8 = OpCode::Close as u8;
 const CONTINUATION: u8 = 0x0;
+
+/// A close code (RFC 6455 section 7.4 and the IANA registry).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct CloseCode(u16);
+
+impl CloseCode {
+    /// 1000: the purpose of the connection is fulfilled.
+    pub(crate) const NORMAL: Self = Self(1000);
+    /// 1001: the server is going away (shutting down).
+    pub(crate) const AWAY: Self = Self(1001);
+    /// 1002: the peer broke the protocol.
+    pub(crate) const PROTOCOL: Self = Self(1002);
+    /// 1005: a close frame without a code (reported, never sent).
+    pub(crate) const NO_STATUS: Self = Self(1005);
+    /// 1006: the connection ended without a close frame (reported, never
+    /// sent).
+    pub(crate) const ABNORMAL: Self = Self(1006);
+    /// 1007: a text message or close reason that is not UTF-8.
+    pub(crate) const INVALID_DATA: Self = Self(1007);
+    /// 1008: a policy was violated (slow consumer, rate limit).
+    pub(crate) const POLICY: Self = Self(1008);
+    /// 1009: a message too big to process.
+    pub(crate) const TOO_BIG: Self = Self(1009);
+
+    /// The code as a number.
+    pub(crate) fn get(self) -> u16 {
+        self.0
+    }
+}
+
+impl From<u16> for CloseCode {
+    fn from(code: u16) -> Self {
+        Self(code)
+    }
+}
+
+/// A text message's payload: bytes checked to be UTF-8, shared without a
+/// copy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Text(Bytes);
+
+impl Text {
+    /// The text.
+    pub(crate) fn as_str(&self) -> &str {
+        // Every `Text` was checked when it was made (`TryFrom<Bytes>`).
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+
+    /// The text's bytes.
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// Its length in bytes.
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+impl TryFrom<Bytes> for Text {
+    type Error = std::str::Utf8Error;
+
+    fn try_from(bytes: Bytes) -> Result<Self, Self::Error> {
+        std::str::from_utf8(&bytes)?;
+        Ok(Self(bytes))
+    }
+}
+
+impl From<&str> for Text {
+    fn from(text: &str) -> Self {
+        Self(Bytes::copy_from_slice(text.as_bytes()))
+    }
+}
 
 /// Largest frame header a server writes: 2 bytes plus an 8-byte length.
 pub(crate) const MAX_HEADER: usize = 10;
@@ -40,9 +124,9 @@ pub(crate) const MAX_HEADER: usize = 10;
 const MAX_CONTROL_PAYLOAD: usize = 125;
 
 /// Encodes a complete, unmasked server frame.
-pub(crate) fn encode(opcode: u8, payload: &[u8]) -> Bytes {
+pub(crate) fn encode(opcode: OpCode, payload: &[u8]) -> Bytes {
     let mut out = Vec::with_capacity(MAX_HEADER + payload.len());
-    out.push(0x80 | opcode);
+    out.push(0x80 | opcode as u8);
     match payload.len() {
         len @ 0..=125 => out.push(len as u8),
         len @ 126..=0xFFFF => {
@@ -66,16 +150,16 @@ pub(crate) fn encode_close(code: CloseCode, reason: &str) -> Bytes {
         cut -= 1;
     }
     let mut payload = Vec::with_capacity(2 + cut);
-    payload.extend_from_slice(&u16::from(code).to_be_bytes());
+    payload.extend_from_slice(&code.get().to_be_bytes());
     payload.extend_from_slice(&reason.as_bytes()[..cut]);
-    encode(CLOSE, &payload)
+    encode(OpCode::Close, &payload)
 }
 
 /// A complete message or control frame from the client.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Incoming {
     /// A text message (valid UTF-8).
-    Text(Utf8Bytes),
+    Text(Text),
     /// A binary message.
     Binary(Bytes),
     /// A ping; the payload goes back in the pong.
@@ -116,9 +200,9 @@ impl ReadError {
     /// The close code that answers this error.
     pub(crate) fn close_code(self) -> CloseCode {
         match self {
-            Self::Protocol(_) => CloseCode::Protocol,
-            Self::TooBig => CloseCode::Size,
-            Self::Utf8 => CloseCode::Invalid,
+            Self::Protocol(_) => CloseCode::PROTOCOL,
+            Self::TooBig => CloseCode::TOO_BIG,
+            Self::Utf8 => CloseCode::INVALID_DATA,
         }
     }
 
@@ -470,7 +554,7 @@ fn check_utf8_prefix(fragments: &mut Fragments, last: bool) -> Result<(), ReadEr
 fn finish(output: Output, payload: impl FnOnce(Range<usize>) -> Bytes) -> Result<Incoming, ReadError> {
     match output {
         Output::InPlace { opcode: TEXT, range } => {
-            Utf8Bytes::try_from(payload(range)).map(Incoming::Text).map_err(|_| ReadError::Utf8)
+            Text::try_from(payload(range)).map(Incoming::Text).map_err(|_| ReadError::Utf8)
         }
         Output::InPlace { opcode, range } => finish_control(opcode, payload(range)),
         Output::Joined { text, data } => joined(text, data),
@@ -481,7 +565,7 @@ fn joined(text: bool, data: Vec<u8>) -> Result<Incoming, ReadError> {
     let bytes = Bytes::from(data);
     if text {
         // Already validated fragment by fragment.
-        Utf8Bytes::try_from(bytes).map(Incoming::Text).map_err(|_| ReadError::Utf8)
+        Text::try_from(bytes).map(Incoming::Text).map_err(|_| ReadError::Utf8)
     } else {
         Ok(Incoming::Binary(bytes))
     }
@@ -517,8 +601,8 @@ fn parse_close(payload: &[u8]) -> Result<Option<(CloseCode, String)>, ReadError>
 /// Whether a peer may send this close code (RFC 6455 section 7.4 and the
 /// IANA registry it set up): the registered codes, except 1004 (reserved),
 /// 1005, 1006 and 1015 (for reporting only, never sent), and the ranges for
-/// libraries and applications. tungstenite's `CloseCode::is_allowed`
-/// refuses 1014, registered since (Bad Gateway), so it is not used here.
+/// libraries and applications. 1014 (Bad Gateway) was registered after RFC
+/// 6455 and is allowed.
 fn close_code_allowed(code: u16) -> bool {
     matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
@@ -546,7 +630,9 @@ mod tests {
 
     /// A client frame: masked, with the given first byte.
     fn client_frame(b0: u8, payload: &[u8]) -> Vec<u8> {
-        let mut out = encode(b0 & 0x0F, payload).to_vec();
+        // Any opcode will do for the header's shape; the first byte is
+        // replaced below.
+        let mut out = encode(OpCode::Binary, payload).to_vec();
         out[0] = b0;
         out[1] |= 0x80;
         let header = out.len() - payload.len();
@@ -558,7 +644,7 @@ mod tests {
     }
 
     fn text(s: &str) -> Incoming {
-        Incoming::Text(Utf8Bytes::from(s.to_owned()))
+        Incoming::Text(Text::from(s))
     }
 
     /// Feeds `bytes` in chunks of `chunk`, collecting every message.
@@ -596,7 +682,7 @@ mod tests {
             text("café au lait"),
             text(&"x".repeat(300)),
             Incoming::Pong(Bytes::new()),
-            Incoming::Close(Some((CloseCode::Normal, "bye".to_owned()))),
+            Incoming::Close(Some((CloseCode::NORMAL, "bye".to_owned()))),
         ];
         for chunk in [1, 2, 3, 7, 64, stream.len()] {
             assert_eq!(decode_chunked(&stream, chunk).unwrap(), expected, "chunk size {chunk}");
@@ -693,7 +779,7 @@ mod tests {
                 [client_frame(0x01, b"a"), client_frame(0x81, b"b")].concat(),
                 ReadError::Protocol("new message before the last one finished"),
             ),
-            (encode(TEXT, b"unmasked").to_vec(), ReadError::Protocol("client frame not masked")),
+            (encode(OpCode::Text, b"unmasked").to_vec(), ReadError::Protocol("client frame not masked")),
         ];
         for (bytes, want) in cases {
             assert_eq!(decode_chunked(&bytes, bytes.len()).unwrap_err(), want, "{bytes:02x?}");
@@ -756,10 +842,10 @@ mod tests {
 
     #[test]
     fn encoded_frames_have_minimal_headers() {
-        assert_eq!(encode(TEXT, b"hi").as_ref(), &[0x81, 2, b'h', b'i']);
-        assert_eq!(&encode(BINARY, &[0; 126])[..4], &[0x82, 126, 0, 126]);
-        assert_eq!(&encode(BINARY, &[0; 70_000])[..10], &[0x82, 127, 0, 0, 0, 0, 0, 1, 0x11, 0x70]);
-        let close = encode_close(CloseCode::Policy, &"é".repeat(100));
+        assert_eq!(encode(OpCode::Text, b"hi").as_ref(), &[0x81, 2, b'h', b'i']);
+        assert_eq!(&encode(OpCode::Binary, &[0; 126])[..4], &[0x82, 126, 0, 126]);
+        assert_eq!(&encode(OpCode::Binary, &[0; 70_000])[..10], &[0x82, 127, 0, 0, 0, 0, 0, 1, 0x11, 0x70]);
+        let close = encode_close(CloseCode::POLICY, &"é".repeat(100));
         assert_eq!(close.len(), 2 + 2 + 122);
         assert_eq!(&close[2..4], &[0x03, 0xf0]);
     }
@@ -842,7 +928,7 @@ mod tests {
                         stream.extend(client_frame(fin | first, chunk));
                     }
                     expected.push(if text {
-                        Incoming::Text(Utf8Bytes::try_from(Bytes::from(payload)).unwrap())
+                        Incoming::Text(Text::try_from(Bytes::from(payload)).unwrap())
                     } else {
                         Incoming::Binary(Bytes::from(payload))
                     });
