@@ -298,7 +298,7 @@ impl Model {
                 let ack =
                     client_msg_id.map(|id| ServerMessage::MessageAck { client_msg_id: id, timestamp: 0 });
                 if let Some(id) = client_msg_id
-                    && !room.ids.insert(id.to_string())
+                    && !room.ids.insert(id.uuid().to_string())
                 {
                     // A resend: acknowledged again, delivered once.
                     return push(out, client, &ack.expect("an id was given"));
