@@ -11,7 +11,8 @@ use hubbub_protocol::{ClientMessage, ServerMessage, decode_client};
 use crate::Shared;
 use crate::auth::{Identity, until};
 use crate::conn::Handler;
-use crate::hub::{CloseReason, Peer, Remembered, Room, encode};
+use crate::hub::{Remembered, Room};
+use crate::link::{CloseReason, Peer, encode};
 use crate::ratelimit::{Key, Kind, Limiter, Shared as RateShared, Verdict};
 use crate::upload::{Outcome, Uploads};
 use crate::ws;
@@ -184,7 +185,7 @@ impl ChatSession {
                         previous,
                         room: room.name.to_string(),
                     });
-                    room.broadcast(&renamed, Some(self.peer.id()), &hub.stats);
+                    room.broadcast(&renamed, Some(self.peer.id()));
                 }
                 self.username = Some(username);
             }
@@ -245,7 +246,7 @@ impl ChatSession {
                     timestamp,
                     client_msg_id,
                 });
-                room.broadcast(&frame, Some(self.peer.id()), &hub.stats);
+                room.broadcast(&frame, Some(self.peer.id()));
                 if let Some(id) = client_msg_id {
                     self.reply(&ServerMessage::MessageAck { client_msg_id: id, timestamp });
                 }
@@ -261,7 +262,7 @@ impl ChatSession {
                 if let Some(room) = &self.room {
                     self.last_typing = Some(now);
                     let frame = encode(&ServerMessage::UserTyping { user: self.name().to_owned() });
-                    room.broadcast(&frame, Some(self.peer.id()), &hub.stats);
+                    room.broadcast(&frame, Some(self.peer.id()));
                 }
             }
             ClientMessage::Chat { user, text } => {
@@ -282,7 +283,7 @@ impl ChatSession {
                     self.refuse_shared(wait, "lobby chat");
                     return;
                 }
-                hub.lobby.broadcast(&frame, &hub.stats);
+                hub.lobby.broadcast(&frame);
             }
             ClientMessage::Ping { timestamp } => {
                 self.reply(&ServerMessage::Pong { timestamp, server_time: now_ms() });
@@ -427,7 +428,7 @@ impl ChatSession {
                         mime_type: file.mime_type,
                         url,
                     });
-                    room.broadcast(&shared, Some(self.peer.id()), &self.shared.hub.stats);
+                    room.broadcast(&shared, Some(self.peer.id()));
                 }
             }
         }
@@ -550,11 +551,7 @@ fn enforce(verdict: Verdict, peer: &Peer, stats: &crate::metrics::Stats, what: &
         Verdict::Close => {
             stats.rate_limited.inc();
             tracing::warn!("closing a connection that keeps flooding");
-            peer.close(CloseReason {
-                code: CloseCode::POLICY,
-                reason: "Rate limit exceeded",
-                drain_queue: true,
-            });
+            peer.close(CloseReason::FLOODING);
             false
         }
     }
@@ -611,13 +608,13 @@ impl Echo {
 impl Handler for Echo {
     async fn on_text(&mut self, text: Text) {
         if self.allowed() {
-            self.peer.send(ws::encode(ws::OpCode::Text, text.as_bytes()), &self.shared.hub.stats);
+            self.peer.send(ws::encode(ws::OpCode::Text, text.as_bytes()));
         }
     }
 
     async fn on_binary(&mut self, data: Bytes) {
         if self.allowed() {
-            self.peer.send(ws::encode(ws::OpCode::Binary, &data), &self.shared.hub.stats);
+            self.peer.send(ws::encode(ws::OpCode::Binary, &data));
         }
     }
 

@@ -43,7 +43,7 @@ use tokio_util::sync::WaitForCancellationFuture;
 use tracing::Instrument;
 
 use crate::Shared;
-use crate::hub::{CloseReason, Frame, Peer};
+use crate::link::{CloseReason, Frame, Peer};
 use crate::metrics::code_label;
 use crate::upgrade::Socket;
 use crate::ws::{self, Decoder, Incoming, ReadError};
@@ -322,16 +322,13 @@ async fn handle(
         }
         if let Poll::Ready(Err(err)) = wire.poll_write(cx, peer) {
             tracing::debug!(cause = %err, "write failed");
-            peer.close(ABNORMAL);
+            peer.close(CloseReason::ABNORMAL);
             return Poll::Ready(false);
         }
         Poll::Pending
     })
     .await
 }
-
-/// The close the server sends for an abnormal end: none at all.
-const ABNORMAL: CloseReason = CloseReason { code: CloseCode::ABNORMAL, reason: "", drain_queue: false };
 
 #[expect(clippy::manual_async_fn, reason = "an async fn would store its arguments twice; see `run`")]
 fn drive<H: Handler>(
@@ -370,7 +367,7 @@ fn drive<H: Handler>(
                 }
                 Event::WriteFailed(err) => {
                     tracing::debug!(cause = %err, "write failed");
-                    peer.close(ABNORMAL);
+                    peer.close(CloseReason::ABNORMAL);
                     break;
                 }
                 Event::Read(Ok(Some(message))) => match message {
@@ -383,7 +380,7 @@ fn drive<H: Handler>(
                         }
                     }
                     Incoming::Ping(payload) => {
-                        peer.send(ws::encode(ws::OpCode::Pong, &payload), stats);
+                        peer.send(ws::encode(ws::OpCode::Pong, &payload));
                     }
                     Incoming::Pong(payload) => {
                         if let Some(token) = decode_token(&payload) {
@@ -399,12 +396,12 @@ fn drive<H: Handler>(
                 },
                 Event::Read(Ok(None)) => {
                     // The client dropped TCP without a close frame.
-                    peer.close(ABNORMAL);
+                    peer.close(CloseReason::ABNORMAL);
                     break;
                 }
                 Event::Read(Err(ReadFailure::Io(err))) => {
                     tracing::debug!(cause = %err, "read failed");
-                    peer.close(ABNORMAL);
+                    peer.close(CloseReason::ABNORMAL);
                     break;
                 }
                 Event::Read(Err(ReadFailure::Ws(err))) => {
@@ -430,6 +427,12 @@ fn drive<H: Handler>(
         }
 
         shared.beats.remove(beat);
+        // Counted here rather than where the queue overflowed, so that the
+        // code that queues frames needs no metrics; before `on_close`, so a
+        // room hears of the departure after the count moved.
+        if peer.close_reason().is_slow_consumer() {
+            stats.slow_consumers.inc();
+        }
         handler.on_close();
         drop(handler);
         // With no reason recorded, the server is shutting down; recording it now

@@ -1,4 +1,6 @@
-//! The hub: who is connected, which rooms exist, and fan-out.
+//! The hub: which rooms exist, who is in them and in the lobby, and fan-out.
+//! It knows connections only as [`Peer`] handles (`link`); it builds no
+//! WebSocket frame itself beyond encoding a message once.
 //!
 //! A broadcast is encoded once into a [`Frame`] (the complete WebSocket
 //! frame, header included) and the same bytes are handed to every
@@ -15,254 +17,32 @@
 //! `.await` (there is no `.await` in this module).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
-use std::task::Waker;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use crate::ws::CloseCode;
-use bytes::Bytes;
-use futures_util::task::AtomicWaker;
 use hubbub_protocol::ServerMessage;
-
-pub(crate) use crate::metrics::Stats;
-use crate::ws;
 use uuid::Uuid;
 
-/// A connection's id, sent to chat clients in `connected {clientId}`.
-pub(crate) type ClientId = Uuid;
+use crate::link::{ClientId, Frame, Peer, encode};
+use crate::metrics::Stats;
+use crate::sync::{lock, read, write};
 
-/// A complete WebSocket frame, header included, ready for the socket and
-/// shared by reference count among its recipients.
-pub(crate) type Frame = Bytes;
-
-/// Encodes a message once, as a text frame, for any number of recipients.
-pub(crate) fn encode(msg: &ServerMessage) -> Frame {
-    ws::encode(ws::OpCode::Text, msg.to_json().as_bytes())
-}
-
-/// Why a connection is closing, chosen by whoever closes it first.
-#[derive(Clone, Debug)]
-pub(crate) struct CloseReason {
-    /// The close code sent to the peer.
-    pub(crate) code: CloseCode,
-    /// The close frame's reason text.
-    pub(crate) reason: &'static str,
-    /// Whether frames already queued are sent before the close frame.
-    pub(crate) drain_queue: bool,
-}
-
-/// The close sent when the server shuts down with nothing else recorded.
-const GOING_AWAY: CloseReason =
-    CloseReason { code: CloseCode::AWAY, reason: "Server shutting down", drain_queue: true };
-
-/// The part of a connection that others may touch: its id, its outbound
-/// queue and its close switch. One pointer: cloning is a reference count,
-/// and the hub's maps hold 8 bytes per member besides the key.
-#[derive(Clone, Debug)]
-pub(crate) struct Peer {
-    /// Shared with the connection's task.
-    link: Arc<Link>,
-}
-
-/// What a connection shares with those who send to it.
-#[derive(Debug)]
-struct Link {
-    /// The connection's id.
-    id: ClientId,
-    /// Frames waiting for the connection's task, in order. The deque is
-    /// handed to the task whole and starts unallocated again, so an idle
-    /// connection holds no queue memory.
-    queue: Mutex<VecDeque<Frame>>,
-    /// Most frames that may wait, queued or taken by the task but not yet
-    /// written.
-    capacity: u32,
-    /// Most bytes that may wait, likewise.
-    max_bytes: u32,
-    /// Frames queued and not yet written, counted down by the task as it
-    /// writes them.
-    backlog_frames: AtomicU32,
-    /// Bytes queued and not yet written.
-    backlog_bytes: AtomicU32,
-    /// Wakes the connection's task: frames queued, or a close asked for.
-    waker: AtomicWaker,
-    /// Set once the connection must close; nothing more is queued after.
-    closing: AtomicBool,
-    /// The token of the last heartbeat pong, for the sweeper (`beat`).
-    last_pong: AtomicU32,
-    /// The first close reason recorded wins.
-    reason: OnceLock<CloseReason>,
-}
-
-impl Peer {
-    /// A new connection's shared half, whose queue holds `capacity` frames
-    /// and `max_bytes` bytes (limits past `u32::MAX` count as `u32::MAX`).
-    pub(crate) fn new(capacity: usize, max_bytes: usize) -> Self {
-        let link = Link {
-            id: Uuid::new_v4(),
-            queue: Mutex::new(VecDeque::new()),
-            capacity: u32::try_from(capacity).unwrap_or(u32::MAX),
-            max_bytes: u32::try_from(max_bytes).unwrap_or(u32::MAX),
-            backlog_frames: AtomicU32::new(0),
-            backlog_bytes: AtomicU32::new(0),
-            waker: AtomicWaker::new(),
-            closing: AtomicBool::new(false),
-            last_pong: AtomicU32::new(0),
-            reason: OnceLock::new(),
-        };
-        Self { link: Arc::new(link) }
-    }
-
-    /// The connection's id.
-    pub(crate) fn id(&self) -> ClientId {
-        self.link.id
-    }
-
-    /// Queues a frame without waiting. Returns false if the connection is
-    /// closing or its queue was full, in frames or in bytes (in which case
-    /// it is now closing). A frame always fits a queue with nothing waiting.
-    pub(crate) fn send(&self, frame: Frame, stats: &Stats) -> bool {
-        let link = &*self.link;
-        let mut queue = lock(&link.queue);
-        if link.closing.load(Ordering::Acquire) {
-            return false;
-        }
-        let len = u32::try_from(frame.len()).unwrap_or(u32::MAX);
-        let frames = link.backlog_frames.load(Ordering::Acquire);
-        let bytes = link.backlog_bytes.load(Ordering::Acquire);
-        if frames > 0 && (frames >= link.capacity || bytes.saturating_add(len) > link.max_bytes) {
-            drop(queue);
-            let reason = CloseReason {
-                code: CloseCode::POLICY,
-                reason: "Slow consumer: outbound queue full",
-                drain_queue: false,
-            };
-            if self.close(reason) {
-                stats.slow_consumers.inc();
-                tracing::warn!(
-                    client = %self.id(),
-                    frames,
-                    bytes,
-                    "slow consumer: outbound queue full, disconnecting"
-                );
-            }
-            return false;
-        }
-        // Counted under the queue's lock, so two senders cannot both pass
-        // the check with the last place.
-        link.backlog_frames.fetch_add(1, Ordering::AcqRel);
-        link.backlog_bytes.fetch_add(len, Ordering::AcqRel);
-        let was_empty = queue.is_empty();
-        queue.push_back(frame);
-        drop(queue);
-        // A non-empty queue has already woken the task, which empties the
-        // queue before it sleeps again.
-        if was_empty {
-            self.link.waker.wake();
-        }
-        true
-    }
-
-    /// Queues an encoded frame shared with other recipients.
-    pub(crate) fn send_text(&self, frame: &Frame, stats: &Stats) -> bool {
-        self.send(frame.clone(), stats)
-    }
-
-    /// Queues a message for this peer alone.
-    pub(crate) fn reply(&self, msg: &ServerMessage, stats: &Stats) -> bool {
-        let frame = encode(msg);
-        let len = frame.len();
-        let sent = self.send(frame, stats);
-        if sent {
-            stats.delivered.inc();
-            stats.bytes_out.inc_by(len as u64);
-        }
-        sent
-    }
-
-    /// Asks the connection to close. Returns true if this call decided the
-    /// reason, false if the connection was already closing.
-    pub(crate) fn close(&self, reason: CloseReason) -> bool {
-        let first = self.link.reason.set(reason).is_ok();
-        self.link.closing.store(true, Ordering::Release);
-        self.link.waker.wake();
-        first
-    }
-
-    /// Records a heartbeat pong's token (tokens the sweeper sends fit 32
-    /// bits; any other pong is ignored).
-    pub(crate) fn record_pong(&self, token: u64) {
-        if let Ok(token) = u32::try_from(token) {
-            self.link.last_pong.store(token, Ordering::Release);
+/// Queues `frame` to every peer of `peers` but `except`, and records the
+/// broadcast: the one place fan-out happens and is counted.
+fn fan_out<'a>(
+    peers: impl IntoIterator<Item = (&'a ClientId, &'a Peer)>,
+    frame: &Frame,
+    except: Option<ClientId>,
+    stats: &Stats,
+) {
+    let started = Instant::now();
+    let mut sent = 0;
+    for (id, peer) in peers {
+        if Some(*id) != except {
+            sent += u64::from(peer.send(frame.clone()));
         }
     }
-
-    /// The token of the last heartbeat pong, 0 before any.
-    pub(crate) fn last_pong(&self) -> u32 {
-        self.link.last_pong.load(Ordering::Acquire)
-    }
-
-    /// The task wrote (or dropped) these frames: they no longer count
-    /// against the queue's limits.
-    pub(crate) fn written(&self, frames: u32, bytes: usize) {
-        let bytes = u32::try_from(bytes).unwrap_or(u32::MAX);
-        // Saturating: frames the task writes itself (the close frame) were
-        // never counted.
-        let _ = self
-            .link
-            .backlog_frames
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| Some(n.saturating_sub(frames)));
-        let _ = self
-            .link
-            .backlog_bytes
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| Some(n.saturating_sub(bytes)));
-    }
-
-    /// Whether so much waits to be written that the connection should stop
-    /// reading (and so stop making replies) until its client catches up:
-    /// half of either limit.
-    pub(crate) fn backlogged(&self) -> bool {
-        let link = &*self.link;
-        link.backlog_frames.load(Ordering::Acquire) >= link.capacity / 2
-            || link.backlog_bytes.load(Ordering::Acquire) >= link.max_bytes / 2
-    }
-
-    /// Whether the connection has been asked to close.
-    pub(crate) fn is_closing(&self) -> bool {
-        self.link.closing.load(Ordering::Acquire)
-    }
-
-    /// The close frame to send, once the connection is closing (shutdown
-    /// when nobody recorded a reason).
-    pub(crate) fn close_reason(&self) -> CloseReason {
-        self.link.reason.get().cloned().unwrap_or(GOING_AWAY)
-    }
-
-    /// Registers the connection task's waker, before it looks at the queue
-    /// and the close switch.
-    pub(crate) fn register(&self, waker: &Waker) {
-        self.link.waker.register(waker);
-    }
-
-    /// Moves every queued frame into `out`, which must be empty: the two
-    /// deques swap, so the queue keeps `out`'s (usually unallocated) buffer.
-    pub(crate) fn take_queued(&self, out: &mut VecDeque<Frame>) {
-        debug_assert!(out.is_empty());
-        std::mem::swap(&mut *lock(&self.link.queue), out);
-    }
-
-    /// Discards what is queued; later sends are refused.
-    pub(crate) fn discard_queued(&self) {
-        self.link.closing.store(true, Ordering::Release);
-        drop(std::mem::take(&mut *lock(&self.link.queue)));
-    }
-}
-
-impl CloseReason {
-    /// The close frame to send for this reason.
-    pub(crate) fn frame(&self) -> Frame {
-        ws::encode_close(self.code, self.reason)
-    }
+    stats.broadcast(sent, frame.len(), started);
 }
 
 /// A set of peers that receives broadcasts, split into shards so that
@@ -271,12 +51,14 @@ impl CloseReason {
 pub(crate) struct PeerSet {
     /// Each peer lives in the shard its id selects.
     shards: Box<[RwLock<HashMap<ClientId, Peer>>]>,
+    /// Where broadcasts are counted.
+    stats: Arc<Stats>,
 }
 
 impl PeerSet {
     /// A set with `shards` shards (at least one).
-    pub(crate) fn new(shards: usize) -> Self {
-        Self { shards: (0..shards.max(1)).map(|_| RwLock::default()).collect() }
+    pub(crate) fn new(shards: usize, stats: Arc<Stats>) -> Self {
+        Self { shards: (0..shards.max(1)).map(|_| RwLock::default()).collect(), stats }
     }
 
     fn shard(&self, id: &ClientId) -> &RwLock<HashMap<ClientId, Peer>> {
@@ -296,15 +78,10 @@ impl PeerSet {
     }
 
     /// Queues `frame` to every peer.
-    pub(crate) fn broadcast(&self, frame: &Frame, stats: &Stats) {
-        let started = Instant::now();
-        let mut sent = 0;
+    pub(crate) fn broadcast(&self, frame: &Frame) {
         for shard in &self.shards {
-            for peer in read(shard).values() {
-                sent += u64::from(peer.send_text(frame, stats));
-            }
+            fan_out(read(shard).iter(), frame, None, &self.stats);
         }
-        stats.broadcast(sent, frame.len(), started);
     }
 }
 
@@ -317,6 +94,8 @@ pub(crate) struct Room {
     members: RwLock<HashMap<ClientId, Peer>>,
     /// Ids of recent messages, so a resend is delivered once.
     recent: Mutex<RecentIds>,
+    /// Where broadcasts are counted.
+    stats: Arc<Stats>,
 }
 
 /// What [`Room::remember`] found.
@@ -376,32 +155,6 @@ impl RecentIds {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn recent_ids_are_bounded_in_age_and_number() {
-        let mut recent = RecentIds::default();
-        let t0 = Instant::now();
-        let window = Duration::from_secs(60);
-        let (a, b, c) = (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3));
-        assert_eq!(recent.remember(a, "ada", 100, t0, window, 2), Remembered::New);
-        assert_eq!(recent.remember(a, "ada", 999, t0, window, 2), Remembered::Duplicate(100));
-        // The same id from someone else is not a resend.
-        assert_eq!(recent.remember(a, "eve", 999, t0, window, 2), Remembered::New);
-        assert_eq!(recent.remember(b, "ada", 200, t0, window, 2), Remembered::New);
-        // Capacity 2: remembering c forgets a, the oldest.
-        assert_eq!(recent.remember(c, "ada", 300, t0, window, 2), Remembered::New);
-        assert_eq!(recent.remember(a, "ada", 400, t0, window, 2), Remembered::New);
-        // Past the window everything is forgotten.
-        let later = t0 + window + Duration::from_millis(1);
-        assert_eq!(recent.remember(c, "ada", 500, later, window, 2), Remembered::New);
-        assert_eq!(recent.by_id.len(), recent.order.len());
-        assert_eq!(recent.by_id.len(), 1);
-    }
-}
-
 impl Room {
     /// Checks a message id against the room's recent ids.
     pub(crate) fn remember(
@@ -416,15 +169,8 @@ impl Room {
     }
 
     /// Queues `frame` to every member but `except`.
-    pub(crate) fn broadcast(&self, frame: &Frame, except: Option<ClientId>, stats: &Stats) {
-        let started = Instant::now();
-        let mut sent = 0;
-        for (id, peer) in read(&self.members).iter() {
-            if Some(*id) != except {
-                sent += u64::from(peer.send_text(frame, stats));
-            }
-        }
-        stats.broadcast(sent, frame.len(), started);
+    pub(crate) fn broadcast(&self, frame: &Frame, except: Option<ClientId>) {
+        fan_out(read(&self.members).iter(), frame, except, &self.stats);
     }
 
     /// Current number of members.
@@ -443,7 +189,7 @@ pub(crate) struct Hub {
     /// Every `/ws/notifications` subscriber.
     pub(crate) subscribers: PeerSet,
     /// Counters.
-    pub(crate) stats: Stats,
+    pub(crate) stats: Arc<Stats>,
 }
 
 /// What [`Hub::join`] tells the joiner.
@@ -459,13 +205,13 @@ pub(crate) struct Joined {
 const SHARDS: usize = 16;
 
 impl Hub {
-    /// An empty hub.
-    pub(crate) fn new() -> Self {
+    /// An empty hub, counting into `stats`.
+    pub(crate) fn new(stats: Arc<Stats>) -> Self {
         Self {
             rooms: Mutex::default(),
-            lobby: PeerSet::new(SHARDS),
-            subscribers: PeerSet::new(SHARDS),
-            stats: Stats::new(),
+            lobby: PeerSet::new(SHARDS, stats.clone()),
+            subscribers: PeerSet::new(SHARDS, stats.clone()),
+            stats,
         }
     }
 
@@ -494,6 +240,7 @@ impl Hub {
                     name: Arc::from(name),
                     members: RwLock::default(),
                     recent: Mutex::default(),
+                    stats: self.stats.clone(),
                 });
                 rooms.insert(room.name.clone(), room.clone());
                 self.stats.rooms.set(rooms.len() as i64);
@@ -514,9 +261,7 @@ impl Hub {
         let user_count = members.len();
         let joined =
             encode(&ServerMessage::UserJoined { user: user.to_owned(), room: name.to_owned(), user_count });
-        let started = Instant::now();
-        let sent: u64 = members.values().map(|m| u64::from(m.send_text(&joined, &self.stats))).sum();
-        self.stats.broadcast(sent, joined.len(), started);
+        fan_out(members.iter(), &joined, None, &self.stats);
         peer.reply(&ServerMessage::RoomJoined { room: name.to_owned(), user_count }, &self.stats);
         drop(members);
         Joined { room, user_count }
@@ -542,9 +287,7 @@ impl Hub {
                 user_count,
                 room: Some(room.name.to_string()),
             });
-            let started = Instant::now();
-            let sent: u64 = members.values().map(|m| u64::from(m.send_text(&left, &self.stats))).sum();
-            self.stats.broadcast(sent, left.len(), started);
+            fan_out(members.iter(), &left, None, &self.stats);
         }
         drop(members);
     }
@@ -564,19 +307,32 @@ impl Hub {
 
     /// Sends a server event to every notification subscriber.
     pub(crate) fn notify(&self, event: &ServerMessage) {
-        self.subscribers.broadcast(&encode(event), &self.stats);
+        self.subscribers.broadcast(&encode(event));
     }
 }
 
-// A poisoned lock means a panic elsewhere while it was held; the maps stay
-// structurally valid (every update is a single insert or remove), so carry on
-// rather than turn one bug into a server-wide outage.
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(PoisonError::into_inner)
-}
-fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    l.write().unwrap_or_else(PoisonError::into_inner)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recent_ids_are_bounded_in_age_and_number() {
+        let mut recent = RecentIds::default();
+        let t0 = Instant::now();
+        let window = Duration::from_secs(60);
+        let (a, b, c) = (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3));
+        assert_eq!(recent.remember(a, "ada", 100, t0, window, 2), Remembered::New);
+        assert_eq!(recent.remember(a, "ada", 999, t0, window, 2), Remembered::Duplicate(100));
+        // The same id from someone else is not a resend.
+        assert_eq!(recent.remember(a, "eve", 999, t0, window, 2), Remembered::New);
+        assert_eq!(recent.remember(b, "ada", 200, t0, window, 2), Remembered::New);
+        // Capacity 2: remembering c forgets a, the oldest.
+        assert_eq!(recent.remember(c, "ada", 300, t0, window, 2), Remembered::New);
+        assert_eq!(recent.remember(a, "ada", 400, t0, window, 2), Remembered::New);
+        // Past the window everything is forgotten.
+        let later = t0 + window + Duration::from_millis(1);
+        assert_eq!(recent.remember(c, "ada", 500, later, window, 2), Remembered::New);
+        assert_eq!(recent.by_id.len(), recent.order.len());
+        assert_eq!(recent.by_id.len(), 1);
+    }
 }

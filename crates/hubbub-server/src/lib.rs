@@ -28,10 +28,12 @@ mod config;
 mod conn;
 mod http;
 mod hub;
+mod link;
 mod metrics;
 mod net;
 mod ratelimit;
 mod serve;
+mod sync;
 mod tls;
 mod upgrade;
 mod upload;
@@ -115,7 +117,7 @@ impl Server {
             tls,
             shared: Arc::new(Shared {
                 config,
-                hub: hub::Hub::new(),
+                hub: hub::Hub::new(Arc::new(metrics::Stats::new())),
                 beats: beat::Registry::new(),
                 started: Instant::now(),
                 shutdown: CancellationToken::new(),

@@ -185,7 +185,7 @@ impl Throttle {
     pub(crate) fn due(&self) -> Option<u64> {
         const EVERY: std::time::Duration = std::time::Duration::from_secs(1);
         let now = std::time::Instant::now();
-        let mut state = crate::hub::lock(&self.state);
+        let mut state = crate::sync::lock(&self.state);
         let (last, count) = &mut *state;
         *count += 1;
         if last.is_some_and(|at| now.saturating_duration_since(at) < EVERY) {

@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::config::RateLimitSettings;
-use crate::hub::lock;
+use crate::sync::lock;
 
 /// A token bucket's rate: `per_sec` tokens per second, at most `burst`
 /// saved up. It comes from the settings at each check, so a connection

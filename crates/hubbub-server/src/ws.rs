@@ -123,8 +123,21 @@ pub(crate) const MAX_HEADER: usize = 10;
 /// Largest payload of a control frame.
 const MAX_CONTROL_PAYLOAD: usize = 125;
 
+/// A complete server frame, header included, ready for the socket and
+/// shared by reference count among its recipients.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Frame(Bytes);
+
+impl std::ops::Deref for Frame {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 /// Encodes a complete, unmasked server frame.
-pub(crate) fn encode(opcode: OpCode, payload: &[u8]) -> Bytes {
+pub(crate) fn encode(opcode: OpCode, payload: &[u8]) -> Frame {
     let mut out = Vec::with_capacity(MAX_HEADER + payload.len());
     out.push(0x80 | opcode as u8);
     match payload.len() {
@@ -139,12 +152,12 @@ pub(crate) fn encode(opcode: OpCode, payload: &[u8]) -> Bytes {
         }
     }
     out.extend_from_slice(payload);
-    Bytes::from(out)
+    Frame(Bytes::from(out))
 }
 
 /// Encodes a close frame with a code and a reason (cut to fit a control
 /// frame at a character boundary).
-pub(crate) fn encode_close(code: CloseCode, reason: &str) -> Bytes {
+pub(crate) fn encode_close(code: CloseCode, reason: &str) -> Frame {
     let mut cut = reason.len().min(MAX_CONTROL_PAYLOAD - 2);
     while !reason.is_char_boundary(cut) {
         cut -= 1;

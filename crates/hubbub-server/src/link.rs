@@ -1,0 +1,261 @@
+//! A connection's shared half: what the rest of the server may touch of a
+//! connection (its id, its bounded outbound queue, its close switch and the
+//! last heartbeat pong it read), as a [`Peer`] handle that costs one pointer.
+//!
+//! Whoever sends to a connection (a broadcast, a reply, the heartbeat
+//! sweeper) queues a complete [`Frame`] with [`Peer::send`], which never
+//! waits: a connection whose queue is full, in frames or in bytes, is closed
+//! as a slow consumer instead. The connection's own task (`conn`) takes the
+//! queue whole, writes it, and counts down what it wrote; it is also the
+//! only one that writes the close frame, for the first [`CloseReason`]
+//! recorded.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::Waker;
+
+use futures_util::task::AtomicWaker;
+use hubbub_protocol::ServerMessage;
+use uuid::Uuid;
+
+use crate::metrics::Stats;
+use crate::sync::lock;
+pub(crate) use crate::ws::Frame;
+use crate::ws::{self, CloseCode};
+
+/// A connection's id, sent to chat clients in `connected {clientId}`.
+pub(crate) type ClientId = Uuid;
+
+/// Encodes a message once, as a text frame, for any number of recipients.
+pub(crate) fn encode(msg: &ServerMessage) -> Frame {
+    ws::encode(ws::OpCode::Text, msg.to_json().as_bytes())
+}
+
+/// Why a connection is closing, chosen by whoever closes it first.
+#[derive(Clone, Debug)]
+pub(crate) struct CloseReason {
+    /// The close code sent to the peer.
+    pub(crate) code: CloseCode,
+    /// The close frame's reason text.
+    pub(crate) reason: &'static str,
+    /// Whether frames already queued are sent before the close frame.
+    pub(crate) drain_queue: bool,
+}
+
+impl CloseReason {
+    /// The server shuts down (what is recorded when nobody recorded
+    /// anything else): frames already queued go first.
+    pub(crate) const GOING_AWAY: Self =
+        Self { code: CloseCode::AWAY, reason: "Server shutting down", drain_queue: true };
+    /// The connection fell too far behind: what is queued is dropped.
+    pub(crate) const SLOW_CONSUMER: Self =
+        Self { code: CloseCode::POLICY, reason: "Slow consumer: outbound queue full", drain_queue: false };
+    /// The transport is gone or must be dropped: no close frame at all.
+    pub(crate) const ABNORMAL: Self = Self { code: CloseCode::ABNORMAL, reason: "", drain_queue: false };
+    /// A client that keeps flooding after being told to slow down.
+    pub(crate) const FLOODING: Self =
+        Self { code: CloseCode::POLICY, reason: "Rate limit exceeded", drain_queue: true };
+
+    /// The close frame to send for this reason.
+    pub(crate) fn frame(&self) -> Frame {
+        ws::encode_close(self.code, self.reason)
+    }
+
+    /// Whether this is the slow-consumer close.
+    pub(crate) fn is_slow_consumer(&self) -> bool {
+        self.code == Self::SLOW_CONSUMER.code && self.reason == Self::SLOW_CONSUMER.reason
+    }
+}
+
+/// The part of a connection that others may touch: its id, its outbound
+/// queue and its close switch. One pointer: cloning is a reference count,
+/// and the hub's maps hold 8 bytes per member besides the key.
+#[derive(Clone, Debug)]
+pub(crate) struct Peer {
+    /// Shared with the connection's task.
+    link: Arc<Link>,
+}
+
+/// What a connection shares with those who send to it.
+#[derive(Debug)]
+struct Link {
+    /// The connection's id.
+    id: ClientId,
+    /// Frames waiting for the connection's task, in order. The deque is
+    /// handed to the task whole and starts unallocated again, so an idle
+    /// connection holds no queue memory.
+    queue: Mutex<VecDeque<Frame>>,
+    /// Most frames that may wait, queued or taken by the task but not yet
+    /// written.
+    capacity: u32,
+    /// Most bytes that may wait, likewise.
+    max_bytes: u32,
+    /// Frames queued and not yet written, counted down by the task as it
+    /// writes them.
+    backlog_frames: AtomicU32,
+    /// Bytes queued and not yet written.
+    backlog_bytes: AtomicU32,
+    /// Wakes the connection's task: frames queued, or a close asked for.
+    waker: AtomicWaker,
+    /// Set once the connection must close; nothing more is queued after.
+    closing: AtomicBool,
+    /// The token of the last heartbeat pong, for the sweeper (`beat`).
+    last_pong: AtomicU32,
+    /// The first close reason recorded wins.
+    reason: OnceLock<CloseReason>,
+}
+
+impl Peer {
+    /// A new connection's shared half, whose queue holds `capacity` frames
+    /// and `max_bytes` bytes (limits past `u32::MAX` count as `u32::MAX`).
+    pub(crate) fn new(capacity: usize, max_bytes: usize) -> Self {
+        let link = Link {
+            id: Uuid::new_v4(),
+            queue: Mutex::new(VecDeque::new()),
+            capacity: u32::try_from(capacity).unwrap_or(u32::MAX),
+            max_bytes: u32::try_from(max_bytes).unwrap_or(u32::MAX),
+            backlog_frames: AtomicU32::new(0),
+            backlog_bytes: AtomicU32::new(0),
+            waker: AtomicWaker::new(),
+            closing: AtomicBool::new(false),
+            last_pong: AtomicU32::new(0),
+            reason: OnceLock::new(),
+        };
+        Self { link: Arc::new(link) }
+    }
+
+    /// The connection's id.
+    pub(crate) fn id(&self) -> ClientId {
+        self.link.id
+    }
+
+    /// Queues a frame without waiting. Returns false if the connection is
+    /// closing or its queue was full, in frames or in bytes (in which case
+    /// it is now closing). A frame always fits a queue with nothing waiting.
+    pub(crate) fn send(&self, frame: Frame) -> bool {
+        let link = &*self.link;
+        let mut queue = lock(&link.queue);
+        if link.closing.load(Ordering::Acquire) {
+            return false;
+        }
+        let len = u32::try_from(frame.len()).unwrap_or(u32::MAX);
+        let frames = link.backlog_frames.load(Ordering::Acquire);
+        let bytes = link.backlog_bytes.load(Ordering::Acquire);
+        if frames > 0 && (frames >= link.capacity || bytes.saturating_add(len) > link.max_bytes) {
+            drop(queue);
+            // Counted by the connection's task when it ends (`conn`).
+            if self.close(CloseReason::SLOW_CONSUMER) {
+                tracing::warn!(
+                    client = %self.id(),
+                    frames,
+                    bytes,
+                    "slow consumer: outbound queue full, disconnecting"
+                );
+            }
+            return false;
+        }
+        // Counted under the queue's lock, so two senders cannot both pass
+        // the check with the last place.
+        link.backlog_frames.fetch_add(1, Ordering::AcqRel);
+        link.backlog_bytes.fetch_add(len, Ordering::AcqRel);
+        let was_empty = queue.is_empty();
+        queue.push_back(frame);
+        drop(queue);
+        // A non-empty queue has already woken the task, which empties the
+        // queue before it sleeps again.
+        if was_empty {
+            self.link.waker.wake();
+        }
+        true
+    }
+
+    /// Queues a message for this peer alone, counted as delivered.
+    pub(crate) fn reply(&self, msg: &ServerMessage, stats: &Stats) -> bool {
+        let frame = encode(msg);
+        let len = frame.len();
+        let sent = self.send(frame);
+        if sent {
+            stats.delivered.inc();
+            stats.bytes_out.inc_by(len as u64);
+        }
+        sent
+    }
+
+    /// Asks the connection to close. Returns true if this call decided the
+    /// reason, false if the connection was already closing.
+    pub(crate) fn close(&self, reason: CloseReason) -> bool {
+        let first = self.link.reason.set(reason).is_ok();
+        self.link.closing.store(true, Ordering::Release);
+        self.link.waker.wake();
+        first
+    }
+
+    /// Records a heartbeat pong's token (tokens the sweeper sends fit 32
+    /// bits; any other pong is ignored).
+    pub(crate) fn record_pong(&self, token: u64) {
+        if let Ok(token) = u32::try_from(token) {
+            self.link.last_pong.store(token, Ordering::Release);
+        }
+    }
+
+    /// The token of the last heartbeat pong, 0 before any.
+    pub(crate) fn last_pong(&self) -> u32 {
+        self.link.last_pong.load(Ordering::Acquire)
+    }
+
+    /// The task wrote (or dropped) these frames: they no longer count
+    /// against the queue's limits.
+    pub(crate) fn written(&self, frames: u32, bytes: usize) {
+        let bytes = u32::try_from(bytes).unwrap_or(u32::MAX);
+        // Saturating: frames the task writes itself (the close frame) were
+        // never counted.
+        let _ = self
+            .link
+            .backlog_frames
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| Some(n.saturating_sub(frames)));
+        let _ = self
+            .link
+            .backlog_bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| Some(n.saturating_sub(bytes)));
+    }
+
+    /// Whether so much waits to be written that the connection should stop
+    /// reading (and so stop making replies) until its client catches up:
+    /// half of either limit.
+    pub(crate) fn backlogged(&self) -> bool {
+        let link = &*self.link;
+        link.backlog_frames.load(Ordering::Acquire) >= link.capacity / 2
+            || link.backlog_bytes.load(Ordering::Acquire) >= link.max_bytes / 2
+    }
+
+    /// Whether the connection has been asked to close.
+    pub(crate) fn is_closing(&self) -> bool {
+        self.link.closing.load(Ordering::Acquire)
+    }
+
+    /// The close frame to send, once the connection is closing (shutdown
+    /// when nobody recorded a reason).
+    pub(crate) fn close_reason(&self) -> CloseReason {
+        self.link.reason.get().cloned().unwrap_or(CloseReason::GOING_AWAY)
+    }
+
+    /// Registers the connection task's waker, before it looks at the queue
+    /// and the close switch.
+    pub(crate) fn register(&self, waker: &Waker) {
+        self.link.waker.register(waker);
+    }
+
+    /// Moves every queued frame into `out`, which must be empty: the two
+    /// deques swap, so the queue keeps `out`'s (usually unallocated) buffer.
+    pub(crate) fn take_queued(&self, out: &mut VecDeque<Frame>) {
+        debug_assert!(out.is_empty());
+        std::mem::swap(&mut *lock(&self.link.queue), out);
+    }
+
+    /// Discards what is queued; later sends are refused.
+    pub(crate) fn discard_queued(&self) {
+        self.link.closing.store(true, Ordering::Release);
+        drop(std::mem::take(&mut *lock(&self.link.queue)));
+    }
+}
