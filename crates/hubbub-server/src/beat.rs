@@ -27,7 +27,8 @@ use hubbub_heartbeat::encode_token;
 use tokio::time::Instant;
 
 use crate::Shared;
-use crate::hub::{CloseReason, Peer, lock};
+use crate::link::{CloseReason, Peer};
+use crate::sync::lock;
 use crate::ws;
 
 /// Shards of the registry: registering and sweeping rarely meet.
@@ -146,9 +147,7 @@ impl Registry {
                     *last_token = last_token.wrapping_add(1).max(1);
                     entry.token = *last_token;
                     entry.at_ms = now_ms;
-                    entry
-                        .peer
-                        .send(ws::encode(ws::OpCode::Ping, &encode_token(u64::from(entry.token))), stats);
+                    entry.peer.send(ws::encode(ws::OpCode::Ping, &encode_token(u64::from(entry.token))));
                 }
             }
         }
