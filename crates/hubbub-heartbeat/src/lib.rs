@@ -12,6 +12,12 @@
 //! - [`Heartbeat::on_pong`] and [`Heartbeat::on_frame_received`] report what
 //!   arrived; [`Heartbeat::on_ping_sent`] corrects the send time of a ping.
 //!
+//! [`HeartbeatTable`] runs the same rules (the same code) for many peers at
+//! once, in 16 bytes per peer, for a driver that sweeps them all on one
+//! timer instead of keeping a timer per peer: that is how the server uses
+//! it. The rules below hold for both; `docs/PROTOCOL.md` states them for
+//! clients.
+//!
 //! # Schedule
 //!
 //! The first ping is due [`HeartbeatConfig::interval`] after
@@ -20,6 +26,14 @@
 //! a pong carrying the same token, or it is dead for good. Only one ping is
 //! outstanding at a time: while one waits for its pong no other is sent, even
 //! if the next one is already due.
+//!
+//! # A late pong does not count
+//!
+//! A pong that arrives at or after its ping's deadline does not revive the
+//! peer, even if the driver has not yet looked at the clock since the
+//! deadline passed: the peer is dead from the deadline on. So the outcome
+//! depends only on when the pong arrived, never on when the driver happened
+//! to poll or sweep.
 //!
 //! # Tokens and send time
 //!
@@ -41,7 +55,8 @@
 //! # Server and client
 //!
 //! The server sends WebSocket Ping frames whose payload is the token
-//! ([`encode_token`], [`decode_token`]), with [`HeartbeatConfig::default`].
+//! ([`encode_token`], [`decode_token`]), with [`HeartbeatConfig::default`],
+//! from a [`HeartbeatTable`] per shard of its connections.
 //! A client uses the application-level `ping` message instead, with
 //! [`HeartbeatConfig::client_default`]: it puts the token in the `timestamp`
 //! field, which the server echoes unchanged in its `pong`. The field needs no
@@ -96,11 +111,17 @@
 
 #[cfg(feature = "tokio")]
 mod driver;
+mod rules;
+mod table;
+
 #[cfg(feature = "tokio")]
 pub use driver::Monitor;
+pub use table::{HeartbeatTable, Key, Sweep};
 
 use std::fmt;
 use std::time::{Duration, Instant};
+
+use rules::Phase;
 
 /// How often to ping and how long to wait for the pong.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -194,32 +215,18 @@ impl Latency {
     }
 }
 
-/// A ping that has been sent and not yet answered.
-#[derive(Debug, Clone, Copy)]
-struct Outstanding {
-    /// The token the pong must carry.
-    token: u64,
-    /// When the ping was sent: the deadline and the latency sample count
-    /// from here.
-    sent_at: Instant,
-}
-
 /// The liveness state machine for one connection. See the [crate docs](crate).
 #[derive(Debug, Clone)]
 pub struct Heartbeat {
     /// The schedule.
     config: HeartbeatConfig,
-    /// When the previous ping was sent, or the machine created before the
-    /// first: the next ping is due `interval` after it.
-    ping_base: Instant,
-    /// The ping waiting for its pong, if any; while it is set no other ping
-    /// is sent.
-    outstanding: Option<Outstanding>,
+    /// Where the peer stands: waiting for the next ping (due an interval
+    /// after the previous one was sent, or after creation before the first),
+    /// waiting for a pong, or dead.
+    phase: Phase<Instant>,
     /// The token for the next ping. A counter makes stale pongs easy to tell
     /// from the current one.
     next_token: u64,
-    /// Set once the peer missed a deadline; there is no way back.
-    dead: bool,
     /// When the last frame of any kind arrived, for the driver's logs and
     /// metrics.
     last_activity: Option<Instant>,
@@ -236,12 +243,10 @@ impl Heartbeat {
     pub fn new(config: HeartbeatConfig, now: Instant) -> Self {
         Self {
             config,
-            ping_base: now,
-            outstanding: None,
+            phase: Phase::start(&config, now),
             // Starts at 1 so that a peer echoing an all-zero payload never
             // answers a ping by accident.
             next_token: 1,
-            dead: false,
             last_activity: None,
             latency: None,
         }
@@ -254,18 +259,15 @@ impl Heartbeat {
     /// later. Once [`Action::PeerDead`] has been returned it is returned for
     /// every later call.
     pub fn poll_action(&mut self, now: Instant) -> Option<Action> {
-        self.expire(now);
-        if self.dead {
+        if self.phase == Phase::Dead {
             return Some(Action::PeerDead);
         }
-        if self.outstanding.is_some() || !reached(now, self.next_ping_at()) {
-            return None;
-        }
-        let token = self.next_token;
-        self.next_token = self.next_token.wrapping_add(1);
-        self.outstanding = Some(Outstanding { token, sent_at: now });
-        self.ping_base = now;
-        Some(Action::SendPing(token))
+        let next_token = &mut self.next_token;
+        self.phase.poll(&self.config, now, || {
+            let token = *next_token;
+            *next_token = next_token.wrapping_add(1);
+            token
+        })
     }
 
     /// Records that the outstanding ping was actually written at `now`, later
@@ -275,35 +277,25 @@ impl Heartbeat {
     /// Ignored if no ping is outstanding (it was already answered, or the
     /// peer is dead) and if `now` is earlier than the recorded send time.
     pub fn on_ping_sent(&mut self, now: Instant) {
-        // A dead machine has nothing outstanding, so needs no check here.
-        match &mut self.outstanding {
-            Some(ping) if now > ping.sent_at => {
-                ping.sent_at = now;
-                self.ping_base = now;
-            }
-            _ => {}
-        }
+        self.phase.restamp(now);
     }
 
     /// Records a pong carrying `token` that arrived at `now`.
     ///
     /// If it answers the outstanding ping in time it yields a latency sample
     /// and the next ping is due `interval` after that ping was sent. A pong
-    /// arriving at or after the deadline does not revive the peer. Pongs with
-    /// any other token are ignored. Either way the pong counts as activity,
-    /// so the driver need not also call
+    /// arriving at or after the deadline does not revive the peer: from the
+    /// deadline on it is dead, whenever the driver notices. Pongs with any
+    /// other token are ignored. Either way the pong counts as activity, so
+    /// the driver need not also call
     /// [`on_frame_received`](Self::on_frame_received).
     pub fn on_pong(&mut self, now: Instant, token: u64) {
         self.on_frame_received(now);
-        self.expire(now);
-        if self.dead {
-            return;
-        }
-        let Some(ping) = self.outstanding.filter(|ping| ping.token == token) else {
+        self.phase.expire(&self.config, now);
+        let Some(sent) = self.phase.answer(&self.config, now, token) else {
             return;
         };
-        self.outstanding = None;
-        let sample = now.saturating_duration_since(ping.sent_at);
+        let sample = now.saturating_duration_since(sent);
         self.latency = Some(match self.latency {
             None => Latency::first(sample),
             Some(latency) => latency.update(sample),
@@ -326,13 +318,7 @@ impl Heartbeat {
     /// `None` once the peer is dead (`poll_action` then always says so), or
     /// if the configured durations are too large to represent an instant.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        if self.dead {
-            return None;
-        }
-        match self.outstanding {
-            Some(ping) => self.deadline(ping),
-            None => self.next_ping_at(),
-        }
+        self.phase.next_change(&self.config)
     }
 
     /// Round-trip time, once at least one pong has answered a ping.
@@ -344,7 +330,7 @@ impl Heartbeat {
     /// [`poll_action`](Self::poll_action), this only learns about a deadline
     /// passing when told a `now` at or after it.
     pub fn is_dead(&self) -> bool {
-        self.dead
+        self.phase == Phase::Dead
     }
 
     /// When the last frame of any kind (pongs included) arrived, if any has.
@@ -356,28 +342,6 @@ impl Heartbeat {
     pub fn config(&self) -> &HeartbeatConfig {
         &self.config
     }
-
-    /// Declares the peer dead if the outstanding ping's deadline has passed.
-    fn expire(&mut self, now: Instant) {
-        if self.outstanding.is_some_and(|ping| reached(now, self.deadline(ping))) {
-            self.dead = true;
-            self.outstanding = None;
-        }
-    }
-
-    fn deadline(&self, ping: Outstanding) -> Option<Instant> {
-        ping.sent_at.checked_add(self.config.timeout)
-    }
-
-    fn next_ping_at(&self) -> Option<Instant> {
-        self.ping_base.checked_add(self.config.interval)
-    }
-}
-
-/// Whether `now` is at or after `at`; `None` stands for a time too far away
-/// to represent, which is never reached.
-fn reached(now: Instant, at: Option<Instant>) -> bool {
-    at.is_some_and(|at| now >= at)
 }
 
 /// Encodes a ping token as a WebSocket Ping payload: 8 bytes, big-endian.

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use hubbub_heartbeat::{Action, Heartbeat, HeartbeatConfig, decode_token, encode_token};
+use hubbub_heartbeat::{Action, Heartbeat, HeartbeatConfig, HeartbeatTable, decode_token, encode_token};
 use proptest::prelude::*;
 
 const NS: Duration = Duration::from_nanos(1);
@@ -158,6 +158,79 @@ proptest! {
             }
         }
         check_poll_timeout(&heartbeat, now)?;
+    }
+
+    /// The table runs the same rules as the machine: driven by the same
+    /// events on whole milliseconds, one peer in a table asks for the same
+    /// pings and dies at the same sweep, and accepts the same pongs.
+    #[test]
+    fn a_table_entry_behaves_like_a_heartbeat(
+        interval_ms in 1..50u64,
+        timeout_ms in 1..50u64,
+        events in prop::collection::vec(event(), 0..200),
+    ) {
+        let config = HeartbeatConfig {
+            interval: Duration::from_millis(interval_ms),
+            timeout: Duration::from_millis(timeout_ms),
+        };
+        let t0 = Instant::now();
+        let mut now = t0;
+        let mut heartbeat = Heartbeat::new(config, t0);
+        let mut table = HeartbeatTable::new(config, t0);
+        let key = table.insert((), t0);
+        let mut last_token = None;
+        // The ping awaiting its pong, and when it was sent.
+        let mut outstanding = None;
+        // Whether the machine has said the peer is dead.
+        let mut reported_dead = false;
+        for event in events {
+            match event {
+                Event::Advance(ms) => now += Duration::from_millis(ms),
+                Event::AdvanceToTimeout => {
+                    if let Some(at) = heartbeat.poll_timeout() {
+                        now = now.max(at);
+                    }
+                }
+                Event::Poll | Event::PingWritten | Event::Frame => {
+                    let expected = match heartbeat.poll_action(now) {
+                        // The table says it once; the machine every time.
+                        Some(Action::PeerDead) if reported_dead => None,
+                        other => other,
+                    };
+                    reported_dead |= expected == Some(Action::PeerDead);
+                    match expected {
+                        Some(Action::SendPing(token)) => {
+                            last_token = Some(token);
+                            outstanding = Some((token, now));
+                        }
+                        Some(Action::PeerDead) => outstanding = None,
+                        None => {}
+                    }
+                    let actions: Vec<_> = table.sweep(now).map(|(_, action)| action).collect();
+                    prop_assert_eq!(actions, Vec::from_iter(expected));
+                }
+                Event::Pong | Event::StalePong(_) | Event::UnknownPong(_) => {
+                    let token = match (event, last_token) {
+                        (Event::Pong, Some(last)) => last,
+                        (Event::StalePong(back), Some(last)) => last.wrapping_sub(back),
+                        (Event::UnknownPong(token), _) => token,
+                        _ => continue,
+                    };
+                    let answers = outstanding.filter(|&(expected, sent)| expected == token && now < sent + config.timeout);
+                    heartbeat.on_pong(now, token);
+                    let rtt = table.on_pong(key, now, token);
+                    match answers {
+                        Some((_, sent)) => {
+                            outstanding = None;
+                            prop_assert_eq!(rtt, Some(now - sent));
+                            prop_assert_eq!(heartbeat.latency().map(|l| l.last), rtt);
+                            prop_assert!(!heartbeat.is_dead());
+                        }
+                        None => prop_assert_eq!(rtt, None),
+                    }
+                }
+            }
+        }
     }
 
     #[test]
