@@ -1,161 +1,113 @@
 //! Heartbeats for every connection, from one task.
 //!
-//! Every WebSocket connection is registered here for its life. A sweeper
-//! task wakes on ticks of an eighth of the heartbeat interval (at most a
-//! second) and walks the registry: a connection whose ping is due gets one
-//! (a WebSocket ping carrying a token, queued like any other frame); a
-//! connection whose outstanding ping went unanswered for the timeout is
-//! closed without a handshake (1006) and counted as reaped. The connection's
-//! own task only records the token of each pong it reads.
+//! The rules are `hubbub_heartbeat`'s (stated for clients in
+//! `docs/PROTOCOL.md#heartbeat`), run by its `HeartbeatTable`: this module
+//! is only the driver. Every WebSocket connection is registered here for its
+//! life, in one of 16 tables. A sweeper task wakes on ticks of an eighth of
+//! the heartbeat interval (at most a second) and sweeps every table: a
+//! connection whose ping is due gets one (a WebSocket ping carrying the
+//! token, queued like any other frame); a connection whose ping went
+//! unanswered until its deadline is closed without a handshake (1006) and
+//! counted as reaped. The connection's own task reports each pong it reads,
+//! with the time it read it, so a pong that came too late does not count
+//! however soon the next sweep runs.
 //!
 //! This keeps heartbeats off the connections: an idle connection owns no
-//! timer and no heartbeat state besides its registry entry (16 bytes) and
-//! the last pong's token, and an idle server wakes a few times per interval,
-//! sending many pings per wake-up, instead of once per connection.
-//!
-//! Semantics are those of `hubbub_heartbeat::Heartbeat`: one ping
-//! outstanding at a time, only a pong with its token answers it, the next
-//! ping is due an interval after the last one was sent. A ping goes out at
-//! most one tick late, and a dead peer is found at most one tick after its
-//! timeout.
+//! timer and no heartbeat state besides its table entry (16 bytes), and an
+//! idle server wakes a few times per interval, sending many pings per
+//! wake-up, instead of once per connection. A ping goes out at most one tick
+//! late, and a dead peer is found at most one tick after its deadline.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::ws::CloseCode;
-use hubbub_heartbeat::encode_token;
+use hubbub_heartbeat::{Action, HeartbeatConfig, HeartbeatTable, Key, encode_token};
 use tokio::time::Instant;
 
 use crate::Shared;
 use crate::link::{CloseReason, Peer};
+use crate::metrics::Stats;
 use crate::sync::lock;
-use crate::ws;
+use crate::ws::{self, CloseCode};
 
-/// Shards of the registry: registering and sweeping rarely meet.
+/// Shards of the registry: registering, pongs and sweeping rarely meet.
 const SHARDS: usize = 16;
 
-/// Where a connection's entry is, for [`Registry::remove`].
+/// Where a connection's entry is, for [`Registry::on_pong`] and
+/// [`Registry::remove`].
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Slot {
+    /// Which table.
     shard: u32,
-    index: u32,
-}
-
-/// One connection's heartbeat state, owned by the sweeper.
-#[derive(Debug)]
-struct Entry {
-    peer: Peer,
-    /// The outstanding ping's token, or 0 when none is.
-    token: u32,
-    /// When the outstanding ping was sent, or when the next one is due
-    /// (when none is outstanding), in milliseconds since the registry's
-    /// epoch.
-    at_ms: u32,
-}
-
-#[derive(Debug, Default)]
-struct Shard {
-    entries: Vec<Option<Entry>>,
-    /// Indexes of empty entries.
-    free: Vec<u32>,
-    /// The last token handed out in this shard.
-    last_token: u32,
+    /// The entry in that table.
+    key: Key,
 }
 
 /// Every connection, for the heartbeat sweeper.
 #[derive(Debug)]
 pub(crate) struct Registry {
-    shards: Box<[Mutex<Shard>]>,
-    epoch: Instant,
+    /// The tables, each behind its own lock; a connection's table is chosen
+    /// by its id.
+    shards: Box<[Mutex<HeartbeatTable<Peer>>]>,
+}
+
+/// Tokio's clock as the table takes it (paused time in tests included).
+fn now() -> std::time::Instant {
+    Instant::now().into_std()
 }
 
 impl Registry {
-    /// An empty registry.
-    pub(crate) fn new() -> Self {
-        Self { shards: (0..SHARDS).map(|_| Mutex::default()).collect(), epoch: Instant::now() }
+    /// An empty registry pinging on `config`'s schedule.
+    pub(crate) fn new(config: HeartbeatConfig) -> Self {
+        let start = now();
+        Self { shards: (0..SHARDS).map(|_| Mutex::new(HeartbeatTable::new(config, start))).collect() }
     }
 
-    fn millis(&self, at: Instant) -> u32 {
-        u32::try_from(at.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u32::MAX)
+    /// Registers a connection; its first ping is due an interval from now.
+    pub(crate) fn insert(&self, peer: &Peer) -> Slot {
+        let shard = (peer.id().as_u128() % SHARDS as u128) as usize;
+        let key = lock(&self.shards[shard]).insert(peer.clone(), now());
+        // `shard` is below `SHARDS`.
+        Slot { shard: shard as u32, key }
     }
 
-    /// Registers a connection; its first ping is due `interval` from now.
-    pub(crate) fn insert(&self, peer: &Peer, interval: Duration) -> Slot {
-        let shard_index = (peer.id().as_u128() as usize) % self.shards.len();
-        let due = self.millis(Instant::now() + interval);
-        let mut shard = lock(&self.shards[shard_index]);
-        let entry = Entry { peer: peer.clone(), token: 0, at_ms: due };
-        let index = match shard.free.pop() {
-            Some(index) => {
-                shard.entries[index as usize] = Some(entry);
-                index
-            }
-            None => {
-                shard.entries.push(Some(entry));
-                u32::try_from(shard.entries.len() - 1).unwrap_or(u32::MAX)
-            }
-        };
-        Slot { shard: shard_index as u32, index }
+    /// A pong carrying `token` arrived on the connection at `slot`, now.
+    /// Returns the round trip if it answered the outstanding ping in time.
+    pub(crate) fn on_pong(&self, slot: Slot, token: u64) -> Option<Duration> {
+        lock(&self.shards[slot.shard as usize]).on_pong(slot.key, now(), token)
     }
 
     /// Forgets a connection.
     pub(crate) fn remove(&self, slot: Slot) {
-        let mut shard = lock(&self.shards[slot.shard as usize]);
-        if let Some(entry) = shard.entries.get_mut(slot.index as usize)
-            && entry.take().is_some()
-        {
-            shard.free.push(slot.index);
-        }
-        // Give memory back after a crowd has gone.
-        if shard.free.len() == shard.entries.len() && shard.entries.capacity() > 64 {
-            shard.entries = Vec::new();
-            shard.free = Vec::new();
-        }
+        let peer = lock(&self.shards[slot.shard as usize]).remove(slot.key);
+        drop(peer);
     }
 
-    /// One pass at `now`: pings what is due, reaps what timed out.
-    fn sweep(&self, shared: &Shared, now: Instant) {
-        let now_ms = self.millis(now);
-        let interval = duration_ms(shared.config.heartbeat.interval);
-        let timeout = duration_ms(shared.config.heartbeat.timeout);
-        let stats = &shared.hub.stats;
+    /// One pass at `now`: pings what is due, closes what missed its
+    /// deadline.
+    fn sweep(&self, now: Instant, stats: &Stats) {
+        let now = now.into_std();
         for shard in &self.shards {
-            let mut shard = lock(shard);
-            let Shard { entries, last_token, .. } = &mut *shard;
-            for entry in entries.iter_mut().flatten() {
-                if entry.token != 0 {
-                    if entry.peer.last_pong() == entry.token {
-                        // Answered: the next ping is due an interval after
-                        // this one was sent.
-                        entry.token = 0;
-                        entry.at_ms = entry.at_ms.saturating_add(interval);
-                    } else if now_ms.saturating_sub(entry.at_ms) >= timeout {
-                        entry.token = 0;
-                        entry.at_ms = u32::MAX;
+            let mut table = lock(shard);
+            let timeout = table.config().timeout;
+            for (peer, action) in table.sweep(now) {
+                match action {
+                    Action::SendPing(token) => {
+                        peer.send(ws::encode(ws::OpCode::Ping, &encode_token(token)));
+                    }
+                    Action::PeerDead => {
                         stats.dead_reaped.inc();
-                        tracing::info!(client = %entry.peer.id(), timeout = ?shared.config.heartbeat.timeout, "dead connection: no pong in time");
-                        entry.peer.close(CloseReason {
+                        tracing::info!(client = %peer.id(), ?timeout, "dead connection: no pong in time");
+                        peer.close(CloseReason {
                             code: CloseCode::ABNORMAL,
                             reason: "heartbeat timeout",
                             drain_queue: false,
                         });
-                        continue;
                     }
-                }
-                if entry.token == 0 && now_ms >= entry.at_ms {
-                    // Tokens are never 0, so 0 can mean "none outstanding".
-                    *last_token = last_token.wrapping_add(1).max(1);
-                    entry.token = *last_token;
-                    entry.at_ms = now_ms;
-                    entry.peer.send(ws::encode(ws::OpCode::Ping, &encode_token(u64::from(entry.token))));
                 }
             }
         }
     }
-}
-
-fn duration_ms(duration: Duration) -> u32 {
-    u32::try_from(duration.as_millis()).unwrap_or(u32::MAX)
 }
 
 /// The sweeper's tick for a heartbeat interval.
@@ -170,7 +122,103 @@ pub(crate) async fn sweeper(shared: Arc<Shared>) {
     loop {
         tokio::select! {
             () = shared.shutdown.cancelled() => return,
-            now = ticks.tick() => shared.beats.sweep(&shared, now),
+            now = ticks.tick() => shared.beats.sweep(now, &shared.hub.stats),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use hubbub_heartbeat::decode_token;
+
+    use super::*;
+
+    const DAY: Duration = Duration::from_secs(86_400);
+
+    /// A connection as the sweeper sees it, and what it was sent.
+    struct Conn {
+        peer: Peer,
+        slot: Slot,
+        /// Whether it answers pings.
+        answers: bool,
+    }
+
+    impl Conn {
+        fn new(registry: &Registry, answers: bool) -> Self {
+            let peer = Peer::new(64, 1 << 20);
+            let slot = registry.insert(&peer);
+            Self { peer, slot, answers }
+        }
+
+        /// How many pings were queued since the last call; each is answered
+        /// at once if this connection answers.
+        fn pings(&self, registry: &Registry) -> usize {
+            let mut queued = VecDeque::new();
+            self.peer.take_queued(&mut queued);
+            for frame in &queued {
+                assert_eq!(frame[..2], [0x89, 8], "a ping with an 8-byte payload");
+                let token = decode_token(&frame[2..]).expect("8 bytes");
+                if self.answers {
+                    assert!(registry.on_pong(self.slot, token).is_some(), "an answer in time counts");
+                }
+            }
+            queued.len()
+        }
+    }
+
+    /// Five minutes of the sweeper's ticks (a second each at the default
+    /// interval) from now, with a connection that answers and a new one
+    /// that never does: the pings the first got, and whether the second was
+    /// closed as dead.
+    async fn five_minutes(registry: &Registry, stats: &Stats, live: &Conn) -> (usize, bool) {
+        let silent = Conn::new(registry, false);
+        let mut pings = 0;
+        for _ in 0..300 {
+            tokio::time::advance(tick(HeartbeatConfig::default().interval)).await;
+            registry.sweep(Instant::now(), stats);
+            pings += live.pings(registry);
+            silent.pings(registry);
+            assert!(!live.peer.is_closing(), "a peer that answers is never closed");
+        }
+        let reason = silent.peer.is_closing().then(|| silent.peer.close_reason());
+        if let Some(reason) = &reason {
+            assert_eq!((reason.code, reason.reason), (CloseCode::ABNORMAL, "heartbeat timeout"));
+        }
+        registry.remove(silent.slot);
+        (pings, reason.is_some())
+    }
+
+    /// The 49.7-day case: with u32 milliseconds that saturated, on day 50
+    /// a silent peer was never closed and a live one was pinged every tick.
+    #[tokio::test(start_paused = true)]
+    async fn after_fifty_days_a_silent_peer_is_still_reaped_and_a_live_one_pinged_once_per_interval() {
+        let stats = Stats::new();
+        let registry = Registry::new(HeartbeatConfig::default());
+        let live = Conn::new(&registry, true);
+        assert_eq!(five_minutes(&registry, &stats, &live).await, (10, true));
+        assert_eq!(stats.dead_reaped.get(), 1);
+        tokio::time::advance(50 * DAY).await;
+        assert_eq!(five_minutes(&registry, &stats, &live).await, (10, true));
+        assert_eq!(stats.dead_reaped.get(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pong_read_after_the_deadline_does_not_count_though_no_sweep_saw_it() {
+        let stats = Stats::new();
+        let config = HeartbeatConfig::default();
+        let registry = Registry::new(config);
+        let conn = Conn::new(&registry, false);
+        tokio::time::advance(config.interval).await;
+        registry.sweep(Instant::now(), &stats);
+        let mut queued = VecDeque::new();
+        conn.peer.take_queued(&mut queued);
+        let token = decode_token(&queued[0][2..]).expect("a ping");
+        tokio::time::advance(config.timeout).await;
+        assert_eq!(registry.on_pong(conn.slot, token), None);
+        registry.sweep(Instant::now(), &stats);
+        assert!(conn.peer.is_closing());
+        assert_eq!(stats.dead_reaped.get(), 1);
     }
 }

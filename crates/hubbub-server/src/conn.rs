@@ -340,7 +340,7 @@ fn drive<H: Handler>(
 ) -> impl Future<Output = ()> {
     async move {
         let stats = &shared.hub.stats;
-        let beat = shared.beats.insert(&peer, shared.config.heartbeat.interval);
+        let beat = shared.beats.insert(&peer);
         let mut shutdown = pin!(shared.shutdown.cancelled());
         // Boxed, and only while the handler has a deadline (chat waiting
         // for a token, or a token's expiry): most connections need no timer.
@@ -384,8 +384,8 @@ fn drive<H: Handler>(
                     }
                     Incoming::Pong(payload) => {
                         if let Some(token) = decode_token(&payload) {
-                            tracing::trace!(token, "heartbeat pong");
-                            peer.record_pong(token);
+                            let rtt = shared.beats.on_pong(beat, token);
+                            tracing::trace!(token, ?rtt, "heartbeat pong");
                         }
                     }
                     Incoming::Close(frame) => {

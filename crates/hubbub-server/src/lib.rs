@@ -116,9 +116,10 @@ impl Server {
         Ok(Self {
             tls,
             shared: Arc::new(Shared {
+                // Before `config` moves in.
+                beats: beat::Registry::new(config.heartbeat.into()),
                 config,
                 hub: hub::Hub::new(Arc::new(metrics::Stats::new())),
-                beats: beat::Registry::new(),
                 started: Instant::now(),
                 shutdown: CancellationToken::new(),
                 tasks: TaskTracker::new(),

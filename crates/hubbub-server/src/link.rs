@@ -1,6 +1,6 @@
 //! A connection's shared half: what the rest of the server may touch of a
-//! connection (its id, its bounded outbound queue, its close switch and the
-//! last heartbeat pong it read), as a [`Peer`] handle that costs one pointer.
+//! connection (its id, its bounded outbound queue and its close switch), as
+//! a [`Peer`] handle that costs one pointer.
 //!
 //! Whoever sends to a connection (a broadcast, a reply, the heartbeat
 //! sweeper) queues a complete [`Frame`] with [`Peer::send`], which never
@@ -100,8 +100,6 @@ struct Link {
     waker: AtomicWaker,
     /// Set once the connection must close; nothing more is queued after.
     closing: AtomicBool,
-    /// The token of the last heartbeat pong, for the sweeper (`beat`).
-    last_pong: AtomicU32,
     /// The first close reason recorded wins.
     reason: OnceLock<CloseReason>,
 }
@@ -119,7 +117,6 @@ impl Peer {
             backlog_bytes: AtomicU32::new(0),
             waker: AtomicWaker::new(),
             closing: AtomicBool::new(false),
-            last_pong: AtomicU32::new(0),
             reason: OnceLock::new(),
         };
         Self { link: Arc::new(link) }
@@ -189,19 +186,6 @@ impl Peer {
         self.link.closing.store(true, Ordering::Release);
         self.link.waker.wake();
         first
-    }
-
-    /// Records a heartbeat pong's token (tokens the sweeper sends fit 32
-    /// bits; any other pong is ignored).
-    pub(crate) fn record_pong(&self, token: u64) {
-        if let Ok(token) = u32::try_from(token) {
-            self.link.last_pong.store(token, Ordering::Release);
-        }
-    }
-
-    /// The token of the last heartbeat pong, 0 before any.
-    pub(crate) fn last_pong(&self) -> u32 {
-        self.link.last_pong.load(Ordering::Acquire)
     }
 
     /// The task wrote (or dropped) these frames: they no longer count
