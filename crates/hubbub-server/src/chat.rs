@@ -647,3 +647,89 @@ impl Handler for Subscriber {
         self.shared.hub.subscribers.remove(&self.peer.id());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::Config;
+    use crate::testing::{drain, shared};
+
+    /// A chat session with no socket: what it queues is read from its peer.
+    fn session(shared: &Arc<Shared>) -> (ChatSession, Peer) {
+        let peer = Peer::new(64, 1 << 20);
+        let session = ChatSession::start(shared.clone(), peer.clone(), "127.0.0.1".parse().unwrap(), None);
+        let greeting = drain(&peer);
+        assert_eq!(greeting[0]["type"], "welcome");
+        assert_eq!(greeting[1], json!({"type": "connected", "clientId": peer.id()}));
+        (session, peer)
+    }
+
+    async fn say(session: &mut ChatSession, msg: serde_json::Value) {
+        session.on_text(Text::from(msg.to_string().as_str())).await;
+    }
+
+    #[tokio::test]
+    async fn two_sessions_meet_chat_and_part_without_a_socket() {
+        let shared = shared(Config::default());
+        let (mut ada, ada_q) = session(&shared);
+        let (mut bob, bob_q) = session(&shared);
+        say(&mut ada, json!({"type": "setUsername", "username": " ada "})).await;
+        assert_eq!(drain(&ada_q), [json!({"type": "usernameSet", "username": "ada"})]);
+        say(&mut ada, json!({"type": "joinRoom", "room": "r"})).await;
+        say(&mut bob, json!({"type": "joinRoom", "room": "r"})).await;
+        drain(&ada_q);
+        drain(&bob_q);
+
+        let id = "6F1C2A9E-3B0D-4C55-9A57-2F8E4D1B7C10";
+        say(&mut ada, json!({"type": "chatMessage", "text": "hi", "clientMsgId": id})).await;
+        let ack = drain(&ada_q);
+        assert_eq!(ack.len(), 1, "the sender gets its ack and not its own message: {ack:?}");
+        assert_eq!(ack[0]["type"], "messageAck");
+        assert_eq!(ack[0]["clientMsgId"], id, "the id comes back as sent");
+        let got = drain(&bob_q);
+        assert_eq!(got.len(), 1);
+        assert_eq!((&got[0]["user"], &got[0]["text"]), (&json!("ada"), &json!("hi")));
+        assert_eq!(got[0]["timestamp"], ack[0]["timestamp"]);
+
+        // A resend is acknowledged again with the first timestamp, and not
+        // delivered twice.
+        say(&mut ada, json!({"type": "chatMessage", "text": "hi", "clientMsgId": id.to_lowercase()})).await;
+        let again = drain(&ada_q);
+        assert_eq!(again[0]["timestamp"], ack[0]["timestamp"]);
+        assert!(drain(&bob_q).is_empty());
+
+        // A rename is announced to the room; closing is leaving.
+        say(&mut ada, json!({"type": "setUsername", "username": "ada2"})).await;
+        assert_eq!(
+            drain(&bob_q),
+            [json!({"type": "userRenamed", "user": "ada2", "previous": "ada", "room": "r"})]
+        );
+        ada.on_close();
+        assert_eq!(drain(&bob_q), [json!({"type": "userLeft", "user": "ada2", "userCount": 1, "room": "r"})]);
+    }
+
+    #[tokio::test]
+    async fn bad_input_is_answered_and_limited_without_a_socket() {
+        let shared = shared(Config::default());
+        let (mut c, q) = session(&shared);
+        c.on_text(Text::from("not json")).await;
+        assert_eq!(
+            drain(&q)[0],
+            json!({"type": "error", "message": "Invalid message format", "code": "invalidFormat"})
+        );
+        say(&mut c, json!({"type": "chatMessage", "text": "x"})).await;
+        assert_eq!(drain(&q)[0]["code"], "notInRoom");
+        // Binary frames with no upload are charged to the control bucket
+        // (40 in a burst, one of them taken by the undecodable frame).
+        for _ in 0..45 {
+            c.on_binary(Bytes::from_static(&[0, 0, 0, 0, 1])).await;
+        }
+        let answers = drain(&q);
+        assert_eq!(answers.iter().filter(|m| m["code"] == "noUpload").count(), 39);
+        assert_eq!(answers.iter().filter(|m| m["code"] == "rateLimited").count(), 6);
+    }
+}

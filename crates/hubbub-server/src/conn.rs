@@ -45,8 +45,13 @@ use tracing::Instrument;
 use crate::Shared;
 use crate::link::{CloseReason, Frame, Peer};
 use crate::metrics::code_label;
-use crate::upgrade::Socket;
 use crate::ws::{self, Decoder, Incoming, ReadError};
+
+/// The byte stream a connection runs on: the upgraded socket in the
+/// server, an in-memory pipe (`tokio::io::duplex`) in tests.
+pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for S {}
 
 /// What an endpoint does with the frames its client sends.
 pub(crate) trait Handler: Send {
@@ -92,8 +97,8 @@ impl Endpoint {
 /// Everything is built here, synchronously, and moved into one `async`
 /// block that uses it in place: an `async fn` would keep a second copy of
 /// its arguments in its state for the connection's whole life.
-pub(crate) fn run<H: Handler>(
-    socket: Socket,
+pub(crate) fn run<S: Stream, H: Handler>(
+    socket: S,
     shared: Arc<Shared>,
     endpoint: Endpoint,
     ip: IpAddr,
@@ -163,8 +168,9 @@ impl From<ReadError> for ReadFailure {
 }
 
 /// The socket side of a connection: framing, reading and writing.
-struct Wire {
-    io: Socket,
+struct Wire<S> {
+    /// The byte stream.
+    io: S,
     decoder: Decoder,
     /// Frames taken from the peer's queue, being written.
     sending: VecDeque<Frame>,
@@ -172,7 +178,7 @@ struct Wire {
     offset: usize,
 }
 
-impl Wire {
+impl<S: Stream> Wire<S> {
     /// Polls everything the idle connection waits for, in priority order.
     fn poll_event(
         &mut self,
@@ -305,8 +311,8 @@ async fn dispatch<H: Handler>(handler: &mut H, message: Incoming) {
 
 /// Runs a handler's future to its end while the connection goes on writing.
 /// False if the connection must stop meanwhile.
-async fn handle(
-    wire: &mut Wire,
+async fn handle<S: Stream>(
+    wire: &mut Wire<S>,
     peer: &Peer,
     mut shutdown: Pin<&mut WaitForCancellationFuture<'_>>,
     mut handled: Pin<Box<impl Future<Output = ()>>>,
@@ -331,8 +337,8 @@ async fn handle(
 }
 
 #[expect(clippy::manual_async_fn, reason = "an async fn would store its arguments twice; see `run`")]
-fn drive<H: Handler>(
-    mut wire: Wire,
+fn drive<S: Stream, H: Handler>(
+    mut wire: Wire<S>,
     mut handler: H,
     shared: Arc<Shared>,
     peer: Peer,
@@ -462,8 +468,8 @@ fn drive<H: Handler>(
 /// The closing handshake: what is queued (if the reason says so), the close
 /// frame, then, when the server closed first on a healthy connection, the
 /// client's close frame; then the server closes TCP, as RFC 6455 prefers.
-async fn close(
-    wire: &mut Wire,
+async fn close<S: Stream>(
+    wire: &mut Wire<S>,
     peer: &Peer,
     ours: &CloseReason,
     client_close: Option<Option<CloseCode>>,
@@ -498,4 +504,129 @@ async fn close(
         }
     }
     let _ = poll_fn(|cx| Pin::new(&mut wire.io).poll_shutdown(cx)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, DuplexStream, duplex};
+
+    use super::*;
+    use crate::Config;
+    use crate::chat::Echo;
+    use crate::testing::{frames, shared};
+
+    /// A client frame: FIN, `opcode`, masked with an all-zero key.
+    fn masked(opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mut out = vec![0x80 | opcode];
+        match payload.len() {
+            len @ 0..=125 => out.push(0x80 | len as u8),
+            len => {
+                out.push(0x80 | 126);
+                out.extend_from_slice(&u16::try_from(len).unwrap().to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&[0; 4]);
+        out.extend_from_slice(payload);
+        out
+    }
+
+    /// Starts an echo connection on an in-memory pipe; returns the client's
+    /// end, the connection's peer handle and its task.
+    fn echo(shared: &Arc<Shared>, pipe: usize) -> (DuplexStream, Peer, tokio::task::JoinHandle<()>) {
+        let (client, server) = duplex(pipe);
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let (handle, peer) = std::sync::mpsc::channel();
+        let state = shared.clone();
+        let connection = run(server, shared.clone(), Endpoint::Echo, ip, move |p| {
+            handle.send(p.clone()).unwrap();
+            Echo::new(state, p, ip)
+        });
+        (client, peer.recv().unwrap(), tokio::spawn(connection))
+    }
+
+    /// Reads frames until `done` accepts what has been read; returns every
+    /// frame read.
+    async fn read_until(
+        client: &mut DuplexStream,
+        done: impl Fn(&[(u8, Vec<u8>)]) -> bool,
+    ) -> Vec<(u8, Vec<u8>)> {
+        let mut bytes = Vec::new();
+        let mut buf = vec![0; 64 << 10];
+        loop {
+            let got = frames(&bytes);
+            if done(&got) {
+                return got;
+            }
+            let n =
+                tokio::time::timeout(Duration::from_secs(10), client.read(&mut buf)).await.unwrap().unwrap();
+            assert!(n > 0, "the connection ended after {} frames", got.len());
+            bytes.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    fn has(op: u8) -> impl Fn(&[(u8, Vec<u8>)]) -> bool {
+        move |got| got.iter().any(|(o, _)| *o == op)
+    }
+
+    #[tokio::test]
+    async fn echo_and_shutdown_over_an_in_memory_pipe() {
+        let shared = shared(Config::default());
+        let (mut client, _peer, task) = echo(&shared, 64 << 10);
+        client.write_all(&masked(0x1, b"hello")).await.unwrap();
+        let got = read_until(&mut client, has(0x1)).await;
+        assert_eq!(got, [(0x1, b"hello".to_vec())]);
+        shared.shutdown.cancel();
+        let got = read_until(&mut client, has(0x8)).await;
+        let (_, close) = got.last().unwrap();
+        assert_eq!(u16::from_be_bytes([close[0], close[1]]), 1001);
+        // The client answers the close; the task ends.
+        client.write_all(&masked(0x8, &1001_u16.to_be_bytes())).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), task).await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_pings_from_a_reading_client_is_answered_in_full() {
+        let shared = shared(Config::default());
+        let (mut client, peer, _task) = echo(&shared, 64 << 10);
+        const PINGS: usize = 3_000;
+        let burst: Vec<u8> = (0..PINGS).flat_map(|_| masked(0x9, b"")).collect();
+        // 18 KB: the pipe takes it whole, so the decoder holds many frames
+        // at once while replies are written.
+        client.write_all(&burst).await.unwrap();
+        let got = read_until(&mut client, |got| got.iter().filter(|(o, _)| *o == 0xA).count() == PINGS).await;
+        assert!(got.iter().all(|(o, _)| *o == 0xA), "only pongs, no close");
+        assert!(!peer.is_closing());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stops_reading_is_no_longer_read_then_dropped_as_a_slow_consumer() {
+        let mut config = Config::default();
+        config.rate_limit.enabled = false;
+        config.websocket.outbound_queue_bytes = 16 << 10;
+        config.rate_limit.lobby_burst_bytes = 8 << 10;
+        let shared = shared(config);
+        let (mut client, peer, task) = echo(&shared, 4 << 10);
+        // The client writes echo frames and never reads: once the pipe and
+        // half the queue are full, the server stops reading, so the
+        // client's writes stall instead of the queue growing.
+        let frame = masked(0x2, &[7; 1000]);
+        let stalled = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                client.write_all(&frame).await.unwrap();
+            }
+        })
+        .await;
+        assert!(stalled.is_err(), "the server kept reading");
+        assert!(!peer.is_closing(), "backpressure, not a drop");
+        // Others' frames (a broadcast) still arrive: past the byte limit the
+        // connection is closed as a slow consumer and its task ends.
+        while peer.send(crate::ws::encode(crate::ws::OpCode::Text, &[b'x'; 1000])) {}
+        assert!(peer.close_reason().is_slow_consumer());
+        tokio::time::timeout(Duration::from_secs(10), task).await.unwrap().unwrap();
+        assert_eq!(shared.hub.stats.slow_consumers.get(), 1);
+    }
 }

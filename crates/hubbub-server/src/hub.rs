@@ -314,6 +314,86 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::drain;
+    use serde_json::json;
+
+    fn peer() -> Peer {
+        Peer::new(64, 1 << 20)
+    }
+
+    #[test]
+    fn joins_and_leaves_are_announced_in_order_and_empty_rooms_go() {
+        let hub = Hub::new(Arc::new(Stats::new()));
+        let feed = peer();
+        hub.subscribers.insert(feed.clone());
+        let (ada, bob) = (peer(), peer());
+
+        let joined = hub.join(&ada, "ada", "r");
+        assert_eq!(joined.user_count, 1);
+        assert_eq!(
+            drain(&ada),
+            [
+                json!({"type": "userJoined", "user": "ada", "room": "r", "userCount": 1}),
+                json!({"type": "roomJoined", "room": "r", "userCount": 1}),
+            ]
+        );
+        assert_eq!(drain(&feed), [json!({"type": "roomCreated", "room": "r"})]);
+
+        let room = hub.join(&bob, "bob", "r").room;
+        // Everyone, the joiner included, hears the join; only the joiner
+        // gets roomJoined, after it.
+        assert_eq!(drain(&ada), [json!({"type": "userJoined", "user": "bob", "room": "r", "userCount": 2})]);
+        assert_eq!(
+            drain(&bob),
+            [
+                json!({"type": "userJoined", "user": "bob", "room": "r", "userCount": 2}),
+                json!({"type": "roomJoined", "room": "r", "userCount": 2}),
+            ]
+        );
+        // A room message skips its sender.
+        room.broadcast(&encode(&ServerMessage::UserTyping { user: "ada".into() }), Some(ada.id()));
+        assert!(drain(&ada).is_empty());
+        assert_eq!(drain(&bob), [json!({"type": "userTyping", "user": "ada"})]);
+
+        hub.leave(&ada, "ada", &room);
+        assert!(drain(&ada).is_empty(), "the leaver is not told of its own departure");
+        assert_eq!(drain(&bob), [json!({"type": "userLeft", "user": "ada", "userCount": 1, "room": "r"})]);
+        assert!(drain(&feed).is_empty());
+        assert_eq!(hub.rooms(), [(Arc::from("r"), 1)]);
+
+        hub.leave(&bob, "bob", &room);
+        assert_eq!(drain(&feed), [json!({"type": "roomRemoved", "room": "r"})]);
+        assert_eq!(hub.room_count(), 0);
+    }
+
+    #[test]
+    fn a_quiet_leave_tells_nobody() {
+        let hub = Hub::new(Arc::new(Stats::new()));
+        let (ada, bob) = (peer(), peer());
+        let room = hub.join(&ada, "ada", "r").room;
+        hub.join(&bob, "bob", "r");
+        drain(&ada);
+        hub.leave_quietly(&bob, &room);
+        assert!(drain(&ada).is_empty());
+        assert_eq!(room.len(), 1);
+    }
+
+    #[test]
+    fn a_slow_member_is_closed_and_the_others_still_receive() {
+        let hub = Hub::new(Arc::new(Stats::new()));
+        let slow = Peer::new(8, 1 << 20);
+        let fast = peer();
+        let room = hub.join(&slow, "slow", "r").room;
+        hub.join(&fast, "fast", "r");
+        drain(&fast);
+        for i in 0..20 {
+            room.broadcast(&encode(&ServerMessage::UserTyping { user: format!("{i}") }), None);
+            drain(&fast);
+        }
+        assert!(slow.is_closing());
+        assert!(slow.close_reason().is_slow_consumer());
+        assert!(!fast.is_closing());
+    }
 
     #[test]
     fn recent_ids_are_bounded_in_age_and_number() {

@@ -240,3 +240,65 @@ async fn sweep_uploads(shared: Arc<Shared>) {
         }
     }
 }
+
+/// What the unit tests share: a server's state without a listener, and a
+/// look into a connection's queue without a socket.
+#[cfg(test)]
+pub(crate) mod testing {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::collections::VecDeque;
+    use std::sync::Arc;
+
+    use crate::link::Peer;
+    use crate::{Config, Server, Shared};
+
+    /// A server's shared state, its upload directory fresh under the
+    /// system's temporary directory.
+    pub(crate) fn shared(mut config: Config) -> Arc<Shared> {
+        config.uploads.dir =
+            std::env::temp_dir().join(format!("hubbub-unit-{}", uuid::Uuid::new_v4().simple()));
+        Server::new(config).expect("a valid test configuration").shared
+    }
+
+    /// The payload of each complete server frame in `bytes`, with its
+    /// opcode, in order (server frames are never masked).
+    pub(crate) fn frames(bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at + 2 <= bytes.len() {
+            let (opcode, len7) = (bytes[at] & 0x0f, usize::from(bytes[at + 1] & 0x7f));
+            let (header, len) = match len7 {
+                126 => (4, usize::from(u16::from_be_bytes([bytes[at + 2], bytes[at + 3]]))),
+                127 => (10, u64::from_be_bytes(bytes[at + 2..at + 10].try_into().unwrap()) as usize),
+                len => (2, len),
+            };
+            if at + header + len > bytes.len() {
+                break;
+            }
+            out.push((opcode, bytes[at + header..at + header + len].to_vec()));
+            at += header + len;
+        }
+        out
+    }
+
+    /// Takes everything queued for `peer`, as its task would write it.
+    pub(crate) fn take(peer: &Peer) -> VecDeque<crate::link::Frame> {
+        let mut queued = VecDeque::new();
+        peer.take_queued(&mut queued);
+        let bytes: usize = queued.iter().map(|f| f.len()).sum();
+        peer.written(u32::try_from(queued.len()).unwrap(), bytes);
+        queued
+    }
+
+    /// Takes everything queued for `peer` and decodes its text frames as
+    /// JSON, in order.
+    pub(crate) fn drain(peer: &Peer) -> Vec<serde_json::Value> {
+        take(peer)
+            .iter()
+            .flat_map(|frame| frames(frame))
+            .filter(|(opcode, _)| *opcode == 0x1)
+            .map(|(_, payload)| serde_json::from_slice(&payload).unwrap())
+            .collect()
+    }
+}

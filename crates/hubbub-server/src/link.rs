@@ -243,3 +243,52 @@ impl Peer {
         drop(std::mem::take(&mut *lock(&self.link.queue)));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::take;
+
+    fn text(n: usize) -> Frame {
+        ws::encode(ws::OpCode::Text, &vec![b'x'; n])
+    }
+
+    #[test]
+    fn a_queue_full_in_frames_closes_the_peer_as_a_slow_consumer() {
+        let peer = Peer::new(3, 1 << 20);
+        for _ in 0..3 {
+            assert!(peer.send(text(1)));
+        }
+        assert!(!peer.is_closing());
+        assert!(!peer.send(text(1)), "the fourth frame does not fit");
+        assert!(peer.is_closing());
+        assert!(peer.close_reason().is_slow_consumer());
+        // Nothing is queued once closing, whatever the room.
+        take(&peer);
+        assert!(!peer.send(text(1)));
+    }
+
+    #[test]
+    fn a_queue_full_in_bytes_closes_the_peer_and_one_frame_always_fits_an_empty_queue() {
+        let peer = Peer::new(100, 1000);
+        // Larger than the whole budget, but the queue is empty.
+        assert!(peer.send(text(5000)));
+        assert!(peer.backlogged());
+        // Written: the budget is free again.
+        take(&peer);
+        assert!(!peer.backlogged());
+        assert!(peer.send(text(400)));
+        assert!(peer.send(text(400)));
+        assert!(!peer.send(text(400)), "1,200 bytes do not fit 1,000");
+        assert!(peer.close_reason().is_slow_consumer());
+    }
+
+    #[test]
+    fn the_first_close_reason_wins_and_shutdown_is_the_default() {
+        let peer = Peer::new(8, 1 << 10);
+        assert_eq!(peer.close_reason().code, CloseCode::AWAY);
+        assert!(peer.close(CloseReason::FLOODING));
+        assert!(!peer.close(CloseReason::SLOW_CONSUMER));
+        assert_eq!(peer.close_reason().reason, "Rate limit exceeded");
+    }
+}
