@@ -13,9 +13,8 @@ use crate::auth::{Identity, until};
 use crate::conn::Handler;
 use crate::hub::{Remembered, Room};
 use crate::link::{CloseReason, Peer, encode};
-use crate::ratelimit::{Key, Kind, Limiter, Shared as RateShared, Verdict};
+use crate::ratelimit::{AddressLimit, Key, Kind, Limiter, Verdict, enforce};
 use crate::upload::{Outcome, Uploads};
-use crate::ws;
 use crate::ws::{CloseCode, Text};
 use hubbub_transfer::NewUpload;
 use std::net::IpAddr;
@@ -339,9 +338,9 @@ impl ChatSession {
             return false;
         }
         match msg {
-            ClientMessage::ChatMessage { .. } => self.limit_shared(&[RateShared::Chat], msg.kind()),
+            ClientMessage::ChatMessage { .. } => self.limit_shared(&[AddressLimit::Chat], msg.kind()),
             ClientMessage::Chat { .. } => {
-                self.limit_shared(&[RateShared::Chat, RateShared::Lobby], msg.kind())
+                self.limit_shared(&[AddressLimit::Chat, AddressLimit::Lobby], msg.kind())
             }
             _ => true,
         }
@@ -350,7 +349,7 @@ impl ChatSession {
     /// Applies the limits shared by every connection of this address and,
     /// when authenticated, of this user; false if the message must be
     /// dropped.
-    fn limit_shared(&mut self, limits: &[RateShared], what: &str) -> bool {
+    fn limit_shared(&mut self, limits: &[AddressLimit], what: &str) -> bool {
         if self.limiter.is_none() {
             return true;
         }
@@ -529,123 +528,10 @@ impl Handler for ChatSession {
     }
 }
 
-/// Carries out a rate limit's verdict on a message: `rateLimited` with
-/// `retryAfterMs` for a refusal, close 1008 for a connection that keeps
-/// flooding. True if the message may go ahead.
-fn enforce(verdict: Verdict, peer: &Peer, stats: &crate::metrics::Stats, what: &str) -> bool {
-    match verdict {
-        Verdict::Allow => true,
-        Verdict::Refuse(wait) => {
-            stats.rate_limited.inc();
-            let retry_after_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
-            peer.reply(
-                &ServerMessage::Error {
-                    message: format!("Too many {what} messages; slow down"),
-                    code: Some("rateLimited".to_owned()),
-                    retry_after_ms: Some(retry_after_ms),
-                },
-                stats,
-            );
-            false
-        }
-        Verdict::Close => {
-            stats.rate_limited.inc();
-            tracing::warn!("closing a connection that keeps flooding");
-            peer.close(CloseReason::FLOODING);
-            false
-        }
-    }
-}
-
 /// Milliseconds since the Unix epoch, by the server's clock.
 pub(crate) fn now_ms() -> u64 {
     // A clock before 1970 is a broken host; report 0 rather than fail a chat.
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
-/// `/ws/echo`: every text and binary frame comes back unchanged, within
-/// the same limits as chat messages: each frame counts as a chat message
-/// against the connection's and its address's rates, and the outbound
-/// queue's limits apply as to every connection.
-pub(crate) struct Echo {
-    /// Server-wide state.
-    shared: Arc<Shared>,
-    /// This connection's queue.
-    peer: Peer,
-    /// The client's address, for the limits its connections share.
-    ip: IpAddr,
-    /// Rate limits, unless turned off.
-    limiter: Option<Limiter>,
-}
-
-impl Echo {
-    /// A new echo connection.
-    pub(crate) fn new(shared: Arc<Shared>, peer: Peer, ip: IpAddr) -> Self {
-        let limiter =
-            shared.config.rate_limit.enabled.then(|| Limiter::new(&shared.config.rate_limit, Instant::now()));
-        Self { shared, peer, ip, limiter }
-    }
-
-    /// Whether a frame may be echoed; a refused one is answered with a
-    /// `rateLimited` error, and a connection that keeps flooding is closed.
-    fn allowed(&mut self) -> bool {
-        let Some(limiter) = self.limiter.as_mut() else { return true };
-        let settings = &self.shared.config.rate_limit;
-        let now = Instant::now();
-        let verdict = match limiter.check(settings, Kind::Chat, now) {
-            Verdict::Allow => {
-                match self.shared.limits.check(settings, &Key::address(self.ip), RateShared::Chat, now) {
-                    Ok(()) => Verdict::Allow,
-                    Err(wait) => limiter.refused_elsewhere(settings, wait, now),
-                }
-            }
-            verdict => verdict,
-        };
-        enforce(verdict, &self.peer, &self.shared.hub.stats, "echo")
-    }
-}
-
-impl Handler for Echo {
-    async fn on_text(&mut self, text: Text) {
-        if self.allowed() {
-            self.peer.send(ws::encode(ws::OpCode::Text, text.as_bytes()));
-        }
-    }
-
-    async fn on_binary(&mut self, data: Bytes) {
-        if self.allowed() {
-            self.peer.send(ws::encode(ws::OpCode::Binary, &data));
-        }
-    }
-
-    fn on_close(&mut self) {}
-}
-
-/// `/ws/notifications`: a feed of server events; what the client sends is
-/// ignored.
-pub(crate) struct Subscriber {
-    /// Server-wide state.
-    pub(crate) shared: Arc<Shared>,
-    /// This connection's id in the subscriber set.
-    pub(crate) peer: Peer,
-}
-
-impl Subscriber {
-    /// Adds a subscriber to the feed.
-    pub(crate) fn start(shared: Arc<Shared>, peer: Peer) -> Self {
-        shared.hub.subscribers.insert(peer.clone());
-        Self { shared, peer }
-    }
-}
-
-impl Handler for Subscriber {
-    async fn on_text(&mut self, _text: Text) {}
-
-    async fn on_binary(&mut self, _data: Bytes) {}
-
-    fn on_close(&mut self) {
-        self.shared.hub.subscribers.remove(&self.peer.id());
-    }
 }
 
 #[cfg(test)]

@@ -122,7 +122,7 @@ pub(crate) fn run<S: Stream, H: Handler>(
         let limits = &shared.config.websocket;
         let wire = Wire {
             io: socket,
-            decoder: Decoder::new(ws::Limits {
+            decoder: Decoder::new(ws::FrameLimits {
                 max_frame: limits.max_frame_bytes,
                 max_message: limits.max_message_bytes,
             }),
@@ -516,7 +516,7 @@ mod tests {
 
     use super::*;
     use crate::Config;
-    use crate::chat::Echo;
+    use crate::echo::Echo;
     use crate::testing::{frames, shared};
 
     /// A client frame: FIN, `opcode`, masked with an all-zero key.

@@ -15,10 +15,12 @@ use serde::Serialize;
 use crate::Shared;
 use crate::admission::{Refusal, check_origin};
 use crate::auth::token_from_request;
-use crate::chat::{ChatSession, Echo, Subscriber};
+use crate::chat::ChatSession;
 use crate::conn::{self, Endpoint};
+use crate::echo::Echo;
+use crate::feed::Subscriber;
 use crate::net::client_ip;
-use crate::ratelimit::{Key, Shared as RateShared};
+use crate::ratelimit::{AddressLimit, Key};
 use crate::upgrade::{accept, wants_upgrade};
 
 /// The chat page served at `GET /`.
@@ -117,7 +119,7 @@ fn upgrade(
     if let Err(wait) = shared.limits.check(
         &shared.config.rate_limit,
         &key,
-        RateShared::Connections,
+        AddressLimit::Connections,
         std::time::Instant::now(),
     ) {
         shared.hub.stats.refused.with_label_values(&["rate_limited"]).inc();

@@ -26,6 +26,8 @@ mod beat;
 mod chat;
 mod config;
 mod conn;
+mod echo;
+mod feed;
 mod http;
 mod hub;
 mod link;
@@ -80,7 +82,7 @@ pub(crate) struct Shared {
     pub(crate) handshakes: Arc<admission::Admission>,
     /// Rate limits shared by the connections of one address or user, and
     /// the server-wide lobby budget.
-    pub(crate) limits: ratelimit::Limits,
+    pub(crate) limits: ratelimit::AddressLimits,
     /// Verifies tokens, when authentication is on.
     pub(crate) auth: Option<auth::Authenticator>,
 }
@@ -112,7 +114,7 @@ impl Server {
         .map_err(|err| ConfigError::UploadDir { path: uploads.dir.clone(), cause: err.to_string() })?;
         let tls = config.tls.clone().map(TlsReloader::load).transpose()?;
         let auth = auth::Authenticator::from_settings(&config.auth)?;
-        let limits = ratelimit::Limits::new(&config.rate_limit, Instant::now());
+        let limits = ratelimit::AddressLimits::new(&config.rate_limit, Instant::now());
         Ok(Self {
             tls,
             shared: Arc::new(Shared {

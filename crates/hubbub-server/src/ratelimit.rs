@@ -13,7 +13,11 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use hubbub_protocol::ServerMessage;
+
 use crate::config::RateLimitSettings;
+use crate::link::{CloseReason, Peer};
+use crate::metrics::Stats;
 use crate::sync::lock;
 
 /// A token bucket's rate: `per_sec` tokens per second, at most `burst`
@@ -180,7 +184,7 @@ impl Limiter {
 
 /// What a shared limit applies to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Shared {
+pub(crate) enum AddressLimit {
     /// New WebSocket connections from one address.
     Connections,
     /// `chatMessage`, lobby `chat` and echoed frames from one address (or
@@ -250,9 +254,9 @@ struct Entry {
 
 /// Limits shared by every connection of one address or one user, and the
 /// server-wide lobby budget. Entries are forgotten once idle long enough
-/// that their buckets would be full again ([`Limits::forget_idle`]).
+/// that their buckets would be full again ([`AddressLimits::forget_idle`]).
 #[derive(Debug)]
-pub(crate) struct Limits {
+pub(crate) struct AddressLimits {
     /// What the millisecond times count from.
     epoch: Instant,
     /// Entries by key, in shards so that connections rarely contend.
@@ -261,10 +265,10 @@ pub(crate) struct Limits {
     lobby_bytes: Mutex<SharedBucket>,
 }
 
-/// Shards of [`Limits`].
+/// Shards of [`AddressLimits`].
 const SHARDS: usize = 16;
 
-impl Limits {
+impl AddressLimits {
     /// Empty limits, every bucket full.
     pub(crate) fn new(settings: &RateLimitSettings, now: Instant) -> Self {
         Self {
@@ -290,7 +294,7 @@ impl Limits {
         &self,
         settings: &RateLimitSettings,
         key: &Key,
-        what: Shared,
+        what: AddressLimit,
         now: Instant,
     ) -> Result<(), Duration> {
         if !settings.enabled {
@@ -299,16 +303,16 @@ impl Limits {
         let now_ms = self.millis(now);
         let mut shard = lock(self.shard(key));
         let entry = shard.entry(key.clone()).or_insert_with(|| Entry {
-            connections: SharedBucket::full(shared_rate(settings, Shared::Connections)),
-            chat: SharedBucket::full(shared_rate(settings, Shared::Chat)),
-            lobby: SharedBucket::full(shared_rate(settings, Shared::Lobby)),
+            connections: SharedBucket::full(shared_rate(settings, AddressLimit::Connections)),
+            chat: SharedBucket::full(shared_rate(settings, AddressLimit::Chat)),
+            lobby: SharedBucket::full(shared_rate(settings, AddressLimit::Lobby)),
             last_ms: now_ms,
         });
         entry.last_ms = now_ms;
         let bucket = match what {
-            Shared::Connections => &mut entry.connections,
-            Shared::Chat => &mut entry.chat,
-            Shared::Lobby => &mut entry.lobby,
+            AddressLimit::Connections => &mut entry.connections,
+            AddressLimit::Chat => &mut entry.chat,
+            AddressLimit::Lobby => &mut entry.lobby,
         };
         bucket.take(shared_rate(settings, what), now_ms, 1.0)
     }
@@ -332,7 +336,7 @@ impl Limits {
     /// be full again: they would allow exactly what a fresh entry allows.
     /// Returns how many remain.
     pub(crate) fn forget_idle(&self, settings: &RateLimitSettings, now: Instant) -> usize {
-        let refill_secs = [Shared::Connections, Shared::Chat, Shared::Lobby]
+        let refill_secs = [AddressLimit::Connections, AddressLimit::Chat, AddressLimit::Lobby]
             .into_iter()
             .map(|what| {
                 let rate = shared_rate(settings, what);
@@ -351,18 +355,46 @@ impl Limits {
     }
 }
 
-fn shared_rate(settings: &RateLimitSettings, what: Shared) -> Rate {
+fn shared_rate(settings: &RateLimitSettings, what: AddressLimit) -> Rate {
     match what {
-        Shared::Connections => {
+        AddressLimit::Connections => {
             Rate::new(settings.address_connections_per_sec, settings.address_connections_burst)
         }
-        Shared::Chat => Rate::new(settings.address_chat_per_sec, settings.address_chat_burst),
-        Shared::Lobby => Rate::new(settings.address_lobby_per_sec, settings.address_lobby_burst),
+        AddressLimit::Chat => Rate::new(settings.address_chat_per_sec, settings.address_chat_burst),
+        AddressLimit::Lobby => Rate::new(settings.address_lobby_per_sec, settings.address_lobby_burst),
     }
 }
 
 fn lobby_bytes_rate(settings: &RateLimitSettings) -> Rate {
     Rate { per_sec: settings.lobby_bytes_per_sec as f64, burst: settings.lobby_burst_bytes as f64 }
+}
+
+/// Carries out a rate limit's verdict on a message: `rateLimited` with
+/// `retryAfterMs` for a refusal, close 1008 for a connection that keeps
+/// flooding. True if the message may go ahead.
+pub(crate) fn enforce(verdict: Verdict, peer: &Peer, stats: &Stats, what: &str) -> bool {
+    match verdict {
+        Verdict::Allow => true,
+        Verdict::Refuse(wait) => {
+            stats.rate_limited.inc();
+            let retry_after_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
+            peer.reply(
+                &ServerMessage::Error {
+                    message: format!("Too many {what} messages; slow down"),
+                    code: Some("rateLimited".to_owned()),
+                    retry_after_ms: Some(retry_after_ms),
+                },
+                stats,
+            );
+            false
+        }
+        Verdict::Close => {
+            stats.rate_limited.inc();
+            tracing::warn!("closing a connection that keeps flooding");
+            peer.close(CloseReason::FLOODING);
+            false
+        }
+    }
 }
 
 /// The configured rate of a kind's bucket, or of the strikes (`None`).

@@ -231,7 +231,7 @@ impl ReadError {
 
 /// Size limits for what a client may send.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Limits {
+pub(crate) struct FrameLimits {
     /// Largest frame payload.
     pub(crate) max_frame: usize,
     /// Largest message, all its fragments together.
@@ -266,7 +266,7 @@ enum Output {
 /// Parser state that outlives a frame: limits and a message in fragments.
 #[derive(Debug)]
 struct FrameState {
-    limits: Limits,
+    limits: FrameLimits,
     /// Boxed: rare, and an idle connection should stay small.
     fragments: Option<Box<Fragments>>,
 }
@@ -284,7 +284,7 @@ pub(crate) struct Decoder {
 
 impl Decoder {
     /// A decoder that enforces `limits`.
-    pub(crate) fn new(limits: Limits) -> Self {
+    pub(crate) fn new(limits: FrameLimits) -> Self {
         Self { state: FrameState { limits, fragments: None }, buf: Vec::new(), pos: 0 }
     }
 
@@ -638,7 +638,7 @@ fn unmask(data: &mut [u8], mask: [u8; 4]) {
 mod tests {
     use super::*;
 
-    const LIMITS: Limits = Limits { max_frame: 1024, max_message: 4096 };
+    const LIMITS: FrameLimits = FrameLimits { max_frame: 1024, max_message: 4096 };
     const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
 
     /// A client frame: masked, with the given first byte.
@@ -746,7 +746,7 @@ mod tests {
 
     #[test]
     fn large_frames_are_read_in_place_and_handed_over_whole() {
-        let limits = Limits { max_frame: 1 << 20, max_message: 1 << 20 };
+        let limits = FrameLimits { max_frame: 1 << 20, max_message: 1 << 20 };
         let payload: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
         let frame = client_frame(0x82, &payload);
         let mut decoder = Decoder::new(limits);
@@ -757,7 +757,7 @@ mod tests {
 
     #[test]
     fn a_header_announcing_a_large_frame_reserves_nothing_until_its_bytes_come() {
-        let limits = Limits { max_frame: 65_540, max_message: 65_540 };
+        let limits = FrameLimits { max_frame: 65_540, max_message: 65_540 };
         let mut decoder = Decoder::new(limits);
         // A masked binary frame header announcing 65,540 bytes, and 100 of them.
         let mut header = vec![0x82, 0xFF, 0, 0, 0, 0, 0, 1, 0, 4];
@@ -946,7 +946,7 @@ mod tests {
                         Incoming::Binary(Bytes::from(payload))
                     });
                 }
-                let limits = Limits { max_frame: 1024, max_message: 4096 };
+                let limits = FrameLimits { max_frame: 1024, max_message: 4096 };
                 let got = run(&mut Decoder::new(limits), chop(&stream, &cuts)).unwrap();
                 prop_assert_eq!(got, expected);
             }
