@@ -170,7 +170,8 @@ pub(crate) fn trim<T: Tables>(
     }
     let forget_before = now_ms.saturating_sub(millis(retention.dedupe_window));
     while let Some(oldest) = tables.dedupe_oldest(room)? {
-        if oldest.recorded_ms >= forget_before && meta.dedupe_len <= retention.dedupe_capacity {
+        // Kept while a resend would still be recognised (see `publish`) and within capacity.
+        if oldest.recorded_ms > forget_before && meta.dedupe_len <= retention.dedupe_capacity {
             break;
         }
         tables.dedupe_remove(room, &oldest)?;

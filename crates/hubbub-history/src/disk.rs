@@ -428,7 +428,10 @@ fn database_failure(err: DatabaseError) -> OpenFailure {
             found: format!("redb file format {version}"),
             supported: "redb file formats 2 and 3".into(),
         },
-        DatabaseError::Storage(StorageError::Io(err)) if err.kind() != io::ErrorKind::UnexpectedEof => {
+        // redb reads a header that is not its own as invalid data, a short file as an early end.
+        DatabaseError::Storage(StorageError::Io(err))
+            if !matches!(err.kind(), io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof) =>
+        {
             OpenFailure::Io(err)
         }
         other => OpenFailure::Corrupt(other.to_string()),
