@@ -25,7 +25,7 @@ use hubbub_loadgen::{Plan, Sending, format_mib, format_ms};
 ///
 /// Start the server without rate limits and per-address caps, e.g.
 /// `hubbub --listen 127.0.0.1:0 --no-rate-limit` with
-/// `HUBBUB_LIMITS_MAX_CONNECTIONS_PER_IP=0`.
+/// `HUBBUB_LIMITS_MAX_CONNECTIONS_PER_IP=0` and `HUBBUB_HTTP_MAX_CONNECTIONS_PER_IP=0`.
 #[derive(Debug, Parser)]
 #[command(name = "hubbub-loadgen", version)]
 struct Args {

@@ -16,6 +16,7 @@ async fn a_short_load_delivers_everything_and_reports_json() {
     let mut config = Config::default();
     config.rate_limit.enabled = false;
     config.limits.max_connections_per_ip = 0;
+    config.http.max_connections_per_ip = 0;
     let uploads = std::env::temp_dir().join(format!("hubbub-loadgen-test-{}", std::process::id()));
     config.uploads.dir = uploads.clone();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
