@@ -127,10 +127,20 @@ export class HubbubClient extends EventTarget {
   #outbox = new Map();
   /** Ids of received messages, oldest first (a Set keeps insertion order). */
   #seen = new Set();
-  /** Pings awaiting their pong: {timestamp, at (performance.now())}. */
-  #pings = [];
-  #pingTimer = null;
-  #deadTimer = null;
+  /**
+   * The heartbeat (rules in PROTOCOL.md#heartbeat): the ping awaiting its
+   * pong as {token, sent (performance.now())}, or null; when the next ping
+   * is due; the one timer, set to the next of the two deadlines.
+   */
+  #beatPing = null;
+  #beatDue = 0;
+  #beatTimer = null;
+  /** The last heartbeat token; tokens are a counter, never a clock. */
+  #beatToken = 0;
+  /** Latency probes from ping() awaiting their pong: token -> sent. */
+  #probes = new Map();
+  /** The last probe token; probes count up from PROBE_BASE. */
+  #probeToken = PROBE_BASE;
   /** The last measured round-trip time in ms, or null. */
   #latency = null;
   /** Upload jobs; the first is the active one. */
@@ -599,9 +609,16 @@ export class HubbubClient extends EventTarget {
     this.#sendJson({ type: 'chat', user: this.#confirmed.username ?? undefined, text });
   }
 
-  /** Measures the round trip now; the answer comes as a `latency` event. */
+  /**
+   * Measures the round trip now; the answer comes as a `latency` event. The
+   * probe is not a heartbeat ping: it neither waits for nor moves the
+   * heartbeat's schedule.
+   */
   ping() {
-    if (this.#ready) this.#ping(this.#generation);
+    if (!this.#ready) return;
+    const token = ++this.#probeToken;
+    this.#probes.set(token, performance.now());
+    this.#sendJson({ type: 'ping', timestamp: token });
   }
 
   /** Sends every queued message not yet sent on this socket, then uploads. */
@@ -976,50 +993,78 @@ export class HubbubClient extends EventTarget {
 
   // ---- heartbeat ---------------------------------------------------------
 
+  // The rules are the server's (hubbub-heartbeat), stated once in
+  // docs/PROTOCOL.md#heartbeat: the first ping an interval after the link
+  // opens, each later one an interval after the previous one was sent; one
+  // ping outstanding at a time; only a pong with its token answers it, and
+  // only before its deadline (`timeout` after it was sent); a missed
+  // deadline drops the link. Times are performance.now(), which a clock
+  // change cannot move.
+
   #startHeartbeat(gen) {
     this.#stopHeartbeat();
-    const beat = this.#options.heartbeat;
-    if (!beat) return;
-    this.#ping(gen);
-    this.#pingTimer = setInterval(() => this.#ping(gen), beat.interval);
+    if (!this.#options.heartbeat) return;
+    this.#beatDue = performance.now() + this.#options.heartbeat.interval;
+    this.#armHeartbeat(gen);
+    // A first round trip for the page to show, without waiting an interval.
+    this.ping();
   }
 
   #stopHeartbeat() {
-    clearInterval(this.#pingTimer);
-    clearTimeout(this.#deadTimer);
-    this.#pingTimer = null;
-    this.#deadTimer = null;
-    this.#pings = [];
+    clearTimeout(this.#beatTimer);
+    this.#beatTimer = null;
+    this.#beatPing = null;
+    this.#probes.clear();
   }
 
-  #ping(gen) {
+  /** Arms the one timer for the next deadline: the pong's, or the next ping's. */
+  #armHeartbeat(gen) {
+    clearTimeout(this.#beatTimer);
+    const beat = this.#options.heartbeat;
+    const at = this.#beatPing ? this.#beatPing.sent + beat.timeout : this.#beatDue;
+    this.#beatTimer = setTimeout(() => this.#heartbeat(gen), Math.max(0, at - performance.now()));
+  }
+
+  /** The timer fired (browsers may fire it late, never early). */
+  #heartbeat(gen) {
     if (gen !== this.#generation) return;
-    const timestamp = Date.now();
-    this.#pings.push({ timestamp, at: performance.now() });
-    this.#sendJson({ type: 'ping', timestamp });
-    this.#armDeadline(gen);
+    const beat = this.#options.heartbeat;
+    const now = performance.now();
+    if (this.#beatPing) {
+      if (now >= this.#beatPing.sent + beat.timeout) {
+        this.#drop(gen, 'heartbeat timeout');
+        return;
+      }
+    } else if (now >= this.#beatDue) {
+      const token = ++this.#beatToken;
+      this.#beatPing = { token, sent: now };
+      this.#sendJson({ type: 'ping', timestamp: token });
+    }
+    this.#armHeartbeat(gen);
   }
 
   #onPong(msg) {
-    const at = this.#pings.findIndex((p) => p.timestamp === msg.timestamp);
-    if (at < 0) return;
-    const rtt = performance.now() - this.#pings[at].at;
-    // Any pong proves the link alive for every ping before it too.
-    this.#pings.splice(0, at + 1);
+    const now = performance.now();
+    const beat = this.#options.heartbeat;
+    const outstanding = this.#beatPing;
+    let sent;
+    if (outstanding && msg.timestamp === outstanding.token) {
+      // A pong at or after the deadline does not count, even if the timer
+      // has not fired yet: the link is dead from the deadline on.
+      if (now >= outstanding.sent + beat.timeout) return;
+      sent = outstanding.sent;
+      this.#beatPing = null;
+      this.#beatDue = sent + beat.interval;
+      this.#armHeartbeat(this.#generation);
+    } else if (this.#probes.has(msg.timestamp)) {
+      sent = this.#probes.get(msg.timestamp);
+      this.#probes.delete(msg.timestamp);
+    } else {
+      return;
+    }
+    const rtt = now - sent;
     this.#latency = rtt;
     this.#emit('latency', { rtt, serverTime: msg.serverTime });
-    this.#armDeadline(this.#generation);
-  }
-
-  /** Arms the timer that declares the link dead for the oldest open ping. */
-  #armDeadline(gen) {
-    clearTimeout(this.#deadTimer);
-    this.#deadTimer = null;
-    const beat = this.#options.heartbeat;
-    const oldest = this.#pings[0];
-    if (!beat || !oldest) return;
-    const wait = Math.max(0, oldest.at + beat.timeout - performance.now());
-    this.#deadTimer = setTimeout(() => this.#drop(gen, 'heartbeat timeout'), wait);
   }
 
   #emit(type, detail) {
@@ -1028,6 +1073,13 @@ export class HubbubClient extends EventTarget {
 }
 
 // ---- helpers ---------------------------------------------------------------
+
+/**
+ * Latency probes (ping()) carry tokens from here up, far above any heartbeat
+ * token, so a probe's pong never answers a heartbeat ping. 2^48: integers stay
+ * exact in a JavaScript number and in the server's echo.
+ */
+const PROBE_BASE = 2 ** 48;
 
 /**
  * The delay before reconnect attempt `attempt` (from 1), in ms:
