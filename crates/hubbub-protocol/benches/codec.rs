@@ -40,6 +40,7 @@ fn encode(c: &mut Criterion) {
         text: "Hello, everyone in the room!".to_owned(),
         timestamp: 1_700_000_000_000,
         client_msg_id: None,
+        offset: Some(42),
     };
     group.bench_function("chatMessage", |b| b.iter(|| black_box(&chat).to_json()));
     let joined =
@@ -50,6 +51,7 @@ fn encode(c: &mut Criterion) {
         text: "é and \"quotes\" and text ".repeat(160),
         timestamp: 1_700_000_000_000,
         client_msg_id: None,
+        offset: Some(42),
     };
     group.bench_function("chatMessage_4k_escaped", |b| b.iter(|| black_box(&long).to_json()));
     group.finish();

@@ -28,6 +28,12 @@ pub enum ProtocolError {
     Invalid(#[from] ValidationError),
 }
 
+/// Most messages one `history` request may ask for.
+pub const MAX_HISTORY_LIMIT: u32 = 100;
+
+/// Longest `since.epoch` a `joinRoom` may carry.
+pub const MAX_EPOCH_BYTES: usize = 64;
+
 /// Longest piece of an unknown `type` echoed back in an error, so a peer
 /// cannot make error replies as large as its frames.
 const MAX_ECHOED_TYPE_CHARS: usize = 64;
@@ -68,7 +74,26 @@ pub fn decode_client(text: &str, limits: &Limits) -> Result<ClientMessage, Proto
         ClientMessage::SetUsername { username } => {
             ClientMessage::SetUsername { username: limits.username(username)? }
         }
-        ClientMessage::JoinRoom { room } => ClientMessage::JoinRoom { room: limits.room(room)? },
+        ClientMessage::JoinRoom { room, since } => {
+            // Epochs the server hands out are short; anything longer cannot
+            // be one of them, and is not worth keeping.
+            if since.as_ref().is_some_and(|since| since.epoch.len() > MAX_EPOCH_BYTES) {
+                return Err(ProtocolError::InvalidFields {
+                    kind: "joinRoom",
+                    detail: format!("since.epoch must be at most {MAX_EPOCH_BYTES} bytes"),
+                });
+            }
+            ClientMessage::JoinRoom { room: limits.room(room)?, since }
+        }
+        ClientMessage::History { before, limit } => {
+            if limit.is_some_and(|limit| !(1..=MAX_HISTORY_LIMIT).contains(&limit)) {
+                return Err(ProtocolError::InvalidFields {
+                    kind: "history",
+                    detail: format!("limit must be between 1 and {MAX_HISTORY_LIMIT}"),
+                });
+            }
+            ClientMessage::History { before, limit }
+        }
         ClientMessage::ChatMessage { text, client_msg_id } => {
             ClientMessage::ChatMessage { text: limits.text(text)?, client_msg_id }
         }

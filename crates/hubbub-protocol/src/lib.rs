@@ -15,9 +15,17 @@
 //!
 //! let limits = Limits::default();
 //! let msg = decode_client(r#"{"type":"joinRoom","room":"  general "}"#, &limits).unwrap();
-//! assert_eq!(msg, ClientMessage::JoinRoom { room: "general".into() });
+//! assert_eq!(msg, ClientMessage::JoinRoom { room: "general".into(), since: None });
 //!
-//! let reply = ServerMessage::RoomJoined { room: "general".into(), user_count: 1 };
+//! // Hubbub's additions are left out when absent: this is the tutorial's shape.
+//! let reply = ServerMessage::RoomJoined {
+//!     room: "general".into(),
+//!     user_count: 1,
+//!     epoch: None,
+//!     offset: None,
+//!     recovered: None,
+//!     missed: None,
+//! };
 //! assert_eq!(reply.to_json(), r#"{"type":"roomJoined","room":"general","userCount":1}"#);
 //!
 //! let err = decode_client("not json", &limits).unwrap_err();
@@ -30,10 +38,10 @@ mod id;
 mod limits;
 mod message;
 
-pub use decode::{ProtocolError, decode_client, decode_server};
+pub use decode::{MAX_EPOCH_BYTES, MAX_HISTORY_LIMIT, ProtocolError, decode_client, decode_server};
 pub use id::{ClientMsgId, InvalidClientMsgId};
-pub use limits::{Limits, ValidationError, is_bidi_control};
-pub use message::{ClientMessage, ServerMessage};
+pub use limits::{Limits, LimitsError, ValidationError, is_bidi_control};
+pub use message::{ClientMessage, ServerMessage, Since};
 
 /// Re-exported so users of the protocol types need not depend on `serde_json`
 /// just to build a `ping` timestamp.

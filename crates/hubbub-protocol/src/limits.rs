@@ -60,7 +60,44 @@ pub enum ValidationError {
     },
 }
 
+/// Why a [`Limits`] value is unusable. Reported at startup, so the messages
+/// name the config fields.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LimitsError {
+    /// A maximum is zero, so every name or text of that kind would be
+    /// refused.
+    #[error("{field} must be greater than zero")]
+    Zero {
+        /// The field, as in the config section: `max_username_chars`, ...
+        field: &'static str,
+    },
+}
+
 impl Limits {
+    /// Checks that every maximum is at least 1.
+    ///
+    /// ```
+    /// use hubbub_protocol::{Limits, LimitsError};
+    ///
+    /// assert_eq!(Limits::default().validate(), Ok(()));
+    /// let mute = Limits { max_text_chars: 0, ..Limits::default() };
+    /// assert_eq!(mute.validate(), Err(LimitsError::Zero { field: "max_text_chars" }));
+    /// ```
+    pub fn validate(&self) -> Result<(), LimitsError> {
+        for (field, max) in [
+            ("max_username_chars", self.max_username_chars),
+            ("max_room_chars", self.max_room_chars),
+            ("max_text_chars", self.max_text_chars),
+            ("max_file_name_chars", self.max_file_name_chars),
+            ("max_transfer_id_chars", self.max_transfer_id_chars),
+        ] {
+            if max == 0 {
+                return Err(LimitsError::Zero { field });
+            }
+        }
+        Ok(())
+    }
+
     /// Checks a username; returns it without bidirectional controls (see
     /// [`is_bidi_control`]) and trimmed.
     pub fn username(&self, raw: String) -> Result<String, ValidationError> {
@@ -204,6 +241,25 @@ mod tests {
         // Right-to-left letters are not controls.
         assert_eq!(l.username("שלום".into()).unwrap(), "שלום");
         assert_eq!(l.text("a\u{202E}b".into()).unwrap(), "a\u{202E}b");
+    }
+
+    #[test]
+    fn every_maximum_must_be_positive() {
+        assert_eq!(Limits::default().validate(), Ok(()));
+        let zeroed = [
+            ("max_username_chars", Limits { max_username_chars: 0, ..Limits::default() }),
+            ("max_room_chars", Limits { max_room_chars: 0, ..Limits::default() }),
+            ("max_text_chars", Limits { max_text_chars: 0, ..Limits::default() }),
+            ("max_file_name_chars", Limits { max_file_name_chars: 0, ..Limits::default() }),
+            ("max_transfer_id_chars", Limits { max_transfer_id_chars: 0, ..Limits::default() }),
+        ];
+        for (field, limits) in zeroed {
+            assert_eq!(limits.validate(), Err(LimitsError::Zero { field }));
+        }
+        assert_eq!(
+            LimitsError::Zero { field: "max_room_chars" }.to_string(),
+            "max_room_chars must be greater than zero"
+        );
     }
 
     #[test]

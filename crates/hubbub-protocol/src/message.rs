@@ -11,6 +11,17 @@ use uuid::Uuid;
 
 use crate::ClientMsgId;
 
+/// A position in a room's stream: the newest offset a client has, in an
+/// epoch (Hubbub addition).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Since {
+    /// The room's epoch, as the server sent it.
+    pub epoch: String,
+    /// The newest offset the client has (0 for none).
+    pub offset: u64,
+}
+
 /// A message a chat client sends to the server (a text frame on `/ws/chat`).
 ///
 /// Unknown fields are ignored, so clients may send more than listed here.
@@ -26,6 +37,10 @@ pub enum ClientMessage {
     JoinRoom {
         /// The room's name; trimmed and validated like a username.
         room: String,
+        /// Where the client's copy of the room ends, to get what it missed
+        /// (Hubbub addition).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        since: Option<Since>,
     },
     /// Leave the current room.
     LeaveRoom {},
@@ -89,6 +104,16 @@ pub enum ClientMessage {
         /// The token.
         token: String,
     },
+    /// Ask for earlier messages of the current room (Hubbub addition).
+    History {
+        /// Only messages with an offset below this one; the newest when
+        /// absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        before: Option<u64>,
+        /// How many, 1 to 100; 50 when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+    },
     /// Ask where an interrupted upload stands, to continue it on this
     /// connection (Hubbub addition). Binary frames that follow belong to it.
     FileResume {
@@ -111,6 +136,7 @@ impl ClientMessage {
         "fileEnd",
         "fileResume",
         "auth",
+        "history",
     ];
 
     /// The message's `type` tag.
@@ -127,6 +153,7 @@ impl ClientMessage {
             Self::FileEnd { .. } => "fileEnd",
             Self::FileResume { .. } => "fileResume",
             Self::Auth { .. } => "auth",
+            Self::History { .. } => "history",
         }
     }
 
@@ -186,6 +213,18 @@ pub enum ServerMessage {
         room: String,
         /// Members after the join.
         user_count: usize,
+        /// The room's epoch, when the server keeps history (Hubbub addition).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        epoch: Option<String>,
+        /// The newest kept offset at the join, 0 for none (Hubbub addition).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        offset: Option<u64>,
+        /// With `since`: whether the missed messages follow (Hubbub addition).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        recovered: Option<bool>,
+        /// With `recovered: true`: how many missed messages follow.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        missed: Option<u64>,
     },
     /// Someone left the room (or disconnected); sent to those who remain.
     UserLeft {
@@ -225,6 +264,9 @@ pub enum ServerMessage {
         /// Spelled as the sender spelled it.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         client_msg_id: Option<ClientMsgId>,
+        /// The message's place in the room's stream (Hubbub addition).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        offset: Option<u64>,
     },
     /// Tells the sender its `chatMessage` with this id was accepted (Hubbub
     /// addition). Sent again, with the same timestamp, for a resend.
@@ -233,6 +275,9 @@ pub enum ServerMessage {
         client_msg_id: ClientMsgId,
         /// The timestamp the room received with the message.
         timestamp: u64,
+        /// The message's offset in the room's stream (Hubbub addition).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        offset: Option<u64>,
     },
     /// A member of the room is typing.
     UserTyping {
@@ -314,6 +359,21 @@ pub enum ServerMessage {
         mime_type: String,
         /// Server-relative download URL.
         url: String,
+        /// The share's place in the room's stream (Hubbub addition).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        offset: Option<u64>,
+    },
+    /// Answer to `history`: earlier messages of the room, oldest first,
+    /// each exactly as it was broadcast (Hubbub addition).
+    History {
+        /// The room.
+        room: String,
+        /// The room's epoch.
+        epoch: String,
+        /// The messages, oldest first.
+        messages: Vec<serde_json::Value>,
+        /// Whether there are older ones.
+        has_more: bool,
     },
     /// Answer to `fileResume`: which chunks the server already has, as
     /// half-open ranges `[start, end)` of chunk indices (Hubbub addition).

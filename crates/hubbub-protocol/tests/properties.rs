@@ -66,7 +66,14 @@ fn number() -> impl Strategy<Value = Number> {
 fn client_message() -> impl Strategy<Value = ClientMessage> {
     prop_oneof![
         text().prop_map(|username| ClientMessage::SetUsername { username }),
-        text().prop_map(|room| ClientMessage::JoinRoom { room }),
+        (text(), proptest::option::of((text(), any::<u64>()))).prop_map(|(room, since)| {
+            ClientMessage::JoinRoom {
+                room,
+                since: since.map(|(epoch, offset)| hubbub_protocol::Since { epoch, offset }),
+            }
+        }),
+        (any::<Option<u64>>(), any::<Option<u32>>())
+            .prop_map(|(before, limit)| ClientMessage::History { before, limit }),
         Just(ClientMessage::LeaveRoom {}),
         (text(), id_option())
             .prop_map(|(text, client_msg_id)| ClientMessage::ChatMessage { text, client_msg_id }),
@@ -104,7 +111,25 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
             room,
             user_count
         }),
-        (text(), count.clone()).prop_map(|(room, user_count)| ServerMessage::RoomJoined { room, user_count }),
+        (
+            text(),
+            count.clone(),
+            proptest::option::of(text()),
+            any::<Option<u64>>(),
+            any::<Option<bool>>(),
+            any::<Option<u64>>()
+        )
+            .prop_map(|(room, user_count, epoch, offset, recovered, missed)| {
+                ServerMessage::RoomJoined { room, user_count, epoch, offset, recovered, missed }
+            }),
+        (text(), text(), proptest::collection::vec(text(), 0..3), any::<bool>()).prop_map(
+            |(room, epoch, texts, has_more)| ServerMessage::History {
+                room,
+                epoch,
+                messages: texts.into_iter().map(serde_json::Value::from).collect(),
+                has_more
+            }
+        ),
         (text(), count, proptest::option::of(text()))
             .prop_map(|(user, user_count, room)| ServerMessage::UserLeft { user, user_count, room }),
         text().prop_map(|room| ServerMessage::RoomLeft { room }),
@@ -113,11 +138,16 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
             previous,
             room
         }),
-        (text(), text(), any::<u64>(), id_option()).prop_map(|(user, text, timestamp, client_msg_id)| {
-            ServerMessage::ChatMessage { user, text, timestamp, client_msg_id }
-        }),
-        (client_msg_id(), any::<u64>())
-            .prop_map(|(client_msg_id, timestamp)| ServerMessage::MessageAck { client_msg_id, timestamp }),
+        (text(), text(), any::<u64>(), id_option(), any::<Option<u64>>()).prop_map(
+            |(user, text, timestamp, client_msg_id, offset)| {
+                ServerMessage::ChatMessage { user, text, timestamp, client_msg_id, offset }
+            }
+        ),
+        (client_msg_id(), any::<u64>(), any::<Option<u64>>()).prop_map(
+            |(client_msg_id, timestamp, offset)| {
+                ServerMessage::MessageAck { client_msg_id, timestamp, offset }
+            }
+        ),
         text().prop_map(|user| ServerMessage::UserTyping { user }),
         (text(), text()).prop_map(|(user, text)| ServerMessage::Chat { user, text }),
         (number(), any::<u64>())
@@ -141,16 +171,19 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
                 transfer_id
             }
         ),
-        (text(), text(), text(), any::<u64>(), text()).prop_map(|(user, file_id, name, size, mime_type)| {
-            ServerMessage::FileShared {
-                user,
-                url: format!("/files/{file_id}"),
-                file_id,
-                name,
-                size,
-                mime_type,
+        (text(), text(), text(), any::<u64>(), text(), any::<Option<u64>>()).prop_map(
+            |(user, file_id, name, size, mime_type, offset)| {
+                ServerMessage::FileShared {
+                    user,
+                    url: format!("/files/{file_id}"),
+                    file_id,
+                    name,
+                    size,
+                    mime_type,
+                    offset,
+                }
             }
-        }),
+        ),
         (text(), any::<u32>(), proptest::collection::vec(any::<[u32; 2]>(), 0..5)).prop_map(
             |(transfer_id, chunk_size, received_chunks)| ServerMessage::FileResumeState {
                 transfer_id,
@@ -216,7 +249,7 @@ proptest! {
             panic!("not a chatMessage with an id: {decoded:?}");
         };
         prop_assert_eq!(decoded.as_str(), id.as_str());
-        let ack = ServerMessage::MessageAck { client_msg_id: decoded, timestamp: 1 }.to_json();
+        let ack = ServerMessage::MessageAck { client_msg_id: decoded, timestamp: 1, offset: Some(1) }.to_json();
         prop_assert!(ack.contains(&format!("\"clientMsgId\":\"{}\"", id.as_str())), "{}", ack);
     }
 
@@ -246,7 +279,8 @@ proptest! {
         let limits = Limits::default();
         for msg in [
             ClientMessage::SetUsername { username: username.clone() },
-            ClientMessage::JoinRoom { room },
+            ClientMessage::JoinRoom { room, since: Some(hubbub_protocol::Since { epoch: "e1".into(), offset: 7 }) },
+            ClientMessage::History { before: Some(10), limit: Some(100) },
             ClientMessage::ChatMessage { text: text.clone(), client_msg_id: None },
             ClientMessage::Chat { user: Some(username), text },
         ] {

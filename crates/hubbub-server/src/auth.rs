@@ -77,25 +77,21 @@ pub(crate) enum AuthError {
 impl Authenticator {
     /// The authenticator the settings ask for, or `None` when auth is off.
     pub(crate) fn from_settings(settings: &AuthSettings) -> Result<Option<Self>, ConfigError> {
-        let bad = |cause: String| ConfigError::Inconsistent(format!("auth: {cause}"));
+        // At most one key, a long enough secret, no empty audience or issuer.
+        settings.validate()?;
         let (key, algorithm) = match (&settings.secret, &settings.public_key) {
             (None, None) => return Ok(None),
-            (Some(_), Some(_)) => return Err(bad("set either secret or public_key, not both".into())),
-            (Some(secret), None) => {
-                if secret.len() < 32 {
-                    return Err(bad("the HS256 secret must be at least 32 bytes".into()));
-                }
-                (DecodingKey::from_secret(secret.as_bytes()), Algorithm::HS256)
-            }
+            // `validate` refused a secret together with a public key.
+            (Some(secret), _) => (DecodingKey::from_secret(secret.as_bytes()), Algorithm::HS256),
             (None, Some(path)) => {
-                let pem =
-                    std::fs::read(path).map_err(|e| bad(format!("cannot read {}: {e}", path.display())))?;
+                let pem = std::fs::read(path)
+                    .map_err(|cause| ConfigError::AuthKeyUnreadable { path: path.clone(), cause })?;
                 match DecodingKey::from_rsa_pem(&pem) {
                     Ok(key) => (key, Algorithm::RS256),
                     Err(_) => match DecodingKey::from_ec_pem(&pem) {
                         Ok(key) => (key, Algorithm::ES256),
-                        Err(e) => {
-                            return Err(bad(format!("{} is no RSA or EC public key: {e}", path.display())));
+                        Err(cause) => {
+                            return Err(ConfigError::AuthKeyInvalid { path: path.clone(), cause });
                         }
                     },
                 }
@@ -110,7 +106,6 @@ impl Authenticator {
         validation.validate_exp = false;
         let mut required = vec!["exp"];
         match &settings.audience {
-            Some(audience) if audience.is_empty() => return Err(bad("audience must not be empty".into())),
             Some(audience) => {
                 validation.set_audience(&[audience]);
                 required.push("aud");
@@ -118,13 +113,9 @@ impl Authenticator {
             // Without a configured audience, `aud` is not looked at.
             None => validation.validate_aud = false,
         }
-        match &settings.issuer {
-            Some(issuer) if issuer.is_empty() => return Err(bad("issuer must not be empty".into())),
-            Some(issuer) => {
-                validation.set_issuer(&[issuer]);
-                required.push("iss");
-            }
-            None => {}
+        if let Some(issuer) = &settings.issuer {
+            validation.set_issuer(&[issuer]);
+            required.push("iss");
         }
         validation.set_required_spec_claims(&required);
         Ok(Some(Self { key, validation }))

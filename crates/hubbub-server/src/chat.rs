@@ -6,20 +6,25 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use hubbub_protocol::{ClientMessage, ServerMessage, decode_client};
+use futures_util::future::Either;
+use hubbub_history::{Assigned, Error as HistoryError, Publish, Published};
+use hubbub_protocol::{ClientMessage, ClientMsgId, ServerMessage, decode_client};
 
 use crate::Shared;
 use crate::auth::{Identity, until};
 use crate::conn::Handler;
-use crate::hub::{Remembered, Room};
+use crate::hub::{Recall, Remembered, Room};
 use crate::link::{CloseReason, Peer, encode};
 use crate::ratelimit::{AddressLimit, Key, Kind, Limiter, Verdict, enforce};
 use crate::upload::{Outcome, Uploads};
-use crate::ws::{CloseCode, Text};
+use crate::ws::{self, CloseCode, Text};
 use hubbub_transfer::NewUpload;
 use std::net::IpAddr;
 use std::time::Instant;
 use tokio::time::Instant as TokioInstant;
+
+/// Messages a `history` request gets when it names no `limit`.
+const DEFAULT_HISTORY_LIMIT: usize = 50;
 
 /// The name used for a client that never set one.
 const ANONYMOUS: &str = "Anonymous";
@@ -188,7 +193,7 @@ impl ChatSession {
                 }
                 self.username = Some(username);
             }
-            ClientMessage::JoinRoom { room } => {
+            ClientMessage::JoinRoom { room, since } => {
                 if let AuthState::Authenticated { identity, .. } = &self.auth
                     && !identity.may_join(&room)
                 {
@@ -199,12 +204,29 @@ impl ChatSession {
                 {
                     // Already there: confirm without a leave/join round that
                     // would tell everyone else twice.
-                    self.reply(&ServerMessage::RoomJoined { room, user_count: current.len() });
+                    let position =
+                        self.shared.history.as_ref().and_then(|engine| engine.position(&room).ok());
+                    self.reply(&ServerMessage::RoomJoined {
+                        room,
+                        user_count: current.len(),
+                        epoch: position.as_ref().map(|p| p.epoch.as_str().to_owned()),
+                        offset: position.map(|p| p.offset),
+                        recovered: None,
+                        missed: None,
+                    });
                     return;
                 }
                 self.leave_room();
                 self.last_typing = None;
-                let joined = self.shared.hub.join(&self.peer, self.name(), &room);
+                let config = &self.shared.config;
+                let recall = self.shared.history.as_deref().map(|engine| Recall {
+                    engine,
+                    since: since.as_ref(),
+                    // The replay must fit the joiner's queue with room to spare.
+                    max_messages: config.history.max_recover.min(config.websocket.outbound_queue / 2),
+                    max_bytes: config.websocket.outbound_queue_bytes / 2,
+                });
+                let joined = self.shared.hub.join(&self.peer, self.name(), &room, recall);
                 tracing::debug!(%room, members = joined.user_count, "joined room");
                 self.room = Some(joined.room);
             }
@@ -213,9 +235,34 @@ impl ChatSession {
                 None => self.error("You are not in a room", "notInRoom"),
             },
             ClientMessage::ChatMessage { text, client_msg_id } => {
-                let Some(room) = &self.room else {
+                let Some(room) = self.room.clone() else {
                     return self.error("Join a room before sending messages", "notInRoom");
                 };
+                if self.shared.history.is_some() {
+                    let user = self.name().to_owned();
+                    let id = client_msg_id;
+                    let published = self
+                        .publish(&room, client_msg_id.as_ref().map(ClientMsgId::uuid), move |at| {
+                            ServerMessage::ChatMessage {
+                                user,
+                                text,
+                                timestamp: at.timestamp_ms,
+                                client_msg_id: id,
+                                offset: Some(at.offset),
+                            }
+                        })
+                        .await;
+                    match (published, client_msg_id) {
+                        (Ok(published), Some(id)) => self.reply(&ServerMessage::MessageAck {
+                            client_msg_id: id,
+                            timestamp: published.timestamp_ms,
+                            offset: Some(published.offset),
+                        }),
+                        (Ok(_), None) => {}
+                        (Err(err), _) => self.unavailable(&err),
+                    }
+                    return;
+                }
                 let mut timestamp = now_ms();
                 if let Some(id) = client_msg_id {
                     let delivery = &self.shared.config.delivery;
@@ -234,7 +281,11 @@ impl ChatSession {
                             // A resend whose ack was lost: ack again, deliver once.
                             tracing::debug!(id = %id.uuid(), "duplicate message acknowledged again");
                             timestamp = original;
-                            self.reply(&ServerMessage::MessageAck { client_msg_id: id, timestamp });
+                            self.reply(&ServerMessage::MessageAck {
+                                client_msg_id: id,
+                                timestamp,
+                                offset: None,
+                            });
                             return;
                         }
                     }
@@ -244,10 +295,11 @@ impl ChatSession {
                     text,
                     timestamp,
                     client_msg_id,
+                    offset: None,
                 });
                 room.broadcast(&frame, Some(self.peer.id()));
                 if let Some(id) = client_msg_id {
-                    self.reply(&ServerMessage::MessageAck { client_msg_id: id, timestamp });
+                    self.reply(&ServerMessage::MessageAck { client_msg_id: id, timestamp, offset: None });
                 }
             }
             ClientMessage::Typing {} => {
@@ -310,6 +362,7 @@ impl ChatSession {
                 self.act(outcome);
             }
             ClientMessage::Auth { token } => self.on_auth(&token),
+            ClientMessage::History { before, limit } => self.history(before, limit),
             ClientMessage::FileResume { transfer_id } => {
                 if !self.shared.config.uploads.enabled {
                     return self.error("File uploads are not enabled on this server", "uploadsDisabled");
@@ -332,7 +385,8 @@ impl ChatSession {
             | ClientMessage::Auth { .. }
             | ClientMessage::FileStart { .. }
             | ClientMessage::FileEnd { .. }
-            | ClientMessage::FileResume { .. } => Kind::Control,
+            | ClientMessage::FileResume { .. }
+            | ClientMessage::History { .. } => Kind::Control,
         };
         if !self.limit(kind, msg.kind()) {
             return false;
@@ -418,18 +472,128 @@ impl ChatSession {
                     url: url.clone(),
                     transfer_id,
                 });
-                if let Some(room) = &self.room {
-                    let shared = encode(&ServerMessage::FileShared {
-                        user: self.name().to_owned(),
+                if let Some(room) = self.room.clone() {
+                    let user = self.name().to_owned();
+                    let share = move |offset| ServerMessage::FileShared {
+                        user,
                         file_id: file.id,
                         name: file.name,
                         size: file.size,
                         mime_type: file.mime_type,
                         url,
-                    });
-                    room.broadcast(&shared, Some(self.peer.id()));
+                        offset,
+                    };
+                    match &self.shared.history {
+                        // Kept like a chat message; the uploader already has
+                        // `fileSaved`, so nothing waits for the store.
+                        Some(_) => {
+                            let done = self.publish(&room, None, move |at| share(Some(at.offset)));
+                            tokio::spawn(async move {
+                                if let Err(err) = done.await {
+                                    tracing::warn!(cause = %err, "a shared file could not be kept; not announced");
+                                }
+                            });
+                        }
+                        None => room.broadcast(&encode(&share(None)), Some(self.peer.id())),
+                    }
                 }
             }
+        }
+    }
+
+    /// Keeps a room message in the history store and, once it is kept
+    /// (durably, with the disk store), delivers it to the room's other
+    /// members, in offset order. Resolves to what the store answered; a
+    /// resend of a kept message is not delivered again.
+    fn publish(
+        &self,
+        room: &Arc<Room>,
+        client_msg_id: Option<uuid::Uuid>,
+        build: impl FnOnce(Assigned) -> ServerMessage + Send + 'static,
+    ) -> impl Future<Output = Result<Published, HistoryError>> + Send + 'static {
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let Some(engine) = self.shared.history.clone() else {
+            return Either::Left(std::future::ready(Err(HistoryError::Closed)));
+        };
+        let mut request = Publish::new(room.name.clone(), self.name(), move |at: Assigned| {
+            Bytes::from(build(at).to_json())
+        })
+        .timestamp_ms(now_ms());
+        if let Some(id) = client_msg_id {
+            request = request.client_msg_id(id);
+        }
+        let (shared, room, sender) = (self.shared.clone(), room.clone(), self.peer.id());
+        engine.publish(
+            request,
+            Box::new(move |result| {
+                if let Ok(published) = &result
+                    && let Some(bytes) = &published.bytes
+                {
+                    let frame = ws::encode(ws::OpCode::Text, bytes);
+                    // A room that emptied meanwhile may have been made
+                    // again; its members are the ones to tell.
+                    let room = if room.is_removed() { shared.hub.room(&room.name) } else { Some(room) };
+                    if let Some(room) = room {
+                        room.deliver(published.offset, &frame, Some(sender));
+                    }
+                }
+                // The session may have gone; the message is kept anyway.
+                let _ = done.send(result);
+            }),
+        );
+        Either::Right(async move { answer.await.unwrap_or(Err(HistoryError::Closed)) })
+    }
+
+    /// Tells the sender its message could not be kept: no ack, no
+    /// delivery; it may send it again after `history.retry_after`.
+    fn unavailable(&self, err: &HistoryError) {
+        tracing::warn!(cause = %err, "a message could not be kept");
+        let retry_after_ms =
+            u64::try_from(self.shared.config.history.retry_after.as_millis()).unwrap_or(u64::MAX);
+        self.reply(&ServerMessage::Error {
+            message: "The message could not be stored; send it again later".to_owned(),
+            code: Some("unavailable".to_owned()),
+            retry_after_ms: Some(retry_after_ms),
+        });
+    }
+
+    /// Answers `history`: up to `limit` messages of the current room below
+    /// `before`, oldest first, each exactly as it was broadcast.
+    fn history(&self, before: Option<u64>, limit: Option<u32>) {
+        let Some(room) = &self.room else {
+            return self.error("Join a room before asking for its history", "notInRoom");
+        };
+        let Some(engine) = &self.shared.history else {
+            return self.error("This server keeps no history", "historyDisabled");
+        };
+        let limit = limit.map_or(DEFAULT_HISTORY_LIMIT, |limit| limit as usize);
+        let page = match engine.history(&room.name, before, limit) {
+            Ok(page) => page,
+            Err(err) => return self.unavailable(&err),
+        };
+        // The stored messages are JSON already: they are spliced in as
+        // they are, not parsed and encoded again.
+        let mut json =
+            String::with_capacity(64 + page.messages.iter().map(|m| m.bytes.len() + 1).sum::<usize>());
+        json.push_str(r#"{"type":"history","room":"#);
+        json.push_str(&serde_json::Value::from(&*room.name).to_string());
+        json.push_str(r#","epoch":"#);
+        json.push_str(&serde_json::Value::from(page.position.epoch.as_str()).to_string());
+        json.push_str(r#","messages":["#);
+        for (i, message) in page.messages.iter().enumerate() {
+            if i > 0 {
+                json.push(',');
+            }
+            json.push_str(std::str::from_utf8(&message.bytes).unwrap_or("null"));
+        }
+        json.push_str(r#"],"hasMore":"#);
+        json.push_str(if page.has_more { "true}" } else { "false}" });
+        let frame = ws::encode(ws::OpCode::Text, json.as_bytes());
+        let len = frame.len();
+        if self.peer.send(frame) {
+            let stats = &self.shared.hub.stats;
+            stats.delivered.inc();
+            stats.bytes_out.inc_by(len as u64);
         }
     }
 

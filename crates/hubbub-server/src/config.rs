@@ -52,6 +52,8 @@ pub struct Config {
     pub delivery: DeliverySettings,
     /// File uploads over the chat socket.
     pub uploads: UploadSettings,
+    /// Room history: where it is kept and for how long.
+    pub history: HistorySettings,
     /// Caps on connections.
     pub limits: ConnectionLimits,
     /// HTTP connections before (or without) a WebSocket upgrade.
@@ -341,6 +343,86 @@ impl UploadSettings {
     }
 }
 
+/// Where room history is kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HistoryStore {
+    /// In a file (redb), durable: what was acknowledged survives a crash.
+    Disk,
+    /// In memory: lost at every restart (each start is a new epoch).
+    Memory,
+    /// Not kept: messages carry no offset and nothing can be recovered.
+    Off,
+}
+
+/// Room history: every `chatMessage` and `fileShared` gets the room's next
+/// offset and is kept, so that clients recover what they missed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HistorySettings {
+    /// `disk` (default), `memory` or `off`.
+    pub store: HistoryStore,
+    /// The history file, with `store = "disk"`. Default: `history.redb` in
+    /// the directory that holds `uploads.dir` (so `./data/history.redb`).
+    pub path: Option<PathBuf>,
+    /// Most messages kept per room; the oldest go first. Default 1,000.
+    pub max_messages: u64,
+    /// How long a message is kept. Default 30 days.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// Most missed messages a rejoin with `since` is given; beyond, it gets
+    /// `recovered: false` and fetches what it wants with `history`.
+    /// Default 500.
+    pub max_recover: usize,
+    /// What a client is told to wait (`retryAfterMs`) when the store cannot
+    /// write. Default 1 s.
+    #[serde(with = "humantime_serde")]
+    pub retry_after: Duration,
+}
+
+impl Default for HistorySettings {
+    fn default() -> Self {
+        Self {
+            store: HistoryStore::Disk,
+            path: None,
+            max_messages: 1_000,
+            ttl: Duration::from_secs(30 * 86_400),
+            max_recover: 500,
+            retry_after: Duration::from_secs(1),
+        }
+    }
+}
+
+impl HistorySettings {
+    /// Checks the section on its own.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_messages == 0 {
+            return Err(ConfigError::Zero("history.max_messages"));
+        }
+        if self.max_recover == 0 {
+            return Err(ConfigError::Zero("history.max_recover"));
+        }
+        if self.ttl.is_zero() {
+            return Err(ConfigError::Zero("history.ttl"));
+        }
+        if self.retry_after.is_zero() {
+            return Err(ConfigError::Zero("history.retry_after"));
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// The history file in effect: `history.path`, or `history.redb` beside
+    /// the upload directory.
+    pub fn history_path(&self) -> PathBuf {
+        self.history.path.clone().unwrap_or_else(|| {
+            let parent = self.uploads.dir.parent().filter(|p| !p.as_os_str().is_empty());
+            parent.unwrap_or_else(|| std::path::Path::new(".")).join("history.redb")
+        })
+    }
+}
+
 /// How long and how many message ids each room remembers, so that a message
 /// resent after a reconnect (its `clientMsgId` already seen) is acknowledged
 /// again but delivered only once.
@@ -401,7 +483,9 @@ pub struct WebSocketLimits {
     /// Largest single frame, in bytes. Default 65,540.
     pub max_frame_bytes: usize,
     /// Frames that may wait in one connection's outbound queue. A client
-    /// that falls this far behind is disconnected (close 1008). Default 512.
+    /// that falls this far behind is disconnected (close 1008). Default
+    /// 1,024 (a rejoin's replay of up to `history.max_recover` messages
+    /// takes at most half).
     pub outbound_queue: usize,
     /// Bytes that may wait in one connection's outbound queue (frames
     /// queued and not yet written to the socket). A client that falls this
@@ -425,6 +509,7 @@ impl Default for Config {
             heartbeat: HeartbeatSettings::default(),
             delivery: DeliverySettings::default(),
             uploads: UploadSettings::default(),
+            history: HistorySettings::default(),
             limits: ConnectionLimits::default(),
             http: HttpSettings::default(),
             rate_limit: RateLimitSettings::default(),
@@ -439,24 +524,113 @@ impl Default for WebSocketLimits {
         Self {
             max_message_bytes: 65_540,
             max_frame_bytes: 65_540,
-            outbound_queue: 512,
+            outbound_queue: 1024,
             outbound_queue_bytes: 256 << 10,
         }
     }
 }
 
 /// A configuration that cannot work, found before the port opens.
+///
+/// Every message names the keys it speaks of as they are written in the
+/// config file (`websocket.outbound_queue`), and [`ConfigError::keys`] lists
+/// them, so that the binary can say how the user set each one.
+///
+/// The variants that carry another crate's validation error (`Protocol`,
+/// `Heartbeat`, `Uploads`) keep it typed, and restate it with full keys
+/// (`uploads.min_chunk_size` where the transfer crate says
+/// `min_chunk_size`). Because their message already says all the inner
+/// error says, they do not also return it as `source()`: an error chain
+/// printed with `{:#}` would say it twice.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// A size, count or duration that must be positive is zero.
     #[error("{0} must be greater than zero")]
-    Zero(&'static str),
-    /// Two values contradict each other.
-    #[error("{0}")]
-    Inconsistent(String),
+    Zero(
+        /// The key, as in the config file.
+        &'static str,
+    ),
+    /// A rate that must be a finite number above zero is not.
+    #[error("{key} must be a positive number, not {value}")]
+    NotPositive {
+        /// The key, as in the config file.
+        key: &'static str,
+        /// The configured value.
+        value: f64,
+    },
+    /// A value below the least that can work.
+    #[error("{key} must be at least {min} {unit} (it is {value})")]
+    TooSmall {
+        /// The key, as in the config file.
+        key: &'static str,
+        /// The configured value (for a string, its length).
+        value: u64,
+        /// The least allowed.
+        min: u64,
+        /// What `value` and `min` count: `frames`, `bytes`.
+        unit: &'static str,
+    },
+    /// A string that must say something is empty.
+    #[error("{key} must not be empty")]
+    Empty {
+        /// The key, as in the config file.
+        key: &'static str,
+    },
+    /// Two keys whose values contradict each other: `{key} ({value}) {why}
+    /// {other} ({other_value})`.
+    #[error("{key} ({value}) {why} {other} ({other_value})")]
+    Conflict {
+        /// The key that should change, as in the config file.
+        key: &'static str,
+        /// Its value.
+        value: u64,
+        /// The key it contradicts.
+        other: &'static str,
+        /// That key's value.
+        other_value: u64,
+        /// The rule, as the words between the two: `must not exceed`.
+        why: &'static str,
+    },
+    /// Two keys that may not both be set.
+    #[error("set {key} or {other}, not both")]
+    Exclusive {
+        /// One key, as in the config file.
+        key: &'static str,
+        /// The other.
+        other: &'static str,
+    },
+    /// An upload rate so low that reading one chunk at that rate would
+    /// starve the heartbeat: a connection over its rate stops reading for
+    /// one chunk's worth of time, and its pongs wait unread meanwhile.
+    #[error(
+        "uploads.rate_bytes_per_sec ({rate}) is too low for uploads.max_chunk_size ({chunk}): one chunk \
+         would pause reading for {pause:.1} s, more than a quarter of heartbeat.timeout ({timeout:?})",
+        pause = upload_pause_secs(.chunk, .rate)
+    )]
+    UploadStall {
+        /// `uploads.rate_bytes_per_sec`.
+        rate: u64,
+        /// `uploads.max_chunk_size`.
+        chunk: u32,
+        /// `heartbeat.timeout`.
+        timeout: Duration,
+    },
+    /// The `[protocol]` section, as `hubbub-protocol` judged it.
+    #[error("protocol.{}", .0)]
+    Protocol(hubbub_protocol::LimitsError),
+    /// The `[heartbeat]` section, as `hubbub-heartbeat` judged it.
+    #[error("heartbeat.{} must be greater than zero", heartbeat_key(.0))]
+    Heartbeat(hubbub_heartbeat::ConfigError),
+    /// The chunk sizes and file size of `[uploads]`, as `hubbub-transfer`
+    /// judged them.
+    #[error("{}", transfer_message(.0))]
+    Uploads(hubbub_transfer::LimitsError),
     /// The TLS certificate or key cannot be used.
     #[error("cannot use the TLS certificate and key")]
     Tls(#[from] crate::tls::TlsError),
+    /// The history store cannot be opened.
+    #[error("{0}")]
+    History(String),
     /// The upload directory cannot be used.
     #[error("cannot use upload directory {path}: {cause}")]
     UploadDir {
@@ -465,6 +639,98 @@ pub enum ConfigError {
         /// What went wrong.
         cause: String,
     },
+    /// The `auth.public_key` file cannot be read.
+    #[error("cannot read auth.public_key {}", path.display())]
+    AuthKeyUnreadable {
+        /// The configured file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        cause: std::io::Error,
+    },
+    /// The `auth.public_key` file holds no RSA or EC public key in PEM.
+    #[error("auth.public_key {} is no RSA or EC public key", path.display())]
+    AuthKeyInvalid {
+        /// The configured file.
+        path: PathBuf,
+        /// What the EC parser said (the RSA parser was tried first).
+        #[source]
+        cause: jsonwebtoken::errors::Error,
+    },
+}
+
+impl ConfigError {
+    /// The config keys this error concerns, as in the config file, the one
+    /// to change first.
+    ///
+    /// ```
+    /// use hubbub_server::Config;
+    ///
+    /// let mut config = Config::default();
+    /// config.websocket.max_frame_bytes = config.websocket.max_message_bytes + 1;
+    /// let err = config.validate().unwrap_err();
+    /// assert_eq!(err.keys(), ["websocket.max_frame_bytes", "websocket.max_message_bytes"]);
+    /// ```
+    pub fn keys(&self) -> Vec<String> {
+        use hubbub_transfer::LimitsError as Transfer;
+        let keys: &[&str] = match self {
+            Self::Zero(key)
+            | Self::NotPositive { key, .. }
+            | Self::TooSmall { key, .. }
+            | Self::Empty { key } => &[key],
+            Self::Conflict { key, other, .. } | Self::Exclusive { key, other } => &[key, other],
+            Self::UploadStall { .. } => {
+                &["uploads.rate_bytes_per_sec", "uploads.max_chunk_size", "heartbeat.timeout"]
+            }
+            Self::Protocol(hubbub_protocol::LimitsError::Zero { field }) => {
+                return vec![format!("protocol.{field}")];
+            }
+            Self::Heartbeat(err) => return vec![format!("heartbeat.{}", heartbeat_key(err))],
+            Self::Uploads(Transfer::ZeroMinChunkSize) => &["uploads.min_chunk_size"],
+            Self::Uploads(Transfer::MinAboveMax { .. }) => {
+                &["uploads.min_chunk_size", "uploads.max_chunk_size"]
+            }
+            Self::Uploads(Transfer::DefaultOutOfRange { .. }) => {
+                &["uploads.default_chunk_size", "uploads.min_chunk_size", "uploads.max_chunk_size"]
+            }
+            Self::Uploads(Transfer::TooManyChunks { .. }) => {
+                &["uploads.max_file_size", "uploads.min_chunk_size"]
+            }
+            Self::Tls(_) => &["tls.cert", "tls.key"],
+            Self::UploadDir { .. } => &["uploads.dir"],
+            Self::History(_) => &["history.path"],
+            Self::AuthKeyUnreadable { .. } | Self::AuthKeyInvalid { .. } => &["auth.public_key"],
+        };
+        keys.iter().map(|key| (*key).to_owned()).collect()
+    }
+}
+
+/// The `[heartbeat]` key a heartbeat config error is about.
+fn heartbeat_key(err: &hubbub_heartbeat::ConfigError) -> &'static str {
+    match err {
+        hubbub_heartbeat::ConfigError::ZeroInterval => "interval",
+        hubbub_heartbeat::ConfigError::ZeroTimeout => "timeout",
+    }
+}
+
+/// A transfer limits error in the config file's words: the transfer crate
+/// names its fields, the config file has them under `uploads.`.
+fn transfer_message(err: &hubbub_transfer::LimitsError) -> String {
+    use hubbub_transfer::LimitsError as Transfer;
+    match err {
+        Transfer::ZeroMinChunkSize => "uploads.min_chunk_size must be at least 1 byte".to_owned(),
+        Transfer::MinAboveMax { min, max } => {
+            format!("uploads.min_chunk_size ({min}) must not be larger than uploads.max_chunk_size ({max})")
+        }
+        Transfer::DefaultOutOfRange { default, min, max } => format!(
+            "uploads.default_chunk_size ({default}) must be between uploads.min_chunk_size ({min}) and \
+             uploads.max_chunk_size ({max})"
+        ),
+        Transfer::TooManyChunks { max_file_size, min_chunk_size } => format!(
+            "uploads.max_file_size ({max_file_size}) needs more than 4,294,967,295 chunks of \
+             uploads.min_chunk_size ({min_chunk_size}) bytes"
+        ),
+    }
 }
 
 impl Config {
@@ -476,6 +742,7 @@ impl Config {
         "heartbeat",
         "delivery",
         "uploads",
+        "history",
         "limits",
         "http",
         "rate_limit",
@@ -484,142 +751,64 @@ impl Config {
         "auth",
     ];
 
-    /// Checks that the configuration can work.
+    /// Checks that the configuration can work: each section by itself,
+    /// then the rules that span sections.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        for (key, value) in [("shutdown_drain", self.shutdown_drain), ("close_timeout", self.close_timeout)] {
+            zero_duration(key, value)?;
+        }
+        self.protocol.validate().map_err(ConfigError::Protocol)?;
+        self.websocket.validate()?;
+        self.heartbeat.validate()?;
+        self.delivery.validate()?;
+        self.uploads.validate()?;
+        self.history.validate()?;
+        self.limits.validate()?;
+        self.http.validate()?;
+        self.rate_limit.validate()?;
+        self.metrics.validate()?;
+        if let Some(tls) = &self.tls {
+            tls.validate()?;
+        }
+        self.auth.validate()?;
+
         let ws = &self.websocket;
-        let positive = [
-            ("protocol.max_username_chars", self.protocol.max_username_chars),
-            ("protocol.max_room_chars", self.protocol.max_room_chars),
-            ("protocol.max_text_chars", self.protocol.max_text_chars),
-            ("websocket.max_message_bytes", ws.max_message_bytes),
-            ("websocket.max_frame_bytes", ws.max_frame_bytes),
-            ("websocket.outbound_queue", ws.outbound_queue),
-            ("websocket.outbound_queue_bytes", ws.outbound_queue_bytes),
-            ("delivery.dedupe_capacity", self.delivery.dedupe_capacity),
-            ("uploads.max_parked", self.uploads.max_parked),
-            ("uploads.max_uploads_per_owner", self.uploads.max_uploads_per_owner),
-            ("protocol.max_file_name_chars", self.protocol.max_file_name_chars),
-            ("protocol.max_transfer_id_chars", self.protocol.max_transfer_id_chars),
-        ];
-        for (name, value) in positive {
-            if value == 0 {
-                return Err(ConfigError::Zero(name));
-            }
-        }
-        // A chat connection's greeting alone queues two frames, and joining a
-        // room two more; anything smaller would drop every client at once.
-        if ws.outbound_queue < MIN_OUTBOUND_QUEUE {
-            return Err(ConfigError::Inconsistent(format!(
-                "websocket.outbound_queue must be at least {MIN_OUTBOUND_QUEUE}"
-            )));
-        }
-        for (name, value) in [
-            ("auth.auth_timeout", self.auth.auth_timeout),
-            ("auth.expiry_warning", self.auth.expiry_warning),
-            ("shutdown_drain", self.shutdown_drain),
-            ("http.header_read_timeout", self.http.header_read_timeout),
-        ] {
-            if value.is_zero() {
-                return Err(ConfigError::Zero(name));
-            }
+        let uploads = &self.uploads;
+        // A chunk frame is a message; one that cannot arrive cannot be sent.
+        let chunk_frame = uploads.transfer_limits().max_frame_len();
+        if chunk_frame > ws.max_message_bytes {
+            return Err(ConfigError::Conflict {
+                key: "uploads.max_chunk_size",
+                value: uploads.max_chunk_size.into(),
+                why: "plus its 4-byte index must fit",
+                other: "websocket.max_message_bytes",
+                other_value: ws.max_message_bytes as u64,
+            });
         }
         // A connection over its upload rate stops reading for one chunk's
         // worth of time; its heartbeat pongs wait unread meanwhile, so that
         // pause must stay well inside the heartbeat timeout.
-        if self.uploads.rate_bytes_per_sec > 0 {
-            let pause = self.uploads.max_chunk_size as f64 / self.uploads.rate_bytes_per_sec as f64;
+        if uploads.rate_bytes_per_sec > 0 {
+            let pause = upload_pause_secs(&uploads.max_chunk_size, &uploads.rate_bytes_per_sec);
             if pause > self.heartbeat.timeout.as_secs_f64() / 4.0 {
-                return Err(ConfigError::Inconsistent(format!(
-                    "uploads.rate_bytes_per_sec ({}) is too low for uploads.max_chunk_size ({}): one chunk \
-                     would pause reading for {pause:.1} s, more than a quarter of heartbeat.timeout",
-                    self.uploads.rate_bytes_per_sec, self.uploads.max_chunk_size
-                )));
+                return Err(ConfigError::UploadStall {
+                    rate: uploads.rate_bytes_per_sec,
+                    chunk: uploads.max_chunk_size,
+                    timeout: self.heartbeat.timeout,
+                });
             }
-        }
-        if let Some(tls) = &self.tls {
-            if tls.handshake_timeout.is_zero() {
-                return Err(ConfigError::Zero("tls.handshake_timeout"));
-            }
-            if tls.max_pending_handshakes == 0 {
-                return Err(ConfigError::Zero("tls.max_pending_handshakes"));
-            }
-        }
-        if self.close_timeout.is_zero() {
-            return Err(ConfigError::Zero("close_timeout"));
-        }
-        let rl = &self.rate_limit;
-        for (name, rate) in [
-            ("chat_per_sec", rl.chat_per_sec),
-            ("typing_per_sec", rl.typing_per_sec),
-            ("room_per_sec", rl.room_per_sec),
-            ("control_per_sec", rl.control_per_sec),
-            ("address_connections_per_sec", rl.address_connections_per_sec),
-            ("address_chat_per_sec", rl.address_chat_per_sec),
-            ("address_lobby_per_sec", rl.address_lobby_per_sec),
-        ] {
-            if !(rate.is_finite() && rate > 0.0) {
-                return Err(ConfigError::Inconsistent(format!(
-                    "rate_limit.{name} must be a positive number"
-                )));
-            }
-        }
-        for (name, burst) in [
-            ("rate_limit.chat_burst", rl.chat_burst),
-            ("rate_limit.typing_burst", rl.typing_burst),
-            ("rate_limit.room_burst", rl.room_burst),
-            ("rate_limit.control_burst", rl.control_burst),
-            ("rate_limit.flood_strikes", rl.flood_strikes),
-            ("rate_limit.address_connections_burst", rl.address_connections_burst),
-            ("rate_limit.address_chat_burst", rl.address_chat_burst),
-            ("rate_limit.address_lobby_burst", rl.address_lobby_burst),
-        ] {
-            if burst == 0 {
-                return Err(ConfigError::Zero(name));
-            }
-        }
-        if rl.lobby_bytes_per_sec == 0 {
-            return Err(ConfigError::Zero("rate_limit.lobby_bytes_per_sec"));
         }
         // A lobby burst must fit a reader's queue with room to spare, or the
         // limit meant to protect readers would itself drop them.
-        if rl.lobby_burst_bytes == 0 || rl.lobby_burst_bytes > (ws.outbound_queue_bytes / 2) as u64 {
-            return Err(ConfigError::Inconsistent(format!(
-                "rate_limit.lobby_burst_bytes ({}) must be between 1 and half of websocket.outbound_queue_bytes ({})",
-                rl.lobby_burst_bytes, ws.outbound_queue_bytes
-            )));
-        }
-        if rl.flood_window.is_zero() {
-            return Err(ConfigError::Zero("rate_limit.flood_window"));
-        }
-        if self.heartbeat.interval.is_zero() {
-            return Err(ConfigError::Zero("heartbeat.interval"));
-        }
-        if self.heartbeat.timeout.is_zero() {
-            return Err(ConfigError::Zero("heartbeat.timeout"));
-        }
-        self.uploads
-            .transfer_limits()
-            .validate()
-            .map_err(|err| ConfigError::Inconsistent(format!("uploads: {err}")))?;
-        // Otherwise a file of the largest allowed size could never be sent.
-        if self.uploads.max_reserved_bytes_per_owner < self.uploads.max_file_size {
-            return Err(ConfigError::Inconsistent(format!(
-                "uploads.max_reserved_bytes_per_owner ({}) must be at least uploads.max_file_size ({})",
-                self.uploads.max_reserved_bytes_per_owner, self.uploads.max_file_size
-            )));
-        }
-        let chunk_frame = self.uploads.max_chunk_size as usize + hubbub_protocol::chunk::HEADER_LEN;
-        if chunk_frame > ws.max_message_bytes {
-            return Err(ConfigError::Inconsistent(format!(
-                "uploads.max_chunk_size ({}) plus its 4-byte index does not fit websocket.max_message_bytes ({})",
-                self.uploads.max_chunk_size, ws.max_message_bytes
-            )));
-        }
-        if ws.max_frame_bytes > ws.max_message_bytes {
-            return Err(ConfigError::Inconsistent(format!(
-                "websocket.max_frame_bytes ({}) exceeds websocket.max_message_bytes ({})",
-                ws.max_frame_bytes, ws.max_message_bytes
-            )));
+        let half_queue = (ws.outbound_queue_bytes / 2) as u64;
+        if self.rate_limit.lobby_burst_bytes > half_queue {
+            return Err(ConfigError::Conflict {
+                key: "rate_limit.lobby_burst_bytes",
+                value: self.rate_limit.lobby_burst_bytes,
+                why: "must be at most half of",
+                other: "websocket.outbound_queue_bytes",
+                other_value: ws.outbound_queue_bytes as u64,
+            });
         }
         Ok(())
     }
@@ -632,6 +821,199 @@ impl Config {
 
 /// Smallest useful outbound queue: a greeting plus a room join.
 const MIN_OUTBOUND_QUEUE: usize = 8;
+
+/// Shortest HS256 secret: RFC 7518 section 3.2 asks for a key at least as
+/// long as the hash, 256 bits.
+const MIN_SECRET_BYTES: usize = 32;
+
+// Each section's own rules. `Config::validate` calls them all, then checks
+// the rules that span sections; a section's rules can be read, and tested,
+// without the rest of the configuration.
+
+/// `Err(Zero)` when `value` is zero.
+fn zero(key: &'static str, value: u64) -> Result<(), ConfigError> {
+    if value == 0 { Err(ConfigError::Zero(key)) } else { Ok(()) }
+}
+
+/// `Err(Zero)` when `value` is zero.
+fn zero_duration(key: &'static str, value: Duration) -> Result<(), ConfigError> {
+    if value.is_zero() { Err(ConfigError::Zero(key)) } else { Ok(()) }
+}
+
+/// Seconds a connection stops reading after a chunk of `chunk` bytes when
+/// held to `rate` bytes per second.
+fn upload_pause_secs(chunk: &u32, rate: &u64) -> f64 {
+    f64::from(*chunk) / *rate as f64
+}
+
+impl WebSocketLimits {
+    /// Every size positive, a frame no larger than a message, and an
+    /// outbound queue that holds at least a greeting and a room join.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (key, value) in [
+            ("websocket.max_message_bytes", self.max_message_bytes),
+            ("websocket.max_frame_bytes", self.max_frame_bytes),
+            ("websocket.outbound_queue", self.outbound_queue),
+            ("websocket.outbound_queue_bytes", self.outbound_queue_bytes),
+        ] {
+            zero(key, value as u64)?;
+        }
+        // A chat connection's greeting alone queues two frames, and joining a
+        // room two more; anything smaller would drop every client at once.
+        if self.outbound_queue < MIN_OUTBOUND_QUEUE {
+            return Err(ConfigError::TooSmall {
+                key: "websocket.outbound_queue",
+                value: self.outbound_queue as u64,
+                min: MIN_OUTBOUND_QUEUE as u64,
+                unit: "frames",
+            });
+        }
+        if self.max_frame_bytes > self.max_message_bytes {
+            return Err(ConfigError::Conflict {
+                key: "websocket.max_frame_bytes",
+                value: self.max_frame_bytes as u64,
+                why: "must not exceed",
+                other: "websocket.max_message_bytes",
+                other_value: self.max_message_bytes as u64,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl HeartbeatSettings {
+    /// The heartbeat crate's own rules: both durations positive.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        HeartbeatConfig::from(*self).validate().map_err(ConfigError::Heartbeat)
+    }
+}
+
+impl DeliverySettings {
+    /// Room for at least one remembered id.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        zero("delivery.dedupe_capacity", self.dedupe_capacity as u64)
+    }
+}
+
+impl UploadSettings {
+    /// The transfer crate's rules for the chunk and file sizes, room for at
+    /// least one parked upload and one upload per owner, and an owner's
+    /// reservation large enough for the largest file.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.transfer_limits().validate().map_err(ConfigError::Uploads)?;
+        zero("uploads.max_parked", self.max_parked as u64)?;
+        zero("uploads.max_uploads_per_owner", self.max_uploads_per_owner as u64)?;
+        // Otherwise a file of the largest allowed size could never be sent.
+        if self.max_reserved_bytes_per_owner < self.max_file_size {
+            return Err(ConfigError::Conflict {
+                key: "uploads.max_reserved_bytes_per_owner",
+                value: self.max_reserved_bytes_per_owner,
+                why: "must be at least",
+                other: "uploads.max_file_size",
+                other_value: self.max_file_size,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl ConnectionLimits {
+    /// Nothing to refuse: every cap, 0 included (no cap), can work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        Ok(())
+    }
+}
+
+impl HttpSettings {
+    /// A positive header timeout; the caps may be 0 (no cap).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        zero_duration("http.header_read_timeout", self.header_read_timeout)
+    }
+}
+
+impl RateLimitSettings {
+    /// Every rate a positive number, every burst and window positive. They
+    /// are checked even when `enabled` is false, so that turning limits on
+    /// cannot make a configuration invalid.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (key, value) in [
+            ("rate_limit.chat_per_sec", self.chat_per_sec),
+            ("rate_limit.typing_per_sec", self.typing_per_sec),
+            ("rate_limit.room_per_sec", self.room_per_sec),
+            ("rate_limit.control_per_sec", self.control_per_sec),
+            ("rate_limit.address_connections_per_sec", self.address_connections_per_sec),
+            ("rate_limit.address_chat_per_sec", self.address_chat_per_sec),
+            ("rate_limit.address_lobby_per_sec", self.address_lobby_per_sec),
+        ] {
+            if !(value.is_finite() && value > 0.0) {
+                return Err(ConfigError::NotPositive { key, value });
+            }
+        }
+        for (key, value) in [
+            ("rate_limit.chat_burst", self.chat_burst),
+            ("rate_limit.typing_burst", self.typing_burst),
+            ("rate_limit.room_burst", self.room_burst),
+            ("rate_limit.control_burst", self.control_burst),
+            ("rate_limit.flood_strikes", self.flood_strikes),
+            ("rate_limit.address_connections_burst", self.address_connections_burst),
+            ("rate_limit.address_chat_burst", self.address_chat_burst),
+            ("rate_limit.address_lobby_burst", self.address_lobby_burst),
+        ] {
+            zero(key, value.into())?;
+        }
+        zero("rate_limit.lobby_bytes_per_sec", self.lobby_bytes_per_sec)?;
+        zero("rate_limit.lobby_burst_bytes", self.lobby_burst_bytes)?;
+        zero_duration("rate_limit.flood_window", self.flood_window)
+    }
+}
+
+impl MetricsSettings {
+    /// Nothing to refuse here: whether `listen` can be bound is found when
+    /// the server binds it.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        Ok(())
+    }
+}
+
+impl AuthSettings {
+    /// Positive timeouts; at most one key, a secret long enough for HS256,
+    /// and no empty audience or issuer. Whether `public_key` holds a usable
+    /// key is found when the server loads it.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        zero_duration("auth.auth_timeout", self.auth_timeout)?;
+        zero_duration("auth.expiry_warning", self.expiry_warning)?;
+        if self.secret.is_some() && self.public_key.is_some() {
+            return Err(ConfigError::Exclusive { key: "auth.secret", other: "auth.public_key" });
+        }
+        if let Some(secret) = &self.secret
+            && secret.len() < MIN_SECRET_BYTES
+        {
+            // Its length only: the secret itself is not for logs.
+            return Err(ConfigError::TooSmall {
+                key: "auth.secret",
+                value: secret.len() as u64,
+                min: MIN_SECRET_BYTES as u64,
+                unit: "bytes",
+            });
+        }
+        for (key, value) in [("auth.audience", &self.audience), ("auth.issuer", &self.issuer)] {
+            if value.as_deref() == Some("") {
+                return Err(ConfigError::Empty { key });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl TlsSettings {
+    /// A positive handshake timeout and room for at least one handshake.
+    /// Whether the files hold a usable certificate and key is found when the
+    /// server loads them.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        zero_duration("tls.handshake_timeout", self.handshake_timeout)?;
+        zero("tls.max_pending_handshakes", self.max_pending_handshakes as u64)
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -647,25 +1029,288 @@ mod tests {
         assert_eq!(back, config);
     }
 
+    /// The message of `config`'s first error, and the keys it names.
+    fn refusal(config: &Config) -> (String, Vec<String>) {
+        let err = config.validate().expect_err("the configuration should be refused");
+        (err.to_string(), err.keys())
+    }
+
     #[test]
-    fn contradictions_are_refused() {
-        let mut config = Config::default();
-        config.websocket.outbound_queue = 0;
+    fn top_level_durations_must_be_positive() {
+        for key in ["shutdown_drain", "close_timeout"] {
+            let mut config = Config::default();
+            match key {
+                "shutdown_drain" => config.shutdown_drain = Duration::ZERO,
+                _ => config.close_timeout = Duration::ZERO,
+            }
+            assert_eq!(refusal(&config), (format!("{key} must be greater than zero"), vec![key.to_owned()]));
+        }
+    }
+
+    #[test]
+    fn protocol_section_reuses_the_protocol_crates_rules() {
+        let protocol = Limits { max_room_chars: 0, ..Limits::default() };
+        let config = Config { protocol, ..Config::default() };
+        let err = config.validate().unwrap_err();
+        assert!(matches!(
+            err,
+            ConfigError::Protocol(hubbub_protocol::LimitsError::Zero { field: "max_room_chars" })
+        ));
+        assert_eq!(err.to_string(), "protocol.max_room_chars must be greater than zero");
+        assert_eq!(err.keys(), ["protocol.max_room_chars"]);
+    }
+
+    #[test]
+    fn websocket_section() {
+        let ok = WebSocketLimits::default();
+        ok.validate().unwrap();
+        for key in ["max_message_bytes", "max_frame_bytes", "outbound_queue", "outbound_queue_bytes"] {
+            let mut ws = ok.clone();
+            match key {
+                "max_message_bytes" => ws.max_message_bytes = 0,
+                "max_frame_bytes" => ws.max_frame_bytes = 0,
+                "outbound_queue" => ws.outbound_queue = 0,
+                _ => ws.outbound_queue_bytes = 0,
+            }
+            let err = ws.validate().unwrap_err();
+            assert_eq!(err.to_string(), format!("websocket.{key} must be greater than zero"));
+        }
+        let small = WebSocketLimits { outbound_queue: MIN_OUTBOUND_QUEUE - 1, ..ok.clone() };
+        let err = small.validate().unwrap_err();
+        assert!(matches!(
+            err,
+            ConfigError::TooSmall { key: "websocket.outbound_queue", value: 7, min: 8, .. }
+        ));
+        assert_eq!(err.to_string(), "websocket.outbound_queue must be at least 8 frames (it is 7)");
+        WebSocketLimits { outbound_queue: MIN_OUTBOUND_QUEUE, ..ok.clone() }.validate().unwrap();
+        let frame = WebSocketLimits { max_frame_bytes: ok.max_message_bytes + 1, ..ok.clone() };
+        let err = frame.validate().unwrap_err();
         assert_eq!(
-            config.validate().unwrap_err().to_string(),
-            "websocket.outbound_queue must be greater than zero"
+            err.to_string(),
+            "websocket.max_frame_bytes (65541) must not exceed websocket.max_message_bytes (65540)"
         );
-        let mut config = Config::default();
-        config.websocket.max_frame_bytes = config.websocket.max_message_bytes + 1;
-        assert!(config.validate().unwrap_err().to_string().contains("exceeds websocket.max_message_bytes"));
-        let mut config = Config::default();
-        config.uploads.max_uploads_per_owner = 0;
-        assert!(config.validate().unwrap_err().to_string().contains("uploads.max_uploads_per_owner"));
-        let mut config = Config::default();
-        config.uploads.max_reserved_bytes_per_owner = config.uploads.max_file_size - 1;
+        assert_eq!(err.keys(), ["websocket.max_frame_bytes", "websocket.max_message_bytes"]);
+    }
+
+    #[test]
+    fn heartbeat_section_reuses_the_heartbeat_crates_rules() {
+        HeartbeatSettings::default().validate().unwrap();
+        for (key, settings) in [
+            ("interval", HeartbeatSettings { interval: Duration::ZERO, ..HeartbeatSettings::default() }),
+            ("timeout", HeartbeatSettings { timeout: Duration::ZERO, ..HeartbeatSettings::default() }),
+        ] {
+            let err = settings.validate().unwrap_err();
+            assert!(matches!(err, ConfigError::Heartbeat(_)), "{err:?}");
+            assert_eq!(err.to_string(), format!("heartbeat.{key} must be greater than zero"));
+            assert_eq!(err.keys(), [format!("heartbeat.{key}")]);
+        }
+    }
+
+    #[test]
+    fn delivery_section() {
+        DeliverySettings::default().validate().unwrap();
+        let none = DeliverySettings { dedupe_capacity: 0, ..DeliverySettings::default() };
+        assert_eq!(
+            none.validate().unwrap_err().to_string(),
+            "delivery.dedupe_capacity must be greater than zero"
+        );
+    }
+
+    #[test]
+    fn uploads_section_reuses_the_transfer_crates_rules() {
+        let ok = UploadSettings::default();
+        ok.validate().unwrap();
+        let inverted = UploadSettings {
+            min_chunk_size: 8192,
+            max_chunk_size: 4096,
+            default_chunk_size: 4096,
+            ..ok.clone()
+        };
+        let err = inverted.validate().unwrap_err();
         assert!(
-            config.validate().unwrap_err().to_string().contains("must be at least uploads.max_file_size")
+            matches!(
+                err,
+                ConfigError::Uploads(hubbub_transfer::LimitsError::MinAboveMax { min: 8192, max: 4096 })
+            ),
+            "{err:?}"
         );
+        assert_eq!(
+            err.to_string(),
+            "uploads.min_chunk_size (8192) must not be larger than uploads.max_chunk_size (4096)"
+        );
+        assert_eq!(err.keys(), ["uploads.min_chunk_size", "uploads.max_chunk_size"]);
+        let zero = UploadSettings { min_chunk_size: 0, ..ok.clone() };
+        assert_eq!(
+            zero.validate().unwrap_err().to_string(),
+            "uploads.min_chunk_size must be at least 1 byte"
+        );
+        let odd = UploadSettings { default_chunk_size: 1, ..ok.clone() };
+        assert_eq!(odd.validate().unwrap_err().keys()[0], "uploads.default_chunk_size");
+        let huge =
+            UploadSettings { max_file_size: u64::MAX, max_reserved_bytes_per_owner: u64::MAX, ..ok.clone() };
+        assert!(huge.validate().unwrap_err().to_string().starts_with("uploads.max_file_size ("));
+
+        for key in ["max_parked", "max_uploads_per_owner"] {
+            let mut uploads = ok.clone();
+            match key {
+                "max_parked" => uploads.max_parked = 0,
+                _ => uploads.max_uploads_per_owner = 0,
+            }
+            assert_eq!(
+                uploads.validate().unwrap_err().to_string(),
+                format!("uploads.{key} must be greater than zero")
+            );
+        }
+        let stingy = UploadSettings { max_reserved_bytes_per_owner: ok.max_file_size - 1, ..ok.clone() };
+        let err = stingy.validate().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "uploads.max_reserved_bytes_per_owner (104857599) must be at least uploads.max_file_size (104857600)"
+        );
+        assert_eq!(err.keys(), ["uploads.max_reserved_bytes_per_owner", "uploads.max_file_size"]);
+    }
+
+    #[test]
+    fn connection_and_metrics_sections_accept_any_value() {
+        ConnectionLimits { max_connections: 0, max_connections_per_ip: 0 }.validate().unwrap();
+        MetricsSettings { enabled: false, listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))) }
+            .validate()
+            .unwrap();
+    }
+
+    #[test]
+    fn http_section() {
+        HttpSettings { max_connections: 0, max_connections_per_ip: 0, ..HttpSettings::default() }
+            .validate()
+            .unwrap();
+        let instant = HttpSettings { header_read_timeout: Duration::ZERO, ..HttpSettings::default() };
+        assert_eq!(instant.validate().unwrap_err().keys(), ["http.header_read_timeout"]);
+    }
+
+    #[test]
+    fn rate_limit_section() {
+        let ok = RateLimitSettings::default();
+        ok.validate().unwrap();
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let rates = RateLimitSettings { address_lobby_per_sec: bad, ..ok };
+            let err = rates.validate().unwrap_err();
+            assert!(matches!(err, ConfigError::NotPositive { key: "rate_limit.address_lobby_per_sec", .. }));
+            assert_eq!(
+                err.to_string(),
+                format!("rate_limit.address_lobby_per_sec must be a positive number, not {bad}")
+            );
+        }
+        // Checked with limits off too, so that turning them on cannot fail.
+        let off = RateLimitSettings { enabled: false, chat_per_sec: 0.0, ..ok };
+        assert_eq!(off.validate().unwrap_err().keys(), ["rate_limit.chat_per_sec"]);
+        for (key, settings) in [
+            ("chat_burst", RateLimitSettings { chat_burst: 0, ..ok }),
+            ("flood_strikes", RateLimitSettings { flood_strikes: 0, ..ok }),
+            ("address_chat_burst", RateLimitSettings { address_chat_burst: 0, ..ok }),
+            ("lobby_bytes_per_sec", RateLimitSettings { lobby_bytes_per_sec: 0, ..ok }),
+            ("lobby_burst_bytes", RateLimitSettings { lobby_burst_bytes: 0, ..ok }),
+            ("flood_window", RateLimitSettings { flood_window: Duration::ZERO, ..ok }),
+        ] {
+            assert_eq!(
+                settings.validate().unwrap_err().to_string(),
+                format!("rate_limit.{key} must be greater than zero")
+            );
+        }
+    }
+
+    #[test]
+    fn auth_section() {
+        let ok = AuthSettings::default();
+        ok.validate().unwrap();
+        let secret = "s".repeat(MIN_SECRET_BYTES);
+        AuthSettings { secret: Some(secret.clone()), ..ok.clone() }.validate().unwrap();
+        let short = AuthSettings { secret: Some(secret[1..].to_owned()), ..ok.clone() };
+        let err = short.validate().unwrap_err();
+        assert_eq!(err.to_string(), "auth.secret must be at least 32 bytes (it is 31)");
+        assert!(!err.to_string().contains(&secret[1..]), "the secret is not for logs");
+        let both = AuthSettings { secret: Some(secret), public_key: Some("key.pem".into()), ..ok.clone() };
+        let err = both.validate().unwrap_err();
+        assert_eq!(err.to_string(), "set auth.secret or auth.public_key, not both");
+        assert_eq!(err.keys(), ["auth.secret", "auth.public_key"]);
+        for key in ["audience", "issuer"] {
+            let mut empty = ok.clone();
+            match key {
+                "audience" => empty.audience = Some(String::new()),
+                _ => empty.issuer = Some(String::new()),
+            }
+            assert_eq!(empty.validate().unwrap_err().to_string(), format!("auth.{key} must not be empty"));
+        }
+        for (key, settings) in [
+            ("auth_timeout", AuthSettings { auth_timeout: Duration::ZERO, ..ok.clone() }),
+            ("expiry_warning", AuthSettings { expiry_warning: Duration::ZERO, ..ok.clone() }),
+        ] {
+            assert_eq!(settings.validate().unwrap_err().keys(), [format!("auth.{key}")]);
+        }
+    }
+
+    #[test]
+    fn tls_section() {
+        let ok = TlsSettings {
+            cert: "c".into(),
+            key: "k".into(),
+            handshake_timeout: Duration::from_secs(1),
+            max_pending_handshakes: 1,
+        };
+        ok.validate().unwrap();
+        let instant = TlsSettings { handshake_timeout: Duration::ZERO, ..ok.clone() };
+        assert_eq!(
+            instant.validate().unwrap_err().to_string(),
+            "tls.handshake_timeout must be greater than zero"
+        );
+        let none = TlsSettings { max_pending_handshakes: 0, ..ok.clone() };
+        let config = Config { tls: Some(none), ..Config::default() };
+        assert_eq!(refusal(&config).1, ["tls.max_pending_handshakes"]);
+    }
+
+    #[test]
+    fn a_chunk_frame_must_fit_a_message() {
+        let mut config = Config::default();
+        config.websocket.max_message_bytes = 65_539;
+        config.websocket.max_frame_bytes = 65_539;
+        let (message, keys) = refusal(&config);
+        assert_eq!(
+            message,
+            "uploads.max_chunk_size (65536) plus its 4-byte index must fit websocket.max_message_bytes (65539)"
+        );
+        assert_eq!(keys, ["uploads.max_chunk_size", "websocket.max_message_bytes"]);
+        config.uploads.max_chunk_size = 65_535;
+        config.uploads.default_chunk_size = 65_535;
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn an_upload_rate_must_not_starve_the_heartbeat() {
+        let mut config = Config::default();
+        // A 64 KiB chunk at 4 KiB/s pauses reading for 16 s; the timeout is 35 s.
+        config.uploads.rate_bytes_per_sec = 4096;
+        let (message, keys) = refusal(&config);
+        assert_eq!(
+            message,
+            "uploads.rate_bytes_per_sec (4096) is too low for uploads.max_chunk_size (65536): one chunk would \
+             pause reading for 16.0 s, more than a quarter of heartbeat.timeout (35s)"
+        );
+        assert_eq!(keys, ["uploads.rate_bytes_per_sec", "uploads.max_chunk_size", "heartbeat.timeout"]);
+        config.heartbeat.timeout = Duration::from_secs(64);
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn a_lobby_burst_must_fit_half_a_queue() {
+        let mut config = Config::default();
+        config.rate_limit.lobby_burst_bytes = config.websocket.outbound_queue_bytes as u64 / 2 + 1;
+        let (message, keys) = refusal(&config);
+        assert_eq!(
+            message,
+            "rate_limit.lobby_burst_bytes (131073) must be at most half of websocket.outbound_queue_bytes (262144)"
+        );
+        assert_eq!(keys, ["rate_limit.lobby_burst_bytes", "websocket.outbound_queue_bytes"]);
+        config.websocket.outbound_queue_bytes += 2;
+        config.validate().unwrap();
     }
 
     #[test]

@@ -17,15 +17,20 @@
 //! `.await` (there is no `.await` in this module).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use hubbub_protocol::ServerMessage;
 use uuid::Uuid;
 
+use hubbub_history::{Engine, Position, Recovery, StoredMessage};
+use hubbub_protocol::Since;
+
 use crate::link::{ClientId, Frame, Peer, encode};
 use crate::metrics::Stats;
 use crate::sync::{lock, read, write};
+use crate::ws;
 
 /// Queues `frame` to every peer of `peers` but `except`, and records the
 /// broadcast: the one place fan-out happens and is counted.
@@ -77,6 +82,12 @@ impl PeerSet {
         write(self.shard(id)).remove(id);
     }
 
+    /// Number of peers, shard by shard (for `internals`).
+    #[cfg(feature = "internals")]
+    pub(crate) fn len(&self) -> usize {
+        self.shards.iter().map(|shard| read(shard).len()).sum()
+    }
+
     /// Queues `frame` to every peer.
     pub(crate) fn broadcast(&self, frame: &Frame) {
         for shard in &self.shards {
@@ -96,6 +107,26 @@ pub(crate) struct Room {
     recent: Mutex<RecentIds>,
     /// Where broadcasts are counted.
     stats: Arc<Stats>,
+    /// The offset of the newest kept message delivered to the members
+    /// (0 for none; from the store when the room came into being here).
+    /// Written only under the member lock, read by joins under its write
+    /// lock: a joiner is replayed what is at or below it and receives what
+    /// is above it live, so it never misses or doubles a message.
+    delivered: AtomicU64,
+    /// Set once the room has been removed from the hub (it emptied).
+    removed: AtomicBool,
+}
+
+/// What a join asks of the room's history.
+pub(crate) struct Recall<'a> {
+    /// The store.
+    pub(crate) engine: &'a dyn Engine,
+    /// Where the joiner's copy of the room ends, if it says.
+    pub(crate) since: Option<&'a Since>,
+    /// Most messages to replay.
+    pub(crate) max_messages: usize,
+    /// Most bytes to replay, so the replay fits the joiner's queue.
+    pub(crate) max_bytes: usize,
 }
 
 /// What [`Room::remember`] found.
@@ -173,6 +204,23 @@ impl Room {
         fan_out(read(&self.members).iter(), frame, except, &self.stats);
     }
 
+    /// Delivers the kept message at `offset` to every member but `except`,
+    /// unless members already have it (a joiner was replayed it). Called in
+    /// offset order, one at a time per room (the history engine's promise).
+    pub(crate) fn deliver(&self, offset: u64, frame: &Frame, except: Option<ClientId>) {
+        let members = read(&self.members);
+        if offset <= self.delivered.load(Ordering::Acquire) {
+            return;
+        }
+        fan_out(members.iter(), frame, except, &self.stats);
+        self.delivered.store(offset, Ordering::Release);
+    }
+
+    /// Whether the room has emptied and left the hub.
+    pub(crate) fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Acquire)
+    }
+
     /// Current number of members.
     pub(crate) fn len(&self) -> usize {
         read(&self.members).len()
@@ -190,6 +238,70 @@ pub(crate) struct Hub {
     pub(crate) subscribers: PeerSet,
     /// Counters.
     pub(crate) stats: Arc<Stats>,
+}
+
+impl Recall<'_> {
+    /// The joiner's `roomJoined` and the messages to replay after it, for
+    /// a room whose members have had everything up to `delivered`.
+    fn answer(&self, name: &str, user_count: usize, delivered: u64) -> (ServerMessage, Vec<StoredMessage>) {
+        let position = match self.engine.position(name) {
+            Ok(position) => position,
+            Err(err) => {
+                tracing::warn!(room = %name, cause = %err, "cannot read the room's history position");
+                let reply = ServerMessage::RoomJoined {
+                    room: name.to_owned(),
+                    user_count,
+                    epoch: None,
+                    offset: None,
+                    recovered: self.since.map(|_| false),
+                    missed: None,
+                };
+                return (reply, Vec::new());
+            }
+        };
+        let epoch = position.epoch.as_str().to_owned();
+        let mut reply = ServerMessage::RoomJoined {
+            room: name.to_owned(),
+            user_count,
+            epoch: Some(epoch),
+            offset: Some(delivered),
+            recovered: None,
+            missed: None,
+        };
+        let Some(since) = self.since else { return (reply, Vec::new()) };
+        let replay = self.missed(name, since, &position, delivered);
+        if let ServerMessage::RoomJoined { recovered, missed, .. } = &mut reply {
+            *recovered = Some(replay.is_some());
+            *missed = replay.as_ref().map(|replay| replay.len() as u64);
+        }
+        (reply, replay.unwrap_or_default())
+    }
+
+    /// The messages after `since` up to `delivered`, if the store still
+    /// holds every one of them and they fit the limits.
+    fn missed(
+        &self,
+        name: &str,
+        since: &Since,
+        position: &Position,
+        delivered: u64,
+    ) -> Option<Vec<StoredMessage>> {
+        if since.epoch != position.epoch.as_str() || since.offset > delivered {
+            return None;
+        }
+        let wanted = Position { epoch: position.epoch.clone(), offset: since.offset };
+        let messages = match self.engine.since(name, &wanted, self.max_messages) {
+            Ok(Recovery::Recovered { messages, .. }) => messages,
+            Ok(Recovery::NotRecoverable { .. }) => return None,
+            Err(err) => {
+                tracing::warn!(room = %name, cause = %err, "cannot read the room's history");
+                return None;
+            }
+        };
+        let replay: Vec<StoredMessage> = messages.into_iter().filter(|m| m.offset <= delivered).collect();
+        let bytes: usize = replay.iter().map(|m| m.bytes.len()).sum();
+        (bytes <= self.max_bytes).then_some(replay)
+    }
 }
 
 /// What [`Hub::join`] tells the joiner.
@@ -228,19 +340,37 @@ impl Hub {
         out
     }
 
+    /// The room `name`, if it exists.
+    pub(crate) fn room(&self, name: &str) -> Option<Arc<Room>> {
+        lock(&self.rooms).get(name).cloned()
+    }
+
     /// Adds `peer` to the room `name` (creating it if new) and tells every
     /// member, the joiner included, with `userJoined`; then tells the joiner
-    /// `roomJoined`. The caller must have left any previous room.
-    pub(crate) fn join(&self, peer: &Peer, user: &str, name: &str) -> Joined {
+    /// `roomJoined` with the room's position in its history and, when the
+    /// joiner says where its copy ends and the store still holds what it
+    /// missed, those messages. The caller must have left any previous room.
+    pub(crate) fn join(&self, peer: &Peer, user: &str, name: &str, recall: Option<Recall<'_>>) -> Joined {
         let mut rooms = lock(&self.rooms);
         let (room, created) = match rooms.get(name) {
             Some(room) => (room.clone(), false),
             None => {
+                // Messages kept before the room came into being here were
+                // delivered to whoever was there: count them as delivered.
+                let kept = recall.as_ref().map_or(0, |recall| match recall.engine.position(name) {
+                    Ok(position) => position.offset,
+                    Err(err) => {
+                        tracing::warn!(room = %name, cause = %err, "cannot read the room's history position");
+                        0
+                    }
+                });
                 let room = Arc::new(Room {
                     name: Arc::from(name),
                     members: RwLock::default(),
                     recent: Mutex::default(),
                     stats: self.stats.clone(),
+                    delivered: AtomicU64::new(kept),
+                    removed: AtomicBool::new(false),
                 });
                 rooms.insert(room.name.clone(), room.clone());
                 self.stats.rooms.set(rooms.len() as i64);
@@ -262,7 +392,28 @@ impl Hub {
         let joined =
             encode(&ServerMessage::UserJoined { user: user.to_owned(), room: name.to_owned(), user_count });
         fan_out(members.iter(), &joined, None, &self.stats);
-        peer.reply(&ServerMessage::RoomJoined { room: name.to_owned(), user_count }, &self.stats);
+        // Under the member lock, no kept message is delivered meanwhile:
+        // what is at or below `delivered` is replayed, what is above comes
+        // live after the replay.
+        let delivered = room.delivered.load(Ordering::Acquire);
+        let (reply, replay) = match recall {
+            None => (
+                ServerMessage::RoomJoined {
+                    room: name.to_owned(),
+                    user_count,
+                    epoch: None,
+                    offset: None,
+                    recovered: None,
+                    missed: None,
+                },
+                Vec::new(),
+            ),
+            Some(recall) => recall.answer(name, user_count, delivered),
+        };
+        peer.reply(&reply, &self.stats);
+        for message in replay {
+            peer.send(ws::encode(ws::OpCode::Text, &message.bytes));
+        }
         drop(members);
         Joined { room, user_count }
     }
@@ -276,6 +427,7 @@ impl Hub {
         let user_count = members.len();
         let removed = user_count == 0;
         if removed {
+            room.removed.store(true, Ordering::Release);
             rooms.remove(&room.name);
             self.stats.rooms.set(rooms.len() as i64);
             self.notify(&ServerMessage::RoomRemoved { room: room.name.to_string() });
@@ -300,6 +452,7 @@ impl Hub {
         let mut members = write(&room.members);
         members.remove(&peer.id());
         if members.is_empty() {
+            room.removed.store(true, Ordering::Release);
             rooms.remove(&room.name);
             self.stats.rooms.set(rooms.len() as i64);
         }
@@ -328,7 +481,7 @@ mod tests {
         hub.subscribers.insert(feed.clone());
         let (ada, bob) = (peer(), peer());
 
-        let joined = hub.join(&ada, "ada", "r");
+        let joined = hub.join(&ada, "ada", "r", None);
         assert_eq!(joined.user_count, 1);
         assert_eq!(
             drain(&ada),
@@ -339,7 +492,7 @@ mod tests {
         );
         assert_eq!(drain(&feed), [json!({"type": "roomCreated", "room": "r"})]);
 
-        let room = hub.join(&bob, "bob", "r").room;
+        let room = hub.join(&bob, "bob", "r", None).room;
         // Everyone, the joiner included, hears the join; only the joiner
         // gets roomJoined, after it.
         assert_eq!(drain(&ada), [json!({"type": "userJoined", "user": "bob", "room": "r", "userCount": 2})]);
@@ -370,8 +523,8 @@ mod tests {
     fn a_quiet_leave_tells_nobody() {
         let hub = Hub::new(Arc::new(Stats::new()));
         let (ada, bob) = (peer(), peer());
-        let room = hub.join(&ada, "ada", "r").room;
-        hub.join(&bob, "bob", "r");
+        let room = hub.join(&ada, "ada", "r", None).room;
+        hub.join(&bob, "bob", "r", None);
         drain(&ada);
         hub.leave_quietly(&bob, &room);
         assert!(drain(&ada).is_empty());
@@ -383,8 +536,8 @@ mod tests {
         let hub = Hub::new(Arc::new(Stats::new()));
         let slow = Peer::new(8, 1 << 20);
         let fast = peer();
-        let room = hub.join(&slow, "slow", "r").room;
-        hub.join(&fast, "fast", "r");
+        let room = hub.join(&slow, "slow", "r", None).room;
+        hub.join(&fast, "fast", "r", None);
         drain(&fast);
         for i in 0..20 {
             room.broadcast(&encode(&ServerMessage::UserTyping { user: format!("{i}") }), None);

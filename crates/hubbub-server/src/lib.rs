@@ -30,6 +30,9 @@ mod echo;
 mod feed;
 mod http;
 mod hub;
+#[cfg(feature = "internals")]
+#[doc(hidden)]
+pub mod internals;
 mod link;
 mod metrics;
 mod net;
@@ -52,8 +55,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::{
-    Config, ConfigError, ConnectionLimits, DeliverySettings, HeartbeatSettings, RateLimitSettings,
-    UploadSettings, WebSocketLimits,
+    Config, ConfigError, ConnectionLimits, DeliverySettings, HeartbeatSettings, HistorySettings,
+    HistoryStore, RateLimitSettings, UploadSettings, WebSocketLimits,
 };
 pub use tls::{TlsError, TlsReloader, TlsSettings};
 
@@ -85,6 +88,8 @@ pub(crate) struct Shared {
     pub(crate) limits: ratelimit::AddressLimits,
     /// Verifies tokens, when authentication is on.
     pub(crate) auth: Option<auth::Authenticator>,
+    /// Room history, unless `history.store = "off"`.
+    pub(crate) history: Option<HistoryHandle>,
 }
 
 /// A Hubbub server, ready to run on a listener.
@@ -115,6 +120,7 @@ impl Server {
         let tls = config.tls.clone().map(TlsReloader::load).transpose()?;
         let auth = auth::Authenticator::from_settings(&config.auth)?;
         let limits = ratelimit::AddressLimits::new(&config.rate_limit, Instant::now());
+        let history = open_history(&config)?;
         Ok(Self {
             tls,
             shared: Arc::new(Shared {
@@ -131,6 +137,7 @@ impl Server {
                 handshakes: Arc::default(),
                 limits,
                 auth,
+                history,
             }),
         })
     }
@@ -219,6 +226,57 @@ async fn sweep_limits(shared: Arc<Shared>) {
     }
 }
 
+/// Opens the history store the configuration names. A file that cannot be
+/// opened (damaged, of another format, locked by another process) is an
+/// error naming it: history is never silently discarded.
+fn open_history(config: &Config) -> Result<Option<HistoryHandle>, ConfigError> {
+    use hubbub_history::{DiskConfig, DiskEngine, MemoryEngine, Options, Retention};
+    let settings = &config.history;
+    let options = Options {
+        retention: Retention {
+            max_messages: settings.max_messages,
+            ttl: settings.ttl,
+            dedupe_window: config.delivery.dedupe_window,
+            dedupe_capacity: config.delivery.dedupe_capacity as u64,
+            ..Retention::default()
+        },
+        ..Options::default()
+    };
+    Ok(match settings.store {
+        HistoryStore::Off => None,
+        HistoryStore::Memory => Some(HistoryHandle(Arc::new(MemoryEngine::new(options)))),
+        HistoryStore::Disk => {
+            let path = config.history_path();
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|err| {
+                    ConfigError::History(format!("cannot create the directory of {}: {err}", path.display()))
+                })?;
+            }
+            let engine = DiskEngine::open(DiskConfig::new(path), options)
+                .map_err(|err| ConfigError::History(err.to_string()))?;
+            Some(HistoryHandle(Arc::new(engine)))
+        }
+    })
+}
+
+/// The history store, shared by every chat session.
+#[derive(Clone)]
+pub(crate) struct HistoryHandle(Arc<dyn hubbub_history::Engine>);
+
+impl std::ops::Deref for HistoryHandle {
+    type Target = dyn hubbub_history::Engine;
+
+    fn deref(&self) -> &Self::Target {
+        &*self.0
+    }
+}
+
+impl std::fmt::Debug for HistoryHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HistoryHandle")
+    }
+}
+
 /// Deletes interrupted uploads whose resume time is up, until shutdown.
 async fn sweep_uploads(shared: Arc<Shared>) {
     let uploads = &shared.config.uploads;
@@ -258,8 +316,8 @@ pub(crate) mod testing {
     /// A server's shared state, its upload directory fresh under the
     /// system's temporary directory.
     pub(crate) fn shared(mut config: Config) -> Arc<Shared> {
-        config.uploads.dir =
-            std::env::temp_dir().join(format!("hubbub-unit-{}", uuid::Uuid::new_v4().simple()));
+        let scratch = std::env::temp_dir().join(format!("hubbub-unit-{}", uuid::Uuid::new_v4().simple()));
+        config.uploads.dir = scratch.join("uploads");
         Server::new(config).expect("a valid test configuration").shared
     }
 
