@@ -26,6 +26,10 @@ const USERNAME_KEY = 'hubbub.username';
 const ROOM_KEY = 'hubbub.room';
 /** A reader closer than this to the end of the list (px) counts as at the bottom. */
 const NEAR_BOTTOM_PX = 80;
+/** Messages shown when entering a room, and loaded per step when scrolling up. */
+const HISTORY_PAGE = 50;
+/** A reader closer than this to the top of the list (px) gets earlier messages. */
+const NEAR_TOP_PX = 150;
 
 /**
  * Page options, from the query string (docs/CLIENT-JS.md lists them):
@@ -124,6 +128,27 @@ let lastScrollTop = 0;
 let unseenBelow = 0;
 /** Own messages on the page, by clientMsgId, until acknowledged. */
 const ownPending = new Map();
+/**
+ * Room messages on the page by `epoch:offset`, so that one that comes again
+ * (in history, in a replay after a reconnect) is never shown twice.
+ */
+const shown = new Map();
+/** Own shared files on the page by fileId (their share's offset is not told to the sender). */
+const ownFiles = new Map();
+/** The epoch of the room's stream the page shows, or null (a server without history). */
+let roomEpoch = null;
+/** The "You joined" line and the room's newest offset then: older messages go above it. */
+let joinAnchor = null;
+/** Whether the room has messages older than the oldest shown (null: not known yet). */
+let hasEarlier = null;
+/** True while earlier messages are being fetched. */
+let loadingEarlier = false;
+/** Bumped when the page changes rooms, so a late history answer is dropped. */
+let historyToken = 0;
+/** The first message replayed after this page's reconnection gets the "while you were away" line. */
+let awayPending = false;
+/** The line at the top of the list: "Loading earlier messages…" or "The beginning of #room". */
+let edgeLine = null;
 /** Upload items on the page, by transferId. */
 const uploads = new Map();
 /** Who is typing: name -> timer that forgets them. */
@@ -223,6 +248,7 @@ function renderNewMarker() {
 function append(item) {
   const news = !item.classList.contains('system');
   ui.messages.append(item);
+  regroup(item);
   resizeWatcher?.observe(item);
   if (pinned || item.classList.contains('own')) {
     scrollToBottom();
@@ -243,23 +269,28 @@ function systemLine(text, kind = 'info', at = Date.now()) {
   return item;
 }
 
-/** A message bubble: avatar, name, time, then `body`. */
+/** Whether `item` continues the group of `previous` (same author, close in time). */
+function continues(previous, item) {
+  if (!previous || !previous.classList.contains('msg') || !item.classList.contains('msg')) return false;
+  if (previous.classList.contains('lobby') || item.classList.contains('lobby')) return false;
+  if (previous.dataset.user !== item.dataset.user) return false;
+  if (previous.classList.contains('own') !== item.classList.contains('own')) return false;
+  const gap = Number(item.dataset.time) - Number(previous.dataset.time);
+  return Number.isFinite(gap) && gap >= 0 && gap < GROUP_WINDOW_MS;
+}
+
+/** Groups `item` with its neighbours after it was put in the list. */
+function regroup(item) {
+  item.classList.toggle('cont', continues(item.previousElementSibling, item));
+  const next = item.nextElementSibling;
+  if (next) next.classList.toggle('cont', continues(item, next));
+}
+
+/** A message bubble: avatar, name, time (when known), then `body`. */
 function bubble({ user, timestamp, own, lobby, extraClass }) {
   const item = el('li', `msg${own ? ' own' : ''}${extraClass ? ` ${extraClass}` : ''}`);
   item.dataset.user = user;
-  item.dataset.time = String(timestamp);
-  const previous = ui.messages.lastElementChild;
-  if (
-    previous &&
-    previous.classList.contains('msg') &&
-    !lobby &&
-    !previous.classList.contains('lobby') &&
-    previous.dataset.user === user &&
-    previous.classList.contains('own') === Boolean(own) &&
-    timestamp - Number(previous.dataset.time) < GROUP_WINDOW_MS
-  ) {
-    item.classList.add('cont');
-  }
+  item.dataset.time = typeof timestamp === 'number' ? String(timestamp) : '';
   if (lobby) item.classList.add('lobby');
   const avatar = el('div', `avatar ${avatarClass(user)}`, initial(user));
   avatar.setAttribute('aria-hidden', 'true');
@@ -267,7 +298,7 @@ function bubble({ user, timestamp, own, lobby, extraClass }) {
   const meta = el('div', 'meta');
   meta.append(el('span', 'author', user));
   if (lobby) meta.append(el('span', 'badge', 'lobby'));
-  const time = timeElement(timestamp);
+  const time = typeof timestamp === 'number' ? timeElement(timestamp) : el('time', 'time');
   meta.append(time);
   const state = el('span', 'state');
   meta.append(state);
@@ -337,6 +368,292 @@ function fileMessage(detail, own) {
   const parts = bubble({ user: own ? me : detail.user, timestamp: Date.now(), own, extraClass: 'file' });
   parts.body.append(fileCard(detail));
   append(parts.item);
+  if (own && detail.fileId) ownFiles.set(detail.fileId, parts.item);
+}
+
+// ---- room history --------------------------------------------------------------
+//
+// Room messages carry their place in the room's stream (`offset`, within an
+// `epoch`). The page puts each one in its place by offset, whether it comes
+// live, replayed after a reconnect, or from history, and shows each offset
+// once. Messages older than the page's join go above the "You joined" line;
+// newer ones go at the end, above own messages still waiting for their ✓.
+
+function offsetKey(epoch, offset) {
+  return `${epoch}:${offset}`;
+}
+
+function isOffsetItem(node, epoch) {
+  return node.dataset.epoch === epoch && node.dataset.offset !== undefined && node.dataset.offset !== '';
+}
+
+/** Marks an item as the room message at `offset` of `epoch`. */
+function markOffset(item, epoch, offset) {
+  item.dataset.epoch = epoch;
+  item.dataset.offset = String(offset);
+  shown.set(offsetKey(epoch, offset), item);
+}
+
+/** The first own message on the page still waiting for its ✓, in list order. */
+function firstPendingOwn() {
+  let first = null;
+  for (const parts of ownPending.values()) {
+    const item = parts.item;
+    if (!item.isConnected) continue;
+    if (first === null || item.compareDocumentPosition(first) & Node.DOCUMENT_POSITION_FOLLOWING) first = item;
+  }
+  return first;
+}
+
+/** Puts a room message item where its offset says. */
+function insertByOffset(item, epoch, offset) {
+  for (const node of ui.messages.children) {
+    if (isOffsetItem(node, epoch) && Number(node.dataset.offset) > offset) {
+      ui.messages.insertBefore(item, node);
+      return;
+    }
+  }
+  if (joinAnchor && joinAnchor.item.isConnected && joinAnchor.epoch === epoch && offset <= joinAnchor.offset) {
+    ui.messages.insertBefore(item, joinAnchor.item);
+    return;
+  }
+  const pending = firstPendingOwn();
+  if (pending) ui.messages.insertBefore(item, pending);
+  else ui.messages.append(item);
+}
+
+/** The first item the reader sees, and where it is, to keep it still while the list changes above it. */
+function readingPosition() {
+  const top = ui.messages.getBoundingClientRect().top;
+  for (const node of ui.messages.children) {
+    // The loading line comes and goes at the top; it is no landmark.
+    if (node === edgeLine) continue;
+    const rect = node.getBoundingClientRect();
+    if (rect.bottom > top) return { node, at: rect.top - top };
+  }
+  return null;
+}
+
+function restoreReading(position) {
+  if (!position || !position.node.isConnected) return;
+  const top = ui.messages.getBoundingClientRect().top;
+  const moved = position.node.getBoundingClientRect().top - top - position.at;
+  if (moved !== 0) ui.messages.scrollTop += moved;
+  lastScrollTop = ui.messages.scrollTop;
+}
+
+/**
+ * The item for a room message (`message` or `fileShared` detail) from
+ * `source`: 'live', 'missed' (replayed after a reconnect) or 'history'; null
+ * when it is on the page already. Not yet in the list.
+ */
+function roomItem(detail, source) {
+  const placed = typeof detail.offset === 'number' && typeof detail.epoch === 'string';
+  if (placed && shown.has(offsetKey(detail.epoch, detail.offset))) return null;
+  if (source !== 'live') {
+    // Our own: still waiting for its ✓ (which will come), or a file card we show already.
+    if (detail.clientMsgId && ownPending.has(detail.clientMsgId)) return null;
+    const card = detail.type === 'fileShared' ? ownFiles.get(detail.fileId) : undefined;
+    if (card) {
+      if (placed && !card.dataset.offset) markOffset(card, detail.epoch, detail.offset);
+      return null;
+    }
+  }
+  const own = source !== 'live' && me !== null && detail.user === me;
+  const file = detail.type === 'fileShared';
+  let timestamp = detail.timestamp;
+  if (typeof timestamp !== 'number') timestamp = source === 'live' ? Date.now() : null;
+  const parts = bubble({ user: detail.user, timestamp, own, extraClass: file ? 'file' : undefined });
+  parts.body.append(file ? fileCard(detail) : el('p', 'text', detail.text));
+  if (own) {
+    parts.item.classList.add('delivered');
+    markDelivered(parts.state);
+  }
+  if (source !== 'live') parts.item.classList.add(source);
+  if (placed) markOffset(parts.item, detail.epoch, detail.offset);
+  return parts.item;
+}
+
+/** Puts a room message item in its place in the list (by offset when it has one). */
+function placeItem(item) {
+  if (item.dataset.offset) insertByOffset(item, item.dataset.epoch, Number(item.dataset.offset));
+  else ui.messages.append(item);
+  regroup(item);
+  resizeWatcher?.observe(item);
+}
+
+/**
+ * Shows a room message from `source` (see roomItem) in its place, keeping
+ * a reader at the bottom there and any other reader on what they read.
+ * Returns the new item, or null when it is on the page already.
+ */
+function roomMessage(detail, source) {
+  const item = roomItem(detail, source);
+  if (!item) return null;
+  const news = source !== 'history';
+  const reading = pinned ? null : readingPosition();
+  placeItem(item);
+  if (pinned) {
+    scrollToBottom();
+  } else {
+    restoreReading(reading);
+    if (news) {
+      unseenBelow++;
+      renderNewMarker();
+    }
+  }
+  if (document.hidden && news) {
+    unread++;
+    updateTitle();
+  }
+  return item;
+}
+
+/** The ✓ on an own message: what is known is that the server accepted it. */
+function markDelivered(state) {
+  state.textContent = '✓';
+  state.title = DELIVERED;
+  state.setAttribute('aria-label', DELIVERED);
+}
+
+/** The "while you were away" line, above `item`; there is one, at the latest boundary. */
+function markAway(item, note) {
+  for (const old of ui.messages.querySelectorAll('.system.away')) old.remove();
+  const line = el('li', 'system away');
+  line.setAttribute('role', 'separator');
+  line.append(el('span', 'system-text', 'While you were away'));
+  if (note) line.append(el('span', 'away-note', note));
+  ui.messages.insertBefore(line, item);
+}
+
+/** The newest and oldest offsets the page shows in `epoch`. */
+function shownRange(epoch) {
+  let newest = null;
+  let oldest = null;
+  for (const key of shown.keys()) {
+    const at = key.lastIndexOf(':');
+    if (key.slice(0, at) !== epoch) continue;
+    const offset = Number(key.slice(at + 1));
+    if (newest === null || offset > newest) newest = offset;
+    if (oldest === null || offset < oldest) oldest = offset;
+  }
+  return { newest, oldest };
+}
+
+/** The line at the top of the list: loading, the room's beginning, or nothing. */
+function renderEdge() {
+  let text = null;
+  if (loadingEarlier) text = 'Loading earlier messages…';
+  else if (hasEarlier === false && shown.size > 0) text = `This is the beginning of #${currentRoom}`;
+  if (text === null) {
+    edgeLine?.remove();
+    edgeLine = null;
+    return;
+  }
+  if (!edgeLine) {
+    edgeLine = el('li', 'system edge');
+    edgeLine.append(el('span', 'system-text'));
+  }
+  edgeLine.firstChild.textContent = text;
+  if (ui.messages.firstElementChild !== edgeLine) ui.messages.prepend(edgeLine);
+}
+
+/** Asks for history; null when the room changed meanwhile, or the server keeps none. */
+async function fetchHistory(options) {
+  const token = historyToken;
+  const room = currentRoom;
+  let result;
+  try {
+    result = await client.history(options);
+  } catch {
+    // A server without history, or the page left the room.
+    return null;
+  }
+  if (token !== historyToken || room !== currentRoom || result.room !== room || typeof result.epoch !== 'string') return null;
+  return result;
+}
+
+/** Entering a room: its last messages, so a reload or a new tab is not an empty room. */
+async function loadLatest() {
+  const result = await fetchHistory({ limit: HISTORY_PAGE });
+  if (!result) return;
+  if (roomEpoch === null) roomEpoch = result.epoch;
+  if (result.epoch !== roomEpoch) return;
+  hasEarlier = result.hasMore;
+  for (const detail of result.messages) roomMessage(detail, 'history');
+  renderEdge();
+  keepPinned();
+  fillView();
+}
+
+/** The reader is near the top: the messages before the oldest shown. */
+async function loadEarlier() {
+  if (loadingEarlier || hasEarlier !== true || !currentRoom || roomEpoch === null) return;
+  const { oldest } = shownRange(roomEpoch);
+  if (oldest === null || oldest <= 1) {
+    hasEarlier = false;
+    renderEdge();
+    return;
+  }
+  loadingEarlier = true;
+  const epoch = roomEpoch;
+  let reading = readingPosition();
+  renderEdge();
+  restoreReading(reading);
+  const result = await fetchHistory({ before: oldest, limit: HISTORY_PAGE });
+  loadingEarlier = false;
+  reading = readingPosition();
+  if (result && result.epoch === epoch) {
+    hasEarlier = result.hasMore;
+    for (const detail of result.messages) {
+      const item = roomItem(detail, 'history');
+      if (item) placeItem(item);
+    }
+  }
+  renderEdge();
+  // The reader stays on what they were reading; the earlier messages are above it.
+  if (pinned && !canScroll()) scrollToBottom();
+  else restoreReading(reading);
+  fillView();
+}
+
+function canScroll() {
+  return ui.messages.scrollHeight > ui.messages.clientHeight + 1;
+}
+
+/** A list too short to scroll cannot be scrolled to the top: load earlier ones until it can. */
+function fillView() {
+  if (hasEarlier === true && !canScroll()) loadEarlier();
+}
+
+/**
+ * After a reconnection the server could not replay what was missed (too
+ * much of it, or the room's history was lost): show the room's latest
+ * messages after what the page shows, and say how many in between are not
+ * shown.
+ */
+async function catchUp({ epochChanged, previous }) {
+  const before = epochChanged ? { newest: null } : shownRange(previous.epoch);
+  const result = await fetchHistory({ limit: HISTORY_PAGE });
+  if (!result) return;
+  if (result.epoch !== roomEpoch) {
+    // A new stream: its offsets start again and go after everything shown.
+    roomEpoch = result.epoch;
+    joinAnchor = null;
+    hasEarlier = null;
+  }
+  let first = null;
+  for (const detail of result.messages) {
+    if (before.newest !== null && detail.offset <= before.newest) continue;
+    const item = roomMessage(detail, 'missed');
+    if (item && first === null) first = item;
+  }
+  if (first) {
+    const skipped = before.newest !== null ? Number(first.dataset.offset) - before.newest - 1 : 0;
+    const note = skipped > 0 ? `${skipped} earlier ${skipped === 1 ? 'message is' : 'messages are'} not shown` : null;
+    markAway(first, note);
+    keepPinned();
+  }
 }
 
 function clearMessages() {
@@ -346,6 +663,15 @@ function clearMessages() {
   }
   ui.messages.replaceChildren();
   ownPending.clear();
+  shown.clear();
+  ownFiles.clear();
+  roomEpoch = null;
+  joinAnchor = null;
+  hasEarlier = null;
+  loadingEarlier = false;
+  historyToken++;
+  awayPending = false;
+  edgeLine = null;
   uploads.clear();
   for (const timer of typists.values()) clearTimeout(timer);
   typists.clear();
@@ -469,7 +795,7 @@ function updateTitle() {
 
 // ---- views -------------------------------------------------------------------
 
-function enterRoom(room, count) {
+function enterRoom(room, count, joined) {
   if (currentRoom !== room) clearMessages();
   currentRoom = room;
   ui.chatRoom.textContent = room;
@@ -477,10 +803,15 @@ function enterRoom(room, count) {
   ui.chatView.hidden = false;
   ui.message.placeholder = `Message #${room}`;
   renderCount(count);
-  systemLine(`You joined #${room} as ${me}`, 'ok');
+  const line = systemLine(`You joined #${room} as ${me}`, 'ok');
+  if (typeof joined?.epoch === 'string') {
+    roomEpoch = joined.epoch;
+    joinAnchor = { item: line, epoch: joined.epoch, offset: joined.offset ?? 0 };
+  }
   updateTitle();
   stopRoomRefresh();
   ui.message.focus();
+  loadLatest();
 }
 
 function showJoin() {
@@ -629,8 +960,22 @@ client.on('usernameSet', ({ username }) => {
   me = username;
 });
 
-client.on('roomJoined', ({ room, userCount }) => {
-  if (room === currentRoom) renderCount(userCount);
+client.on('roomJoined', ({ room, userCount, restored, recovered, missed }) => {
+  if (room !== currentRoom) return;
+  renderCount(userCount);
+  // Back in the room after the link was lost: what was said meanwhile
+  // follows, and the first of it gets the "while you were away" line.
+  awayPending = Boolean(restored && recovered && missed > 0);
+});
+
+client.on('recovered', () => {
+  awayPending = false;
+});
+
+client.on('recoveryFailed', (detail) => {
+  awayPending = false;
+  if (detail.room !== currentRoom) return;
+  catchUp(detail);
 });
 
 client.on('userJoined', ({ user, room, userCount }) => {
@@ -683,18 +1028,28 @@ client.on('userTyping', ({ user }) => {
   someoneTyping(user);
 });
 
-client.on('message', ({ user, text, timestamp }) => {
+client.on('message', (detail) => {
   if (!currentRoom) return;
-  present.add(user);
-  stoppedTyping(user);
-  textMessage({ user, text, timestamp });
+  present.add(detail.user);
+  if (!detail.missed) stoppedTyping(detail.user);
+  showRoomEvent(detail);
 });
+
+/** A live or replayed room message; the first replayed one marks where the reader was away. */
+function showRoomEvent(detail) {
+  const item = roomMessage(detail, detail.missed ? 'missed' : 'live');
+  if (item && detail.missed && awayPending) {
+    awayPending = false;
+    markAway(item, null);
+    keepPinned();
+  }
+}
 
 client.on('lobbyChat', ({ user, text }) => {
   if (currentRoom) textMessage({ user, text, timestamp: Date.now(), lobby: true });
 });
 
-client.on('messageAcked', ({ clientMsgId, timestamp }) => {
+client.on('messageAcked', ({ clientMsgId, timestamp, offset, epoch }) => {
   const parts = ownPending.get(clientMsgId);
   if (!parts) return;
   ownPending.delete(clientMsgId);
@@ -704,11 +1059,27 @@ client.on('messageAcked', ({ clientMsgId, timestamp }) => {
   parts.time.textContent = timeFormat.format(date);
   parts.time.dateTime = date.toISOString();
   parts.time.title = fullTimeFormat.format(date);
+  parts.item.dataset.time = String(timestamp);
   // The tick says what is known: the server accepted the message and passed
   // it on to the members connected then. It is not a read receipt.
-  parts.state.textContent = '✓';
-  parts.state.title = DELIVERED;
-  parts.state.setAttribute('aria-label', DELIVERED);
+  markDelivered(parts.state);
+  if (typeof offset === 'number' && typeof epoch === 'string') {
+    const other = shown.get(offsetKey(epoch, offset));
+    if (other && other !== parts.item) {
+      // History brought it in before the ✓ did: one copy is enough.
+      other.remove();
+    }
+    markOffset(parts.item, epoch, offset);
+    // Messages of others that the server took before this one go above it.
+    for (const node of ui.messages.children) {
+      if (node === parts.item) break;
+      if (isOffsetItem(node, epoch) && Number(node.dataset.offset) > offset) {
+        ui.messages.insertBefore(parts.item, node);
+        break;
+      }
+    }
+    regroup(parts.item);
+  }
 });
 
 client.on('messageRejected', ({ clientMsgId, message }) => {
@@ -747,6 +1118,7 @@ client.on('fileSaved', (detail) => {
   uploads.delete(detail.transferId);
   upload.item.classList.remove('uploading');
   upload.card.replaceWith(fileCard(detail));
+  if (detail.fileId) ownFiles.set(detail.fileId, upload.item);
   keepPinned();
 });
 
@@ -766,8 +1138,8 @@ client.on('fileFailed', ({ transferId, name, message }) => {
 client.on('fileShared', (detail) => {
   if (!currentRoom) return;
   present.add(detail.user);
-  stoppedTyping(detail.user);
-  fileMessage(detail, false);
+  if (!detail.missed) stoppedTyping(detail.user);
+  showRoomEvent(detail);
 });
 
 // ---- page events -------------------------------------------------------------
@@ -799,7 +1171,7 @@ ui.joinForm.addEventListener('submit', async (event) => {
     } catch {
       // Storage may be off (private mode); remembering is a convenience.
     }
-    enterRoom(joined.room, joined.userCount);
+    enterRoom(joined.room, joined.userCount, joined);
   } catch (err) {
     showJoinError(err.message);
   } finally {
@@ -838,6 +1210,7 @@ ui.messages.addEventListener(
       pinned = false;
     }
     lastScrollTop = top;
+    if (top < NEAR_TOP_PX) loadEarlier();
   },
   { passive: true },
 );

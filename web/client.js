@@ -7,7 +7,10 @@
 // (username, then room) before anything queued is sent, a bounded offline
 // queue, a `clientMsgId` on every chat message with resend until the server
 // acknowledges it, de-duplication of received messages, an application-level
-// heartbeat with latency, and chunked, verified, resumable file uploads.
+// heartbeat with latency, chunked, verified, resumable file uploads, and
+// room history: it remembers where it is in each room's stream ({epoch,
+// offset}), rejoins with `since` after a reconnect to get what it missed,
+// and pages back through earlier messages with `history()`.
 // docs/CLIENT-JS.md is the guide; every event is listed there.
 
 /** The defaults of every option; see docs/CLIENT-JS.md. */
@@ -57,6 +60,12 @@ export const DEFAULTS = Object.freeze({
   progressInterval: 100,
   /** Reconnect at once when the browser says the network is back (`online`). */
   reconnectOnOnline: true,
+  /**
+   * Drop the link at once when the browser says the network is gone
+   * (`offline`), rather than wait for the heartbeat to find it dead: what
+   * is sent meanwhile waits in the queue, and `online` reconnects.
+   */
+  dropOnOffline: true,
   /** Reconnect at once when the page becomes visible again (`visibilitychange`). */
   reconnectOnVisible: true,
   /** Limits checked before sending, so a mistake fails at the call. */
@@ -143,12 +152,26 @@ export class HubbubClient extends EventTarget {
   #probeToken = PROBE_BASE;
   /** The last measured round-trip time in ms, or null. */
   #latency = null;
+  /**
+   * Where this client is in each room's stream: room -> {epoch, offset}, the
+   * offset being the newest room message delivered to the application (or
+   * the room's newest at the join). Sent as `since` when joining the room
+   * again, so the server replays what was missed.
+   */
+  #positions = new Map();
+  /** The room whose messages this socket receives, with its epoch; or null. */
+  #stream = null;
+  /** A replay under way after a recovering join: {room, until} (the newest offset at the join). */
+  #replay = null;
+  /** history() calls waiting for the session to be restored: {resolve, reject}. */
+  #readyWaiters = [];
   /** Upload jobs; the first is the active one. */
   #uploads = [];
   /** True while an upload job is running on the current socket. */
   #uploadRunning = false;
   /** The `online` and `visibilitychange` listeners, removed by close(). */
   #onOnline = null;
+  #onOffline = null;
   #onVisible = null;
   /** When the last typing notice was sent (performance.now()), or -Infinity. */
   #lastTyping = -Infinity;
@@ -260,6 +283,9 @@ export class HubbubClient extends EventTarget {
     const waiters = this.#sessionWaiters;
     this.#sessionWaiters = [];
     for (const w of waiters) w.reject(new HubbubError('The client was closed', 'closed'));
+    const readyWaiters = this.#readyWaiters;
+    this.#readyWaiters = [];
+    for (const w of readyWaiters) w.reject(new HubbubError('The client was closed', 'closed'));
     this.#clearRetry();
     this.#stopListeningForWake();
     const ws = this.#ws;
@@ -279,7 +305,8 @@ export class HubbubClient extends EventTarget {
   /**
    * Listens for the moments a waiting reconnect should not wait: the browser
    * says the network is back, or the user comes back to the tab (browsers
-   * throttle timers in hidden tabs, so the scheduled attempt may be late).
+   * throttle timers in hidden tabs, so the scheduled attempt may be late);
+   * and for the browser saying the network is gone, when the link is.
    */
   #listenForWake() {
     const wake = () => {
@@ -288,6 +315,12 @@ export class HubbubClient extends EventTarget {
     if (this.#options.reconnectOnOnline && !this.#onOnline && globalThis.addEventListener) {
       this.#onOnline = wake;
       globalThis.addEventListener('online', this.#onOnline);
+    }
+    if (this.#options.dropOnOffline && !this.#onOffline && globalThis.addEventListener) {
+      this.#onOffline = () => {
+        if (this.#state === 'open' || this.#state === 'connecting') this.#drop(this.#generation, 'the browser went offline');
+      };
+      globalThis.addEventListener('offline', this.#onOffline);
     }
     const doc = globalThis.document;
     if (this.#options.reconnectOnVisible && !this.#onVisible && doc?.addEventListener) {
@@ -302,6 +335,10 @@ export class HubbubClient extends EventTarget {
     if (this.#onOnline) {
       globalThis.removeEventListener?.('online', this.#onOnline);
       this.#onOnline = null;
+    }
+    if (this.#onOffline) {
+      globalThis.removeEventListener?.('offline', this.#onOffline);
+      this.#onOffline = null;
     }
     if (this.#onVisible) {
       globalThis.document?.removeEventListener('visibilitychange', this.#onVisible);
@@ -366,6 +403,8 @@ export class HubbubClient extends EventTarget {
     this.#ready = false;
     this.#clientId = null;
     this.#confirmed = { username: null, room: null };
+    this.#stream = null;
+    this.#replay = null;
     clearTimeout(this.#connectTimer);
     clearTimeout(this.#restoreTimer);
     this.#stopHeartbeat();
@@ -432,6 +471,20 @@ export class HubbubClient extends EventTarget {
     this.#kick();
   }
 
+  /** Resolves once the session is restored and in line with what was asked. */
+  #whenReady() {
+    if (this.#ready && !this.#syncing) return Promise.resolve();
+    if (this.#closedByUser) return Promise.reject(new HubbubError('The client was closed', 'closed'));
+    return new Promise((resolve, reject) => this.#readyWaiters.push({ resolve, reject }));
+  }
+
+  #wakeReadyWaiters() {
+    if (!this.#ready || this.#syncing) return;
+    const waiters = this.#readyWaiters;
+    this.#readyWaiters = [];
+    for (const w of waiters) w.resolve();
+  }
+
   // ---- session -----------------------------------------------------------
 
   /**
@@ -446,11 +499,14 @@ export class HubbubClient extends EventTarget {
   }
 
   /**
-   * Joins a room (leaving the current one); resolves with `{room, userCount}`
-   * once the server confirms. While offline it is remembered and sent on
-   * connect, after the username.
+   * Joins a room (leaving the current one); resolves with `{room, userCount,
+   * epoch, offset, recovered, missed}` once the server confirms. While
+   * offline it is remembered and sent on connect, after the username. A room
+   * this client was in before is joined with `since`, so what was said
+   * meanwhile arrives first, as `message` and `fileShared` events with
+   * `missed: true`.
    * @param {string} room
-   * @returns {Promise<{room: string, userCount: number}>}
+   * @returns {Promise<{room: string, userCount: number, epoch: ?string, offset: ?number, recovered: ?boolean, missed: ?number}>}
    */
   joinRoom(room) {
     const name = checkName(room, 'room name', this.#options.limits.room);
@@ -496,6 +552,7 @@ export class HubbubClient extends EventTarget {
       throw err;
     }
     this.#flush();
+    this.#wakeReadyWaiters();
   }
 
   /**
@@ -529,10 +586,19 @@ export class HubbubClient extends EventTarget {
               this.#confirmed.room = null;
               this.#settle('room', null, null);
             } else {
-              const reply = await this.#request({ type: 'joinRoom', room }, 'joinRoom');
+              const at = this.#positions.get(room);
+              const since = at ? { since: { epoch: at.epoch, offset: at.offset } } : {};
+              const reply = await this.#request({ type: 'joinRoom', room, ...since }, 'joinRoom');
               this.#confirmed.room = reply.room;
               if (this.#desired.room === room) this.#desired.room = reply.room;
-              this.#settle('room', room, { room: reply.room, userCount: reply.userCount });
+              this.#settle('room', room, {
+                room: reply.room,
+                userCount: reply.userCount,
+                epoch: reply.epoch ?? null,
+                offset: reply.offset ?? null,
+                recovered: reply.recovered ?? null,
+                missed: reply.missed ?? null,
+              });
             }
           } catch (err) {
             if (err.code === LINK_LOST) throw err;
@@ -636,15 +702,16 @@ export class HubbubClient extends EventTarget {
     entry.sentOn = this.#generation;
     this.#request({ type: 'chatMessage', text: entry.text, clientMsgId }, 'chatMessage', clientMsgId).then(
       (ack) => {
-        this.#outbox.delete(clientMsgId);
-        this.#emit('messageAcked', { clientMsgId, timestamp: ack.timestamp });
-        this.#emitQueue();
+        // A replay may have shown that the server had it already.
+        if (this.#outbox.get(clientMsgId) !== entry) return;
+        this.#acknowledged(clientMsgId, ack.timestamp, ack.offset ?? null);
       },
       (err) => {
         // A lost link keeps the message for the resend after reconnecting.
         if (err.code === LINK_LOST) return;
-        if (err.code === 'rateLimited') {
-          // Sent too fast: the server dropped it; send it again when allowed.
+        if (err.code === 'rateLimited' || err.code === 'unavailable') {
+          // Sent too fast, or the server cannot store messages right now: it
+          // dropped it; send it again when allowed.
           entry.sentOn = -1;
           setTimeout(() => {
             if (this.#outbox.get(clientMsgId) === entry && entry.sentOn === -1 && this.#ready && !this.#syncing) {
@@ -660,8 +727,139 @@ export class HubbubClient extends EventTarget {
     );
   }
 
+  /** One of ours is accepted: by its messageAck, or seen in a replay. */
+  #acknowledged(clientMsgId, timestamp, offset) {
+    this.#outbox.delete(clientMsgId);
+    // Our own messages come back only in a replay or in history; the
+    // replay's copy is not news.
+    this.#remember(clientMsgId);
+    this.#emit('messageAcked', { clientMsgId, timestamp, offset, epoch: offset === null ? null : (this.#stream?.epoch ?? null) });
+    this.#emitQueue();
+  }
+
   #emitQueue() {
     this.#emit('queueChange', { queued: this.#outbox.size });
+  }
+
+  // ---- history -----------------------------------------------------------
+
+  /**
+   * Earlier messages of the current room, oldest first: the newest `limit`
+   * (1 to 100, default 50), or those before offset `before`. Waits while the
+   * client is offline or restoring its session, and asks again on the new
+   * link if the old one drops. Resolves with `{room, epoch, messages,
+   * hasMore}`; each message is the detail a `message` or `fileShared` event
+   * would carry, with `type` ('message' or 'fileShared'), `offset` and
+   * `epoch`.
+   * @param {{before?: number, limit?: number}} [options]
+   */
+  async history({ before, limit } = {}) {
+    if (before !== undefined && before !== null && !(Number.isSafeInteger(before) && before >= 1)) {
+      throw new HubbubError('Invalid before: must be an offset (a whole number from 1)', 'invalidValue');
+    }
+    if (limit !== undefined && limit !== null && !(Number.isInteger(limit) && limit >= 1 && limit <= 100)) {
+      throw new HubbubError('Invalid limit: must be a whole number from 1 to 100', 'invalidValue');
+    }
+    const msg = { type: 'history' };
+    if (before !== undefined && before !== null) msg.before = before;
+    if (limit !== undefined && limit !== null) msg.limit = limit;
+    for (;;) {
+      if (this.#desired.room === null) throw new HubbubError('Join a room before asking for its history', 'notInRoom');
+      await this.#whenReady();
+      try {
+        const reply = await this.#request(msg, 'history');
+        const epoch = reply.epoch ?? null;
+        const messages = (Array.isArray(reply.messages) ? reply.messages : [])
+          .map((m) => roomEvent(m, epoch))
+          .filter((m) => m !== null);
+        return { room: reply.room, epoch, messages, hasMore: Boolean(reply.hasMore) };
+      } catch (err) {
+        if (err.code !== LINK_LOST) throw err;
+      }
+    }
+  }
+
+  /** The position this client has in a room's stream, or null. */
+  position(room) {
+    const at = this.#positions.get(room);
+    return at ? { ...at } : null;
+  }
+
+  /** A roomJoined arrived: set the stream, the position, and say whether the gap is covered. */
+  #joined(msg, restored) {
+    const room = msg.room;
+    const epoch = typeof msg.epoch === 'string' ? msg.epoch : null;
+    const offset = typeof msg.offset === 'number' ? msg.offset : 0;
+    this.#stream = { room, epoch };
+    this.#replay = null;
+    const previous = this.#positions.get(room) ?? null;
+    const detail = {
+      room,
+      userCount: msg.userCount,
+      restored,
+      epoch,
+      offset: epoch === null ? null : offset,
+      recovered: msg.recovered ?? null,
+      missed: msg.missed ?? null,
+    };
+    if (epoch === null) {
+      // A server without history: nothing to remember or recover.
+      this.#positions.delete(room);
+      this.#emit('roomJoined', detail);
+      return;
+    }
+    const recovered = previous !== null && msg.recovered === true && previous.epoch === epoch;
+    if (recovered) {
+      // The missed messages follow; each moves the position on.
+      if (offset > previous.offset) this.#replay = { room, until: offset, missed: msg.missed ?? offset - previous.offset };
+    } else {
+      this.#positions.delete(room);
+      this.#positions.set(room, { epoch, offset });
+    }
+    this.#emit('roomJoined', detail);
+    if (previous === null) return;
+    if (recovered) {
+      if (this.#replay === null) this.#emit('recovered', { room, epoch, offset, missed: 0 });
+    } else {
+      this.#emit('recoveryFailed', {
+        room,
+        epoch,
+        offset,
+        previous: { ...previous },
+        epochChanged: previous.epoch !== epoch,
+        restored,
+      });
+    }
+  }
+
+  /**
+   * Admits a room message by its offset: null if it is not newer than what
+   * was delivered (a replay overlapping live delivery), else `{epoch,
+   * missed, last}` (`last`: it ends a replay).
+   */
+  #admit(msg) {
+    const stream = this.#stream;
+    if (stream === null || stream.epoch === null || typeof msg.offset !== 'number') {
+      return { epoch: stream?.epoch ?? null, missed: false, last: false };
+    }
+    const at = this.#positions.get(stream.room);
+    if (at && at.epoch === stream.epoch) {
+      if (msg.offset <= at.offset) return null;
+      at.offset = msg.offset;
+    } else {
+      this.#positions.set(stream.room, { epoch: stream.epoch, offset: msg.offset });
+    }
+    const replay = this.#replay;
+    if (replay === null || replay.room !== stream.room) return { epoch: stream.epoch, missed: false, last: false };
+    if (msg.offset < replay.until) return { epoch: stream.epoch, missed: true, last: false };
+    this.#replay = null;
+    return { epoch: stream.epoch, missed: true, last: true, count: replay.missed };
+  }
+
+  #endReplay(admitted) {
+    if (!admitted.last) return;
+    const at = this.#positions.get(this.#stream.room);
+    this.#emit('recovered', { room: this.#stream.room, epoch: at.epoch, offset: at.offset, missed: admitted.count });
   }
 
   // ---- files -------------------------------------------------------------
@@ -759,6 +957,7 @@ export class HubbubClient extends EventTarget {
       }
       finished = true;
       this.#uploads.shift();
+      if (saved.fileId) this.#remember(`file:${saved.fileId}`);
       const detail = {
         transferId: job.transferId,
         fileId: saved.fileId,
@@ -885,9 +1084,11 @@ export class HubbubClient extends EventTarget {
         break;
       case 'roomJoined':
         this.#answer('joinRoom', null, msg);
-        this.#emit('roomJoined', { room: msg.room, userCount: msg.userCount, restored: !this.#ready && this.#everConnected });
+        this.#joined(msg, !this.#ready && this.#everConnected);
         break;
       case 'roomLeft':
+        this.#stream = null;
+        this.#replay = null;
         this.#answer('leaveRoom', null, msg);
         this.#emit('roomLeft', { room: msg.room });
         break;
@@ -903,17 +1104,24 @@ export class HubbubClient extends EventTarget {
       case 'userTyping':
         this.#emit('userTyping', { user: msg.user });
         break;
-      case 'chatMessage':
-        if (msg.clientMsgId && !this.#remember(msg.clientMsgId)) break;
-        this.#emit('message', {
-          user: msg.user,
-          text: msg.text,
-          timestamp: msg.timestamp,
-          clientMsgId: msg.clientMsgId ?? null,
-        });
+      case 'chatMessage': {
+        const admitted = this.#admit(msg);
+        if (admitted === null) break;
+        const id = msg.clientMsgId;
+        if (id && this.#outbox.has(id)) {
+          // Our own, replayed: the server had it before the link dropped.
+          this.#acknowledged(id, msg.timestamp, msg.offset ?? null);
+        } else if (!id || this.#remember(id)) {
+          this.#emit('message', { ...roomEvent(msg, admitted.epoch), missed: admitted.missed });
+        }
+        this.#endReplay(admitted);
         break;
+      }
       case 'messageAck':
         this.#answer('chatMessage', msg.clientMsgId, msg);
+        break;
+      case 'history':
+        this.#answer('history', null, msg);
         break;
       case 'chat':
         this.#emit('lobbyChat', { user: msg.user, text: msg.text });
@@ -952,16 +1160,16 @@ export class HubbubClient extends EventTarget {
       case 'fileError':
         this.#onFileError(msg);
         break;
-      case 'fileShared':
-        this.#emit('fileShared', {
-          user: msg.user,
-          fileId: msg.fileId,
-          name: msg.name,
-          size: msg.size,
-          mimeType: msg.mimeType,
-          url: msg.url,
-        });
+      case 'fileShared': {
+        const admitted = this.#admit(msg);
+        if (admitted === null) break;
+        // Our own shares come back only in a replay; they are not news.
+        if (!msg.fileId || this.#remember(`file:${msg.fileId}`)) {
+          this.#emit('fileShared', { ...roomEvent(msg, admitted.epoch), missed: admitted.missed });
+        }
+        this.#endReplay(admitted);
         break;
+      }
       default:
         // Newer servers may send more; an old client ignores it.
         break;
@@ -1093,6 +1301,42 @@ export function backoff(policy, attempt, random) {
   const nominal = Math.min(policy.initialDelay * growth, policy.maxDelay);
   const spread = Math.min(Math.max(policy.jitter, 0), 1) * (2 * random - 1);
   return Math.round(Math.min(Math.max(nominal * (1 + spread), 0), policy.maxDelay));
+}
+
+/**
+ * The detail of a room message (`chatMessage` or `fileShared`, live,
+ * replayed or from history) as the application sees it; null for other
+ * types.
+ */
+function roomEvent(msg, epoch) {
+  if (msg === null || typeof msg !== 'object') return null;
+  const offset = typeof msg.offset === 'number' ? msg.offset : null;
+  if (msg.type === 'chatMessage') {
+    return {
+      type: 'message',
+      user: msg.user,
+      text: msg.text,
+      timestamp: msg.timestamp,
+      clientMsgId: msg.clientMsgId ?? null,
+      offset,
+      epoch,
+    };
+  }
+  if (msg.type === 'fileShared') {
+    return {
+      type: 'fileShared',
+      user: msg.user,
+      fileId: msg.fileId,
+      name: msg.name,
+      size: msg.size,
+      mimeType: msg.mimeType,
+      url: msg.url,
+      timestamp: typeof msg.timestamp === 'number' ? msg.timestamp : null,
+      offset,
+      epoch,
+    };
+  }
+  return null;
 }
 
 function mergeOptions(options) {

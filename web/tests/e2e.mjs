@@ -15,6 +15,7 @@
 // E2E_WEB_DIR=web (optional) serves the page's files from that directory
 // instead of the server's embedded copies, to try a change to the page
 // without rebuilding the binary. `cargo xtask browser` never sets it.
+// E2E_ONLY=REGEX (optional) runs only the tests whose names match.
 
 import { spawn } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
@@ -38,7 +39,7 @@ const WAIT = 10_000;
 /** Longest time for one test. */
 const TEST_LIMIT = 45_000;
 /** Longest time for the whole run. */
-const RUN_LIMIT = 150_000;
+const RUN_LIMIT = 240_000;
 const XSS = '<img src=x onerror=alert(1)>';
 /** The policy the page must work under (the server will send it later). */
 const CSP = "default-src 'self'; img-src 'self' blob: data:";
@@ -58,8 +59,10 @@ setTimeout(() => {
 // ---- harness -------------------------------------------------------------------
 
 const tests = [];
+/** E2E_ONLY=REGEX (optional) runs only the tests whose names match. */
+const only = process.env.E2E_ONLY ? new RegExp(process.env.E2E_ONLY) : null;
 function test(name, fn) {
-  tests.push({ name, fn });
+  if (only === null || only.test(name)) tests.push({ name, fn });
 }
 
 class Skip extends Error {}
@@ -921,6 +924,245 @@ test('client.js: backoff, bounded queue, dead-link detection, latency, upload re
   const restoredFirst = resumed.text.findIndex((t) => t.includes('"setUsername"'));
   const resumeAt = resumed.text.findIndex((t) => t.includes('"fileResume"'));
   assert(restoredFirst >= 0 && restoredFirst < resumeAt, 'the session was not restored before the upload resumed');
+});
+
+/** The list as the reader sees it, top to bottom: message texts and system lines, with their classes. */
+function listItems(who) {
+  return who.page.evaluate(() =>
+    [...document.querySelectorAll('#messages > li')].map((li) => ({
+      text: li.classList.contains('system') ? li.querySelector('.system-text')?.textContent : li.querySelector('.text')?.textContent,
+      system: li.classList.contains('system'),
+      classes: li.className,
+      offset: li.dataset.offset ?? null,
+    })),
+  );
+}
+
+/** Sends `texts` in order from a client of its own in `who`'s page, as `username`, each acknowledged before the next. */
+async function sendFromModule(who, username, room, texts) {
+  await step(
+    `${who.label}: ${username} sends ${texts.length} messages`,
+    who.page.evaluate(
+      async ([username, room, texts]) => {
+        const { HubbubClient } = await import('/client.js');
+        const client = new HubbubClient(undefined, { heartbeat: false });
+        client.connect();
+        await client.setUsername(username);
+        await client.joinRoom(room);
+        // One at a time, so that a message the rate limit holds back does
+        // not end up after later ones.
+        for (const text of texts) {
+          await new Promise((resolve) => {
+            const id = client.sendMessage(text);
+            const off = client.on('messageAcked', ({ clientMsgId }) => {
+              if (clientMsgId !== id) return;
+              off();
+              resolve();
+            });
+          });
+        }
+        client.close();
+      },
+      [username, room, texts],
+    ),
+  );
+}
+
+test('client.js history: pages back to the first message; a reconnect replays what was missed, in order, once each', async (browser) => {
+  const page = (await openPage(browser, 'module')).page;
+  const room = uniqueRoom('module-history');
+  const result = await page.evaluate(async (room) => {
+    const { HubbubClient } = await import('/client.js');
+    const quiet = { heartbeat: false, reconnect: { maxAttempts: 0 } };
+    const writer = new HubbubClient(undefined, quiet);
+    const reader = new HubbubClient(undefined, quiet);
+    writer.connect();
+    reader.connect();
+    await writer.setUsername('writer');
+    await reader.setUsername('reader');
+    await writer.joinRoom(room);
+    const joined = await reader.joinRoom(room);
+    const sendAll = (texts) =>
+      new Promise((resolve) => {
+        const ids = new Set(texts.map((t) => writer.sendMessage(t)));
+        const off = writer.on('messageAcked', ({ clientMsgId }) => {
+          ids.delete(clientMsgId);
+          if (ids.size === 0) {
+            off();
+            resolve();
+          }
+        });
+      });
+    const live = [];
+    reader.on('message', (m) => live.push(m));
+    await sendAll(['one', 'two', 'three', 'four', 'five']);
+    while (live.length < 5) await new Promise((r) => reader.addEventListener('message', r, { once: true }));
+
+    // history: the newest two, then back to the first.
+    const newest = await reader.history({ limit: 2 });
+    const pages = [newest.messages.map((m) => m.text)];
+    let page = newest;
+    while (page.hasMore) {
+      page = await reader.history({ before: page.messages[0].offset, limit: 2 });
+      pages.unshift(page.messages.map((m) => m.text));
+    }
+    let invalid = null;
+    try {
+      await reader.history({ limit: 500 });
+    } catch (err) {
+      invalid = err.code;
+    }
+
+    // The reader goes away; three messages are sent; it comes back.
+    reader.close();
+    await sendAll(['six', 'seven', 'eight']);
+    const missed = [];
+    const offMissed = reader.on('message', (m) => missed.push(m));
+    const recovered = new Promise((resolve) => reader.on('recovered', resolve));
+    const rejoined = new Promise((resolve) => reader.on('roomJoined', resolve));
+    reader.connect();
+    const rejoin = await rejoined;
+    const done = await recovered;
+    await sendAll(['nine']);
+    while (missed.length < 4) await new Promise((r) => reader.addEventListener('message', r, { once: true }));
+    offMissed();
+    writer.close();
+    reader.close();
+    return {
+      joinedOffset: joined.offset,
+      epoch: joined.epoch,
+      liveOffsets: live.slice(0, 5).map((m) => m.offset),
+      pages,
+      invalid,
+      rejoin,
+      done,
+      missed: missed.map((m) => ({ text: m.text, missed: m.missed, offset: m.offset, epoch: m.epoch })),
+    };
+  }, room);
+  assert(typeof result.epoch === 'string' && result.joinedOffset === 0, `the join said epoch ${result.epoch}, offset ${result.joinedOffset}`);
+  assert(JSON.stringify(result.liveOffsets) === '[1,2,3,4,5]', `live offsets ${JSON.stringify(result.liveOffsets)}`);
+  assert(
+    JSON.stringify(result.pages) === JSON.stringify([['one'], ['two', 'three'], ['four', 'five']]),
+    `history pages ${JSON.stringify(result.pages)}`,
+  );
+  assert(result.invalid === 'invalidValue', `history({limit: 500}) gave ${result.invalid}`);
+  assert(result.rejoin.recovered === true && result.rejoin.missed === 3, `the rejoin said ${JSON.stringify(result.rejoin)}`);
+  assert(result.done.missed === 3, `the recovered event said ${JSON.stringify(result.done)}`);
+  const got = result.missed.map((m) => `${m.text}:${m.offset}:${m.missed}`).join(' ');
+  assert(got === 'six:6:true seven:7:true eight:8:true nine:9:false', `after the reconnect the reader got ${got}`);
+  assert(result.missed.every((m) => m.epoch === result.epoch), 'a replayed message has another epoch');
+});
+
+test('history: the page shows the room\'s last messages when entered and after a reload; scrolling up loads earlier ones', async (browser) => {
+  const room = uniqueRoom('history');
+  const alice = await openPage(browser, 'alice');
+  await join(alice, 'alice', room);
+  const texts = Array.from({ length: 75 }, (_, i) => `history ${i + 1}`);
+  await sendFromModule(alice, 'dora', room, texts);
+  await waitForMessage(alice, 'history 75');
+  await send(alice, 'mine before the reload');
+  await waitForOwnDelivered(alice, 'mine before the reload');
+
+  // A reload brings back the room and what was said in it, own messages as own.
+  await alice.page.reload();
+  await waitForStatus(alice, /^Connected/);
+  await waitForMessage(alice, 'mine before the reload');
+  await waitForMessage(alice, 'history 75');
+  const own = await alice.page.locator('#messages .msg.own.delivered .text', { hasText: 'mine before the reload' }).count();
+  assert(own === 1, `after the reload alice's own message shows ${own} times as hers with a ✓`);
+
+  // A newcomer sees the last 50, oldest first, above the line saying it joined.
+  const bob = await openPage(browser, 'bob', { viewport: { width: 900, height: 600 } });
+  await join(bob, 'bob', room);
+  await waitForMessage(bob, 'history 27');
+  const items = await listItems(bob);
+  const messages = items.filter((i) => !i.system).map((i) => i.text);
+  const expected = [...texts.slice(26), 'mine before the reload'];
+  assert(JSON.stringify(messages) === JSON.stringify(expected), `bob first shows ${messages.length} messages: ${JSON.stringify(messages)}`);
+  const joinedAt = items.findIndex((i) => i.text === `You joined #${room} as bob`);
+  assert(joinedAt === items.length - 1, `"You joined" is not below the history: ${JSON.stringify(items.slice(-3))}`);
+  await waitAtBottom(bob, 'after the history loaded');
+
+  // Scrolling to the top loads earlier messages, without moving the reader,
+  // until the first one and the line saying it is the beginning.
+  /** Where the message `text` is, from the top of the list's visible area (px). */
+  const placeOf = (text) =>
+    bob.page.evaluate((t) => {
+      const list = document.getElementById('messages');
+      const item = [...list.querySelectorAll('.msg')].find((li) => li.querySelector('.text')?.textContent === t);
+      return Math.round(item.getBoundingClientRect().top - list.getBoundingClientRect().top);
+    }, text);
+  for (let round = 0; round < 3; round++) {
+    const { before, oldest } = await bob.page.evaluate(() => {
+      const list = document.getElementById('messages');
+      list.scrollTop = 0;
+      const items = document.querySelectorAll('#messages .msg');
+      return { before: items.length, oldest: items[0].querySelector('.text').textContent };
+    });
+    const wasAt = await placeOf(oldest);
+    const loaded = await bob.page
+      .waitForFunction(
+        (n) => document.querySelectorAll('#messages .msg').length > n || /beginning/.test(document.querySelector('#messages .edge')?.textContent ?? ''),
+        before,
+        { timeout: WAIT, polling: 50 },
+      )
+      .then(() => true, () => false);
+    assert(loaded, `bob: scrolling to the top loaded nothing (round ${round + 1})`);
+    await step(
+      `bob: ${JSON.stringify(oldest)} kept in place while earlier messages came in above it`,
+      bob.page.waitForFunction(() => !/Loading/.test(document.querySelector('#messages .edge')?.textContent ?? ''), null, {
+        timeout: WAIT,
+        polling: 50,
+      }),
+    );
+    const nowAt = await placeOf(oldest);
+    assert(Math.abs(nowAt - wasAt) <= 2, `bob was reading ${JSON.stringify(oldest)} ${wasAt} px from the top; after the load it is at ${nowAt} px`);
+    if (await bob.page.evaluate(() => /beginning/.test(document.querySelector('#messages .edge')?.textContent ?? ''))) break;
+  }
+  await waitForMessage(bob, 'history 1');
+  await waitForSystemLine(bob, `This is the beginning of #${room}`);
+  const all = (await listItems(bob)).filter((i) => !i.system).map((i) => i.text);
+  assert(JSON.stringify(all) === JSON.stringify([...texts, 'mine before the reload']), `after scrolling up bob shows ${all.length} messages, not each once in order`);
+  await bob.page.screenshot({ path: path.join(ARTIFACTS, 'history-top-desktop.png') });
+});
+
+test('recovery: a page offline while others wrote shows what it missed after it reconnects, once each, below "While you were away"', async (browser) => {
+  const room = uniqueRoom('recover');
+  const alice = await openPage(browser, 'alice');
+  const bob = await openPage(browser, 'bob', {}, '?reconnectMaxDelay=500&leaveGrace=30000');
+  await join(alice, 'alice', room);
+  await join(bob, 'bob', room);
+  await waitForSystemLine(alice, 'bob joined');
+  await send(alice, 'said while bob was here');
+  await waitForMessage(bob, 'said while bob was here');
+
+  await bob.context.setOffline(true);
+  await waitForStatus(bob, /^Reconnecting/);
+  const missed = ['missed one', 'missed two', 'missed three'];
+  for (const text of missed) {
+    await send(alice, text);
+    await waitForOwnDelivered(alice, text);
+  }
+  await bob.context.setOffline(false);
+  await waitForStatus(bob, /^Connected/);
+  await waitForMessage(bob, 'missed three');
+  await assertDeliveredOnce(alice, bob, 'missed three');
+  const items = await listItems(bob);
+  for (const text of missed) {
+    const n = items.filter((i) => !i.system && i.text === text).length;
+    assert(n === 1, `bob shows ${JSON.stringify(text)} ${n} times after reconnecting`);
+  }
+  const away = items.findIndex((i) => i.system && i.text === 'While you were away');
+  const first = items.findIndex((i) => i.text === 'missed one');
+  const here = items.findIndex((i) => i.text === 'said while bob was here');
+  assert(away >= 0, `bob shows no "While you were away" line: ${JSON.stringify(items.map((i) => i.text))}`);
+  assert(here < away && away + 1 === first, `"While you were away" is not right above what bob missed: ${JSON.stringify(items.map((i) => i.text))}`);
+  const order = items.filter((i) => !i.system).map((i) => i.text);
+  const at = missed.map((t) => order.indexOf(t));
+  assert(at[0] < at[1] && at[1] < at[2], `bob shows the missed messages out of order: ${JSON.stringify(order)}`);
+  const marked = items.filter((i) => missed.includes(i.text) && /\bmissed\b/.test(i.classes)).length;
+  assert(marked === 3, `${marked} of the missed messages are marked as missed`);
+  await bob.page.screenshot({ path: path.join(ARTIFACTS, 'while-away-desktop.png') });
 });
 
 test('server restart: the page shows reconnecting, rejoins, and a message sent offline arrives once', async (browser) => {
