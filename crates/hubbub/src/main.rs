@@ -53,7 +53,7 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
         LogFormat::Json => logs.json().with_ansi(false).with_current_span(true).init(),
     }
 
-    let server = Server::new(config.clone()).map_err(|err| sources.refused(&err, &config))?;
+    let server = Server::new(config.clone()).map_err(|err| sources.refused(&err))?;
     // The server binds metrics.listen once it runs; trying the address now
     // makes a bad one an error that names the key, before the port opens.
     if let (true, Some(metrics)) = (config.metrics.enabled, config.metrics.listen) {

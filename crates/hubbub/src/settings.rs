@@ -223,7 +223,7 @@ impl Cli {
         }));
         let sources = Sources::new(figment, std::any::type_name::<Overrides>());
         let config = sources.extract()?;
-        config.validate().map_err(|err| sources.refused(&err, &config))?;
+        config.validate().map_err(|err| sources.refused(&err))?;
         if self.print_config {
             return Ok(Action::PrintConfig(crate::print_config::render(&config)?));
         }

@@ -204,8 +204,8 @@ impl Sources {
     }
 
     /// One line for a configuration the server refused: the message, after
-    /// how the user set each key it concerns.
-    pub(crate) fn refused(&self, err: &ConfigError, config: &Config) -> anyhow::Error {
+    /// how the user set each key it concerns ([`ConfigError::keys`]).
+    pub(crate) fn refused(&self, err: &ConfigError) -> anyhow::Error {
         let mut message = err.to_string();
         // The causes, each once: some messages already include their cause.
         let mut source = std::error::Error::source(err);
@@ -216,18 +216,7 @@ impl Sources {
             }
             source = cause.source();
         }
-        let mut keys: Vec<String> = match err {
-            ConfigError::Zero(key) => vec![(*key).to_owned()],
-            ConfigError::Tls(_) => vec!["tls.cert".to_owned(), "tls.key".to_owned()],
-            ConfigError::UploadDir { .. } => vec!["uploads.dir".to_owned()],
-            _ => Vec::new(),
-        };
-        for key in mentioned_keys(&message, config) {
-            if !keys.contains(&key) {
-                keys.push(key);
-            }
-        }
-        let settings: Vec<String> = keys.iter().filter_map(|key| self.setting(key)).collect();
+        let settings: Vec<String> = err.keys().iter().filter_map(|key| self.setting(key)).collect();
         if settings.is_empty() {
             anyhow::anyhow!("invalid configuration: {message}")
         } else {
@@ -319,30 +308,6 @@ fn plain_message(message: &str) -> String {
     format!("{}{hint}", message.lines().collect::<Vec<_>>().join(" "))
 }
 
-/// The configuration keys a validation message speaks of: whole dotted keys
-/// (`websocket.outbound_queue`), or, after a `section: ` prefix, that
-/// section's key names (`auth: ... secret ...`).
-fn mentioned_keys(message: &str, config: &Config) -> Vec<String> {
-    let Ok(table) = toml::Table::try_from(config) else { return Vec::new() };
-    let rows = crate::print_config::guide_rows();
-    let keys = crate::print_config::all_keys(&table, &rows);
-    let words: Vec<&str> = message
-        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.'))
-        .map(|word| word.trim_end_matches('.'))
-        .collect();
-    let section = message.split_once(": ").map(|(section, _)| section);
-    let mut found: Vec<(usize, String)> = Vec::new();
-    for key in keys {
-        let leaf_match = key.rsplit_once('.').and_then(|(s, leaf)| (Some(s) == section).then_some(leaf));
-        let position = words.iter().position(|word| *word == key || Some(*word) == leaf_match);
-        if let Some(position) = position {
-            found.push((position, key));
-        }
-    }
-    found.sort();
-    found.into_iter().map(|(_, key)| key).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -352,20 +317,6 @@ mod tests {
         assert_eq!(closest("intervall", &["interval", "timeout"]), Some("interval"));
         assert_eq!(closest("max_txt_chars", &["max_text_chars", "max_room_chars"]), Some("max_text_chars"));
         assert_eq!(closest("colour", &["interval", "timeout"]), None);
-    }
-
-    #[test]
-    fn validation_messages_name_their_keys() {
-        let config = Config::default();
-        assert_eq!(
-            mentioned_keys("websocket.max_frame_bytes (9) exceeds websocket.max_message_bytes (8)", &config),
-            ["websocket.max_frame_bytes", "websocket.max_message_bytes"]
-        );
-        assert_eq!(
-            mentioned_keys("auth: the HS256 secret must be at least 32 bytes", &config),
-            ["auth.secret"]
-        );
-        assert_eq!(mentioned_keys("shutdown_drain must be greater than zero", &config), ["shutdown_drain"]);
     }
 
     #[test]
