@@ -763,6 +763,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_store_that_cannot_write_answers_unavailable_and_recovers() {
+        use hubbub_history::{FaultInjector, MemoryEngine, Options};
+        let faults = FaultInjector::default();
+        let engine = MemoryEngine::new(Options { faults: faults.clone(), ..Options::default() });
+        let shared = crate::testing::shared_with_history(Config::default(), Arc::new(engine));
+        let (mut ada, ada_q) = session(&shared);
+        let (mut bob, bob_q) = session(&shared);
+        say(&mut ada, json!({"type": "joinRoom", "room": "r"})).await;
+        say(&mut bob, json!({"type": "joinRoom", "room": "r"})).await;
+        drain(&ada_q);
+        drain(&bob_q);
+        let id = "6f1c2a9e-3b0d-4c55-9a57-2f8e4d1b7c10";
+        faults.fail_writes(true);
+        say(&mut ada, json!({"type": "chatMessage", "text": "hi", "clientMsgId": id})).await;
+        let refused = drain(&ada_q);
+        assert_eq!(refused.len(), 1, "no ack: {refused:?}");
+        assert_eq!((&refused[0]["code"], &refused[0]["retryAfterMs"]), (&json!("unavailable"), &json!(1000)));
+        assert!(drain(&bob_q).is_empty(), "nothing delivered that was not kept");
+        // The store writes again: the resend is kept, acked and delivered,
+        // with the first offset (the failure used none).
+        faults.fail_writes(false);
+        say(&mut ada, json!({"type": "chatMessage", "text": "hi", "clientMsgId": id})).await;
+        let ack = drain(&ada_q);
+        assert_eq!((&ack[0]["type"], &ack[0]["offset"]), (&json!("messageAck"), &json!(1)));
+        let got = drain(&bob_q);
+        assert_eq!((&got[0]["text"], &got[0]["offset"]), (&json!("hi"), &json!(1)));
+    }
+
+    #[tokio::test]
     async fn bad_input_is_answered_and_limited_without_a_socket() {
         let shared = shared(Config::default());
         let (mut c, q) = session(&shared);

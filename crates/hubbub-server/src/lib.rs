@@ -321,6 +321,20 @@ pub(crate) mod testing {
         Server::new(config).expect("a valid test configuration").shared
     }
 
+    /// A server's shared state whose history store is `engine`.
+    pub(crate) fn shared_with_history(
+        mut config: Config,
+        engine: Arc<dyn hubbub_history::Engine>,
+    ) -> Arc<Shared> {
+        config.history.store = crate::HistoryStore::Off;
+        let scratch = std::env::temp_dir().join(format!("hubbub-unit-{}", uuid::Uuid::new_v4().simple()));
+        config.uploads.dir = scratch.join("uploads");
+        let mut server = Server::new(config).expect("a valid test configuration");
+        Arc::get_mut(&mut server.shared).expect("nobody else holds it yet").history =
+            Some(crate::HistoryHandle(engine));
+        server.shared
+    }
+
     /// The payload of each complete server frame in `bytes`, with its
     /// opcode, in order (server frames are never masked).
     pub(crate) fn frames(bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {

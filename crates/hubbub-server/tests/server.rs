@@ -27,6 +27,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 const WAIT: Duration = Duration::from_secs(10);
 
 mod abuse;
+mod history;
 
 struct TestServer {
     addr: SocketAddr,
