@@ -8,7 +8,7 @@
 //! and upload chunks. Between links it waits out the backoff delay and
 //! connects again, still answering commands (they are queued).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +25,9 @@ use uuid::Uuid;
 use crate::config::jitter_sample;
 use crate::state::{ClientState, Op, Reply, StateLimits};
 use crate::upload::{Prepared, Send};
-use crate::{ClientConfig, ClientError, Event, EventStream, FileUpload, LinkEvent, LinkMonitor, Result};
+use crate::{
+    ClientConfig, ClientError, Event, EventStream, FileUpload, HistoryPage, LinkEvent, LinkMonitor, Result,
+};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -80,7 +82,15 @@ impl Client {
             send_rate: config.send_rate,
             protocol: config.limits.clone(),
         });
-        let task = Task { url, config, tls, commands: command_rx, events: Outbox::new(event_tx), state };
+        let task = Task {
+            url,
+            config,
+            tls,
+            commands: command_rx,
+            events: Outbox::new(event_tx),
+            state,
+            waiting: HashMap::new(),
+        };
         tokio::spawn(task.run(ws));
         Ok((Client { commands }, EventStream::new(event_rx)))
     }
@@ -153,6 +163,29 @@ impl Client {
             Reply::TransferId(id) => Ok(id),
             // The task answers `SendFile` with a transfer id, always.
             other => unreachable!("send_file answered with {other:?}"),
+        }
+    }
+
+    /// Fetches a page of the current room's earlier messages: up to `limit`
+    /// (1 to 100) with an offset below `before`, or the newest when
+    /// `before` is `None`. Returns once the server has answered; keep
+    /// reading the [`EventStream`] meanwhile (from another task), since the
+    /// client stops reading the server while its events wait.
+    ///
+    /// Page back with [`HistoryPage::next_before`]. After
+    /// [`Event::RecoveryFailed`], `history(Some(offset + 1), …)` with the
+    /// event's offset fetches what was said before the rejoin.
+    ///
+    /// Not queued: fails with [`ClientError::NotConnected`] while
+    /// reconnecting (or if the link is lost before the answer),
+    /// [`ClientError::NotInRoom`] outside a room, and
+    /// [`ClientError::HistoryRefused`] when the server answers with an
+    /// error (a server that keeps no history, for one).
+    pub async fn history(&self, before: Option<u64>, limit: u32) -> Result<HistoryPage> {
+        match self.call(Op::History { before, limit }).await? {
+            Reply::History(page) => Ok(page),
+            // The task answers `History` with a page, always.
+            other => unreachable!("history answered with {other:?}"),
         }
     }
 
@@ -333,6 +366,9 @@ struct Task {
     commands: mpsc::Receiver<Command>,
     events: Outbox,
     state: ClientState,
+    /// Commands whose answer comes from the server (history requests): the
+    /// state's token -> where the answer goes.
+    waiting: HashMap<u64, oneshot::Sender<Result<Reply>>>,
 }
 
 impl Task {
@@ -346,6 +382,7 @@ impl Task {
                     LinkEnd::Stop => break,
                     LinkEnd::Lost { code, reason, was_live } => {
                         self.state.on_link_lost();
+                        self.answer_waiting();
                         if was_live {
                             attempt = 0;
                         }
@@ -386,6 +423,28 @@ impl Task {
         self.events.flush().await;
     }
 
+    /// Answers the commands whose answer has come.
+    fn answer_waiting(&mut self) {
+        while let Some((token, answer)) = self.state.poll_answer() {
+            if let Some(reply) = self.waiting.remove(&token) {
+                let _ = reply.send(answer);
+            }
+        }
+    }
+
+    /// Takes a command's immediate reply: passed on, or kept until the
+    /// answer comes.
+    fn reply(&mut self, reply: oneshot::Sender<Result<Reply>>, result: Result<Reply>) {
+        match result {
+            Ok(Reply::Pending(token)) => {
+                self.waiting.insert(token, reply);
+            }
+            other => {
+                let _ = reply.send(other);
+            }
+        }
+    }
+
     /// Runs `work` while answering commands (they queue) and delivering
     /// events. `None` when the application disconnected meanwhile.
     async fn offline<T>(&mut self, work: impl Future<Output = T>) -> Option<T> {
@@ -395,7 +454,8 @@ impl Task {
                 out = &mut work => return Some(out),
                 command = self.commands.recv() => match command {
                     Some(Command::Do { op, reply }) => {
-                        let _ = reply.send(self.state.command(op, Instant::now().into_std()));
+                        let result = self.state.command(op, Instant::now().into_std());
+                        self.reply(reply, result);
                     }
                     Some(Command::Disconnect { done }) => {
                         let _ = done.send(());
@@ -417,6 +477,7 @@ impl Task {
             while let Some(event) = self.state.poll_event() {
                 self.events.push(event);
             }
+            self.answer_waiting();
             if let Err(err) = self.write_pending(&mut ws).await {
                 return self.lost(ABNORMAL, format!("write failed: {err}"));
             }
@@ -433,7 +494,8 @@ impl Task {
             let now = Instant::now().into_std();
             match input {
                 Input::Command(Some(Command::Do { op, reply })) => {
-                    let _ = reply.send(self.state.command(op, now));
+                    let result = self.state.command(op, now);
+                    self.reply(reply, result);
                 }
                 Input::Command(Some(Command::Disconnect { done })) => {
                     self.close(&mut ws).await;

@@ -53,11 +53,28 @@ pub enum ClientError {
     /// the joins and leaves already issued.
     #[error("not in a room: join one first")]
     NotInRoom,
-    /// A command that only makes sense on a live link (typing, ping) while
-    /// the client is reconnecting. Such commands are not queued: by the time
-    /// the link is back they would be stale.
+    /// A command that only makes sense on a live link (typing, ping,
+    /// history) while the client is reconnecting, or a history request whose
+    /// link was lost before the answer came. Such commands are not queued:
+    /// by the time the link is back they would be stale.
     #[error("not connected to the server")]
     NotConnected,
+    /// A history page was asked for with a `limit` the protocol does not
+    /// allow; nothing was sent.
+    #[error("a history page holds 1 to {max} messages, not {limit}")]
+    InvalidHistoryLimit {
+        /// The limit asked for.
+        limit: u32,
+        /// The protocol's maximum.
+        max: u32,
+    },
+    /// The server answered a history request with an error (for example
+    /// when it keeps no history, or its store is unavailable).
+    #[error("the server refused the history request: {message}")]
+    HistoryRefused {
+        /// The server's error message.
+        message: String,
+    },
     /// The client already holds as many commands and unacknowledged messages
     /// as [`ClientConfig::queue_capacity`](crate::ClientConfig::queue_capacity)
     /// allows (or as many uploads as `upload_queue`); nothing was queued.

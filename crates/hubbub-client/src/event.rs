@@ -49,12 +49,39 @@ pub enum Event {
         /// The name as the server stored it (trimmed).
         username: String,
     },
-    /// This client joined a room.
+    /// This client joined a room (also again after every reconnect).
     RoomJoined {
         /// The room.
         room: String,
         /// Its members, this client included.
         user_count: usize,
+        /// The room's epoch, when the server keeps history: offsets are only
+        /// comparable within one epoch.
+        epoch: Option<String>,
+        /// The newest offset the room had at the join (0 for none), when the
+        /// server keeps history. Messages with an offset up to this one that
+        /// follow the event are missed ones being replayed; live messages
+        /// have greater offsets.
+        offset: Option<u64>,
+        /// How many missed messages the server replays right after this
+        /// event (0 when nothing was missed or nothing could be recovered).
+        /// Replayed messages this client has already seen, its own
+        /// included, are left out, so fewer may arrive.
+        missed: u64,
+    },
+    /// The client rejoined a room it had been in, but the server could not
+    /// replay what it missed (too much of it, history trimmed or lost: a new
+    /// epoch). Follows [`Event::RoomJoined`]. Messages between what the
+    /// client delivered and the join are not delivered; fetch them with
+    /// [`Client::history`](crate::Client::history).
+    RecoveryFailed {
+        /// The room.
+        room: String,
+        /// The room's epoch now; different from before when its history was
+        /// lost.
+        epoch: String,
+        /// The room's newest offset at the join; live messages follow it.
+        offset: u64,
     },
     /// This client left its room.
     RoomLeft {
@@ -93,8 +120,10 @@ pub enum Event {
         /// Who.
         user: String,
     },
-    /// A room message from another member. A message whose `client_msg_id`
-    /// was already seen is not shown again.
+    /// A room message from another member, live or replayed after a
+    /// reconnect. Each is delivered once: a message whose `client_msg_id`
+    /// or (within the room's epoch) `offset` was already delivered is not
+    /// delivered again.
     Message {
         /// The sender's name.
         user: String,
@@ -104,6 +133,9 @@ pub enum Event {
         timestamp: u64,
         /// The sender's id for the message, when it gave one.
         client_msg_id: Option<Uuid>,
+        /// The message's place in the room's stream, when the server keeps
+        /// history.
+        offset: Option<u64>,
     },
     /// The server accepted one of this client's messages; it will not be
     /// resent.
@@ -112,6 +144,9 @@ pub enum Event {
         client_msg_id: Uuid,
         /// When the room received it.
         timestamp: u64,
+        /// The message's place in the room's stream, when the server keeps
+        /// history.
+        offset: Option<u64>,
     },
     /// The server answered one of this client's messages with an `error`
     /// (reported as [`Event::Error`] before this) instead of an ack; it will
@@ -199,6 +234,9 @@ pub enum Event {
         mime_type: String,
         /// Server-relative download URL.
         url: String,
+        /// The share's place in the room's stream, when the server keeps
+        /// history.
+        offset: Option<u64>,
     },
 }
 

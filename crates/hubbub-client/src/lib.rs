@@ -18,6 +18,12 @@
 //!   and is resent after a reconnect until the server acknowledges it; the
 //!   server acknowledges a resend without delivering it again, and the
 //!   client drops a received message whose id it has already seen;
+//! - **recovers what it missed**: it remembers how far it has read each
+//!   room's stream (`{epoch, offset}`) and rejoins with it after every
+//!   reconnect; the server replays the missed messages, which arrive as
+//!   ordinary [`Event::Message`]s, once each and in order. When the server
+//!   cannot replay them, [`Event::RecoveryFailed`] says so, and
+//!   [`Client::history`] fetches earlier messages page by page;
 //! - **uploads files** in chunks ([`Client::send_file`]), resuming an upload
 //!   cut by a reconnect where the server stopped;
 //! - **pings** at the application level ([`LinkMonitor`]) to find a dead link.
@@ -68,6 +74,7 @@ mod client;
 mod config;
 mod error;
 mod event;
+mod history;
 mod monitor;
 mod state;
 mod upload;
@@ -76,6 +83,7 @@ pub use client::{Client, validate_url};
 pub use config::{ClientConfig, ConfigError, ReconnectPolicy, SendRate};
 pub use error::{ClientError, Result};
 pub use event::{Event, EventStream};
+pub use history::HistoryPage;
 pub use hubbub_heartbeat::{HeartbeatConfig, Latency};
 pub use monitor::{LinkEvent, LinkMonitor};
 pub use upload::FileUpload;

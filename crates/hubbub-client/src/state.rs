@@ -4,7 +4,7 @@
 //! The connection task feeds it commands, server messages and link changes,
 //! stamped with a `now` from its clock, and writes out what it asks to send.
 //! Nothing here touches a socket or reads a clock, so the unit tests below
-//! drive reconnections, restores and resends directly.
+//! drive reconnections, restores, resends and recoveries directly.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -13,6 +13,7 @@ use hubbub_protocol::{ClientMessage, Limits, ServerMessage};
 use uuid::Uuid;
 
 use crate::error::{ClientError, Result};
+use crate::history::{HistoryPage, Joined, Streams, room_event};
 use crate::upload::{Prepared, Send, Uploads};
 use crate::{Event, SendRate};
 
@@ -27,6 +28,7 @@ pub(crate) enum Op {
     LobbyChat(String),
     Ping,
     SendFile(Prepared),
+    History { before: Option<u64>, limit: u32 },
 }
 
 /// The answer to an [`Op`].
@@ -35,6 +37,10 @@ pub(crate) enum Reply {
     Done,
     MessageId(Uuid),
     TransferId(String),
+    /// The answer comes later, from [`ClientState::poll_answer`] with this
+    /// token.
+    Pending(u64),
+    History(HistoryPage),
 }
 
 /// What the server should know about this client: restored on a new link.
@@ -50,8 +56,18 @@ enum Queued {
     SetUsername(String),
     JoinRoom(String),
     LeaveRoom,
-    Chat { id: Uuid, text: String },
+    Chat {
+        id: Uuid,
+        text: String,
+    },
     LobbyChat(String),
+    /// Queued only behind paced chat on a live link, so that it reaches the
+    /// room the commands before it lead to.
+    History {
+        token: u64,
+        before: Option<u64>,
+        limit: u32,
+    },
 }
 
 impl Queued {
@@ -119,11 +135,30 @@ impl SeenIds {
 /// kind.
 const USER_PING_BASE: u64 = 1 << 48;
 
+/// Tokens of history requests start here; each is also the token of the
+/// ping written after the request (see [`PendingHistory`]).
+const HISTORY_BASE: u64 = 1 << 50;
+
 /// Tokens of barrier pings (see [`Barrier`]) start here.
 const BARRIER_BASE: u64 = 1 << 52;
 
 /// The error code of a message the server dropped for its rate limit.
 const RATE_LIMITED: &str = "rateLimited";
+
+/// The error code of a message the server could not store (its history
+/// store cannot write): like [`RATE_LIMITED`], try again after the delay.
+const UNAVAILABLE: &str = "unavailable";
+
+/// A `history` request written and not answered. A ping with the same token
+/// follows it: the server answers in order, so a pong that comes first
+/// means the request was answered with an `error` instead.
+#[derive(Debug)]
+struct PendingHistory {
+    token: u64,
+    /// The first `error` that came while the request waited, to tell the
+    /// application why it was refused.
+    error: Option<String>,
+}
 
 /// A ping sent after an `error` while messages await their acks. The server
 /// answers every message in order, and a `chatMessage` with an ack or an
@@ -217,13 +252,21 @@ pub(crate) struct ClientState {
     /// The outstanding barrier ping, if any.
     barrier: Option<Barrier>,
     next_barrier: u64,
-    /// Whether a `rateLimited` error came since the last barrier: the
-    /// messages it finds unanswered are then sent again, not given up.
-    rate_limited: bool,
+    /// Whether a `rateLimited` or `unavailable` error came since the last
+    /// barrier: the messages it finds unanswered are then sent again, not
+    /// given up.
+    retry_later: bool,
     /// Messages written and not acknowledged, in the order written.
     unacked: VecDeque<Unacked>,
     /// Received message ids, to drop a message seen before.
     seen: SeenIds,
+    /// Where the client's copy of each room's stream ends.
+    streams: Streams,
+    /// History requests written, oldest first.
+    history: VecDeque<PendingHistory>,
+    next_history: u64,
+    /// Answers to [`Reply::Pending`] commands, in order.
+    answers: VecDeque<(u64, Result<Reply>)>,
     /// File uploads.
     uploads: Uploads,
     /// The application's pings awaiting their pong: token -> when sent.
@@ -250,9 +293,13 @@ impl ClientState {
             wake_at: None,
             barrier: None,
             next_barrier: BARRIER_BASE,
-            rate_limited: false,
+            retry_later: false,
             unacked: VecDeque::new(),
             seen: SeenIds::new(limits.seen_message_ids),
+            streams: Streams::default(),
+            history: VecDeque::new(),
+            next_history: HISTORY_BASE,
+            answers: VecDeque::new(),
             uploads: Uploads::new(limits.chunk_size),
             pings: HashMap::new(),
             next_ping: USER_PING_BASE,
@@ -277,6 +324,11 @@ impl ClientState {
     /// The next event to emit.
     pub(crate) fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
+    }
+
+    /// The next late answer to a command that got [`Reply::Pending`].
+    pub(crate) fn poll_answer(&mut self) -> Option<(u64, Result<Reply>)> {
+        self.answers.pop_front()
     }
 
     /// When [`ClientState::on_timeout`] should be called: the pacer will let
@@ -318,9 +370,25 @@ impl ClientState {
         self.outgoing.clear();
         self.pings.clear();
         self.barrier = None;
-        self.rate_limited = false;
+        self.retry_later = false;
         self.wake_at = None;
         self.uploads.on_link_lost();
+        self.streams.on_link_lost();
+        // History requests are not carried over to the next link: the
+        // application asks again if it still wants the page.
+        for pending in std::mem::take(&mut self.history) {
+            self.answers.push_back((pending.token, Err(ClientError::NotConnected)));
+        }
+        let mut kept = VecDeque::with_capacity(self.queue.len());
+        for queued in std::mem::take(&mut self.queue) {
+            match queued {
+                Queued::History { token, .. } => {
+                    self.answers.push_back((token, Err(ClientError::NotConnected)))
+                }
+                other => kept.push_back(other),
+            }
+        }
+        self.queue = kept;
     }
 
     /// A command from the application.
@@ -392,6 +460,28 @@ impl ClientState {
                 self.uploads.push(upload);
                 return Ok(Reply::TransferId(transfer_id));
             }
+            Op::History { before, limit } => {
+                if !(1..=hubbub_protocol::MAX_HISTORY_LIMIT).contains(&limit) {
+                    return Err(ClientError::InvalidHistoryLimit {
+                        limit,
+                        max: hubbub_protocol::MAX_HISTORY_LIMIT,
+                    });
+                }
+                if !self.is_live() {
+                    return Err(ClientError::NotConnected);
+                }
+                if self.intended.room.is_none() {
+                    return Err(ClientError::NotInRoom);
+                }
+                let waiting = self.queue.iter().filter(|q| matches!(q, Queued::History { .. })).count();
+                if self.history.len() + waiting >= self.limits.queue_capacity {
+                    return Err(ClientError::QueueFull { capacity: self.limits.queue_capacity });
+                }
+                let token = self.next_history;
+                self.next_history += 1;
+                self.submit(Queued::History { token, before, limit }, now);
+                return Ok(Reply::Pending(token));
+            }
         }
         Ok(Reply::Done)
     }
@@ -445,7 +535,8 @@ impl ClientState {
             }
             Queued::JoinRoom(room) => {
                 self.session.room = Some(room.clone());
-                ClientMessage::JoinRoom { room }
+                let since = self.streams.since(&room);
+                ClientMessage::JoinRoom { room, since }
             }
             Queued::LeaveRoom => {
                 self.session.room = None;
@@ -458,6 +549,11 @@ impl ClientState {
                 ClientMessage::ChatMessage { text, client_msg_id: Some(id.into()) }
             }
             Queued::LobbyChat(text) => ClientMessage::Chat { user: self.session.username.clone(), text },
+            Queued::History { token, before, limit } => {
+                self.history.push_back(PendingHistory { token, error: None });
+                self.send(ClientMessage::History { before, limit: Some(limit) });
+                ClientMessage::Ping { timestamp: token.into() }
+            }
         };
         self.send(msg);
     }
@@ -507,9 +603,12 @@ impl ClientState {
                     code: code.clone(),
                     retry_after_ms,
                 });
-                if code.as_deref() == Some(RATE_LIMITED) {
-                    self.rate_limited = true;
+                if matches!(code.as_deref(), Some(RATE_LIMITED | UNAVAILABLE)) {
+                    self.retry_later = true;
                     self.pacer.pause_until(now + Duration::from_millis(retry_after_ms.unwrap_or(1000)));
+                }
+                if let Some(pending) = self.history.front_mut() {
+                    pending.error.get_or_insert_with(|| message.clone());
                 }
                 self.emit(Event::Error { message, code });
                 if let Some(event) = upload {
@@ -521,29 +620,39 @@ impl ClientState {
             ServerMessage::UserJoined { user, room, user_count } => {
                 self.emit(Event::UserJoined { user, room, user_count });
             }
-            ServerMessage::RoomJoined { room, user_count } => {
-                self.emit(Event::RoomJoined { room, user_count })
+            ServerMessage::RoomJoined { room, user_count, epoch, offset, recovered, missed } => {
+                let joined = self.streams.on_joined(&room, epoch.clone(), offset, recovered);
+                let missed = if recovered == Some(true) { missed.unwrap_or(0) } else { 0 };
+                self.emit(Event::RoomJoined { room: room.clone(), user_count, epoch, offset, missed });
+                if let Joined::RecoveryFailed { epoch, offset } = joined {
+                    self.emit(Event::RecoveryFailed { room, epoch, offset });
+                }
             }
             ServerMessage::UserLeft { user, user_count, room } => {
                 self.emit(Event::UserLeft { user, room, user_count });
             }
-            ServerMessage::RoomLeft { room } => self.emit(Event::RoomLeft { room }),
+            ServerMessage::RoomLeft { room } => {
+                self.streams.on_left();
+                self.emit(Event::RoomLeft { room });
+            }
             ServerMessage::UserRenamed { user, previous, room } => {
                 self.emit(Event::UserRenamed { user, previous, room });
             }
-            ServerMessage::ChatMessage { user, text, timestamp, client_msg_id } => {
-                // Applications see UUIDs: two spellings of one are one id.
-                let client_msg_id = client_msg_id.map(|id| id.uuid());
-                if let Some(id) = client_msg_id
-                    && !self.seen.insert(id)
-                {
-                    tracing::debug!(%id, "duplicate message dropped");
-                    return;
+            msg @ (ServerMessage::ChatMessage { .. } | ServerMessage::FileShared { .. }) => {
+                if let Some(event) = room_event(msg) {
+                    self.on_room_message(event);
                 }
-                self.emit(Event::Message { user, text, timestamp, client_msg_id });
             }
-            ServerMessage::MessageAck { client_msg_id, timestamp } => {
-                self.on_ack(client_msg_id.uuid(), timestamp);
+            ServerMessage::MessageAck { client_msg_id, timestamp, offset } => {
+                self.on_ack(client_msg_id.uuid(), timestamp, offset);
+            }
+            ServerMessage::History { room, epoch, messages, has_more } => {
+                let Some(pending) = self.history.pop_front() else {
+                    tracing::debug!(%room, "history nobody asked for");
+                    return;
+                };
+                let page = HistoryPage::from_reply(room, epoch, messages, has_more);
+                self.answers.push_back((pending.token, Ok(Reply::History(page))));
             }
             ServerMessage::UserTyping { user } => self.emit(Event::UserTyping { user }),
             ServerMessage::Chat { user, text } => self.emit(Event::LobbyChat { user, text }),
@@ -553,10 +662,13 @@ impl ClientState {
                     self.emit(Event::Latency { rtt: now.saturating_duration_since(sent) });
                 } else if self.barrier.as_ref().is_some_and(|b| b.token == token) {
                     self.on_barrier(now);
+                } else if let Some(at) = self.history.iter().position(|p| p.token == token)
+                    && let Some(pending) = self.history.remove(at)
+                {
+                    // The request was answered with an error, not a page.
+                    let message = pending.error.unwrap_or_else(|| "no answer".to_owned());
+                    self.answers.push_back((pending.token, Err(ClientError::HistoryRefused { message })));
                 }
-            }
-            ServerMessage::FileShared { user, file_id, name, size, mime_type, url } => {
-                self.emit(Event::FileShared { user, file_id, name, size, mime_type, url });
             }
             msg @ (ServerMessage::FileAccepted { .. }
             | ServerMessage::FileError { .. }
@@ -577,14 +689,59 @@ impl ClientState {
         }
     }
 
-    /// An ack: the message is done.
-    fn on_ack(&mut self, id: Uuid, timestamp: u64) {
-        let Some(position) = self.unacked.iter().position(|u| u.id == id) else {
+    /// A room message, live or replayed: delivered unless the client has
+    /// delivered it (by offset in the room's epoch, or by id) already. One
+    /// of this client's own messages (a replay brings them back) is not
+    /// delivered, but settles the message if its ack was lost.
+    fn on_room_message(&mut self, event: Event) {
+        let (client_msg_id, offset, timestamp) = match &event {
+            Event::Message { client_msg_id, offset, timestamp, .. } => (*client_msg_id, *offset, *timestamp),
+            Event::FileShared { offset, .. } => (None, *offset, 0),
+            _ => return,
+        };
+        if let Some(id) = client_msg_id
+            && self.is_own(id)
+        {
+            self.streams.deliver(offset);
+            self.on_ack(id, timestamp, offset);
+            return;
+        }
+        if !self.streams.deliver(offset) {
+            tracing::debug!(?offset, "message already delivered");
+            return;
+        }
+        if let Some(id) = client_msg_id
+            && !self.seen.insert(id)
+        {
+            tracing::debug!(%id, "duplicate message dropped");
+            return;
+        }
+        self.emit(event);
+    }
+
+    /// Whether `id` is one of this client's messages still waiting for
+    /// its ack (written, or queued to be written again).
+    fn is_own(&self, id: Uuid) -> bool {
+        self.unacked.iter().any(|u| u.id == id)
+            || self.queue.iter().any(|q| matches!(q, Queued::Chat { id: queued, .. } if *queued == id))
+    }
+
+    /// An ack (or the message itself, replayed): the message is done.
+    fn on_ack(&mut self, id: Uuid, timestamp: u64, offset: Option<u64>) {
+        if let Some(position) = self.unacked.iter().position(|u| u.id == id)
+            && let Some(unacked) = self.unacked.remove(position)
+        {
+            self.streams.on_ack(unacked.room.as_deref(), offset);
+        } else if let Some(position) =
+            self.queue.iter().position(|q| matches!(q, Queued::Chat { id: queued, .. } if *queued == id))
+        {
+            // Written on an earlier link and queued to go again: no need.
+            self.queue.remove(position);
+        } else {
             // An ack for a message already acked (a resend crossed the ack).
             return;
-        };
-        self.unacked.remove(position);
-        self.emit(Event::MessageAcked { client_msg_id: id, timestamp });
+        }
+        self.emit(Event::MessageAcked { client_msg_id: id, timestamp, offset });
     }
 
     /// After an `error`, finds out whether it answered a chat message.
@@ -609,7 +766,7 @@ impl ClientState {
             .into_iter()
             .partition(|u| u.written.0 == link && u.written.1 <= barrier.upto);
         self.unacked = waiting;
-        if std::mem::take(&mut self.rate_limited) {
+        if std::mem::take(&mut self.retry_later) {
             for unacked in answered.into_iter().rev() {
                 self.queue.push_front(Queued::Chat { id: unacked.id, text: unacked.text });
             }
@@ -632,7 +789,8 @@ impl ClientState {
             replies_due += 1;
         }
         if let Some(room) = room.clone() {
-            self.send(ClientMessage::JoinRoom { room });
+            let since = self.streams.since(&room);
+            self.send(ClientMessage::JoinRoom { room, since });
             replies_due += 1;
         }
         self.phase = Phase::Restoring { client_id, replies_due, room };
@@ -718,6 +876,18 @@ mod tests {
         }
     }
 
+    /// A `roomJoined` from a server that keeps no history.
+    fn joined(room: &str, user_count: usize) -> ServerMessage {
+        ServerMessage::RoomJoined {
+            room: room.into(),
+            user_count,
+            epoch: None,
+            offset: None,
+            recovered: None,
+            missed: None,
+        }
+    }
+
     fn chat(text: &str, id: Uuid) -> ClientMessage {
         ClientMessage::ChatMessage { text: text.into(), client_msg_id: Some(id.into()) }
     }
@@ -741,12 +911,12 @@ mod tests {
             sent(&mut s),
             [
                 ClientMessage::SetUsername { username: "ada".into() },
-                ClientMessage::JoinRoom { room: "general".into() }
+                ClientMessage::JoinRoom { room: "general".into(), since: None }
             ]
         );
         s.on_message(ServerMessage::UsernameSet { username: "ada".into() }, now);
         assert!(!s.is_live() && sent(&mut s).is_empty(), "waits for the room too");
-        s.on_message(ServerMessage::RoomJoined { room: "general".into(), user_count: 2 }, now);
+        s.on_message(joined("general", 2), now);
         assert!(s.is_live());
         assert_eq!(sent(&mut s), [chat("one", unacked), chat("two", queued)]);
         assert!(events(&mut s).contains(&Event::Connected { client_id }));
@@ -763,9 +933,12 @@ mod tests {
         sent(&mut s);
         s.on_link_lost();
         connect(&mut s);
-        assert_eq!(sent(&mut s), [ClientMessage::JoinRoom { room: "a".into() }]);
-        s.on_message(ServerMessage::RoomJoined { room: "a".into(), user_count: 1 }, now);
-        assert_eq!(sent(&mut s), [chat("in a", first), ClientMessage::JoinRoom { room: "b".into() }]);
+        assert_eq!(sent(&mut s), [ClientMessage::JoinRoom { room: "a".into(), since: None }]);
+        s.on_message(joined("a", 1), now);
+        assert_eq!(
+            sent(&mut s),
+            [chat("in a", first), ClientMessage::JoinRoom { room: "b".into(), since: None }]
+        );
     }
 
     /// The barrier ping the state sends after an error, and its pong.
@@ -796,45 +969,54 @@ mod tests {
         // same id; so is a second ack.
         let upper = fine.hyphenated().to_string().to_uppercase();
         let upper = hubbub_protocol::ClientMsgId::parse(&upper).unwrap();
-        s.on_message(ServerMessage::MessageAck { client_msg_id: upper, timestamp: 7 }, now);
-        s.on_message(ServerMessage::MessageAck { client_msg_id: fine.into(), timestamp: 7 }, now);
+        s.on_message(ServerMessage::MessageAck { client_msg_id: upper, timestamp: 7, offset: None }, now);
+        s.on_message(
+            ServerMessage::MessageAck { client_msg_id: fine.into(), timestamp: 7, offset: None },
+            now,
+        );
         let pong = barrier_pong(&mut s);
         s.on_message(pong, now);
         assert_eq!(
             events(&mut s)[1..],
             [
-                Event::MessageAcked { client_msg_id: fine, timestamp: 7 },
+                Event::MessageAcked { client_msg_id: fine, timestamp: 7, offset: None },
                 Event::MessageRejected { client_msg_id: refused }
             ]
         );
         s.on_link_lost();
         connect(&mut s);
-        s.on_message(ServerMessage::RoomJoined { room: "r".into(), user_count: 1 }, now);
-        assert_eq!(sent(&mut s), [ClientMessage::JoinRoom { room: "r".into() }], "nothing left to resend");
+        s.on_message(joined("r", 1), now);
+        assert_eq!(
+            sent(&mut s),
+            [ClientMessage::JoinRoom { room: "r".into(), since: None }],
+            "nothing left to resend"
+        );
     }
 
     #[test]
-    fn a_rate_limited_message_goes_again_after_the_pause() {
-        let now = Instant::now();
-        let mut s = state(10);
-        connect(&mut s);
-        s.command(Op::JoinRoom("r".into()), now).unwrap();
-        let dropped = id(s.command(Op::SendMessage("dropped".into()), now));
-        sent(&mut s);
-        let limited = ServerMessage::Error {
-            message: "slow down".into(),
-            code: Some(RATE_LIMITED.into()),
-            retry_after_ms: Some(500),
-        };
-        s.on_message(limited, now);
-        let pong = barrier_pong(&mut s);
-        s.on_message(pong, now + Duration::from_millis(10));
-        assert!(sent(&mut s).is_empty(), "held while the server asks to wait");
-        let later = s.poll_timeout().expect("a wake-up when the pause ends");
-        assert_eq!(later, now + Duration::from_millis(500));
-        s.on_timeout(later);
-        assert_eq!(sent(&mut s), [chat("dropped", dropped)]);
-        assert!(!events(&mut s).iter().any(|e| matches!(e, Event::MessageRejected { .. })));
+    fn a_message_dropped_for_the_rate_limit_or_an_unavailable_store_goes_again_after_the_pause() {
+        for code in [RATE_LIMITED, UNAVAILABLE] {
+            let now = Instant::now();
+            let mut s = state(10);
+            connect(&mut s);
+            s.command(Op::JoinRoom("r".into()), now).unwrap();
+            let dropped = id(s.command(Op::SendMessage("dropped".into()), now));
+            sent(&mut s);
+            let refused = ServerMessage::Error {
+                message: "not now".into(),
+                code: Some(code.into()),
+                retry_after_ms: Some(500),
+            };
+            s.on_message(refused, now);
+            let pong = barrier_pong(&mut s);
+            s.on_message(pong, now + Duration::from_millis(10));
+            assert!(sent(&mut s).is_empty(), "{code}: held while the server asks to wait");
+            let later = s.poll_timeout().expect("a wake-up when the pause ends");
+            assert_eq!(later, now + Duration::from_millis(500));
+            s.on_timeout(later);
+            assert_eq!(sent(&mut s), [chat("dropped", dropped)], "{code}");
+            assert!(!events(&mut s).iter().any(|e| matches!(e, Event::MessageRejected { .. })), "{code}");
+        }
     }
 
     #[test]
@@ -854,7 +1036,7 @@ mod tests {
         s.command(Op::LeaveRoom, now).unwrap();
         assert_eq!(
             sent(&mut s),
-            [ClientMessage::JoinRoom { room: "r".into() }, chat("0", ids[0]), chat("1", ids[1])]
+            [ClientMessage::JoinRoom { room: "r".into(), since: None }, chat("0", ids[0]), chat("1", ids[1])]
         );
         let next = s.poll_timeout().expect("the third waits for a token");
         assert_eq!(next, now + Duration::from_millis(250));
@@ -890,6 +1072,7 @@ mod tests {
             text: "hi".into(),
             timestamp: 1,
             client_msg_id: Some(id.into()),
+            offset: None,
         };
         let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
         for id in [a, b, a, c, a] {
@@ -917,5 +1100,264 @@ mod tests {
         s.on_message(ServerMessage::Pong { timestamp: 1.into(), server_time: 0 }, later);
         s.on_message(ServerMessage::Pong { timestamp: timestamp.clone(), server_time: 0 }, later);
         assert_eq!(events(&mut s)[1..], [Event::Latency { rtt: std::time::Duration::from_millis(30) }]);
+    }
+
+    // ----- recovery and history ---------------------------------------------------
+
+    /// A `roomJoined` from a server that keeps history; `recovered` and
+    /// `missed` as it sends them after a join with `since`.
+    fn joined_at(room: &str, epoch: &str, offset: u64, recovery: Option<(bool, u64)>) -> ServerMessage {
+        ServerMessage::RoomJoined {
+            room: room.into(),
+            user_count: 2,
+            epoch: Some(epoch.into()),
+            offset: Some(offset),
+            recovered: recovery.map(|(recovered, _)| recovered),
+            missed: recovery.map(|(_, missed)| missed),
+        }
+    }
+
+    fn broadcast(user: &str, text: &str, offset: u64) -> ServerMessage {
+        ServerMessage::ChatMessage {
+            user: user.into(),
+            text: text.into(),
+            timestamp: 1000 + offset,
+            client_msg_id: Some(Uuid::new_v4().into()),
+            offset: Some(offset),
+        }
+    }
+
+    fn since(epoch: &str, offset: u64) -> Option<hubbub_protocol::Since> {
+        Some(hubbub_protocol::Since { epoch: epoch.into(), offset })
+    }
+
+    /// The texts of the `Message` events among `events`.
+    fn texts(events: &[Event]) -> Vec<String> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Message { text, .. } => Some(text.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A client that set its name, joined `general` at offset 3 of epoch
+    /// `e1`, and read everything since.
+    fn in_general() -> ClientState {
+        let now = Instant::now();
+        let mut s = state(10);
+        connect(&mut s);
+        s.command(Op::SetUsername("ada".into()), now).unwrap();
+        s.command(Op::JoinRoom("general".into()), now).unwrap();
+        sent(&mut s);
+        s.on_message(ServerMessage::UsernameSet { username: "ada".into() }, now);
+        s.on_message(joined_at("general", "e1", 3, None), now);
+        events(&mut s);
+        s
+    }
+
+    #[test]
+    fn a_reconnect_rejoins_with_since_and_the_missed_messages_arrive_once_in_order() {
+        let now = Instant::now();
+        let mut s = in_general();
+        s.on_message(broadcast("bob", "four", 4), now);
+        s.on_message(broadcast("bob", "five", 5), now);
+        let mine = id(s.command(Op::SendMessage("six".into()), now));
+        sent(&mut s);
+        s.on_message(
+            ServerMessage::MessageAck { client_msg_id: mine.into(), timestamp: 9, offset: Some(6) },
+            now,
+        );
+        assert_eq!(texts(&events(&mut s)), ["four", "five"]);
+
+        s.on_link_lost();
+        let client_id = connect(&mut s);
+        assert_eq!(
+            sent(&mut s),
+            [
+                ClientMessage::SetUsername { username: "ada".into() },
+                ClientMessage::JoinRoom { room: "general".into(), since: since("e1", 6) }
+            ],
+            "the newest delivered offset, its own ack included"
+        );
+        s.on_message(ServerMessage::UsernameSet { username: "ada".into() }, now);
+        s.on_message(joined_at("general", "e1", 9, Some((true, 3))), now);
+        // The replay, then live messages; the server (or a race) repeats
+        // some, which the client drops by offset, whatever their id.
+        for (text, offset) in [("seven", 7), ("eight", 8), ("nine", 9), ("five", 5), ("nine", 9), ("ten", 10)]
+        {
+            s.on_message(broadcast("bob", text, offset), now);
+        }
+        let events = events(&mut s);
+        assert_eq!(
+            events[..2],
+            [
+                Event::UsernameSet { username: "ada".into() },
+                Event::RoomJoined {
+                    room: "general".into(),
+                    user_count: 2,
+                    epoch: Some("e1".into()),
+                    offset: Some(9),
+                    missed: 3
+                },
+            ]
+        );
+        assert_eq!(events[2], Event::Connected { client_id });
+        assert_eq!(texts(&events), ["seven", "eight", "nine", "ten"]);
+        assert!(!events.iter().any(|e| matches!(e, Event::RecoveryFailed { .. })));
+
+        s.on_link_lost();
+        connect(&mut s);
+        assert_eq!(
+            sent(&mut s)[1],
+            ClientMessage::JoinRoom { room: "general".into(), since: since("e1", 10) }
+        );
+    }
+
+    #[test]
+    fn its_own_message_in_the_replay_stands_for_the_lost_ack() {
+        let now = Instant::now();
+        let mut s = in_general();
+        let mine = id(s.command(Op::SendMessage("mine".into()), now));
+        sent(&mut s);
+        // The server stored it, and the link broke before the ack came.
+        s.on_link_lost();
+        connect(&mut s);
+        sent(&mut s);
+        s.on_message(ServerMessage::UsernameSet { username: "ada".into() }, now);
+        s.on_message(joined_at("general", "e1", 4, Some((true, 1))), now);
+        assert_eq!(sent(&mut s), [chat("mine", mine)], "resent before the replay is read");
+        let replayed = ServerMessage::ChatMessage {
+            user: "ada".into(),
+            text: "mine".into(),
+            timestamp: 77,
+            client_msg_id: Some(mine.into()),
+            offset: Some(4),
+        };
+        s.on_message(replayed, now);
+        // The server acks the resend as a duplicate: nothing new.
+        s.on_message(
+            ServerMessage::MessageAck { client_msg_id: mine.into(), timestamp: 77, offset: Some(4) },
+            now,
+        );
+        let events = events(&mut s);
+        assert!(texts(&events).is_empty(), "its own message is not shown to it: {events:?}");
+        let acks: Vec<_> = events.iter().filter(|e| matches!(e, Event::MessageAcked { .. })).collect();
+        assert_eq!(acks, [&Event::MessageAcked { client_msg_id: mine, timestamp: 77, offset: Some(4) }]);
+    }
+
+    #[test]
+    fn a_recovery_the_server_refuses_is_reported_and_the_new_epoch_is_followed() {
+        let now = Instant::now();
+        let mut s = in_general();
+        s.on_message(broadcast("bob", "four", 4), now);
+        assert_eq!(texts(&events(&mut s)), ["four"]);
+        s.on_link_lost();
+        connect(&mut s);
+        assert_eq!(
+            sent(&mut s)[1],
+            ClientMessage::JoinRoom { room: "general".into(), since: since("e1", 4) }
+        );
+        s.on_message(ServerMessage::UsernameSet { username: "ada".into() }, now);
+        // The server lost the room's history: a new epoch, one message in it.
+        s.on_message(joined_at("general", "e2", 1, Some((false, 0))), now);
+        s.on_message(broadcast("bob", "one of e2", 1), now);
+        s.on_message(broadcast("bob", "two of e2", 2), now);
+        let events = events(&mut s);
+        assert!(
+            events.contains(&Event::RecoveryFailed { room: "general".into(), epoch: "e2".into(), offset: 1 }),
+            "{events:?}"
+        );
+        assert!(events.iter().any(|e| matches!(e, Event::RoomJoined { missed: 0, .. })));
+        // Offset 1 of e2 is below e1's 4, but it is another epoch; the join
+        // said 1 was there before, so only 2 is news.
+        assert_eq!(texts(&events), ["two of e2"]);
+        s.on_link_lost();
+        connect(&mut s);
+        assert_eq!(
+            sent(&mut s)[1],
+            ClientMessage::JoinRoom { room: "general".into(), since: since("e2", 2) }
+        );
+    }
+
+    #[test]
+    fn messages_of_the_room_being_left_count_for_that_room() {
+        let now = Instant::now();
+        let mut s = in_general();
+        s.command(Op::JoinRoom("other".into()), now).unwrap();
+        sent(&mut s);
+        // Said in general before the server took the join.
+        s.on_message(broadcast("bob", "late in general", 4), now);
+        s.on_message(joined_at("other", "o1", 10, None), now);
+        s.on_message(broadcast("carol", "in other", 11), now);
+        assert_eq!(texts(&events(&mut s)), ["late in general", "in other"]);
+        // Back to general: what was said there meanwhile is asked for.
+        s.command(Op::JoinRoom("general".into()), now).unwrap();
+        assert_eq!(sent(&mut s), [ClientMessage::JoinRoom { room: "general".into(), since: since("e1", 4) }]);
+    }
+
+    /// A history answer from the server.
+    fn page(texts: &[(&str, u64)], has_more: bool) -> ServerMessage {
+        let messages = texts
+            .iter()
+            .map(|(text, offset)| {
+                serde_json::json!({"type": "chatMessage", "user": "bob", "text": text,
+                                                      "timestamp": 1, "offset": offset})
+            })
+            .collect();
+        ServerMessage::History { room: "general".into(), epoch: "e1".into(), messages, has_more }
+    }
+
+    fn pending(reply: Result<Reply>) -> u64 {
+        match reply.unwrap() {
+            Reply::Pending(token) => token,
+            other => panic!("expected a pending reply, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn history_requests_are_answered_in_order_and_a_refusal_is_found_by_its_ping() {
+        let now = Instant::now();
+        let mut s = in_general();
+        let first = pending(s.command(Op::History { before: None, limit: 2 }, now));
+        let second = pending(s.command(Op::History { before: Some(3), limit: 1 }, now));
+        assert_eq!(
+            sent(&mut s),
+            [
+                ClientMessage::History { before: None, limit: Some(2) },
+                ClientMessage::Ping { timestamp: first.into() },
+                ClientMessage::History { before: Some(3), limit: Some(1) },
+                ClientMessage::Ping { timestamp: second.into() },
+            ]
+        );
+        assert!(matches!(
+            s.command(Op::History { before: None, limit: 101 }, now),
+            Err(ClientError::InvalidHistoryLimit { limit: 101, max: 100 })
+        ));
+
+        s.on_message(page(&[("two", 2), ("three", 3)], true), now);
+        s.on_message(ServerMessage::Pong { timestamp: first.into(), server_time: 0 }, now);
+        let Some((token, Ok(Reply::History(answer)))) = s.poll_answer() else { panic!("the first page") };
+        assert_eq!(token, first);
+        assert_eq!(texts(&answer.messages), ["two", "three"]);
+        assert_eq!(answer.next_before(), Some(2));
+        assert!(s.poll_answer().is_none(), "its ping settles nothing more");
+
+        s.on_message(ServerMessage::error("history is off", "unavailable"), now);
+        s.on_message(ServerMessage::Pong { timestamp: second.into(), server_time: 0 }, now);
+        let Some((token, Err(ClientError::HistoryRefused { message }))) = s.poll_answer() else {
+            panic!("the second is refused")
+        };
+        assert_eq!((token, message.as_str()), (second, "history is off"));
+        assert!(texts(&events(&mut s)).is_empty(), "history is not delivered as live messages");
+
+        let third = pending(s.command(Op::History { before: None, limit: 5 }, now));
+        s.on_link_lost();
+        assert!(matches!(s.poll_answer(), Some((token, Err(ClientError::NotConnected))) if token == third));
+        assert!(matches!(
+            s.command(Op::History { before: None, limit: 5 }, now),
+            Err(ClientError::NotConnected)
+        ));
     }
 }

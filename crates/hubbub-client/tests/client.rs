@@ -35,7 +35,10 @@ mod hubbub_chat;
 
 struct TestServer {
     addr: SocketAddr,
-    uploads: std::path::PathBuf,
+    /// The server's data directory: uploads, and the history file beside
+    /// them. Removed when the server is dropped, unless [`TestServer::stop`]
+    /// kept it for a successor.
+    data: Option<std::path::PathBuf>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<std::io::Result<()>>,
 }
@@ -46,23 +49,29 @@ impl TestServer {
     }
 
     /// A server on `addr`, which may be the address of one that just
-    /// stopped: the socket is bound with SO_REUSEADDR.
+    /// stopped: the socket is bound with SO_REUSEADDR. Its history starts
+    /// empty.
     async fn on(addr: SocketAddr) -> Self {
+        Self::with_data(addr, std::env::temp_dir().join(format!("hubbub-client-test-{}", uuid()))).await
+    }
+
+    /// A server on `addr` with the data (history included) in `data`.
+    async fn with_data(addr: SocketAddr, data: std::path::PathBuf) -> Self {
         let mut config = Config { close_timeout: Duration::from_millis(300), ..Config::default() };
         config.shutdown_drain = Duration::from_secs(2);
-        config.uploads.dir = std::env::temp_dir().join(format!("hubbub-client-test-{}", uuid()));
+        // The history file goes beside the upload directory.
+        config.uploads.dir = data.join("uploads");
         let socket = TcpSocket::new_v4().unwrap();
         socket.set_reuseaddr(true).unwrap();
         socket.bind(addr).unwrap();
         let listener = socket.listen(128).unwrap();
         let addr = listener.local_addr().unwrap();
-        let uploads = config.uploads.dir.clone();
         let (stop, stopped) = oneshot::channel::<()>();
         let server = Server::new(config).unwrap();
         let task = tokio::spawn(server.run(listener, async {
             let _ = stopped.await;
         }));
-        Self { addr, uploads, stop: Some(stop), task }
+        Self { addr, data: Some(data), stop: Some(stop), task }
     }
 
     fn url(&self) -> String {
@@ -72,6 +81,15 @@ impl TestServer {
     async fn shutdown(mut self) {
         self.stop.take().unwrap().send(()).unwrap();
         timeout(WAIT, &mut self.task).await.expect("server stops in time").unwrap().unwrap();
+    }
+
+    /// Shuts the server down and keeps its data, for a server that takes
+    /// over: its address and data directory.
+    async fn stop(mut self) -> (SocketAddr, std::path::PathBuf) {
+        let data = self.data.take().unwrap();
+        let addr = self.addr;
+        self.shutdown().await;
+        (addr, data)
     }
 
     /// Open connections, from `/api/status`.
@@ -99,7 +117,9 @@ impl TestServer {
 
 impl Drop for TestServer {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.uploads);
+        if let Some(data) = &self.data {
+            let _ = std::fs::remove_dir_all(data);
+        }
     }
 }
 
@@ -221,6 +241,8 @@ struct ProxyRules {
 struct Proxy {
     addr: SocketAddr,
     rules: Arc<Mutex<ProxyRules>>,
+    /// Bumped to cut every link relayed at the moment.
+    cuts: tokio::sync::watch::Sender<u64>,
 }
 
 impl Proxy {
@@ -229,15 +251,23 @@ impl Proxy {
         let addr = listener.local_addr().unwrap();
         let rules = Arc::new(Mutex::new(ProxyRules::default()));
         let shared = rules.clone();
+        let (cuts, cut) = tokio::sync::watch::channel(0);
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 if shared.lock().unwrap().closed {
                     continue;
                 }
-                tokio::spawn(relay(tcp, upstream, shared.clone()));
+                tokio::spawn(relay(tcp, upstream, shared.clone(), cut.clone()));
             }
         });
-        Self { addr, rules }
+        Self { addr, rules, cuts }
+    }
+
+    /// Cuts every relayed link (without a close frame: 1006 for the
+    /// client) and refuses new ones until `rules().closed` is cleared.
+    fn cut_and_close(&self) {
+        self.rules().closed = true;
+        self.cuts.send_modify(|n| *n += 1);
     }
 
     fn url(&self) -> String {
@@ -249,7 +279,13 @@ impl Proxy {
     }
 }
 
-async fn relay(tcp: tokio::net::TcpStream, upstream: SocketAddr, rules: Arc<Mutex<ProxyRules>>) {
+async fn relay(
+    tcp: tokio::net::TcpStream,
+    upstream: SocketAddr,
+    rules: Arc<Mutex<ProxyRules>>,
+    mut cut: tokio::sync::watch::Receiver<u64>,
+) {
+    cut.mark_unchanged();
     let Ok(mut client) = tokio_tungstenite::accept_async(tcp).await else { return };
     let Ok((mut server, _)) = tokio_tungstenite::connect_async(format!("ws://{upstream}/ws/chat")).await
     else {
@@ -257,6 +293,7 @@ async fn relay(tcp: tokio::net::TcpStream, upstream: SocketAddr, rules: Arc<Mute
     };
     loop {
         tokio::select! {
+            Ok(()) = cut.changed() => return,
             msg = client.next() => {
                 let Some(Ok(msg)) = msg else { return };
                 let binary = msg.is_binary();
@@ -329,7 +366,9 @@ async fn a_server_restart_loses_no_message_and_doubles_none() {
     let since = bob.seen.len();
     bob.connected().await;
     assert!(
-        bob.seen[since..].contains(&Event::RoomJoined { room: "general".into(), user_count: 1 }),
+        bob.seen[since..]
+            .iter()
+            .any(|e| matches!(e, Event::RoomJoined { room, user_count: 1, .. } if room == "general")),
         "bob's room is restored before Connected: {:?}",
         &bob.seen[since..]
     );
@@ -364,7 +403,7 @@ async fn a_lost_ack_means_a_resend_that_the_room_sees_once() {
     let (mut bob, _) = tokio_tungstenite::connect_async(server.url()).await.unwrap();
     for msg in [
         ClientMessage::SetUsername { username: "bob".into() },
-        ClientMessage::JoinRoom { room: "general".into() },
+        ClientMessage::JoinRoom { room: "general".into(), since: None },
     ] {
         bob.send(Message::text(msg.to_json())).await.unwrap();
     }
@@ -395,6 +434,170 @@ async fn a_lost_ack_means_a_resend_that_the_room_sees_once() {
     .await
     .expect("bob got both messages");
     assert_eq!(texts, ["only once", "after"]);
+    server.shutdown().await;
+}
+
+// ----- recovery and history --------------------------------------------------------------
+
+/// Sends `texts` and waits for each one's ack: the room has kept them.
+async fn say(client: &Client, events: &mut Recorder, texts: &[&str]) {
+    for text in texts {
+        let id = client.send_message(*text).await.unwrap();
+        events.acked(id).await;
+    }
+}
+
+/// The latest `RoomJoined` for `room` that `events` has seen: its
+/// `(missed, epoch)`.
+fn last_join(events: &Recorder, room: &str) -> (u64, Option<String>) {
+    events
+        .seen
+        .iter()
+        .rev()
+        .find_map(|e| match e {
+            Event::RoomJoined { room: r, missed, epoch, .. } if r == room => Some((*missed, epoch.clone())),
+            _ => None,
+        })
+        .expect("a RoomJoined")
+}
+
+#[tokio::test]
+async fn a_member_away_while_others_send_gets_exactly_what_it_missed_in_order_once() {
+    let server = TestServer::start().await;
+    let proxy = Proxy::start(server.addr).await;
+    let (bob, mut bob_events) = member(&server.url(), "bob", "general", fast()).await;
+    let (_alice, mut alice) = member(&proxy.url(), "alice", "general", fast()).await;
+    say(&bob, &mut bob_events, &["before"]).await;
+    alice.message("before").await;
+
+    proxy.cut_and_close();
+    assert_eq!(alice.disconnected().await, 1006);
+    // The server has seen her go: what follows is missed, not delivered.
+    server.wait_for_connections(1).await;
+    let missed: Vec<String> = (1..=5).map(|n| format!("missed {n}")).collect();
+    say(&bob, &mut bob_events, &missed.iter().map(String::as_str).collect::<Vec<_>>()).await;
+
+    // She comes back while Bob keeps talking.
+    let live: Vec<String> = (1..=10).map(|n| format!("live {n}")).collect();
+    let talking = {
+        let (bob, live) = (bob.clone(), live.clone());
+        tokio::spawn(async move {
+            for text in live {
+                bob.send_message(text).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    proxy.rules().closed = false;
+    alice.connected().await;
+    alice.message("live 10").await;
+    talking.await.unwrap();
+
+    let (replayed, _) = last_join(&alice, "general");
+    assert!(replayed >= 5, "the five missed ones at least are replayed: {replayed}");
+    assert!(!alice.seen.iter().any(|e| matches!(e, Event::RecoveryFailed { .. })), "{:#?}", alice.seen);
+    let expected: Vec<String> = std::iter::once("before")
+        .chain(missed.iter().map(String::as_str))
+        .chain(live.iter().map(String::as_str))
+        .map(|t| format!("bob: {t}"))
+        .collect();
+    assert_eq!(alice.messages(), expected, "each once, in order");
+    // Offsets are the room's, one after the other.
+    let offsets: Vec<u64> = alice
+        .seen
+        .iter()
+        .filter_map(|e| match e {
+            Event::Message { offset, .. } => *offset,
+            _ => None,
+        })
+        .collect();
+    assert_eq!(offsets, (1..=16).collect::<Vec<u64>>());
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn recovery_survives_a_restart_on_the_same_history_and_a_lost_one_is_reported() {
+    let server = TestServer::start().await;
+    let proxy = Proxy::start(server.addr).await;
+    let (bob, mut bob_events) = member(&server.url(), "bob", "general", fast()).await;
+    let (alice_client, mut alice) = member(&proxy.url(), "alice", "general", fast()).await;
+    say(&bob, &mut bob_events, &["one"]).await;
+    alice.message("one").await;
+    let (_, epoch) = last_join(&alice, "general");
+
+    // The server restarts on its history while Alice stays away; Bob talks.
+    proxy.cut_and_close();
+    let (addr, data) = server.stop().await;
+    let server = TestServer::with_data(addr, data).await;
+    bob_events.connected().await;
+    say(&bob, &mut bob_events, &["two"]).await;
+    proxy.rules().closed = false;
+    alice.connected().await;
+    alice.message("two").await;
+    let (missed, same_epoch) = last_join(&alice, "general");
+    assert_eq!((missed, &same_epoch), (1, &epoch), "recovered across the restart");
+    assert_eq!(alice.messages(), ["bob: one", "bob: two"]);
+
+    // A server that starts on a new, empty history: another epoch, and
+    // recovery fails; the application is told, and can fetch what there is.
+    proxy.cut_and_close();
+    let (addr, _old) = server.stop().await;
+    let server = TestServer::on(addr).await;
+    bob_events.connected().await;
+    say(&bob, &mut bob_events, &["three"]).await;
+    proxy.rules().closed = false;
+    let failed = alice
+        .until("RecoveryFailed", |e| match e {
+            Event::RecoveryFailed { room, epoch, offset } => Some((room.clone(), epoch.clone(), *offset)),
+            _ => None,
+        })
+        .await;
+    assert_eq!(failed.0, "general");
+    assert_ne!(Some(failed.1), epoch, "a new epoch");
+    assert_eq!(failed.2, 1, "bob's one message is there");
+    alice.connected().await;
+    let page = alice_client.history(Some(failed.2 + 1), 10).await.unwrap();
+    assert_eq!(page.messages.len(), 1);
+    assert!(matches!(&page.messages[0], Event::Message { text, .. } if text == "three"));
+    assert!(!page.has_more);
+    say(&bob, &mut bob_events, &["four"]).await;
+    alice.message("four").await;
+    assert_eq!(alice.messages(), ["bob: one", "bob: two", "bob: four"], "three came by history only");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn history_pages_back_to_the_first_message() {
+    let server = TestServer::start().await;
+    let (bob, mut bob_events) = member(&server.url(), "bob", "general", fast()).await;
+    let texts: Vec<String> = (1..=7).map(|n| format!("m{n}")).collect();
+    say(&bob, &mut bob_events, &texts.iter().map(String::as_str).collect::<Vec<_>>()).await;
+
+    let (alice, _alice_events) = member(&server.url(), "alice", "general", fast()).await;
+    let mut pages = Vec::new();
+    let mut before = None;
+    loop {
+        let page = alice.history(before, 3).await.unwrap();
+        assert_eq!(page.room, "general");
+        let texts: Vec<String> = page
+            .messages
+            .iter()
+            .map(|e| match e {
+                Event::Message { text, .. } => text.clone(),
+                other => panic!("only messages here: {other:?}"),
+            })
+            .collect();
+        pages.push(texts);
+        match page.next_before() {
+            Some(next) => before = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(pages, [vec!["m5", "m6", "m7"], vec!["m2", "m3", "m4"], vec!["m1"]]);
+
+    assert!(matches!(alice.history(None, 0).await, Err(ClientError::InvalidHistoryLimit { .. })));
+    alice.leave_room().await.unwrap();
+    assert!(matches!(alice.history(None, 5).await, Err(ClientError::NotInRoom)));
     server.shutdown().await;
 }
 

@@ -1,7 +1,8 @@
 //! `hubbub-chat`: a line-oriented terminal chat client over `hubbub-client`.
 //!
 //! Typed lines are messages; `/nick`, `/join`, `/leave`, `/send PATH`,
-//! `/ping` and `/quit` are commands. It is scriptable: piped lines are sent
+//! `/history [N]`, `/ping` and `/quit` are commands. After a reconnect it
+//! shows what was said meanwhile, under a "while you were away" line. It is scriptable: piped lines are sent
 //! in order and, at the end of input, it waits until the server has
 //! acknowledged every message and upload before it exits; when stdout is not
 //! a terminal each received message is one plain `NAME: TEXT` line, and
@@ -16,9 +17,10 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use hubbub_client::{
-    Client, ClientConfig, ClientError, Event, EventStream, FileUpload, ReconnectPolicy, Uuid,
+    Client, ClientConfig, ClientError, Event, EventStream, FileUpload, HistoryPage, ReconnectPolicy, Uuid,
 };
 use tokio::io::AsyncBufReadExt;
+use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 
 /// What the exit status means: shown by `--help`, and what [`run`] returns.
@@ -38,8 +40,9 @@ not change the exit status.";
 /// A terminal chat client for Hubbub servers.
 ///
 /// Type a line to send it to the room. Commands: /nick NAME, /join ROOM,
-/// /leave, /send PATH, /ping, /help, /quit (a line starting with // sends
-/// the rest as a message starting with /).
+/// /leave, /send PATH, /history [N], /ping, /help, /quit (a line starting
+/// with // sends the rest as a message starting with /). After a reconnect,
+/// the messages missed meanwhile are shown under "— while you were away —".
 #[derive(Debug, Parser)]
 #[command(version, after_help = EXIT_STATUS)]
 struct Args {
@@ -197,6 +200,9 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         own_join: None,
         restoring: Some(Vec::new()),
         failed: false,
+        room: None,
+        away: None,
+        history: History::new(),
     };
     let finished = chat.interact().await?;
     if finished {
@@ -247,7 +253,56 @@ struct Chat {
     /// A message or upload was refused or lost, or the connection was lost
     /// for good: exit with a failure (see [`EXIT_STATUS`]).
     failed: bool,
+    /// The room the server last confirmed, for `/history`.
+    room: Option<Room>,
+    /// After a rejoin that recovers missed messages: offsets up to this one
+    /// are missed messages, shown under a "while you were away" line. The
+    /// flag says whether that line is out yet.
+    away: Option<(u64, bool)>,
+    /// `/history` pages on their way.
+    history: History,
 }
+
+/// The room the client is in, and how far back it has shown it.
+struct Room {
+    name: String,
+    /// `/history` shows the messages before this offset: the oldest one
+    /// shown so far, or the newest at the join plus one. `None` when the
+    /// server keeps no history (then `/history` shows the newest).
+    before: Option<u64>,
+}
+
+/// `/history` pages being fetched. A page comes from a task of its own, so
+/// events keep being read while the server answers (the client stops reading
+/// the server while its events wait).
+struct History {
+    tx: mpsc::UnboundedSender<hubbub_client::Result<HistoryPage>>,
+    rx: mpsc::UnboundedReceiver<hubbub_client::Result<HistoryPage>>,
+    /// Whether a request is out: one at a time, since each page starts where
+    /// the previous one ended.
+    loading: bool,
+}
+
+impl History {
+    fn new() -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Self { tx, rx, loading: false }
+    }
+
+    /// The next page, once one is loading.
+    async fn next(&mut self) -> Option<hubbub_client::Result<HistoryPage>> {
+        if !self.loading {
+            return std::future::pending().await;
+        }
+        self.rx.recv().await
+    }
+}
+
+/// Messages `/history` shows when not told how many.
+const HISTORY_DEFAULT: u32 = 20;
+
+/// How to use `/history`; the maximum is the protocol's page limit.
+const HISTORY_USAGE: &str = "/history [N], N from 1 to 100";
 
 /// What one line of input asks for.
 enum Line {
@@ -256,6 +311,7 @@ enum Line {
     Join(String),
     Leave,
     Send(String),
+    History(u32),
     Ping,
     Quit,
     Help,
@@ -267,8 +323,8 @@ enum Line {
 }
 
 /// The commands, for `/help` and after a mistake.
-const COMMANDS: &str = "commands: /nick NAME, /join ROOM, /leave, /send PATH, /ping, /help, /quit \
-                        (//text sends /text)";
+const COMMANDS: &str = "commands: /nick NAME, /join ROOM, /leave, /send PATH, /history [N], /ping, \
+                        /help, /quit (//text sends /text)";
 
 fn parse_line(line: &str) -> Line {
     if let Some(rest) = line.strip_prefix("//") {
@@ -287,6 +343,12 @@ fn parse_line(line: &str) -> Line {
         "leave" => Line::Leave,
         "send" if arg.is_empty() => Line::Usage("/send PATH"),
         "send" => Line::Send(arg),
+        "history" if arg.is_empty() => Line::History(HISTORY_DEFAULT),
+        "history" => match arg.parse() {
+            // The protocol's page limit, which the usage line repeats.
+            Ok(n) if (1..=hubbub_protocol::MAX_HISTORY_LIMIT).contains(&n) => Line::History(n),
+            _ => Line::Usage(HISTORY_USAGE),
+        },
         "ping" => Line::Ping,
         "quit" | "exit" => Line::Quit,
         "help" | "?" => Line::Help,
@@ -319,8 +381,60 @@ impl Chat {
                         blocked = self.send(text).await;
                     }
                 }
+                page = self.history.next() => self.show_history(page),
                 () = self.ui.tick() => self.ui.redraw_status(),
             }
+        }
+    }
+
+    /// Asks for the messages before the oldest one shown.
+    fn fetch_history(&mut self, limit: u32) {
+        if self.history.loading {
+            self.ui.info("earlier messages are on their way");
+            return;
+        }
+        let Some(room) = &self.room else {
+            self.ui.info("error: not in a room: join one first");
+            return;
+        };
+        let (client, before, tx) = (self.client.clone(), room.before, self.history.tx.clone());
+        self.history.loading = true;
+        tokio::spawn(async move {
+            let _ = tx.send(client.history(before, limit).await);
+        });
+    }
+
+    /// Shows a `/history` page: a header line, the messages, and a line at
+    /// the room's beginning.
+    fn show_history(&mut self, page: Option<hubbub_client::Result<HistoryPage>>) {
+        self.history.loading = false;
+        let page = match page {
+            Some(Ok(page)) => page,
+            Some(Err(err)) => return self.ui.info(&format!("error: {err}")),
+            None => return,
+        };
+        let HistoryPage { room: name, messages, has_more, .. } = page;
+        let count = messages.len();
+        match count {
+            0 => self.ui.info(&format!("— no earlier messages in #{name} —")),
+            1 => self.ui.info(&format!("— 1 earlier message in #{name} —")),
+            n => self.ui.info(&format!("— {n} earlier messages in #{name} —")),
+        }
+        let oldest = messages.iter().find_map(|event| match event {
+            Event::Message { offset, .. } | Event::FileShared { offset, .. } => *offset,
+            _ => None,
+        });
+        for event in messages {
+            self.render_room_message(event);
+        }
+        if !has_more && count > 0 {
+            self.ui.info(&format!("— the beginning of #{name} —"));
+        }
+        if let Some(room) = &mut self.room
+            && room.name == name
+            && let Some(oldest) = oldest
+        {
+            room.before = Some(room.before.map_or(oldest, |before| before.min(oldest)));
         }
     }
 
@@ -349,6 +463,10 @@ impl Chat {
             Line::Join(room) => self.client.join_room(room).await,
             Line::Leave => self.client.leave_room().await,
             Line::Ping => self.client.ping().await,
+            Line::History(limit) => {
+                self.fetch_history(limit);
+                Ok(())
+            }
             Line::Send(path) => match FileUpload::from_path(&path).await {
                 Ok(file) => {
                     let name = file.name.clone();
@@ -384,12 +502,13 @@ impl Chat {
     /// showing events meanwhile.
     async fn drain(&mut self, limit: Duration) {
         let deadline = Instant::now() + limit;
-        while !self.outstanding.is_empty() || !self.uploads.is_empty() {
+        while !self.outstanding.is_empty() || !self.uploads.is_empty() || self.history.loading {
             tokio::select! {
                 event = self.events.recv() => match event {
                     Some(event) => self.show(event),
                     None => break,
                 },
+                page = self.history.next() => self.show_history(page),
                 () = self.ui.tick() => self.ui.redraw_status(),
                 () = sleep_until(deadline) => break,
             }
@@ -457,9 +576,9 @@ impl Chat {
     fn render(&mut self, event: Event) {
         let ui = &mut self.ui;
         match event {
-            Event::Message { user, text, .. } => {
-                ui.stopped_typing(&user);
-                ui.message(&user, &text);
+            event @ (Event::Message { .. } | Event::FileShared { .. }) => {
+                self.mark_missed(&event);
+                self.render_room_message(event);
             }
             Event::LobbyChat { user, text } => ui.message(&format!("[lobby] {user}"), &text),
             Event::MessageAcked { client_msg_id, .. } => {
@@ -483,8 +602,27 @@ impl Chat {
                 ui.info(&format!("you are {username}"));
                 self.me = Some(username);
             }
-            Event::RoomJoined { room, user_count } => ui.info(&format!("joined #{room} ({user_count} here)")),
-            Event::RoomLeft { room } => ui.info(&format!("left #{room}")),
+            Event::RoomJoined { room, user_count, offset, missed, .. } => {
+                ui.info(&format!("joined #{room} ({user_count} here)"));
+                // Back in the same room after a reconnect, `/history` goes
+                // on from where it was.
+                if self.room.as_ref().is_none_or(|r| r.name != room) {
+                    self.room = Some(Room { name: room, before: offset.map(|o| o + 1) });
+                }
+                self.away = (missed > 0).then_some(offset.map(|o| (o, false))).flatten();
+            }
+            Event::RecoveryFailed { room, offset, .. } => {
+                ui.info(&format!(
+                    "the messages missed in #{room} could not be recovered; /history shows the latest"
+                ));
+                if let Some(current) = &mut self.room {
+                    current.before = Some(offset + 1);
+                }
+            }
+            Event::RoomLeft { room } => {
+                self.room = None;
+                ui.info(&format!("left #{room}"));
+            }
             Event::UserJoined { user, room, .. } => ui.info(&format!("{user} joined #{room}")),
             Event::UserLeft { user, .. } => {
                 ui.stopped_typing(&user);
@@ -511,15 +649,43 @@ impl Chat {
                 self.failed = true;
                 ui.info(&format!("upload of {name} failed: {message}"));
             }
-            Event::FileShared { user, name, size, url, .. } => {
-                let link = file_link(&self.files_base, &url);
-                ui.info(&format!("{user} shared {name} ({size} bytes): {link}"));
-            }
             Event::Authenticated { user, .. } => ui.info(&format!("authenticated as {user}")),
             Event::AuthExpiring { .. } => {
                 ui.info("the access token expires soon; reconnect with a fresh one")
             }
             other => tracing::debug!(?other, "event not shown"),
+        }
+    }
+
+    /// Puts the "while you were away" line before the first missed message
+    /// after a rejoin, and stops marking at the first live one.
+    fn mark_missed(&mut self, event: &Event) {
+        let offset = match event {
+            Event::Message { offset, .. } | Event::FileShared { offset, .. } => *offset,
+            _ => None,
+        };
+        match (&mut self.away, offset) {
+            (Some((last_missed, marked)), Some(offset)) if offset <= *last_missed => {
+                if !std::mem::replace(marked, true) {
+                    self.ui.info("— while you were away —");
+                }
+            }
+            _ => self.away = None,
+        }
+    }
+
+    /// A room message: `NAME: TEXT`, or a shared file with its link.
+    fn render_room_message(&mut self, event: Event) {
+        match event {
+            Event::Message { user, text, .. } => {
+                self.ui.stopped_typing(&user);
+                self.ui.message(&user, &text);
+            }
+            Event::FileShared { user, name, size, url, .. } => {
+                let link = file_link(&self.files_base, &url);
+                self.ui.info(&format!("{user} shared {name} ({size} bytes): {link}"));
+            }
+            _ => {}
         }
     }
 }
@@ -707,6 +873,13 @@ mod tests {
         assert!(matches!(parse_line("/bogus x"), Line::Unknown(c) if c == "/bogus"));
         assert!(matches!(parse_line("   "), Line::Nothing));
         assert!(matches!(parse_line("/quit"), Line::Quit));
+        assert!(matches!(parse_line("/history"), Line::History(HISTORY_DEFAULT)));
+        assert!(matches!(parse_line("/history 5"), Line::History(5)));
+        assert!(matches!(parse_line("/history 0"), Line::Usage(_)));
+        assert!(matches!(parse_line("/history 101"), Line::Usage(_)));
+        assert!(matches!(parse_line("/history x"), Line::Usage(_)));
+        let max = hubbub_protocol::MAX_HISTORY_LIMIT;
+        assert!(HISTORY_USAGE.ends_with(&format!(" to {max}")), "the usage line says the real limit");
     }
 
     #[test]

@@ -275,6 +275,69 @@ async fn file_links_are_absolute_urls_that_work() {
     server.shutdown().await;
 }
 
+#[tokio::test]
+async fn missed_messages_are_shown_under_a_mark_and_history_pages_back() {
+    let server = TestServer::start().await;
+    let (bob, mut bob_events) = member(&server.url(), "bob", "general", fast()).await;
+    say(&bob, &mut bob_events, &["old one", "old two", "old three"]).await;
+
+    let proxy = Proxy::start(server.addr).await;
+    let mut chat = Chat::start(&[
+        &proxy.url(),
+        "--name",
+        "ada",
+        "--room",
+        "general",
+        "--reconnect-attempts",
+        "unlimited",
+    ]);
+    chat.expect(Out::Stderr, "* joined #general (2 here)").await;
+    say(&bob, &mut bob_events, &["hello"]).await;
+    chat.expect(Out::Stdout, "bob: hello").await;
+
+    // Away: the link breaks, the server sees it go, Bob talks meanwhile.
+    proxy.cut_and_close();
+    server.wait_for_connections(1).await;
+    say(&bob, &mut bob_events, &["missed one", "missed two"]).await;
+    proxy.rules().closed = false;
+    chat.expect(Out::Stderr, "* — while you were away —").await;
+    chat.expect(Out::Stdout, "bob: missed two").await;
+    say(&bob, &mut bob_events, &["live again"]).await;
+    chat.expect(Out::Stdout, "bob: live again").await;
+
+    // Scrollback: before what it has shown, page by page, to the start.
+    chat.type_line("/history 2").await;
+    chat.expect(Out::Stderr, "* — 2 earlier messages in #general —").await;
+    chat.expect(Out::Stdout, "bob: old three").await;
+    chat.type_line("/history").await;
+    chat.expect(Out::Stderr, "* — the beginning of #general —").await;
+    chat.type_line("/history 0").await;
+    let (status, seen) = chat.finish().await;
+    assert!(status.success(), "{status:?}: {seen:#?}");
+
+    let stdout: Vec<&str> =
+        seen.iter().filter(|(out, _)| *out == Out::Stdout).map(|(_, line)| line.as_str()).collect();
+    assert_eq!(
+        stdout,
+        [
+            "bob: hello",
+            "bob: missed one",
+            "bob: missed two",
+            "bob: live again",
+            "bob: old two",
+            "bob: old three",
+            "bob: old one"
+        ],
+        "each message once, in order"
+    );
+    let stderr = Chat::stderr(&seen);
+    assert_eq!(stderr.iter().filter(|l| l.contains("while you were away")).count(), 1, "{stderr:#?}");
+    assert!(stderr.contains(&"* — 1 earlier message in #general —"), "{stderr:#?}");
+    assert!(stderr.contains(&"* usage: /history [N], N from 1 to 100"), "{stderr:#?}");
+    assert!(!stderr.iter().any(|l| l.contains("could not be recovered")), "{stderr:#?}");
+    server.shutdown().await;
+}
+
 // ----- errors: one line, each cause once --------------------------------------------
 
 /// Runs `hubbub-chat` to its end with no input; its exit code and stderr.
