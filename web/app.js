@@ -1092,8 +1092,9 @@ client.on('messageRejected', ({ clientMsgId, message }) => {
 });
 
 client.on('error', ({ message, command }) => {
-  // Refused messages and joins are shown where they happened.
-  if (command === 'chatMessage' || command === 'setUsername' || command === 'joinRoom' || command === 'file') return;
+  // Refused messages and joins are shown where they happened; a server
+  // without history refuses `history`, and the page simply shows none.
+  if (['chatMessage', 'setUsername', 'joinRoom', 'file', 'history'].includes(command)) return;
   if (currentRoom) systemLine(message, 'error');
 });
 
