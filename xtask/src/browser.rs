@@ -1,7 +1,8 @@
 //! `cargo xtask browser`: the chat page and the browser client, end to end in
 //! headless Chromium.
 //!
-//! Builds the `hubbub` binary, installs the tests' one npm dependency
+//! Builds the debug `hubbub` binary (in `ci`, the one the tests built),
+//! installs the tests' one npm dependency
 //! (`playwright-core`, pinned in `web/tests/package-lock.json`), starts the
 //! server on a free loopback port with a fresh upload directory, runs
 //! `web/tests/e2e.mjs` against it and stops the server. The script also gets
@@ -28,7 +29,7 @@ const CHROMIUM: &str = "/usr/bin/chromium";
 /// What the server prints first, before its address.
 const LISTENING: &str = " listening on ";
 
-pub(crate) fn browser(root: &Path) -> anyhow::Result<()> {
+pub(crate) fn browser(root: &Path, hubbub: crate::Hubbub) -> anyhow::Result<()> {
     if !Path::new(CHROMIUM).exists() {
         let how = "install it with `sudo apt-get install -y chromium` (Debian and Ubuntu)";
         if std::env::var("CI").is_ok_and(|ci| ci == "true") {
@@ -37,17 +38,16 @@ pub(crate) fn browser(root: &Path) -> anyhow::Result<()> {
         eprintln!("xtask browser: SKIPPED: the browser tests need Chromium at {CHROMIUM}: {how}");
         return Ok(());
     }
-    crate::run(root, "cargo", &["build", "--package", "hubbub"])?;
+    let binary = crate::debug_hubbub(root, hubbub)?;
     let tests = root.join("web/tests");
     crate::run(&tests, "npm", &["ci", "--no-audit", "--no-fund"])?;
 
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |dir| root.join(dir));
-    let binary = target.join("debug/hubbub");
-    let artifacts = target.join("browser-artifacts");
+    let artifacts = crate::target_dir(root).join("browser-artifacts");
     std::fs::create_dir_all(&artifacts).with_context(|| format!("cannot create {}", artifacts.display()))?;
-    let uploads = TempDir::new("hubbub-browser-uploads")?;
-    let server = Server::start(&binary, &uploads.0, &artifacts.join("server.log"))?;
+    // The server's data: uploads, and the history file beside them.
+    let data = TempDir::new("hubbub-browser-data")?;
+    let uploads = data.0.join("uploads");
+    let server = Server::start(&binary, &uploads, &artifacts.join("server.log"))?;
 
     let started = Instant::now();
     let url = format!("http://{}", server.addr);
@@ -57,7 +57,7 @@ pub(crate) fn browser(root: &Path) -> anyhow::Result<()> {
         .arg(&url)
         .env("E2E_SERVER_BIN", &binary)
         .env("E2E_SERVER_PID", server.child.id().to_string())
-        .env("E2E_UPLOAD_DIR", &uploads.0)
+        .env("E2E_UPLOAD_DIR", &uploads)
         .env("E2E_ARTIFACTS", &artifacts)
         .current_dir(&tests)
         .status()

@@ -17,8 +17,9 @@ async fn a_short_load_delivers_everything_and_reports_json() {
     config.rate_limit.enabled = false;
     config.limits.max_connections_per_ip = 0;
     config.http.max_connections_per_ip = 0;
-    let uploads = std::env::temp_dir().join(format!("hubbub-loadgen-test-{}", std::process::id()));
-    config.uploads.dir = uploads.clone();
+    // Uploads and, beside them, the history file, in a directory of its own.
+    let data = std::env::temp_dir().join(format!("hubbub-loadgen-test-{}", std::process::id()));
+    config.uploads.dir = data.join("uploads");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -36,7 +37,7 @@ async fn a_short_load_delivers_everything_and_reports_json() {
     let out = tokio::task::spawn_blocking(move || loadgen(&args)).await.unwrap();
     let _ = stop.send(());
     tokio::time::timeout(Duration::from_secs(10), server).await.unwrap().unwrap().unwrap();
-    let _ = std::fs::remove_dir_all(&uploads);
+    let _ = std::fs::remove_dir_all(&data);
 
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "hubbub-loadgen failed: {stderr}");

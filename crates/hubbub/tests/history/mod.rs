@@ -1,0 +1,160 @@
+//! Room history across a crash of the real binary: a server killed with
+//! SIGKILL and started again on the same data directory loses no
+//! acknowledged message, keeps its epoch and continues the offsets.
+
+use std::io::{Read as _, Write as _};
+use std::net::TcpStream;
+use std::process::Command;
+
+use serde_json::{Value, json};
+
+use super::{Running, WAIT, banner_port, hubbub, scratch};
+
+/// A blocking chat client over a hand-made WebSocket, enough for a test.
+struct Chat {
+    tcp: TcpStream,
+    /// Bytes read past the last frame.
+    pending: Vec<u8>,
+}
+
+impl Chat {
+    fn connect(port: u16) -> Self {
+        let mut tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        tcp.set_read_timeout(Some(WAIT)).unwrap();
+        write!(
+            tcp,
+            "GET /ws/chat HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        .unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0_u8; 1];
+            tcp.read_exact(&mut byte).unwrap();
+            head.push(byte[0]);
+        }
+        assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+        let mut chat = Self { tcp, pending: Vec::new() };
+        assert_eq!(chat.recv()["type"], "welcome");
+        assert_eq!(chat.recv()["type"], "connected");
+        chat
+    }
+
+    /// Sends a masked text frame (all-zero key).
+    fn send(&mut self, value: &Value) {
+        let payload = value.to_string().into_bytes();
+        let mut frame = vec![0x81];
+        if payload.len() < 126 {
+            frame.push(0x80 | payload.len() as u8);
+        } else {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&u16::try_from(payload.len()).unwrap().to_be_bytes());
+        }
+        frame.extend_from_slice(&[0, 0, 0, 0]);
+        frame.extend_from_slice(&payload);
+        self.tcp.write_all(&frame).unwrap();
+    }
+
+    /// The next text frame, as JSON (pings and other control frames are
+    /// skipped).
+    fn recv(&mut self) -> Value {
+        loop {
+            if let Some((opcode, payload, used)) = frame(&self.pending) {
+                self.pending.drain(..used);
+                if opcode == 0x1 {
+                    return serde_json::from_slice(&payload).unwrap();
+                }
+                assert_ne!(opcode, 0x8, "the server closed the connection");
+                continue;
+            }
+            let mut buf = [0_u8; 16 << 10];
+            let n = self.tcp.read(&mut buf).unwrap();
+            assert!(n > 0, "the connection ended");
+            self.pending.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    /// The next message of type `kind`, skipping presence events.
+    fn recv_type(&mut self, kind: &str) -> Value {
+        loop {
+            let msg = self.recv();
+            if msg["type"] == kind {
+                return msg;
+            }
+            assert!(["userJoined", "userLeft"].contains(&msg["type"].as_str().unwrap()), "{msg}");
+        }
+    }
+}
+
+/// A complete unmasked server frame at the start of `bytes`: opcode,
+/// payload and bytes used.
+fn frame(bytes: &[u8]) -> Option<(u8, Vec<u8>, usize)> {
+    if bytes.len() < 2 {
+        return None;
+    }
+    let (header, len) = match bytes[1] & 0x7f {
+        126 => (4, usize::from(u16::from_be_bytes([*bytes.get(2)?, *bytes.get(3)?]))),
+        127 => (10, u64::from_be_bytes(bytes.get(2..10)?.try_into().ok()?) as usize),
+        len => (2, usize::from(len)),
+    };
+    let payload = bytes.get(header..header + len)?.to_vec();
+    Some((bytes[0] & 0x0f, payload, header + len))
+}
+
+/// Starts `hubbub` in `dir` and returns it with its port.
+fn start(dir: &std::path::Path) -> (Running, u16) {
+    let mut command = hubbub(dir);
+    command.args(["--listen", "127.0.0.1:0"]);
+    let server = Running::start(command);
+    let banner = Running::until(&server.stdout, |l| l.contains("/api/status"));
+    let port = banner_port(&banner);
+    (server, port)
+}
+
+#[test]
+fn a_server_killed_with_sigkill_keeps_every_acknowledged_message() {
+    let dir = scratch("history-sigkill");
+    let (server, port) = start(&dir);
+    let mut ada = Chat::connect(port);
+    ada.send(&json!({"type": "setUsername", "username": "ada"}));
+    ada.recv_type("usernameSet");
+    ada.send(&json!({"type": "joinRoom", "room": "r"}));
+    let epoch = ada.recv_type("roomJoined")["epoch"].as_str().unwrap().to_owned();
+    let mut acked = Vec::new();
+    for i in 0..40 {
+        ada.send(&json!({"type": "chatMessage", "text": format!("m{i}"), "clientMsgId": uuid_v4(i)}));
+        let ack = ada.recv_type("messageAck");
+        acked.push((ack["offset"].as_u64().unwrap(), format!("m{i}")));
+    }
+    // No shutdown: the process is killed.
+    let status = Command::new("kill").args(["-KILL", &server.child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let mut child = server.child;
+    child.wait().unwrap();
+    drop(ada);
+
+    let (server, port) = start(&dir);
+    let mut bob = Chat::connect(port);
+    bob.send(&json!({"type": "joinRoom", "room": "r", "since": {"epoch": epoch, "offset": 0}}));
+    let joined = bob.recv_type("roomJoined");
+    assert_eq!(
+        (&joined["epoch"], &joined["recovered"], &joined["missed"]),
+        (&json!(epoch), &json!(true), &json!(40))
+    );
+    let recovered: Vec<(u64, String)> = (0..40)
+        .map(|_| {
+            let msg = bob.recv_type("chatMessage");
+            (msg["offset"].as_u64().unwrap(), msg["text"].as_str().unwrap().to_owned())
+        })
+        .collect();
+    assert_eq!(recovered, acked, "every acknowledged message, with its offset, in order");
+    // Offsets continue after the crash.
+    bob.send(&json!({"type": "chatMessage", "text": "after", "clientMsgId": uuid_v4(99)}));
+    assert_eq!(bob.recv_type("messageAck")["offset"], 41);
+    let _ = server.stop();
+}
+
+/// A fixed, valid v4-shaped UUID per `n`.
+fn uuid_v4(n: u32) -> String {
+    format!("00000000-0000-4000-8000-{n:012x}")
+}
