@@ -2,7 +2,7 @@
 //!
 //! The task owns the socket and does everything for it: it reads and
 //! decodes frames (`ws`), hands messages to the endpoint's [`Handler`],
-//! answers pings, records pongs for the heartbeat sweeper (`beat`), runs the
+//! answers pings, records pongs for the heartbeat sweeper (`sweeper`), runs the
 //! handler's deadline (when it has one) on a timer, and writes what others
 //! queued for it.
 //!

@@ -22,7 +22,6 @@
 
 mod admission;
 mod auth;
-mod beat;
 mod chat;
 mod config;
 mod conn;
@@ -38,6 +37,7 @@ mod metrics;
 mod net;
 mod ratelimit;
 mod serve;
+mod sweeper;
 mod sync;
 mod tls;
 mod upgrade;
@@ -68,7 +68,7 @@ pub(crate) struct Shared {
     /// Rooms, peers and counters.
     pub(crate) hub: hub::Hub,
     /// Every connection, for the heartbeat sweeper.
-    pub(crate) beats: beat::Registry,
+    pub(crate) beats: sweeper::Registry,
     /// When the server was created, for `uptime`.
     pub(crate) started: Instant,
     /// Cancelled when shutdown begins; every connection's task watches it.
@@ -125,7 +125,7 @@ impl Server {
             tls,
             shared: Arc::new(Shared {
                 // Before `config` moves in.
-                beats: beat::Registry::new(config.heartbeat.into()),
+                beats: sweeper::Registry::new(config.heartbeat.into()),
                 config,
                 hub: hub::Hub::new(Arc::new(metrics::Stats::new())),
                 started: Instant::now(),
@@ -172,7 +172,7 @@ impl Server {
 
         tokio::spawn(sweep_uploads(shared.clone()));
         tokio::spawn(sweep_limits(shared.clone()));
-        tokio::spawn(beat::sweeper(shared.clone()));
+        tokio::spawn(sweeper::sweeper(shared.clone()));
         let notice = {
             let shared = shared.clone();
             async move {

@@ -36,7 +36,7 @@ const SHARDS: usize = 16;
 /// Where a connection's entry is, for [`Registry::on_pong`] and
 /// [`Registry::remove`].
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Slot {
+pub(crate) struct Place {
     /// Which table.
     shard: u32,
     /// The entry in that table.
@@ -64,21 +64,21 @@ impl Registry {
     }
 
     /// Registers a connection; its first ping is due an interval from now.
-    pub(crate) fn insert(&self, peer: &Peer) -> Slot {
+    pub(crate) fn insert(&self, peer: &Peer) -> Place {
         let shard = (peer.id().as_u128() % SHARDS as u128) as usize;
         let key = lock(&self.shards[shard]).insert(peer.clone(), now());
         // `shard` is below `SHARDS`.
-        Slot { shard: shard as u32, key }
+        Place { shard: shard as u32, key }
     }
 
     /// A pong carrying `token` arrived on the connection at `slot`, now.
     /// Returns the round trip if it answered the outstanding ping in time.
-    pub(crate) fn on_pong(&self, slot: Slot, token: u64) -> Option<Duration> {
+    pub(crate) fn on_pong(&self, slot: Place, token: u64) -> Option<Duration> {
         lock(&self.shards[slot.shard as usize]).on_pong(slot.key, now(), token)
     }
 
     /// Forgets a connection.
-    pub(crate) fn remove(&self, slot: Slot) {
+    pub(crate) fn remove(&self, slot: Place) {
         let peer = lock(&self.shards[slot.shard as usize]).remove(slot.key);
         drop(peer);
     }
@@ -140,7 +140,7 @@ mod tests {
     /// A connection as the sweeper sees it, and what it was sent.
     struct Conn {
         peer: Peer,
-        slot: Slot,
+        slot: Place,
         /// Whether it answers pings.
         answers: bool,
     }
