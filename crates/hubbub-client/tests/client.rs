@@ -67,7 +67,20 @@ impl TestServer {
         let listener = socket.listen(128).unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        let server = Server::new(config).unwrap();
+        // A server that just stopped on the same data may hold its history
+        // file's lock a moment longer than `run`.
+        let server = timeout(WAIT, async {
+            loop {
+                match Server::new(config.clone()) {
+                    Err(hubbub_server::ConfigError::History(why)) if why.contains("locked") => {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    other => return other.unwrap(),
+                }
+            }
+        })
+        .await
+        .expect("the history file is released in time");
         let task = tokio::spawn(server.run(listener, async {
             let _ = stopped.await;
         }));

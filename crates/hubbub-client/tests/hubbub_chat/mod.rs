@@ -400,7 +400,9 @@ async fn a_ca_certificate_served_as_the_server_certificate_is_explained() {
 
     let tls_server = |cert: &str, key: &str| {
         let mut config = Config { close_timeout: Duration::from_millis(300), ..Config::default() };
-        config.uploads.dir = dir.join("uploads");
+        // Each server its own data directory: the history file of one that
+        // just stopped may still be locked for a moment.
+        config.uploads.dir = dir.join(format!("data-{cert}")).join("uploads");
         config.tls = Some(hubbub_server::TlsSettings {
             cert: dir.join(cert),
             key: dir.join(key),
