@@ -7,8 +7,9 @@
 //! It is scriptable: piped lines are sent in order and, at the end of input,
 //! it waits until the server has acknowledged every message and upload
 //! before it exits; when stdout is not a terminal each received message is
-//! one plain `NAME: TEXT` line, and everything else goes to stderr. The exit status says whether everything
-//! sent was delivered ([`EXIT_STATUS`], shown by `--help`).
+//! one plain `NAME: TEXT` line, and everything else goes to stderr. The exit
+//! status says whether everything sent was delivered ([`EXIT_STATUS`], shown
+//! by `--help`).
 
 use std::collections::{HashMap, HashSet};
 use std::io::{IsTerminal, Write};
