@@ -164,15 +164,18 @@ impl Server {
         if let (true, Some(addr)) = (shared.config.metrics.enabled, shared.config.metrics.listen) {
             let metrics_listener = TcpListener::bind(addr).await?;
             tracing::info!(%addr, "serving /metrics on its own address");
-            tokio::spawn(serve::metrics_only(metrics_listener, shared.clone()));
+            shared.tasks.spawn(serve::metrics_only(metrics_listener, shared.clone()));
         }
         let app = http::router(shared.clone());
         let mut server = tokio::spawn(serve::serve(listener, self.tls, app, shared.clone()));
         let token = shared.shutdown.clone();
 
-        tokio::spawn(sweep_uploads(shared.clone()));
-        tokio::spawn(sweep_limits(shared.clone()));
-        tokio::spawn(sweeper::sweeper(shared.clone()));
+        // Tracked like the connections, so that when `run` returns nothing
+        // holds the shared state any more: the history file is closed and
+        // another server may open it at once.
+        shared.tasks.spawn(sweep_uploads(shared.clone()));
+        shared.tasks.spawn(sweep_limits(shared.clone()));
+        shared.tasks.spawn(sweeper::sweeper(shared.clone()));
         let notice = {
             let shared = shared.clone();
             async move {
