@@ -14,9 +14,12 @@ use anyhow::{Context as _, bail};
 
 use crate::measure;
 
-/// The criterion benches: (package, bench target).
-const BENCHES: &[(&str, &str)] =
-    &[("hubbub-protocol", "codec"), ("hubbub-transfer", "assembly"), ("hubbub-server", "fanout")];
+/// The criterion benches: (package, bench target, features it needs).
+const BENCHES: &[(&str, &str, &str)] = &[
+    ("hubbub-protocol", "codec", ""),
+    ("hubbub-transfer", "assembly", ""),
+    ("hubbub-server", "fanout", "internals"),
+];
 
 pub(crate) fn bench(root: &Path, args: &[String]) -> anyhow::Result<()> {
     let mut quick = false;
@@ -34,8 +37,9 @@ pub(crate) fn bench(root: &Path, args: &[String]) -> anyhow::Result<()> {
     } else {
         &["--warm-up-time", "3", "--measurement-time", "5"]
     };
-    for (package, bench) in BENCHES {
-        let mut cargo_args = vec!["bench", "--package", package, "--bench", bench, "--"];
+    for (package, bench, features) in BENCHES {
+        let mut cargo_args =
+            vec!["bench", "--package", package, "--bench", bench, "--features", features, "--"];
         cargo_args.extend(timing);
         crate::run(root, "cargo", &cargo_args)?;
     }

@@ -1,64 +1,28 @@
-//! A standalone model of the hub's delivery path as `hub::Peer` runs it: one
-//! broadcast encoded once into a complete WebSocket frame (`Bytes`, header
-//! included), the same reference-counted frame pushed to N bounded queues (a
-//! `Mutex<VecDeque<Bytes>>` each, whose `AtomicWaker` is woken when the
-//! queue was empty), and each queue taken whole by swapping deques, as each
-//! connection's task does before its vectored write. What it measures is the
-//! per-recipient cost the hub adds before the socket write: no JSON per
-//! recipient, no syscalls. Run with `cargo xtask bench` or
-//! `cargo bench -p hubbub-server`.
+//! Fan-out of one room message to N members, through the server's own code
+//! (`hubbub_server::internals::BenchRoom`): a room of a real `Hub` whose
+//! members joined with `Hub::join`, each a `Peer` with the server's default
+//! queue limits. Each iteration encodes one `chatMessage` once into a
+//! complete WebSocket frame, hands it to every member but the sender with
+//! `Room::deliver`, as a kept room message goes out (which also counts it
+//! in the metrics), then takes each
+//! member's queue whole and counts it written, as each connection's task
+//! does around its vectored write. No JSON per recipient, no syscalls: the
+//! per-recipient cost the hub adds before the socket. Run with
+//! `cargo xtask bench` or
+//! `cargo bench -p hubbub-server --features internals --bench fanout`.
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::VecDeque;
 use std::hint::black_box;
-use std::sync::Mutex;
 
-use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use futures_util::task::AtomicWaker;
 use hubbub_protocol::ServerMessage;
-
-/// The server's default outbound queue depth.
-const QUEUE: usize = 512;
-
-/// One connection's queue, as in `hub::Link`.
-#[derive(Default)]
-struct Queue {
-    frames: Mutex<VecDeque<Bytes>>,
-    waker: AtomicWaker,
-}
-
-impl Queue {
-    fn push(&self, frame: &Bytes) {
-        let mut frames = self.frames.lock().unwrap();
-        assert!(frames.len() < QUEUE, "the queue has room");
-        let was_empty = frames.is_empty();
-        frames.push_back(frame.clone());
-        drop(frames);
-        if was_empty {
-            self.waker.wake();
-        }
-    }
-
-    fn take(&self, out: &mut VecDeque<Bytes>) {
-        std::mem::swap(&mut *self.frames.lock().unwrap(), out);
-    }
-}
-
-/// A text frame of a payload under 126 bytes, as `ws::encode` builds it.
-fn text_frame(payload: &str) -> Bytes {
-    assert!(payload.len() < 126);
-    let mut out = Vec::with_capacity(2 + payload.len());
-    out.extend_from_slice(&[0x81, payload.len() as u8]);
-    out.extend_from_slice(payload.as_bytes());
-    Bytes::from(out)
-}
+use hubbub_server::internals::BenchRoom;
 
 fn fanout(c: &mut Criterion) {
     let mut group = c.benchmark_group("fanout_encode_once");
     for recipients in [10_usize, 100, 1000, 10_000] {
-        let queues: Vec<Queue> = (0..recipients).map(|_| Queue::default()).collect();
+        let room = BenchRoom::new(recipients);
         group.throughput(Throughput::Elements(recipients as u64));
         group.bench_function(format!("{recipients}_queues"), |b| {
             b.iter(|| {
@@ -67,19 +31,14 @@ fn fanout(c: &mut Criterion) {
                     text: "Hello, everyone in the room!".to_owned(),
                     timestamp: 1_700_000_000_000,
                     client_msg_id: None,
+                    offset: Some(1),
                 };
-                let frame = text_frame(&msg.to_json());
-                for queue in &queues {
-                    queue.push(&frame);
-                }
-                for queue in &queues {
-                    // The task's deque starts empty and is released once written.
-                    let mut taken = VecDeque::new();
-                    queue.take(&mut taken);
-                    black_box(taken);
-                }
+                room.deliver(&msg);
+                black_box(room.take_all());
             });
         });
+        assert!(!room.any_closing(), "every member kept up");
+        assert_eq!(room.recipients(), recipients);
     }
     group.finish();
 }
