@@ -1,7 +1,9 @@
 //! `cargo xtask autobahn`: the Autobahn TestSuite against both sides of our
 //! WebSocket stack.
 //!
-//! - `wstest -m fuzzingclient` drives the release `hubbub`'s `/ws/echo`.
+//! - `wstest -m fuzzingclient` drives the debug `hubbub`'s `/ws/echo` (in
+//!   `ci`, the binary the tests built: no release build just for this, and
+//!   debug assertions and overflow checks stay on while Autobahn probes).
 //! - `wstest -m fuzzingserver` is driven by a tokio-tungstenite client
 //!   configured as `hubbub-client` configures its transport (default
 //!   `WebSocketConfig`, Nagle off), which echoes every message back.
@@ -80,10 +82,10 @@ impl Install {
     }
 }
 
-pub(crate) fn autobahn(root: &Path) -> anyhow::Result<()> {
-    let install = Install { dir: root.join("target/autobahn") };
+pub(crate) fn autobahn(root: &Path, hubbub: crate::Hubbub) -> anyhow::Result<()> {
+    let install = Install { dir: crate::target_dir(root).join("autobahn") };
     ensure_wstest(&install).context("installing wstest (Autobahn TestSuite)")?;
-    crate::run(root, "cargo", &["build", "--release", "--package", "hubbub"])?;
+    let binary = crate::debug_hubbub(root, hubbub)?;
     let allowed = Allowed::read(&root.join("docs/CONFORMANCE.md"))?;
 
     let reports = install.dir.join("reports");
@@ -94,7 +96,7 @@ pub(crate) fn autobahn(root: &Path) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
 
-    fuzzing_client(root, &install, &server_dir).context("wstest -m fuzzingclient against hubbub")?;
+    fuzzing_client(&binary, &install, &server_dir).context("wstest -m fuzzingclient against hubbub")?;
     fuzzing_server(&install, &client_dir).context("wstest -m fuzzingserver with the client")?;
 
     let mut problems = check(&server_dir.join("index.json"), SERVER_AGENT, "server", &allowed)?;
@@ -215,14 +217,14 @@ fn run_args(dir: &Path, program: &str, args: &[String], env: &[(&str, &str)]) ->
     measure::run_env(dir, program, &args, env)
 }
 
-/// `wstest -m fuzzingclient` against `/ws/echo` of a release `hubbub`.
+/// `wstest -m fuzzingclient` against `/ws/echo` of `binary`.
 ///
 /// The server runs with its message limits raised to 32 MiB: the 9.* cases
 /// send messages of up to 16 MiB, which the default 64 KiB limit (sized for
 /// chat and upload chunks) refuses with 1009 Message Too Big. Everything else
 /// is the default configuration.
-fn fuzzing_client(root: &Path, install: &Install, outdir: &Path) -> anyhow::Result<()> {
-    let mut command = Command::new(root.join("target/release/hubbub"));
+fn fuzzing_client(binary: &Path, install: &Install, outdir: &Path) -> anyhow::Result<()> {
+    let mut command = Command::new(binary);
     command
         .args(["--listen", "127.0.0.1:0", "--log", "error", "--no-rate-limit", "--upload-dir"])
         .arg(install.dir.join("uploads"))
