@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use futures_util::future::Either;
 use hubbub_history::{Assigned, Error as HistoryError, Publish, Published};
 use hubbub_protocol::{ClientMessage, ClientMsgId, ServerMessage, decode_client};
 
@@ -22,6 +21,51 @@ use hubbub_transfer::NewUpload;
 use std::net::IpAddr;
 use std::time::Instant;
 use tokio::time::Instant as TokioInstant;
+
+/// Most messages of one connection waiting for the history store at once.
+const MAX_IN_FLIGHT: usize = 32;
+
+/// The refusal of a message the store could not keep: no ack, no delivery;
+/// send it again after `retry_after_ms`.
+fn unavailable(retry_after_ms: u64) -> ServerMessage {
+    ServerMessage::Error {
+        message: "The message could not be stored; send it again later".to_owned(),
+        code: Some("unavailable".to_owned()),
+        retry_after_ms: Some(retry_after_ms),
+    }
+}
+
+/// A connection's messages waiting for the history store.
+#[derive(Debug, Default)]
+struct InFlight {
+    /// How many.
+    count: std::sync::atomic::AtomicUsize,
+    /// Woken whenever one completes.
+    changed: tokio::sync::Notify,
+}
+
+impl InFlight {
+    fn begin(&self) {
+        self.count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    fn end(&self) {
+        self.count.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.changed.notify_waiters();
+    }
+
+    /// Waits until fewer than `max` are in flight.
+    async fn below(&self, max: usize) {
+        loop {
+            // Created before the check, so a completion in between wakes it.
+            let changed = self.changed.notified();
+            if self.count.load(std::sync::atomic::Ordering::Acquire) < max {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
 
 /// Messages a `history` request gets when it names no `limit`.
 const DEFAULT_HISTORY_LIMIT: usize = 50;
@@ -46,6 +90,8 @@ pub(crate) struct ChatSession {
     limiter: Option<Limiter>,
     /// The client's address, for the limits its connections share.
     ip: IpAddr,
+    /// Messages waiting for the history store, made on the first one.
+    in_flight: Option<Arc<InFlight>>,
     /// When this member's last `userTyping` went out, in the current room.
     last_typing: Option<Instant>,
     /// Where the connection stands with token authentication.
@@ -87,6 +133,7 @@ impl ChatSession {
             uploads: Uploads::default(),
             limiter,
             ip,
+            in_flight: None,
             last_typing: None,
             auth,
         };
@@ -167,6 +214,14 @@ impl ChatSession {
     }
 
     async fn handle(&mut self, msg: ClientMessage) {
+        // Replies go out in the order of what they answer: anything but a
+        // room message waits until the connection's earlier room messages
+        // have their ack (or refusal), which the store's callback sends.
+        if !matches!(msg, ClientMessage::ChatMessage { .. })
+            && let Some(in_flight) = &self.in_flight
+        {
+            in_flight.below(1).await;
+        }
         let hub = &self.shared.hub;
         match msg {
             ClientMessage::SetUsername { username } => {
@@ -239,28 +294,50 @@ impl ChatSession {
                     return self.error("Join a room before sending messages", "notInRoom");
                 };
                 if self.shared.history.is_some() {
+                    // Several messages of one connection may wait for the
+                    // store at once (so one group commit takes many), up to
+                    // a bound that keeps the store's queue bounded too.
+                    let in_flight = self.in_flight.get_or_insert_with(Arc::default).clone();
+                    in_flight.below(MAX_IN_FLIGHT).await;
                     let user = self.name().to_owned();
-                    let id = client_msg_id;
-                    let published = self
-                        .publish(&room, client_msg_id.as_ref().map(ClientMsgId::uuid), move |at| {
-                            ServerMessage::ChatMessage {
-                                user,
-                                text,
-                                timestamp: at.timestamp_ms,
-                                client_msg_id: id,
-                                offset: Some(at.offset),
+                    let (peer, stats) = (self.peer.clone(), self.shared.hub.stats.clone());
+                    let retry_after_ms =
+                        u64::try_from(self.shared.config.history.retry_after.as_millis()).unwrap_or(u64::MAX);
+                    let build = move |at: Assigned| ServerMessage::ChatMessage {
+                        user,
+                        text,
+                        timestamp: at.timestamp_ms,
+                        client_msg_id,
+                        offset: Some(at.offset),
+                    };
+                    in_flight.begin();
+                    // The ack (or the refusal) goes out from the store's
+                    // callback, after the delivery, in the room's order.
+                    self.publish(
+                        &room,
+                        client_msg_id.as_ref().map(ClientMsgId::uuid),
+                        build,
+                        move |result| {
+                            match (result, client_msg_id) {
+                                (Ok(published), Some(id)) => {
+                                    peer.reply(
+                                        &ServerMessage::MessageAck {
+                                            client_msg_id: id,
+                                            timestamp: published.timestamp_ms,
+                                            offset: Some(published.offset),
+                                        },
+                                        &stats,
+                                    );
+                                }
+                                (Ok(_), None) => {}
+                                (Err(err), _) => {
+                                    tracing::warn!(cause = %err, "a message could not be kept");
+                                    peer.reply(&unavailable(retry_after_ms), &stats);
+                                }
                             }
-                        })
-                        .await;
-                    match (published, client_msg_id) {
-                        (Ok(published), Some(id)) => self.reply(&ServerMessage::MessageAck {
-                            client_msg_id: id,
-                            timestamp: published.timestamp_ms,
-                            offset: Some(published.offset),
-                        }),
-                        (Ok(_), None) => {}
-                        (Err(err), _) => self.unavailable(&err),
-                    }
+                            in_flight.end();
+                        },
+                    );
                     return;
                 }
                 let mut timestamp = now_ms();
@@ -486,14 +563,11 @@ impl ChatSession {
                     match &self.shared.history {
                         // Kept like a chat message; the uploader already has
                         // `fileSaved`, so nothing waits for the store.
-                        Some(_) => {
-                            let done = self.publish(&room, None, move |at| share(Some(at.offset)));
-                            tokio::spawn(async move {
-                                if let Err(err) = done.await {
-                                    tracing::warn!(cause = %err, "a shared file could not be kept; not announced");
-                                }
-                            });
-                        }
+                        Some(_) => self.publish(&room, None, move |at| share(Some(at.offset)), |result| {
+                            if let Err(err) = result {
+                                tracing::warn!(cause = %err, "a shared file could not be kept; not announced");
+                            }
+                        }),
                         None => room.broadcast(&encode(&share(None)), Some(self.peer.id())),
                     }
                 }
@@ -501,19 +575,19 @@ impl ChatSession {
         }
     }
 
-    /// Keeps a room message in the history store and, once it is kept
-    /// (durably, with the disk store), delivers it to the room's other
-    /// members, in offset order. Resolves to what the store answered; a
-    /// resend of a kept message is not delivered again.
+    /// Keeps a room message in the history store; once it is kept
+    /// (durably, with the disk store) the store's callback delivers it to the
+    /// room's other members, in offset order, then runs `then` with what the
+    /// store answered. A resend of a kept message is not delivered again.
     fn publish(
         &self,
         room: &Arc<Room>,
         client_msg_id: Option<uuid::Uuid>,
         build: impl FnOnce(Assigned) -> ServerMessage + Send + 'static,
-    ) -> impl Future<Output = Result<Published, HistoryError>> + Send + 'static {
-        let (done, answer) = tokio::sync::oneshot::channel();
+        then: impl FnOnce(&Result<Published, HistoryError>) + Send + 'static,
+    ) {
         let Some(engine) = self.shared.history.clone() else {
-            return Either::Left(std::future::ready(Err(HistoryError::Closed)));
+            return then(&Err(HistoryError::Closed));
         };
         let mut request = Publish::new(room.name.clone(), self.name(), move |at: Assigned| {
             Bytes::from(build(at).to_json())
@@ -537,24 +611,9 @@ impl ChatSession {
                         room.deliver(published.offset, &frame, Some(sender));
                     }
                 }
-                // The session may have gone; the message is kept anyway.
-                let _ = done.send(result);
+                then(&result);
             }),
         );
-        Either::Right(async move { answer.await.unwrap_or(Err(HistoryError::Closed)) })
-    }
-
-    /// Tells the sender its message could not be kept: no ack, no
-    /// delivery; it may send it again after `history.retry_after`.
-    fn unavailable(&self, err: &HistoryError) {
-        tracing::warn!(cause = %err, "a message could not be kept");
-        let retry_after_ms =
-            u64::try_from(self.shared.config.history.retry_after.as_millis()).unwrap_or(u64::MAX);
-        self.reply(&ServerMessage::Error {
-            message: "The message could not be stored; send it again later".to_owned(),
-            code: Some("unavailable".to_owned()),
-            retry_after_ms: Some(retry_after_ms),
-        });
     }
 
     /// Answers `history`: up to `limit` messages of the current room below
@@ -569,7 +628,12 @@ impl ChatSession {
         let limit = limit.map_or(DEFAULT_HISTORY_LIMIT, |limit| limit as usize);
         let page = match engine.history(&room.name, before, limit) {
             Ok(page) => page,
-            Err(err) => return self.unavailable(&err),
+            Err(err) => {
+                tracing::warn!(cause = %err, "history could not be read");
+                let retry_after_ms =
+                    u64::try_from(self.shared.config.history.retry_after.as_millis()).unwrap_or(u64::MAX);
+                return self.reply(&unavailable(retry_after_ms));
+            }
         };
         // The stored messages are JSON already: they are spliced in as
         // they are, not parsed and encoded again.
@@ -655,6 +719,19 @@ impl Handler for ChatSession {
                 self.shared.hub.leave_quietly(&self.peer, &room);
             }
         }
+        // Messages still waiting for the store are delivered first: the
+        // room hears of the departure after the member's last words.
+        let waiting =
+            self.in_flight.take().filter(|f| f.count.load(std::sync::atomic::Ordering::Acquire) > 0);
+        if let Some(in_flight) = waiting
+            && let Some(room) = self.room.take()
+        {
+            let (shared, peer, name) = (self.shared.clone(), self.peer.clone(), self.name().to_owned());
+            self.shared.tasks.spawn(async move {
+                in_flight.below(1).await;
+                shared.hub.leave(&peer, &name, &room);
+            });
+        }
         self.leave_room();
         self.shared.hub.lobby.remove(&self.peer.id());
     }
@@ -718,8 +795,13 @@ mod tests {
         (session, peer)
     }
 
+    /// Hands `msg` to the session and waits until what it answers is queued
+    /// (a room message's ack comes from the store's callback).
     async fn say(session: &mut ChatSession, msg: serde_json::Value) {
         session.on_text(Text::from(msg.to_string().as_str())).await;
+        if let Some(in_flight) = &session.in_flight {
+            in_flight.below(1).await;
+        }
     }
 
     #[tokio::test]
