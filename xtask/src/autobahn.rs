@@ -230,7 +230,8 @@ fn fuzzing_client(binary: &Path, install: &Install, outdir: &Path) -> anyhow::Re
         .arg(install.dir.join("uploads"))
         .env("HUBBUB_WEBSOCKET_MAX_MESSAGE_BYTES", (32 << 20).to_string())
         .env("HUBBUB_WEBSOCKET_MAX_FRAME_BYTES", (32 << 20).to_string())
-        .env("HUBBUB_LIMITS_MAX_CONNECTIONS_PER_IP", "0");
+        .env("HUBBUB_LIMITS_MAX_CONNECTIONS_PER_IP", "0")
+        .env("HUBBUB_HTTP_MAX_CONNECTIONS_PER_IP", "0");
     let server = ServerProcess::start(command)?;
     let spec = format!(
         r#"{{"outdir": "{}", "servers": [{{"agent": "{SERVER_AGENT}", "url": "ws://{}/ws/echo"}}], "cases": ["*"], "exclude-cases": [], "exclude-agent-cases": {{}}}}"#,

@@ -74,6 +74,7 @@ async fn measure(binary: &Path, options: &Options, interval: Duration) -> anyhow
         .args(["--heartbeat-interval", &interval_arg, "--heartbeat-timeout", &timeout_arg])
         // Every client comes from 127.0.0.1: lift the per-address cap.
         .env("HUBBUB_LIMITS_MAX_CONNECTIONS_PER_IP", "0")
+        .env("HUBBUB_HTTP_MAX_CONNECTIONS_PER_IP", "0")
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()

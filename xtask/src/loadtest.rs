@@ -394,7 +394,8 @@ fn start(root: &Path, kind: ServerKind) -> anyhow::Result<ServerProcess> {
                 .args(["--listen", "127.0.0.1:0", "--no-rate-limit", "--log", "warn", "--upload-dir"])
                 .arg(uploads)
                 // All the load comes from 127.0.0.x.
-                .env("HUBBUB_LIMITS_MAX_CONNECTIONS_PER_IP", "0");
+                .env("HUBBUB_LIMITS_MAX_CONNECTIONS_PER_IP", "0")
+                .env("HUBBUB_HTTP_MAX_CONNECTIONS_PER_IP", "0");
             command
         }
         // Each peer prints `... listening on HOST:PORT` as Hubbub does.
