@@ -628,7 +628,7 @@ fn run_churn(plan: &Plan, workers: usize, length: Duration) -> anyhow::Result<(u
                         tasks.push(tokio::task::spawn_local(async move {
                             let mut id = worker;
                             while Instant::now() < deadline {
-                                match loadgen::churn_once(&plan, id).await {
+                                match loadgen::churn::churn_once(&plan, id, Duration::from_secs(10)).await {
                                     Ok(took) => {
                                         done.fetch_add(1, Ordering::Relaxed);
                                         histogram.borrow_mut().record(took.as_micros() as u64);

@@ -1,10 +1,14 @@
 //! Hubbub's load generator: many lean WebSocket chat clients on a few
 //! threads, each thread a single-threaded tokio runtime.
 //!
-//! The library is the engine that `cargo xtask loadtest` drives; the
-//! `hubbub-loadgen` binary runs one load against a server that is already
-//! running (see [`run`]). [`process`] reads a process's CPU time and RSS
-//! from /proc, for the generator's own CPU beside the server's.
+//! The library is what `cargo xtask loadtest` runs and measures with, and
+//! the `hubbub-loadgen` binary is a thin command line over it: [`run`] is
+//! one measured load of long-lived clients against a server that is already
+//! running, [`churn`] is loops of connect, greet and close, and
+//! [`process`] reads a process's CPU time and RSS from /proc, for the
+//! generator's own CPU beside the server's. [`Histogram`] holds the
+//! latencies, and [`format_ms`] and [`format_mib`] print them as every
+//! report does.
 //!
 //! A client is a raw `TcpStream` with a hand-written RFC 6455 client: it
 //! sends a fixed upgrade request, masks what it sends, and parses the
@@ -28,6 +32,7 @@
 //! source, from 127.0.0.1, 127.0.0.2, ...); [`run::run`] and the binary
 //! accept only loopback addresses.
 
+pub mod churn;
 pub mod process;
 pub mod run;
 
@@ -665,49 +670,6 @@ pub fn push_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: [u8; 4]) 
     for (i, byte) in out[start..].iter_mut().enumerate() {
         *byte ^= mask[i & 3];
     }
-}
-
-/// Opens a connection, reads the two greeting frames, closes with 1000 and
-/// waits for the server to finish the close: one cycle of the churn
-/// scenario. Returns the time it took.
-pub async fn churn_once(plan: &Plan, id: usize) -> anyhow::Result<Duration> {
-    let started = Instant::now();
-    let (mut stream, mut buf, mut end) = connect(plan, id).await?;
-    let mut texts = 0;
-    let mut start = 0;
-    while texts < 2 {
-        while let Some(frame) = parse_frame(&buf[start..end])? {
-            if frame.opcode == OP_TEXT {
-                texts += 1;
-            }
-            start += frame.len;
-        }
-        if texts >= 2 {
-            break;
-        }
-        if end == buf.len() {
-            buf.copy_within(start..end, 0);
-            (start, end) = (0, end - start);
-        }
-        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf[end..]))
-            .await
-            .context("no greeting within 10 s")??;
-        if n == 0 {
-            bail!("closed before the greeting");
-        }
-        end += n;
-    }
-    let mut out = Vec::with_capacity(16);
-    push_frame(&mut out, OP_CLOSE, &1000_u16.to_be_bytes(), [0x5a, 0x17, 0xc3, 0x9e]);
-    stream.write_all(&out).await.context("sending close")?;
-    // The server answers the close and ends the TCP connection first, so the
-    // client side keeps no TIME_WAIT entry.
-    let drained = tokio::time::timeout(Duration::from_secs(10), async {
-        while stream.read(&mut buf).await.is_ok_and(|n| n > 0) {}
-    })
-    .await;
-    drained.context("the server did not finish the close within 10 s")?;
-    Ok(started.elapsed())
 }
 
 /// Latencies in microseconds, in log-linear buckets: exact below 128 µs,

@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use hubbub_loadgen::process::{cpu_time, raise_fd_limit};
-use hubbub_loadgen::run::{Options, Summary, loopback_target, run};
+use hubbub_loadgen::run::{Options, Summary, default_setup_timeout, loopback_target, run};
 use hubbub_loadgen::{Plan, Sending, format_mib, format_ms};
 
 /// Runs one load against a chat server on this machine (loopback only) and
@@ -159,11 +159,16 @@ fn plan(args: &Args) -> anyhow::Result<(Plan, Options)> {
         connect_concurrency: 64,
         padding: args.padding,
     };
-    let setup_default = 60.0 + args.clients as f64 * 0.004;
+    let setup_timeout = match args.setup_timeout {
+        Some(value) => seconds(value, "--setup-timeout", 3600.0)?,
+        None => default_setup_timeout(args.clients),
+    };
     let options = Options {
         seconds: seconds(args.seconds, "--seconds", 3600.0)?,
-        setup_timeout: seconds(args.setup_timeout.unwrap_or(setup_default), "--setup-timeout", 3600.0)?,
+        setup_timeout,
         drain_timeout: Duration::from_secs(10),
+        settle: Duration::ZERO,
+        allow_failed_connections: false,
         server_pid: args.server_pid,
     };
     Ok((plan, options))

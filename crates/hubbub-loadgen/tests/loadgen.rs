@@ -1,10 +1,11 @@
 //! The `hubbub-loadgen` binary against an in-process `hubbub-server` on
 //! 127.0.0.1:0: a one-second load of 20 clients, and a refused address.
 
-use std::process::{Command, Output};
-use std::time::Duration;
+mod common;
 
-use hubbub_server::{Config, Server};
+use std::process::{Command, Output};
+
+use common::TestServer;
 use serde_json::Value;
 
 fn loadgen<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
@@ -13,19 +14,8 @@ fn loadgen<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_load_delivers_everything_and_reports_json() {
-    let mut config = Config::default();
-    config.rate_limit.enabled = false;
-    config.limits.max_connections_per_ip = 0;
-    config.http.max_connections_per_ip = 0;
-    // Uploads and, beside them, the history file, in a directory of its own.
-    let data = std::env::temp_dir().join(format!("hubbub-loadgen-test-{}", std::process::id()));
-    config.uploads.dir = data.join("uploads");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(Server::new(config).unwrap().run(listener, async {
-        let _ = stopped.await;
-    }));
+    let server = TestServer::start("binary", |_| {}).await;
+    let addr = server.addr;
 
     // The server runs in this process, so its pid is ours.
     let pid = std::process::id();
@@ -35,14 +25,13 @@ async fn a_short_load_delivers_everything_and_reports_json() {
     );
     let args: Vec<String> = args.split_whitespace().map(str::to_owned).collect();
     let out = tokio::task::spawn_blocking(move || loadgen(&args)).await.unwrap();
-    let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(10), server).await.unwrap().unwrap().unwrap();
-    let _ = std::fs::remove_dir_all(&data);
+    server.stop().await;
 
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "hubbub-loadgen failed: {stderr}");
     let report: Value = serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
     assert_eq!(report["clients"], 20, "{report}");
+    assert_eq!(report["failed"], 0, "{report}");
     assert!(report["sent"].as_u64().unwrap() > 0, "{report}");
     assert!(report["expected"].as_u64().unwrap() >= report["sent"].as_u64().unwrap() * 9, "{report}");
     assert_eq!(report["delivered"], report["expected"], "{report}");
