@@ -15,11 +15,9 @@ use hubbub_client::{
     LinkMonitor, ReconnectPolicy,
 };
 use hubbub_protocol::{ClientMessage, ServerMessage, decode_server};
-use hubbub_server::{Config, Server};
+use hubbub_server::test_support::TestServer;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
+use tokio::net::TcpListener;
 use tokio::time::{Instant, timeout};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -30,111 +28,6 @@ const WAIT: Duration = Duration::from_secs(10);
 
 /// `hubbub-chat`, the terminal client, run as a process.
 mod hubbub_chat;
-
-// ----- the real server ----------------------------------------------------------
-
-struct TestServer {
-    addr: SocketAddr,
-    /// The server's data directory: uploads, and the history file beside
-    /// them. Removed when the server is dropped, unless [`TestServer::stop`]
-    /// kept it for a successor.
-    data: Option<std::path::PathBuf>,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<std::io::Result<()>>,
-}
-
-impl TestServer {
-    async fn start() -> Self {
-        Self::on("127.0.0.1:0".parse().unwrap()).await
-    }
-
-    /// A server on `addr`, which may be the address of one that just
-    /// stopped: the socket is bound with SO_REUSEADDR. Its history starts
-    /// empty.
-    async fn on(addr: SocketAddr) -> Self {
-        Self::with_data(addr, std::env::temp_dir().join(format!("hubbub-client-test-{}", uuid()))).await
-    }
-
-    /// A server on `addr` with the data (history included) in `data`.
-    async fn with_data(addr: SocketAddr, data: std::path::PathBuf) -> Self {
-        let mut config = Config { close_timeout: Duration::from_millis(300), ..Config::default() };
-        config.shutdown_drain = Duration::from_secs(2);
-        // The history file goes beside the upload directory.
-        config.uploads.dir = data.join("uploads");
-        let socket = TcpSocket::new_v4().unwrap();
-        socket.set_reuseaddr(true).unwrap();
-        socket.bind(addr).unwrap();
-        let listener = socket.listen(128).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        // A server that just stopped on the same data may hold its history
-        // file's lock a moment longer than `run`.
-        let server = timeout(WAIT, async {
-            loop {
-                match Server::new(config.clone()) {
-                    Err(hubbub_server::ConfigError::History(why)) if why.contains("locked") => {
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
-                    other => return other.unwrap(),
-                }
-            }
-        })
-        .await
-        .expect("the history file is released in time");
-        let task = tokio::spawn(server.run(listener, async {
-            let _ = stopped.await;
-        }));
-        Self { addr, data: Some(data), stop: Some(stop), task }
-    }
-
-    fn url(&self) -> String {
-        format!("ws://{}/ws/chat", self.addr)
-    }
-
-    async fn shutdown(mut self) {
-        self.stop.take().unwrap().send(()).unwrap();
-        timeout(WAIT, &mut self.task).await.expect("server stops in time").unwrap().unwrap();
-    }
-
-    /// Shuts the server down and keeps its data, for a server that takes
-    /// over: its address and data directory.
-    async fn stop(mut self) -> (SocketAddr, std::path::PathBuf) {
-        let data = self.data.take().unwrap();
-        let addr = self.addr;
-        self.shutdown().await;
-        (addr, data)
-    }
-
-    /// Open connections, from `/api/status`.
-    async fn connections(&self) -> u64 {
-        let mut tcp = tokio::net::TcpStream::connect(self.addr).await.unwrap();
-        tcp.write_all(b"GET /api/status HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").await.unwrap();
-        let mut response = String::new();
-        tcp.read_to_string(&mut response).await.unwrap();
-        let body = response.split_once("\r\n\r\n").unwrap().1;
-        serde_json::from_str::<serde_json::Value>(body).unwrap()["connections"].as_u64().unwrap()
-    }
-
-    /// Waits until the server counts `n` open connections: a connection's
-    /// room and upload are released before it stops counting.
-    async fn wait_for_connections(&self, n: u64) {
-        timeout(WAIT, async {
-            while self.connections().await != n {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-        .await
-        .expect("the server saw the connection go");
-    }
-}
-
-impl Drop for TestServer {
-    fn drop(&mut self) {
-        if let Some(data) = &self.data {
-            let _ = std::fs::remove_dir_all(data);
-        }
-    }
-}
 
 fn uuid() -> String {
     hubbub_client::Uuid::new_v4().simple().to_string()
@@ -350,7 +243,7 @@ async fn a_server_restart_loses_no_message_and_doubles_none() {
     let addr = server.addr;
     // Alice talks through the proxy, so the test decides when she is back.
     let proxy = Proxy::start(addr).await;
-    let (_bob, mut bob) = member(&server.url(), "bob", "general", fast()).await;
+    let (_bob, mut bob) = member(&server.chat_url(), "bob", "general", fast()).await;
     let (alice, mut alice_events) = member(&proxy.url(), "alice", "general", fast()).await;
 
     // Acknowledged before the restart.
@@ -413,7 +306,7 @@ async fn a_lost_ack_means_a_resend_that_the_room_sees_once() {
     let proxy = Proxy::start(server.addr).await;
     // Bob is a plain WebSocket client, so he sees exactly what the server
     // delivers, without the client library's de-duplication.
-    let (mut bob, _) = tokio_tungstenite::connect_async(server.url()).await.unwrap();
+    let (mut bob, _) = tokio_tungstenite::connect_async(server.chat_url()).await.unwrap();
     for msg in [
         ClientMessage::SetUsername { username: "bob".into() },
         ClientMessage::JoinRoom { room: "general".into(), since: None },
@@ -478,7 +371,7 @@ fn last_join(events: &Recorder, room: &str) -> (u64, Option<String>) {
 async fn a_member_away_while_others_send_gets_exactly_what_it_missed_in_order_once() {
     let server = TestServer::start().await;
     let proxy = Proxy::start(server.addr).await;
-    let (bob, mut bob_events) = member(&server.url(), "bob", "general", fast()).await;
+    let (bob, mut bob_events) = member(&server.chat_url(), "bob", "general", fast()).await;
     let (_alice, mut alice) = member(&proxy.url(), "alice", "general", fast()).await;
     say(&bob, &mut bob_events, &["before"]).await;
     alice.message("before").await;
@@ -532,7 +425,7 @@ async fn a_member_away_while_others_send_gets_exactly_what_it_missed_in_order_on
 async fn recovery_survives_a_restart_on_the_same_history_and_a_lost_one_is_reported() {
     let server = TestServer::start().await;
     let proxy = Proxy::start(server.addr).await;
-    let (bob, mut bob_events) = member(&server.url(), "bob", "general", fast()).await;
+    let (bob, mut bob_events) = member(&server.chat_url(), "bob", "general", fast()).await;
     let (alice_client, mut alice) = member(&proxy.url(), "alice", "general", fast()).await;
     say(&bob, &mut bob_events, &["one"]).await;
     alice.message("one").await;
@@ -540,8 +433,7 @@ async fn recovery_survives_a_restart_on_the_same_history_and_a_lost_one_is_repor
 
     // The server restarts on its history while Alice stays away; Bob talks.
     proxy.cut_and_close();
-    let (addr, data) = server.stop().await;
-    let server = TestServer::with_data(addr, data).await;
+    let server = server.restart().await;
     bob_events.connected().await;
     say(&bob, &mut bob_events, &["two"]).await;
     proxy.rules().closed = false;
@@ -554,7 +446,8 @@ async fn recovery_survives_a_restart_on_the_same_history_and_a_lost_one_is_repor
     // A server that starts on a new, empty history: another epoch, and
     // recovery fails; the application is told, and can fetch what there is.
     proxy.cut_and_close();
-    let (addr, _old) = server.stop().await;
+    let addr = server.addr;
+    server.shutdown().await;
     let server = TestServer::on(addr).await;
     bob_events.connected().await;
     say(&bob, &mut bob_events, &["three"]).await;
@@ -582,11 +475,11 @@ async fn recovery_survives_a_restart_on_the_same_history_and_a_lost_one_is_repor
 #[tokio::test]
 async fn history_pages_back_to_the_first_message() {
     let server = TestServer::start().await;
-    let (bob, mut bob_events) = member(&server.url(), "bob", "general", fast()).await;
+    let (bob, mut bob_events) = member(&server.chat_url(), "bob", "general", fast()).await;
     let texts: Vec<String> = (1..=7).map(|n| format!("m{n}")).collect();
     say(&bob, &mut bob_events, &texts.iter().map(String::as_str).collect::<Vec<_>>()).await;
 
-    let (alice, _alice_events) = member(&server.url(), "alice", "general", fast()).await;
+    let (alice, _alice_events) = member(&server.chat_url(), "alice", "general", fast()).await;
     let mut pages = Vec::new();
     let mut before = None;
     loop {
@@ -714,7 +607,7 @@ async fn a_full_offline_queue_is_an_error_and_disconnect_stops_the_retries() {
 #[tokio::test]
 async fn disconnect_closes_normally_and_never_reconnects() {
     let server = TestServer::start().await;
-    let (client, mut events) = member(&server.url(), "ada", "general", fast()).await;
+    let (client, mut events) = member(&server.chat_url(), "ada", "general", fast()).await;
     client.ping().await.unwrap();
     let rtt =
         events.until("Latency", |e| if let Event::Latency { rtt } = e { Some(*rtt) } else { None }).await;
@@ -733,7 +626,7 @@ async fn disconnect_closes_normally_and_never_reconnects() {
 async fn an_upload_cut_by_a_lost_link_resumes_with_the_missing_chunks() {
     let server = TestServer::start().await;
     let proxy = Proxy::start(server.addr).await;
-    let (_bob, mut bob) = member(&server.url(), "bob", "general", fast()).await;
+    let (_bob, mut bob) = member(&server.chat_url(), "bob", "general", fast()).await;
     let (alice, mut alice_events) = member(&proxy.url(), "alice", "general", fast()).await;
 
     // Five 64 KiB chunks (the last one short); the link is cut after two.
@@ -775,12 +668,12 @@ async fn an_upload_cut_by_a_lost_link_resumes_with_the_missing_chunks() {
 #[tokio::test]
 async fn the_terminal_client_chats_and_uploads_through_pipes() {
     let server = TestServer::start().await;
-    let (bob, mut bob_events) = member(&server.url(), "bob", "general", fast()).await;
+    let (bob, mut bob_events) = member(&server.chat_url(), "bob", "general", fast()).await;
     let file = std::env::temp_dir().join(format!("hubbub-chat-{}.txt", uuid()));
     std::fs::write(&file, "file contents\n".repeat(100)).unwrap();
 
     let mut chat = tokio::process::Command::new(env!("CARGO_BIN_EXE_hubbub-chat"))
-        .args([&server.url(), "--name", "carol", "--room", "general"])
+        .args([&server.chat_url(), "--name", "carol", "--room", "general"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
@@ -912,20 +805,15 @@ async fn wss_works_with_an_extra_trusted_certificate_authority() {
     std::fs::write(dir.join("cert.pem"), certified.cert.pem()).unwrap();
     std::fs::write(dir.join("key.pem"), certified.signing_key.serialize_pem()).unwrap();
 
-    let mut config = Config { close_timeout: Duration::from_millis(300), ..Config::default() };
-    config.uploads.dir = dir.join("uploads");
+    let mut config = TestServer::config();
     config.tls = Some(hubbub_server::TlsSettings {
         cert: dir.join("cert.pem"),
         key: dir.join("key.pem"),
         handshake_timeout: Duration::from_secs(5),
         max_pending_handshakes: 64,
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("wss://localhost:{}/ws/chat", listener.local_addr().unwrap().port());
-    let (stop, stopped) = oneshot::channel::<()>();
-    let server = tokio::spawn(Server::new(config).unwrap().run(listener, async {
-        let _ = stopped.await;
-    }));
+    let server = TestServer::with(config).await;
+    let url = format!("wss://localhost:{}/ws/chat", server.addr.port());
 
     // Without the extra authority the self-signed certificate is refused.
     let refused = Client::connect(&url, fast()).await.unwrap_err();
@@ -941,7 +829,6 @@ async fn wss_works_with_an_extra_trusted_certificate_authority() {
     let err = Client::connect(&url, missing).await.unwrap_err();
     assert!(err.to_string().contains("nope.pem"), "{err}");
 
-    stop.send(()).unwrap();
-    timeout(WAIT, server).await.unwrap().unwrap().unwrap();
+    server.shutdown().await;
     std::fs::remove_dir_all(dir).unwrap();
 }

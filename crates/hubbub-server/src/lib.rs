@@ -39,6 +39,9 @@ mod ratelimit;
 mod serve;
 mod sweeper;
 mod sync;
+#[cfg(feature = "test-support")]
+#[doc(hidden)]
+pub mod test_support;
 mod tls;
 mod upgrade;
 mod upload;

@@ -12,12 +12,11 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use hubbub_protocol::ServerMessage;
+use hubbub_server::test_support::TestServer;
 use hubbub_server::{Config, Server};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
@@ -29,53 +28,22 @@ const WAIT: Duration = Duration::from_secs(10);
 mod abuse;
 mod history;
 
-struct TestServer {
-    addr: SocketAddr,
-    /// The server's upload directory, removed at shutdown.
-    uploads: std::path::PathBuf,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<std::io::Result<()>>,
-    /// The certificate reloader, when serving TLS.
-    tls: Option<hubbub_server::TlsReloader>,
+/// Chat clients of a test server, as the classic tutorial's client would
+/// start: connected, named, in a room.
+trait ChatClients {
+    /// A client of `/ws/chat` that has not read its greeting yet.
+    async fn chat(&self) -> Client;
+    /// A chat client that has read its greeting and set its name.
+    async fn named(&self, name: &str) -> Client;
+    /// A named client that has joined `room` (and read its own join events).
+    async fn in_room(&self, name: &str, room: &str) -> Client;
 }
 
-impl TestServer {
-    async fn start() -> Self {
-        Self::with(Self::config()).await
-    }
-
-    /// Tests' clients often stop reading before the server closes them, so
-    /// waiting the default 2 s for their close reply would only slow tests.
-    fn config() -> Config {
-        let mut config = Config { close_timeout: Duration::from_millis(300), ..Config::default() };
-        // One scratch directory per server: uploads and the history file.
-        let scratch = std::env::temp_dir().join(format!("hubbub-test-{}", uuid::Uuid::new_v4().simple()));
-        config.uploads.dir = scratch.join("uploads");
-        config
-    }
-
-    async fn with(config: Config) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let uploads = config.uploads.dir.clone();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let server = Server::new(config).unwrap();
-        let tls = server.tls().cloned();
-        let task = tokio::spawn(server.run(listener, async {
-            let _ = stopped.await;
-        }));
-        Self { addr, uploads, stop: Some(stop), task, tls }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("ws://{}{}", self.addr, path)
-    }
-
+impl ChatClients for TestServer {
     async fn chat(&self) -> Client {
-        Client::connect(&self.url("/ws/chat")).await
+        Client::connect(&self.chat_url()).await
     }
 
-    /// A chat client that has read its greeting and set its name.
     async fn named(&self, name: &str) -> Client {
         let mut c = self.chat().await;
         c.greeting().await;
@@ -84,7 +52,6 @@ impl TestServer {
         c
     }
 
-    /// A named client that has joined `room` (and read its own join events).
     async fn in_room(&self, name: &str, room: &str) -> Client {
         let mut c = self.named(name).await;
         c.send(json!({"type": "joinRoom", "room": room})).await;
@@ -93,23 +60,6 @@ impl TestServer {
         assert_eq!(joined["user"], name);
         assert_eq!(c.recv().await["type"], "roomJoined");
         c
-    }
-
-    async fn status(&self) -> Value {
-        let (_, body) = http_get(self.addr, "/api/status").await;
-        serde_json::from_str(&body).unwrap()
-    }
-
-    async fn shutdown(mut self) {
-        self.stop.take().unwrap().send(()).unwrap();
-        timeout(WAIT, self.task).await.expect("server stops in time").unwrap().unwrap();
-        let _ = std::fs::remove_dir_all(&self.uploads);
-        // The scratch directory that held it, with the history file.
-        if let Some(scratch) = self.uploads.parent().filter(|p| p.starts_with(std::env::temp_dir()))
-            && scratch.file_name().is_some_and(|n| n.to_string_lossy().starts_with("hubbub-test-"))
-        {
-            let _ = std::fs::remove_dir_all(scratch);
-        }
     }
 }
 
@@ -1797,7 +1747,7 @@ async fn wss_chat_works_with_a_node_client_and_survives_a_certificate_reload() {
 
     // A new certificate, reloaded: new connections get it, ada stays.
     let (_, _, new_der) = self_signed(&dir);
-    server.tls.as_ref().unwrap().reload().unwrap();
+    server.tls().unwrap().reload().unwrap();
     let (mut bob, presented) = connect_tls(server.addr, "/ws/chat", &new_der).await;
     assert_eq!(presented, new_der);
     bob.greeting().await;
@@ -1820,6 +1770,9 @@ async fn a_bad_certificate_is_an_error_before_the_port_opens() {
     let (cert, _, _) = self_signed(&dir);
     std::fs::write(dir.join("garbage.pem"), "not a key").unwrap();
     let mut config = TestServer::config();
+    // No `TestServer` runs to remove its scratch directory, and the upload
+    // directory is made before the certificate is read: keep it in `dir`.
+    config.uploads.dir = dir.join("uploads");
     config.tls = Some(hubbub_server::TlsSettings {
         cert,
         key: dir.join("garbage.pem"),

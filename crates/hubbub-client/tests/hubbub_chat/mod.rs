@@ -109,7 +109,7 @@ async fn its_own_join_is_said_once_and_connected_comes_first_after_a_reconnect()
     let server = TestServer::start().await;
     let addr = server.addr;
     let mut chat = Chat::start(&[
-        &server.url(),
+        &server.chat_url(),
         "--name",
         "ada",
         "--room",
@@ -119,7 +119,7 @@ async fn its_own_join_is_said_once_and_connected_comes_first_after_a_reconnect()
     ]);
     chat.expect(Out::Stderr, "* joined #general (1 here)").await;
     // Someone else's join is still shown.
-    let (bob, _bob_events) = member(&server.url(), "bob", "general", fast()).await;
+    let (bob, _bob_events) = member(&server.chat_url(), "bob", "general", fast()).await;
     chat.expect(Out::Stderr, "* bob joined #general").await;
 
     // The server restarts on the same address; the client restores its
@@ -150,9 +150,9 @@ async fn its_own_join_is_said_once_and_connected_comes_first_after_a_reconnect()
 #[tokio::test]
 async fn typing_leaves_no_line_in_a_line_mode_client() {
     let server = TestServer::start().await;
-    let mut chat = Chat::start(&[&server.url(), "--name", "ada", "--room", "general"]);
+    let mut chat = Chat::start(&[&server.chat_url(), "--name", "ada", "--room", "general"]);
     chat.expect(Out::Stderr, "* joined #general (1 here)").await;
-    let (webby, _webby_events) = member(&server.url(), "webby", "general", fast()).await;
+    let (webby, _webby_events) = member(&server.chat_url(), "webby", "general", fast()).await;
     chat.expect(Out::Stderr, "* webby joined #general").await;
 
     for _ in 0..3 {
@@ -170,9 +170,9 @@ async fn typing_leaves_no_line_in_a_line_mode_client() {
 #[tokio::test]
 async fn a_rename_is_announced_both_ways() {
     let server = TestServer::start().await;
-    let mut chat = Chat::start(&[&server.url(), "--name", "ada", "--room", "general"]);
+    let mut chat = Chat::start(&[&server.chat_url(), "--name", "ada", "--room", "general"]);
     chat.expect(Out::Stderr, "* joined #general (1 here)").await;
-    let (bob, mut bob_events) = member(&server.url(), "bob", "general", fast()).await;
+    let (bob, mut bob_events) = member(&server.chat_url(), "bob", "general", fast()).await;
     chat.expect(Out::Stderr, "* bob joined #general").await;
 
     bob.set_username("robert").await.unwrap();
@@ -208,7 +208,7 @@ async fn an_unknown_command_is_named_and_the_exit_status_is_what_help_says() {
     let server = TestServer::start().await;
 
     // Mistyped commands and a refused /leave are shown and do not count.
-    let mut chat = Chat::start(&[&server.url(), "--name", "ada", "--room", "general"]);
+    let mut chat = Chat::start(&[&server.chat_url(), "--name", "ada", "--room", "general"]);
     chat.expect(Out::Stderr, "* joined #general (1 here)").await;
     chat.type_line("/bogus now").await;
     chat.type_line("/join").await;
@@ -227,7 +227,7 @@ async fn an_unknown_command_is_named_and_the_exit_status_is_what_help_says() {
     assert_eq!(status.code(), Some(0), "everything sent was delivered: {lines:#?}");
 
     // A line refused before /quit makes it 1, as --help says.
-    let mut chat = Chat::start(&[&server.url(), "--name", "ada"]);
+    let mut chat = Chat::start(&[&server.chat_url(), "--name", "ada"]);
     chat.expect(Out::Stderr, "* you are ada").await;
     chat.type_line("nobody hears this").await;
     chat.type_line("/quit").await;
@@ -241,9 +241,9 @@ async fn an_unknown_command_is_named_and_the_exit_status_is_what_help_says() {
 #[tokio::test]
 async fn file_links_are_absolute_urls_that_work() {
     let server = TestServer::start().await;
-    let mut chat = Chat::start(&[&server.url(), "--name", "ada", "--room", "general"]);
+    let mut chat = Chat::start(&[&server.chat_url(), "--name", "ada", "--room", "general"]);
     chat.expect(Out::Stderr, "* joined #general (1 here)").await;
-    let (bob, _bob_events) = member(&server.url(), "bob", "general", fast()).await;
+    let (bob, _bob_events) = member(&server.chat_url(), "bob", "general", fast()).await;
     chat.expect(Out::Stderr, "* bob joined #general").await;
 
     bob.send_file(FileUpload::from_bytes("notes.txt", b"shared bytes".to_vec())).await.unwrap();
@@ -278,7 +278,7 @@ async fn file_links_are_absolute_urls_that_work() {
 #[tokio::test]
 async fn missed_messages_are_shown_under_a_mark_and_history_pages_back() {
     let server = TestServer::start().await;
-    let (bob, mut bob_events) = member(&server.url(), "bob", "general", fast()).await;
+    let (bob, mut bob_events) = member(&server.chat_url(), "bob", "general", fast()).await;
     say(&bob, &mut bob_events, &["old one", "old two", "old three"]).await;
 
     let proxy = Proxy::start(server.addr).await;
@@ -399,10 +399,7 @@ async fn a_ca_certificate_served_as_the_server_certificate_is_explained() {
     std::fs::write(dir.join("leaf.key"), leaf_key.serialize_pem()).unwrap();
 
     let tls_server = |cert: &str, key: &str| {
-        let mut config = Config { close_timeout: Duration::from_millis(300), ..Config::default() };
-        // Each server its own data directory: the history file of one that
-        // just stopped may still be locked for a moment.
-        config.uploads.dir = dir.join(format!("data-{cert}")).join("uploads");
+        let mut config = TestServer::config();
         config.tls = Some(hubbub_server::TlsSettings {
             cert: dir.join(cert),
             key: dir.join(key),
@@ -410,18 +407,13 @@ async fn a_ca_certificate_served_as_the_server_certificate_is_explained() {
             max_pending_handshakes: 64,
         });
         async move {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let url = format!("wss://localhost:{}/ws/chat", listener.local_addr().unwrap().port());
-            let (stop, stopped) = oneshot::channel::<()>();
-            let task = tokio::spawn(Server::new(config).unwrap().run(listener, async {
-                let _ = stopped.await;
-            }));
-            (url, stop, task)
+            let server = TestServer::with(config).await;
+            (format!("wss://localhost:{}/ws/chat", server.addr.port()), server)
         }
     };
     let ca_file = dir.join("ca.pem").display().to_string();
 
-    let (url, stop, task) = tls_server("ca.pem", "ca.key").await;
+    let (url, server) = tls_server("ca.pem", "ca.key").await;
     let (code, stderr) = run_to_error(&[&url, "--name", "ada", "--ca-file", &ca_file]).await;
     assert_eq!(code, Some(1), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
@@ -436,11 +428,10 @@ async fn a_ca_certificate_served_as_the_server_certificate_is_explained() {
         "{stderr}"
     );
     assert!(!stderr.contains("CaUsedAsEndEntity"), "{stderr}");
-    stop.send(()).unwrap();
-    timeout(WAIT, task).await.unwrap().unwrap().unwrap();
+    server.shutdown().await;
 
     // The advice works; without the CA the leaf is refused, with a hint.
-    let (url, stop, task) = tls_server("leaf.pem", "leaf.key").await;
+    let (url, server) = tls_server("leaf.pem", "leaf.key").await;
     let (code, stderr) = run_to_error(&[&url, "--name", "ada"]).await;
     assert_eq!(code, Some(1), "{stderr}");
     let unknown = "the server's certificate is not signed by a trusted authority: pass the CA that signed it with --ca-file";
@@ -449,7 +440,6 @@ async fn a_ca_certificate_served_as_the_server_certificate_is_explained() {
     chat.expect(Out::Stderr, "* joined #tls (1 here)").await;
     let (status, _) = chat.finish().await;
     assert!(status.success(), "{status:?}");
-    stop.send(()).unwrap();
-    timeout(WAIT, task).await.unwrap().unwrap().unwrap();
+    server.shutdown().await;
     std::fs::remove_dir_all(dir).unwrap();
 }

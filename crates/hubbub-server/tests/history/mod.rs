@@ -8,7 +8,7 @@ use std::path::Path;
 
 use serde_json::{Value, json};
 
-use super::{Client, TestServer};
+use super::{ChatClients, Client, TestServer};
 use hubbub_server::{Config, HistoryStore};
 
 /// The offsets of `messages`.
