@@ -139,7 +139,12 @@ struct Shared {
     commits: AtomicU64,
     published: AtomicU64,
     failed_batches: AtomicU64,
+    /// The thread that runs the completion callbacks, once started.
+    completer: std::sync::OnceLock<std::thread::ThreadId>,
 }
+
+/// A committed (or failed) batch's completions, in commit order.
+type Completions = Vec<(OnDone, Result<Published>)>;
 
 /// An open database and its epoch.
 struct Handle {
@@ -167,12 +172,13 @@ impl DiskEngine {
             commits: AtomicU64::new(0),
             published: AtomicU64::new(0),
             failed_batches: AtomicU64::new(0),
+            completer: std::sync::OnceLock::new(),
         });
         let (queue, requests) = mpsc::channel();
         let writer_shared = shared.clone();
         let writer = std::thread::Builder::new()
             .name("hubbub-history-writer".into())
-            .spawn(move || Writer::new(writer_shared).run(&requests))
+            .spawn(move || Writer::new(writer_shared).run_with_completer(&requests))
             .map_err(|err| OpenError { path: shared.config.path.clone(), failure: err.into() })?;
         Ok(Self { shared, queue: Some(queue), writer: Some(writer) })
     }
@@ -210,9 +216,13 @@ impl Drop for DiskEngine {
     fn drop(&mut self) {
         self.queue = None;
         if let Some(writer) = self.writer.take() {
-            // A callback that held the last reference drops the engine on the writer thread
-            // itself; it exits once the queue is gone, and cannot join itself.
-            if writer.thread().id() != std::thread::current().id() && writer.join().is_err() {
+            // A callback that held the last reference drops the engine on the completer
+            // thread (or the writer's): the writer exits once the queue is gone, and waits
+            // for the completer, so neither may wait for it here.
+            let current = std::thread::current().id();
+            let on_own_thread =
+                writer.thread().id() == current || self.shared.completer.get() == Some(&current);
+            if !on_own_thread && writer.join().is_err() {
                 tracing::error!("the history writer thread panicked");
             }
         }
@@ -255,7 +265,42 @@ impl Writer {
         Self { shared, next_sweep_ms }
     }
 
-    fn run(mut self, requests: &Receiver<(Publish, OnDone)>) {
+    /// Runs the writer with a second thread for the completions: while the
+    /// callbacks of one batch run (a server delivers each message to every
+    /// member of its room there), the next batch is already being written.
+    /// One thread runs them all, in commit order, so a room's callbacks keep
+    /// their order and never run at the same time.
+    fn run_with_completer(self, requests: &Receiver<(Publish, OnDone)>) {
+        let (done, completions) = mpsc::channel::<Completions>();
+        let shared = self.shared.clone();
+        let completer =
+            std::thread::Builder::new().name("hubbub-history-completer".into()).spawn(move || {
+                let _ = shared.completer.set(std::thread::current().id());
+                for batch in completions {
+                    for (on_done, result) in batch {
+                        complete(on_done, result);
+                    }
+                }
+            });
+        let completer = match completer {
+            Ok(completer) => Some(completer),
+            Err(err) => {
+                // Without a second thread the writer completes batches itself.
+                tracing::warn!(cause = %err, "no completer thread; the writer runs the callbacks");
+                None
+            }
+        };
+        let done = completer.as_ref().map(|_| done);
+        self.run(requests, done.as_ref());
+        drop(done);
+        if let Some(completer) = completer
+            && completer.join().is_err()
+        {
+            tracing::error!("the history completer thread panicked");
+        }
+    }
+
+    fn run(mut self, requests: &Receiver<(Publish, OnDone)>, done: Option<&Sender<Completions>>) {
         let mut batch = Vec::new();
         loop {
             let wait = if self.handle().is_some() {
@@ -278,7 +323,15 @@ impl Writer {
             self.ensure_open();
             self.maybe_sweep();
             if !batch.is_empty() {
-                self.commit(&mut batch);
+                let completions = self.commit(&mut batch);
+                match done {
+                    Some(done) => {
+                        if let Err(mpsc::SendError(completions)) = done.send(completions) {
+                            completions.into_iter().for_each(|(on_done, result)| complete(on_done, result));
+                        }
+                    }
+                    None => completions.into_iter().for_each(|(on_done, result)| complete(on_done, result)),
+                }
             }
         }
     }
@@ -287,8 +340,8 @@ impl Writer {
         self.shared.handle.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
-    /// Commits a batch, then completes it in order.
-    fn commit(&mut self, batch: &mut Vec<(Publish, OnDone)>) {
+    /// Commits a batch; returns its completions, in order.
+    fn commit(&mut self, batch: &mut Vec<(Publish, OnDone)>) -> Completions {
         let now_ms = self.shared.options.clock.now_ms();
         let retention = self.shared.options.retention;
         let (requests, callbacks): (Vec<_>, Vec<_>) = batch.drain(..).unzip();
@@ -313,19 +366,18 @@ impl Writer {
                 self.shared.commits.fetch_add(1, Ordering::Relaxed);
                 let ok = results.iter().filter(|r| r.is_ok()).count();
                 self.shared.published.fetch_add(ok as u64, Ordering::Relaxed);
-                for (on_done, result) in callbacks.into_iter().zip(results) {
-                    complete(on_done, result);
-                }
+                callbacks.into_iter().zip(results).collect()
             }
             Err(err) => {
                 self.shared.failed_batches.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(cause = %err.0, count = callbacks.len(), "history write failed");
-                for on_done in callbacks {
-                    complete(on_done, Err(Error::Unavailable(err.0.clone())));
-                }
+                let failed =
+                    callbacks.into_iter().map(|on_done| (on_done, Err(Error::Unavailable(err.0.clone()))));
+                let failed = failed.collect();
                 // redb refuses every operation after an I/O error until the file is opened
                 // again; that also drops whatever the failed transaction left in memory.
                 self.reopen();
+                failed
             }
         }
     }
