@@ -11,6 +11,8 @@ use std::process::Command;
 use std::time::SystemTime;
 
 use anyhow::{Context as _, bail};
+use hubbub_loadgen::format_mib;
+use serde::Deserialize;
 
 use crate::measure;
 
@@ -21,16 +23,20 @@ const BENCHES: &[(&str, &str, &str)] = &[
     ("hubbub-server", "fanout", "internals"),
 ];
 
-pub(crate) fn bench(root: &Path, args: &[String]) -> anyhow::Result<()> {
-    let mut quick = false;
-    let mut load = true;
-    for arg in args {
-        match arg.as_str() {
-            "--quick" => quick = true,
-            "--no-load" => load = false,
-            other => bail!("unknown option {other} (bench takes --quick and --no-load)"),
-        }
-    }
+/// Options of the command.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Options {
+    /// Shorter criterion runs, and the load benchmark at a tenth of its
+    /// size.
+    #[arg(long)]
+    quick: bool,
+    /// Only the micro-benchmarks.
+    #[arg(long)]
+    no_load: bool,
+}
+
+pub(crate) fn bench(root: &Path, options: &Options) -> anyhow::Result<()> {
+    let Options { quick, no_load } = *options;
     let started = SystemTime::now();
     let timing: &[&str] = if quick {
         &["--warm-up-time", "1", "--measurement-time", "2"]
@@ -58,7 +64,7 @@ pub(crate) fn bench(root: &Path, args: &[String]) -> anyhow::Result<()> {
     eprintln!("\n{body}");
     measure::replace_section(&root.join("docs/BENCHMARKS.md"), "micro", "## Micro-benchmarks", &body)?;
 
-    if load {
+    if !no_load {
         let node = Command::new("node").arg("--version").output().is_ok_and(|o| o.status.success());
         let mut args: Vec<String> = vec!["loadtest".into(), "all".into()];
         if node {
@@ -79,17 +85,24 @@ pub(crate) fn bench(root: &Path, args: &[String]) -> anyhow::Result<()> {
 struct Estimate {
     id: String,
     mean_ns: f64,
-    /// Bytes or elements per iteration, if the bench declared them.
-    per_iteration: Option<(String, f64)>,
+    /// What one iteration processes, if the bench declared it.
+    throughput: Option<Throughput>,
+}
+
+/// What one iteration processes, as criterion records it.
+#[derive(Clone, Copy, Debug, Deserialize)]
+enum Throughput {
+    Bytes(f64),
+    Elements(f64),
 }
 
 impl Estimate {
     fn throughput(&self) -> String {
-        let Some((unit, amount)) = &self.per_iteration else { return String::new() };
-        let per_sec = amount / (self.mean_ns / 1e9);
-        match unit.as_str() {
-            "Bytes" => format!("{:.1} MiB/s", per_sec / (1024.0 * 1024.0)),
-            _ => format!("{:.1} M elements/s", per_sec / 1e6),
+        let per_sec = |amount: f64| amount / (self.mean_ns / 1e9);
+        match self.throughput {
+            Some(Throughput::Bytes(bytes)) => format!("{}/s", format_mib(per_sec(bytes) as u64)),
+            Some(Throughput::Elements(elements)) => format!("{:.1} M elements/s", per_sec(elements) / 1e6),
+            None => String::new(),
         }
     }
 }
@@ -126,34 +139,77 @@ fn collect(dir: &Path, since: SystemTime) -> anyhow::Result<Vec<Estimate>> {
     Ok(found)
 }
 
+/// The parts of criterion's `new/estimates.json` read here.
+#[derive(Deserialize)]
+struct Estimates {
+    mean: PointEstimate,
+}
+
+#[derive(Deserialize)]
+struct PointEstimate {
+    point_estimate: f64,
+}
+
+/// The parts of criterion's `new/benchmark.json` read here.
+#[derive(Default, Deserialize)]
+struct Benchmark {
+    full_id: Option<String>,
+    /// Any other kind of throughput (criterion has a few) is not reported.
+    #[serde(default, deserialize_with = "known_throughput")]
+    throughput: Option<Throughput>,
+}
+
+fn known_throughput<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Throughput>, D::Error> {
+    let value = serde_json::Value::deserialize(d)?;
+    Ok(serde_json::from_value(value).ok())
+}
+
 fn read_estimate(estimates: &Path) -> anyhow::Result<Estimate> {
-    let text = std::fs::read_to_string(estimates)?;
-    let mean_ns = number_after(&text, "\"mean\"", "\"point_estimate\":")
+    let read =
+        |path: &Path| std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()));
+    let mean: Estimates = serde_json::from_str(&read(estimates)?)
         .with_context(|| format!("no mean in {}", estimates.display()))?;
     let dir: PathBuf = estimates.parent().and_then(Path::parent).context("estimates path")?.to_path_buf();
-    let benchmark = std::fs::read_to_string(dir.join("new/benchmark.json")).unwrap_or_default();
-    let id = string_after(&benchmark, "\"full_id\":").unwrap_or_else(|| dir.display().to_string());
-    let per_iteration = ["Bytes", "Elements"].iter().find_map(|unit| {
-        number_after(&benchmark, "\"throughput\"", &format!("\"{unit}\":")).map(|n| ((*unit).to_owned(), n))
-    });
-    Ok(Estimate { id, mean_ns, per_iteration })
+    let benchmark: Benchmark = read(&dir.join("new/benchmark.json"))
+        .ok()
+        .and_then(|text| serde_json::from_str(&text).ok())
+        .unwrap_or_default();
+    let id = benchmark.full_id.unwrap_or_else(|| dir.display().to_string());
+    Ok(Estimate { id, mean_ns: mean.mean.point_estimate, throughput: benchmark.throughput })
 }
 
-/// The number after `key`, searching from the first `anchor`.
-fn number_after(text: &str, anchor: &str, key: &str) -> Option<f64> {
-    let from = text.find(anchor)?;
-    let at = from + text[from..].find(key)? + key.len();
-    let digits: String = text[at..]
-        .trim_start()
-        .chars()
-        .take_while(|c| c.is_ascii_digit() || matches!(c, '.' | 'e' | 'E' | '-' | '+'))
-        .collect();
-    digits.parse().ok()
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// The JSON string after `key`.
-fn string_after(text: &str, key: &str) -> Option<String> {
-    let at = text.find(key)? + key.len();
-    let rest = text[at..].trim_start().strip_prefix('"')?;
-    Some(rest[..rest.find('"')?].to_owned())
+    #[test]
+    fn criterion_results_are_read_and_formatted() {
+        let dir = std::env::temp_dir().join(format!("xtask-bench-test-{}", std::process::id()));
+        let new = dir.join("codec/decode/new");
+        std::fs::create_dir_all(&new).unwrap();
+        let estimates = new.join("estimates.json");
+        std::fs::write(&estimates, r#"{"mean":{"point_estimate":2000.0,"standard_error":1.0},"median":{}}"#)
+            .unwrap();
+        std::fs::write(
+            new.join("benchmark.json"),
+            r#"{"full_id":"codec/decode","throughput":{"Bytes":1048576},"title":"x"}"#,
+        )
+        .unwrap();
+        let bytes = read_estimate(&estimates).unwrap();
+        std::fs::write(new.join("benchmark.json"), r#"{"full_id":"codec/decode","throughput":null}"#)
+            .unwrap();
+        let none = read_estimate(&estimates).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+
+        assert_eq!((bytes.id.as_str(), time(bytes.mean_ns)), ("codec/decode", "2.00 µs".to_owned()));
+        // 1 MiB every 2 µs.
+        assert_eq!(bytes.throughput(), "500000.0 MiB/s");
+        assert_eq!(none.throughput(), "");
+        let elements = Estimate { throughput: Some(Throughput::Elements(100.0)), ..none };
+        assert_eq!(elements.throughput(), "50.0 M elements/s");
+        assert_eq!(
+            (time(61.5), time(9_817.9), time(2_500_000.0)),
+            ("61.5 ns".into(), "9.82 µs".into(), "2.50 ms".into())
+        );
+    }
 }

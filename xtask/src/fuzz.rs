@@ -34,39 +34,27 @@ const SHORT_RUN_SECS: u64 = 30;
 const DEFAULT_RUN_SECS: u64 = 120;
 
 /// Options of the command.
+#[derive(Debug, clap::Args)]
 pub(crate) struct Options {
-    /// One target, or all of them.
+    /// One target to run; each in turn when none is named.
+    #[arg(value_parser = clap::builder::PossibleValuesParser::new(TARGETS))]
     target: Option<String>,
-    /// Seconds per target.
+    /// Seconds per target (default: 120 for one target, 30 each for all).
+    #[arg(long, value_name = "SECS")]
     time: Option<u64>,
-    /// Build unoptimised, do not run (what CI checks).
+    /// A quick unoptimised build that checks the targets compile and link;
+    /// nothing runs.
+    #[arg(long)]
     build_only: bool,
-    /// Extra libFuzzer flags, after `--`.
+    /// Extra libFuzzer flags.
+    #[arg(last = true, value_name = "LIBFUZZER_FLAGS")]
     extra: Vec<String>,
 }
 
 impl Options {
-    pub(crate) fn parse(args: &[String]) -> anyhow::Result<Self> {
-        let mut options = Self { target: None, time: None, build_only: false, extra: Vec::new() };
-        let mut args = args.iter();
-        while let Some(arg) = args.next() {
-            match arg.as_str() {
-                "--time" => {
-                    let value = args.next().context("--time needs a number of seconds")?;
-                    options.time = Some(value.parse().context("--time")?);
-                }
-                "--build-only" => options.build_only = true,
-                "--" => options.extra.extend(args.by_ref().cloned()),
-                name if !name.starts_with('-') && options.target.is_none() => {
-                    if !TARGETS.contains(&name) {
-                        bail!("unknown fuzz target `{name}`; targets: {}", TARGETS.join(", "));
-                    }
-                    options.target = Some(name.to_owned());
-                }
-                other => bail!("unknown option {other}"),
-            }
-        }
-        Ok(options)
+    /// What `ci` runs: every target built, none run.
+    pub(crate) fn build_only() -> Self {
+        Self { target: None, time: None, build_only: true, extra: Vec::new() }
     }
 }
 

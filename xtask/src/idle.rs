@@ -19,32 +19,24 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::measure::cpu_time;
+
 /// Options of the command.
+#[derive(Debug, clap::Args)]
 pub(crate) struct Options {
     /// Idle connections to hold open.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
     pub(crate) clients: usize,
-    /// Measurement window.
+    /// Measurement window, in seconds.
+    #[arg(long = "seconds", value_name = "S", default_value = "20", value_parser = whole_seconds)]
     pub(crate) window: Duration,
-    /// Heartbeat interval under test.
+    /// Heartbeat interval under test, e.g. `1s` or `500ms`.
+    #[arg(long, value_name = "D", default_value = "1s", value_parser = humantime::parse_duration)]
     pub(crate) interval: Duration,
 }
 
-impl Options {
-    pub(crate) fn parse(args: &[String]) -> anyhow::Result<Self> {
-        let mut options =
-            Self { clients: 1000, window: Duration::from_secs(20), interval: Duration::from_secs(1) };
-        let mut args = args.iter();
-        while let Some(flag) = args.next() {
-            let value = args.next().with_context(|| format!("{flag} needs a value"))?;
-            match flag.as_str() {
-                "--clients" => options.clients = value.parse().context("--clients")?,
-                "--seconds" => options.window = Duration::from_secs(value.parse().context("--seconds")?),
-                "--interval" => options.interval = humantime::parse_duration(value).context("--interval")?,
-                other => bail!("unknown option {other}"),
-            }
-        }
-        Ok(options)
-    }
+fn whole_seconds(value: &str) -> Result<Duration, std::num::ParseIntError> {
+    value.parse().map(Duration::from_secs)
 }
 
 /// One measured run.
@@ -125,24 +117,6 @@ async fn listening_address(server: &mut Child) -> anyhow::Result<String> {
         }
     }
     bail!("hubbub exited before it was listening")
-}
-
-/// The process's user + system CPU time, from /proc (Linux only).
-fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).context("reading /proc/PID/stat")?;
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = stat.rsplit_once(')').context("malformed stat")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of stat, 12 and 13 after ')'.
-    let ticks: u64 =
-        fields.get(11).context("utime")?.parse::<u64>()? + fields.get(12).context("stime")?.parse::<u64>()?;
-    let per_second = clock_ticks()?;
-    Ok(Duration::from_secs_f64(ticks as f64 / per_second as f64))
-}
-
-fn clock_ticks() -> anyhow::Result<u64> {
-    let out = std::process::Command::new("getconf").arg("CLK_TCK").output().context("getconf CLK_TCK")?;
-    Ok(String::from_utf8(out.stdout)?.trim().parse()?)
 }
 
 async fn http_status(addr: &str) -> anyhow::Result<String> {

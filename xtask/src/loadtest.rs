@@ -17,25 +17,46 @@
 //!   per second, and whether RSS and the connection count return to their
 //!   baseline.
 //!
-//! Every run is bounded in time and count, and all traffic goes to 127.0.0.1.
-//! The generator (the `hubbub-loadgen` crate) reports its own CPU beside the
-//! server's.
+//! This file is orchestration and reporting only: which servers, which
+//! sizes, in what order, and the tables. Running the clients and measuring
+//! (latency, deliveries, CPU and RSS from /proc) is the `hubbub-loadgen`
+//! library's [`run`] and [`churn`], the same code the `hubbub-loadgen`
+//! binary runs; `--json` prints their summaries. Every run is bounded in
+//! time and count, and all traffic goes to 127.0.0.1.
 
 use std::fmt::Write as _;
 use std::io::{Read as _, Write as _};
 use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use hubbub_loadgen::{self as loadgen, Histogram, Phase, Plan, Sending, Shared, format_mib};
+use clap::ValueEnum;
+use clap::builder::PossibleValue;
+use hubbub_loadgen::{Plan, Sending, churn, format_mib, format_ms, run};
+use serde::Serialize;
 
 use crate::measure::{self, ServerProcess};
 
+/// How long a fresh server gets to finish starting before its baseline is
+/// read.
+const START_PAUSE: Duration = Duration::from_millis(300);
+/// The longest wait, after the window, for deliveries still in flight.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// The window over which `idle` measures the server's CPU, after its pause.
+const IDLE_CPU_WINDOW: Duration = Duration::from_secs(1);
+/// `churn`'s unmeasured warm-up, and the pause after it.
+const CHURN_WARMUP: Duration = Duration::from_secs(1);
+const CHURN_PAUSE: Duration = Duration::from_secs(2);
+/// How long after `churn` its RSS and connection count are read again.
+const CHURN_AFTER: Duration = Duration::from_secs(5);
+/// The longest one churn cycle may wait for the greeting or the close.
+const CHURN_CYCLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A churn loop's pause after a failed cycle.
+const CHURN_RETRY_PAUSE: Duration = Duration::from_millis(10);
+
 /// A named scenario.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub(crate) enum Scenario {
     Fanout,
     Fixed,
@@ -45,8 +66,6 @@ pub(crate) enum Scenario {
 }
 
 impl Scenario {
-    const ALL: [Self; 5] = [Self::Fanout, Self::Fixed, Self::Rooms, Self::Idle, Self::Churn];
-
     fn name(self) -> &'static str {
         match self {
             Self::Fanout => "fanout",
@@ -56,20 +75,44 @@ impl Scenario {
             Self::Churn => "churn",
         }
     }
+}
 
-    fn parse(name: &str) -> anyhow::Result<Vec<Self>> {
-        if name == "all" {
-            return Ok(Self::ALL.to_vec());
+/// What the command line names: one scenario, or `all`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Selection {
+    One(Scenario),
+    All,
+}
+
+impl Selection {
+    const EVERY: [Self; 6] = [
+        Self::One(Scenario::Fanout),
+        Self::One(Scenario::Fixed),
+        Self::One(Scenario::Rooms),
+        Self::One(Scenario::Idle),
+        Self::One(Scenario::Churn),
+        Self::All,
+    ];
+}
+
+impl ValueEnum for Selection {
+    fn value_variants<'a>() -> &'a [Self] {
+        &Self::EVERY
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        match self {
+            Self::One(scenario) => scenario.to_possible_value(),
+            Self::All => Some(PossibleValue::new("all").help("every scenario")),
         }
-        Self::ALL.into_iter().find(|s| s.name() == name).map(|s| vec![s]).with_context(|| {
-            format!("unknown scenario `{name}`; scenarios: fanout, fixed, rooms, idle, churn, all")
-        })
     }
 }
 
 /// A server the scenarios run against.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub(crate) enum ServerKind {
+    /// Always run; not a `--compare` choice.
+    #[value(skip)]
     Hubbub,
     /// `bench/peers/node-ws/`: Node's `ws`.
     NodeWs,
@@ -78,9 +121,6 @@ pub(crate) enum ServerKind {
 }
 
 impl ServerKind {
-    /// The reference peers `--compare` takes.
-    const PEERS: [Self; 2] = [Self::NodeWs, Self::Uws];
-
     fn name(self) -> &'static str {
         match self {
             Self::Hubbub => "hubbub",
@@ -100,92 +140,101 @@ impl ServerKind {
     }
 }
 
-/// Size knobs; `None` takes the scenario's default.
-#[derive(Clone, Debug, Default)]
+/// Size knobs; each one left out takes the scenario's default.
+#[derive(Clone, Debug, Default, clap::Args)]
 struct Scale {
+    /// Clients to connect.
+    #[arg(long, value_name = "N")]
     clients: Option<usize>,
+    /// Rooms the clients are spread over.
+    #[arg(long, value_name = "N")]
     rooms: Option<usize>,
+    /// Clients that send (fanout, fixed).
+    #[arg(long, value_name = "N")]
     senders: Option<usize>,
+    /// Undelivered messages each fanout sender may have, 1 to 64.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
     window: Option<u32>,
+    /// Deliveries per second (fixed) or messages per client per second (rooms).
+    #[arg(long, value_name = "R")]
     rate: Option<f64>,
+    /// Length of the measured window (for idle: the pause before it).
+    #[arg(long, value_name = "S")]
     seconds: Option<f64>,
+    /// Concurrent connect-close loops (churn).
+    #[arg(long, value_name = "N")]
     workers: Option<usize>,
+    /// Generator threads.
+    #[arg(long, value_name = "N")]
     threads: Option<usize>,
+    /// Source addresses 127.0.0.1 ... 127.0.0.N.
+    #[arg(long, value_name = "N")]
     sources: Option<usize>,
+    /// Bytes of padding in each chat message.
+    #[arg(long, value_name = "BYTES")]
     padding: Option<usize>,
 }
 
-/// Options of the command.
+/// Load scenarios against release hubbub and the reference peers in
+/// `bench/peers`.
+#[derive(Debug, clap::Args)]
 pub(crate) struct Options {
-    scenarios: Vec<Scenario>,
+    /// Scenarios to run; all of them when none is named.
+    #[arg(value_name = "SCENARIO")]
+    scenarios: Vec<Selection>,
+    /// A scenario to run, as the positional form (may repeat).
+    #[arg(long = "scenario", value_name = "SCENARIO")]
+    scenario_flags: Vec<Selection>,
+    /// Reference peers to run beside hubbub: a comma-separated list, or the
+    /// flag repeated.
+    #[arg(long, value_name = "PEERS", value_delimiter = ',')]
     compare: Vec<ServerKind>,
+    #[command(flatten)]
     scale: Scale,
-    /// Divide every default size by 10 and run 3 s windows.
+    /// Divide every default size by 10 and run windows of at most 3 s.
+    #[arg(long)]
     quick: bool,
-    /// Runs of each server per scenario, alternating.
+    /// Runs of each server per scenario, alternating which goes first.
+    #[arg(long, value_name = "N", default_value_t = 1)]
     rounds: usize,
+    /// Print every run's summary as JSON on stdout.
+    #[arg(long)]
     json: bool,
+    /// Rewrite the load benchmark section of docs/BENCHMARKS.md.
+    #[arg(long)]
     write_docs: bool,
-    /// The command line, for the docs.
-    command: String,
 }
 
 impl Options {
-    pub(crate) fn parse(args: &[String]) -> anyhow::Result<Self> {
-        let mut options = Self {
-            scenarios: Vec::new(),
-            compare: Vec::new(),
-            scale: Scale::default(),
-            quick: false,
-            rounds: 1,
-            json: false,
-            write_docs: false,
-            command: format!("cargo xtask loadtest {}", args.join(" ")).trim_end().to_owned(),
-        };
-        let mut args = args.iter();
-        while let Some(arg) = args.next() {
-            let mut value = |name: &str| args.next().with_context(|| format!("{name} needs a value"));
-            let scale = &mut options.scale;
-            match arg.as_str() {
-                "--scenario" => options.scenarios.extend(Scenario::parse(value("--scenario")?)?),
-                // A comma-separated list; the flag may also be repeated.
-                "--compare" => {
-                    for peer in value("--compare")?.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-                        let Some(kind) = ServerKind::PEERS.into_iter().find(|k| k.name() == peer) else {
-                            let names: Vec<&str> = ServerKind::PEERS.iter().map(|k| k.name()).collect();
-                            bail!("unknown peer `{peer}`; peers: {}", names.join(", "));
-                        };
-                        if !options.compare.contains(&kind) {
-                            options.compare.push(kind);
-                        }
-                    }
+    /// The scenarios named, in order and each once; all when none is.
+    fn scenarios(&self) -> Vec<Scenario> {
+        let mut scenarios: Vec<Scenario> = Vec::new();
+        for selection in self.scenarios.iter().chain(&self.scenario_flags) {
+            let named = match selection {
+                Selection::One(scenario) => std::slice::from_ref(scenario),
+                Selection::All => Scenario::value_variants(),
+            };
+            for &scenario in named {
+                if !scenarios.contains(&scenario) {
+                    scenarios.push(scenario);
                 }
-                "--clients" => scale.clients = Some(value(arg)?.parse().context("--clients")?),
-                "--rooms" => scale.rooms = Some(value(arg)?.parse().context("--rooms")?),
-                "--senders" => scale.senders = Some(value(arg)?.parse().context("--senders")?),
-                "--window" => scale.window = Some(value(arg)?.parse().context("--window")?),
-                "--rate" => scale.rate = Some(value(arg)?.parse().context("--rate")?),
-                "--seconds" => scale.seconds = Some(value(arg)?.parse().context("--seconds")?),
-                "--workers" => scale.workers = Some(value(arg)?.parse().context("--workers")?),
-                "--threads" => scale.threads = Some(value(arg)?.parse().context("--threads")?),
-                "--sources" => scale.sources = Some(value(arg)?.parse().context("--sources")?),
-                "--padding" => scale.padding = Some(value(arg)?.parse().context("--padding")?),
-                "--rounds" => options.rounds = value(arg)?.parse().context("--rounds")?,
-                "--quick" => options.quick = true,
-                "--json" => options.json = true,
-                "--write-docs" => options.write_docs = true,
-                name if !name.starts_with('-') => options.scenarios.extend(Scenario::parse(name)?),
-                other => bail!("unknown option {other}"),
             }
         }
-        if options.scenarios.is_empty() {
-            options.scenarios = Scenario::ALL.to_vec();
+        if scenarios.is_empty() {
+            scenarios = Scenario::value_variants().to_vec();
         }
-        if options.scale.window.is_some_and(|w| !(1..=64).contains(&w)) {
-            bail!("--window must be between 1 and 64");
+        scenarios
+    }
+
+    /// Hubbub, then each peer to compare, once.
+    fn servers(&self) -> Vec<ServerKind> {
+        let mut servers = vec![ServerKind::Hubbub];
+        for &peer in &self.compare {
+            if !servers.contains(&peer) {
+                servers.push(peer);
+            }
         }
-        options.rounds = options.rounds.max(1);
-        Ok(options)
+        servers
     }
 }
 
@@ -269,41 +318,49 @@ impl Params {
     }
 }
 
-/// What one run of one scenario against one server measured.
-#[derive(Clone, Debug, Default)]
+/// What one run of one scenario against one server measured: the
+/// generator's summary, labelled. `--json` prints a list of these.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
 struct Report {
+    scenario: &'static str,
     server: &'static str,
-    /// Connections set up (joined) or churned.
-    connections: usize,
-    connect: Duration,
-    deliveries_per_sec: f64,
-    sent: u64,
-    expected: u64,
-    delivered: u64,
-    /// Connections the server closed during the run.
-    closed: usize,
-    latency: Option<[Duration; 5]>,
-    server_cpu: f64,
-    generator_cpu: f64,
-    rss_base: u64,
-    rss: u64,
-    rss_after: Option<u64>,
-    connects_per_sec: f64,
-    failures: u64,
+    /// The scenario's sizes, as the tables' headings give them.
+    params: String,
+    #[serde(flatten)]
+    measured: Measured,
+}
+
+/// A load's summary, or churn's.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+enum Measured {
+    /// `fanout`, `fixed`, `rooms` and `idle`.
+    Load(run::Summary),
+    /// `churn`.
+    Churn(ChurnReport),
+}
+
+/// Churn's summary and what was read after it.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ChurnReport {
+    #[serde(flatten)]
+    summary: churn::Summary,
+    /// The server's RSS a few seconds after the run.
+    rss_after_bytes: u64,
+    /// Hubbub's open connections a few seconds after the run (`None` for a
+    /// peer, which has no status endpoint).
     connections_after: Option<u64>,
 }
 
-impl Report {
-    fn lost(&self) -> i128 {
-        i128::from(self.expected) - i128::from(self.delivered)
+/// The server's RSS growth per client of an idle run, in bytes.
+fn rss_per_connection(summary: &run::Summary) -> f64 {
+    let server = summary.server.unwrap_or_default();
+    if summary.clients == 0 {
+        return 0.0;
     }
-
-    fn rss_per_connection(&self) -> f64 {
-        if self.connections == 0 {
-            return 0.0;
-        }
-        self.rss.saturating_sub(self.rss_base) as f64 / self.connections as f64
-    }
+    server.rss_bytes.saturating_sub(server.rss_base_bytes) as f64 / summary.clients as f64
 }
 
 /// Runs `args` (a `loadtest` command line) in an optimised build of xtask.
@@ -315,26 +372,27 @@ pub(crate) fn reexec_release(root: &Path, args: &[String]) -> anyhow::Result<()>
     crate::run(root, "cargo", &full)
 }
 
-pub(crate) fn loadtest(root: &Path, args: &[String]) -> anyhow::Result<()> {
-    let options = Options::parse(args)?;
+/// The command; `args` is its command line after `loadtest`, to re-run it
+/// optimised and to quote it in the docs.
+pub(crate) fn loadtest(root: &Path, options: &Options, args: &[String]) -> anyhow::Result<()> {
     if cfg!(debug_assertions) {
         let mut full = vec!["loadtest".to_owned()];
         full.extend(args.iter().cloned());
         return reexec_release(root, &full);
     }
-    run_loadtest(root, &options)
+    let command = format!("cargo xtask loadtest {}", args.join(" ")).trim_end().to_owned();
+    run_loadtest(root, options, &command)
 }
 
-pub(crate) fn run_loadtest(root: &Path, options: &Options) -> anyhow::Result<()> {
-    let mut servers = vec![ServerKind::Hubbub];
-    servers.extend(options.compare.iter().copied().filter(|k| *k != ServerKind::Hubbub));
+fn run_loadtest(root: &Path, options: &Options, command: &str) -> anyhow::Result<()> {
+    let servers = options.servers();
     prepare(root, &servers)?;
     let mut results: Vec<(Scenario, Params, Vec<Report>)> = Vec::new();
-    for &scenario in &options.scenarios {
+    for scenario in options.scenarios() {
         let params = Params::new(scenario, &options.scale, options.quick);
         eprintln!("\nxtask loadtest: {} — {}", scenario.name(), params.describe(scenario));
         let mut reports = Vec::new();
-        for round in 0..options.rounds {
+        for round in 0..options.rounds.max(1) {
             // Alternate which server goes first, so neither always gets the
             // machine just after the other has warmed or fragmented it.
             let mut order = servers.clone();
@@ -352,14 +410,16 @@ pub(crate) fn run_loadtest(root: &Path, options: &Options) -> anyhow::Result<()>
         results.push((scenario, params, reports));
     }
     if options.json {
+        let reports: Vec<&Report> = results.iter().flat_map(|(_, _, reports)| reports).collect();
+        let json = serde_json::to_string(&reports).context("encoding the reports")?;
         #[allow(clippy::print_stdout)] // asked for with --json
         {
-            println!("{}", json(&results));
+            println!("{json}");
         }
     }
     if options.write_docs {
         let (date, commit) = measure::date_and_commit(root);
-        let body = docs_section(&options.command, &date, &commit, &results, &servers);
+        let body = docs_section(command, &date, &commit, &results, &servers);
         measure::replace_section(&root.join("docs/BENCHMARKS.md"), "loadtest", "## Load benchmark", &body)?;
     }
     Ok(())
@@ -386,8 +446,7 @@ fn start(root: &Path, kind: ServerKind) -> anyhow::Result<ServerProcess> {
     let mut command = match kind.peer_dir() {
         None => {
             // The binary `prepare` built, wherever CARGO_TARGET_DIR put it.
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map_or_else(|| root.join("target"), |dir| root.join(dir));
+            let target = crate::target_dir(root);
             let uploads = target.join("loadtest/uploads");
             let mut command = Command::new(target.join("release/hubbub"));
             command
@@ -408,23 +467,22 @@ fn start(root: &Path, kind: ServerKind) -> anyhow::Result<ServerProcess> {
     command.current_dir(root);
     let server = ServerProcess::start(command)?;
     // Let the process finish starting before its baseline is read.
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(START_PAUSE);
     Ok(server)
 }
 
 fn run_one(root: &Path, scenario: Scenario, params: &Params, kind: ServerKind) -> anyhow::Result<Report> {
     let mut server = start(root, kind)?;
-    let mut report = match scenario {
-        Scenario::Churn => churn(&mut server, params, kind)?,
-        _ => clients(&mut server, scenario, params)?,
+    let measured = match scenario {
+        Scenario::Churn => Measured::Churn(churn(&server, params, kind)?),
+        _ => Measured::Load(clients(&mut server, scenario, params)?),
     };
-    report.server = kind.name();
     server.check_alive()?;
-    Ok(report)
+    Ok(Report { scenario: scenario.name(), server: kind.name(), params: params.describe(scenario), measured })
 }
 
 /// Runs the scenarios made of long-lived clients: fanout, fixed, rooms, idle.
-fn clients(server: &mut ServerProcess, scenario: Scenario, params: &Params) -> anyhow::Result<Report> {
+fn clients(server: &mut ServerProcess, scenario: Scenario, params: &Params) -> anyhow::Result<run::Summary> {
     let sending = match scenario {
         Scenario::Fanout => Sending::Window { senders: params.senders, window: params.window },
         Scenario::Fixed => {
@@ -438,7 +496,7 @@ fn clients(server: &mut ServerProcess, scenario: Scenario, params: &Params) -> a
         }
         Scenario::Idle | Scenario::Churn => Sending::Nobody,
     };
-    let plan = Arc::new(Plan {
+    let plan = Plan {
         addr: server.addr,
         clients: params.clients,
         rooms: params.rooms,
@@ -453,107 +511,35 @@ fn clients(server: &mut ServerProcess, scenario: Scenario, params: &Params) -> a
         },
         connect_concurrency: 64,
         padding: params.padding,
-    });
-    let shared = Shared::new(&plan);
-    let rss_base = server.rss()?;
-    let started = Instant::now();
-    let (outcome, histogram) =
-        loadgen::run_clients(&plan, &shared, || drive(server, scenario, params, &plan, &shared, started))?;
-    let mut report = outcome?;
-    report.rss_base = rss_base;
-    if histogram.count() > 0 {
-        let q = |q| histogram.quantile(q);
-        report.latency = Some([q(0.5), q(0.9), q(0.99), q(0.999), histogram.max()]);
-    }
-    Ok(report)
-}
-
-/// The phases of a client scenario, from the main thread.
-fn drive(
-    server: &mut ServerProcess,
-    scenario: Scenario,
-    params: &Params,
-    plan: &Plan,
-    shared: &Shared,
-    started: Instant,
-) -> anyhow::Result<Report> {
-    // Everyone connected (or failed), then every join announced.
-    let limit = Duration::from_secs(60) + Duration::from_millis(params.clients as u64 * 4);
-    wait_until(limit, "clients to connect and join", || {
-        shared.ready.load(Ordering::Relaxed) + shared.failed.load(Ordering::Relaxed) >= plan.clients
-    })?;
-    let failed = shared.failed.load(Ordering::Relaxed);
-    if failed > 0 {
-        let first = shared.first_error.lock().map(|e| e.clone()).unwrap_or_default().unwrap_or_default();
-        let message = format!("{failed} of {} connections failed; first error: {first}", plan.clients);
-        if scenario != Scenario::Idle {
-            bail!(message);
-        }
-        eprintln!("  {message}");
-    }
-    if failed == 0 {
-        let want = plan.expected_join_events();
-        wait_until(Duration::from_secs(60), "every userJoined to arrive", || {
-            shared.join_events.load(Ordering::Relaxed) >= want
-        })?;
-    }
-    let connect = started.elapsed();
+    };
+    let seconds = Duration::from_secs_f64(params.seconds);
+    let idle = scenario == Scenario::Idle;
+    let options = run::Options {
+        // Idle connections are measured after a pause of `seconds`, over a
+        // short window.
+        seconds: if idle { IDLE_CPU_WINDOW } else { seconds },
+        setup_timeout: run::default_setup_timeout(params.clients),
+        drain_timeout: DRAIN_TIMEOUT,
+        settle: if idle { seconds } else { Duration::ZERO },
+        // RSS per connection is still worth knowing if some could not
+        // connect; a load with clients missing is not.
+        allow_failed_connections: idle,
+        server_pid: Some(server.pid()),
+    };
+    let summary = run::run(plan, &options);
+    // A server that died explains a failed run better than its symptoms.
     server.check_alive()?;
-    let mut report =
-        Report { connections: shared.ready.load(Ordering::Relaxed), connect, ..Report::default() };
-
-    if scenario == Scenario::Idle {
-        std::thread::sleep(Duration::from_secs_f64(params.seconds));
-        let (cpu0, t0) = (server.cpu()?, Instant::now());
-        std::thread::sleep(Duration::from_secs(1));
-        report.server_cpu = percent(server.cpu()? - cpu0, t0.elapsed());
-        report.rss = server.rss()?;
-        report.closed = shared.closed.load(Ordering::Relaxed);
-        return Ok(report);
+    let summary = summary?;
+    if summary.failed > 0 {
+        let first = summary.first_error.as_deref().unwrap_or_default();
+        eprintln!("  {} of {} connections failed; first error: {first}", summary.failed, params.clients);
     }
-
-    let (cpu0, gen0, delivered0) =
-        (server.cpu()?, measure::own_cpu_time()?, shared.delivered.load(Ordering::Relaxed));
-    let t0 = Instant::now();
-    shared.set_phase(Phase::Run);
-    std::thread::sleep(Duration::from_secs_f64(params.seconds));
-    shared.set_phase(Phase::Drain);
-    let window = t0.elapsed();
-    let (cpu1, gen1, delivered1) =
-        (server.cpu()?, measure::own_cpu_time()?, shared.delivered.load(Ordering::Relaxed));
-    report.rss = server.rss()?;
-    // What was sent must arrive; give it a little time.
-    let _ = wait_until(Duration::from_secs(10), "deliveries to drain", || {
-        shared.delivered.load(Ordering::Relaxed) >= shared.expected.load(Ordering::Relaxed)
-    });
-    report.deliveries_per_sec = (delivered1 - delivered0) as f64 / window.as_secs_f64();
-    report.server_cpu = percent(cpu1 - cpu0, window);
-    report.generator_cpu = percent(gen1 - gen0, window);
-    report.sent = shared.sent.load(Ordering::Relaxed);
-    report.expected = shared.expected.load(Ordering::Relaxed);
-    report.delivered = shared.delivered.load(Ordering::Relaxed);
-    report.closed = shared.closed.load(Ordering::Relaxed);
-    Ok(report)
-}
-
-fn percent(cpu: Duration, window: Duration) -> f64 {
-    cpu.as_secs_f64() / window.as_secs_f64().max(1e-9) * 100.0
-}
-
-fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) -> anyhow::Result<()> {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        if Instant::now() > deadline {
-            bail!("timed out after {limit:?} waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    Ok(())
+    Ok(summary)
 }
 
 /// `churn`: `workers` loops of connect, greeting, close, for `seconds`,
-/// after a one-second warm-up; then RSS and connections after a pause.
-fn churn(server: &mut ServerProcess, params: &Params, kind: ServerKind) -> anyhow::Result<Report> {
+/// after an unmeasured warm-up; then RSS and connections after a pause.
+fn churn(server: &ServerProcess, params: &Params, kind: ServerKind) -> anyhow::Result<ChurnReport> {
     let plan = Plan {
         addr: server.addr,
         clients: 0,
@@ -565,99 +551,35 @@ fn churn(server: &mut ServerProcess, params: &Params, kind: ServerKind) -> anyho
         connect_concurrency: params.workers,
         padding: 0,
     };
-    let warmup = run_churn(&plan, params.workers, Duration::from_secs(1))?;
-    if warmup.0 == 0 {
-        bail!("no connection completed during the warm-up ({} failures)", warmup.1);
+    let warmup = churn::Options {
+        workers: params.workers,
+        seconds: CHURN_WARMUP,
+        cycle_timeout: CHURN_CYCLE_TIMEOUT,
+        retry_pause: CHURN_RETRY_PAUSE,
+        server_pid: None,
+    };
+    let warm = churn::run(&plan, &warmup)?;
+    if warm.cycles == 0 {
+        let first = warm.first_error.unwrap_or_default();
+        bail!("no connection completed during the warm-up ({} failures; first: {first})", warm.failures);
     }
-    std::thread::sleep(Duration::from_secs(2));
-    let rss_base = server.rss()?;
-    let (cpu0, gen0, t0) = (server.cpu()?, measure::own_cpu_time()?, Instant::now());
-    let (done, failures, histogram) =
-        run_churn(&plan, params.workers, Duration::from_secs_f64(params.seconds))?;
-    let elapsed = t0.elapsed();
-    let (cpu1, gen1) = (server.cpu()?, measure::own_cpu_time()?);
-    let rss = server.rss()?;
-    std::thread::sleep(Duration::from_secs(5));
-    let rss_after = server.rss()?;
+    std::thread::sleep(CHURN_PAUSE);
+    let options = churn::Options {
+        seconds: Duration::from_secs_f64(params.seconds),
+        server_pid: Some(server.pid()),
+        ..warmup
+    };
+    let summary = churn::run(&plan, &options)?;
+    if let Some(first) = &summary.first_error {
+        eprintln!("  churn: {} failures; first: {first}", summary.failures);
+    }
+    std::thread::sleep(CHURN_AFTER);
+    let rss_after_bytes = server.rss()?;
     let connections_after = match kind {
         ServerKind::Hubbub => http_status_connections(server.addr).ok(),
         ServerKind::NodeWs | ServerKind::Uws => None,
     };
-    Ok(Report {
-        connections: done as usize,
-        connects_per_sec: done as f64 / elapsed.as_secs_f64(),
-        failures,
-        latency: (histogram.count() > 0).then(|| {
-            [
-                histogram.quantile(0.5),
-                histogram.quantile(0.9),
-                histogram.quantile(0.99),
-                histogram.quantile(0.999),
-                histogram.max(),
-            ]
-        }),
-        server_cpu: percent(cpu1 - cpu0, elapsed),
-        generator_cpu: percent(gen1 - gen0, elapsed),
-        rss_base,
-        rss,
-        rss_after: Some(rss_after),
-        connections_after,
-        ..Report::default()
-    })
-}
-
-/// Runs the churn loops for `length`; returns cycles done, failures, and the
-/// cycle times.
-fn run_churn(plan: &Plan, workers: usize, length: Duration) -> anyhow::Result<(u64, u64, Histogram)> {
-    let done = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
-    let deadline = Instant::now() + length;
-    let threads = plan.threads.max(1);
-    let handles: Vec<_> = (0..threads)
-        .map(|thread| {
-            let (plan, done, failed) = (plan.clone(), done.clone(), failed.clone());
-            std::thread::spawn(move || -> anyhow::Result<Histogram> {
-                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-                let local = tokio::task::LocalSet::new();
-                let histogram = std::rc::Rc::new(std::cell::RefCell::new(Histogram::new()));
-                local.block_on(&runtime, async {
-                    let mut tasks = Vec::new();
-                    for worker in (thread..workers).step_by(threads) {
-                        let (plan, done, failed, histogram) =
-                            (plan.clone(), done.clone(), failed.clone(), histogram.clone());
-                        tasks.push(tokio::task::spawn_local(async move {
-                            let mut id = worker;
-                            while Instant::now() < deadline {
-                                match loadgen::churn::churn_once(&plan, id, Duration::from_secs(10)).await {
-                                    Ok(took) => {
-                                        done.fetch_add(1, Ordering::Relaxed);
-                                        histogram.borrow_mut().record(took.as_micros() as u64);
-                                    }
-                                    Err(err) => {
-                                        if failed.fetch_add(1, Ordering::Relaxed) < 3 {
-                                            eprintln!("  churn: {err:#}");
-                                        }
-                                        tokio::time::sleep(Duration::from_millis(10)).await;
-                                    }
-                                }
-                                id += workers;
-                            }
-                        }));
-                    }
-                    for task in tasks {
-                        let _ = task.await;
-                    }
-                });
-                Ok(histogram.take())
-            })
-        })
-        .collect();
-    let mut histogram = Histogram::new();
-    for handle in handles {
-        let part = handle.join().map_err(|_| anyhow::anyhow!("a churn thread panicked"))??;
-        histogram.merge(&part);
-    }
-    Ok((done.load(Ordering::Relaxed), failed.load(Ordering::Relaxed), histogram))
+    Ok(ChurnReport { summary, rss_after_bytes, connections_after })
 }
 
 /// `connections` from Hubbub's `GET /api/status`.
@@ -665,15 +587,11 @@ fn http_status_connections(addr: std::net::SocketAddr) -> anyhow::Result<u64> {
     let mut tcp = std::net::TcpStream::connect(addr)?;
     tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
     tcp.write_all(b"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
-    let mut body = String::new();
-    tcp.read_to_string(&mut body)?;
-    let at = body.find("\"connections\":").context("no connections in /api/status")?;
-    let digits: String = body[at + 14..].chars().take_while(char::is_ascii_digit).collect();
-    Ok(digits.parse()?)
-}
-
-fn ms(d: Duration) -> String {
-    loadgen::format_ms(d.as_secs_f64() * 1000.0)
+    let mut response = String::new();
+    tcp.read_to_string(&mut response)?;
+    let (_, body) = response.split_once("\r\n\r\n").context("no body in the /api/status response")?;
+    let status: serde_json::Value = serde_json::from_str(body).context("/api/status is not JSON")?;
+    status["connections"].as_u64().context("no connections in /api/status")
 }
 
 fn rate(per_sec: f64) -> String {
@@ -686,40 +604,123 @@ fn rate(per_sec: f64) -> String {
     }
 }
 
+/// The progress line of one run.
 fn one_line(scenario: Scenario, r: &Report) -> String {
-    match scenario {
-        Scenario::Idle => format!(
-            "{}: {} connections, RSS {} -> {} ({:.2} KB per connection), CPU idle {:.1} %",
-            r.server,
-            r.connections,
-            format_mib(r.rss_base),
-            format_mib(r.rss),
-            r.rss_per_connection() / 1000.0,
-            r.server_cpu
-        ),
-        Scenario::Churn => format!(
-            "{}: {} connects/s ({} cycles, {} failures), RSS {} -> {} -> {} after 5 s",
-            r.server,
-            rate(r.connects_per_sec),
-            r.connections,
-            r.failures,
-            format_mib(r.rss_base),
-            format_mib(r.rss),
-            format_mib(r.rss_after.unwrap_or_default())
-        ),
-        _ => {
-            let p = r.latency.map(|l| l.map(ms)).unwrap_or_default();
+    match &r.measured {
+        Measured::Churn(c) => {
+            let (s, server) = (&c.summary, c.summary.server.unwrap_or_default());
+            format!(
+                "{}: {} connects/s ({} cycles, {} failures), RSS {} -> {} -> {} after 5 s",
+                r.server,
+                rate(s.connects_per_sec),
+                s.cycles,
+                s.failures,
+                format_mib(server.rss_base_bytes),
+                format_mib(server.rss_bytes),
+                format_mib(c.rss_after_bytes)
+            )
+        }
+        Measured::Load(s) if scenario == Scenario::Idle => {
+            let server = s.server.unwrap_or_default();
+            format!(
+                "{}: {} connections, RSS {} -> {} ({:.2} KB per connection), CPU idle {:.1} %",
+                r.server,
+                s.clients,
+                format_mib(server.rss_base_bytes),
+                format_mib(server.rss_bytes),
+                rss_per_connection(s) / 1000.0,
+                server.cpu_percent
+            )
+        }
+        Measured::Load(s) => {
+            let l = s.latency_ms.unwrap_or_default();
             format!(
                 "{}: {} deliveries, p50 {} p99 {} max {}, lost {}, server CPU {:.0} %, generator CPU {:.0} %",
                 r.server,
-                rate(r.deliveries_per_sec),
-                p[0],
-                p[2],
-                p[4],
-                r.lost(),
-                r.server_cpu,
-                r.generator_cpu
+                rate(s.deliveries_per_sec),
+                format_ms(l.p50),
+                format_ms(l.p99),
+                format_ms(l.max),
+                s.lost,
+                s.server.unwrap_or_default().cpu_percent,
+                s.generator_cpu_percent
             )
+        }
+    }
+}
+
+/// The table heading of a scenario's runs.
+fn header(scenario: Scenario) -> &'static str {
+    match scenario {
+        Scenario::Idle => {
+            "| server | connections | setup | server RSS before | server RSS with clients | RSS per connection | server CPU idle |\n| --- | --- | --- | --- | --- | --- | --- |"
+        }
+        Scenario::Churn => {
+            "| server | connects/s | cycle p50 | cycle p99 | failures | server CPU | generator CPU | RSS baseline | RSS at end | RSS 5 s later | connections 5 s later |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        }
+        Scenario::Fanout | Scenario::Fixed | Scenario::Rooms => {
+            "| server | setup | deliveries/s | p50 | p90 | p99 | p99.9 | max | lost | closed | server CPU | generator CPU | server RSS |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        }
+    }
+}
+
+/// One run's table row, and the figures the ratio lines compare: for idle
+/// the RSS per connection, for churn the connects per second, otherwise
+/// deliveries per second, p50, p99 and server CPU.
+fn row(scenario: Scenario, r: &Report) -> (String, Vec<f64>) {
+    match &r.measured {
+        Measured::Churn(c) => {
+            let (s, server) = (&c.summary, c.summary.server.unwrap_or_default());
+            let l = s.cycle_ms.unwrap_or_default();
+            let row = format!(
+                "| {} | {:.0} | {} | {} | {} | {:.0} % | {:.0} % | {} | {} | {} | {} |",
+                r.server,
+                s.connects_per_sec,
+                format_ms(l.p50),
+                format_ms(l.p99),
+                s.failures,
+                server.cpu_percent,
+                s.generator_cpu_percent,
+                format_mib(server.rss_base_bytes),
+                format_mib(server.rss_bytes),
+                format_mib(c.rss_after_bytes),
+                c.connections_after.map_or_else(|| "n/a".to_owned(), |c| c.to_string())
+            );
+            (row, vec![s.connects_per_sec])
+        }
+        Measured::Load(s) if scenario == Scenario::Idle => {
+            let server = s.server.unwrap_or_default();
+            let row = format!(
+                "| {} | {} | {:.1} s | {} | {} | {:.2} KB | {:.1} % |",
+                r.server,
+                s.clients,
+                s.setup_seconds,
+                format_mib(server.rss_base_bytes),
+                format_mib(server.rss_bytes),
+                rss_per_connection(s) / 1000.0,
+                server.cpu_percent
+            );
+            (row, vec![rss_per_connection(s)])
+        }
+        Measured::Load(s) => {
+            let (server, l) = (s.server.unwrap_or_default(), s.latency_ms.unwrap_or_default());
+            let row = format!(
+                "| {} | {:.1} s | {:.0} | {} | {} | {} | {} | {} | {} | {} | {:.0} % | {:.0} % | {} |",
+                r.server,
+                s.setup_seconds,
+                s.deliveries_per_sec,
+                format_ms(l.p50),
+                format_ms(l.p90),
+                format_ms(l.p99),
+                format_ms(l.p999),
+                format_ms(l.max),
+                s.lost,
+                s.closed,
+                server.cpu_percent,
+                s.generator_cpu_percent,
+                format_mib(server.rss_bytes)
+            );
+            (row, vec![s.deliveries_per_sec, l.p50, l.p99, server.cpu_percent])
         }
     }
 }
@@ -728,128 +729,50 @@ fn one_line(scenario: Scenario, r: &Report) -> String {
 /// each peer (times better: >1 means Hubbub is ahead) from the first round.
 fn table(scenario: Scenario, reports: &[Report], servers: &[ServerKind]) -> String {
     let mut out = String::new();
-    let (header, rows): (&str, Vec<(String, Vec<f64>)>) = match scenario {
-        Scenario::Idle => (
-            "| server | connections | setup | server RSS before | server RSS with clients | RSS per connection | server CPU idle |\n| --- | --- | --- | --- | --- | --- | --- |",
-            reports
-                .iter()
-                .map(|r| {
-                    let row = format!(
-                        "| {} | {} | {:.1} s | {} | {} | {:.2} KB | {:.1} % |",
-                        r.server,
-                        r.connections,
-                        r.connect.as_secs_f64(),
-                        format_mib(r.rss_base),
-                        format_mib(r.rss),
-                        r.rss_per_connection() / 1000.0,
-                        r.server_cpu
-                    );
-                    (row, vec![r.rss_per_connection()])
-                })
-                .collect(),
-        ),
-        Scenario::Churn => (
-            "| server | connects/s | cycle p50 | cycle p99 | failures | server CPU | generator CPU | RSS baseline | RSS at end | RSS 5 s later | connections 5 s later |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-            reports
-                .iter()
-                .map(|r| {
-                    let l = r.latency.unwrap_or_default();
-                    let row = format!(
-                        "| {} | {:.0} | {} | {} | {} | {:.0} % | {:.0} % | {} | {} | {} | {} |",
-                        r.server,
-                        r.connects_per_sec,
-                        ms(l[0]),
-                        ms(l[2]),
-                        r.failures,
-                        r.server_cpu,
-                        r.generator_cpu,
-                        format_mib(r.rss_base),
-                        format_mib(r.rss),
-                        format_mib(r.rss_after.unwrap_or_default()),
-                        r.connections_after.map_or_else(|| "n/a".to_owned(), |c| c.to_string())
-                    );
-                    (row, vec![r.connects_per_sec])
-                })
-                .collect(),
-        ),
-        _ => (
-            "| server | setup | deliveries/s | p50 | p90 | p99 | p99.9 | max | lost | closed | server CPU | generator CPU | server RSS |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-            reports
-                .iter()
-                .map(|r| {
-                    let l = r.latency.unwrap_or_default();
-                    let row = format!(
-                        "| {} | {:.1} s | {:.0} | {} | {} | {} | {} | {} | {} | {} | {:.0} % | {:.0} % | {} |",
-                        r.server,
-                        r.connect.as_secs_f64(),
-                        r.deliveries_per_sec,
-                        ms(l[0]),
-                        ms(l[1]),
-                        ms(l[2]),
-                        ms(l[3]),
-                        ms(l[4]),
-                        r.lost(),
-                        r.closed,
-                        r.server_cpu,
-                        r.generator_cpu,
-                        format_mib(r.rss)
-                    );
-                    (row, vec![r.deliveries_per_sec, l[0].as_secs_f64(), l[2].as_secs_f64(), r.server_cpu])
-                })
-                .collect(),
-        ),
-    };
-    let _ = writeln!(out, "{header}");
+    let rows: Vec<(String, Vec<f64>)> = reports.iter().map(|r| row(scenario, r)).collect();
+    let _ = writeln!(out, "{}", header(scenario));
     for (row, _) in &rows {
         let _ = writeln!(out, "{row}");
     }
     // Ratios: Hubbub's first run against each peer's first run.
     let first = |name: &str| reports.iter().position(|r| r.server == name).map(|i| &rows[i].1);
-    if let Some(hub) = first(ServerKind::Hubbub.name()) {
-        for peer in servers.iter().filter(|s| **s != ServerKind::Hubbub) {
-            let Some(other) = first(peer.name()) else { continue };
-            let times = |h: f64, o: f64, higher_better: bool| {
-                let x = if higher_better { h / o } else { o / h };
-                if x.is_finite() { format!("×{x:.1}") } else { "n/a".to_owned() }
-            };
-            // For a figure where less is better: "×2.0 lower" when Hubbub's
-            // is lower, "×1.5 higher" when it is not.
-            let less = |h: f64, o: f64, lower: &str, higher: &str| {
-                let x = o / h;
-                if !x.is_finite() || x == 0.0 {
-                    "n/a".to_owned()
-                } else if x >= 1.0 {
-                    format!("×{x:.1} {lower}")
-                } else {
-                    format!("×{:.1} {higher}", 1.0 / x)
-                }
-            };
-            let line = match scenario {
-                Scenario::Idle => format!(
-                    "\nHubbub vs {}: RSS per connection {}.",
-                    peer.name(),
-                    less(hub[0], other[0], "smaller", "larger")
-                ),
-                Scenario::Churn => {
-                    format!(
-                        "\nHubbub vs {}: {} the connects per second.",
-                        peer.name(),
-                        times(hub[0], other[0], true)
-                    )
-                }
-                _ => format!(
-                    "\nHubbub vs {}: deliveries/s {}, p50 {}, p99 {}, server CPU {}.",
-                    peer.name(),
-                    times(hub[0], other[0], true),
-                    less(hub[1], other[1], "lower", "higher"),
-                    less(hub[2], other[2], "lower", "higher"),
-                    less(hub[3], other[3], "lower", "higher")
-                ),
-            };
-            let _ = writeln!(out, "{line}");
-        }
+    let Some(hub) = first(ServerKind::Hubbub.name()) else { return out };
+    for peer in servers.iter().filter(|s| **s != ServerKind::Hubbub) {
+        let Some(other) = first(peer.name()) else { continue };
+        let _ = writeln!(out, "\nHubbub vs {}: {}.", peer.name(), ratios(scenario, hub, other));
     }
     out
+}
+
+/// The ratio line's text for Hubbub's figures `hub` against a peer's.
+fn ratios(scenario: Scenario, hub: &[f64], other: &[f64]) -> String {
+    let times = |h: f64, o: f64| {
+        let x = h / o;
+        if x.is_finite() { format!("×{x:.1}") } else { "n/a".to_owned() }
+    };
+    // For a figure where less is better: "×2.0 lower" when Hubbub's is
+    // lower, "×1.5 higher" when it is not.
+    let less = |h: f64, o: f64, lower: &str, higher: &str| {
+        let x = o / h;
+        if !x.is_finite() || x == 0.0 {
+            "n/a".to_owned()
+        } else if x >= 1.0 {
+            format!("×{x:.1} {lower}")
+        } else {
+            format!("×{:.1} {higher}", 1.0 / x)
+        }
+    };
+    match scenario {
+        Scenario::Idle => format!("RSS per connection {}", less(hub[0], other[0], "smaller", "larger")),
+        Scenario::Churn => format!("{} the connects per second", times(hub[0], other[0])),
+        Scenario::Fanout | Scenario::Fixed | Scenario::Rooms => format!(
+            "deliveries/s {}, p50 {}, p99 {}, server CPU {}",
+            times(hub[0], other[0]),
+            less(hub[1], other[1], "lower", "higher"),
+            less(hub[2], other[2], "lower", "higher"),
+            less(hub[3], other[3], "lower", "higher")
+        ),
+    }
 }
 
 fn print_table(scenario: Scenario, params: &Params, reports: &[Report], servers: &[ServerKind]) {
@@ -888,45 +811,123 @@ fn docs_section(
     out
 }
 
-fn json(results: &[(Scenario, Params, Vec<Report>)]) -> String {
-    let mut out = String::from("[");
-    for (scenario, params, reports) in results {
-        for r in reports {
-            if out.len() > 1 {
-                out.push(',');
-            }
-            let l = r.latency.unwrap_or_default().map(|d| d.as_secs_f64() * 1000.0);
-            let _ = write!(
-                out,
-                r#"{{"scenario":"{}","server":"{}","params":"{}","connections":{},"setupSeconds":{:.3},"deliveriesPerSec":{:.1},"sent":{},"expected":{},"delivered":{},"lost":{},"closed":{},"latencyMs":{{"p50":{:.3},"p90":{:.3},"p99":{:.3},"p999":{:.3},"max":{:.3}}},"serverCpuPercent":{:.1},"generatorCpuPercent":{:.1},"rssBaseBytes":{},"rssBytes":{},"rssAfterBytes":{},"rssPerConnectionBytes":{:.0},"connectsPerSec":{:.1},"failures":{},"connectionsAfter":{}}}"#,
-                scenario.name(),
-                r.server,
-                params.describe(*scenario),
-                r.connections,
-                r.connect.as_secs_f64(),
-                r.deliveries_per_sec,
-                r.sent,
-                r.expected,
-                r.delivered,
-                r.lost(),
-                r.closed,
-                l[0],
-                l[1],
-                l[2],
-                l[3],
-                l[4],
-                r.server_cpu,
-                r.generator_cpu,
-                r.rss_base,
-                r.rss,
-                r.rss_after.map_or_else(|| "null".to_owned(), |v| v.to_string()),
-                r.rss_per_connection(),
-                r.connects_per_sec,
-                r.failures,
-                r.connections_after.map_or_else(|| "null".to_owned(), |v| v.to_string()),
-            );
-        }
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+    use hubbub_loadgen::run::{Latency, ServerSample};
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        options: Options,
     }
-    out.push(']');
-    out
+
+    fn options(line: &str) -> Options {
+        Cli::parse_from(std::iter::once("loadtest").chain(line.split_whitespace())).options
+    }
+
+    #[test]
+    fn scenarios_and_peers_are_named_once_each() {
+        let o = options("fanout --scenario idle fanout --compare node-ws,uws --compare uws --quick");
+        assert_eq!(o.scenarios(), [Scenario::Fanout, Scenario::Idle]);
+        assert_eq!(o.servers(), [ServerKind::Hubbub, ServerKind::NodeWs, ServerKind::Uws]);
+        assert!(o.quick);
+        assert_eq!(options("all").scenarios(), Scenario::value_variants());
+        assert_eq!(options("--json").scenarios(), Scenario::value_variants());
+        assert_eq!(options("").servers(), [ServerKind::Hubbub]);
+        let hubbub_is_not_a_peer = Cli::try_parse_from(["loadtest", "--compare", "hubbub"]);
+        assert!(hubbub_is_not_a_peer.is_err());
+    }
+
+    fn sample(cpu_percent: f64, rss_base_mib: f64, rss_mib: f64) -> Option<ServerSample> {
+        let mib = |m: f64| (m * 1024.0 * 1024.0) as u64;
+        Some(ServerSample { pid: 1, cpu_percent, rss_base_bytes: mib(rss_base_mib), rss_bytes: mib(rss_mib) })
+    }
+
+    fn load(server: &'static str, deliveries_per_sec: f64, p50: f64, cpu: f64) -> Report {
+        let latency = Latency { p50, p90: 39.68, p99: 2.0 * p50, p999: 76.29, max: 91.88 };
+        let summary = run::Summary {
+            addr: "127.0.0.1:1".to_owned(),
+            clients: 1000,
+            failed: 0,
+            first_error: None,
+            rooms: 1,
+            senders: 10,
+            sending: "window 8".to_owned(),
+            threads: 1,
+            setup_seconds: 0.5,
+            seconds: 10.0,
+            sent: 1,
+            expected: 999,
+            delivered: 999,
+            lost: 0,
+            delivery_ratio: Some(1.0),
+            deliveries_per_sec,
+            closed: 0,
+            latency_ms: Some(latency),
+            generator_cpu_percent: 61.0,
+            server: sample(cpu, 6.0, 12.8),
+        };
+        Report { scenario: "fanout", server, params: String::new(), measured: Measured::Load(summary) }
+    }
+
+    /// The tables in docs/BENCHMARKS.md keep their columns and formats.
+    #[test]
+    fn tables_keep_the_documented_format() {
+        let reports = [load("hubbub", 1_771_498.0, 23.17, 114.0), load("node-ws", 80_865.0, 938.0, 100.0)];
+        let table = table(Scenario::Fanout, &reports, &[ServerKind::Hubbub, ServerKind::NodeWs]);
+        let expected = "\
+| server | setup | deliveries/s | p50 | p90 | p99 | p99.9 | max | lost | closed | server CPU | generator CPU | server RSS |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
+| hubbub | 0.5 s | 1771498 | 23.17 ms | 39.68 ms | 46.34 ms | 76.29 ms | 91.88 ms | 0 | 0 | 114 % | 61 % | 12.8 MiB |
+| node-ws | 0.5 s | 80865 | 938 ms | 39.68 ms | 1876 ms | 76.29 ms | 91.88 ms | 0 | 0 | 100 % | 61 % | 12.8 MiB |
+
+Hubbub vs node-ws: deliveries/s ×21.9, p50 ×40.5 lower, p99 ×40.5 lower, server CPU ×1.1 higher.
+";
+        assert_eq!(table, expected);
+
+        let Measured::Load(mut idle) = load("hubbub", 0.0, 0.0, 0.0).measured else { unreachable!() };
+        (idle.clients, idle.setup_seconds, idle.server) = (19_000, 2.3, sample(0.0, 6.8, 41.5));
+        let idle = Report { measured: Measured::Load(idle), ..load("hubbub", 0.0, 0.0, 0.0) };
+        let (idle_row, _) = row(Scenario::Idle, &idle);
+        assert_eq!(idle_row, "| hubbub | 19000 | 2.3 s | 6.8 MiB | 41.5 MiB | 1.92 KB | 0.0 % |");
+
+        let churn = churn::Summary {
+            addr: "127.0.0.1:1".to_owned(),
+            workers: 64,
+            threads: 1,
+            seconds: 10.0,
+            cycles: 129_100,
+            failures: 0,
+            first_error: None,
+            connects_per_sec: 12_910.0,
+            cycle_ms: Some(Latency { p50: 4.7, p90: 8.0, p99: 10.05, p999: 12.0, max: 20.0 }),
+            generator_cpu_percent: 88.0,
+            server: sample(88.0, 7.5, 7.6),
+        };
+        let measured = Measured::Churn(ChurnReport {
+            summary: churn,
+            rss_after_bytes: (7.6 * 1024.0 * 1024.0) as u64,
+            connections_after: Some(0),
+        });
+        let churn = Report { scenario: "churn", server: "hubbub", params: String::new(), measured };
+        let (churn_row, _) = row(Scenario::Churn, &churn);
+        assert_eq!(
+            churn_row,
+            "| hubbub | 12910 | 4.70 ms | 10.05 ms | 0 | 88 % | 88 % | 7.5 MiB | 7.6 MiB | 7.6 MiB | 0 |"
+        );
+    }
+
+    #[test]
+    fn json_carries_the_loadgen_summaries() {
+        let json = serde_json::to_value([load("hubbub", 1000.0, 1.0, 50.0)]).unwrap();
+        let report = &json[0];
+        assert_eq!(report["scenario"], "fanout");
+        assert_eq!(report["server"], "hubbub");
+        assert_eq!(report["load"]["deliveriesPerSec"], 1000.0);
+        assert_eq!(report["load"]["latencyMs"]["p50"], 1.0);
+        assert_eq!(report["load"]["server"]["cpuPercent"], 50.0);
+    }
 }

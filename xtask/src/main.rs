@@ -1,5 +1,7 @@
 //! `cargo xtask`: the project's own automation, in Rust so contributors need
-//! nothing but cargo (and, for the interop tests, Node and npm).
+//! nothing but cargo (and, for the interop tests, Node and npm). Its command
+//! line is parsed by clap: `cargo xtask help` and `cargo xtask COMMAND --help`
+//! list every option.
 //!
 //! - `cargo xtask ci` — what CI runs: installs the interop test's npm
 //!   dependency, checks formatting, runs clippy with warnings denied on every
@@ -12,6 +14,21 @@
 //!   Chromium (also part of `ci`).
 //! - `cargo xtask heartbeat-cost [--clients N] [--seconds S] [--interval D]`
 //!   — measures the server CPU that heartbeats cost for idle connections.
+//! - `cargo xtask fuzz [TARGET] [--time SECS] [--build-only] [-- FLAGS]` —
+//!   builds the libFuzzer targets with the stable toolchain and runs them
+//!   (`--build-only`, part of `ci`: checks they compile and link).
+//! - `cargo xtask autobahn` — the Autobahn TestSuite against the server's
+//!   `/ws/echo` and the tokio-tungstenite client (also part of `ci`).
+//! - `cargo xtask bench [--quick] [--no-load]` — the criterion
+//!   micro-benchmarks, then the load benchmark; both tables go to
+//!   `docs/BENCHMARKS.md`.
+//! - `cargo xtask loadtest [SCENARIO|all]... [--compare node-ws,uws] [--quick]
+//!   [--json] [--write-docs] [sizes]` — end-to-end load scenarios against
+//!   the release server and the reference peers, run and measured by the
+//!   `hubbub-loadgen` library.
+//! - `cargo xtask upload-bench [--size-mib N] [--chat-size-mib M]` — upload
+//!   throughput and peak RSS against `sha256sum`, and chat latency during an
+//!   upload.
 
 // Progress lines go to stderr, as cargo's own do.
 #![allow(clippy::print_stderr)]
@@ -29,55 +46,65 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::bail;
+use clap::{CommandFactory as _, Parser, Subcommand};
 
-fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let root = workspace_root();
-    match args.first().map(String::as_str) {
-        Some("ci") => ci(&root),
-        Some("test") => test(&root),
-        Some("browser") => browser::browser(&root, Hubbub::Build),
-        Some("heartbeat-cost") => idle::heartbeat_cost(&root, &idle::Options::parse(&args[1..])?),
-        Some("fuzz") => fuzz::fuzz(&root, &fuzz::Options::parse(&args[1..])?),
-        Some("autobahn") => autobahn::autobahn(&root, Hubbub::Build),
-        Some("bench") => bench::bench(&root, &args[1..]),
-        Some("loadtest") => loadtest::loadtest(&root, &args[1..]),
-        Some("upload-bench") => upload_bench::upload_bench(&root, &args[1..]),
-        Some("help" | "--help" | "-h") | None => {
-            usage();
-            Ok(())
-        }
-        Some(other) => {
-            usage();
-            bail!("unknown command `{other}`")
-        }
-    }
+/// The project's automation: checks, tests, benchmarks and load tests.
+#[derive(Debug, Parser)]
+#[command(name = "xtask", bin_name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Task>,
 }
 
-fn usage() {
-    {
-        eprintln!(
-            "usage: cargo xtask <command>\n\n\
-             commands:\n  \
-             ci     fmt check, clippy -D warnings, all tests, browser e2e, rustdoc -D warnings,\n         \
-             the fuzz targets' build, and the Autobahn TestSuite\n  \
-             test   install test dependencies (npm) and run all tests\n  \
-             browser  end-to-end tests of the chat page in headless Chromium\n  \
-             heartbeat-cost [--clients N] [--seconds S] [--interval D]\n         \
-             server CPU for heartbeats on N idle connections\n  \
-             fuzz [TARGET] [--time SECS] [--build-only] [-- LIBFUZZER_FLAGS]\n         \
-             build the fuzz targets (stable toolchain) and run one or each\n         \
-             (--build-only: a quick unoptimised build that checks they compile and link)\n  \
-             autobahn  Autobahn TestSuite: server /ws/echo (debug hubbub) and the tokio-tungstenite client\n  \
-             bench [--quick] [--no-load]  criterion micro-benchmarks, then the load benchmark\n  \
-             loadtest [SCENARIO|all] [--compare node-ws,uws] [--quick] [--clients N] [--rooms N]\n         \
-             [--senders N] [--window N] [--rate R] [--seconds S] [--workers N] [--threads N]\n         \
-             [--sources N] [--padding BYTES] [--rounds N] [--json] [--write-docs]\n         \
-             load scenarios fanout, fixed, rooms, idle, churn against release hubbub\n         \
-             (and the reference peers in bench/peers: node-ws, uws)\n  \
-             upload-bench [--size-mib N] [--chat-size-mib M]\n         \
-             upload throughput and peak RSS vs sha256sum; chat latency during an upload"
-        );
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// What CI runs: fmt check, clippy -D warnings, all tests, browser
+    /// e2e, rustdoc -D warnings, the fuzz targets' build, and the Autobahn
+    /// TestSuite.
+    Ci,
+    /// Install test dependencies (npm) and run all tests.
+    Test,
+    /// End-to-end tests of the chat page in headless Chromium.
+    Browser,
+    /// Server CPU for heartbeats on N idle connections.
+    HeartbeatCost(idle::Options),
+    /// Build the fuzz targets (stable toolchain) and run one or each.
+    Fuzz(fuzz::Options),
+    /// Autobahn TestSuite: server /ws/echo (debug hubbub) and the
+    /// tokio-tungstenite client.
+    Autobahn,
+    /// Criterion micro-benchmarks, then the load benchmark.
+    Bench(bench::Options),
+    /// Load scenarios fanout, fixed, rooms, idle, churn against release
+    /// hubbub (and the reference peers in bench/peers: node-ws, uws).
+    Loadtest(loadtest::Options),
+    /// Upload throughput and peak RSS vs sha256sum; chat latency during an
+    /// upload.
+    UploadBench(upload_bench::Options),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    match cli.command {
+        Some(Task::Ci) => ci(&root),
+        Some(Task::Test) => test(&root),
+        Some(Task::Browser) => browser::browser(&root, Hubbub::Build),
+        Some(Task::HeartbeatCost(options)) => idle::heartbeat_cost(&root, &options),
+        Some(Task::Fuzz(options)) => fuzz::fuzz(&root, &options),
+        Some(Task::Autobahn) => autobahn::autobahn(&root, Hubbub::Build),
+        Some(Task::Bench(options)) => bench::bench(&root, &options),
+        Some(Task::Loadtest(options)) => {
+            // The command line after `loadtest`, to re-run it optimised and
+            // to quote it in the docs.
+            let args: Vec<String> = std::env::args().skip_while(|arg| arg != "loadtest").skip(1).collect();
+            loadtest::loadtest(&root, &options, &args)
+        }
+        Some(Task::UploadBench(options)) => upload_bench::upload_bench(&root, &options),
+        None => {
+            eprintln!("{}", Cli::command().render_help());
+            Ok(())
+        }
     }
 }
 
@@ -92,7 +119,7 @@ fn ci(root: &Path) -> anyhow::Result<()> {
         &["doc", "--workspace", "--no-deps"],
         &[("RUSTDOCFLAGS", "-D warnings")],
     )?;
-    fuzz::fuzz(root, &fuzz::Options::parse(&["--build-only".to_owned()])?)?;
+    fuzz::fuzz(root, &fuzz::Options::build_only())?;
     autobahn::autobahn(root, Hubbub::AsTested)?;
     eprintln!("xtask ci: all checks passed");
     Ok(())
@@ -157,4 +184,39 @@ pub(crate) fn run(dir: &Path, program: &str, args: &[&str]) -> anyhow::Result<()
 fn workspace_root() -> PathBuf {
     // xtask lives one level below the workspace root.
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_command_parses() {
+        for line in [
+            "ci",
+            "test",
+            "browser",
+            "heartbeat-cost --clients 10 --seconds 2 --interval 500ms",
+            "fuzz hub --time 5 -- -max_len=100",
+            "fuzz --build-only",
+            "autobahn",
+            "bench --quick --no-load",
+            "loadtest fanout --quick",
+            "upload-bench --size-mib 8 --chat-size-mib 2",
+        ] {
+            let args = std::iter::once("xtask").chain(line.split_whitespace());
+            if let Err(err) = Cli::try_parse_from(args) {
+                panic!("`{line}` does not parse: {err}");
+            }
+        }
+        for wrong in ["fuzz nope", "heartbeat-cost --interval soon", "bench --slow", "loadtest --window 65"] {
+            let args = std::iter::once("xtask").chain(wrong.split_whitespace());
+            assert!(Cli::try_parse_from(args).is_err(), "`{wrong}` was accepted");
+        }
+    }
 }

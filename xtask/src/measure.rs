@@ -8,7 +8,6 @@
 use std::io::{BufRead as _, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 
@@ -117,11 +116,6 @@ impl ServerProcess {
         self.child.id()
     }
 
-    /// CPU time (user + system) the server has used so far.
-    pub(crate) fn cpu(&self) -> anyhow::Result<Duration> {
-        cpu_time(self.pid())
-    }
-
     /// The server's resident set size, in bytes.
     pub(crate) fn rss(&self) -> anyhow::Result<u64> {
         rss_bytes(self.pid())
@@ -145,7 +139,7 @@ impl Drop for ServerProcess {
 
 // Reading a process's CPU time and RSS from /proc is shared with the
 // `hubbub-loadgen` binary.
-pub(crate) use hubbub_loadgen::process::{cpu_time, own_cpu_time, rss_bytes};
+pub(crate) use hubbub_loadgen::process::{cpu_time, rss_bytes};
 
 /// One line about the machine, for benchmark tables: CPU model, cores,
 /// memory, kernel.

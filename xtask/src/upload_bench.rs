@@ -19,29 +19,17 @@ use hubbub_client::{Client, ClientConfig, Event, FileUpload};
 use crate::measure::{ServerProcess, date_and_commit, machine, replace_section};
 
 /// Options of the command.
-struct Options {
+#[derive(Debug, clap::Args)]
+pub(crate) struct Options {
     /// Size of the throughput upload, in MiB.
+    #[arg(long, value_name = "N", default_value_t = 1024)]
     size_mib: u64,
     /// Size of the upload that runs under the chat latency probe, in MiB.
+    #[arg(long, value_name = "M", default_value_t = 100)]
     chat_size_mib: u64,
 }
 
-fn parse(args: &[String]) -> anyhow::Result<Options> {
-    let mut options = Options { size_mib: 1024, chat_size_mib: 100 };
-    let mut args = args.iter();
-    while let Some(flag) = args.next() {
-        let value = args.next().with_context(|| format!("{flag} needs a value"))?;
-        match flag.as_str() {
-            "--size-mib" => options.size_mib = value.parse().context("--size-mib")?,
-            "--chat-size-mib" => options.chat_size_mib = value.parse().context("--chat-size-mib")?,
-            other => bail!("unknown option {other}"),
-        }
-    }
-    Ok(options)
-}
-
-pub(crate) fn upload_bench(root: &Path, args: &[String]) -> anyhow::Result<()> {
-    let options = parse(args)?;
+pub(crate) fn upload_bench(root: &Path, options: &Options) -> anyhow::Result<()> {
     crate::run(root, "cargo", &["build", "--release", "--package", "hubbub"])?;
     let work = root.join("target/upload-bench");
     let _ = std::fs::remove_dir_all(&work);
