@@ -1,54 +1,48 @@
-//! The hub fed an arbitrary sequence of client commands, through its public
-//! behaviour: a real `hubbub_server::Server` on 127.0.0.1:0 in this process
-//! (one for the whole fuzzing run), up to four WebSocket clients, and a small
-//! model of rooms and members that says what each client must receive.
+//! The hub fed an arbitrary sequence of client commands, through the
+//! server's own chat sessions without sockets
+//! (`hubbub_server::internals`): one server state for the whole fuzzing
+//! run, up to four chat sessions on it, each fed its frames as its
+//! connection's task would feed them (`on_text`, `on_binary`, `on_close`),
+//! and a small model of rooms and members that says what each session must
+//! have queued.
 //!
-//! After every command each connected client sends a `ping` and reads up to
-//! its `pong`: the server handles a connection's frames in order and queues a
-//! broadcast before it handles the next frame, so everything the command
-//! caused is in front of that `pong`. What each client read must equal what
-//! the model expects, event for event (server clocks left out). After the
-//! sequence, `GET /api/rooms` must list exactly the model's rooms with their
-//! member counts; then every client disconnects and the server must come back
-//! to no connections and no rooms.
+//! After every command, each session's queue is taken as its task would
+//! write it, and what each holds must equal what the model expects, event
+//! for event (server clocks left out); no session may have been told to
+//! close; the hub's rooms and member counts must equal the model's, and the
+//! lobby must hold exactly the connected sessions. After the sequence,
+//! `GET /api/rooms` (the server's router, called without a socket) must
+//! list exactly the model's rooms with their member counts; then every
+//! session closes, those who remain are told as the model says, and the
+//! server must come back to no rooms and an empty lobby.
+//!
+//! The harness turns rate limits, uploads and room history off (a
+//! `joinRoom`'s `since` is then ignored) and sets the typing broadcast
+//! interval to an hour, so every run is deterministic.
 //!
 //! Invariants this checks: a client is in at most one room (it never hears
-//! from two), member counts in every event and in `/api/rooms` match the
-//! members, no empty room survives a leave or a disconnect, broadcasts reach
-//! the other members and never the sender, nothing a client sends breaks its
-//! connection or anyone else's.
-//!
-//! The hub's internals are crate-private, so this drives them through
-//! sockets, which costs a few hundred microseconds per command. A
-//! socket-free hook would make this target far faster; docs/FUZZING.md
-//! describes the one to add.
+//! from two), member counts in every event, in the hub and in `/api/rooms`
+//! match the members, no empty room survives a leave or a disconnect,
+//! broadcasts reach the other members and never the sender, nothing a
+//! client sends closes its session or anyone else's.
 
 #![no_main]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use arbitrary::Arbitrary;
-use futures_util::{SinkExt, StreamExt};
-use hubbub_protocol::{ClientMessage, Limits, ProtocolError, ServerMessage, decode_client};
-use hubbub_server::{Config, Server};
+use hubbub_protocol::{ClientMessage, Limits, ProtocolError, decode_client};
+use hubbub_server::internals::{ChatClient, ChatServer};
+use hubbub_server::{Config, HistoryStore};
 use libfuzzer_sys::fuzz_target;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// Clients per sequence.
 const CLIENTS: usize = 4;
 /// Commands per sequence; more adds little but time.
 const MAX_OPS: usize = 64;
-/// How long the server may take to answer anything. Reaching it is a finding.
-const WAIT: Duration = Duration::from_secs(10);
 /// Frames larger than this would be refused by the server's size limit, which
 /// closes the connection; that path is the transport's, not the hub's.
 const MAX_FRAME: usize = 60_000;
@@ -72,13 +66,22 @@ struct Op {
 #[derive(Debug, Arbitrary)]
 enum Action {
     Connect,
-    Disconnect { abrupt: bool },
+    /// A close frame, or a transport that vanished (`abrupt`).
+    Disconnect {
+        abrupt: bool,
+    },
     SetUsername(Name),
     JoinRoom(Name),
     LeaveRoom,
-    ChatMessage { text: Text, id: Option<u8> },
+    ChatMessage {
+        text: Text,
+        id: Option<u8>,
+    },
     Typing,
-    Lobby { user: Option<Name>, text: Text },
+    Lobby {
+        user: Option<Name>,
+        text: Text,
+    },
     Ping(i32),
     FileEnd,
     Binary(Vec<u8>),
@@ -126,9 +129,15 @@ impl Text {
     }
 }
 
+/// What a client sends for an action.
+enum Frame {
+    Text(String),
+    Binary(Vec<u8>),
+}
+
 impl Action {
     /// The frame a client sends for this action, if it sends one.
-    fn frame(&self) -> Option<Message> {
+    fn frame(&self) -> Option<Frame> {
         let json = match self {
             Self::Connect | Self::Disconnect { .. } => return None,
             Self::SetUsername(name) => json!({"type": "setUsername", "username": name.as_str()}),
@@ -148,18 +157,18 @@ impl Action {
             },
             Self::Ping(timestamp) => json!({"type": "ping", "timestamp": timestamp}),
             Self::FileEnd => json!({"type": "fileEnd"}),
-            Self::Binary(data) => return Some(Message::Binary(data.clone().into())),
-            Self::Raw(text) => return Some(Message::Text(text.clone().into())),
+            Self::Binary(data) => return Some(Frame::Binary(data.clone())),
+            Self::Raw(text) => return Some(Frame::Text(text.clone())),
         };
-        Some(Message::Text(json.to_string().into()))
+        Some(Frame::Text(json.to_string()))
     }
 }
 
-/// The server, started once for the whole run on a single-threaded runtime
-/// that only runs while an input is being tried.
+/// The server's state, built once for the whole run, and a single-threaded
+/// runtime that runs the sessions' handlers while an input is tried.
 struct Harness {
     runtime: tokio::runtime::Runtime,
-    addr: SocketAddr,
+    server: ChatServer,
 }
 
 static HARNESS: OnceLock<Harness> = OnceLock::new();
@@ -167,30 +176,24 @@ static HARNESS: OnceLock<Harness> = OnceLock::new();
 fn harness() -> &'static Harness {
     HARNESS.get_or_init(|| {
         let runtime =
-            tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime");
-        let addr = runtime.block_on(async {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
-            let addr = listener.local_addr().expect("bound address");
-            let mut config = Config::default();
-            config.rate_limit.enabled = false;
-            // One `userTyping` per member per join: deterministic, whatever
-            // the speed of the run.
-            config.rate_limit.typing_broadcast_interval = Duration::from_secs(3600);
-            config.uploads.enabled = false;
-            config.uploads.dir = std::env::temp_dir().join(format!("hubbub-fuzz-{}", std::process::id()));
-            config.limits.max_connections_per_ip = 0;
-            config.close_timeout = Duration::from_millis(200);
-            let server = Server::new(config).expect("the fuzz config is valid");
-            tokio::spawn(server.run(listener, std::future::pending()));
-            addr
-        });
-        Harness { runtime, addr }
+            tokio::runtime::Builder::new_current_thread().enable_time().build().expect("a tokio runtime");
+        let mut config = Config::default();
+        config.rate_limit.enabled = false;
+        // One `userTyping` per member per join: deterministic, whatever the
+        // speed of the run.
+        config.rate_limit.typing_broadcast_interval = Duration::from_secs(3600);
+        config.uploads.enabled = false;
+        // No offsets, no recovery: the model knows rooms, not streams.
+        config.history.store = HistoryStore::Off;
+        config.uploads.dir = std::env::temp_dir().join(format!("hubbub-fuzz-{}", std::process::id()));
+        let server = ChatServer::new(config).expect("the fuzz config is valid");
+        Harness { runtime, server }
     })
 }
 
 fuzz_target!(|input: Input| {
     let harness = harness();
-    harness.runtime.block_on(run(harness.addr, &input));
+    harness.runtime.block_on(run(&harness.server, &input));
 });
 
 /// What one client's session holds, in the model.
@@ -205,8 +208,9 @@ struct Member {
 #[derive(Debug, Default)]
 struct Room {
     members: BTreeSet<usize>,
-    /// Message ids seen, for de-duplication.
-    ids: BTreeSet<String>,
+    /// Message ids seen, with the name of whoever sent each first: an id
+    /// is a resend only from the same name.
+    ids: BTreeMap<String, String>,
 }
 
 /// Rooms and members as a correct hub keeps them.
@@ -216,11 +220,15 @@ struct Model {
     rooms: BTreeMap<String, Room>,
 }
 
-/// What each client must receive next, normalized.
+/// What each client must have queued, normalized.
 type Expect = [Vec<Value>; CLIENTS];
 
-fn push(out: &mut Expect, client: usize, msg: &ServerMessage) {
-    out[client].push(normalize(serde_json::to_value(msg).expect("server messages serialize")));
+fn push(out: &mut Expect, client: usize, msg: Value) {
+    out[client].push(normalize(msg));
+}
+
+fn push_error(out: &mut Expect, client: usize, code: &str) {
+    push(out, client, json!({"type": "error", "code": code}));
 }
 
 /// Leaves out what depends on the server's clock and wording: timestamps,
@@ -256,59 +264,93 @@ impl Model {
         self.clients.iter().flatten().count()
     }
 
+    /// The other members of `client`'s room.
+    fn others(&self, client: usize, room: &str) -> Vec<usize> {
+        self.rooms[room].members.iter().copied().filter(|&m| m != client).collect()
+    }
+
     fn apply(&mut self, client: usize, decoded: Result<ClientMessage, ProtocolError>, out: &mut Expect) {
         let msg = match decoded {
             Ok(msg) => msg,
-            Err(err) => return push(out, client, &err.to_event()),
+            Err(err) => {
+                let event = serde_json::to_value(err.to_event()).expect("server messages serialize");
+                return push(out, client, event);
+            }
         };
         match msg {
             ClientMessage::SetUsername { username } => {
-                push(out, client, &ServerMessage::UsernameSet { username: username.clone() });
+                push(out, client, json!({"type": "usernameSet", "username": username}));
+                let previous = self.name(client);
+                if let Some(room) = self.member(client).room.clone()
+                    && previous != username
+                {
+                    let renamed =
+                        json!({"type": "userRenamed", "user": username, "previous": previous, "room": room});
+                    for m in self.others(client, &room) {
+                        push(out, m, renamed.clone());
+                    }
+                }
                 self.member(client).username = Some(username);
             }
-            ClientMessage::JoinRoom { room } => {
+            ClientMessage::JoinRoom { room, .. } => {
                 if self.member(client).room.as_deref() == Some(room.as_str()) {
                     let user_count = self.rooms[&room].members.len();
-                    return push(out, client, &ServerMessage::RoomJoined { room, user_count });
+                    return push(
+                        out,
+                        client,
+                        json!({"type": "roomJoined", "room": room, "userCount": user_count}),
+                    );
                 }
                 self.leave(client, out);
                 let user = self.name(client);
                 let members = &mut self.rooms.entry(room.clone()).or_default().members;
                 members.insert(client);
                 let user_count = members.len();
-                let joined = ServerMessage::UserJoined { user, room: room.clone(), user_count };
+                let joined =
+                    json!({"type": "userJoined", "user": user, "room": room, "userCount": user_count});
                 for &m in members.iter() {
-                    push(out, m, &joined);
+                    push(out, m, joined.clone());
                 }
-                push(out, client, &ServerMessage::RoomJoined { room: room.clone(), user_count });
+                push(out, client, json!({"type": "roomJoined", "room": room, "userCount": user_count}));
                 let member = self.member(client);
                 member.room = Some(room);
                 member.typed = false;
             }
             ClientMessage::LeaveRoom {} => match self.leave(client, out) {
-                Some(room) => push(out, client, &ServerMessage::RoomLeft { room }),
-                None => push(out, client, &ServerMessage::error("", "notInRoom")),
+                Some(room) => push(out, client, json!({"type": "roomLeft", "room": room})),
+                None => push_error(out, client, "notInRoom"),
             },
             ClientMessage::ChatMessage { text, client_msg_id } => {
                 let Some(name) = self.member(client).room.clone() else {
-                    return push(out, client, &ServerMessage::error("", "notInRoom"));
+                    return push_error(out, client, "notInRoom");
                 };
                 let user = self.name(client);
-                let room = self.rooms.get_mut(&name).expect("a member's room exists");
-                let ack =
-                    client_msg_id.map(|id| ServerMessage::MessageAck { client_msg_id: id, timestamp: 0 });
-                if let Some(id) = client_msg_id
-                    && !room.ids.insert(id.uuid().to_string())
-                {
-                    // A resend: acknowledged again, delivered once.
-                    return push(out, client, &ack.expect("an id was given"));
+                let spelled = client_msg_id.map(|id| serde_json::to_value(id).expect("ids serialize"));
+                let ack = spelled.clone().map(|id| json!({"type": "messageAck", "clientMsgId": id}));
+                if let Some(id) = client_msg_id {
+                    let ids = &mut self.rooms.get_mut(&name).expect("a member's room exists").ids;
+                    let key = id.uuid().to_string();
+                    match ids.get(&key) {
+                        // A resend: acknowledged again, delivered once.
+                        Some(first) if *first == user => {
+                            return push(out, client, ack.expect("an id was given"));
+                        }
+                        // Another name's id: delivered; the first entry stays.
+                        Some(_) => {}
+                        None => {
+                            ids.insert(key, user.clone());
+                        }
+                    }
                 }
-                let msg = ServerMessage::ChatMessage { user, text, timestamp: 0, client_msg_id };
-                for &m in room.members.iter().filter(|&&m| m != client) {
-                    push(out, m, &msg);
+                let mut msg = json!({"type": "chatMessage", "user": user, "text": text});
+                if let Some(id) = spelled {
+                    msg["clientMsgId"] = id;
+                }
+                for m in self.others(client, &name) {
+                    push(out, m, msg.clone());
                 }
                 if let Some(ack) = ack {
-                    push(out, client, &ack);
+                    push(out, client, ack);
                 }
             }
             ClientMessage::Typing {} => {
@@ -316,27 +358,31 @@ impl Model {
                 let member = self.member(client);
                 let Some(name) = member.room.clone().filter(|_| !member.typed) else { return };
                 member.typed = true;
-                let msg = ServerMessage::UserTyping { user };
-                for &m in self.rooms[&name].members.iter().filter(|&&m| m != client) {
-                    push(out, m, &msg);
+                for m in self.others(client, &name) {
+                    push(out, m, json!({"type": "userTyping", "user": user}));
                 }
             }
             ClientMessage::Chat { user, text } => {
                 let user = self.member(client).username.clone().or(user).unwrap_or_else(|| ANONYMOUS.into());
-                let msg = ServerMessage::Chat { user, text };
+                let msg = json!({"type": "chat", "user": user, "text": text});
                 for m in (0..CLIENTS).filter(|&m| self.clients[m].is_some()) {
-                    push(out, m, &msg);
+                    push(out, m, msg.clone());
                 }
             }
             ClientMessage::Ping { timestamp } => {
-                push(out, client, &ServerMessage::Pong { timestamp, server_time: 0 });
+                push(out, client, json!({"type": "pong", "timestamp": timestamp}));
             }
             ClientMessage::FileStart { .. } | ClientMessage::FileResume { .. } => {
-                push(out, client, &ServerMessage::error("", "uploadsDisabled"));
+                push_error(out, client, "uploadsDisabled");
             }
-            ClientMessage::FileEnd { .. } => push(out, client, &ServerMessage::error("", "noUpload")),
+            ClientMessage::FileEnd { .. } => push_error(out, client, "noUpload"),
             // The harness runs without token authentication.
-            ClientMessage::Auth { .. } => push(out, client, &ServerMessage::error("", "authDisabled")),
+            ClientMessage::Auth { .. } => push_error(out, client, "authDisabled"),
+            // ... and without history.
+            ClientMessage::History { .. } => {
+                let code = if self.member(client).room.is_some() { "historyDisabled" } else { "notInRoom" };
+                push_error(out, client, code);
+            }
         }
     }
 
@@ -351,9 +397,9 @@ impl Model {
         if user_count == 0 {
             self.rooms.remove(&name);
         } else {
-            let msg = ServerMessage::UserLeft { user, user_count, room: Some(name.clone()) };
+            let msg = json!({"type": "userLeft", "user": user, "userCount": user_count, "room": name});
             for &m in room.members.iter() {
-                push(out, m, &msg);
+                push(out, m, msg.clone());
             }
         }
         Some(name)
@@ -365,13 +411,12 @@ impl Model {
     }
 }
 
-async fn run(addr: SocketAddr, input: &Input) {
+async fn run(server: &ChatServer, input: &Input) {
     let mut model = Model::default();
-    let mut sockets: [Option<Ws>; CLIENTS] = Default::default();
-    let mut barrier = Barrier { round: 0 };
+    let mut sessions: [Option<ChatClient>; CLIENTS] = Default::default();
     let initial = usize::from(input.initial).clamp(1, CLIENTS);
-    for (socket, member) in sockets.iter_mut().zip(model.clients.iter_mut()).take(initial) {
-        *socket = Some(connect(addr).await);
+    for (session, member) in sessions.iter_mut().zip(model.clients.iter_mut()).take(initial) {
+        *session = Some(connect(server));
         *member = Some(Member::default());
     }
     for op in input.ops.iter().take(MAX_OPS) {
@@ -379,36 +424,35 @@ async fn run(addr: SocketAddr, input: &Input) {
         let mut expect = Expect::default();
         match &op.action {
             Action::Connect => {
-                if sockets[client].is_some() {
+                if sessions[client].is_some() {
                     continue;
                 }
-                sockets[client] = Some(connect(addr).await);
+                sessions[client] = Some(connect(server));
                 model.clients[client] = Some(Member::default());
             }
             Action::Disconnect { abrupt } => {
-                let Some(ws) = sockets[client].take() else { continue };
-                close(ws, *abrupt).await;
+                let Some(session) = sessions[client].take() else { continue };
+                session.close(!abrupt);
                 model.disconnect(client, &mut expect);
-                wait_for(addr, model.connected(), None).await;
             }
             action => {
-                let Some(ws) = sockets[client].as_mut() else { continue };
-                let Some(frame) = action.frame().filter(|f| f.len() <= MAX_FRAME) else { continue };
-                let decoded = match &frame {
-                    Message::Text(text) => decode_client(text, &Limits::default()),
-                    // Uploads are off, so no upload is ever in progress.
-                    _ => Err(ProtocolError::InvalidFormat),
-                };
-                let binary = frame.is_binary();
-                ws.send(frame).await.expect("the server accepts the frame");
-                if binary {
-                    push(&mut expect, client, &ServerMessage::error("", "noUpload"));
-                } else {
-                    model.apply(client, decoded, &mut expect);
+                let Some(session) = sessions[client].as_mut() else { continue };
+                match action.frame() {
+                    Some(Frame::Text(text)) if text.len() <= MAX_FRAME => {
+                        let decoded = decode_client(&text, &Limits::default());
+                        session.text(&text).await;
+                        model.apply(client, decoded, &mut expect);
+                    }
+                    Some(Frame::Binary(data)) if data.len() <= MAX_FRAME => {
+                        session.binary(&data).await;
+                        // Uploads are off, so no upload is ever in progress.
+                        push_error(&mut expect, client, "noUpload");
+                    }
+                    _ => continue,
                 }
             }
         }
-        barrier.check(&mut sockets, &expect, op).await;
+        check(server, &sessions, &model, &expect, op);
     }
 
     let rooms: Vec<Value> = model
@@ -416,110 +460,49 @@ async fn run(addr: SocketAddr, input: &Input) {
         .iter()
         .map(|(name, room)| json!({"name": name, "userCount": room.members.len()}))
         .collect();
-    let listed = http_json(addr, "/api/rooms").await;
-    assert_eq!(listed, Value::Array(rooms), "/api/rooms disagrees with the model");
+    assert_eq!(server.api_rooms().await, Value::Array(rooms), "/api/rooms disagrees with the model");
 
-    for (client, socket) in sockets.iter_mut().enumerate() {
-        if let Some(ws) = socket.take() {
-            close(ws, client % 2 == 0).await;
-        }
+    for client in 0..CLIENTS {
+        let Some(session) = sessions[client].take() else { continue };
+        let mut expect = Expect::default();
+        session.close(client % 2 == 0);
+        model.disconnect(client, &mut expect);
+        check(server, &sessions, &model, &expect, &format!("the end: client {client} closed"));
     }
-    wait_for(addr, 0, Some(0)).await;
+    assert_eq!(server.api_rooms().await, json!([]), "rooms left after every session closed");
 }
 
-/// The ping round trip that follows every command.
-struct Barrier {
-    round: u64,
+/// Starts a session and checks its greeting.
+fn connect(server: &ChatServer) -> ChatClient {
+    let session = server.connect();
+    let greeting = session.take_json();
+    assert_eq!(greeting.len(), 2, "welcome and connected: {greeting:?}");
+    assert_eq!(greeting[0]["type"], "welcome");
+    assert_eq!(greeting[1], json!({"type": "connected", "clientId": session.id()}));
+    session
 }
 
-impl Barrier {
-    async fn check(&mut self, sockets: &mut [Option<Ws>; CLIENTS], expect: &Expect, op: &Op) {
-        self.round += 1;
-        // Outside the range of the fuzzed pings (i32), so never confused.
-        let token = 1_000_000_000_000 + self.round;
-        let ping = Message::Text(json!({"type": "ping", "timestamp": token}).to_string().into());
-        for ws in sockets.iter_mut().flatten() {
-            ws.send(ping.clone()).await.expect("the server accepts the ping");
-        }
-        for (client, socket) in sockets.iter_mut().enumerate() {
-            let Some(ws) = socket else {
-                assert!(expect[client].is_empty(), "model expects frames for disconnected client {client}");
-                continue;
-            };
-            let mut got = Vec::new();
-            loop {
-                let frame = tokio::time::timeout(WAIT, ws.next())
-                    .await
-                    .unwrap_or_else(|_| panic!("client {client}: no pong within {WAIT:?} after {op:?}"))
-                    .unwrap_or_else(|| panic!("client {client}: connection ended after {op:?}"))
-                    .unwrap_or_else(|err| panic!("client {client}: {err} after {op:?}"));
-                let text = match frame {
-                    Message::Text(text) => text,
-                    Message::Ping(_) | Message::Pong(_) => continue,
-                    other => panic!("client {client}: unexpected {other:?} after {op:?}"),
-                };
-                let value: Value = serde_json::from_str(&text).expect("the server sends JSON");
-                if value["type"] == "pong" && value["timestamp"] == json!(token) {
-                    break;
-                }
-                got.push(normalize(value));
-            }
-            assert_eq!(got, expect[client], "client {client} after {op:?}");
-        }
+/// What must hold after every command: each session queued what the model
+/// expects and was not told to close, the hub's rooms are the model's, and
+/// the lobby holds exactly the connected sessions.
+fn check(
+    server: &ChatServer,
+    sessions: &[Option<ChatClient>; CLIENTS],
+    model: &Model,
+    expect: &Expect,
+    after: &dyn std::fmt::Debug,
+) {
+    for (client, session) in sessions.iter().enumerate() {
+        let Some(session) = session else {
+            assert!(expect[client].is_empty(), "model expects frames for disconnected client {client}");
+            continue;
+        };
+        let got: Vec<Value> = session.take_json().into_iter().map(normalize).collect();
+        assert_eq!(got, expect[client], "client {client} after {after:?}");
+        assert!(!session.is_closing(), "client {client} was told to close after {after:?}");
     }
-}
-
-async fn connect(addr: SocketAddr) -> Ws {
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws/chat"))
-        .await
-        .expect("the server accepts a chat connection");
-    for want in ["welcome", "connected"] {
-        let frame = tokio::time::timeout(WAIT, ws.next()).await.expect("greeting in time");
-        let text = frame.expect("greeting").expect("greeting").into_text().expect("greetings are text");
-        let value: Value = serde_json::from_str(&text).expect("the server sends JSON");
-        assert_eq!(value["type"], want);
-    }
-    ws
-}
-
-async fn close(mut ws: Ws, abrupt: bool) {
-    if abrupt {
-        return drop(ws);
-    }
-    ws.close(None).await.expect("close frame sent");
-    let drained = tokio::time::timeout(WAIT, async { while ws.next().await.is_some() {} }).await;
-    assert!(drained.is_ok(), "the server did not finish the closing handshake");
-}
-
-/// Waits until the server reports `connections` open connections (and, if
-/// given, `rooms` rooms): a disconnect is handled after the socket closes.
-async fn wait_for(addr: SocketAddr, connections: usize, rooms: Option<usize>) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let status = http_json(addr, "/api/status").await;
-        let open = status["connections"].as_u64() == Some(connections as u64);
-        let rooms_ok = rooms.is_none_or(|r| status["rooms"].as_u64() == Some(r as u64));
-        if open && rooms_ok {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "server still reports {status} {WAIT:?} after disconnects; wanted {connections} connections, rooms {rooms:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-}
-
-async fn http_json(addr: SocketAddr, path: &str) -> Value {
-    let mut tcp = TcpStream::connect(addr).await.expect("connect for HTTP");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    tcp.write_all(request.as_bytes()).await.expect("HTTP request");
-    let mut response = Vec::new();
-    tokio::time::timeout(WAIT, tcp.read_to_end(&mut response))
-        .await
-        .expect("HTTP answer in time")
-        .expect("HTTP");
-    let response = String::from_utf8(response).expect("UTF-8 response");
-    let (_, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-    serde_json::from_str(body).unwrap_or_else(|err| panic!("{path}: {err}: {body}"))
+    let rooms: Vec<(String, usize)> =
+        model.rooms.iter().map(|(name, room)| (name.clone(), room.members.len())).collect();
+    assert_eq!(server.rooms(), rooms, "the hub's rooms after {after:?}");
+    assert_eq!(server.lobby_len(), model.connected(), "the lobby after {after:?}");
 }

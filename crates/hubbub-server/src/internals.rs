@@ -129,6 +129,8 @@ impl BenchRoom {
 pub struct ChatServer {
     /// What every request and connection of a running server shares.
     shared: Arc<Shared>,
+    /// The server's HTTP routes over `shared`, built once.
+    router: axum::Router,
 }
 
 /// The address every session of a [`ChatServer`] comes from.
@@ -138,7 +140,8 @@ impl ChatServer {
     /// The state `Server::new(config)` builds (which validates `config` and
     /// opens its upload directory); nothing is bound or spawned.
     pub fn new(config: Config) -> Result<Self, ConfigError> {
-        Ok(Self { shared: Server::new(config)?.shared })
+        let shared = Server::new(config)?.shared;
+        Ok(Self { router: crate::http::router(shared.clone()), shared })
     }
 
     /// Starts a chat session from 127.0.0.1, as an upgrade to `/ws/chat`
@@ -171,7 +174,7 @@ impl ChatServer {
         // A fixed, valid URI and method.
         #[expect(clippy::unwrap_used, reason = "a constant request")]
         let request = request.unwrap();
-        let response = match crate::http::router(self.shared.clone()).oneshot(request).await {
+        let response = match self.router.clone().oneshot(request).await {
             Ok(response) => response,
             Err(never) => match never {},
         };
