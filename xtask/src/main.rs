@@ -110,7 +110,10 @@ fn main() -> anyhow::Result<()> {
 
 fn ci(root: &Path) -> anyhow::Result<()> {
     run(root, "cargo", &["fmt", "--all", "--", "--check"])?;
-    run(root, "cargo", &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    // With the server's `internals` feature, so the fan-out bench (which
+    // requires it) and `internals.rs` are linted too.
+    let features = "--features=hubbub-server/internals";
+    run(root, "cargo", &["clippy", "--workspace", "--all-targets", features, "--", "-D", "warnings"])?;
     test(root)?;
     browser::browser(root, Hubbub::AsTested)?;
     measure::run_env(
