@@ -99,8 +99,9 @@ async fn measure(binary: &Path, options: &Options, interval: Duration) -> anyhow
         "interval {interval_arg}: {} clients, {pings} pings in {elapsed:.1?}, server CPU {cpu:?}",
         options.clients
     );
-    let status: String = http_status(&addr).await.unwrap_or_default();
-    anyhow::ensure!(status.contains("\"deadConnectionsReaped\":0"), "healthy clients were reaped: {status}");
+    let at: std::net::SocketAddr = addr.parse().with_context(|| format!("server address {addr:?}"))?;
+    let status = tokio::task::spawn_blocking(move || crate::measure::api_status(at)).await??;
+    anyhow::ensure!(status["deadConnectionsReaped"] == 0, "healthy clients were reaped: {status}");
     for client in clients {
         client.abort();
     }
@@ -117,15 +118,6 @@ async fn listening_address(server: &mut Child) -> anyhow::Result<String> {
         }
     }
     bail!("hubbub exited before it was listening")
-}
-
-async fn http_status(addr: &str) -> anyhow::Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tcp = tokio::net::TcpStream::connect(addr).await?;
-    tcp.write_all(b"GET /api/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await?;
-    let mut body = String::new();
-    tcp.read_to_string(&mut body).await?;
-    Ok(body)
 }
 
 fn report(options: &Options, baseline: &Run, with: &Run) {

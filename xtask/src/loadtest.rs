@@ -20,12 +20,11 @@
 //! This file is orchestration and reporting only: which servers, which
 //! sizes, in what order, and the tables. Running the clients and measuring
 //! (latency, deliveries, CPU and RSS from /proc) is the `hubbub-loadgen`
-//! library's [`run`] and [`churn`], the same code the `hubbub-loadgen`
+//! library's [`run::run`] and [`churn::run`], the same code the `hubbub-loadgen`
 //! binary runs; `--json` prints their summaries. Every run is bounded in
 //! time and count, and all traffic goes to 127.0.0.1.
 
 use std::fmt::Write as _;
-use std::io::{Read as _, Write as _};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -576,22 +575,10 @@ fn churn(server: &ServerProcess, params: &Params, kind: ServerKind) -> anyhow::R
     std::thread::sleep(CHURN_AFTER);
     let rss_after_bytes = server.rss()?;
     let connections_after = match kind {
-        ServerKind::Hubbub => http_status_connections(server.addr).ok(),
+        ServerKind::Hubbub => measure::api_status(server.addr).ok().and_then(|s| s["connections"].as_u64()),
         ServerKind::NodeWs | ServerKind::Uws => None,
     };
     Ok(ChurnReport { summary, rss_after_bytes, connections_after })
-}
-
-/// `connections` from Hubbub's `GET /api/status`.
-fn http_status_connections(addr: std::net::SocketAddr) -> anyhow::Result<u64> {
-    let mut tcp = std::net::TcpStream::connect(addr)?;
-    tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
-    tcp.write_all(b"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
-    let mut response = String::new();
-    tcp.read_to_string(&mut response)?;
-    let (_, body) = response.split_once("\r\n\r\n").context("no body in the /api/status response")?;
-    let status: serde_json::Value = serde_json::from_str(body).context("/api/status is not JSON")?;
-    status["connections"].as_u64().context("no connections in /api/status")
 }
 
 fn rate(per_sec: f64) -> String {

@@ -137,6 +137,21 @@ impl Drop for ServerProcess {
     }
 }
 
+/// Hubbub's `GET /api/status`, as JSON.
+pub(crate) fn api_status(addr: std::net::SocketAddr) -> anyhow::Result<serde_json::Value> {
+    use std::io::{Read as _, Write as _};
+    let mut tcp = std::net::TcpStream::connect(addr).context("connecting for /api/status")?;
+    tcp.set_read_timeout(Some(STATUS_TIMEOUT))?;
+    tcp.write_all(b"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    tcp.read_to_string(&mut response).context("reading /api/status")?;
+    let (_, body) = response.split_once("\r\n\r\n").context("no body in the /api/status response")?;
+    serde_json::from_str(body).with_context(|| format!("/api/status is not JSON: {body:?}"))
+}
+
+/// The longest wait for `/api/status` to answer.
+const STATUS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 // Reading a process's CPU time and RSS from /proc is shared with the
 // `hubbub-loadgen` binary.
 pub(crate) use hubbub_loadgen::process::{cpu_time, rss_bytes};

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use hubbub_client::{Client, ClientConfig, Event, FileUpload};
+use hubbub_loadgen::Histogram;
+use hubbub_loadgen::process::peak_rss_bytes;
 
 use crate::measure::{ServerProcess, date_and_commit, machine, replace_section};
 
@@ -61,7 +63,7 @@ pub(crate) fn upload_bench(root: &Path, options: &Options) -> anyhow::Result<()>
     let report = runtime.block_on(async {
         let rss_before = server.rss()?;
         let upload = timed_upload(&url, &big).await?;
-        let peak = peak_rss(server.pid())?;
+        let peak = peak_rss_bytes(server.pid())?;
         let idle = chat_latency(&url, None).await?;
         let busy = chat_latency(&url, Some(&small)).await?;
         anyhow::Ok((rss_before, upload, peak, idle, busy))
@@ -155,17 +157,9 @@ async fn timed_upload(url: &str, path: &Path) -> anyhow::Result<Duration> {
     Ok(elapsed)
 }
 
-/// The process's peak resident set, from `VmHWM`.
-fn peak_rss(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).context("no VmHWM")?;
-    let kb: u64 = line.split_whitespace().nth(1).context("VmHWM value")?.parse()?;
-    Ok(kb * 1024)
-}
-
 /// Latency percentiles of chat messages.
 struct Latency {
-    count: usize,
+    count: u64,
     p50_ms: f64,
     p99_ms: f64,
 }
@@ -213,7 +207,7 @@ async fn chat_latency(url: &str, upload: Option<&Path>) -> anyhow::Result<Latenc
     });
 
     let mut sent: HashMap<String, Instant> = HashMap::new();
-    let mut latencies = Vec::new();
+    let mut latencies = Histogram::new();
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     let mut index = 0_u64;
     loop {
@@ -228,7 +222,7 @@ async fn chat_latency(url: &str, upload: Option<&Path>) -> anyhow::Result<Latenc
             event = received.recv() => match event {
                 Some(Event::Message { text, .. }) => {
                     if let Some(at) = sent.remove(&text) {
-                        latencies.push(at.elapsed());
+                        latencies.record(at.elapsed().as_micros() as u64);
                     }
                 }
                 Some(_) => {}
@@ -239,8 +233,8 @@ async fn chat_latency(url: &str, upload: Option<&Path>) -> anyhow::Result<Latenc
     waiter.await?;
     sender.disconnect().await;
     receiver.disconnect().await;
-    anyhow::ensure!(!latencies.is_empty(), "no chat message arrived");
-    latencies.sort_unstable();
-    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1000.0;
-    Ok(Latency { count: latencies.len(), p50_ms: at(0.5), p99_ms: at(0.99) })
+    anyhow::ensure!(latencies.count() > 0, "no chat message arrived");
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let [p50, _, p99, ..] = latencies.summary();
+    Ok(Latency { count: latencies.count(), p50_ms: ms(p50), p99_ms: ms(p99) })
 }

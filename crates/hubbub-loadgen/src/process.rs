@@ -45,10 +45,24 @@ fn clock_ticks() -> u64 {
 
 /// A process's resident set size in bytes, from /proc/PID/status.
 pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
+    status_bytes(pid, "VmRSS")
+}
+
+/// The largest resident set size a process has had so far, in bytes (its
+/// high-water mark, `VmHWM` in /proc/PID/status).
+pub fn peak_rss_bytes(pid: u32) -> anyhow::Result<u64> {
+    status_bytes(pid, "VmHWM")
+}
+
+/// A size field of /proc/PID/status, which gives them in kB.
+fn status_bytes(pid: u32, field: &str) -> anyhow::Result<u64> {
     let status =
         std::fs::read_to_string(format!("/proc/{pid}/status")).context("reading /proc/PID/status")?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS")?;
-    let kb: u64 = line.split_whitespace().nth(1).context("VmRSS value")?.parse()?;
+    let value = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field).and_then(|rest| rest.strip_prefix(':')))
+        .with_context(|| format!("no {field}"))?;
+    let kb: u64 = value.split_whitespace().next().with_context(|| format!("{field} value"))?.parse()?;
     Ok(kb * 1024)
 }
 
@@ -79,6 +93,7 @@ mod tests {
     fn own_process_is_measured() {
         let pid = std::process::id();
         assert!(rss_bytes(pid).unwrap() > 0);
+        assert!(peak_rss_bytes(pid).unwrap() >= rss_bytes(pid).unwrap(), "the peak is at least the current");
         let (by_pid, own) = (cpu_time(pid).unwrap(), own_cpu_time().unwrap());
         assert!(own >= by_pid, "CPU time does not go back");
         assert!(cpu_time(u32::MAX).is_err(), "no such process");
