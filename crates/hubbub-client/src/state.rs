@@ -675,6 +675,12 @@ impl ClientState {
             | ServerMessage::FileProgress { .. }
             | ServerMessage::FileSaved { .. }
             | ServerMessage::FileResumeState { .. }) => {
+                // The room has this client's share at that offset: a replay
+                // need not bring it back.
+                if let ServerMessage::FileSaved { offset: Some(offset), .. } = &msg {
+                    let room = self.session.room.clone();
+                    self.streams.on_ack(room.as_deref(), Some(*offset));
+                }
                 if let Some(event) = self.uploads.on_message(msg) {
                     self.emit(event);
                 }

@@ -249,7 +249,7 @@ impl Uploads {
                     Err(err) => self.finish(Some(err.to_string())),
                 }
             }
-            ServerMessage::FileSaved { file_id, name, size, mime_type, sha256, url, transfer_id } => {
+            ServerMessage::FileSaved { file_id, name, size, mime_type, sha256, url, transfer_id, .. } => {
                 if !self.is_active(&transfer_id) {
                     return None;
                 }
@@ -365,6 +365,7 @@ mod tests {
             sha256: String::new(),
             url: "/files/f".into(),
             transfer_id: id,
+            offset: None,
         };
         assert!(matches!(uploads.on_message(saved), Some(Event::FileSaved { .. })));
         assert_eq!(uploads.len(), 0);

@@ -344,6 +344,11 @@ pub enum ServerMessage {
         url: String,
         /// The upload's id.
         transfer_id: String,
+        /// The offset of the room's `fileShared` for this file, when the
+        /// uploader is in a room and the server keeps history (Hubbub
+        /// addition), so the uploader counts its own share as received.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        offset: Option<u64>,
     },
     /// A member of the room shared a file (Hubbub addition).
     FileShared {

@@ -168,7 +168,8 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
                 size,
                 mime_type,
                 sha256,
-                transfer_id
+                transfer_id,
+                offset: None
             }
         ),
         (text(), text(), text(), any::<u64>(), text(), any::<Option<u64>>()).prop_map(

@@ -540,7 +540,7 @@ impl ChatSession {
                 stats.uploads_finished.inc();
                 stats.upload_bytes_stored.inc_by(file.size);
                 let url = format!("/files/{}", file.id);
-                self.reply(&ServerMessage::FileSaved {
+                let saved = ServerMessage::FileSaved {
                     file_id: file.id.clone(),
                     name: file.name.clone(),
                     size: file.size,
@@ -548,29 +548,50 @@ impl ChatSession {
                     sha256: file.sha256,
                     url: url.clone(),
                     transfer_id,
-                });
-                if let Some(room) = self.room.clone() {
-                    let user = self.name().to_owned();
-                    let share = move |offset| ServerMessage::FileShared {
-                        user,
-                        file_id: file.id,
-                        name: file.name,
-                        size: file.size,
-                        mime_type: file.mime_type,
-                        url,
-                        offset,
-                    };
-                    match &self.shared.history {
-                        // Kept like a chat message; the uploader already has
-                        // `fileSaved`, so nothing waits for the store.
-                        Some(_) => self.publish(&room, None, move |at| share(Some(at.offset)), |result| {
-                            if let Err(err) = result {
-                                tracing::warn!(cause = %err, "a shared file could not be kept; not announced");
-                            }
-                        }),
-                        None => room.broadcast(&encode(&share(None)), Some(self.peer.id())),
-                    }
+                    offset: None,
+                };
+                let Some(room) = self.room.clone() else { return self.reply(&saved) };
+                let user = self.name().to_owned();
+                let share = move |offset| ServerMessage::FileShared {
+                    user,
+                    file_id: file.id,
+                    name: file.name,
+                    size: file.size,
+                    mime_type: file.mime_type,
+                    url,
+                    offset,
+                };
+                if self.shared.history.is_none() {
+                    self.reply(&saved);
+                    return room.broadcast(&encode(&share(None)), Some(self.peer.id()));
                 }
+                // Kept like a chat message; `fileSaved` goes out once the
+                // share is kept, with its offset, and like an ack it counts
+                // as in flight until then (the file itself is stored
+                // whatever the history store answers).
+                let in_flight = self.in_flight.get_or_insert_with(Arc::default).clone();
+                in_flight.begin();
+                let (peer, stats) = (self.peer.clone(), self.shared.hub.stats.clone());
+                self.publish(
+                    &room,
+                    None,
+                    move |at| share(Some(at.offset)),
+                    move |result| {
+                        let mut saved = saved;
+                        match result {
+                            Ok(published) => {
+                                if let ServerMessage::FileSaved { offset, .. } = &mut saved {
+                                    *offset = Some(published.offset);
+                                }
+                            }
+                            Err(err) => {
+                                tracing::warn!(cause = %err, "a shared file could not be kept; not announced")
+                            }
+                        }
+                        peer.reply(&saved, &stats);
+                        in_flight.end();
+                    },
+                );
             }
         }
     }
