@@ -18,7 +18,7 @@ fn rss_kib(pid: u32) -> u64 {
 
 /// Opens a WebSocket on `path` by hand and returns the stream after the
 /// `101` response head (read byte by byte, so no frame is consumed).
-fn upgrade(port: u16, path: &str) -> TcpStream {
+pub(super) fn upgrade(port: u16, path: &str) -> TcpStream {
     let mut tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
     tcp.set_read_timeout(Some(WAIT)).unwrap();
     write!(

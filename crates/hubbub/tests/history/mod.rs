@@ -8,7 +8,7 @@ use std::process::Command;
 
 use serde_json::{Value, json};
 
-use super::{Running, WAIT, banner_port, hubbub, scratch};
+use super::{Running, banner_port, hubbub, scratch};
 
 /// A blocking chat client over a hand-made WebSocket, enough for a test.
 struct Chat {
@@ -19,21 +19,7 @@ struct Chat {
 
 impl Chat {
     fn connect(port: u16) -> Self {
-        let mut tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        tcp.set_read_timeout(Some(WAIT)).unwrap();
-        write!(
-            tcp,
-            "GET /ws/chat HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        )
-        .unwrap();
-        let mut head = Vec::new();
-        while !head.ends_with(b"\r\n\r\n") {
-            let mut byte = [0_u8; 1];
-            tcp.read_exact(&mut byte).unwrap();
-            head.push(byte[0]);
-        }
-        assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+        let tcp = super::abuse::upgrade(port, "/ws/chat");
         let mut chat = Self { tcp, pending: Vec::new() };
         assert_eq!(chat.recv()["type"], "welcome");
         assert_eq!(chat.recv()["type"], "connected");
