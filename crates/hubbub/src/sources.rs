@@ -230,7 +230,7 @@ fn env_name(path: &[String]) -> String {
     format!("HUBBUB_{}", path.join("_").to_ascii_uppercase())
 }
 
-/// "[heartbeat] has: interval, timeout".
+/// `"[heartbeat] has: interval, timeout"`.
 fn allowed_keys(section: &[String], expected: &[&str]) -> String {
     let place =
         if section.is_empty() { "the top level".to_owned() } else { format!("[{}]", section.join(".")) };

@@ -42,7 +42,7 @@ not change the exit status.";
 /// A terminal chat client for Hubbub servers.
 ///
 /// Type a line to send it to the room. Commands: /nick NAME, /join ROOM,
-/// /leave, /send PATH, /history [N], /ping, /help, /quit (a line starting
+/// /leave, /send PATH, /history N (N optional), /ping, /help, /quit (a line starting
 /// with // sends the rest as a message starting with /). After a reconnect,
 /// the messages missed meanwhile are shown under "— while you were away —".
 #[derive(Debug, Parser)]
