@@ -896,7 +896,10 @@ mod tests {
 
     #[tokio::test]
     async fn bad_input_is_answered_and_limited_without_a_socket() {
-        let shared = shared(Config::default());
+        let mut config = Config::default();
+        // The burst and, however slow the machine, no refill.
+        config.rate_limit.control_per_sec = 0.001;
+        let shared = shared(config);
         let (mut c, q) = session(&shared);
         c.on_text(Text::from("not json")).await;
         assert_eq!(

@@ -126,7 +126,10 @@ async fn a_burst_of_pings_from_a_client_that_reads_everything_is_answered_in_ful
 // Finding 9: binary frames with no upload are charged to the control limit.
 #[tokio::test]
 async fn binary_frames_without_an_upload_are_rate_limited() {
-    let server = TestServer::start().await;
+    let mut config = TestServer::config();
+    // The burst (40) and, however slow the machine, no refill.
+    config.rate_limit.control_per_sec = 0.001;
+    let server = TestServer::with(config).await;
     let mut c = server.chat().await;
     c.greeting().await;
     for _ in 0..60 {
@@ -155,26 +158,30 @@ async fn silent_connections_are_capped_per_address_and_timed_out() {
     config.http.header_read_timeout = Duration::from_secs(2);
     config.http.max_connections_per_ip = 5;
     let server = TestServer::with(config).await;
-    let mut silent = Vec::new();
+    // Each silent connection is watched from the moment it opens: when does
+    // the server close it?
+    let opened = tokio::time::Instant::now();
+    let mut watchers = Vec::new();
     for _ in 0..10 {
-        silent.push(connect_from("127.0.0.2", server.addr).await);
+        let mut tcp = connect_from("127.0.0.2", server.addr).await;
+        watchers.push(tokio::spawn(async move {
+            assert!(ends_within(&mut tcp, WAIT).await, "a silent connection outlived the header timeout");
+            opened.elapsed()
+        }));
     }
     // While they hold their places, another address is served.
     let (status, body) = http_get(server.addr, "/health").await;
     assert_eq!((status.as_str(), body.as_str()), ("HTTP/1.1 200 OK", "OK"));
     let mut chat = server.named("ada").await;
     // Beyond the per-address cap, connections are closed at once; the rest
-    // after the header timeout.
-    let mut ended = 0;
-    for tcp in &mut silent {
-        if ends_within(tcp, Duration::from_millis(50)).await {
-            ended += 1;
-        }
+    // after the header timeout (2 s): well apart, whatever the machine's load.
+    let mut lifetimes = Vec::new();
+    for watcher in watchers {
+        lifetimes.push(watcher.await.unwrap());
     }
-    assert_eq!(ended, 5, "the connections over the per-address cap are closed at once");
-    for tcp in &mut silent {
-        assert!(ends_within(tcp, WAIT).await, "a silent connection outlived the header timeout");
-    }
+    let at_once = lifetimes.iter().filter(|t| **t < Duration::from_secs(1)).count();
+    assert_eq!(at_once, 5, "the connections over the per-address cap are closed at once: {lifetimes:?}");
+    assert!(lifetimes.iter().all(|t| *t < Duration::from_secs(1) || *t >= Duration::from_millis(1900)));
     // A request dribbled slower than the timeout is cut off too.
     let mut dribble = connect_from("127.0.0.3", server.addr).await;
     let started = tokio::time::Instant::now();
@@ -191,7 +198,7 @@ async fn silent_connections_are_capped_per_address_and_timed_out() {
         }
     }
     assert!(closed, "a dribbled request was served");
-    assert!(started.elapsed() < Duration::from_millis(3_500));
+    assert!(started.elapsed() < WAIT);
     // An idle keep-alive connection is closed after the same timeout.
     let mut idle = connect_from("127.0.0.4", server.addr).await;
     idle.write_all(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n").await.unwrap();
@@ -308,7 +315,7 @@ async fn a_lobby_flood_is_refused_at_its_source_and_readers_stay() {
 async fn chat_limits_hold_per_address_across_reconnects() {
     let mut config = TestServer::config();
     config.rate_limit.address_chat_burst = 100;
-    config.rate_limit.address_chat_per_sec = 1.0;
+    config.rate_limit.address_chat_per_sec = 0.05;
     let server = TestServer::with(config).await;
     let mut accepted = 0;
     let mut limited = 0;
@@ -342,7 +349,7 @@ async fn chat_limits_hold_per_address_across_reconnects() {
         c.ws.close(None).await.unwrap();
     }
     // The address's burst (100) and a little refill, not 4 × 50.
-    assert!((100..=110).contains(&accepted), "accepted {accepted}");
+    assert!((100..=103).contains(&accepted), "accepted {accepted}");
     assert_eq!(accepted + limited, 200);
     // Another address is not affected. (In another room: the last round's
     // departure from `r` may be announced after it joins.)
@@ -360,7 +367,7 @@ async fn chat_limits_hold_per_address_across_reconnects() {
 async fn new_connections_per_address_are_rate_limited_with_429() {
     let mut config = TestServer::config();
     config.rate_limit.address_connections_burst = 5;
-    config.rate_limit.address_connections_per_sec = 0.5;
+    config.rate_limit.address_connections_per_sec = 0.1;
     let server = TestServer::with(config).await;
     let mut open = Vec::new();
     for _ in 0..5 {
@@ -375,7 +382,7 @@ async fn new_connections_per_address_are_rate_limited_with_429() {
         tokio_tungstenite::tungstenite::Error::Http(response) => {
             assert_eq!(response.status(), 429);
             let retry: u64 = response.headers()["retry-after"].to_str().unwrap().parse().unwrap();
-            assert!((1..=2).contains(&retry), "Retry-After {retry}");
+            assert!((1..=10).contains(&retry), "Retry-After {retry}");
         }
         other => panic!("expected 429, got {other}"),
     }
@@ -387,7 +394,10 @@ async fn new_connections_per_address_are_rate_limited_with_429() {
 // Finding 1: echo obeys the chat limits.
 #[tokio::test]
 async fn echo_frames_count_against_the_chat_rate() {
-    let server = TestServer::start().await;
+    let mut config = TestServer::config();
+    // The burst (60) and, however slow the machine, no refill.
+    config.rate_limit.chat_per_sec = 0.001;
+    let server = TestServer::with(config).await;
     let mut echo = Client::connect(&server.url("/ws/echo")).await;
     for i in 0..70 {
         echo.send_text(&format!("{i}")).await;
