@@ -258,8 +258,12 @@ fn open_history(config: &Config) -> Result<Option<HistoryHandle>, ConfigError> {
                     ConfigError::History(format!("cannot create the directory of {}: {err}", path.display()))
                 })?;
             }
-            let engine = DiskEngine::open(DiskConfig::new(path), options)
-                .map_err(|err| ConfigError::History(err.to_string()))?;
+            let engine = DiskEngine::open(DiskConfig::new(path), options).map_err(|err| {
+                ConfigError::History(format!(
+                    "{err} (the file is left as it is: move it aside to start with an empty history, \
+                     or set history.path)"
+                ))
+            })?;
             Some(HistoryHandle(Arc::new(engine)))
         }
     })

@@ -216,6 +216,11 @@ impl Sources {
             }
             source = cause.source();
         }
+        // A history file that cannot be opened is not a mistake in the
+        // configuration: the message says which file and what to do.
+        if matches!(err, ConfigError::History(_)) {
+            return anyhow::anyhow!("{message}");
+        }
         let settings: Vec<String> = err.keys().iter().filter_map(|key| self.setting(key)).collect();
         if settings.is_empty() {
             anyhow::anyhow!("invalid configuration: {message}")

@@ -144,3 +144,21 @@ fn a_server_killed_with_sigkill_keeps_every_acknowledged_message() {
 fn uuid_v4(n: u32) -> String {
     format!("00000000-0000-4000-8000-{n:012x}")
 }
+
+#[test]
+fn a_history_file_that_cannot_be_opened_stops_the_server_naming_it() {
+    let dir = scratch("history-damaged");
+    std::fs::create_dir_all(dir.join("data")).unwrap();
+    std::fs::write(dir.join("data/history.redb"), b"not a database").unwrap();
+    let mut command = hubbub(&dir);
+    command.args(["--listen", "127.0.0.1:0"]);
+    let output = super::run_to_exit(command);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(lines[0].contains("./data/history.redb") && lines[0].contains("move it aside"), "{stderr}");
+    // The file is left as it was.
+    assert_eq!(std::fs::read(dir.join("data/history.redb")).unwrap(), b"not a database");
+    assert!(output.stdout.is_empty(), "the port never opened");
+}
