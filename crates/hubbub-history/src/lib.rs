@@ -83,6 +83,8 @@ pub mod conformance;
 mod core;
 mod disk;
 mod memory;
+#[cfg(feature = "redis")]
+mod redis;
 
 use std::fmt;
 use std::sync::Arc;
@@ -92,6 +94,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use uuid::Uuid;
 
+#[cfg(feature = "redis")]
+pub use self::redis::{RedisConfig, RedisEngine};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use disk::{DiskConfig, DiskEngine, DiskStats, OpenError, OpenFailure};
 pub use memory::MemoryEngine;
