@@ -1,39 +1,6 @@
 //! The Redis engine: rooms' streams in Redis (≥ 7), so that several server processes share one
-//! history. One Lua script per batch of publishes checks dedupe, assigns offsets, appends, trims
-//! and publishes, atomically.
-//!
-//! # Keys
-//!
-//! Every key of a room shares the hash tag `{room}` (the room's name with `%`, `{` and `}`
-//! percent-encoded), so a room's scripts touch one slot and Redis Cluster works:
-//!
-//! | key | type | what |
-//! | --- | --- | --- |
-//! | `<prefix>{room}:meta` | hash | `epoch` (random, made when the hash is created) and `newest` (the last offset) |
-//! | `<prefix>{room}:stream` | stream | one entry per kept message, id `0-<offset>`, fields `t` (timestamp ms) and `d` (bytes) |
-//! | `<prefix>{room}:dedupe` | hash | `<len>:<sender>:<clientMsgId>` → `<offset> <timestamp> <recorded>` |
-//! | `<prefix>{room}:dedupe_age` | sorted set | the same fields by when they were recorded |
-//! | `<prefix>{room}:ch` | channel | every kept message, as `<epoch> <offset> <timestamp>\n<bytes>` |
-//!
-//! If the meta hash is missing (Redis lost its data, or it was evicted), the next script that
-//! reads it makes a new epoch and deletes whatever is left of the room's other keys, so offsets
-//! start again at 1 in a stream nobody can mistake for the old one.
-//!
-//! # Why two scripts per batch
-//!
-//! [`Publish::build`] makes the stored bytes from the assigned offset, and is called at most
-//! once, and not at all for a duplicate. So a batch first runs `PREPARE` (create the room if
-//! needed; read its epoch, newest offset and the dedupe records of the batch's ids), then builds
-//! the messages in Rust, then runs `COMMIT`, which appends them only if the epoch and newest
-//! offset are still those `PREPARE` saw and no id of the batch was recorded meanwhile. One engine
-//! runs one batch per room at a time, so a `COMMIT` only fails that check when another process
-//! published to the same room in between: then the batch fails with [`Error::Unavailable`] (no
-//! offset used) and the senders retry; dedupe makes the retry safe.
-//!
-//! # Time
-//!
-//! Timestamps, the ttl and the dedupe window come from [`Options::clock`] and are passed to the
-//! scripts as arguments (not Redis `TIME`), so that every node and the tests agree on them.
+//! history. Per batch of a room's publishes, one Lua script reads the room (epoch, newest offset,
+//! dedupe records) and one appends, records ids, publishes and trims, atomically.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -184,6 +151,41 @@ return 'ok'
 
 /// History in Redis, shared by every process connected to the same Redis.
 ///
+/// # Keys
+///
+/// Every key of a room shares the hash tag `{room}` (the room's name with `%`, `{` and `}`
+/// percent-encoded), so a room's scripts touch one slot and Redis Cluster works:
+///
+/// | key | type | what |
+/// | --- | --- | --- |
+/// | `<prefix>{room}:meta` | hash | `epoch` (random, made when the hash is created) and `newest` (the last offset) |
+/// | `<prefix>{room}:stream` | stream | one entry per kept message, id `0-<offset>`, fields `t` (timestamp ms) and `d` (bytes) |
+/// | `<prefix>{room}:dedupe` | hash | `<len>:<sender>:<clientMsgId>` → `<offset> <timestamp> <recorded>` |
+/// | `<prefix>{room}:dedupe_age` | sorted set | the same fields by when they were recorded |
+/// | `<prefix>{room}:ch` | channel | every kept message, as `<epoch> <offset> <timestamp>\n<bytes>` |
+///
+/// If the meta hash is missing (Redis lost its data, or it was evicted), the next script that
+/// reads it makes a new epoch and deletes whatever is left of the room's other keys, so offsets
+/// start again at 1 in a stream nobody can mistake for the old one.
+///
+/// # Why two scripts per batch
+///
+/// [`Publish::build`] makes the stored bytes from the assigned offset, and is called at most
+/// once, and not at all for a duplicate. So a batch first runs `PREPARE` (create the room if
+/// needed; read its epoch, newest offset and the dedupe records of the batch's ids), then builds
+/// the messages in Rust, then runs `COMMIT`, which appends them only if the epoch and newest
+/// offset are still those `PREPARE` saw and no id of the batch was recorded meanwhile. One engine
+/// runs one batch per room at a time, so a `COMMIT` only fails that check when another process
+/// published to the same room in between: then the batch fails with [`Error::Unavailable`] (no
+/// offset used) and the senders retry; dedupe makes the retry safe.
+///
+/// # Time
+///
+/// Timestamps, the ttl and the dedupe window come from [`Options::clock`] and are passed to the
+/// scripts as arguments (not Redis `TIME`), so that every node and the tests agree on them.
+///
+/// # Threads
+///
 /// The engine runs its Redis I/O on a small tokio runtime of its own (one worker thread), so
 /// the synchronous [`Engine`] calls work from any thread, an async task's included. Publishes
 /// are queued per room; one task per room with publishes waiting sends them in batches (all
@@ -193,7 +195,27 @@ return 'ok'
 /// the completion thread is not part of).
 ///
 /// If Redis cannot be reached, publishes fail with [`Error::Unavailable`] (no offset used) and
-/// reads with [`Error::Read`]; the connection is re-established in the background.
+/// reads with [`Error::Read`]; the connection is re-established in the background. A `COMMIT`
+/// whose answer was lost (a timeout) may have been applied although its publishes failed: a
+/// resend with the same `clientMsgId` is then recognised as a duplicate, with the kept offset.
+///
+/// Operate Redis with `maxmemory-policy noeviction` (an evicted room starts a new epoch) and,
+/// for history that survives a Redis restart, with AOF persistence (`appendfsync always` for
+/// no acknowledged message lost).
+///
+/// # Example
+///
+/// ```no_run
+/// use hubbub_history::{Engine, Options, Publish, RedisConfig, RedisEngine, publish_and_wait};
+///
+/// let config = RedisConfig::new("redis://127.0.0.1:6379/").prefix("chat:");
+/// let engine = RedisEngine::connect(config, Options::default())?;
+/// let published = publish_and_wait(&engine, Publish::new("general", "ada", |assigned| {
+///     format!(r#"{{"text":"hi","offset":{}}}"#, assigned.offset).into()
+/// }))?;
+/// assert_eq!(engine.position("general")?.offset, published.offset);
+/// # Ok::<(), hubbub_history::Error>(())
+/// ```
 pub struct RedisEngine {
     /// What the runtime's tasks share.
     inner: Arc<Inner>,

@@ -5,6 +5,7 @@
 //! `CI=true`, where they fail (CI installs it: see `.ci/run`).
 #![cfg(feature = "redis")]
 
+use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -104,7 +105,10 @@ fn skip() -> bool {
             "redis-server is not installed (CI=true): install Debian's redis-server package"
         );
         static SAID: Once = Once::new();
-        SAID.call_once(|| eprintln!("redis-server not found: skipping the Redis engine tests"));
+        SAID.call_once(|| {
+            // Straight to stderr, past the test harness's capture, so that the skip is seen.
+            let _ = writeln!(std::io::stderr(), "redis-server not found: skipping the Redis engine tests");
+        });
     }
     missing
 }
