@@ -35,6 +35,12 @@ pub struct RedisConfig {
     pub connection_timeout: Duration,
     /// Most publishes of one room sent in one script. Default 256.
     pub max_batch: usize,
+    /// How long a batch holds its room's lock at most, should its process die between the two
+    /// scripts. Default 2 s.
+    pub lock_lease: Duration,
+    /// How long a batch waits before asking again for a room another process has locked.
+    /// Default 2 ms.
+    pub lock_retry: Duration,
 }
 
 impl RedisConfig {
@@ -46,6 +52,8 @@ impl RedisConfig {
             response_timeout: Duration::from_secs(2),
             connection_timeout: Duration::from_secs(1),
             max_batch: 256,
+            lock_lease: Duration::from_secs(2),
+            lock_retry: Duration::from_millis(2),
         }
     }
 
@@ -57,11 +65,20 @@ impl RedisConfig {
     }
 }
 
-/// Creates the room if needed; answers its epoch, newest and oldest kept offsets, and the dedupe
-/// records of the ids in `ARGV[2..]` (`''` for none).
+/// For a publish, takes the room's lock (unless another process holds it: then it answers an
+/// empty epoch and changes nothing); creates the room if needed; answers its epoch, newest and
+/// oldest kept offsets, and the dedupe records of the ids asked (`''` for none).
 ///
-/// KEYS: meta, stream, dedupe, dedupe_age. ARGV: the epoch for a new room, then dedupe fields.
+/// KEYS: meta, stream, dedupe, dedupe_age, lock. ARGV: the epoch for a new room, the lock token
+/// (`''` for a read, which takes no lock), the lock's lease in ms, then dedupe fields.
 const PREPARE: &str = r"
+if ARGV[2] ~= '' then
+  local holder = redis.call('GET', KEYS[5])
+  if holder and holder ~= ARGV[2] then
+    return {'', 0, 0, {}}
+  end
+  redis.call('SET', KEYS[5], ARGV[2], 'PX', ARGV[3])
+end
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
   epoch = ARGV[1]
@@ -75,7 +92,7 @@ if #head > 0 then
   first = tonumber(string.match(head[1][1], '-(%d+)$'))
 end
 local seen = {}
-for i = 2, #ARGV do
+for i = 4, #ARGV do
   seen[#seen + 1] = redis.call('HGET', KEYS[3], ARGV[i]) or ''
 end
 return {epoch, newest, first, seen}
@@ -84,10 +101,15 @@ return {epoch, newest, first, seen}
 /// Appends a batch if the room is still where `PREPARE` found it, publishes each message on the
 /// room's channel, and trims messages by count and age and dedupe records by age and count.
 ///
-/// KEYS: meta, stream, dedupe, dedupe_age. ARGV: epoch, expected newest, now, forget ids
-/// recorded at or before, ttl cutoff, max messages, dedupe capacity, channel, then per message
-/// its dedupe field (`''` for none), timestamp and bytes.
+/// Releases the room's lock if this batch still holds it.
+///
+/// KEYS: meta, stream, dedupe, dedupe_age, lock. ARGV: epoch, expected newest, now, forget ids
+/// recorded at or before, ttl cutoff, max messages, dedupe capacity, channel, lock token, then
+/// per message its dedupe field (`''` for none), timestamp and bytes.
 const COMMIT: &str = r"
+if redis.call('GET', KEYS[5]) == ARGV[9] then
+  redis.call('DEL', KEYS[5])
+end
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 local newest = tonumber(redis.call('HGET', KEYS[1], 'newest'))
 if epoch ~= ARGV[1] or newest ~= tonumber(ARGV[2]) then
@@ -95,7 +117,7 @@ if epoch ~= ARGV[1] or newest ~= tonumber(ARGV[2]) then
 end
 local now = ARGV[3]
 local forget_before = tonumber(ARGV[4])
-for i = 9, #ARGV, 3 do
+for i = 10, #ARGV, 3 do
   if ARGV[i] ~= '' then
     local seen = redis.call('HGET', KEYS[3], ARGV[i])
     if seen and tonumber(string.match(seen, '(%d+)$')) > forget_before then
@@ -103,7 +125,7 @@ for i = 9, #ARGV, 3 do
     end
   end
 end
-for i = 9, #ARGV, 3 do
+for i = 10, #ARGV, 3 do
   newest = newest + 1
   local field, ts, bytes = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   redis.call('XADD', KEYS[2], '0-' .. newest, 't', ts, 'd', bytes)
@@ -162,6 +184,7 @@ return 'ok'
 /// | `<prefix>{room}:stream` | stream | one entry per kept message, id `0-<offset>`, fields `t` (timestamp ms) and `d` (bytes) |
 /// | `<prefix>{room}:dedupe` | hash | `<len>:<sender>:<clientMsgId>` → `<offset> <timestamp> <recorded>` |
 /// | `<prefix>{room}:dedupe_age` | sorted set | the same fields by when they were recorded |
+/// | `<prefix>{room}:lock` | string | the token of the process between `PREPARE` and `COMMIT`, with a lease |
 /// | `<prefix>{room}:ch` | channel | every kept message, as `<epoch> <offset> <timestamp>\n<bytes>` |
 ///
 /// If the meta hash is missing (Redis lost its data, or it was evicted), the next script that
@@ -175,9 +198,12 @@ return 'ok'
 /// needed; read its epoch, newest offset and the dedupe records of the batch's ids), then builds
 /// the messages in Rust, then runs `COMMIT`, which appends them only if the epoch and newest
 /// offset are still those `PREPARE` saw and no id of the batch was recorded meanwhile. One engine
-/// runs one batch per room at a time, so a `COMMIT` only fails that check when another process
-/// published to the same room in between: then the batch fails with [`Error::Unavailable`] (no
-/// offset used) and the senders retry; dedupe makes the retry safe.
+/// runs one batch per room at a time; between processes, `PREPARE` takes the room's lock (a key
+/// with a lease, [`RedisConfig::lock_lease`]) and `COMMIT` releases it, and a batch that finds
+/// the room locked waits and asks again before building anything. So `COMMIT` fails its check
+/// only if a lease ran out (a process stalled longer than the lease between its two scripts):
+/// then the batch fails with [`Error::Unavailable`] (no offset used) and the senders retry;
+/// dedupe makes the retry safe.
 ///
 /// # Time
 ///
@@ -246,6 +272,8 @@ struct Inner {
     commit: Script,
     /// Publishes waiting per room; a room is present exactly while a task works on it.
     rooms: Mutex<HashMap<Arc<str>, VecDeque<Queued>>>,
+    /// This engine's token for room locks (unique per engine, random).
+    token: String,
     /// The completion thread's queue.
     done: mpsc::Sender<(OnDone, Result<Published>)>,
 }
@@ -301,6 +329,7 @@ struct RoomKeys {
     stream: String,
     dedupe: String,
     dedupe_age: String,
+    lock: String,
     channel: String,
 }
 
@@ -322,6 +351,7 @@ impl RoomKeys {
             stream: format!("{prefix}{tag}:stream"),
             dedupe: format!("{prefix}{tag}:dedupe"),
             dedupe_age: format!("{prefix}{tag}:dedupe_age"),
+            lock: format!("{prefix}{tag}:lock"),
             channel: format!("{prefix}{tag}:ch"),
         }
     }
@@ -358,17 +388,34 @@ enum Outcome {
 }
 
 impl Inner {
-    async fn prepare(&self, keys: &RoomKeys, fields: &[&str]) -> redis::RedisResult<Prepared> {
+    /// Reads the room, creating it if needed; with `lock`, takes the room's lock first and
+    /// answers `None` if another process holds it.
+    async fn prepare(
+        &self,
+        keys: &RoomKeys,
+        lock: Option<&str>,
+        fields: &[&str],
+    ) -> redis::RedisResult<Option<Prepared>> {
         let mut invocation = self.prepare.key(&keys.meta);
-        invocation.key(&keys.stream).key(&keys.dedupe).key(&keys.dedupe_age).arg(Epoch::random().as_str());
+        invocation
+            .key(&keys.stream)
+            .key(&keys.dedupe)
+            .key(&keys.dedupe_age)
+            .key(&keys.lock)
+            .arg(Epoch::random().as_str())
+            .arg(lock.unwrap_or(""))
+            .arg(millis(self.config.lock_lease));
         for field in fields {
             invocation.arg(*field);
         }
         let mut conn = self.conn.clone();
         let (epoch, newest, first, seen): (String, u64, u64, Vec<String>) =
             invocation.invoke_async(&mut conn).await?;
+        if epoch.is_empty() {
+            return Ok(None);
+        }
         let seen = seen.iter().map(|raw| parse_seen(raw)).collect();
-        Ok(Prepared { epoch: Epoch::new(epoch), newest, first, seen })
+        Ok(Some(Prepared { epoch: Epoch::new(epoch), newest, first, seen }))
     }
 
     /// Publishes one batch of a room's queue and completes each of its publishes, in order.
@@ -389,9 +436,21 @@ impl Inner {
             .map(|q| q.request.client_msg_id.map(|id| dedupe_field(&q.request.sender, id)))
             .collect();
         let asked: Vec<&str> = fields.iter().flatten().map(String::as_str).collect();
-        let prepared = match self.prepare(&keys, &asked).await {
-            Ok(prepared) => prepared,
-            Err(err) => return fail_all(batch, unavailable(&err)),
+        // Another process's batch holds the room for the moment between its two scripts; wait
+        // for it before building anything (a build cannot be undone).
+        let deadline = tokio::time::Instant::now() + self.config.response_timeout;
+        let prepared = loop {
+            match self.prepare(&keys, Some(&self.token), &asked).await {
+                Ok(Some(prepared)) => break prepared,
+                Ok(None) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(self.config.lock_retry).await;
+                }
+                Ok(None) => {
+                    let busy = format!("room {room:?} stayed locked by another process; retry");
+                    return fail_all(batch, Error::Unavailable(busy));
+                }
+                Err(err) => return fail_all(batch, unavailable(&err)),
+            }
         };
         let forget_before = now_ms.saturating_sub(millis(retention.dedupe_window));
         // Ids already kept (and within the window), then those kept by this batch: field ->
@@ -412,6 +471,7 @@ impl Inner {
             .key(&keys.stream)
             .key(&keys.dedupe)
             .key(&keys.dedupe_age)
+            .key(&keys.lock)
             .arg(prepared.epoch.as_str())
             .arg(prepared.newest)
             .arg(now_ms)
@@ -419,7 +479,8 @@ impl Inner {
             .arg(core::ttl_cutoff(retention, now_ms))
             .arg(retention.max_messages)
             .arg(retention.dedupe_capacity)
-            .arg(&keys.channel);
+            .arg(&keys.channel)
+            .arg(&self.token);
         for (Queued { request, completer }, field) in batch.into_iter().zip(&fields) {
             if let Some(field) = field
                 && let Some(&(offset, timestamp_ms, in_batch)) = known.get(field.as_str())
@@ -459,17 +520,14 @@ impl Inner {
             outcomes.push((completer, Outcome::IfCommitted(published)));
         }
 
-        let committed = if newest == prepared.newest {
-            Ok(())
-        } else {
-            let mut conn = self.conn.clone();
-            match commit.invoke_async::<String>(&mut conn).await {
-                Ok(answer) if answer == "ok" => Ok(()),
-                Ok(_) => Err(Error::Unavailable(format!(
-                    "another process published to room {room:?} at the same time; retry"
-                ))),
-                Err(err) => Err(unavailable(&err)),
-            }
+        // Run even with nothing to append: it releases the lock.
+        let mut conn = self.conn.clone();
+        let committed = match commit.invoke_async::<String>(&mut conn).await {
+            Ok(answer) if answer == "ok" => Ok(()),
+            Ok(_) => Err(Error::Unavailable(format!(
+                "another process published to room {room:?} at the same time; retry"
+            ))),
+            Err(err) => Err(unavailable(&err)),
         };
         if let Err(err) = &committed {
             tracing::warn!(room, cause = %err, "history publish to redis failed");
@@ -601,6 +659,7 @@ impl RedisEngine {
             prepare: Script::new(PREPARE),
             commit: Script::new(COMMIT),
             rooms: Mutex::new(HashMap::new()),
+            token: Uuid::new_v4().simple().to_string(),
             done,
         });
         Ok(Self { inner, handle, runtime: Some(runtime) })
@@ -620,8 +679,11 @@ impl RedisEngine {
     fn prepared(&self, room: &str) -> Result<Prepared> {
         let inner = self.inner.clone();
         let keys = RoomKeys::new(&inner.config.prefix, room);
-        self.run(async move { inner.prepare(&keys, &[]).await })?
-            .map_err(|err| Error::Read(format!("redis: {err}")))
+        let prepared = self.run(async move { inner.prepare(&keys, None, &[]).await })?;
+        // Without a lock to take, `PREPARE` always answers the room.
+        prepared
+            .map_err(|err| Error::Read(format!("redis: {err}")))?
+            .ok_or_else(|| Error::Read("redis: no answer for the room".into()))
     }
 }
 

@@ -9,10 +9,11 @@ use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::Once;
+use std::sync::{Arc, Once, mpsc};
 use std::time::{Duration, Instant};
 
-use hubbub_history::conformance::{Guarded, Rig, message};
+use bytes::Bytes;
+use hubbub_history::conformance::{Guarded, Rig, body, message};
 use hubbub_history::{
     Engine, Error, Options, Position, Recovery, RedisConfig, RedisEngine, Retention, publish_and_wait,
 };
@@ -216,4 +217,92 @@ fn two_engines_share_one_history() {
     assert_eq!(resend.offset, 1);
     let history = one.history("a", None, 10).expect("history");
     assert_eq!(history.messages.iter().map(|m| m.offset).collect::<Vec<_>>(), vec![1, 2]);
+}
+
+/// A Redis that stops answering (the process frozen with SIGSTOP) fails publishes with
+/// `Unavailable` and uses no offset: once it answers again, the room goes on in the same epoch
+/// from the last kept offset, and nothing of the failed publishes was kept.
+#[test]
+fn redis_not_answering_uses_no_offset() {
+    if skip() {
+        return;
+    }
+    let server = RedisServer::start();
+    let rig = Rig::new(Retention::default());
+    let mut config = RedisConfig::new(server.url());
+    config.response_timeout = Duration::from_millis(300);
+    let engine = RedisEngine::connect(config, rig.options.clone()).expect("connects");
+    let first = publish_and_wait(&engine, message("a", "ada", "1")).expect("publishes");
+
+    signal(&server, "-STOP");
+    for i in 0..2 {
+        let result = publish_and_wait(&engine, message("a", "ada", &format!("lost{i}")));
+        assert!(matches!(result, Err(Error::Unavailable(_))), "{result:?}");
+    }
+    signal(&server, "-CONT");
+
+    let second = publish_eventually(&engine, "2");
+    assert_eq!((second.offset, &second.epoch), (2, &first.epoch));
+    let history = engine.history("a", None, 10).expect("history");
+    let texts: Vec<_> = history.messages.iter().map(|m| m.bytes.clone()).collect();
+    assert_eq!(texts, vec![body("a", 1, "1"), body("a", 2, "2")]);
+}
+
+fn signal(server: &RedisServer, signal: &str) {
+    let status =
+        Command::new("kill").args([signal, &server.child.id().to_string()]).status().expect("kill runs");
+    assert!(status.success(), "kill {signal} failed");
+}
+
+/// Two engines publishing to one room at the same time: the room's lock makes them take turns,
+/// so every message is kept, with its own offset, no gaps, each engine's in its own order.
+#[test]
+fn two_engines_publishing_at_once_take_turns() {
+    if skip() {
+        return;
+    }
+    let server = RedisServer::start();
+    let rig = Rig::new(Retention::default());
+    let connect =
+        || RedisEngine::connect(RedisConfig::new(server.url()), rig.options.clone()).expect("connects");
+    let engines = [Arc::new(connect()), Arc::new(connect())];
+    let (tx, rx) = mpsc::channel();
+    for (n, engine) in engines.iter().enumerate() {
+        for i in 0..100 {
+            let tx = tx.clone();
+            engine.publish(
+                message("a", &format!("e{n}"), &format!("{n}-{i}")),
+                Box::new(move |result| tx.send(result).expect("the test waits")),
+            );
+        }
+    }
+    let mut kept: Vec<(u64, Bytes)> = (0..200)
+        .filter_map(|_| {
+            let result = rx.recv_timeout(Duration::from_secs(20)).expect("every publish completes");
+            match result {
+                Ok(published) => Some((published.offset, published.bytes.expect("a new message"))),
+                Err(Error::Unavailable(_)) => None,
+                Err(err) => panic!("unexpected error: {err}"),
+            }
+        })
+        .collect();
+    assert_eq!(kept.len(), 200, "no publish failed");
+    // `kept` is in completion order; each engine's texts `<engine>-<i>` must come in order of i.
+    for n in 0..2 {
+        let own: Vec<u64> = kept
+            .iter()
+            .filter_map(|(_, bytes)| {
+                let text = std::str::from_utf8(bytes).ok()?.split_once(':')?.1;
+                let (engine, i) = text.split_once('-')?;
+                (engine == n.to_string()).then(|| i.parse::<u64>().ok()).flatten()
+            })
+            .collect();
+        assert_eq!(own, (0..100).collect::<Vec<_>>(), "engine {n}'s messages in its publish order");
+    }
+    kept.sort();
+    let offsets: Vec<u64> = kept.iter().map(|(offset, _)| *offset).collect();
+    assert_eq!(offsets, (1..=kept.len() as u64).collect::<Vec<_>>());
+    let history = engines[0].history("a", None, 1_000).expect("history");
+    let stored: Vec<(u64, Bytes)> = history.messages.into_iter().map(|m| (m.offset, m.bytes)).collect();
+    assert_eq!(stored, kept);
 }
