@@ -111,8 +111,9 @@ fn main() -> anyhow::Result<()> {
 fn ci(root: &Path) -> anyhow::Result<()> {
     run(root, "cargo", &["fmt", "--all", "--", "--check"])?;
     // With the server's `internals` feature, so the fan-out bench (which
-    // requires it) and `internals.rs` are linted too.
-    let features = "--features=hubbub-server/internals";
+    // requires it) and `internals.rs` are linted too, and the history's
+    // `redis` feature, so the Redis engine and its tests are.
+    let features = "--features=hubbub-server/internals,hubbub-history/redis";
     run(root, "cargo", &["clippy", "--workspace", "--all-targets", features, "--", "-D", "warnings"])?;
     test(root)?;
     browser::browser(root, Hubbub::AsTested)?;
@@ -131,7 +132,10 @@ fn ci(root: &Path) -> anyhow::Result<()> {
 fn test(root: &Path) -> anyhow::Result<()> {
     install_interop_deps(root)?;
     run(root, "cargo", &["test", "--workspace", "--all-targets"])?;
-    run(root, "cargo", &["test", "--workspace", "--doc"])
+    run(root, "cargo", &["test", "--workspace", "--doc"])?;
+    // The Redis engine against its own redis-server (`.ci/run` installs it;
+    // without it, and without CI=true, these tests say so and pass).
+    run(root, "cargo", &["test", "--package", "hubbub-history", "--features", "redis"])
 }
 
 /// The server's interop test runs a Node client built on the `ws` package.

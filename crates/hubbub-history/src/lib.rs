@@ -13,6 +13,10 @@
 //! - [`DiskEngine`]: history in one [redb](https://docs.rs/redb) file. A publish completes only
 //!   once it is durable (fsync), with group commit: one writer thread puts every publish waiting
 //!   at that moment into one transaction and one fsync.
+//! - `RedisEngine` (cargo feature `redis`): history in Redis ≥ 7, shared by every server process
+//!   connected to it. A publish completes once Redis has run the room's append script (durable
+//!   as Redis's persistence settings make it); epochs are per room and change when Redis has lost
+//!   the room's keys. See its docs for the key layout.
 //!
 //! # Guarantees
 //!
@@ -34,7 +38,10 @@
 //! - **Dedupe.** A publish with the same room, sender and `clientMsgId` as one kept within the
 //!   dedupe window completes with the original offset and timestamp and `duplicate: true`, and
 //!   stores nothing; with the disk engine also after a restart.
-//! - **Failure.** If a write fails (disk full, I/O error), every publish of that batch completes
+//! - **Epochs** belong to rooms: the memory and disk engines happen to give every room the same
+//!   one, the Redis engine gives each room its own. A room's epoch is fixed from its first
+//!   [`Engine::position`] on, until its history is lost.
+//! - **Failure.** If a write fails (disk full, I/O error, Redis unreachable), every publish of that batch completes
 //!   with [`Error::Unavailable`]; nothing of it is kept and no offset is used. The engine keeps
 //!   working once writes succeed again. A store file that cannot be opened is an [`OpenError`]
 //!   naming the file; history is never discarded silently.
@@ -83,6 +90,8 @@ pub mod conformance;
 mod core;
 mod disk;
 mod memory;
+#[cfg(feature = "redis")]
+mod redis;
 
 use std::fmt;
 use std::sync::Arc;
@@ -92,6 +101,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use uuid::Uuid;
 
+#[cfg(feature = "redis")]
+pub use self::redis::{RedisConfig, RedisEngine};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use disk::{DiskConfig, DiskEngine, DiskStats, OpenError, OpenFailure};
 pub use memory::MemoryEngine;

@@ -1,0 +1,808 @@
+//! The Redis engine: rooms' streams in Redis (≥ 7), so that several server processes share one
+//! history. Per batch of a room's publishes, one Lua script reads the room (epoch, newest offset,
+//! dedupe records) and one appends, records ids, publishes and trims, atomically.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, mpsc};
+use std::time::Duration;
+
+use bytes::Bytes;
+use redis::Script;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::runtime::{Handle, Runtime};
+use uuid::Uuid;
+
+use crate::core::{self, Reader, RoomMeta, StoreError, StoreResult};
+use crate::{
+    Assigned, Engine, Epoch, Error, History, OnDone, Options, Position, Publish, Published, Recovery, Result,
+    StoredMessage,
+};
+
+/// Where the Redis engine connects and how it names its keys.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RedisConfig {
+    /// The server: `redis://host:port/db` or `rediss://` for TLS (if the `redis` crate was
+    /// built with TLS).
+    pub url: String,
+    /// Put before every key and channel, so several deployments (or tests) can share one Redis.
+    /// Must not contain `{` or `}` (the room's hash tag must be the first). Default `hubbub:`.
+    pub prefix: String,
+    /// How long a command may take before it fails (and the publish with it). Default 2 s.
+    pub response_timeout: Duration,
+    /// How long connecting may take. Default 1 s.
+    pub connection_timeout: Duration,
+    /// Most publishes of one room sent in one script. Default 256.
+    pub max_batch: usize,
+    /// How long a batch holds its room's lock at most, should its process die between the two
+    /// scripts. Default 2 s.
+    pub lock_lease: Duration,
+    /// How long a batch waits before asking again for a room another process has locked.
+    /// Default 2 ms.
+    pub lock_retry: Duration,
+}
+
+impl RedisConfig {
+    /// The defaults, for the server at `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            prefix: "hubbub:".into(),
+            response_timeout: Duration::from_secs(2),
+            connection_timeout: Duration::from_secs(1),
+            max_batch: 256,
+            lock_lease: Duration::from_secs(2),
+            lock_retry: Duration::from_millis(2),
+        }
+    }
+
+    /// Sets the key prefix.
+    #[must_use]
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+}
+
+/// For a publish, takes the room's lock (unless another process holds it: then it answers an
+/// empty epoch and changes nothing); creates the room if needed; answers its epoch, newest and
+/// oldest kept offsets, and the dedupe records of the ids asked (`''` for none).
+///
+/// KEYS: meta, stream, dedupe, dedupe_age, lock. ARGV: the epoch for a new room, the lock token
+/// (`''` for a read, which takes no lock), the lock's lease in ms, then dedupe fields.
+const PREPARE: &str = r"
+if ARGV[2] ~= '' then
+  local holder = redis.call('GET', KEYS[5])
+  if holder and holder ~= ARGV[2] then
+    return {'', 0, 0, {}}
+  end
+  redis.call('SET', KEYS[5], ARGV[2], 'PX', ARGV[3])
+end
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'newest', 0)
+end
+local newest = tonumber(redis.call('HGET', KEYS[1], 'newest')) or 0
+local first = newest + 1
+local head = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
+if #head > 0 then
+  first = tonumber(string.match(head[1][1], '-(%d+)$'))
+end
+local seen = {}
+for i = 4, #ARGV do
+  seen[#seen + 1] = redis.call('HGET', KEYS[3], ARGV[i]) or ''
+end
+return {epoch, newest, first, seen}
+";
+
+/// Appends a batch if the room is still where `PREPARE` found it, publishes each message on the
+/// room's channel, and trims messages by count and age and dedupe records by age and count.
+///
+/// Releases the room's lock if this batch still holds it.
+///
+/// KEYS: meta, stream, dedupe, dedupe_age, lock. ARGV: epoch, expected newest, now, forget ids
+/// recorded at or before, ttl cutoff, max messages, dedupe capacity, channel, lock token, then
+/// per message its dedupe field (`''` for none), timestamp and bytes.
+const COMMIT: &str = r"
+if redis.call('GET', KEYS[5]) == ARGV[9] then
+  redis.call('DEL', KEYS[5])
+end
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+local newest = tonumber(redis.call('HGET', KEYS[1], 'newest'))
+if epoch ~= ARGV[1] or newest ~= tonumber(ARGV[2]) then
+  return 'conflict'
+end
+local now = ARGV[3]
+local forget_before = tonumber(ARGV[4])
+for i = 10, #ARGV, 3 do
+  if ARGV[i] ~= '' then
+    local seen = redis.call('HGET', KEYS[3], ARGV[i])
+    if seen and tonumber(string.match(seen, '(%d+)$')) > forget_before then
+      return 'conflict'
+    end
+  end
+end
+for i = 10, #ARGV, 3 do
+  newest = newest + 1
+  local field, ts, bytes = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  redis.call('XADD', KEYS[2], '0-' .. newest, 't', ts, 'd', bytes)
+  if field ~= '' then
+    redis.call('HSET', KEYS[3], field, newest .. ' ' .. ts .. ' ' .. now)
+    redis.call('ZADD', KEYS[4], now, field)
+  end
+  redis.call('PUBLISH', ARGV[8], epoch .. ' ' .. newest .. ' ' .. ts .. '\n' .. bytes)
+end
+redis.call('HSET', KEYS[1], 'newest', newest)
+
+redis.call('XTRIM', KEYS[2], 'MAXLEN', ARGV[6])
+local cutoff = tonumber(ARGV[5])
+while true do
+  local head = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 100)
+  local expired = 0
+  for _, entry in ipairs(head) do
+    local fields, ts = entry[2], nil
+    for j = 1, #fields, 2 do
+      if fields[j] == 't' then ts = tonumber(fields[j + 1]) end
+    end
+    if ts == nil or ts >= cutoff then break end
+    redis.call('XDEL', KEYS[2], entry[1])
+    expired = expired + 1
+  end
+  if expired == 0 or expired < #head then break end
+end
+
+local old = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', ARGV[4])
+for _, field in ipairs(old) do
+  redis.call('HDEL', KEYS[3], field)
+end
+if #old > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[4])
+end
+local extra = redis.call('ZCARD', KEYS[4]) - tonumber(ARGV[7])
+if extra > 0 then
+  local popped = redis.call('ZPOPMIN', KEYS[4], extra)
+  for j = 1, #popped, 2 do
+    redis.call('HDEL', KEYS[3], popped[j])
+  end
+end
+return 'ok'
+";
+
+/// History in Redis, shared by every process connected to the same Redis.
+///
+/// # Keys
+///
+/// Every key of a room shares the hash tag `{room}` (the room's name with `%`, `{` and `}`
+/// percent-encoded), so a room's scripts touch one slot and Redis Cluster works:
+///
+/// | key | type | what |
+/// | --- | --- | --- |
+/// | `<prefix>{room}:meta` | hash | `epoch` (random, made when the hash is created) and `newest` (the last offset) |
+/// | `<prefix>{room}:stream` | stream | one entry per kept message, id `0-<offset>`, fields `t` (timestamp ms) and `d` (bytes) |
+/// | `<prefix>{room}:dedupe` | hash | `<len>:<sender>:<clientMsgId>` → `<offset> <timestamp> <recorded>` |
+/// | `<prefix>{room}:dedupe_age` | sorted set | the same fields by when they were recorded |
+/// | `<prefix>{room}:lock` | string | the token of the process between `PREPARE` and `COMMIT`, with a lease |
+/// | `<prefix>{room}:ch` | channel | every kept message, as `<epoch> <offset> <timestamp>\n<bytes>` |
+///
+/// If the meta hash is missing (Redis lost its data, or it was evicted), the next script that
+/// reads it makes a new epoch and deletes whatever is left of the room's other keys, so offsets
+/// start again at 1 in a stream nobody can mistake for the old one.
+///
+/// # Why two scripts per batch
+///
+/// [`Publish::build`] makes the stored bytes from the assigned offset, and is called at most
+/// once, and not at all for a duplicate. So a batch first runs `PREPARE` (create the room if
+/// needed; read its epoch, newest offset and the dedupe records of the batch's ids), then builds
+/// the messages in Rust, then runs `COMMIT`, which appends them only if the epoch and newest
+/// offset are still those `PREPARE` saw and no id of the batch was recorded meanwhile. One engine
+/// runs one batch per room at a time; between processes, `PREPARE` takes the room's lock (a key
+/// with a lease, [`RedisConfig::lock_lease`]) and `COMMIT` releases it, and a batch that finds
+/// the room locked waits and asks again before building anything. So `COMMIT` fails its check
+/// only if a lease ran out (a process stalled longer than the lease between its two scripts):
+/// then the batch fails with [`Error::Unavailable`] (no offset used) and the senders retry;
+/// dedupe makes the retry safe.
+///
+/// # Time
+///
+/// Timestamps, the ttl and the dedupe window come from [`Options::clock`] and are passed to the
+/// scripts as arguments (not Redis `TIME`), so that every node and the tests agree on them.
+///
+/// # Threads
+///
+/// The engine runs its Redis I/O on a small tokio runtime of its own (one worker thread), so
+/// the synchronous [`Engine`] calls work from any thread, an async task's included. Publishes
+/// are queued per room; one task per room with publishes waiting sends them in batches (all
+/// rooms' scripts share one multiplexed connection). Callbacks run on one completion thread in
+/// the order the batches committed, so a room's callbacks run in offset order and never
+/// concurrently, and a callback may call the engine again (reads block on the runtime, which
+/// the completion thread is not part of).
+///
+/// If Redis cannot be reached, publishes fail with [`Error::Unavailable`] (no offset used) and
+/// reads with [`Error::Read`]; the connection is re-established in the background. A `COMMIT`
+/// whose answer was lost (a timeout) may have been applied although its publishes failed: a
+/// resend with the same `clientMsgId` is then recognised as a duplicate, with the kept offset.
+///
+/// Operate Redis with `maxmemory-policy noeviction` (an evicted room starts a new epoch) and,
+/// for history that survives a Redis restart, with AOF persistence (`appendfsync always` for
+/// no acknowledged message lost).
+///
+/// # Example
+///
+/// ```no_run
+/// use hubbub_history::{Engine, Options, Publish, RedisConfig, RedisEngine, publish_and_wait};
+///
+/// let config = RedisConfig::new("redis://127.0.0.1:6379/").prefix("chat:");
+/// let engine = RedisEngine::connect(config, Options::default())?;
+/// let published = publish_and_wait(&engine, Publish::new("general", "ada", |assigned| {
+///     format!(r#"{{"text":"hi","offset":{}}}"#, assigned.offset).into()
+/// }))?;
+/// assert_eq!(engine.position("general")?.offset, published.offset);
+/// # Ok::<(), hubbub_history::Error>(())
+/// ```
+pub struct RedisEngine {
+    /// What the runtime's tasks share.
+    inner: Arc<Inner>,
+    /// Where tasks are spawned.
+    handle: Handle,
+    /// The runtime, shut down (without waiting) when the engine is dropped.
+    runtime: Option<Runtime>,
+}
+
+impl std::fmt::Debug for RedisEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisEngine")
+            .field("url", &self.inner.config.url)
+            .field("prefix", &self.inner.config.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    /// Retention, clock and fault switch.
+    options: Options,
+    /// Connection settings and key prefix.
+    config: RedisConfig,
+    /// One multiplexed connection that reconnects by itself.
+    conn: ConnectionManager,
+    /// The two scripts, sent by hash (`EVALSHA`, loaded on first use).
+    prepare: Script,
+    commit: Script,
+    /// Publishes waiting per room; a room is present exactly while a task works on it.
+    rooms: Mutex<HashMap<Arc<str>, VecDeque<Queued>>>,
+    /// This engine's token for room locks (unique per engine, random).
+    token: String,
+    /// The completion thread's queue.
+    done: mpsc::Sender<(OnDone, Result<Published>)>,
+}
+
+struct Queued {
+    request: Publish,
+    completer: Completer,
+}
+
+/// An `on_done` that is called exactly once: with the outcome, or with [`Error::Closed`] if it
+/// is dropped first (the engine shut down with the publish in flight).
+struct Completer {
+    on_done: Option<OnDone>,
+    done: mpsc::Sender<(OnDone, Result<Published>)>,
+}
+
+impl Completer {
+    fn complete(mut self, result: Result<Published>) {
+        self.send(result);
+    }
+
+    fn send(&mut self, result: Result<Published>) {
+        let Some(on_done) = self.on_done.take() else { return };
+        if let Err(mpsc::SendError((on_done, result))) = self.done.send((on_done, result)) {
+            // The completion thread is gone only once every sender is: call it here.
+            on_done(result);
+        }
+    }
+}
+
+impl Drop for Completer {
+    fn drop(&mut self) {
+        self.send(Err(Error::Closed));
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The queues are consistent whenever the lock is released: no user code runs under it.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn unavailable(err: &redis::RedisError) -> Error {
+    Error::Unavailable(format!("redis: {err}"))
+}
+
+/// A room's keys and channel.
+struct RoomKeys {
+    meta: String,
+    stream: String,
+    dedupe: String,
+    dedupe_age: String,
+    lock: String,
+    channel: String,
+}
+
+impl RoomKeys {
+    fn new(prefix: &str, room: &str) -> Self {
+        let mut tag = String::with_capacity(room.len() + 2);
+        tag.push('{');
+        for c in room.chars() {
+            match c {
+                '%' => tag.push_str("%25"),
+                '{' => tag.push_str("%7B"),
+                '}' => tag.push_str("%7D"),
+                c => tag.push(c),
+            }
+        }
+        tag.push('}');
+        Self {
+            meta: format!("{prefix}{tag}:meta"),
+            stream: format!("{prefix}{tag}:stream"),
+            dedupe: format!("{prefix}{tag}:dedupe"),
+            dedupe_age: format!("{prefix}{tag}:dedupe_age"),
+            lock: format!("{prefix}{tag}:lock"),
+            channel: format!("{prefix}{tag}:ch"),
+        }
+    }
+}
+
+/// The dedupe field of a sender's message id; the length prefix keeps any sender unambiguous.
+fn dedupe_field(sender: &str, id: Uuid) -> String {
+    format!("{}:{sender}:{}", sender.len(), id.simple())
+}
+
+/// What `PREPARE` answered.
+struct Prepared {
+    epoch: Epoch,
+    newest: u64,
+    first: u64,
+    /// Per dedupe field asked: `(offset, timestamp, recorded)` if one is recorded.
+    seen: Vec<Option<(u64, u64, u64)>>,
+}
+
+fn parse_seen(raw: &str) -> Option<(u64, u64, u64)> {
+    let mut parts = raw.split(' ').map(str::parse::<u64>);
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(Ok(offset)), Some(Ok(timestamp)), Some(Ok(recorded))) => Some((offset, timestamp, recorded)),
+        _ => None,
+    }
+}
+
+/// What happens to one publish of a batch once the batch's `COMMIT` has answered.
+enum Outcome {
+    /// Known already: a duplicate of a kept message, or a build that panicked.
+    Ready(Result<Published>),
+    /// Kept if the commit succeeds (a new message, or a duplicate of one in this batch).
+    IfCommitted(Published),
+}
+
+impl Inner {
+    /// Reads the room, creating it if needed; with `lock`, takes the room's lock first and
+    /// answers `None` if another process holds it.
+    async fn prepare(
+        &self,
+        keys: &RoomKeys,
+        lock: Option<&str>,
+        fields: &[&str],
+    ) -> redis::RedisResult<Option<Prepared>> {
+        let mut invocation = self.prepare.key(&keys.meta);
+        invocation
+            .key(&keys.stream)
+            .key(&keys.dedupe)
+            .key(&keys.dedupe_age)
+            .key(&keys.lock)
+            .arg(Epoch::random().as_str())
+            .arg(lock.unwrap_or(""))
+            .arg(millis(self.config.lock_lease));
+        for field in fields {
+            invocation.arg(*field);
+        }
+        let mut conn = self.conn.clone();
+        let (epoch, newest, first, seen): (String, u64, u64, Vec<String>) =
+            invocation.invoke_async(&mut conn).await?;
+        if epoch.is_empty() {
+            return Ok(None);
+        }
+        let seen = seen.iter().map(|raw| parse_seen(raw)).collect();
+        Ok(Some(Prepared { epoch: Epoch::new(epoch), newest, first, seen }))
+    }
+
+    /// Publishes one batch of a room's queue and completes each of its publishes, in order.
+    async fn publish_batch(&self, room: &str, batch: Vec<Queued>) {
+        let fail_all = |batch: Vec<Queued>, err: Error| {
+            for queued in batch {
+                queued.completer.complete(Err(err.clone()));
+            }
+        };
+        if self.options.faults.failing() {
+            return fail_all(batch, Error::Unavailable("injected write failure".into()));
+        }
+        let retention = &self.options.retention;
+        let now_ms = self.options.clock.now_ms();
+        let keys = RoomKeys::new(&self.config.prefix, room);
+        let fields: Vec<Option<String>> = batch
+            .iter()
+            .map(|q| q.request.client_msg_id.map(|id| dedupe_field(&q.request.sender, id)))
+            .collect();
+        let asked: Vec<&str> = fields.iter().flatten().map(String::as_str).collect();
+        // Another process's batch holds the room for the moment between its two scripts; wait
+        // for it before building anything (a build cannot be undone).
+        let deadline = tokio::time::Instant::now() + self.config.response_timeout;
+        let prepared = loop {
+            match self.prepare(&keys, Some(&self.token), &asked).await {
+                Ok(Some(prepared)) => break prepared,
+                Ok(None) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(self.config.lock_retry).await;
+                }
+                Ok(None) => {
+                    let busy = format!("room {room:?} stayed locked by another process; retry");
+                    return fail_all(batch, Error::Unavailable(busy));
+                }
+                Err(err) => return fail_all(batch, unavailable(&err)),
+            }
+        };
+        let forget_before = now_ms.saturating_sub(millis(retention.dedupe_window));
+        // Ids already kept (and within the window), then those kept by this batch: field ->
+        // (offset, timestamp, whether it is in this batch).
+        let mut known: HashMap<&str, (u64, u64, bool)> = HashMap::new();
+        for (field, seen) in asked.iter().zip(&prepared.seen) {
+            if let Some((offset, timestamp, recorded)) = *seen
+                && recorded > forget_before
+            {
+                known.insert(field, (offset, timestamp, false));
+            }
+        }
+
+        let mut newest = prepared.newest;
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut commit = self.commit.key(&keys.meta);
+        commit
+            .key(&keys.stream)
+            .key(&keys.dedupe)
+            .key(&keys.dedupe_age)
+            .key(&keys.lock)
+            .arg(prepared.epoch.as_str())
+            .arg(prepared.newest)
+            .arg(now_ms)
+            .arg(forget_before)
+            .arg(core::ttl_cutoff(retention, now_ms))
+            .arg(retention.max_messages)
+            .arg(retention.dedupe_capacity)
+            .arg(&keys.channel)
+            .arg(&self.token);
+        for (Queued { request, completer }, field) in batch.into_iter().zip(&fields) {
+            if let Some(field) = field
+                && let Some(&(offset, timestamp_ms, in_batch)) = known.get(field.as_str())
+            {
+                let duplicate = Published {
+                    epoch: prepared.epoch.clone(),
+                    offset,
+                    timestamp_ms,
+                    duplicate: true,
+                    bytes: None,
+                };
+                let outcome =
+                    if in_batch { Outcome::IfCommitted(duplicate) } else { Outcome::Ready(Ok(duplicate)) };
+                outcomes.push((completer, outcome));
+                continue;
+            }
+            let assigned =
+                Assigned { offset: newest + 1, timestamp_ms: request.timestamp_ms.unwrap_or(now_ms) };
+            let build = request.build;
+            // Nothing is sent before the bytes exist, so a panicking builder leaves no trace.
+            let Ok(bytes) = catch_unwind(AssertUnwindSafe(|| build(assigned))) else {
+                outcomes.push((completer, Outcome::Ready(Err(Error::BuildPanicked))));
+                continue;
+            };
+            newest = assigned.offset;
+            if let Some(field) = field {
+                known.insert(field, (assigned.offset, assigned.timestamp_ms, true));
+            }
+            commit.arg(field.as_deref().unwrap_or("")).arg(assigned.timestamp_ms).arg(bytes.as_ref());
+            let published = Published {
+                epoch: prepared.epoch.clone(),
+                offset: assigned.offset,
+                timestamp_ms: assigned.timestamp_ms,
+                duplicate: false,
+                bytes: Some(bytes),
+            };
+            outcomes.push((completer, Outcome::IfCommitted(published)));
+        }
+
+        // Run even with nothing to append: it releases the lock.
+        let mut conn = self.conn.clone();
+        let committed = match commit.invoke_async::<String>(&mut conn).await {
+            Ok(answer) if answer == "ok" => Ok(()),
+            Ok(_) => Err(Error::Unavailable(format!(
+                "another process published to room {room:?} at the same time; retry"
+            ))),
+            Err(err) => Err(unavailable(&err)),
+        };
+        if let Err(err) = &committed {
+            tracing::warn!(room, cause = %err, "history publish to redis failed");
+        }
+        for (completer, outcome) in outcomes {
+            let result = match outcome {
+                Outcome::Ready(result) => result,
+                Outcome::IfCommitted(published) => committed.clone().map(|()| published),
+            };
+            completer.complete(result);
+        }
+    }
+
+    /// A room's kept messages in `low..=high`, at most `limit`, from the high end if
+    /// `newest_first`.
+    async fn messages(
+        &self,
+        keys: &RoomKeys,
+        low: u64,
+        high: u64,
+        newest_first: bool,
+        limit: usize,
+    ) -> redis::RedisResult<Vec<StoredMessage>> {
+        let (low, high) = (format!("0-{low}"), format!("0-{high}"));
+        let mut cmd = if newest_first { redis::cmd("XREVRANGE") } else { redis::cmd("XRANGE") };
+        cmd.arg(&keys.stream);
+        if newest_first {
+            cmd.arg(&high).arg(&low);
+        } else {
+            cmd.arg(&low).arg(&high);
+        }
+        cmd.arg("COUNT").arg(limit);
+        let mut conn = self.conn.clone();
+        let reply: redis::Value = cmd.query_async(&mut conn).await?;
+        parse_entries(reply).ok_or_else(|| {
+            redis::RedisError::from((redis::ErrorKind::Parse, "unexpected stream entry from redis"))
+        })
+    }
+}
+
+/// Stream entries `[[id, [field, value, ...]], ...]` as messages.
+fn parse_entries(reply: redis::Value) -> Option<Vec<StoredMessage>> {
+    use redis::Value;
+    let Value::Array(entries) = reply else { return None };
+    let text = |value: &Value| match value {
+        Value::BulkString(bytes) => Some(bytes.clone()),
+        Value::SimpleString(text) => Some(text.clone().into_bytes()),
+        _ => None,
+    };
+    entries
+        .into_iter()
+        .map(|entry| {
+            let Value::Array(parts) = entry else { return None };
+            let [id, Value::Array(fields)] = parts.as_slice() else { return None };
+            let id = String::from_utf8(text(id)?).ok()?;
+            let offset = id.rsplit('-').next()?.parse().ok()?;
+            let (mut timestamp_ms, mut bytes) = (None, None);
+            for pair in fields.chunks(2) {
+                let [name, value] = pair else { return None };
+                match text(name)?.as_slice() {
+                    b"t" => timestamp_ms = String::from_utf8(text(value)?).ok()?.parse().ok(),
+                    b"d" => bytes = Some(Bytes::from(text(value)?)),
+                    _ => {}
+                }
+            }
+            Some(StoredMessage { offset, timestamp_ms: timestamp_ms?, bytes: bytes? })
+        })
+        .collect()
+}
+
+/// Works on one room's queue until it is empty.
+async fn run_room(inner: Arc<Inner>, room: Arc<str>) {
+    loop {
+        let batch: Vec<Queued> = {
+            let mut rooms = lock(&inner.rooms);
+            let Some(queue) = rooms.get_mut(&room) else { return };
+            if queue.is_empty() {
+                rooms.remove(&room);
+                return;
+            }
+            let take = queue.len().min(inner.config.max_batch.max(1));
+            queue.drain(..take).collect()
+        };
+        inner.publish_batch(&room, batch).await;
+    }
+}
+
+impl RedisEngine {
+    /// Connects to Redis (failing if it cannot be reached now) and starts the engine's runtime
+    /// and completion thread.
+    pub fn connect(config: RedisConfig, options: Options) -> Result<Self> {
+        if config.prefix.contains(['{', '}']) {
+            return Err(Error::Unavailable(format!(
+                "redis key prefix {:?} must not contain braces",
+                config.prefix
+            )));
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("hubbub-history-redis")
+            .enable_all()
+            .build()
+            .map_err(|err| Error::Unavailable(format!("starting the redis engine's runtime: {err}")))?;
+        let handle = runtime.handle().clone();
+        let client = redis::Client::open(config.url.as_str()).map_err(|err| unavailable(&err))?;
+        let manager = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.connection_timeout))
+            .set_response_timeout(Some(config.response_timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = wait(&handle, async move { ConnectionManager::new_with_config(client, manager).await })?
+            .map_err(|err| unavailable(&err))?;
+        let (done, completions) = mpsc::channel::<(OnDone, Result<Published>)>();
+        std::thread::Builder::new()
+            .name("hubbub-history-redis-done".into())
+            .spawn(move || {
+                // Ends when the engine and every publish in flight are gone.
+                for (on_done, result) in completions {
+                    if catch_unwind(AssertUnwindSafe(|| on_done(result))).is_err() {
+                        tracing::error!("a history completion callback panicked");
+                    }
+                }
+            })
+            .map_err(|err| Error::Unavailable(format!("starting the completion thread: {err}")))?;
+        let inner = Arc::new(Inner {
+            options,
+            config,
+            conn,
+            prepare: Script::new(PREPARE),
+            commit: Script::new(COMMIT),
+            rooms: Mutex::new(HashMap::new()),
+            token: Uuid::new_v4().simple().to_string(),
+            done,
+        });
+        Ok(Self { inner, handle, runtime: Some(runtime) })
+    }
+
+    /// The channel on which each of the room's kept messages is published, as
+    /// `<epoch> <offset> <timestamp>\n<bytes>`.
+    pub fn channel(&self, room: &str) -> String {
+        RoomKeys::new(&self.inner.config.prefix, room).channel
+    }
+
+    /// Runs `fut` on the engine's runtime and waits for it on this thread.
+    fn run<T: Send + 'static>(&self, fut: impl Future<Output = T> + Send + 'static) -> Result<T> {
+        wait(&self.handle, fut)
+    }
+
+    fn prepared(&self, room: &str) -> Result<Prepared> {
+        let inner = self.inner.clone();
+        let keys = RoomKeys::new(&inner.config.prefix, room);
+        let prepared = self.run(async move { inner.prepare(&keys, None, &[]).await })?;
+        // Without a lock to take, `PREPARE` always answers the room.
+        prepared
+            .map_err(|err| Error::Read(format!("redis: {err}")))?
+            .ok_or_else(|| Error::Read("redis: no answer for the room".into()))
+    }
+}
+
+/// Runs `fut` on `handle`'s runtime and blocks this thread (which must not be one of that
+/// runtime's) until it finishes. Works from inside another runtime, unlike `Handle::block_on`.
+fn wait<T: Send + 'static>(handle: &Handle, fut: impl Future<Output = T> + Send + 'static) -> Result<T> {
+    let (tx, rx) = mpsc::sync_channel(1);
+    handle.spawn(async move {
+        // The waiter is gone only if its thread panicked.
+        let _ = tx.send(fut.await);
+    });
+    rx.recv().map_err(|_| Error::Closed)
+}
+
+impl Drop for RedisEngine {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            // Publishes still queued or in flight complete with `Error::Closed` as their
+            // tasks are dropped.
+            runtime.shutdown_background();
+        }
+        for (_, queue) in lock(&self.inner.rooms).drain() {
+            drop(queue);
+        }
+    }
+}
+
+/// A room as `PREPARE` found it, with its messages read on demand, for the shared rules in
+/// `core`.
+struct Snapshot<'a> {
+    engine: &'a RedisEngine,
+    keys: Arc<RoomKeys>,
+    meta: RoomMeta,
+}
+
+impl Reader for Snapshot<'_> {
+    fn meta(&self, _room: &str) -> StoreResult<Option<RoomMeta>> {
+        Ok(Some(self.meta))
+    }
+
+    fn messages(
+        &self,
+        _room: &str,
+        low: u64,
+        high: u64,
+        newest_first: bool,
+        limit: usize,
+    ) -> StoreResult<Vec<StoredMessage>> {
+        let (inner, keys) = (self.engine.inner.clone(), self.keys.clone());
+        let read =
+            self.engine.run(async move { inner.messages(&keys, low, high, newest_first, limit).await });
+        match read {
+            Ok(Ok(messages)) => Ok(messages),
+            Ok(Err(err)) => Err(StoreError(format!("redis: {err}"))),
+            Err(err) => Err(StoreError(err.to_string())),
+        }
+    }
+}
+
+impl RedisEngine {
+    fn snapshot(&self, room: &str) -> Result<(Epoch, Snapshot<'_>)> {
+        let prepared = self.prepared(room)?;
+        let meta = RoomMeta { newest: prepared.newest, first: prepared.first, dedupe_len: 0 };
+        let keys = Arc::new(RoomKeys::new(&self.inner.config.prefix, room));
+        Ok((prepared.epoch, Snapshot { engine: self, keys, meta }))
+    }
+}
+
+impl Engine for RedisEngine {
+    fn publish(&self, request: Publish, on_done: OnDone) {
+        let room = request.room.clone();
+        let completer = Completer { on_done: Some(on_done), done: self.inner.done.clone() };
+        let queued = Queued { request, completer };
+        let mut rooms = lock(&self.inner.rooms);
+        if let Some(queue) = rooms.get_mut(&room) {
+            queue.push_back(queued);
+            return;
+        }
+        rooms.insert(room.clone(), VecDeque::from([queued]));
+        drop(rooms);
+        self.handle.spawn(run_room(self.inner.clone(), room));
+    }
+
+    fn position(&self, room: &str) -> Result<Position> {
+        let prepared = self.prepared(room)?;
+        Ok(Position { epoch: prepared.epoch, offset: prepared.newest })
+    }
+
+    fn since(&self, room: &str, since: &Position, max: usize) -> Result<Recovery> {
+        let now_ms = self.inner.options.clock.now_ms();
+        let (epoch, snapshot) = self.snapshot(room)?;
+        core::since(&snapshot, &self.inner.options.retention, &epoch, now_ms, room, since, max)
+            .map_err(|err| Error::Read(err.0))
+    }
+
+    fn history(&self, room: &str, before: Option<u64>, limit: usize) -> Result<History> {
+        let now_ms = self.inner.options.clock.now_ms();
+        let (epoch, snapshot) = self.snapshot(room)?;
+        core::history(&snapshot, &self.inner.options.retention, &epoch, now_ms, room, before, limit)
+            .map_err(|err| Error::Read(err.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_room_is_one_hash_tag_whatever_its_name() {
+        let keys = RoomKeys::new("p:", "a}b{c%");
+        assert_eq!(keys.meta, "p:{a%7Db%7Bc%25}:meta");
+        assert_eq!(keys.channel, "p:{a%7Db%7Bc%25}:ch");
+    }
+
+    #[test]
+    fn dedupe_fields_do_not_collide() {
+        let id = Uuid::nil();
+        assert_ne!(dedupe_field("a:b", id), dedupe_field("a", id));
+        assert_eq!(parse_seen("3 1700 1701"), Some((3, 1700, 1701)));
+        assert_eq!(parse_seen(""), None);
+    }
+}
