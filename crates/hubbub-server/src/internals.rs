@@ -28,6 +28,7 @@ use uuid::Uuid;
 
 use crate::chat::ChatSession;
 use crate::conn::Handler as _;
+use crate::deflate::Deflate;
 use crate::hub::{Hub, Room};
 use crate::link::{CloseReason, Frame, Peer, encode};
 use crate::metrics::Stats;
@@ -79,7 +80,7 @@ impl BenchRoom {
     pub fn new(recipients: usize) -> Self {
         let hub = Hub::new(Arc::new(Stats::new()));
         let limits = Config::default().websocket;
-        let peer = || Peer::new(limits.outbound_queue, limits.outbound_queue_bytes);
+        let peer = || Peer::new(limits.outbound_queue, limits.outbound_queue_bytes, Deflate::OFF);
         let sender = peer();
         let room = hub.join(&sender, "sender", "bench", None).room;
         take_written(&sender);
@@ -148,7 +149,7 @@ impl ChatServer {
     /// without a token does: its queue gets `welcome` and `connected`.
     pub fn connect(&self) -> ChatClient {
         let limits = &self.shared.config.websocket;
-        let peer = Peer::new(limits.outbound_queue, limits.outbound_queue_bytes);
+        let peer = Peer::new(limits.outbound_queue, limits.outbound_queue_bytes, Deflate::OFF);
         let session = ChatSession::start(self.shared.clone(), peer.clone(), LOOPBACK, None);
         ChatClient { session, peer }
     }
