@@ -44,6 +44,7 @@ impl Deflate {
     /// error.
     pub(crate) const OFF: Self = Self(0);
     /// Negotiated with deflate's full 32 KiB window.
+    #[cfg(test)]
     pub(crate) const FULL: Self = Self(MAX_WINDOW_BITS);
 
     /// Whether compression was negotiated.

@@ -251,3 +251,17 @@ impl ChatClient {
         self.session.on_close();
     }
 }
+
+/// Inflates one compressed client message as the server's decoder does
+/// (permessage-deflate, the trailing `00 00 ff ff` removed), into at most
+/// `limit` bytes: `None` when the server would refuse it (1009 past the
+/// limit, 1007 for bad data). For the `inflate` fuzz target.
+pub fn inflate(compressed: &[u8], limit: usize) -> Option<Vec<u8>> {
+    crate::deflate::inflate(compressed, limit).ok()
+}
+
+/// Compresses one message as the server does for a broadcast: `None` when
+/// it would go uncompressed because compressing does not make it smaller.
+pub fn compress(message: &[u8]) -> Option<Vec<u8>> {
+    crate::deflate::compress(message)
+}
