@@ -374,6 +374,25 @@ impl FrameState {
     fn max_message(&self) -> usize {
         self.max_message as usize
     }
+
+    /// Largest payload of a frame, compressed or not.
+    fn frame_limit(&self, compressed: bool) -> usize {
+        if compressed { deflate_slack(self.max_frame()) } else { self.max_frame() }
+    }
+
+    /// Largest message on the wire, compressed or not (a compressed one is
+    /// held to `max_message` again once inflated).
+    fn message_limit(&self, compressed: bool) -> usize {
+        if compressed { deflate_slack(self.max_message()) } else { self.max_message() }
+    }
+}
+
+/// A limit on compressed bytes: deflate expands data it cannot compress a
+/// little (5 bytes for each stored block), so a message at the limit, sent
+/// compressed as browsers send every message, must still fit. The inflated
+/// message is held to the limit itself.
+fn deflate_slack(limit: usize) -> usize {
+    limit.saturating_add(limit / 256 + 64)
 }
 
 /// The decoder of one connection. See the [module docs](self).
@@ -421,7 +440,7 @@ impl Decoder {
     /// `large` bytes have arrived this says `None`, and the connection reads
     /// into its stack buffer and [`Decoder::feed`]s what came.
     pub(crate) fn large_frame_remaining(&mut self, large: usize) -> Option<usize> {
-        let total = frame_len(&self.buf[self.pos..], self.state.max_frame())?;
+        let total = frame_len(&self.buf[self.pos..], self.state.frame_limit(self.state.deflate))?;
         let arrived = self.buf.len() - self.pos;
         if total < large || arrived < large || arrived >= total {
             return None;
@@ -615,12 +634,14 @@ impl FrameState {
         if control && (!header.fin || header.len > MAX_CONTROL_PAYLOAD) {
             return Err(ReadError::Protocol("control frame fragmented or over 125 bytes"));
         }
-        if header.len > self.max_frame() {
+        let continues_compressed =
+            header.opcode == CONTINUATION && self.fragments.as_ref().is_some_and(|f| f.compressed);
+        if header.len > self.frame_limit(compressed || continues_compressed) {
             return Err(ReadError::TooBig);
         }
         if let Some(fragments) = &self.fragments
             && !control
-            && fragments.data.len().saturating_add(header.len) > self.max_message()
+            && fragments.data.len().saturating_add(header.len) > self.message_limit(fragments.compressed)
         {
             return Err(ReadError::TooBig);
         }
@@ -1019,6 +1040,24 @@ mod tests {
         let bomb = deflate::compress(&[b'a'; 256 << 10]).unwrap();
         assert!(bomb.len() < LIMITS.max_frame);
         assert_eq!(decode_deflate(&client_frame(0xC1, &bomb)).unwrap_err(), ReadError::TooBig);
+        // A message at the frame limit that does not compress grows a little
+        // on the wire; it is still accepted.
+        let mut state = 0x9E37_79B9_7F4A_7C15_u64;
+        let noise: Vec<u8> = (0..LIMITS.max_frame)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 32) as u8
+            })
+            .collect();
+        let mut stored = vec![0x01, 0x00, 0x04, 0xff, 0xfb];
+        stored.extend_from_slice(&noise);
+        assert!(stored.len() > LIMITS.max_frame);
+        assert_eq!(
+            decode_deflate(&client_frame(0xC2, &stored)).unwrap(),
+            vec![Incoming::Binary(Bytes::from(noise))]
+        );
         let bad = [
             (client_frame(0xC1, &[0xff, 0xff, 0xff]), ReadError::Inflate),
             (client_frame(0xC1, &deflate::compress(&[0xff; 400]).unwrap()), ReadError::Utf8),
