@@ -118,9 +118,10 @@ async function newContext(browser, options = {}) {
  * are recorded (and dismissed); uncaught page errors and CSP violations
  * fail the test.
  */
-async function openPage(browser, label, options = {}, query = '') {
+async function openPage(browser, label, options = {}, query = '', initScript = null) {
   const context = await newContext(browser, { viewport: { width: 1100, height: 760 }, ...options });
   const page = await context.newPage();
+  if (initScript) await page.addInitScript(initScript);
   const record = { label, context, page, dialogs: [], errors: [] };
   openContexts.push(record);
   page.on('dialog', (dialog) => {
@@ -352,6 +353,40 @@ test('two pages chat: a message appears once on the other page, typing shows and
   // Leaving is a system line on the other page, with the new count.
   await bob.page.getByRole('button', { name: 'Leave room' }).click();
   await waitForSystemLine(alice, 'bob left');
+});
+
+/** An init script that keeps every WebSocket the page opens in `window.__sockets`. */
+function recordSockets() {
+  const Native = window.WebSocket;
+  window.__sockets = [];
+  window.WebSocket = class extends Native {
+    constructor(...args) {
+      super(...args);
+      window.__sockets.push(this);
+    }
+  };
+}
+
+test('compression: the chat page negotiates permessage-deflate and a long message arrives whole', async (browser) => {
+  const room = uniqueRoom('deflate');
+  const alice = await openPage(browser, 'alice', {}, '', recordSockets);
+  const bob = await openPage(browser, 'bob', {}, '', recordSockets);
+  await join(alice, 'alice', room);
+  await join(bob, 'bob', room);
+  for (const who of [alice, bob]) {
+    const extensions = await who.page.evaluate(() =>
+      window.__sockets.filter((ws) => ws.readyState === WebSocket.OPEN).map((ws) => ws.extensions),
+    );
+    assert(
+      extensions.length > 0 && extensions.every((e) => e.startsWith('permessage-deflate')),
+      `${who.label}: the chat page's WebSocket negotiated ${JSON.stringify(extensions)}, not permessage-deflate`,
+    );
+  }
+  // Longer than websocket.compression_min_bytes: it travels compressed both ways.
+  const long = Array.from({ length: 12 }, (_, i) => `Part ${i} of a long message that travels compressed.`).join(' ');
+  await send(alice, long);
+  await waitForOwnDelivered(alice, long);
+  await assertDeliveredOnce(alice, bob, long);
 });
 
 test('files: a picked file and a dropped image arrive as byte-identical downloads', async (browser) => {

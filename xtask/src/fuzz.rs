@@ -26,7 +26,8 @@ use std::process::Command;
 use anyhow::{Context as _, bail};
 
 /// Every target in `fuzz/Cargo.toml`, in the order they run without a name.
-pub(crate) const TARGETS: &[&str] = &["protocol_text", "protocol_binary", "transfer_assembler", "hub"];
+pub(crate) const TARGETS: &[&str] =
+    &["protocol_text", "protocol_binary", "transfer_assembler", "hub", "inflate"];
 
 /// Seconds per target when every target runs.
 const SHORT_RUN_SECS: u64 = 30;

@@ -172,6 +172,9 @@ struct Scale {
     /// Bytes of padding in each chat message.
     #[arg(long, value_name = "BYTES")]
     padding: Option<usize>,
+    /// Clients offer permessage-deflate (as browsers do).
+    #[arg(long)]
+    deflate: bool,
 }
 
 /// Load scenarios against release hubbub and the reference peers in
@@ -252,6 +255,7 @@ struct Params {
     threads: usize,
     sources: usize,
     padding: usize,
+    deflate: bool,
 }
 
 impl Params {
@@ -289,6 +293,7 @@ impl Params {
                 _ => clients.div_ceil(10_000).max(1),
             }),
             padding: scale.padding.unwrap_or(0),
+            deflate: scale.deflate,
         }
     }
 
@@ -510,6 +515,7 @@ fn clients(server: &mut ServerProcess, scenario: Scenario, params: &Params) -> a
         },
         connect_concurrency: 64,
         padding: params.padding,
+        deflate: params.deflate,
     };
     let seconds = Duration::from_secs_f64(params.seconds);
     let idle = scenario == Scenario::Idle;
@@ -549,6 +555,7 @@ fn churn(server: &ServerProcess, params: &Params, kind: ServerKind) -> anyhow::R
         read_buffer: 1024,
         connect_concurrency: params.workers,
         padding: 0,
+        deflate: false,
     };
     let warmup = churn::Options {
         workers: params.workers,
@@ -852,6 +859,7 @@ mod tests {
             lost: 0,
             delivery_ratio: Some(1.0),
             deliveries_per_sec,
+            bytes_per_delivery: None,
             closed: 0,
             latency_ms: Some(latency),
             generator_cpu_percent: 61.0,

@@ -108,6 +108,9 @@ pub struct Plan {
     pub connect_concurrency: usize,
     /// Bytes of padding added to each chat message's text.
     pub padding: usize,
+    /// Offer permessage-deflate (RFC 7692) in the handshake, and inflate
+    /// the compressed frames the server then sends.
+    pub deflate: bool,
 }
 
 impl Plan {
@@ -163,6 +166,9 @@ pub struct Shared {
     pub expected: AtomicU64,
     /// Chat messages received.
     pub delivered: AtomicU64,
+    /// Bytes read from the server after setup, frames and headers (what
+    /// the wire carried, compressed or not).
+    pub bytes_in: AtomicU64,
     /// Per sender, in window mode.
     windows: Vec<Window>,
     /// The zero of the send timestamps in messages.
@@ -192,6 +198,7 @@ impl Shared {
             sent: AtomicU64::new(0),
             expected: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
             windows,
             epoch: Instant::now(),
         })
@@ -388,6 +395,10 @@ impl Client {
             while let Some(frame) = parse_frame(&buf[start..end])? {
                 let payload = &buf[start + frame.payload.start..start + frame.payload.end];
                 match frame.opcode {
+                    OP_TEXT if frame.compressed => {
+                        let inflated = inflate_prefix(payload, INFLATE_PREFIX)?;
+                        self.on_text(&inflated, now, &mut tally);
+                    }
                     OP_TEXT | OP_CONTINUATION => self.on_text(payload, now, &mut tally),
                     OP_PING => {
                         let mask = self.mask();
@@ -442,7 +453,10 @@ impl Client {
                 },
                 read = stream.read(&mut buf[end..]) => match read {
                     Ok(0) => bail!("the server closed the TCP connection"),
-                    Ok(n) => end += n,
+                    Ok(n) => {
+                        end += n;
+                        self.shared.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                    }
                     Err(err) => return Err(err).context("reading"),
                 },
             }
@@ -571,9 +585,10 @@ pub async fn connect(plan: &Plan, id: usize) -> anyhow::Result<(TcpStream, Vec<u
     }
     let mut stream = socket.connect(plan.addr).await.context("connecting")?;
     stream.set_nodelay(true).context("TCP_NODELAY")?;
+    let offer = if plan.deflate { "Sec-WebSocket-Extensions: permessage-deflate\r\n" } else { "" };
     let request = format!(
         "GET /ws/chat HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n",
         plan.addr
     );
     stream.write_all(request.as_bytes()).await.context("sending the upgrade request")?;
@@ -618,6 +633,8 @@ pub const OP_PONG: u8 = 0xA;
 pub struct FrameRef {
     /// The frame's opcode (`OP_*`).
     pub opcode: u8,
+    /// RSV1: the payload is compressed (permessage-deflate).
+    pub compressed: bool,
     /// The payload's byte range, relative to the frame's start.
     pub payload: std::ops::Range<usize>,
     /// The whole frame's length.
@@ -647,7 +664,45 @@ pub fn parse_frame(buf: &[u8]) -> anyhow::Result<Option<FrameRef>> {
     if buf.len() < total {
         return Ok(None);
     }
-    Ok(Some(FrameRef { opcode: first & 0x0f, payload: header..total, len: total }))
+    Ok(Some(FrameRef {
+        opcode: first & 0x0f,
+        compressed: first & 0x40 != 0,
+        payload: header..total,
+        len: total,
+    }))
+}
+
+thread_local! {
+    /// This generator thread's inflater, reset for each message: the
+    /// server takes no context over between messages.
+    static INFLATER: std::cell::RefCell<flate2::Decompress> =
+        std::cell::RefCell::new(flate2::Decompress::new(false));
+}
+
+/// How much of a compressed message the generator inflates: enough for
+/// the event's type and the marker, which come first. Inflating the rest
+/// would measure the generator, not the server; the bytes on the wire are
+/// counted whole.
+const INFLATE_PREFIX: usize = 256;
+
+/// Inflates the first `max` bytes of one compressed message (RFC 7692: the
+/// payload, then `00 00 ff ff`), or all of it if it is shorter.
+pub fn inflate_prefix(payload: &[u8], max: usize) -> anyhow::Result<Vec<u8>> {
+    INFLATER.with_borrow_mut(|inflater| {
+        inflater.reset(false);
+        let mut out = Vec::with_capacity(max);
+        for input in [payload, &[0, 0, 0xff, 0xff]] {
+            let before = inflater.total_in();
+            inflater
+                .decompress_vec(input, &mut out, flate2::FlushDecompress::Sync)
+                .context("the server sent invalid compressed data")?;
+            let consumed = inflater.total_in() - before;
+            if out.len() == out.capacity() || consumed < input.len() as u64 {
+                break;
+            }
+        }
+        Ok(out)
+    })
 }
 
 /// Appends a final, masked client frame.
@@ -833,6 +888,7 @@ mod tests {
             read_buffer: 4096,
             connect_concurrency: 1,
             padding: 0,
+            deflate: false,
         };
         assert_eq!((0..10).map(|r| plan.room_size(r)).sum::<usize>(), 25);
         assert_eq!(plan.room_size(0), 3);

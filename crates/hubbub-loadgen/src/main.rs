@@ -61,6 +61,10 @@ struct Args {
     /// default one per 10,000 clients.
     #[arg(long)]
     sources: Option<usize>,
+    /// Offer permessage-deflate, as browsers do: the server then sends
+    /// messages of at least `websocket.compression_min_bytes` compressed.
+    #[arg(long)]
+    deflate: bool,
     /// Bytes of padding added to each chat message's text.
     #[arg(long, default_value_t = 0)]
     padding: usize,
@@ -158,6 +162,7 @@ fn plan(args: &Args) -> anyhow::Result<(Plan, Options)> {
         read_buffer: if senders == 0 { 1024 } else { 64 * 1024 },
         connect_concurrency: 64,
         padding: args.padding,
+        deflate: args.deflate,
     };
     let setup_timeout = match args.setup_timeout {
         Some(value) => seconds(value, "--setup-timeout", 3600.0)?,
@@ -183,6 +188,10 @@ fn table(s: &Summary) -> String {
         ("connect (setup)", format!("{:.2} s", s.setup_seconds)),
         ("window", format!("{:.1} s", s.seconds)),
         ("deliveries/s", format!("{:.0}", s.deliveries_per_sec)),
+        (
+            "bytes in per delivery",
+            s.bytes_per_delivery.map_or_else(|| "n/a".to_owned(), |b| format!("{b:.1}")),
+        ),
     ];
     let latency = s.latency_ms.map(|l| [l.p50, l.p90, l.p99, l.p999, l.max].map(format_ms));
     for (i, name) in

@@ -84,6 +84,9 @@ pub struct Summary {
     pub delivery_ratio: Option<f64>,
     /// Deliveries per second over the sending window.
     pub deliveries_per_sec: f64,
+    /// Bytes the clients read during the window per delivery in it: what
+    /// one delivered chat message costs on the wire (pings included).
+    pub bytes_per_delivery: Option<f64>,
     /// Connections the server closed during the run.
     pub closed: usize,
     /// End-to-end latency from the send time each message carries to its
@@ -241,6 +244,7 @@ fn drive(plan: &Plan, shared: &Shared, options: &Options, started: Instant) -> a
 
     let (cpu0, gen0, delivered0) =
         (server_cpu(options.server_pid)?, own_cpu_time()?, shared.delivered.load(Ordering::Relaxed));
+    let bytes0 = shared.bytes_in.load(Ordering::Relaxed);
     let t0 = Instant::now();
     shared.set_phase(Phase::Run);
     std::thread::sleep(options.seconds);
@@ -248,6 +252,7 @@ fn drive(plan: &Plan, shared: &Shared, options: &Options, started: Instant) -> a
     let window = t0.elapsed();
     let (cpu1, gen1, delivered1) =
         (server_cpu(options.server_pid)?, own_cpu_time()?, shared.delivered.load(Ordering::Relaxed));
+    let bytes1 = shared.bytes_in.load(Ordering::Relaxed);
     let server = match options.server_pid {
         Some(pid) => Some(ServerSample {
             pid,
@@ -289,6 +294,8 @@ fn drive(plan: &Plan, shared: &Shared, options: &Options, started: Instant) -> a
         lost: i64::try_from(i128::from(expected) - i128::from(delivered)).unwrap_or(i64::MAX),
         delivery_ratio: (expected > 0).then(|| delivered as f64 / expected as f64),
         deliveries_per_sec: delivered1.saturating_sub(delivered0) as f64 / window.as_secs_f64(),
+        bytes_per_delivery: (delivered1 > delivered0)
+            .then(|| bytes1.saturating_sub(bytes0) as f64 / (delivered1 - delivered0) as f64),
         closed: shared.closed.load(Ordering::Relaxed),
         latency_ms: None,
         generator_cpu_percent: percent(gen1.saturating_sub(gen0), window),

@@ -20,6 +20,7 @@ fn plan(addr: std::net::SocketAddr, clients: usize, rooms: usize) -> Plan {
         read_buffer: 1024,
         connect_concurrency: 4,
         padding: 0,
+        deflate: false,
     }
 }
 

@@ -808,7 +808,7 @@ mod tests {
 
     /// A chat session with no socket: what it queues is read from its peer.
     fn session(shared: &Arc<Shared>) -> (ChatSession, Peer) {
-        let peer = Peer::new(64, 1 << 20);
+        let peer = Peer::new(64, 1 << 20, crate::deflate::Deflate::OFF);
         let session = ChatSession::start(shared.clone(), peer.clone(), "127.0.0.1".parse().unwrap(), None);
         let greeting = drain(&peer);
         assert_eq!(greeting[0]["type"], "welcome");

@@ -492,6 +492,17 @@ pub struct WebSocketLimits {
     /// far behind is disconnected (close 1008); one frame is always
     /// accepted into an empty queue, whatever its size. Default 262,144.
     pub outbound_queue_bytes: usize,
+    /// Whether permessage-deflate (RFC 7692) is negotiated with clients
+    /// that offer it, on every WebSocket endpoint. Default on. It costs no
+    /// memory per connection (no context is kept between messages: the
+    /// server answers with `server_no_context_takeover` and
+    /// `client_no_context_takeover`); it costs CPU once per broadcast, not
+    /// once per recipient, and once per compressed message a client sends.
+    pub compression: bool,
+    /// Messages shorter than this many bytes go uncompressed even to a
+    /// client that negotiated compression: below it, deflate saves too few
+    /// bytes for its CPU. Default 256.
+    pub compression_min_bytes: usize,
 }
 
 impl Default for Config {
@@ -526,6 +537,8 @@ impl Default for WebSocketLimits {
             max_frame_bytes: 65_540,
             outbound_queue: 1024,
             outbound_queue_bytes: 256 << 10,
+            compression: true,
+            compression_min_bytes: 256,
         }
     }
 }

@@ -43,6 +43,7 @@ use tokio_util::sync::WaitForCancellationFuture;
 use tracing::Instrument;
 
 use crate::Shared;
+use crate::deflate::Deflate;
 use crate::link::{CloseReason, Frame, Peer};
 use crate::metrics::code_label;
 use crate::ws::{self, Decoder, Incoming, ReadError};
@@ -91,8 +92,9 @@ impl Endpoint {
 }
 
 /// Sets up a connection and returns the future that runs it to its end.
-/// `make_handler` builds the endpoint's handler once the connection's
-/// [`Peer`] exists (a chat session greets its client there).
+/// `deflate` is what the handshake negotiated. `make_handler` builds the
+/// endpoint's handler once the connection's [`Peer`] exists (a chat session
+/// greets its client there).
 ///
 /// Everything is built here, synchronously, and moved into one `async`
 /// block that uses it in place: an `async fn` would keep a second copy of
@@ -102,10 +104,11 @@ pub(crate) fn run<S: Stream, H: Handler>(
     shared: Arc<Shared>,
     endpoint: Endpoint,
     ip: IpAddr,
+    deflate: Deflate,
     make_handler: impl FnOnce(Peer) -> H,
 ) -> impl Future<Output = ()> {
-    let peer =
-        Peer::new(shared.config.websocket.outbound_queue, shared.config.websocket.outbound_queue_bytes);
+    let limits = &shared.config.websocket;
+    let peer = Peer::new(limits.outbound_queue, limits.outbound_queue_bytes, deflate);
     let span = tracing::info_span!(
         "conn",
         client = %peer.id(),
@@ -122,10 +125,10 @@ pub(crate) fn run<S: Stream, H: Handler>(
         let limits = &shared.config.websocket;
         let wire = Wire {
             io: socket,
-            decoder: Decoder::new(ws::FrameLimits {
-                max_frame: limits.max_frame_bytes,
-                max_message: limits.max_message_bytes,
-            }),
+            decoder: Decoder::new(
+                ws::FrameLimits { max_frame: limits.max_frame_bytes, max_message: limits.max_message_bytes },
+                deflate,
+            ),
             sending: VecDeque::new(),
             offset: 0,
         };
@@ -184,6 +187,7 @@ impl<S: Stream> Wire<S> {
         &mut self,
         cx: &mut Context<'_>,
         peer: &Peer,
+        min_bytes: usize,
         shutdown: Pin<&mut WaitForCancellationFuture<'_>>,
         timer: Option<Pin<&mut Sleep>>,
     ) -> Poll<Event> {
@@ -197,7 +201,7 @@ impl<S: Stream> Wire<S> {
         if timer.is_some_and(|timer| timer.poll(cx).is_ready()) {
             return Poll::Ready(Event::Timer);
         }
-        match self.poll_write(cx, peer) {
+        match self.poll_write(cx, peer, min_bytes) {
             Poll::Ready(Err(err)) => return Poll::Ready(Event::WriteFailed(err)),
             // Reading waits while much is left to write: every message read
             // may queue a reply, and a client that sends faster than it reads
@@ -212,7 +216,11 @@ impl<S: Stream> Wire<S> {
     }
 
     /// Writes everything queued, then flushes. Ready once nothing is left.
-    fn poll_write(&mut self, cx: &mut Context<'_>, peer: &Peer) -> Poll<io::Result<()>> {
+    /// Each frame goes in the form the peer negotiated: compressed when it
+    /// asked for permessage-deflate and the message has at least
+    /// `min_bytes` (`Frame::wire`).
+    fn poll_write(&mut self, cx: &mut Context<'_>, peer: &Peer, min_bytes: usize) -> Poll<io::Result<()>> {
+        let deflate = peer.deflate();
         loop {
             if self.sending.is_empty() {
                 // Release a deque that grew for a burst, then take the queue.
@@ -227,24 +235,27 @@ impl<S: Stream> Wire<S> {
             let mut slices = [IoSlice::new(&[]); MAX_SLICES];
             let mut count = 0;
             for (slot, frame) in slices.iter_mut().zip(&self.sending) {
-                *slot = IoSlice::new(if count == 0 { &frame[self.offset..] } else { frame });
+                let bytes = frame.wire(deflate, min_bytes);
+                *slot = IoSlice::new(if count == 0 { &bytes[self.offset..] } else { bytes });
                 count += 1;
             }
             let written = ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..count]))?;
             if written == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
-            self.advance(written, peer);
+            self.advance(written, peer, min_bytes);
         }
     }
 
-    /// Drops what a write consumed, and tells the peer's queue limits.
-    fn advance(&mut self, written: usize, peer: &Peer) {
+    /// Drops what a write consumed, and tells the peer's queue limits
+    /// (which count plain frames, as they were queued).
+    fn advance(&mut self, written: usize, peer: &Peer, min_bytes: usize) {
+        let deflate = peer.deflate();
         let mut left_over = written;
         let mut frames = 0;
         let mut bytes = 0;
         while let Some(front) = self.sending.front() {
-            let left = front.len() - self.offset;
+            let left = front.wire(deflate, min_bytes).len() - self.offset;
             if left_over < left {
                 self.offset += left_over;
                 break;
@@ -295,8 +306,8 @@ impl<S: Stream> Wire<S> {
     }
 
     /// Writes everything queued (or left to write) to the socket.
-    async fn write_all(&mut self, peer: &Peer) -> io::Result<()> {
-        poll_fn(|cx| self.poll_write(cx, peer)).await
+    async fn write_all(&mut self, peer: &Peer, min_bytes: usize) -> io::Result<()> {
+        poll_fn(|cx| self.poll_write(cx, peer, min_bytes)).await
     }
 }
 
@@ -314,6 +325,7 @@ async fn dispatch<H: Handler>(handler: &mut H, message: Incoming) {
 async fn handle<S: Stream>(
     wire: &mut Wire<S>,
     peer: &Peer,
+    min_bytes: usize,
     mut shutdown: Pin<&mut WaitForCancellationFuture<'_>>,
     mut handled: Pin<Box<impl Future<Output = ()>>>,
 ) -> bool {
@@ -326,7 +338,7 @@ async fn handle<S: Stream>(
         if handled.as_mut().poll(cx).is_ready() {
             return Poll::Ready(true);
         }
-        if let Poll::Ready(Err(err)) = wire.poll_write(cx, peer) {
+        if let Poll::Ready(Err(err)) = wire.poll_write(cx, peer, min_bytes) {
             tracing::debug!(cause = %err, "write failed");
             peer.close(CloseReason::ABNORMAL);
             return Poll::Ready(false);
@@ -360,9 +372,16 @@ fn drive<S: Stream, H: Handler>(
         // nothing more is read from it, not even a close frame.
         let mut failed = false;
         loop {
-            let event =
-                poll_fn(|cx| wire.poll_event(cx, &peer, shutdown.as_mut(), timer.as_mut().map(Pin::as_mut)))
-                    .await;
+            let event = poll_fn(|cx| {
+                wire.poll_event(
+                    cx,
+                    &peer,
+                    shared.config.websocket.compression_min_bytes,
+                    shutdown.as_mut(),
+                    timer.as_mut().map(Pin::as_mut),
+                )
+            })
+            .await;
             match event {
                 Event::Closing | Event::Shutdown => break,
                 Event::Timer => {
@@ -381,7 +400,15 @@ fn drive<S: Stream, H: Handler>(
                         stats.received.inc();
                         stats.bytes_in.inc_by(message.data_len() as u64);
                         let handled = Box::pin(dispatch(&mut handler, message));
-                        if !handle(&mut wire, &peer, shutdown.as_mut(), handled).await {
+                        if !handle(
+                            &mut wire,
+                            &peer,
+                            shared.config.websocket.compression_min_bytes,
+                            shutdown.as_mut(),
+                            handled,
+                        )
+                        .await
+                        {
                             break;
                         }
                     }
@@ -452,7 +479,14 @@ fn drive<S: Stream, H: Handler>(
             // otherwise enlarge every connection's task for its whole life.
             let closing = Box::pin(tokio::time::timeout(
                 close_timeout,
-                close(&mut wire, &peer, &ours, client_close, failed),
+                close(
+                    &mut wire,
+                    &peer,
+                    shared.config.websocket.compression_min_bytes,
+                    &ours,
+                    client_close,
+                    failed,
+                ),
             ));
             if closing.await.is_err() {
                 tracing::debug!("closing handshake not completed in time");
@@ -471,6 +505,7 @@ fn drive<S: Stream, H: Handler>(
 async fn close<S: Stream>(
     wire: &mut Wire<S>,
     peer: &Peer,
+    min_bytes: usize,
     ours: &CloseReason,
     client_close: Option<Option<CloseCode>>,
     failed: bool,
@@ -482,7 +517,7 @@ async fn close<S: Stream>(
         None => ours.frame(),
     };
     if client_close.is_none() && ours.drain_queue {
-        if wire.write_all(peer).await.is_err() {
+        if wire.write_all(peer, min_bytes).await.is_err() {
             return;
         }
     } else {
@@ -491,7 +526,7 @@ async fn close<S: Stream>(
         wire.sending.truncate(usize::from(wire.offset > 0));
     }
     wire.sending.push_back(frame);
-    if wire.write_all(peer).await.is_err() {
+    if wire.write_all(peer, min_bytes).await.is_err() {
         return;
     }
     if client_close.is_none() && !failed {
@@ -541,7 +576,7 @@ mod tests {
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
         let (handle, peer) = std::sync::mpsc::channel();
         let state = shared.clone();
-        let connection = run(server, shared.clone(), Endpoint::Echo, ip, move |p| {
+        let connection = run(server, shared.clone(), Endpoint::Echo, ip, Deflate::OFF, move |p| {
             handle.send(p.clone()).unwrap();
             Echo::new(state, p, ip)
         });

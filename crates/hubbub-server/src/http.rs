@@ -180,19 +180,20 @@ fn upgrade(
     // Boxed while it waits for the handshake to complete.
     let identity = identity.map(Box::new);
     let tasks = shared.tasks.clone();
-    accept(req, &tasks, move |socket| {
+    let compression = shared.config.websocket.compression;
+    accept(req, &tasks, compression, move |socket, deflate| {
         let state = shared.clone();
         let connection = match endpoint {
-            Endpoint::Chat => Either::Left(conn::run(socket, shared, endpoint, ip, move |peer| {
+            Endpoint::Chat => Either::Left(conn::run(socket, shared, endpoint, ip, deflate, move |peer| {
                 ChatSession::start(state, peer, ip, identity.map(|identity| *identity))
             })),
             Endpoint::Echo => {
-                Either::Right(Either::Left(conn::run(socket, shared, endpoint, ip, move |peer| {
+                Either::Right(Either::Left(conn::run(socket, shared, endpoint, ip, deflate, move |peer| {
                     Echo::new(state, peer, ip)
                 })))
             }
             Endpoint::Notifications => {
-                Either::Right(Either::Right(conn::run(socket, shared, endpoint, ip, |peer| {
+                Either::Right(Either::Right(conn::run(socket, shared, endpoint, ip, deflate, |peer| {
                     Subscriber::start(state, peer)
                 })))
             }

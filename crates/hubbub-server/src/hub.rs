@@ -471,7 +471,7 @@ mod tests {
     use serde_json::json;
 
     fn peer() -> Peer {
-        Peer::new(64, 1 << 20)
+        Peer::new(64, 1 << 20, crate::deflate::Deflate::OFF)
     }
 
     #[test]
@@ -534,7 +534,7 @@ mod tests {
     #[test]
     fn a_slow_member_is_closed_and_the_others_still_receive() {
         let hub = Hub::new(Arc::new(Stats::new()));
-        let slow = Peer::new(8, 1 << 20);
+        let slow = Peer::new(8, 1 << 20, crate::deflate::Deflate::OFF);
         let fast = peer();
         let room = hub.join(&slow, "slow", "r", None).room;
         hub.join(&fast, "fast", "r", None);

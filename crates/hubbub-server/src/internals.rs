@@ -28,6 +28,7 @@ use uuid::Uuid;
 
 use crate::chat::ChatSession;
 use crate::conn::Handler as _;
+use crate::deflate::Deflate;
 use crate::hub::{Hub, Room};
 use crate::link::{CloseReason, Frame, Peer, encode};
 use crate::metrics::Stats;
@@ -79,7 +80,7 @@ impl BenchRoom {
     pub fn new(recipients: usize) -> Self {
         let hub = Hub::new(Arc::new(Stats::new()));
         let limits = Config::default().websocket;
-        let peer = || Peer::new(limits.outbound_queue, limits.outbound_queue_bytes);
+        let peer = || Peer::new(limits.outbound_queue, limits.outbound_queue_bytes, Deflate::OFF);
         let sender = peer();
         let room = hub.join(&sender, "sender", "bench", None).room;
         take_written(&sender);
@@ -148,7 +149,7 @@ impl ChatServer {
     /// without a token does: its queue gets `welcome` and `connected`.
     pub fn connect(&self) -> ChatClient {
         let limits = &self.shared.config.websocket;
-        let peer = Peer::new(limits.outbound_queue, limits.outbound_queue_bytes);
+        let peer = Peer::new(limits.outbound_queue, limits.outbound_queue_bytes, Deflate::OFF);
         let session = ChatSession::start(self.shared.clone(), peer.clone(), LOOPBACK, None);
         ChatClient { session, peer }
     }
@@ -249,4 +250,18 @@ impl ChatClient {
         self.peer.close(reason);
         self.session.on_close();
     }
+}
+
+/// Inflates one compressed client message as the server's decoder does
+/// (permessage-deflate, the trailing `00 00 ff ff` removed), into at most
+/// `limit` bytes: `None` when the server would refuse it (1009 past the
+/// limit, 1007 for bad data). For the `inflate` fuzz target.
+pub fn inflate(compressed: &[u8], limit: usize) -> Option<Vec<u8>> {
+    crate::deflate::inflate(compressed, limit).ok()
+}
+
+/// Compresses one message as the server does for a broadcast: `None` when
+/// it would go uncompressed because compressing does not make it smaller.
+pub fn compress(message: &[u8]) -> Option<Vec<u8>> {
+    crate::deflate::compress(message)
 }

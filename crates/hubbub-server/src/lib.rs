@@ -25,6 +25,7 @@ mod auth;
 mod chat;
 mod config;
 mod conn;
+mod deflate;
 mod echo;
 mod feed;
 mod http;

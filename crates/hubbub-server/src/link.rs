@@ -19,6 +19,7 @@ use futures_util::task::AtomicWaker;
 use hubbub_protocol::ServerMessage;
 use uuid::Uuid;
 
+use crate::deflate::Deflate;
 use crate::metrics::Stats;
 use crate::sync::lock;
 pub(crate) use crate::ws::Frame;
@@ -100,14 +101,19 @@ struct Link {
     waker: AtomicWaker,
     /// Set once the connection must close; nothing more is queued after.
     closing: AtomicBool,
+    /// What permessage-deflate the connection negotiated (`Deflate`'s
+    /// byte): the one thing compression keeps per connection. It sits in
+    /// what was padding after `closing`, so the link is no larger.
+    deflate: u8,
     /// The first close reason recorded wins.
     reason: OnceLock<CloseReason>,
 }
 
 impl Peer {
     /// A new connection's shared half, whose queue holds `capacity` frames
-    /// and `max_bytes` bytes (limits past `u32::MAX` count as `u32::MAX`).
-    pub(crate) fn new(capacity: usize, max_bytes: usize) -> Self {
+    /// and `max_bytes` bytes (limits past `u32::MAX` count as `u32::MAX`),
+    /// for a connection that negotiated `deflate`.
+    pub(crate) fn new(capacity: usize, max_bytes: usize, deflate: Deflate) -> Self {
         let link = Link {
             id: Uuid::new_v4(),
             queue: Mutex::new(VecDeque::new()),
@@ -117,6 +123,7 @@ impl Peer {
             backlog_bytes: AtomicU32::new(0),
             waker: AtomicWaker::new(),
             closing: AtomicBool::new(false),
+            deflate: deflate.to_byte(),
             reason: OnceLock::new(),
         };
         Self { link: Arc::new(link) }
@@ -125,6 +132,12 @@ impl Peer {
     /// The connection's id.
     pub(crate) fn id(&self) -> ClientId {
         self.link.id
+    }
+
+    /// What permessage-deflate the connection negotiated: which form of a
+    /// shared frame its task writes (`Frame::wire`).
+    pub(crate) fn deflate(&self) -> Deflate {
+        Deflate::from_byte(self.link.deflate)
     }
 
     /// Queues a frame without waiting. Returns false if the connection is
@@ -255,7 +268,7 @@ mod tests {
 
     #[test]
     fn a_queue_full_in_frames_closes_the_peer_as_a_slow_consumer() {
-        let peer = Peer::new(3, 1 << 20);
+        let peer = Peer::new(3, 1 << 20, Deflate::OFF);
         for _ in 0..3 {
             assert!(peer.send(text(1)));
         }
@@ -270,7 +283,7 @@ mod tests {
 
     #[test]
     fn a_queue_full_in_bytes_closes_the_peer_and_one_frame_always_fits_an_empty_queue() {
-        let peer = Peer::new(100, 1000);
+        let peer = Peer::new(100, 1000, Deflate::OFF);
         // Larger than the whole budget, but the queue is empty.
         assert!(peer.send(text(5000)));
         assert!(peer.backlogged());
@@ -284,8 +297,25 @@ mod tests {
     }
 
     #[test]
+    fn the_deflate_byte_does_not_make_the_link_larger() {
+        // Everything but the byte, as the link was before it.
+        #[allow(dead_code)]
+        struct Before {
+            id: ClientId,
+            queue: Mutex<VecDeque<Frame>>,
+            counters: [u32; 4],
+            waker: AtomicWaker,
+            closing: AtomicBool,
+            reason: OnceLock<CloseReason>,
+        }
+        assert_eq!(std::mem::size_of::<Link>(), std::mem::size_of::<Before>());
+        let peer = Peer::new(8, 1 << 10, Deflate::FULL);
+        assert_eq!(peer.deflate(), Deflate::FULL);
+    }
+
+    #[test]
     fn the_first_close_reason_wins_and_shutdown_is_the_default() {
-        let peer = Peer::new(8, 1 << 10);
+        let peer = Peer::new(8, 1 << 10, Deflate::OFF);
         assert_eq!(peer.close_reason().code, CloseCode::AWAY);
         assert!(peer.close(CloseReason::FLOODING));
         assert!(!peer.close(CloseReason::SLOW_CONSUMER));

@@ -147,7 +147,7 @@ mod tests {
 
     impl Conn {
         fn new(registry: &Registry, answers: bool) -> Self {
-            let peer = Peer::new(64, 1 << 20);
+            let peer = Peer::new(64, 1 << 20, crate::deflate::Deflate::OFF);
             let slot = registry.insert(&peer);
             Self { peer, slot, answers }
         }

@@ -16,6 +16,8 @@ use hyper_util::rt::TokioIo;
 use sha1::{Digest as _, Sha1};
 use tokio_util::task::TaskTracker;
 
+use crate::deflate::{self, Deflate};
+
 /// The byte stream of an accepted WebSocket, after the handshake.
 pub(crate) type Socket = TokioIo<hyper::upgrade::Upgraded>;
 
@@ -26,12 +28,19 @@ pub(crate) fn wants_upgrade(headers: &HeaderMap) -> bool {
 }
 
 /// Answers a WebSocket upgrade request: `101` and, once hyper has switched
-/// protocols, `on_socket` runs with the socket. A request that is not a
-/// valid WebSocket upgrade gets a 4xx and `on_socket` never runs. The
-/// connection's task is tracked by `tasks`, so shutdown can wait for it.
-pub(crate) fn accept<F, Fut>(mut req: Request, tasks: &TaskTracker, on_socket: F) -> Response
+/// protocols, `on_socket` runs with the socket and what permessage-deflate
+/// was negotiated (only if `compression` is on and the client offered it).
+/// A request that is not a valid WebSocket upgrade gets a 4xx and
+/// `on_socket` never runs. The connection's task is tracked by `tasks`, so
+/// shutdown can wait for it.
+pub(crate) fn accept<F, Fut>(
+    mut req: Request,
+    tasks: &TaskTracker,
+    compression: bool,
+    on_socket: F,
+) -> Response
 where
-    F: FnOnce(Socket) -> Fut + Send + 'static,
+    F: FnOnce(Socket, Deflate) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let headers = req.headers();
@@ -61,6 +70,14 @@ where
         return (StatusCode::BAD_REQUEST, "Sec-WebSocket-Key must be 16 bytes in base64\n").into_response();
     }
     let accept_key = derive_accept_key(key.as_bytes());
+    let negotiated = if compression {
+        deflate::negotiate(
+            headers.get_all(header::SEC_WEBSOCKET_EXTENSIONS).iter().filter_map(|v| v.to_str().ok()),
+        )
+    } else {
+        None
+    };
+    let deflate = negotiated.as_ref().map_or(Deflate::OFF, |(deflate, _)| *deflate);
     let Some(on_upgrade) = req.extensions_mut().remove::<OnUpgrade>() else {
         // Only hyper's HTTP/1 server provides the upgrade hook.
         return (StatusCode::BAD_REQUEST, "Connection cannot be upgraded\n").into_response();
@@ -68,7 +85,7 @@ where
 
     tasks.spawn(async move {
         match on_upgrade.await {
-            Ok(upgraded) => on_socket(TokioIo::new(upgraded)).await,
+            Ok(upgraded) => on_socket(TokioIo::new(upgraded), deflate).await,
             Err(err) => tracing::debug!(cause = %err, "upgrade failed after 101"),
         }
     });
@@ -81,6 +98,10 @@ where
     // The accept key is base64, always a valid header value.
     if let Ok(value) = HeaderValue::from_str(&accept_key) {
         h.insert(header::SEC_WEBSOCKET_ACCEPT, value);
+    }
+    // Made of our own ASCII text, always a valid header value.
+    if let Some(Ok(value)) = negotiated.map(|(_, response)| HeaderValue::from_str(&response)) {
+        h.insert(header::SEC_WEBSOCKET_EXTENSIONS, value);
     }
     response
 }

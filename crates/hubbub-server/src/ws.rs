@@ -13,12 +13,22 @@
 //! have arrived (at most doubling them), never to the length a header
 //! announces, so headers alone cannot make the server reserve memory.
 //!
-//! [`encode`] builds a server frame (never masked): one allocation holding
-//! header and payload, which a broadcast shares among all its recipients.
+//! With permessage-deflate negotiated (`deflate`), a client's message whose
+//! first frame has RSV1 set is inflated once complete, with the message
+//! size limit applied to the inflated size; without it, RSV1 stays a
+//! protocol error.
+//!
+//! [`encode`] builds a server frame (never masked), which a broadcast
+//! shares among all its recipients: the plain frame, and for a data frame
+//! its compressed form, made the first time a recipient that negotiated
+//! compression needs it ([`Frame::wire`]), and then shared likewise.
 
 use std::ops::Range;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
+
+use crate::deflate::{self, Deflate, InflateError};
 
 /// The opcode of a frame the server sends (RFC 6455 section 5.2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -124,23 +134,85 @@ pub(crate) const MAX_HEADER: usize = 10;
 const MAX_CONTROL_PAYLOAD: usize = 125;
 
 /// A complete server frame, header included, ready for the socket and
-/// shared by reference count among its recipients.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Frame(Bytes);
+/// shared by reference count among its recipients. It dereferences to the
+/// plain (uncompressed) frame, whose length is what queue limits count.
+#[derive(Clone, Debug)]
+pub(crate) struct Frame(Arc<Encoded>);
+
+/// The two forms of a frame.
+#[derive(Debug)]
+struct Encoded {
+    /// The frame as RFC 6455 alone has it.
+    plain: Vec<u8>,
+    /// The frame compressed (RSV1 set), made once, by the first recipient
+    /// that needs it; `None` inside when compressing does not make it
+    /// smaller.
+    deflated: OnceLock<Option<Box<[u8]>>>,
+}
+
+impl PartialEq for Frame {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.plain == other.0.plain
+    }
+}
+
+impl Eq for Frame {}
 
 impl std::ops::Deref for Frame {
     type Target = [u8];
 
     fn deref(&self) -> &[u8] {
-        &self.0
+        &self.0.plain
     }
+}
+
+impl Frame {
+    /// The bytes to send to a client that negotiated `deflate`: the
+    /// compressed frame if the client can read it, the frame is a text or
+    /// binary message of at least `min_bytes`, and compression makes it
+    /// smaller; the plain frame otherwise. Control frames always go plain.
+    /// The answer for a given client never changes, so a write that is cut
+    /// short resumes in the same bytes.
+    pub(crate) fn wire(&self, deflate: Deflate, min_bytes: usize) -> &[u8] {
+        let plain = &self.0.plain;
+        let (opcode, header_len) = split_header(plain);
+        let payload_len = plain.len() - header_len;
+        if !deflate.fits(payload_len) || payload_len < min_bytes || !matches!(opcode, TEXT | BINARY) {
+            return plain;
+        }
+        let deflated = self.0.deflated.get_or_init(|| {
+            let compressed = deflate::compress(&plain[header_len..])?;
+            let mut frame = header(0xC0 | opcode, compressed.len());
+            frame.extend_from_slice(&compressed);
+            Some(frame.into_boxed_slice())
+        });
+        deflated.as_deref().unwrap_or(plain)
+    }
+}
+
+/// The opcode of a server frame and the length of its header.
+fn split_header(frame: &[u8]) -> (u8, usize) {
+    let header_len = match frame.get(1).map(|len| len & 0x7F) {
+        Some(126) => 4,
+        Some(127) => 10,
+        _ => 2,
+    };
+    (frame.first().map_or(0, |first| first & 0x0F), header_len)
 }
 
 /// Encodes a complete, unmasked server frame.
 pub(crate) fn encode(opcode: OpCode, payload: &[u8]) -> Frame {
-    let mut out = Vec::with_capacity(MAX_HEADER + payload.len());
-    out.push(0x80 | opcode as u8);
-    match payload.len() {
+    let mut out = header(0x80 | opcode as u8, payload.len());
+    out.extend_from_slice(payload);
+    Frame(Arc::new(Encoded { plain: out, deflated: OnceLock::new() }))
+}
+
+/// A frame header with first byte `b0` (FIN, RSV and opcode) for a payload
+/// of `len` bytes, in a buffer with room for the payload.
+fn header(b0: u8, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(MAX_HEADER + len);
+    out.push(b0);
+    match len {
         len @ 0..=125 => out.push(len as u8),
         len @ 126..=0xFFFF => {
             out.push(126);
@@ -151,8 +223,7 @@ pub(crate) fn encode(opcode: OpCode, payload: &[u8]) -> Frame {
             out.extend_from_slice(&(len as u64).to_be_bytes());
         }
     }
-    out.extend_from_slice(payload);
-    Frame(Bytes::from(out))
+    out
 }
 
 /// Encodes a close frame with a code and a reason (cut to fit a control
@@ -207,6 +278,18 @@ pub(crate) enum ReadError {
     /// A text message or close reason is not valid UTF-8.
     #[error("invalid UTF-8 in a text message or close reason")]
     Utf8,
+    /// A compressed message is not a valid deflate stream.
+    #[error("invalid compressed data")]
+    Inflate,
+}
+
+impl From<InflateError> for ReadError {
+    fn from(err: InflateError) -> Self {
+        match err {
+            InflateError::TooBig => Self::TooBig,
+            InflateError::Invalid => Self::Inflate,
+        }
+    }
 }
 
 impl ReadError {
@@ -215,7 +298,7 @@ impl ReadError {
         match self {
             Self::Protocol(_) => CloseCode::PROTOCOL,
             Self::TooBig => CloseCode::TOO_BIG,
-            Self::Utf8 => CloseCode::INVALID_DATA,
+            Self::Utf8 | Self::Inflate => CloseCode::INVALID_DATA,
         }
     }
 
@@ -225,6 +308,7 @@ impl ReadError {
             Self::Protocol(_) => "Protocol error",
             Self::TooBig => "Message too big",
             Self::Utf8 => "Text frame is not valid UTF-8",
+            Self::Inflate => "Invalid compressed data",
         }
     }
 }
@@ -234,7 +318,8 @@ impl ReadError {
 pub(crate) struct FrameLimits {
     /// Largest frame payload.
     pub(crate) max_frame: usize,
-    /// Largest message, all its fragments together.
+    /// Largest message, all its fragments together (inflated, when
+    /// compressed).
     pub(crate) max_message: usize,
 }
 
@@ -242,6 +327,9 @@ pub(crate) struct FrameLimits {
 #[derive(Debug)]
 struct Fragments {
     text: bool,
+    /// Compressed (RSV1 on its first frame): inflated once complete, and
+    /// its UTF-8 checked then.
+    compressed: bool,
     data: Vec<u8>,
     /// How much of `data` is known to be valid UTF-8 (text only).
     valid_up_to: usize,
@@ -258,17 +346,53 @@ enum Parsed {
 /// A complete message or control frame, its payload not yet copied out.
 enum Output {
     /// The payload is `range` of the bytes just parsed (already unmasked).
-    InPlace { opcode: u8, range: Range<usize> },
+    InPlace { opcode: u8, range: Range<usize>, compressed: bool },
     /// A fragmented message, joined.
-    Joined { text: bool, data: Vec<u8> },
+    Joined { text: bool, compressed: bool, data: Vec<u8> },
 }
 
-/// Parser state that outlives a frame: limits and a message in fragments.
+/// Parser state that outlives a frame: limits, whether compression was
+/// negotiated, and a message in fragments.
 #[derive(Debug)]
 struct FrameState {
-    limits: FrameLimits,
+    /// Largest frame payload; `u32` so that the flag below fits where the
+    /// limits were, and an idle connection stays the same size.
+    max_frame: u32,
+    /// Largest message.
+    max_message: u32,
+    /// Whether the client may send compressed messages (RSV1).
+    deflate: bool,
     /// Boxed: rare, and an idle connection should stay small.
     fragments: Option<Box<Fragments>>,
+}
+
+impl FrameState {
+    fn max_frame(&self) -> usize {
+        self.max_frame as usize
+    }
+
+    fn max_message(&self) -> usize {
+        self.max_message as usize
+    }
+
+    /// Largest payload of a frame, compressed or not.
+    fn frame_limit(&self, compressed: bool) -> usize {
+        if compressed { deflate_slack(self.max_frame()) } else { self.max_frame() }
+    }
+
+    /// Largest message on the wire, compressed or not (a compressed one is
+    /// held to `max_message` again once inflated).
+    fn message_limit(&self, compressed: bool) -> usize {
+        if compressed { deflate_slack(self.max_message()) } else { self.max_message() }
+    }
+}
+
+/// A limit on compressed bytes: deflate expands data it cannot compress a
+/// little (5 bytes for each stored block), so a message at the limit, sent
+/// compressed as browsers send every message, must still fit. The inflated
+/// message is held to the limit itself.
+fn deflate_slack(limit: usize) -> usize {
+    limit.saturating_add(limit / 256 + 64)
 }
 
 /// The decoder of one connection. See the [module docs](self).
@@ -283,9 +407,17 @@ pub(crate) struct Decoder {
 }
 
 impl Decoder {
-    /// A decoder that enforces `limits`.
-    pub(crate) fn new(limits: FrameLimits) -> Self {
-        Self { state: FrameState { limits, fragments: None }, buf: Vec::new(), pos: 0 }
+    /// A decoder that enforces `limits` (capped at 4 GiB), and inflates
+    /// compressed messages if `deflate` was negotiated.
+    pub(crate) fn new(limits: FrameLimits, deflate: Deflate) -> Self {
+        let cap = |limit: usize| u32::try_from(limit).unwrap_or(u32::MAX);
+        let state = FrameState {
+            max_frame: cap(limits.max_frame),
+            max_message: cap(limits.max_message),
+            deflate: deflate.is_on(),
+            fragments: None,
+        };
+        Self { state, buf: Vec::new(), pos: 0 }
     }
 
     /// Whether bytes are waiting: [`Decoder::next_buffered`] may yield a
@@ -308,7 +440,7 @@ impl Decoder {
     /// `large` bytes have arrived this says `None`, and the connection reads
     /// into its stack buffer and [`Decoder::feed`]s what came.
     pub(crate) fn large_frame_remaining(&mut self, large: usize) -> Option<usize> {
-        let total = frame_len(&self.buf[self.pos..], self.state.limits.max_frame)?;
+        let total = frame_len(&self.buf[self.pos..], self.state.frame_limit(self.state.deflate))?;
         let arrived = self.buf.len() - self.pos;
         if total < large || arrived < large || arrived >= total {
             return None;
@@ -348,7 +480,9 @@ impl Decoder {
                     at += consumed;
                     if let Some(output) = output {
                         let frame = &data[start..at];
-                        let message = finish(output, |range| Bytes::copy_from_slice(&frame[range]))?;
+                        let message = finish(output, self.state.max_message(), |range| {
+                            Bytes::copy_from_slice(&frame[range])
+                        })?;
                         self.keep(&data[at..]);
                         return Ok(Some(message));
                     }
@@ -374,10 +508,12 @@ impl Decoder {
                     // without copying (a large upload chunk, typically).
                     let whole = Bytes::from(std::mem::take(&mut self.buf));
                     self.pos = 0;
-                    finish(output, |range| whole.slice(range))?
+                    finish(output, self.state.max_message(), |range| whole.slice(range))?
                 } else {
                     let frame = &self.buf[start..self.pos];
-                    let message = finish(output, |range| Bytes::copy_from_slice(&frame[range]))?;
+                    let message = finish(output, self.state.max_message(), |range| {
+                        Bytes::copy_from_slice(&frame[range])
+                    })?;
                     self.compact();
                     message
                 };
@@ -476,7 +612,9 @@ impl FrameState {
         };
         // Everything about the header is checked before its payload arrives,
         // so an oversized or bogus frame is refused without buffering it.
-        if header.rsv != 0 {
+        // RSV1 marks a compressed message, on its first frame only.
+        let compressed = header.rsv == 0x40 && self.deflate && matches!(header.opcode, TEXT | BINARY);
+        if header.rsv != 0 && !compressed {
             return Err(ReadError::Protocol("reserved bits set without an extension"));
         }
         if !header.masked {
@@ -496,12 +634,14 @@ impl FrameState {
         if control && (!header.fin || header.len > MAX_CONTROL_PAYLOAD) {
             return Err(ReadError::Protocol("control frame fragmented or over 125 bytes"));
         }
-        if header.len > self.limits.max_frame {
+        let continues_compressed =
+            header.opcode == CONTINUATION && self.fragments.as_ref().is_some_and(|f| f.compressed);
+        if header.len > self.frame_limit(compressed || continues_compressed) {
             return Err(ReadError::TooBig);
         }
         if let Some(fragments) = &self.fragments
             && !control
-            && fragments.data.len().saturating_add(header.len) > self.limits.max_message
+            && fragments.data.len().saturating_add(header.len) > self.message_limit(fragments.compressed)
         {
             return Err(ReadError::TooBig);
         }
@@ -518,11 +658,15 @@ impl FrameState {
                     return Err(ReadError::Protocol("continuation frame with nothing to continue"));
                 };
                 fragments.data.extend_from_slice(&data[range]);
-                if fragments.text {
+                if fragments.text && !fragments.compressed {
                     check_utf8_prefix(fragments, header.fin)?;
                 }
                 if header.fin {
-                    self.fragments.take().map(|f| Output::Joined { text: f.text, data: f.data })
+                    self.fragments.take().map(|f| Output::Joined {
+                        text: f.text,
+                        compressed: f.compressed,
+                        data: f.data,
+                    })
                 } else {
                     None
                 }
@@ -530,16 +674,17 @@ impl FrameState {
             TEXT | BINARY if !header.fin => {
                 let mut fragments = Box::new(Fragments {
                     text: header.opcode == TEXT,
+                    compressed,
                     data: data[range].to_vec(),
                     valid_up_to: 0,
                 });
-                if fragments.text {
+                if fragments.text && !compressed {
                     check_utf8_prefix(&mut fragments, false)?;
                 }
                 self.fragments = Some(fragments);
                 None
             }
-            opcode => Some(Output::InPlace { opcode, range }),
+            opcode => Some(Output::InPlace { opcode, range, compressed }),
         };
         Ok(Parsed::Frame { consumed: end, output })
     }
@@ -563,21 +708,33 @@ fn check_utf8_prefix(fragments: &mut Fragments, last: bool) -> Result<(), ReadEr
 
 /// Turns a parsed frame into a message. `payload` gives the bytes of a
 /// range of the frame (header included): a copy, or a slice of a buffer
-/// handed over whole. Text is validated once, here.
-fn finish(output: Output, payload: impl FnOnce(Range<usize>) -> Bytes) -> Result<Incoming, ReadError> {
+/// handed over whole. A compressed message is inflated into at most
+/// `max_message` bytes. Text is validated once, here.
+fn finish(
+    output: Output,
+    max_message: usize,
+    payload: impl FnOnce(Range<usize>) -> Bytes,
+) -> Result<Incoming, ReadError> {
     match output {
-        Output::InPlace { opcode: TEXT, range } => {
+        Output::InPlace { opcode, range, compressed: true } => {
+            joined(opcode == TEXT, deflate::inflate(&payload(range), max_message)?)
+        }
+        Output::InPlace { opcode: TEXT, range, compressed: false } => {
             Text::try_from(payload(range)).map(Incoming::Text).map_err(|_| ReadError::Utf8)
         }
-        Output::InPlace { opcode, range } => finish_control(opcode, payload(range)),
-        Output::Joined { text, data } => joined(text, data),
+        Output::InPlace { opcode, range, compressed: false } => finish_control(opcode, payload(range)),
+        Output::Joined { text, compressed: true, data } => {
+            joined(text, deflate::inflate(&data, max_message)?)
+        }
+        Output::Joined { text, compressed: false, data } => joined(text, data),
     }
 }
 
 fn joined(text: bool, data: Vec<u8>) -> Result<Incoming, ReadError> {
     let bytes = Bytes::from(data);
     if text {
-        // Already validated fragment by fragment.
+        // Validated fragment by fragment if it came in fragments and
+        // uncompressed; checked whole here otherwise.
         Text::try_from(bytes).map(Incoming::Text).map_err(|_| ReadError::Utf8)
     } else {
         Ok(Incoming::Binary(bytes))
@@ -662,7 +819,7 @@ mod tests {
 
     /// Feeds `bytes` in chunks of `chunk`, collecting every message.
     fn decode_chunked(bytes: &[u8], chunk: usize) -> Result<Vec<Incoming>, ReadError> {
-        let mut decoder = Decoder::new(LIMITS);
+        let mut decoder = Decoder::new(LIMITS, Deflate::OFF);
         let mut out = Vec::new();
         for piece in bytes.chunks(chunk) {
             let mut piece = piece.to_vec();
@@ -749,7 +906,7 @@ mod tests {
         let limits = FrameLimits { max_frame: 1 << 20, max_message: 1 << 20 };
         let payload: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
         let frame = client_frame(0x82, &payload);
-        let mut decoder = Decoder::new(limits);
+        let mut decoder = Decoder::new(limits, Deflate::OFF);
         let message = read_like_the_connection(&mut decoder, &frame, 8192);
         assert_eq!(message, Some(Incoming::Binary(Bytes::from(payload))));
         assert_eq!(decoder.buf.capacity(), 0);
@@ -758,7 +915,7 @@ mod tests {
     #[test]
     fn a_header_announcing_a_large_frame_reserves_nothing_until_its_bytes_come() {
         let limits = FrameLimits { max_frame: 65_540, max_message: 65_540 };
-        let mut decoder = Decoder::new(limits);
+        let mut decoder = Decoder::new(limits, Deflate::OFF);
         // A masked binary frame header announcing 65,540 bytes, and 100 of them.
         let mut header = vec![0x82, 0xFF, 0, 0, 0, 0, 0, 1, 0, 4];
         header.extend_from_slice(&MASK);
@@ -801,13 +958,13 @@ mod tests {
 
     #[test]
     fn oversized_frames_fail_on_the_header_alone() {
-        let mut decoder = Decoder::new(LIMITS);
+        let mut decoder = Decoder::new(LIMITS, Deflate::OFF);
         // A header announcing 2^40 bytes, and nothing else.
         let mut header = vec![0x82, 0xFF, 0, 0, 1, 0, 0, 0, 0, 0];
         header.extend_from_slice(&MASK);
         assert_eq!(decoder.feed(&mut header).unwrap_err(), ReadError::TooBig);
         let mut top_bit = vec![0x82, 0xFF, 0x80, 0, 0, 0, 0, 0, 0, 0];
-        assert!(matches!(Decoder::new(LIMITS).feed(&mut top_bit), Err(ReadError::Protocol(_))));
+        assert!(matches!(Decoder::new(LIMITS, Deflate::OFF).feed(&mut top_bit), Err(ReadError::Protocol(_))));
     }
 
     #[test]
@@ -841,6 +998,98 @@ mod tests {
         // ... unless the message ends with it cut.
         let cut = [client_frame(0x01, b"a"), client_frame(0x80, &euro[..2])].concat();
         assert_eq!(decode_chunked(&cut, cut.len()).unwrap_err(), ReadError::Utf8);
+    }
+
+    /// Decodes `bytes` whole with compression negotiated.
+    fn decode_deflate(bytes: &[u8]) -> Result<Vec<Incoming>, ReadError> {
+        let mut decoder = Decoder::new(LIMITS, Deflate::FULL);
+        let mut out = Vec::new();
+        if let Some(message) = decoder.feed(&mut bytes.to_vec())? {
+            out.push(message);
+        }
+        while let Some(message) = decoder.next_buffered()? {
+            out.push(message);
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn compressed_messages_are_inflated_within_the_message_limit() {
+        let chat = "{\"type\":\"chatMessage\",\"text\":\"hello hello hello hello\"}".repeat(20);
+        let deflated = deflate::compress(chat.as_bytes()).unwrap();
+        let (first, rest) = deflated.split_at(deflated.len() / 2);
+        let stream = [
+            client_frame(0xC1, &deflated),
+            client_frame(0x81, b"plain"),
+            client_frame(0x42, first),
+            client_frame(0x89, b"p"),
+            client_frame(0x80, rest),
+        ]
+        .concat();
+        assert_eq!(
+            decode_deflate(&stream).unwrap(),
+            vec![
+                text(&chat),
+                text("plain"),
+                Incoming::Ping(Bytes::from_static(b"p")),
+                Incoming::Binary(Bytes::from(chat.clone().into_bytes())),
+            ]
+        );
+        // A bomb: a few hundred compressed bytes that inflate far past the
+        // 4,096-byte limit.
+        let bomb = deflate::compress(&[b'a'; 256 << 10]).unwrap();
+        assert!(bomb.len() < LIMITS.max_frame);
+        assert_eq!(decode_deflate(&client_frame(0xC1, &bomb)).unwrap_err(), ReadError::TooBig);
+        // A message at the frame limit that does not compress grows a little
+        // on the wire; it is still accepted.
+        let mut state = 0x9E37_79B9_7F4A_7C15_u64;
+        let noise: Vec<u8> = (0..LIMITS.max_frame)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 32) as u8
+            })
+            .collect();
+        let mut stored = vec![0x01, 0x00, 0x04, 0xff, 0xfb];
+        stored.extend_from_slice(&noise);
+        assert!(stored.len() > LIMITS.max_frame);
+        assert_eq!(
+            decode_deflate(&client_frame(0xC2, &stored)).unwrap(),
+            vec![Incoming::Binary(Bytes::from(noise))]
+        );
+        let bad = [
+            (client_frame(0xC1, &[0xff, 0xff, 0xff]), ReadError::Inflate),
+            (client_frame(0xC1, &deflate::compress(&[0xff; 400]).unwrap()), ReadError::Utf8),
+            (
+                [client_frame(0x41, first), client_frame(0xC0, rest)].concat(),
+                ReadError::Protocol("reserved bits set without an extension"),
+            ),
+            (client_frame(0xC9, b""), ReadError::Protocol("reserved bits set without an extension")),
+            (client_frame(0xA1, b"rsv2"), ReadError::Protocol("reserved bits set without an extension")),
+        ];
+        for (bytes, want) in bad {
+            assert_eq!(decode_deflate(&bytes).unwrap_err(), want, "{bytes:02x?}");
+        }
+    }
+
+    #[test]
+    fn a_frame_is_compressed_once_and_only_for_those_who_can_read_it() {
+        let payload = "abc".repeat(200);
+        let frame = encode(OpCode::Text, payload.as_bytes());
+        assert_eq!(frame.wire(Deflate::OFF, 0), &*frame);
+        let deflated = frame.wire(Deflate::FULL, 256);
+        assert_eq!(deflated[0], 0xC1, "FIN, RSV1, text");
+        assert!(deflated.len() < 40);
+        assert_eq!(deflate::inflate(&deflated[2..], 1 << 10).unwrap(), payload.as_bytes());
+        // The same bytes, shared, for every reader.
+        assert_eq!(frame.clone().wire(Deflate::FULL, 256).as_ptr(), deflated.as_ptr());
+        // Under the threshold, past a small window, or a control frame: plain.
+        assert_eq!(frame.wire(Deflate::FULL, 601), &*frame);
+        assert_eq!(frame.wire(Deflate::from_byte(9), 0), &*frame);
+        assert_eq!(frame.wire(Deflate::from_byte(10), 0), deflated);
+        let ping = encode(OpCode::Ping, &[b'a'; 100]);
+        assert_eq!(ping.wire(Deflate::FULL, 0), &*ping);
     }
 
     #[test]
@@ -916,7 +1165,7 @@ mod tests {
                 bytes in proptest::collection::vec(any::<u8>(), 0..4096),
                 cuts in proptest::collection::vec(any::<usize>(), 0..8),
             ) {
-                let _ = run(&mut Decoder::new(LIMITS), chop(&bytes, &cuts));
+                let _ = run(&mut Decoder::new(LIMITS, Deflate::OFF), chop(&bytes, &cuts));
             }
 
             #[test]
@@ -947,7 +1196,7 @@ mod tests {
                     });
                 }
                 let limits = FrameLimits { max_frame: 1024, max_message: 4096 };
-                let got = run(&mut Decoder::new(limits), chop(&stream, &cuts)).unwrap();
+                let got = run(&mut Decoder::new(limits, Deflate::OFF), chop(&stream, &cuts)).unwrap();
                 prop_assert_eq!(got, expected);
             }
         }

@@ -26,6 +26,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 const WAIT: Duration = Duration::from_secs(10);
 
 mod abuse;
+mod compression;
 mod history;
 
 /// Chat clients of a test server, as the classic tutorial's client would
