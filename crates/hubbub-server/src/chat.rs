@@ -54,6 +54,11 @@ impl InFlight {
         self.changed.notify_waiters();
     }
 
+    /// Whether none is in flight.
+    fn is_idle(&self) -> bool {
+        self.count.load(std::sync::atomic::Ordering::Acquire) == 0
+    }
+
     /// Waits until fewer than `max` are in flight.
     async fn below(&self, max: usize) {
         loop {
@@ -301,8 +306,7 @@ impl ChatSession {
                     in_flight.below(MAX_IN_FLIGHT).await;
                     let user = self.name().to_owned();
                     let (peer, stats) = (self.peer.clone(), self.shared.hub.stats.clone());
-                    let retry_after_ms =
-                        u64::try_from(self.shared.config.history.retry_after.as_millis()).unwrap_or(u64::MAX);
+                    let retry_after_ms = self.retry_after_ms();
                     let build = move |at: Assigned| ServerMessage::ChatMessage {
                         user,
                         text,
@@ -637,6 +641,12 @@ impl ChatSession {
         );
     }
 
+    /// What a sender is told to wait when the store cannot keep or read:
+    /// `history.retry_after`, in milliseconds.
+    fn retry_after_ms(&self) -> u64 {
+        u64::try_from(self.shared.config.history.retry_after.as_millis()).unwrap_or(u64::MAX)
+    }
+
     /// Answers `history`: up to `limit` messages of the current room below
     /// `before`, oldest first, each exactly as it was broadcast.
     fn history(&self, before: Option<u64>, limit: Option<u32>) {
@@ -651,9 +661,7 @@ impl ChatSession {
             Ok(page) => page,
             Err(err) => {
                 tracing::warn!(cause = %err, "history could not be read");
-                let retry_after_ms =
-                    u64::try_from(self.shared.config.history.retry_after.as_millis()).unwrap_or(u64::MAX);
-                return self.reply(&unavailable(retry_after_ms));
+                return self.reply(&unavailable(self.retry_after_ms()));
             }
         };
         // The stored messages are JSON already: they are spliced in as
@@ -742,8 +750,7 @@ impl Handler for ChatSession {
         }
         // Messages still waiting for the store are delivered first: the
         // room hears of the departure after the member's last words.
-        let waiting =
-            self.in_flight.take().filter(|f| f.count.load(std::sync::atomic::Ordering::Acquire) > 0);
+        let waiting = self.in_flight.take().filter(|f| !f.is_idle());
         if let Some(in_flight) = waiting
             && let Some(room) = self.room.take()
         {
