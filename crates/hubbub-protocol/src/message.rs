@@ -246,6 +246,20 @@ pub enum ServerMessage {
         /// The room the member is in.
         room: String,
     },
+    /// The room's history was lost and started again (a cluster's Redis
+    /// restarted without persistence), or a member's node could not give it
+    /// every message it missed: what the member holds of the room is no longer
+    /// continuous with what follows. Clients drop their position, take
+    /// `{epoch, offset}` as the new one and fetch the room's history again
+    /// (Hubbub addition).
+    Resync {
+        /// The room.
+        room: String,
+        /// The room's epoch from now on.
+        epoch: String,
+        /// The newest offset delivered before live messages continue.
+        offset: u64,
+    },
     /// Reply to `leaveRoom` for the leaver (Hubbub addition).
     RoomLeft {
         /// The room left.
