@@ -295,6 +295,7 @@ impl ChatSession {
                 let config = &self.shared.config;
                 let (position, others) =
                     prepared.as_ref().map_or((None, None), |p| (p.position.clone(), p.others.clone()));
+                let readable = prepared.is_none() || position.is_some();
                 let recall = self.shared.history.as_deref().map(|engine| Recall {
                     engine,
                     since: since.as_ref(),
@@ -303,6 +304,7 @@ impl ChatSession {
                     max_bytes: config.websocket.outbound_queue_bytes / 2,
                     position,
                     others,
+                    readable,
                 });
                 let hub = &self.shared.hub;
                 let joined = if self.shared.cluster.is_some()

@@ -676,11 +676,11 @@ async fn check_rooms(
             let [meta, presence] = pair else { continue };
             let (epoch, newest): (Option<String>, Option<u64>) =
                 redis::from_redis_value(meta.clone()).unwrap_or((None, None));
-            let verdict = room.check(epoch.as_deref(), newest.unwrap_or(0));
+            let verdict = room.check(epoch.as_deref(), newest.unwrap_or(0), now);
             match verdict {
                 Checked::Fine => {}
                 Checked::Behind | Checked::Stale => {
-                    stale |= verdict == Checked::Stale && !now;
+                    stale |= verdict == Checked::Stale;
                     tokio::spawn(repair(shared.clone(), cluster.clone(), room.clone()));
                 }
             }

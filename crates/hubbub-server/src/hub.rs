@@ -181,6 +181,10 @@ pub(crate) struct Recall<'a> {
     /// The room's members on other nodes, read before the join (cluster
     /// mode); used when the room comes into being here.
     pub(crate) others: Option<Others>,
+    /// Whether the engine may be asked during the join; false in a cluster
+    /// whose Redis did not answer just before (the join must not wait for
+    /// it under the hub's locks).
+    pub(crate) readable: bool,
 }
 
 /// What [`Room::remember`] found.
@@ -378,8 +382,11 @@ impl Room {
 
     /// Cluster mode: compares what Redis has (`None`: the room's keys are
     /// gone) with what members have had; a room found behind is marked as
-    /// repairing, for the caller to repair.
-    pub(crate) fn check(&self, epoch: Option<&str>, newest: u64) -> Checked {
+    /// repairing, for the caller to repair. Messages newer than what members
+    /// have may still be on their way: unless `now` (just after subscribing
+    /// again), a room is repaired only when messages Redis already had at
+    /// the previous check are missing (`Stale`), or its epoch changed.
+    pub(crate) fn check(&self, epoch: Option<&str>, newest: u64, now: bool) -> Checked {
         let _members = read(&self.members);
         let mut feed = lock(&self.feed);
         if feed.repairing {
@@ -388,14 +395,12 @@ impl Room {
         let delivered = self.delivered.load(Ordering::Acquire);
         let previous = std::mem::replace(&mut feed.checked, newest);
         let same_epoch = matches!((epoch, &feed.epoch), (Some(now), Some(known)) if now == known.as_str());
-        let verdict = if !same_epoch {
+        let verdict = if !same_epoch || (now && newest > delivered) {
             Checked::Behind
-        } else if newest <= delivered {
-            Checked::Fine
-        } else if previous > delivered {
+        } else if previous > delivered && newest > delivered {
             Checked::Stale
         } else {
-            Checked::Behind
+            Checked::Fine
         };
         if verdict != Checked::Fine {
             feed.repairing = true;
@@ -498,10 +503,20 @@ pub(crate) struct Hub {
 }
 
 impl Recall<'_> {
+    /// The room's position: as read before the join, else from the engine
+    /// if it may be asked.
+    fn position(&self, name: &str) -> hubbub_history::Result<Position> {
+        match &self.position {
+            Some(position) => Ok(position.clone()),
+            None if !self.readable => Err(hubbub_history::Error::Unavailable("not reachable now".to_owned())),
+            None => self.engine.position(name),
+        }
+    }
+
     /// The joiner's `roomJoined` and the messages to replay after it, for
     /// a room whose members have had everything up to `delivered`.
     fn answer(&self, name: &str, user_count: usize, delivered: u64) -> (ServerMessage, Vec<StoredMessage>) {
-        let position = match self.position.clone().map_or_else(|| self.engine.position(name), Ok) {
+        let position = match self.position(name) {
             Ok(position) => position,
             Err(err) => {
                 tracing::warn!(room = %name, cause = %err, "cannot read the room's history position");
@@ -616,8 +631,8 @@ impl Hub {
                 // Messages kept before the room came into being here were
                 // delivered to whoever was there: count them as delivered.
                 let position = recall.as_ref().and_then(|recall| {
-                    let position = recall.position.clone().map_or_else(|| recall.engine.position(name), Ok);
-                    position
+                    recall
+                        .position(name)
                         .inspect_err(|err| {
                             tracing::warn!(room = %name, cause = %err, "cannot read the room's history position");
                         })
@@ -820,6 +835,146 @@ mod tests {
         assert!(slow.is_closing());
         assert!(slow.close_reason().is_slow_consumer());
         assert!(!fast.is_closing());
+    }
+
+    /// A kept message's frame, as the cluster receives it.
+    fn kept(offset: u64) -> Frame {
+        encode(&ServerMessage::UserTyping { user: format!("m{offset}") })
+    }
+
+    fn offsets(peer: &Peer) -> Vec<String> {
+        drain(peer)
+            .into_iter()
+            .map(|m| match m["type"].as_str() {
+                Some("userTyping") => m["user"].as_str().unwrap().to_owned(),
+                Some("resync") => format!("resync {} {}", m["epoch"].as_str().unwrap(), m["offset"]),
+                _ => String::new(),
+            })
+            .filter(|m| !m.is_empty())
+            .collect()
+    }
+
+    fn cluster_room(hub: &Hub, peers: &[&Peer], epoch: &str, offset: u64) -> Arc<Room> {
+        let engine = hubbub_history::MemoryEngine::new(hubbub_history::Options::default());
+        let recall = || Recall {
+            engine: &engine,
+            since: None,
+            max_messages: 100,
+            max_bytes: 1 << 20,
+            position: Some(Position { epoch: Epoch::new(epoch), offset }),
+            others: None,
+            readable: true,
+        };
+        let room = hub.join(peers[0], "a", "r", Some(recall())).room;
+        for peer in &peers[1..] {
+            hub.join(peer, "b", "r", Some(recall()));
+        }
+        for peer in peers {
+            drain(peer);
+        }
+        room
+    }
+
+    #[test]
+    fn a_cluster_room_delivers_in_order_and_repairs_a_gap_from_the_stream() {
+        let hub = Hub::new(Arc::new(Stats::new()));
+        let (ada, bob) = (peer(), peer());
+        let room = cluster_room(&hub, &[&ada, &bob], "e1", 4);
+        // The next offset goes out, an old one is skipped, the sender is skipped.
+        assert!(!room.feed("e1", 5, &kept(5), Some(ada.id())));
+        assert!(!room.feed("e1", 5, &kept(5), None));
+        assert!(!room.feed("e1", 3, &kept(3), None));
+        assert_eq!((offsets(&ada), offsets(&bob)), (vec![], vec!["m5".to_owned()]));
+        // 6 and 7 were lost on the way; 8 starts a repair, 9 waits for it.
+        assert!(room.feed("e1", 8, &kept(8), None));
+        assert!(!room.feed("e1", 9, &kept(9), Some(bob.id())));
+        assert!(offsets(&bob).is_empty(), "nothing out of order");
+        let (epoch, delivered) = room.stream_position();
+        assert_eq!((epoch.unwrap().as_str(), delivered), ("e1", 5));
+        let stored = |offset: u64| StoredMessage {
+            offset,
+            timestamp_ms: 0,
+            bytes: bytes::Bytes::from(format!(r#"{{"type":"userTyping","user":"m{offset}"}}"#)),
+        };
+        let position = Position { epoch: Epoch::new("e1"), offset: 8 };
+        assert!(
+            room.repaired(Recovery::Recovered { position, messages: vec![stored(6), stored(7), stored(8)] })
+        );
+        assert_eq!(offsets(&ada), ["m6", "m7", "m8", "m9"]);
+        assert_eq!(offsets(&bob), ["m6", "m7", "m8"], "the pending message keeps its sender skipped");
+        assert_eq!(room.stream_position().1, 9);
+    }
+
+    #[test]
+    fn a_cluster_room_that_cannot_recover_tells_its_members_to_resync() {
+        let hub = Hub::new(Arc::new(Stats::new()));
+        let ada = peer();
+        let room = cluster_room(&hub, &[&ada], "e1", 10);
+        // Redis lost the room: a message of a new epoch arrives.
+        assert!(room.feed("e2", 2, &kept(2), None));
+        assert!(offsets(&ada).is_empty());
+        let position = Position { epoch: Epoch::new("e2"), offset: 1 };
+        assert!(room.repaired(Recovery::NotRecoverable { position }));
+        assert_eq!(offsets(&ada), ["resync e2 1", "m2"]);
+        assert!(!room.feed("e2", 3, &kept(3), None));
+        assert_eq!(offsets(&ada), ["m3"]);
+    }
+
+    #[test]
+    fn a_position_check_waits_one_round_before_calling_a_subscription_stale() {
+        let hub = Hub::new(Arc::new(Stats::new()));
+        let ada = peer();
+        let room = cluster_room(&hub, &[&ada], "e1", 3);
+        assert_eq!(room.check(Some("e1"), 3, false), Checked::Fine);
+        // Offset 4 may be on its way: not yet.
+        assert_eq!(room.check(Some("e1"), 4, false), Checked::Fine);
+        // It arrives: fine.
+        assert!(!room.feed("e1", 4, &kept(4), None));
+        assert_eq!(room.check(Some("e1"), 5, false), Checked::Fine);
+        // 5 never arrives: a round later the subscription is stale.
+        assert_eq!(room.check(Some("e1"), 5, false), Checked::Stale);
+        // The repair is under way: no second one.
+        assert_eq!(room.check(Some("e1"), 5, false), Checked::Fine);
+        let position = Position { epoch: Epoch::new("e1"), offset: 5 };
+        assert!(room.repaired(Recovery::Recovered { position, messages: vec![] }));
+        // Just after subscribing again, behind is repaired at once; a lost
+        // epoch always is.
+        assert_eq!(room.check(Some("e1"), 6, true), Checked::Behind);
+        assert!(room.repaired(Recovery::Recovered {
+            position: Position { epoch: Epoch::new("e1"), offset: 6 },
+            messages: vec![]
+        }));
+        assert_eq!(room.check(None, 0, false), Checked::Behind);
+    }
+
+    #[test]
+    fn members_on_other_nodes_count_and_are_announced() {
+        let hub = Hub::new(Arc::new(Stats::new()));
+        let ada = peer();
+        let room = cluster_room(&hub, &[&ada], "e1", 0);
+        room.remote_joined("n2", "m1", "bob");
+        room.remote_joined("n2", "m2", "cy");
+        room.remote_joined("n3", "m3", "di");
+        assert_eq!(room.len(), 4);
+        let joined = drain(&ada);
+        assert_eq!(joined[2], json!({"type": "userJoined", "user": "di", "room": "r", "userCount": 4}));
+        room.remote_renamed("n2", "m1", "bobby", "bob");
+        assert_eq!(
+            drain(&ada),
+            [json!({"type": "userRenamed", "user": "bobby", "previous": "bob", "room": "r"})]
+        );
+        room.remote_left("n3", Some("m3"));
+        assert_eq!(drain(&ada), [json!({"type": "userLeft", "user": "di", "userCount": 3, "room": "r"})]);
+        // Node n2 is gone: each of its members leaves.
+        room.remote_left("n2", None);
+        let mut left: Vec<_> = drain(&ada).iter().map(|m| m["user"].as_str().unwrap().to_owned()).collect();
+        left.sort();
+        assert_eq!(left, ["bobby", "cy"]);
+        assert_eq!(room.len(), 1);
+        // A periodic check replaces the view silently.
+        room.set_others(Others::from([("n4".into(), HashMap::from([("m9".into(), "eve".into())]))]));
+        assert_eq!(room.len(), 2);
+        assert!(drain(&ada).is_empty());
     }
 
     #[test]
