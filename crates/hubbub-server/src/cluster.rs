@@ -101,8 +101,9 @@ enum Outgoing {
     Publish { channel: String, payload: String },
     /// A member of this node joined `room`.
     Joined { room: Arc<str>, member: ClientId, user: String },
-    /// A member of this node left `room`.
-    Left { room: Arc<str>, member: ClientId },
+    /// A member of this node left `room`; `last`: no member of this node is
+    /// left in it.
+    Left { room: Arc<str>, member: ClientId, last: bool },
     /// A member of this node changed its name.
     Renamed { room: Arc<str>, member: ClientId, user: String },
     /// Make Redis's presence of this node's members match what is here
@@ -341,16 +342,19 @@ impl Cluster {
 
     /// A member of this node left `room`.
     pub(crate) fn left(&self, room: &Arc<str>, member: ClientId) {
-        {
+        let last = {
             let mut local = lock(&self.local);
-            if let Some(members) = local.get_mut(room) {
+            let members = local.get_mut(room);
+            let last = members.is_none_or(|members| {
                 members.remove(&member);
-                if members.is_empty() {
-                    local.remove(room);
-                }
+                members.is_empty()
+            });
+            if last {
+                local.remove(room);
             }
-        }
-        self.send(Outgoing::Left { room: room.clone(), member });
+            last
+        };
+        self.send(Outgoing::Left { room: room.clone(), member, last });
         self.publish_event(room, &Event::Left { n: self.node.to_string(), m: member.simple().to_string() });
     }
 
@@ -467,9 +471,12 @@ async fn write(cluster: Arc<Cluster>, mut conn: ConnectionManager) {
                     pipe.cmd("SADD").arg(cluster.node_rooms_key(&cluster.node)).arg(&*room).ignore();
                     count(&mut pipe, &cluster, &room, 1);
                 }
-                Outgoing::Left { room, member } => {
+                Outgoing::Left { room, member, last } => {
                     pipe.cmd("HDEL").arg(cluster.presence_key(&room)).arg(cluster.field(member)).ignore();
                     count(&mut pipe, &cluster, &room, -1);
+                    if last {
+                        pipe.cmd("SREM").arg(cluster.node_rooms_key(&cluster.node)).arg(&*room).ignore();
+                    }
                 }
                 Outgoing::Renamed { room, member, user } => {
                     pipe.cmd("HSET")
@@ -490,7 +497,7 @@ async fn write(cluster: Arc<Cluster>, mut conn: ConnectionManager) {
             dirty = true;
             continue;
         }
-        if reconcile && dirty {
+        if reconcile || dirty {
             match reconcile_presence(&cluster, &mut conn).await {
                 Ok(()) => dirty = false,
                 Err(err) => {
@@ -599,15 +606,15 @@ async fn check(shared: Arc<Shared>, cluster: Arc<Cluster>, mut conn: ConnectionM
     let lease = cluster.settings.node_timeout.saturating_sub(interval);
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut registered = false;
     loop {
         ticks.tick().await;
         let now = now_ms();
-        let nodes: redis::RedisResult<(Vec<String>, usize)> = redis::pipe()
+        let nodes: redis::RedisResult<(usize, Vec<String>, usize)> = redis::pipe()
             .cmd("ZADD")
             .arg(cluster.nodes_key())
             .arg(now + lease.as_millis() as u64)
             .arg(&*cluster.node)
-            .ignore()
             .cmd("ZRANGEBYSCORE")
             .arg(cluster.nodes_key())
             .arg("-inf")
@@ -618,13 +625,20 @@ async fn check(shared: Arc<Shared>, cluster: Arc<Cluster>, mut conn: ConnectionM
             .arg("+inf")
             .query_async(&mut conn)
             .await;
-        let (dead, live) = match nodes {
+        let (added, dead, live) = match nodes {
             Ok(nodes) => nodes,
             Err(err) => {
                 tracing::debug!(cause = %err, "cluster check: redis does not answer");
                 continue;
             }
         };
+        if added == 1 && registered {
+            // Another node took this one for dead (it was silent longer than
+            // the lease, or Redis lost the list): write its members again.
+            tracing::warn!("this node's lease had run out; registering its members again");
+            let _ = cluster.outgoing.send(Outgoing::Reconcile);
+        }
+        registered = true;
         cluster.nodes.store(live, Ordering::Release);
         for node in dead {
             // The node that removes it from the set cleans up after it.
