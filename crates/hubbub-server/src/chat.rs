@@ -321,6 +321,9 @@ impl ChatSession {
                 tracing::debug!(%room, members = joined.user_count, "joined room");
                 if let Some(cluster) = &self.shared.cluster {
                     cluster.joined(&joined.room.name, self.peer.id(), self.name());
+                    if joined.created {
+                        cluster.settle(&self.shared, joined.room.clone());
+                    }
                 }
                 drop(prepared);
                 self.room = Some(joined.room);

@@ -331,6 +331,27 @@ impl Cluster {
         others
     }
 
+    /// After a room came into being here: messages published between the
+    /// read of its position and its creation reached no room here; if Redis
+    /// has any, they are read from the stream and delivered now.
+    pub(crate) fn settle(self: &Arc<Self>, shared: &Arc<Shared>, room: Arc<Room>) {
+        let Some(mut conn) = self.conn.get().cloned() else { return };
+        let (shared, cluster) = (shared.clone(), self.clone());
+        tokio::spawn(async move {
+            let meta: redis::RedisResult<(Option<String>, Option<u64>)> = redis::cmd("HMGET")
+                .arg(cluster.engine.room_key(&room.name, "meta"))
+                .arg("epoch")
+                .arg("newest")
+                .query_async(&mut conn)
+                .await;
+            if let Ok((Some(epoch), newest)) = meta
+                && room.check(Some(&epoch), newest.unwrap_or(0), true) != Checked::Fine
+            {
+                repair(shared, cluster, room).await;
+            }
+        });
+    }
+
     /// A member of this node joined `room`.
     pub(crate) fn joined(&self, room: &Arc<str>, member: ClientId, user: &str) {
         lock(&self.local).entry(room.clone()).or_default().insert(member, user.to_owned());

@@ -582,6 +582,8 @@ pub(crate) struct Joined {
     pub(crate) room: Arc<Room>,
     /// Members after the join.
     pub(crate) user_count: usize,
+    /// Whether the room came into being here with this join.
+    pub(crate) created: bool,
 }
 
 /// Shards for the lobby and subscriber sets: enough that joins on a few
@@ -694,7 +696,7 @@ impl Hub {
             peer.send(ws::encode(ws::OpCode::Text, &message.bytes));
         }
         drop(members);
-        Joined { room, user_count }
+        Joined { room, user_count, created }
     }
 
     /// Removes `peer` from `room`, tells those who remain with `userLeft`, and
