@@ -656,6 +656,40 @@ async function catchUp({ epochChanged, previous }) {
   }
 }
 
+/**
+ * The server restarted the room's stream (`resync`): in a cluster, the
+ * room's history was lost, or this page's node could not give it everything
+ * it missed. What the page shows may no longer match the room, so it starts
+ * over as on entering the room: the shown messages go (own messages still
+ * waiting for their ✓, and uploads under way, stay), a "History restarted"
+ * line takes the place of "You joined", and the room's last messages are
+ * fetched to go above it. Live messages, newer than `offset`, go below it.
+ */
+function restartHistory(epoch, offset) {
+  const kept = new Set([...ownPending.values()].map((parts) => parts.item));
+  for (const upload of uploads.values()) kept.add(upload.item);
+  for (const node of [...ui.messages.children]) {
+    if (kept.has(node)) continue;
+    resizeWatcher?.unobserve(node);
+    node.remove();
+  }
+  shown.clear();
+  ownFiles.clear();
+  hasEarlier = null;
+  loadingEarlier = false;
+  // A history answer on its way is of the old stream.
+  historyToken++;
+  awayPending = false;
+  edgeLine = null;
+  const line = el('li', 'system warn restarted');
+  line.append(el('span', 'system-text', 'History restarted'), timeElement(Date.now()));
+  ui.messages.prepend(line);
+  roomEpoch = epoch;
+  joinAnchor = { item: line, epoch, offset };
+  scrollToBottom();
+  loadLatest();
+}
+
 function clearMessages() {
   if (resizeWatcher) {
     resizeWatcher.disconnect();
@@ -976,6 +1010,11 @@ client.on('recoveryFailed', (detail) => {
   awayPending = false;
   if (detail.room !== currentRoom) return;
   catchUp(detail);
+});
+
+client.on('resync', ({ room, epoch, offset }) => {
+  awayPending = false;
+  if (room === currentRoom) restartHistory(epoch, offset);
 });
 
 client.on('userJoined', ({ user, room, userCount }) => {

@@ -10,11 +10,18 @@
 // heartbeat with latency, chunked, verified, resumable file uploads, and
 // room history: it remembers where it is in each room's stream ({epoch,
 // offset}), rejoins with `since` after a reconnect to get what it missed,
-// and pages back through earlier messages with `history()`.
-// docs/CLIENT-JS.md is the guide; every event is listed there.
+// and pages back through earlier messages with `history()`. Given several
+// server URLs (a cluster's nodes), it moves to the next one whenever a
+// connect fails or the link is lost, and backs off once per round through
+// the list. docs/CLIENT-JS.md is the guide; every event is listed there.
 
 /** The defaults of every option; see docs/CLIENT-JS.md. */
 export const DEFAULTS = Object.freeze({
+  /**
+   * Chat endpoints to connect to, tried in turn (a cluster's nodes); null
+   * for just the constructor's `url`. With both, `url` comes first.
+   */
+  urls: null,
   /**
    * Reconnection after the link is lost. The delays are the classic
    * tutorial's (1 s, doubling), but there is no attempt limit: a tab left
@@ -96,8 +103,18 @@ const OPEN = 1;
  * e.detail)` or the shorter `on(type, detail => ...)`.
  */
 export class HubbubClient extends EventTarget {
-  /** The chat endpoint's ws:// or wss:// URL. */
+  /** The chat endpoints' ws:// or wss:// URLs, in the order they are tried; never empty. */
+  #urls;
+  /** The index in #urls of the URL the next connect goes to. */
+  #nextUrl = 0;
+  /** The URL of the current socket (or the last one tried). */
   #url;
+  /**
+   * Connects left in the current round: after a failed connect the next URL
+   * is tried at once while some are left; the backoff delay comes only
+   * before a new round.
+   */
+  #roundLeft = 0;
   /** The options, defaults filled in. */
   #options;
   /** The current socket, or null between connections. */
@@ -177,13 +194,15 @@ export class HubbubClient extends EventTarget {
   #lastTyping = -Infinity;
 
   /**
-   * @param {string} [url] the chat endpoint; default `/ws/chat` on the page's host
+   * @param {string} [url] the chat endpoint; default `/ws/chat` on the page's
+   *   host, unless `options.urls` lists the endpoints
    * @param {object} [options] see DEFAULTS
    */
   constructor(url, options = {}) {
     super();
-    this.#url = resolveUrl(url);
     this.#options = mergeOptions(options);
+    this.#urls = resolveUrls(url, this.#options.urls);
+    this.#url = this.#urls[0];
   }
 
   // ---- state -------------------------------------------------------------
@@ -191,6 +210,11 @@ export class HubbubClient extends EventTarget {
   /** idle | connecting | open | reconnecting | offline | closed. */
   get state() {
     return this.#state;
+  }
+
+  /** The URL of the current connection (or of the last one tried). */
+  get url() {
+    return this.#url;
   }
 
   /** The id the server gave the current connection, or null. */
@@ -252,7 +276,7 @@ export class HubbubClient extends EventTarget {
     this.#closedByUser = false;
     this.#attempt = 0;
     this.#listenForWake();
-    this.#open();
+    this.#startRound();
     return this;
   }
 
@@ -267,7 +291,7 @@ export class HubbubClient extends EventTarget {
       this.#drop(this.#generation, 'reconnect requested');
     }
     if (this.#state === 'reconnecting') {
-      this.#open();
+      this.#startRound();
     } else if (this.#state === 'offline' || this.#state === 'idle' || this.#state === 'closed') {
       this.connect();
     }
@@ -346,9 +370,19 @@ export class HubbubClient extends EventTarget {
     }
   }
 
+  /** Starts a round: each URL once, in turn, from the next one, without waiting in between. */
+  #startRound() {
+    this.#roundLeft = this.#urls.length;
+    this.#open();
+  }
+
+  /** Opens a socket to the next URL. */
   #open() {
     this.#clearRetry();
     const gen = ++this.#generation;
+    this.#roundLeft--;
+    this.#url = this.#urls[this.#nextUrl];
+    this.#nextUrl = (this.#nextUrl + 1) % this.#urls.length;
     this.#setState('connecting');
     let ws;
     try {
@@ -411,9 +445,14 @@ export class HubbubClient extends EventTarget {
     const pending = this.#pending;
     this.#pending = [];
     for (const request of pending) request.reject(new HubbubError('The connection was lost', LINK_LOST));
-    this.#emit('disconnected', { code, reason, wasConnected: wasReady });
+    this.#emit('disconnected', { code, reason, wasConnected: wasReady, url: this.#url });
     if (this.#closedByUser) {
       this.#setState('closed');
+      return;
+    }
+    if (!wasReady && this.#roundLeft > 0) {
+      // That server did not answer (or not in time): the next one now.
+      this.#open();
       return;
     }
     this.#scheduleRetry();
@@ -432,7 +471,7 @@ export class HubbubClient extends EventTarget {
     this.#retryAt = Date.now() + delay;
     this.#retryTimer = setTimeout(() => {
       this.#retryTimer = null;
-      this.#open();
+      this.#startRound();
     }, delay);
     this.#setState('reconnecting');
     this.#emit('reconnecting', { attempt: next, maxAttempts: policy.maxAttempts, delay, at: this.#retryAt });
@@ -464,7 +503,7 @@ export class HubbubClient extends EventTarget {
     this.#everConnected = true;
     this.#attempt = 0;
     this.#setState('open');
-    this.#emit('connected', { clientId: this.#clientId, restored });
+    this.#emit('connected', { clientId: this.#clientId, restored, url: this.#url });
     this.#startHeartbeat(gen);
     // The application may have asked for another name or room while the
     // restore was finishing: bring that in line too, then send the queue.
@@ -833,6 +872,29 @@ export class HubbubClient extends EventTarget {
   }
 
   /**
+   * The server restarted a room's stream (`resync`): what follows is not
+   * continuous with what this client delivered. The position becomes the
+   * one given, so live messages above `offset` are news and the next join
+   * asks from there; a replay under way ends.
+   */
+  #resync(msg) {
+    const { room, epoch, offset } = msg;
+    if (typeof room !== 'string' || typeof epoch !== 'string' || !Number.isSafeInteger(offset) || offset < 0) return;
+    const previous = this.#positions.get(room) ?? null;
+    this.#positions.delete(room);
+    this.#positions.set(room, { epoch, offset });
+    if (this.#stream?.room === room) this.#stream = { room, epoch };
+    if (this.#replay?.room === room) this.#replay = null;
+    this.#emit('resync', {
+      room,
+      epoch,
+      offset,
+      previous: previous === null ? null : { ...previous },
+      epochChanged: previous === null || previous.epoch !== epoch,
+    });
+  }
+
+  /**
    * Admits a room message by its offset: null if it is not newer than what
    * was delivered (a replay overlapping live delivery), else `{epoch,
    * missed, last}` (`last`: it ends a replay).
@@ -1092,6 +1154,9 @@ export class HubbubClient extends EventTarget {
         this.#answer('leaveRoom', null, msg);
         this.#emit('roomLeft', { room: msg.room });
         break;
+      case 'resync':
+        this.#resync(msg);
+        break;
       case 'userJoined':
         this.#emit('userJoined', { user: msg.user, room: msg.room, userCount: msg.userCount });
         break;
@@ -1345,6 +1410,20 @@ function mergeOptions(options) {
   const heartbeat = options.heartbeat === false ? false : { ...DEFAULTS.heartbeat, ...(options.heartbeat ?? {}) };
   const limits = { ...DEFAULTS.limits, ...(options.limits ?? {}) };
   return { ...DEFAULTS, ...options, reconnect, heartbeat, limits };
+}
+
+/**
+ * The endpoints to try, in order: `url`, then `urls` (duplicates dropped);
+ * `/ws/chat` on the page's host when neither is given.
+ */
+function resolveUrls(url, urls) {
+  if (urls !== null && urls !== undefined && !(Array.isArray(urls) && urls.every((u) => typeof u === 'string'))) {
+    throw new HubbubError('Invalid urls: must be an array of URL strings', 'invalidValue');
+  }
+  const given = [...(url === undefined || url === null ? [] : [url]), ...(urls ?? [])];
+  // Neither: `/ws/chat` on the page's host.
+  if (given.length === 0) given.push(undefined);
+  return [...new Set(given.map(resolveUrl))];
 }
 
 function resolveUrl(url) {

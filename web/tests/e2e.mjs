@@ -1088,6 +1088,143 @@ test('client.js history: pages back to the first message; a reconnect replays wh
   assert(result.missed.every((m) => m.epoch === result.epoch), 'a replayed message has another epoch');
 });
 
+test('client.js urls: a dead first URL costs no backoff, a lost link moves to the next URL, and the backoff comes once per round', async (browser) => {
+  const page = (await openPage(browser, 'module')).page;
+  const result = await page.evaluate(async () => {
+    const { HubbubClient } = await import('/client.js');
+    const live = new URL('/ws/chat', location.href).href.replace(/^http/, 'ws');
+    // The same server under another URL stands for a second node.
+    const second = `${live}?node=2`;
+    // Nodes that are down: paths the server refuses to upgrade (404), on
+    // the page's origin, since the page's policy (connect-src 'self') holds
+    // any other origin's socket until the connect timeout.
+    const dead = ['/ws/down-1', '/ws/down-2'].map((path) => new URL(path, live).href);
+    // A minute between rounds: any wait shows.
+    const slow = { heartbeat: false, reconnect: { initialDelay: 60_000, maxDelay: 60_000, jitter: 0 } };
+    const client = new HubbubClient(undefined, { ...slow, urls: [dead[0], live, second] });
+    const seen = [];
+    for (const type of ['connected', 'disconnected', 'reconnecting']) client.on(type, (d) => seen.push({ type, url: d.url ?? null }));
+    const connectedTo = () => new Promise((resolve) => {
+      const off = client.on('connected', (d) => {
+        off();
+        resolve(d.url);
+      });
+    });
+    const started = performance.now();
+    let connected = connectedTo();
+    client.connect();
+    const first = await connected;
+    const firstAfter = performance.now() - started;
+    // A lost link: the next connect goes to the next URL in the list.
+    connected = connectedTo();
+    client.reconnect();
+    const second_ = await connected;
+    const current = client.url;
+    client.close();
+
+    // Every URL down: both are tried at once, then one wait for the next round.
+    const lonely = new HubbubClient(undefined, { ...slow, urls: dead });
+    const failed = [];
+    lonely.on('disconnected', (d) => failed.push(d.url));
+    const scheduled = new Promise((resolve) => lonely.on('reconnecting', resolve));
+    const t0 = performance.now();
+    lonely.connect();
+    const retry = await scheduled;
+    const retryAfter = performance.now() - t0;
+    const state = lonely.state;
+    lonely.close();
+    let invalid = null;
+    try {
+      new HubbubClient(undefined, { urls: 'ws://one-string/' });
+    } catch (err) {
+      invalid = err.code;
+    }
+    return { live, second, dead, first, firstAfter, second_, current, seen, failed, retry, retryAfter, state, invalid };
+  });
+  assert(result.first === result.live, `connected first to ${result.first}, not ${result.live}`);
+  assert(result.firstAfter < 5000, `the dead first URL cost ${Math.round(result.firstAfter)} ms`);
+  const before = result.seen.slice(0, result.seen.findIndex((e) => e.type === 'connected'));
+  assert(
+    JSON.stringify(before) === JSON.stringify([{ type: 'disconnected', url: result.dead[0] }]),
+    `before connecting: ${JSON.stringify(before)}`,
+  );
+  assert(result.second_ === result.second && result.current === result.second, `after the lost link: ${result.second_} (url ${result.current})`);
+  assert(JSON.stringify(result.failed) === JSON.stringify(result.dead), `the dead URLs tried: ${JSON.stringify(result.failed)}`);
+  assert(result.retry.attempt === 1 && result.retry.delay === 60_000, `the next round: ${JSON.stringify(result.retry)}`);
+  assert(result.retryAfter < 5000 && result.state === 'reconnecting', `the round took ${Math.round(result.retryAfter)} ms, state ${result.state}`);
+  assert(result.invalid === 'invalidValue', `urls that are not an array gave ${result.invalid}`);
+});
+
+/**
+ * An init script that keeps every WebSocket the page opens in
+ * `window.__sockets`, so a test can hand the page a frame as if the server
+ * had sent it (the server sends `resync` only in a cluster).
+ */
+function keepSockets() {
+  const Native = window.WebSocket;
+  window.__sockets = [];
+  window.WebSocket = class extends Native {
+    constructor(...args) {
+      super(...args);
+      window.__sockets.push(this);
+    }
+  };
+}
+
+test('client.js resync: the position is replaced, the app is told, and the next join asks from the new position', async (browser) => {
+  const page = (await openPage(browser, 'module', {}, '', keepSockets)).page;
+  const room = uniqueRoom('module-resync');
+  const result = await page.evaluate(async (room) => {
+    const { HubbubClient } = await import('/client.js');
+    const client = new HubbubClient(undefined, { heartbeat: false });
+    const sent = [];
+    client.connect();
+    await client.setUsername('resyncer');
+    const joined = await client.joinRoom(room);
+    const socket = window.__sockets.at(-1);
+    const hear = (msg) => socket.dispatchEvent(new MessageEvent('message', { data: JSON.stringify(msg) }));
+    const told = new Promise((resolve) => client.on('resync', resolve));
+    hear({ type: 'resync', room, epoch: 'restarted', offset: 7 });
+    const resync = await told;
+    const position = client.position(room);
+    const got = [];
+    client.on('message', (m) => got.push(`${m.text}:${m.offset}:${m.epoch}`));
+    hear({ type: 'chatMessage', user: 'x', text: 'at the new offset', timestamp: 1, offset: 7 });
+    hear({ type: 'chatMessage', user: 'x', text: 'above it', timestamp: 2, offset: 8 });
+    // The next link's join: captured from its socket.
+    const refused = new Promise((resolve) => client.on('recoveryFailed', resolve));
+    const opened = new Promise((resolve) => client.on('stateChange', ({ state }) => state === 'connecting' && resolve()));
+    client.reconnect();
+    await opened;
+    const next = window.__sockets.at(-1);
+    const nativeSend = next.send.bind(next);
+    next.send = (data) => {
+      sent.push(JSON.parse(data));
+      nativeSend(data);
+    };
+    const failed = await refused;
+    client.close();
+    return { joined, resync, position, got, rejoin: sent.find((m) => m.type === 'joinRoom'), failed };
+  }, room);
+  const { joined, resync } = result;
+  assert(
+    resync.room === room && resync.epoch === 'restarted' && resync.offset === 7 && resync.epochChanged === true,
+    `the resync event said ${JSON.stringify(resync)}`,
+  );
+  assert(
+    resync.previous?.epoch === joined.epoch && resync.previous?.offset === joined.offset,
+    `the resync's previous position ${JSON.stringify(resync.previous)}, the join's ${joined.epoch}/${joined.offset}`,
+  );
+  assert(JSON.stringify(result.got) === JSON.stringify(['above it:8:restarted']), `after the resync the client delivered ${JSON.stringify(result.got)}`);
+  assert(result.position.epoch === 'restarted' && result.position.offset === 7, `position right after the resync ${JSON.stringify(result.position)}`);
+  assert(
+    JSON.stringify(result.rejoin?.since) === JSON.stringify({ epoch: 'restarted', offset: 8 }),
+    `the next join asked with ${JSON.stringify(result.rejoin)}`,
+  );
+  // The server does not know that epoch (it never restarted): it says so.
+  assert(result.failed.previous.epoch === 'restarted' && result.failed.epochChanged, `recoveryFailed said ${JSON.stringify(result.failed)}`);
+});
+
 test('history: the page shows the room\'s last messages when entered and after a reload; scrolling up loads earlier ones', async (browser) => {
   const room = uniqueRoom('history');
   const alice = await openPage(browser, 'alice');
@@ -1242,6 +1379,39 @@ test('recovery refused: the page fetches the room\'s latest messages instead and
   }
   const away = texts.indexOf('While you were away');
   assert(away >= 0 && away + 1 === texts.indexOf('gap one'), `"While you were away" is not right above what bob missed: ${JSON.stringify(texts)}`);
+});
+
+test('resync: the page says the history restarted, shows the room\'s last messages above that line and live ones below', async (browser) => {
+  const room = uniqueRoom('resync');
+  // Dora comes and goes between her messages; her leaves are never shown.
+  const alice = await openPage(browser, 'alice', {}, '?leaveGrace=60000', keepSockets);
+  await join(alice, 'alice', room);
+  await sendFromModule(alice, 'dora', room, ['one', 'two', 'three']);
+  await waitForMessage(alice, 'three');
+  await send(alice, 'mine');
+  await waitForOwnDelivered(alice, 'mine');
+
+  // The node could not give the page everything: a resync in the same
+  // epoch, at the room's newest offset.
+  const at = await alice.page.evaluate((room) => {
+    const items = [...document.querySelectorAll('#messages [data-offset]')];
+    const newest = items.reduce((a, b) => (Number(b.dataset.offset) > Number(a.dataset.offset) ? b : a));
+    const resync = { type: 'resync', room, epoch: newest.dataset.epoch, offset: Number(newest.dataset.offset) };
+    const socket = window.__sockets.filter((ws) => ws.readyState === WebSocket.OPEN).at(-1);
+    socket.dispatchEvent(new MessageEvent('message', { data: JSON.stringify(resync) }));
+    return resync;
+  }, room);
+  assert(at.offset === 4, `the room's newest offset was ${at.offset}, expected 4`);
+  await waitForSystemLine(alice, 'History restarted');
+  await waitForMessage(alice, 'mine');
+  await waitForMessage(alice, 'three');
+  await sendFromModule(alice, 'dora', room, ['four']);
+  await waitForMessage(alice, 'four');
+  const items = (await listItems(alice)).map((i) => i.text);
+  const expected = [`This is the beginning of #${room}`, 'one', 'two', 'three', 'mine', 'History restarted', 'four'];
+  assert(JSON.stringify(items) === JSON.stringify(expected), `after the resync alice shows ${JSON.stringify(items)}`);
+  const own = await alice.page.locator('#messages .msg.own.delivered .text', { hasText: 'mine' }).count();
+  assert(own === 1, `alice's own message shows ${own} times as hers with a ✓`);
 });
 
 test('server restart: the page shows reconnecting, rejoins, and a message sent offline arrives once', async (browser) => {

@@ -27,7 +27,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     while let Some(event) = events.recv().await {
         match event {
-            Event::Connected { client_id } => println!("* connected as {client_id}"),
+            Event::Connected { client_id, url } => println!("* connected to {url} as {client_id}"),
             Event::RoomJoined { room, user_count, .. } => println!("* in #{room} with {user_count}"),
             Event::Message { user, text, .. } => println!("{user}: {text}"),
             Event::MessageAcked { client_msg_id, .. } if client_msg_id == hello => {

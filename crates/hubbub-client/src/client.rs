@@ -6,7 +6,8 @@
 //! over a bounded channel. Everything it does is in one `select!` loop per
 //! link: commands, frames from the server, the heartbeat, delivering events
 //! and upload chunks. Between links it waits out the backoff delay and
-//! connects again, still answering commands (they are queued).
+//! connects again, to each of its servers in turn until one answers, still
+//! answering commands (they are queued).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use uuid::Uuid;
 
 use crate::config::jitter_sample;
+use crate::servers::Servers;
 use crate::state::{ClientState, Op, Reply, StateLimits};
 use crate::upload::{Prepared, Send};
 use crate::{
@@ -66,12 +68,80 @@ impl Client {
     /// Returns once the WebSocket is open; [`Event::Connected`] follows when
     /// the server has greeted it. A failure of this first connection is an
     /// error; later ones are retried per [`ClientConfig::reconnect`].
+    ///
+    /// The same as [`Client::connect_any`] with one URL.
     pub async fn connect(url: impl Into<String>, config: ClientConfig) -> Result<(Client, EventStream)> {
+        Self::connect_any([url], config).await
+    }
+
+    /// Connects to the first of several servers that answers, such as the
+    /// nodes of a cluster behind one name, and starts the client.
+    ///
+    /// The URLs are tried in order, once each; the client starts with the
+    /// first that connects. Afterwards, whenever a connect fails or the link
+    /// is lost, the next connect goes to the next URL in the list, wrapping
+    /// around, so a node that is down does not strand the client. A link
+    /// lost before the session was restored on it counts as a failed
+    /// connect. One
+    /// reconnect attempt ([`Event::Reconnecting`],
+    /// [`ReconnectPolicy::max_attempts`](crate::ReconnectPolicy::max_attempts))
+    /// is one round through the list: the backoff delay comes before each
+    /// round, not before each URL. [`Event::Connected`] says which URL the
+    /// client is connected to. The session, the offline queue, unacknowledged
+    /// messages and room positions carry over from one server to the next:
+    /// nodes that share their history replay what the client missed.
+    ///
+    /// Fails with [`ClientError::NoServerUrl`] for an empty list, with
+    /// [`ClientError::InvalidUrl`] (before anything is tried) for a URL that
+    /// is not a WebSocket URL, and, when no server can be reached, with the
+    /// one URL's error or [`ClientError::Unreachable`] listing every URL's.
+    ///
+    /// ```no_run
+    /// use hubbub_client::{Client, ClientConfig, Event};
+    ///
+    /// # async fn demo() -> Result<(), hubbub_client::ClientError> {
+    /// let nodes = ["ws://chat-1.internal:8080/ws/chat", "ws://chat-2.internal:8080/ws/chat"];
+    /// let (client, mut events) = Client::connect_any(nodes, ClientConfig::default()).await?;
+    /// client.join_room("general").await?;
+    /// while let Some(event) = events.recv().await {
+    ///     if let Event::Connected { url, .. } = event {
+    ///         println!("connected to {url}");
+    ///     }
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn connect_any<I>(urls: I, config: ClientConfig) -> Result<(Client, EventStream)>
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
         config.validate()?;
-        let url = url.into();
-        validate_url(&url)?;
+        let mut servers = Servers::new(urls.into_iter().map(Into::into).collect())?;
         let tls = tls_config(config.extra_ca_file.as_deref())?;
-        let ws = open(url.clone(), config.connect_timeout, tls.clone()).await?;
+        let mut failures = Vec::new();
+        let mut linked = None;
+        let mut left = servers.len();
+        while left > 0 {
+            left -= 1;
+            let url = servers.take().to_owned();
+            match open(url.clone(), config.connect_timeout, tls.clone()).await {
+                Ok(ws) => {
+                    linked = Some((ws, url));
+                    break;
+                }
+                Err(err) => {
+                    tracing::debug!(%url, cause = %err, "connect failed");
+                    failures.push(err);
+                }
+            }
+        }
+        let Some((ws, url)) = linked else {
+            return Err(match <[ClientError; 1]>::try_from(failures) {
+                Ok([only]) => only,
+                Err(failures) => ClientError::Unreachable { failures },
+            });
+        };
         let (commands, command_rx) = mpsc::channel(COMMAND_BUFFER);
         let (event_tx, event_rx) = mpsc::channel(config.event_buffer);
         let state = ClientState::new(StateLimits {
@@ -83,7 +153,7 @@ impl Client {
             protocol: config.limits.clone(),
         });
         let task = Task {
-            url,
+            servers,
             config,
             tls,
             commands: command_rx,
@@ -91,7 +161,7 @@ impl Client {
             state,
             waiting: HashMap::new(),
         };
-        tokio::spawn(task.run(ws));
+        tokio::spawn(task.run(ws, url, left));
         Ok((Client { commands }, EventStream::new(event_rx)))
     }
 
@@ -357,9 +427,20 @@ enum Input {
     Upload,
 }
 
+/// What one reconnect attempt came to.
+enum Round {
+    /// A server answered: the new link, and its URL.
+    Linked(Box<Ws>, String),
+    /// No server answered.
+    Failed,
+    /// The application disconnected meanwhile.
+    Stopped,
+}
+
 /// The background task.
 struct Task {
-    url: String,
+    /// The servers, and which one to connect to next.
+    servers: Servers,
     config: ClientConfig,
     /// TLS settings for `wss://`, built once.
     tls: Arc<rustls::ClientConfig>,
@@ -372,21 +453,29 @@ struct Task {
 }
 
 impl Task {
-    async fn run(mut self, ws: Ws) {
-        let mut link = Some(ws);
-        // Failed attempts since the last live link.
+    /// Serves the first link, `ws` to `url`, and then reconnects for as long
+    /// as the policy allows and the application wants. `left` counts the
+    /// servers the first connection's round did not try.
+    async fn run(mut self, ws: Ws, url: String, mut left: usize) {
+        let mut link = Some((ws, url));
+        // Failed attempts (rounds through the servers) since the last live link.
         let mut attempt = 0;
+        // `left` is what the current round has yet to try. A link lost
+        // before it was live (the server closed it at once, or never
+        // restored the session) counts as a failed connect: the round goes
+        // on to the next server without a delay.
         loop {
-            if let Some(ws) = link.take() {
-                match self.serve(ws).await {
+            if let Some((ws, url)) = link.take() {
+                match self.serve(ws, &url).await {
                     LinkEnd::Stop => break,
                     LinkEnd::Lost { code, reason, was_live } => {
                         self.state.on_link_lost();
                         self.answer_waiting();
                         if was_live {
                             attempt = 0;
+                            left = 0;
                         }
-                        tracing::info!(code, %reason, "link lost");
+                        tracing::info!(%url, code, %reason, "link lost");
                         self.events.push(Event::Disconnected { code, reason });
                         if !should_reconnect(code) {
                             break;
@@ -394,23 +483,24 @@ impl Task {
                     }
                 }
             }
-            attempt += 1;
-            let policy = &self.config.reconnect;
-            if !policy.allows(attempt) {
-                self.events.push(Event::GaveUp { attempts: attempt - 1 });
-                break;
+            if left == 0 {
+                attempt += 1;
+                let policy = &self.config.reconnect;
+                if !policy.allows(attempt) {
+                    self.events.push(Event::GaveUp { attempts: attempt - 1 });
+                    break;
+                }
+                let delay = policy.delay(attempt, jitter_sample());
+                self.events.push(Event::Reconnecting { attempt, delay });
+                if self.offline(sleep(delay)).await.is_none() {
+                    break;
+                }
+                left = self.servers.len();
             }
-            let delay = policy.delay(attempt, jitter_sample());
-            self.events.push(Event::Reconnecting { attempt, delay });
-            if self.offline(sleep(delay)).await.is_none() {
-                break;
-            }
-            // Boxed: a TLS connection in progress is large.
-            let connecting = Box::pin(open(self.url.clone(), self.config.connect_timeout, self.tls.clone()));
-            match self.offline(connecting).await {
-                None => break,
-                Some(Ok(ws)) => link = Some(ws),
-                Some(Err(err)) => tracing::debug!(attempt, cause = %err, "reconnect attempt failed"),
+            match self.round(attempt, &mut left).await {
+                Round::Stopped => break,
+                Round::Linked(ws, url) => link = Some((*ws, url)),
+                Round::Failed => {}
             }
         }
         // Dropping the receiver first makes handles fail fast with `Closed`.
@@ -421,6 +511,24 @@ impl Task {
             }
         }
         self.events.flush().await;
+    }
+
+    /// The rest of a reconnect attempt: the `left` servers not yet tried,
+    /// in turn from the one after the server tried last, without waiting in
+    /// between; each one tried counts down `left`.
+    async fn round(&mut self, attempt: u32, left: &mut usize) -> Round {
+        while *left > 0 {
+            *left -= 1;
+            let url = self.servers.take().to_owned();
+            // Boxed: a TLS connection in progress is large.
+            let connecting = Box::pin(open(url.clone(), self.config.connect_timeout, self.tls.clone()));
+            match self.offline(connecting).await {
+                None => return Round::Stopped,
+                Some(Ok(ws)) => return Round::Linked(Box::new(ws), url),
+                Some(Err(err)) => tracing::debug!(attempt, %url, cause = %err, "reconnect attempt failed"),
+            }
+        }
+        Round::Failed
     }
 
     /// Answers the commands whose answer has come.
@@ -468,9 +576,10 @@ impl Task {
         }
     }
 
-    /// Drives one link until it ends.
-    async fn serve(&mut self, mut ws: Ws) -> LinkEnd {
-        self.state.on_link_up();
+    /// Drives one link, to the server at `url`, until it ends.
+    async fn serve(&mut self, mut ws: Ws, url: &str) -> LinkEnd {
+        tracing::info!(%url, "linked");
+        self.state.on_link_up(url);
         let restore_deadline = Instant::now() + self.config.restore_timeout;
         let mut monitor = self.config.heartbeat.map(LinkMonitor::new);
         loop {

@@ -45,7 +45,8 @@ pub struct ClientConfig {
     /// far behind, the client stops reading from the server until it catches
     /// up (commands are still accepted). Default 256.
     pub event_buffer: usize,
-    /// Longest time for the TCP connection and WebSocket handshake. Default 10 s.
+    /// Longest time for the TCP connection and WebSocket handshake, with
+    /// each server tried. Default 10 s.
     pub connect_timeout: Duration,
     /// After connecting, how long the server has to greet the client and to
     /// confirm the restored username and room before the link is given up
@@ -106,7 +107,10 @@ pub struct SendRate {
 
 /// Reconnection with exponential backoff and jitter.
 ///
-/// The delay before attempt `n` (counting from 1) is
+/// An attempt is one connect to each server URL in turn (one connect, with
+/// one URL); the delay comes before each attempt, so a server that is down
+/// costs a failed connect, not a delay, when another one is up. The delay
+/// before attempt `n` (counting from 1) is
 /// `initial_delay × multiplier^(n−1)`, capped at `max_delay`, then moved by a
 /// random amount of up to ± `jitter` of itself (and capped again), so that
 /// clients dropped together do not come back together. The defaults are the
@@ -130,8 +134,10 @@ pub struct ReconnectPolicy {
     /// Longest delay. Default 30 s.
     pub max_delay: Duration,
     /// Attempts after a link is lost before the client gives up; `None`
-    /// retries forever, `Some(0)` never reconnects. The count starts again
-    /// once a reconnection succeeds. Default `Some(5)`.
+    /// retries forever, `Some(0)` never reconnects. With several server URLs
+    /// ([`Client::connect_any`](crate::Client::connect_any)) an attempt tries
+    /// each of them once. The count starts again once a reconnection
+    /// succeeds. Default `Some(5)`.
     pub max_attempts: Option<u32>,
     /// Random spread of each delay, as a fraction of it, from 0 (none) to 1.
     /// Default 0.2 (± 20 %).

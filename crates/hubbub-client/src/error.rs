@@ -29,6 +29,10 @@ pub enum ClientError {
         /// What is wrong, with the likely fix.
         reason: String,
     },
+    /// No server URL was given to
+    /// [`Client::connect_any`](crate::Client::connect_any).
+    #[error("no server URL given: pass at least one")]
+    NoServerUrl,
     /// The first connection failed: refused, a TLS failure, or a failed
     /// WebSocket handshake. Later connections are retried instead.
     #[error("could not connect to {url}")]
@@ -45,6 +49,15 @@ pub enum ClientError {
     ConnectTimeout {
         /// The URL connected to.
         url: String,
+    },
+    /// Given several server URLs, the first connection failed with every
+    /// one of them ([`ClientError::Connect`] or
+    /// [`ClientError::ConnectTimeout`] each, in the order tried). With one
+    /// URL, its own error is returned instead.
+    #[error("no server could be reached: {}", summary(failures))]
+    Unreachable {
+        /// Why each URL failed, in the order they were tried.
+        failures: Vec<ClientError>,
     },
     /// A name or text breaks the protocol's limits; nothing was sent.
     #[error(transparent)]
@@ -107,3 +120,45 @@ pub enum ClientError {
 
 /// The result of a client operation.
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+/// The failures of [`ClientError::Unreachable`] on one line: each error
+/// with its innermost cause (the one that says what went wrong, such as
+/// `Connection refused`), which the layers between repeat or only label.
+fn summary(failures: &[ClientError]) -> String {
+    let described: Vec<String> = failures
+        .iter()
+        .map(|failure| {
+            let outer = failure.to_string();
+            let mut innermost = None;
+            let mut cause = std::error::Error::source(failure);
+            while let Some(inner) = cause {
+                innermost = Some(inner);
+                cause = inner.source();
+            }
+            match innermost.map(ToString::to_string) {
+                Some(inner) if !outer.contains(&inner) => format!("{outer}: {inner}"),
+                _ => outer,
+            }
+        })
+        .collect();
+    described.join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unreachable_says_each_url_with_what_went_wrong_once() {
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused");
+        let failures = vec![
+            ClientError::Connect { url: "ws://a/ws/chat".into(), source: tungstenite::Error::Io(refused) },
+            ClientError::ConnectTimeout { url: "ws://b/ws/chat".into() },
+        ];
+        assert_eq!(
+            ClientError::Unreachable { failures }.to_string(),
+            "no server could be reached: could not connect to ws://a/ws/chat: Connection refused; \
+             timed out connecting to ws://b/ws/chat"
+        );
+    }
+}

@@ -21,6 +21,10 @@ pub enum Event {
     Connected {
         /// The id the server gave this connection.
         client_id: Uuid,
+        /// The server URL the client is connected to: one of those given to
+        /// [`Client::connect_any`](crate::Client::connect_any), which may
+        /// differ from one connection to the next.
+        url: String,
     },
     /// The link went down: the server closed it (`code` from its close
     /// frame), it broke (1006), the heartbeat found it dead (1006), or
@@ -31,7 +35,9 @@ pub enum Event {
         /// The close reason, or what broke.
         reason: String,
     },
-    /// A reconnect attempt will be made after `delay`.
+    /// A reconnect attempt will be made after `delay`. With several server
+    /// URLs, an attempt tries each of them once, in turn, without waiting
+    /// in between.
     Reconnecting {
         /// The attempt's number since the link was lost, from 1.
         attempt: u32,
@@ -81,6 +87,24 @@ pub enum Event {
         /// lost.
         epoch: String,
         /// The room's newest offset at the join; live messages follow it.
+        offset: u64,
+    },
+    /// The server restarted a room's stream under this client: what
+    /// follows is no longer continuous with the messages it delivered (in a
+    /// cluster, the room's history was lost and a new epoch began, or the
+    /// node could not replay everything the client missed). The client now
+    /// counts from `{epoch, offset}`: live messages with offsets above
+    /// `offset` follow, and a later rejoin asks for what came after it.
+    /// Messages up to `offset` were not all delivered; an application that
+    /// shows history fetches it again with
+    /// [`Client::history`](crate::Client::history) (the newest page is
+    /// `history(Some(offset + 1), …)`).
+    Resync {
+        /// The room.
+        room: String,
+        /// The room's epoch from now on.
+        epoch: String,
+        /// The room's newest offset now; live messages follow it.
         offset: u64,
     },
     /// This client left its room.

@@ -88,6 +88,14 @@ impl Streams {
         }
     }
 
+    /// The server restarted the room's stream (`resync`): the client's copy
+    /// is no longer continuous with it, so its position becomes the one
+    /// given. Messages above `offset` in `epoch` are news; a rejoin asks
+    /// from there.
+    pub(crate) fn on_resync(&mut self, room: &str, epoch: String, offset: u64) {
+        self.positions.insert(room.to_owned(), Position { epoch, offset });
+    }
+
     /// The server confirmed leaving the room.
     pub(crate) fn on_left(&mut self) {
         self.current = None;
@@ -249,6 +257,26 @@ mod tests {
         // A server that keeps no history forgets the position.
         assert_eq!(streams.on_joined("r", None, None, None), Joined::Fine);
         assert_eq!(streams.since("r"), None);
+    }
+
+    #[test]
+    fn a_resync_replaces_the_position_whatever_it_was() {
+        let mut streams = Streams::default();
+        streams.on_joined("r", Some("old".into()), Some(40), None);
+        assert!(streams.deliver(Some(41)));
+        // A new epoch that starts lower: its offsets are news above 2 only.
+        streams.on_resync("r", "new".into(), 2);
+        assert_eq!(streams.since("r"), Some(Since { epoch: "new".into(), offset: 2 }));
+        let delivered: Vec<u64> = [1, 2, 3, 4].into_iter().filter(|o| streams.deliver(Some(*o))).collect();
+        assert_eq!(delivered, [3, 4]);
+        // The same epoch, moved on past what the client had: the gap is not
+        // waited for.
+        streams.on_resync("r", "new".into(), 10);
+        assert!(!streams.deliver(Some(5)));
+        assert!(streams.deliver(Some(11)));
+        // A room the link is not in gets its position too, for the next join.
+        streams.on_resync("elsewhere", "e".into(), 7);
+        assert_eq!(streams.since("elsewhere"), Some(Since { epoch: "e".into(), offset: 7 }));
     }
 
     #[test]

@@ -9,6 +9,10 @@
 //!   away (close 1001 or 1012), the link breaks (1006) or the heartbeat finds
 //!   it dead ([`ReconnectPolicy`]; by default 1 s, doubling, 5 attempts), but
 //!   never after [`Client::disconnect`];
+//! - **moves between servers**: given the nodes of a cluster
+//!   ([`Client::connect_any`]), it takes the next one in the list whenever a
+//!   connect fails or the link is lost, and backs off only once it has tried
+//!   them all;
 //! - **restores the session** on every new link: the username and the room
 //!   are set again, and their replies awaited, before anything else is sent;
 //! - **queues** commands given while the link is down, in order, up to
@@ -23,7 +27,9 @@
 //!   reconnect; the server replays the missed messages, which arrive as
 //!   ordinary [`Event::Message`]s, once each and in order. When the server
 //!   cannot replay them, [`Event::RecoveryFailed`] says so, and
-//!   [`Client::history`] fetches earlier messages page by page;
+//!   [`Client::history`] fetches earlier messages page by page; when a
+//!   room's stream restarts under it, [`Event::Resync`] says so and the
+//!   client follows the new position;
 //! - **uploads files** in chunks ([`Client::send_file`]), resuming an upload
 //!   cut by a reconnect where the server stopped;
 //! - **pings** at the application level ([`LinkMonitor`]) to find a dead link.
@@ -76,6 +82,7 @@ mod error;
 mod event;
 mod history;
 mod monitor;
+mod servers;
 mod state;
 mod upload;
 

@@ -274,6 +274,8 @@ pub(crate) struct ClientState {
     next_ping: u64,
     /// Counts links, to tell which link a message was written on.
     link: u64,
+    /// The server URL of the current (or last) link, for [`Event::Connected`].
+    url: String,
     /// Counts messages written on the current link.
     written: u64,
     /// Frames to write, in order.
@@ -304,6 +306,7 @@ impl ClientState {
             pings: HashMap::new(),
             next_ping: USER_PING_BASE,
             link: 0,
+            url: String::new(),
             written: 0,
             outgoing: VecDeque::new(),
             events: VecDeque::new(),
@@ -356,9 +359,10 @@ impl ClientState {
         }
     }
 
-    /// A new link is open; the server greets first.
-    pub(crate) fn on_link_up(&mut self) {
+    /// A new link to the server at `url` is open; the server greets first.
+    pub(crate) fn on_link_up(&mut self, url: &str) {
         self.phase = Phase::Greeting;
+        url.clone_into(&mut self.url);
         self.link += 1;
         self.written = 0;
     }
@@ -628,6 +632,10 @@ impl ClientState {
                     self.emit(Event::RecoveryFailed { room, epoch, offset });
                 }
             }
+            ServerMessage::Resync { room, epoch, offset } => {
+                self.streams.on_resync(&room, epoch.clone(), offset);
+                self.emit(Event::Resync { room, epoch, offset });
+            }
             ServerMessage::UserLeft { user, user_count, room } => {
                 self.emit(Event::UserLeft { user, room, user_count });
             }
@@ -828,7 +836,7 @@ impl ClientState {
         }
         replay.append(&mut self.queue);
         self.queue = replay;
-        self.emit(Event::Connected { client_id });
+        self.emit(Event::Connected { client_id, url: self.url.clone() });
         self.drain(now);
     }
 }
@@ -868,9 +876,12 @@ mod tests {
         std::iter::from_fn(|| state.poll_event()).collect()
     }
 
+    /// The URL the tests' links go to.
+    const URL: &str = "ws://node-1.test/ws/chat";
+
     fn connect(state: &mut ClientState) -> Uuid {
         let client_id = Uuid::new_v4();
-        state.on_link_up();
+        state.on_link_up(URL);
         state.on_message(ServerMessage::Connected { client_id }, Instant::now());
         client_id
     }
@@ -925,7 +936,7 @@ mod tests {
         s.on_message(joined("general", 2), now);
         assert!(s.is_live());
         assert_eq!(sent(&mut s), [chat("one", unacked), chat("two", queued)]);
-        assert!(events(&mut s).contains(&Event::Connected { client_id }));
+        assert!(events(&mut s).contains(&Event::Connected { client_id, url: URL.into() }));
     }
 
     #[test]
@@ -1209,7 +1220,7 @@ mod tests {
                 },
             ]
         );
-        assert_eq!(events[2], Event::Connected { client_id });
+        assert_eq!(events[2], Event::Connected { client_id, url: URL.into() });
         assert_eq!(texts(&events), ["seven", "eight", "nine", "ten"]);
         assert!(!events.iter().any(|e| matches!(e, Event::RecoveryFailed { .. })));
 
@@ -1284,6 +1295,55 @@ mod tests {
         assert_eq!(
             sent(&mut s)[1],
             ClientMessage::JoinRoom { room: "general".into(), since: since("e2", 2) }
+        );
+    }
+
+    #[test]
+    fn a_resync_is_told_and_the_next_join_asks_from_the_new_position() {
+        let now = Instant::now();
+        let mut s = in_general();
+        s.on_message(broadcast("bob", "four", 4), now);
+        // The room's history was lost in the cluster: a new epoch, two
+        // messages in it that this client never got.
+        let resync = ServerMessage::Resync { room: "general".into(), epoch: "e2".into(), offset: 2 };
+        s.on_message(resync, now);
+        // Live messages continue above the new offset; one at or below it
+        // (the server promised none) is not news.
+        s.on_message(broadcast("bob", "two of e2", 2), now);
+        s.on_message(broadcast("bob", "three of e2", 3), now);
+        let told = events(&mut s);
+        assert_eq!(
+            told[1],
+            Event::Resync { room: "general".into(), epoch: "e2".into(), offset: 2 },
+            "{told:?}"
+        );
+        assert_eq!(texts(&told), ["four", "three of e2"]);
+        assert!(sent(&mut s).is_empty(), "a resync needs no answer");
+
+        // The next join, after a reconnect to whichever node, asks from there.
+        s.on_link_lost();
+        connect(&mut s);
+        assert_eq!(
+            sent(&mut s)[1],
+            ClientMessage::JoinRoom { room: "general".into(), since: since("e2", 3) }
+        );
+        s.on_message(ServerMessage::UsernameSet { username: "ada".into() }, now);
+        s.on_message(joined_at("general", "e2", 4, Some((true, 1))), now);
+        s.on_message(broadcast("bob", "four of e2", 4), now);
+        let told = events(&mut s);
+        assert!(!told.iter().any(|e| matches!(e, Event::RecoveryFailed { .. })), "{told:?}");
+        assert_eq!(texts(&told), ["four of e2"]);
+
+        // A resync for a room the client has left still moves its position,
+        // so going back asks from the new one.
+        s.command(Op::JoinRoom("other".into()), now).unwrap();
+        s.on_message(joined_at("other", "o1", 0, None), now);
+        let resync = ServerMessage::Resync { room: "general".into(), epoch: "e3".into(), offset: 9 };
+        s.on_message(resync, now);
+        s.command(Op::JoinRoom("general".into()), now).unwrap();
+        assert_eq!(
+            sent(&mut s).last(),
+            Some(&ClientMessage::JoinRoom { room: "general".into(), since: since("e3", 9) })
         );
     }
 

@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -74,8 +75,13 @@ impl Recorder {
         found.unwrap_or_else(|_| panic!("no {what} in time; saw {:#?}", self.seen))
     }
 
-    async fn connected(&mut self) {
-        self.until("Connected", |e| matches!(e, Event::Connected { .. }).then_some(())).await;
+    /// Waits for `Connected`; the URL it connected to.
+    async fn connected(&mut self) -> String {
+        self.until("Connected", |e| match e {
+            Event::Connected { url, .. } => Some(url.clone()),
+            _ => None,
+        })
+        .await
     }
 
     async fn joined(&mut self, room: &str) {
@@ -510,10 +516,13 @@ async fn history_pages_back_to_the_first_message() {
 // ----- reconnect policy, disconnect, offline queue --------------------------------------
 
 /// A server that greets one client, closes it with 1001, and from then on
-/// drops every connection before the WebSocket handshake.
-async fn server_that_goes_away() -> String {
+/// drops every connection before the WebSocket handshake. Counts the
+/// connections it dropped.
+async fn server_that_goes_away() -> (String, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("ws://{}/ws/chat", listener.local_addr().unwrap());
+    let dropped = Arc::new(AtomicUsize::new(0));
+    let count = dropped.clone();
     tokio::spawn(async move {
         let (tcp, _) = listener.accept().await.unwrap();
         let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
@@ -527,17 +536,24 @@ async fn server_that_goes_away() -> String {
         ws.close(Some(CloseFrame { code: CloseCode::Away, reason: "bye".into() })).await.unwrap();
         while ws.next().await.is_some() {}
         drop(ws);
-        while let Ok((tcp, _)) = listener.accept().await {
-            drop(tcp);
-        }
+        drop_every_connection(listener, count).await;
     });
-    url
+    (url, dropped)
 }
 
-#[tokio::test(start_paused = true)]
-async fn backoff_delays_follow_the_policy() {
-    let url = server_that_goes_away().await;
-    let config = ClientConfig {
+/// Accepts connections and drops them at once (the WebSocket handshake
+/// fails), counting them.
+async fn drop_every_connection(listener: TcpListener, count: Arc<AtomicUsize>) {
+    while let Ok((tcp, _)) = listener.accept().await {
+        count.fetch_add(1, Ordering::SeqCst);
+        drop(tcp);
+    }
+}
+
+/// The reconnect policy of the backoff tests: 1 s doubling up to 5 s, five
+/// attempts, no jitter.
+fn five_attempts() -> ClientConfig {
+    ClientConfig {
         reconnect: ReconnectPolicy {
             initial_delay: Duration::from_secs(1),
             multiplier: 2.0,
@@ -547,11 +563,12 @@ async fn backoff_delays_follow_the_policy() {
         },
         heartbeat: None,
         ..ClientConfig::default()
-    };
-    let (_client, mut events) = Client::connect(url, config).await.unwrap();
-    assert!(matches!(events.recv().await, Some(Event::Connected { .. })));
-    assert_eq!(events.recv().await, Some(Event::Disconnected { code: 1001, reason: "bye".into() }));
+    }
+}
 
+/// Reads events to the end of the stream, each with when it came (from the
+/// first), and checks them against the schedule of [`five_attempts`].
+async fn assert_five_attempts_schedule(events: &mut EventStream) {
     let mut schedule = Vec::new();
     let start = Instant::now();
     while let Some(event) = events.recv().await {
@@ -573,9 +590,19 @@ async fn backoff_delays_follow_the_policy() {
     );
 }
 
+#[tokio::test(start_paused = true)]
+async fn backoff_delays_follow_the_policy() {
+    let (url, dropped) = server_that_goes_away().await;
+    let (_client, mut events) = Client::connect(url, five_attempts()).await.unwrap();
+    assert!(matches!(events.recv().await, Some(Event::Connected { .. })));
+    assert_eq!(events.recv().await, Some(Event::Disconnected { code: 1001, reason: "bye".into() }));
+    assert_five_attempts_schedule(&mut events).await;
+    assert_eq!(dropped.load(Ordering::SeqCst), 5, "one connect per attempt");
+}
+
 #[tokio::test]
 async fn a_full_offline_queue_is_an_error_and_disconnect_stops_the_retries() {
-    let url = server_that_goes_away().await;
+    let (url, _) = server_that_goes_away().await;
     let config = ClientConfig {
         // The first attempt is far away: the client stays offline.
         reconnect: ReconnectPolicy {
@@ -618,6 +645,173 @@ async fn disconnect_closes_normally_and_never_reconnects() {
     server.wait_for_connections(0).await;
     assert!(client.is_closed());
     server.shutdown().await;
+}
+
+// ----- several servers ------------------------------------------------------------------
+
+/// A URL on loopback where nothing listens: connects are refused at once.
+async fn closed_port_url() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}/ws/chat", listener.local_addr().unwrap());
+    drop(listener);
+    url
+}
+
+/// A server that greets every connection (`welcome`, `connected`) and then
+/// only reads: enough for a client with nothing to restore to be connected.
+async fn greeter() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}/ws/chat", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else { return };
+                let hello = [
+                    ServerMessage::Welcome { message: "hi".into() },
+                    ServerMessage::Connected { client_id: hubbub_client::Uuid::new_v4() },
+                ];
+                for msg in hello {
+                    if ws.send(Message::text(msg.to_json())).await.is_err() {
+                        return;
+                    }
+                }
+                while let Some(Ok(_)) = ws.next().await {}
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test]
+async fn a_client_given_a_dead_server_first_connects_to_the_live_one() {
+    let server = TestServer::start().await;
+    let dead = closed_port_url().await;
+    let (client, events) = Client::connect_any([dead.clone(), server.chat_url()], fast()).await.unwrap();
+    let mut events = Recorder { events, seen: Vec::new() };
+    assert_eq!(events.connected().await, server.chat_url());
+    client.set_username("ada").await.unwrap();
+    client.join_room("general").await.unwrap();
+    events.joined("general").await;
+    let id = client.send_message("through the live one").await.unwrap();
+    events.acked(id).await;
+
+    // No server answers: one error that says why for each, in order.
+    let other = closed_port_url().await;
+    let err = Client::connect_any([dead.clone(), other.clone()], fast()).await.unwrap_err();
+    let ClientError::Unreachable { failures } = &err else { panic!("{err:?}") };
+    assert!(
+        matches!(&failures[..], [ClientError::Connect { url: a, .. }, ClientError::Connect { url: b, .. }]
+            if *a == dead && *b == other),
+        "{failures:?}"
+    );
+    let message = err.to_string();
+    assert!(
+        message.starts_with(&format!("no server could be reached: could not connect to {dead}: ")),
+        "{message}"
+    );
+    assert!(message.contains(&format!("; could not connect to {other}: ")), "{message}");
+    // One URL keeps its own error; none at all is a mistake.
+    let err = Client::connect_any([dead.clone()], fast()).await.unwrap_err();
+    assert!(matches!(&err, ClientError::Connect { url, .. } if *url == dead), "{err:?}");
+    let err = Client::connect_any(Vec::<String>::new(), fast()).await.unwrap_err();
+    assert!(matches!(err, ClientError::NoServerUrl), "{err:?}");
+    let err = Client::connect_any([server.chat_url(), "localhost:1".into()], fast()).await.unwrap_err();
+    assert!(matches!(&err, ClientError::InvalidUrl { url, .. } if url == "localhost:1"), "{err:?}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_client_whose_server_shuts_down_moves_to_the_next_one_and_rejoins() {
+    // Two nodes that do not share history: this is about the move and the
+    // rejoin, not about recovering messages across nodes.
+    let a = TestServer::start().await;
+    let b = TestServer::start().await;
+    let (_bob, mut bob) = member(&b.chat_url(), "bob", "general", fast()).await;
+    let (alice, events) = Client::connect_any([a.chat_url(), b.chat_url()], fast()).await.unwrap();
+    let mut alice_events = Recorder { events, seen: Vec::new() };
+    assert_eq!(alice_events.connected().await, a.chat_url());
+    alice.set_username("alice").await.unwrap();
+    alice.join_room("general").await.unwrap();
+    alice_events.joined("general").await;
+
+    a.shutdown().await;
+    assert_eq!(alice_events.disconnected().await, 1001);
+    // Written while she moves (or just after): delivered on B either way.
+    let id = alice.send_message("moved to b").await.unwrap();
+    let since = alice_events.seen.len();
+    assert_eq!(alice_events.connected().await, b.chat_url());
+    let restored = &alice_events.seen[since..];
+    assert!(restored.contains(&Event::UsernameSet { username: "alice".into() }), "{restored:?}");
+    assert!(
+        restored
+            .iter()
+            .any(|e| matches!(e, Event::RoomJoined { room, user_count: 2, .. } if room == "general")),
+        "back in the room, on B with bob, before Connected: {restored:?}"
+    );
+    alice_events.acked(id).await;
+    bob.until("alice joining", |e| {
+        matches!(e, Event::UserJoined { user, .. } if user == "alice").then_some(())
+    })
+    .await;
+    bob.message("moved to b").await;
+    b.shutdown().await;
+}
+
+/// A server that accepts WebSocket connections and closes each at once
+/// with 1013 (try again later), before any greeting: overloaded.
+async fn server_that_turns_everyone_away() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}/ws/chat", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else { return };
+                let busy = CloseFrame { code: CloseCode::Again, reason: "busy".into() };
+                if ws.close(Some(busy)).await.is_ok() {
+                    while ws.next().await.is_some() {}
+                }
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dead_server_in_the_list_costs_a_failed_connect_not_a_backoff() {
+    let (going, _) = server_that_goes_away().await;
+    let (dead, busy, live) =
+        (closed_port_url().await, server_that_turns_everyone_away().await, greeter().await);
+    let (_client, mut events) =
+        Client::connect_any([going.clone(), dead, busy, live.clone()], five_attempts()).await.unwrap();
+    assert!(matches!(events.recv().await, Some(Event::Connected { url, .. }) if url == going));
+    assert_eq!(events.recv().await, Some(Event::Disconnected { code: 1001, reason: "bye".into() }));
+    let start = Instant::now();
+    let delay = Duration::from_secs(1);
+    assert_eq!(events.recv().await, Some(Event::Reconnecting { attempt: 1, delay }));
+    // The next in the list is dead, and the one after it closes the link
+    // before it is live; the last one answers, all in the same attempt,
+    // with no second delay.
+    assert_eq!(events.recv().await, Some(Event::Disconnected { code: 1013, reason: "busy".into() }));
+    let connected = events.recv().await;
+    assert!(matches!(&connected, Some(Event::Connected { url, .. }) if *url == live), "{connected:?}");
+    assert_eq!(Instant::now() - start, delay);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_backoff_comes_once_per_round_through_the_servers() {
+    let (going, going_dropped) = server_that_goes_away().await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dropping = format!("ws://{}/ws/chat", listener.local_addr().unwrap());
+    let dropping_dropped = Arc::new(AtomicUsize::new(0));
+    tokio::spawn(drop_every_connection(listener, dropping_dropped.clone()));
+    let (_client, mut events) = Client::connect_any([going, dropping], five_attempts()).await.unwrap();
+    assert!(matches!(events.recv().await, Some(Event::Connected { .. })));
+    assert_eq!(events.recv().await, Some(Event::Disconnected { code: 1001, reason: "bye".into() }));
+    // The same schedule as with one server: two servers down cost no more
+    // waiting than one.
+    assert_five_attempts_schedule(&mut events).await;
+    let tries = (going_dropped.load(Ordering::SeqCst), dropping_dropped.load(Ordering::SeqCst));
+    assert_eq!(tries, (5, 5), "each attempt tried each server once");
 }
 
 // ----- file upload ------------------------------------------------------------------------

@@ -101,7 +101,7 @@ pub(crate) fn publish<T: Tables>(
     now_ms: u64,
     request: Publish,
 ) -> StoreResult<Result<Published, Error>> {
-    let Publish { room, sender, client_msg_id, timestamp_ms, build } = request;
+    let Publish { room, sender, client_msg_id, timestamp_ms, build, origin: _ } = request;
     let mut meta = tables.meta(&room)?.unwrap_or(RoomMeta::EMPTY);
     let window = millis(retention.dedupe_window);
     let id = client_msg_id.map(|id| id.as_u128());

@@ -102,7 +102,7 @@ use bytes::Bytes;
 use uuid::Uuid;
 
 #[cfg(feature = "redis")]
-pub use self::redis::{RedisConfig, RedisEngine};
+pub use self::redis::{ChannelMessage, RedisConfig, RedisEngine};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use disk::{DiskConfig, DiskEngine, DiskStats, OpenError, OpenFailure};
 pub use memory::MemoryEngine;
@@ -187,6 +187,10 @@ pub struct Publish {
     /// Makes the bytes to store once the offset is known. Not called for a duplicate or a
     /// publish that fails before its offset is assigned.
     pub build: Build,
+    /// A tag published with the message on its room's channel by the Redis engine (the
+    /// sending connection, so that the nodes delivering it can skip its sender); not stored,
+    /// and unused by the other engines. At most 64 bytes of anything but whitespace.
+    pub origin: Option<Arc<str>>,
 }
 
 impl Publish {
@@ -202,7 +206,15 @@ impl Publish {
             client_msg_id: None,
             timestamp_ms: None,
             build: Box::new(build),
+            origin: None,
         }
+    }
+
+    /// Sets the tag published with the message (see [`Publish::origin`]).
+    #[must_use]
+    pub fn origin(mut self, origin: impl Into<Arc<str>>) -> Self {
+        self.origin = Some(origin.into());
+        self
     }
 
     /// Sets the client's message id, for dedupe.
@@ -227,6 +239,7 @@ impl fmt::Debug for Publish {
             .field("sender", &self.sender)
             .field("client_msg_id", &self.client_msg_id)
             .field("timestamp_ms", &self.timestamp_ms)
+            .field("origin", &self.origin)
             .finish_non_exhaustive()
     }
 }

@@ -105,7 +105,7 @@ return {epoch, newest, first, seen}
 ///
 /// KEYS: meta, stream, dedupe, dedupe_age, lock. ARGV: epoch, expected newest, now, forget ids
 /// recorded at or before, ttl cutoff, max messages, dedupe capacity, channel, lock token, then
-/// per message its dedupe field (`''` for none), timestamp and bytes.
+/// per message its dedupe field (`''` for none), timestamp, origin (`-` for none) and bytes.
 const COMMIT: &str = r"
 if redis.call('GET', KEYS[5]) == ARGV[9] then
   redis.call('DEL', KEYS[5])
@@ -117,7 +117,7 @@ if epoch ~= ARGV[1] or newest ~= tonumber(ARGV[2]) then
 end
 local now = ARGV[3]
 local forget_before = tonumber(ARGV[4])
-for i = 10, #ARGV, 3 do
+for i = 10, #ARGV, 4 do
   if ARGV[i] ~= '' then
     local seen = redis.call('HGET', KEYS[3], ARGV[i])
     if seen and tonumber(string.match(seen, '(%d+)$')) > forget_before then
@@ -125,15 +125,15 @@ for i = 10, #ARGV, 3 do
     end
   end
 end
-for i = 10, #ARGV, 3 do
+for i = 10, #ARGV, 4 do
   newest = newest + 1
-  local field, ts, bytes = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local field, ts, origin, bytes = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   redis.call('XADD', KEYS[2], '0-' .. newest, 't', ts, 'd', bytes)
   if field ~= '' then
     redis.call('HSET', KEYS[3], field, newest .. ' ' .. ts .. ' ' .. now)
     redis.call('ZADD', KEYS[4], now, field)
   end
-  redis.call('PUBLISH', ARGV[8], epoch .. ' ' .. newest .. ' ' .. ts .. '\n' .. bytes)
+  redis.call('PUBLISH', ARGV[8], epoch .. ' ' .. newest .. ' ' .. ts .. ' ' .. origin .. '\n' .. bytes)
 end
 redis.call('HSET', KEYS[1], 'newest', newest)
 
@@ -185,7 +185,7 @@ return 'ok'
 /// | `<prefix>{room}:dedupe` | hash | `<len>:<sender>:<clientMsgId>` → `<offset> <timestamp> <recorded>` |
 /// | `<prefix>{room}:dedupe_age` | sorted set | the same fields by when they were recorded |
 /// | `<prefix>{room}:lock` | string | the token of the process between `PREPARE` and `COMMIT`, with a lease |
-/// | `<prefix>{room}:ch` | channel | every kept message, as `<epoch> <offset> <timestamp>\n<bytes>` |
+/// | `<prefix>{room}:ch` | channel | every kept message, as `<epoch> <offset> <timestamp> <origin>\n<bytes>` (origin `-` for none); other publishers may use it for messages that start with `~` |
 ///
 /// If the meta hash is missing (Redis lost its data, or it was evicted), the next script that
 /// reads it makes a new epoch and deletes whatever is left of the room's other keys, so offsets
@@ -357,6 +357,44 @@ impl RoomKeys {
     }
 }
 
+/// A kept message as published on its room's channel (see [`RedisEngine::channel`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChannelMessage<'a> {
+    /// The room's epoch.
+    pub epoch: &'a str,
+    /// The message's offset.
+    pub offset: u64,
+    /// Its timestamp, milliseconds since the Unix epoch.
+    pub timestamp_ms: u64,
+    /// The publish's [`Publish::origin`], if it had one.
+    pub origin: Option<&'a str>,
+    /// The stored bytes.
+    pub bytes: &'a [u8],
+}
+
+impl<'a> ChannelMessage<'a> {
+    /// Reads a room channel's payload; `None` if it is not a kept message (it starts with `~`,
+    /// or is malformed).
+    pub fn parse(payload: &'a [u8]) -> Option<Self> {
+        let newline = payload.iter().position(|&b| b == b'\n')?;
+        let header = std::str::from_utf8(&payload[..newline]).ok()?;
+        let mut parts = header.split(' ');
+        let epoch = parts.next().filter(|e| !e.is_empty() && !e.starts_with('~'))?;
+        let offset = parts.next()?.parse().ok()?;
+        let timestamp_ms = parts.next()?.parse().ok()?;
+        let origin = match parts.next() {
+            None | Some("-") => None,
+            Some(origin) => Some(origin),
+        };
+        Some(Self { epoch, offset, timestamp_ms, origin, bytes: &payload[newline + 1..] })
+    }
+}
+
+/// Whether `origin` can go in a channel message's header: short, no whitespace, not empty.
+fn valid_origin(origin: &str) -> bool {
+    !origin.is_empty() && origin.len() <= 64 && !origin.contains(char::is_whitespace)
+}
+
 /// The dedupe field of a sender's message id; the length prefix keeps any sender unambiguous.
 fn dedupe_field(sender: &str, id: Uuid) -> String {
     format!("{}:{sender}:{}", sender.len(), id.simple())
@@ -509,7 +547,12 @@ impl Inner {
             if let Some(field) = field {
                 known.insert(field, (assigned.offset, assigned.timestamp_ms, true));
             }
-            commit.arg(field.as_deref().unwrap_or("")).arg(assigned.timestamp_ms).arg(bytes.as_ref());
+            let origin = request.origin.as_deref().filter(|o| valid_origin(o)).unwrap_or("-");
+            commit
+                .arg(field.as_deref().unwrap_or(""))
+                .arg(assigned.timestamp_ms)
+                .arg(origin)
+                .arg(bytes.as_ref());
             let published = Published {
                 epoch: prepared.epoch.clone(),
                 offset: assigned.offset,
@@ -666,9 +709,25 @@ impl RedisEngine {
     }
 
     /// The channel on which each of the room's kept messages is published, as
-    /// `<epoch> <offset> <timestamp>\n<bytes>`.
+    /// `<epoch> <offset> <timestamp> <origin>\n<bytes>` (see [`Publish::origin`]; `-` for
+    /// none). Other publishers may share the channel with messages that start with `~`, which
+    /// no epoch does.
     pub fn channel(&self, room: &str) -> String {
         RoomKeys::new(&self.inner.config.prefix, room).channel
+    }
+
+    /// The key `<prefix>{room}:<suffix>`: in the room's hash slot, beside its other keys, for
+    /// whatever else a server keeps per room (presence, for example).
+    pub fn room_key(&self, room: &str, suffix: &str) -> String {
+        let mut key = RoomKeys::new(&self.inner.config.prefix, room).meta;
+        key.truncate(key.len() - "meta".len());
+        key.push_str(suffix);
+        key
+    }
+
+    /// The key prefix every key and channel starts with.
+    pub fn prefix(&self) -> &str {
+        &self.inner.config.prefix
     }
 
     /// Runs `fut` on the engine's runtime and waits for it on this thread.
@@ -796,6 +855,26 @@ mod tests {
         let keys = RoomKeys::new("p:", "a}b{c%");
         assert_eq!(keys.meta, "p:{a%7Db%7Bc%25}:meta");
         assert_eq!(keys.channel, "p:{a%7Db%7Bc%25}:ch");
+    }
+
+    #[test]
+    fn channel_messages_are_read_back() {
+        let message = ChannelMessage::parse(b"e1 7 1700 ab12\n{\"x\":1}\n").unwrap();
+        assert_eq!(
+            message,
+            ChannelMessage {
+                epoch: "e1",
+                offset: 7,
+                timestamp_ms: 1700,
+                origin: Some("ab12"),
+                bytes: b"{\"x\":1}\n"
+            }
+        );
+        assert_eq!(ChannelMessage::parse(b"e1 7 1700 -\nx").unwrap().origin, None);
+        assert_eq!(ChannelMessage::parse(b"~node\n{}"), None);
+        assert_eq!(ChannelMessage::parse(b"e1 x 1700 -\n{}"), None);
+        assert_eq!(ChannelMessage::parse(b"no newline"), None);
+        assert!(valid_origin("a1") && !valid_origin("a b") && !valid_origin(""));
     }
 
     #[test]

@@ -250,6 +250,9 @@ impl ChatSession {
                         room: room.name.to_string(),
                     });
                     room.broadcast(&renamed, Some(self.peer.id()));
+                    if let Some(cluster) = &self.shared.cluster {
+                        cluster.renamed(&room.name, self.peer.id(), &username, self.name());
+                    }
                 }
                 self.username = Some(username);
             }
@@ -264,8 +267,13 @@ impl ChatSession {
                 {
                     // Already there: confirm without a leave/join round that
                     // would tell everyone else twice.
-                    let position =
-                        self.shared.history.as_ref().and_then(|engine| engine.position(&room).ok());
+                    let readable = self.shared.cluster.as_ref().is_none_or(|cluster| cluster.is_up());
+                    let position = self
+                        .shared
+                        .history
+                        .as_ref()
+                        .filter(|_| readable)
+                        .and_then(|engine| engine.position(&room).ok());
                     self.reply(&ServerMessage::RoomJoined {
                         room,
                         user_count: current.len(),
@@ -278,16 +286,46 @@ impl ChatSession {
                 }
                 self.leave_room();
                 self.last_typing = None;
+                // In a cluster, what the join needs from Redis is read first,
+                // so the hub's locks never wait for it.
+                let prepared = match &self.shared.cluster {
+                    Some(cluster) => Some(cluster.prepare(&room).await),
+                    None => None,
+                };
                 let config = &self.shared.config;
+                let (position, others) =
+                    prepared.as_ref().map_or((None, None), |p| (p.position.clone(), p.others.clone()));
+                let readable = prepared.is_none() || position.is_some();
                 let recall = self.shared.history.as_deref().map(|engine| Recall {
                     engine,
                     since: since.as_ref(),
                     // The replay must fit the joiner's queue with room to spare.
                     max_messages: config.history.max_recover.min(config.websocket.outbound_queue / 2),
                     max_bytes: config.websocket.outbound_queue_bytes / 2,
+                    position,
+                    others,
+                    readable,
                 });
-                let joined = self.shared.hub.join(&self.peer, self.name(), &room, recall);
+                let hub = &self.shared.hub;
+                let joined = if self.shared.cluster.is_some()
+                    && since.is_some()
+                    && tokio::runtime::Handle::current().runtime_flavor()
+                        == tokio::runtime::RuntimeFlavor::MultiThread
+                {
+                    // The replay is read from Redis under the room's lock:
+                    // let the runtime move other tasks off this thread.
+                    tokio::task::block_in_place(|| hub.join(&self.peer, self.name(), &room, recall))
+                } else {
+                    hub.join(&self.peer, self.name(), &room, recall)
+                };
                 tracing::debug!(%room, members = joined.user_count, "joined room");
+                if let Some(cluster) = &self.shared.cluster {
+                    cluster.joined(&joined.room.name, self.peer.id(), self.name());
+                    if joined.created {
+                        cluster.settle(&self.shared, joined.room.clone());
+                    }
+                }
+                drop(prepared);
                 self.room = Some(joined.room);
             }
             ClientMessage::LeaveRoom {} => match self.leave_room() {
@@ -395,6 +433,9 @@ impl ChatSession {
                     self.last_typing = Some(now);
                     let frame = encode(&ServerMessage::UserTyping { user: self.name().to_owned() });
                     room.broadcast(&frame, Some(self.peer.id()));
+                    if let Some(cluster) = &self.shared.cluster {
+                        cluster.typing(&room.name, self.name());
+                    }
                 }
             }
             ClientMessage::Chat { user, text } => {
@@ -403,7 +444,8 @@ impl ChatSession {
                     (None, Some(claimed)) => claimed,
                     (None, None) => ANONYMOUS.to_owned(),
                 };
-                let frame = encode(&ServerMessage::Chat { user, text });
+                let message = ServerMessage::Chat { user, text };
+                let frame = encode(&message);
                 // Every lobby reader receives every lobby message: the
                 // server-wide budget keeps their queues within reach.
                 let budget = self.shared.limits.lobby_bytes(
@@ -416,6 +458,9 @@ impl ChatSession {
                     return;
                 }
                 hub.lobby.broadcast(&frame);
+                if let Some(cluster) = &self.shared.cluster {
+                    cluster.lobby(&message.to_json());
+                }
             }
             ClientMessage::Ping { timestamp } => {
                 self.reply(&ServerMessage::Pong { timestamp, server_time: now_ms() });
@@ -617,15 +662,20 @@ impl ChatSession {
         let mut request = Publish::new(room.name.clone(), self.name(), move |at: Assigned| {
             Bytes::from(build(at).to_json())
         })
-        .timestamp_ms(now_ms());
+        .timestamp_ms(now_ms())
+        .origin(self.peer.id().simple().to_string());
         if let Some(id) = client_msg_id {
             request = request.client_msg_id(id);
         }
         let (shared, room, sender) = (self.shared.clone(), room.clone(), self.peer.id());
+        // In a cluster every node, this one included, delivers from its
+        // subscription to the room's channel, in the one order Redis gives.
+        let deliver_here = self.shared.cluster.is_none();
         engine.publish(
             request,
             Box::new(move |result| {
-                if let Ok(published) = &result
+                if deliver_here
+                    && let Ok(published) = &result
                     && let Some(bytes) = &published.bytes
                 {
                     let frame = ws::encode(ws::OpCode::Text, bytes);
@@ -694,6 +744,9 @@ impl ChatSession {
     fn leave_room(&mut self) -> Option<Arc<str>> {
         let room = self.room.take()?;
         self.shared.hub.leave(&self.peer, self.name(), &room);
+        if let Some(cluster) = &self.shared.cluster {
+            cluster.left(&room.name, self.peer.id());
+        }
         tracing::debug!(room = %room.name, "left room");
         Some(room.name.clone())
     }
@@ -758,6 +811,9 @@ impl Handler for ChatSession {
             self.shared.tasks.spawn(async move {
                 in_flight.below(1).await;
                 shared.hub.leave(&peer, &name, &room);
+                if let Some(cluster) = &shared.cluster {
+                    cluster.left(&room.name, peer.id());
+                }
             });
         }
         self.leave_room();

@@ -54,6 +54,8 @@ pub struct Config {
     pub uploads: UploadSettings,
     /// Room history: where it is kept and for how long.
     pub history: HistorySettings,
+    /// Several servers acting as one through Redis.
+    pub cluster: ClusterSettings,
     /// Caps on connections.
     pub limits: ConnectionLimits,
     /// HTTP connections before (or without) a WebSocket upgrade.
@@ -423,6 +425,81 @@ impl Config {
     }
 }
 
+/// Cluster mode: with `redis_url` set, this server is one node of several
+/// that share rooms, history, presence and the lobby through Redis.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterSettings {
+    /// `redis://HOST:PORT[/DB]` (or `rediss://` for TLS); unset: a single
+    /// server with its own history store.
+    pub redis_url: Option<String>,
+    /// A name for this node in logs and `/api/status`; a random suffix is
+    /// added at every start. Default: the host's name.
+    pub node_name: Option<String>,
+    /// Put before every Redis key and channel, so several clusters can share
+    /// one Redis. Default `hubbub:`.
+    pub prefix: String,
+    /// How long a node that stopped renewing its lease (killed, cut off)
+    /// still counts: then its members are removed and the rooms hear
+    /// `userLeft`. Default 15 s.
+    #[serde(with = "humantime_serde")]
+    pub node_timeout: Duration,
+    /// How often a node compares each of its rooms with Redis (newest
+    /// offset, epoch, members elsewhere) and renews its lease. Default 3 s.
+    #[serde(with = "humantime_serde")]
+    pub check_interval: Duration,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        Self {
+            redis_url: None,
+            node_name: None,
+            prefix: "hubbub:".to_owned(),
+            node_timeout: Duration::from_secs(15),
+            check_interval: Duration::from_secs(3),
+        }
+    }
+}
+
+impl ClusterSettings {
+    /// Checks the section on its own.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(url) = &self.redis_url
+            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
+        {
+            return Err(ConfigError::Invalid {
+                key: "cluster.redis_url",
+                why: format!("{url:?} is not a redis:// or rediss:// URL"),
+            });
+        }
+        if self.prefix.contains(['{', '}']) || self.prefix.contains(char::is_whitespace) {
+            return Err(ConfigError::Invalid {
+                key: "cluster.prefix",
+                why: format!("{:?} must not contain braces or spaces", self.prefix),
+            });
+        }
+        if let Some(name) = &self.node_name
+            && (name.is_empty() || name.len() > 40 || !name.chars().all(|c| c.is_ascii_graphic()))
+        {
+            return Err(ConfigError::Invalid {
+                key: "cluster.node_name",
+                why: format!("{name:?} must be 1 to 40 printable ASCII characters without spaces"),
+            });
+        }
+        zero_duration("cluster.node_timeout", self.node_timeout)?;
+        zero_duration("cluster.check_interval", self.check_interval)?;
+        if self.check_interval * 2 > self.node_timeout {
+            return Err(ConfigError::Invalid {
+                key: "cluster.check_interval",
+                why: "must be at most half of cluster.node_timeout, so a live node renews its lease in time"
+                    .to_owned(),
+            });
+        }
+        Ok(())
+    }
+}
+
 /// How long and how many message ids each room remembers, so that a message
 /// resent after a reconnect (its `clientMsgId` already seen) is acknowledged
 /// again but delivered only once.
@@ -521,6 +598,7 @@ impl Default for Config {
             delivery: DeliverySettings::default(),
             uploads: UploadSettings::default(),
             history: HistorySettings::default(),
+            cluster: ClusterSettings::default(),
             limits: ConnectionLimits::default(),
             http: HttpSettings::default(),
             rate_limit: RateLimitSettings::default(),
@@ -644,6 +722,17 @@ pub enum ConfigError {
     /// The history store cannot be opened.
     #[error("{0}")]
     History(String),
+    /// A value of the wrong form: `{key} {why}`.
+    #[error("{key} {why}")]
+    Invalid {
+        /// The key, as in the config file.
+        key: &'static str,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// The cluster's Redis cannot be used.
+    #[error("cannot use the cluster's redis: {0}")]
+    Cluster(String),
     /// The upload directory cannot be used.
     #[error("cannot use upload directory {path}: {cause}")]
     UploadDir {
@@ -690,7 +779,8 @@ impl ConfigError {
             Self::Zero(key)
             | Self::NotPositive { key, .. }
             | Self::TooSmall { key, .. }
-            | Self::Empty { key } => &[key],
+            | Self::Empty { key }
+            | Self::Invalid { key, .. } => &[key],
             Self::Conflict { key, other, .. } | Self::Exclusive { key, other } => &[key, other],
             Self::UploadStall { .. } => {
                 &["uploads.rate_bytes_per_sec", "uploads.max_chunk_size", "heartbeat.timeout"]
@@ -712,6 +802,7 @@ impl ConfigError {
             Self::Tls(_) => &["tls.cert", "tls.key"],
             Self::UploadDir { .. } => &["uploads.dir"],
             Self::History(_) => &["history.path"],
+            Self::Cluster(_) => &["cluster.redis_url"],
             Self::AuthKeyUnreadable { .. } | Self::AuthKeyInvalid { .. } => &["auth.public_key"],
         };
         keys.iter().map(|key| (*key).to_owned()).collect()
@@ -756,6 +847,7 @@ impl Config {
         "delivery",
         "uploads",
         "history",
+        "cluster",
         "limits",
         "http",
         "rate_limit",
@@ -776,6 +868,7 @@ impl Config {
         self.delivery.validate()?;
         self.uploads.validate()?;
         self.history.validate()?;
+        self.cluster.validate()?;
         self.limits.validate()?;
         self.http.validate()?;
         self.rate_limit.validate()?;

@@ -42,6 +42,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/ws/notifications", any(notifications))
         .route("/ws/echo", any(echo))
         .route("/health", get(|| async { "OK" }))
+        .route("/ready", get(ready))
         .route("/client.js", get(asset))
         .route("/app.js", get(asset))
         .route("/style.css", get(asset))
@@ -227,6 +228,9 @@ struct Status {
     rooms: usize,
     /// Seconds since the server started.
     uptime: u64,
+    /// In a cluster: this node, the live nodes, and whether Redis answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster: Option<ClusterStatus>,
     /// The server's version.
     version: &'static str,
     /// WebSocket connections accepted since start.
@@ -241,9 +245,37 @@ struct Status {
     upgrades_refused: u64,
 }
 
+/// `GET /ready`: 200 while this server can take chat traffic; in a cluster,
+/// 503 while it cannot reach Redis (so a load balancer sends clients to the
+/// nodes that can).
+async fn ready(State(shared): State<Arc<Shared>>) -> Response {
+    match &shared.cluster {
+        Some(cluster) if !cluster.is_up() => {
+            (StatusCode::SERVICE_UNAVAILABLE, "cannot reach the cluster's redis\n").into_response()
+        }
+        _ => "OK".into_response(),
+    }
+}
+
+/// The `cluster` field of `GET /api/status`.
+#[derive(Serialize)]
+struct ClusterStatus {
+    /// This node's id.
+    node: String,
+    /// Live nodes at the last check, this one included.
+    nodes: usize,
+    /// `up` or `down`.
+    redis: &'static str,
+}
+
 async fn status(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     let stats = &shared.hub.stats;
     axum::Json(Status {
+        cluster: shared.cluster.as_ref().map(|cluster| ClusterStatus {
+            node: cluster.node.to_string(),
+            nodes: cluster.nodes(),
+            redis: if cluster.is_up() { "up" } else { "down" },
+        }),
         connections: shared.admission.open(),
         rooms: shared.hub.room_count(),
         uptime: shared.started.elapsed().as_secs(),
@@ -287,6 +319,19 @@ struct RoomInfo {
 }
 
 async fn rooms(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    if let Some(cluster) = &shared.cluster {
+        // Every node's members; this node's own view if Redis is away.
+        match cluster.room_counts().await {
+            Ok(counts) => {
+                let list: Vec<RoomInfo> =
+                    counts.into_iter().map(|(name, user_count)| RoomInfo { name, user_count }).collect();
+                return axum::Json(list);
+            }
+            Err(err) => {
+                tracing::debug!(cause = %err, "cannot read the cluster's rooms; answering this node's")
+            }
+        }
+    }
     let list: Vec<RoomInfo> = shared
         .hub
         .rooms()

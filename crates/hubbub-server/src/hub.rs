@@ -17,14 +17,14 @@
 //! `.await` (there is no `.await` in this module).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use hubbub_protocol::ServerMessage;
 use uuid::Uuid;
 
-use hubbub_history::{Engine, Position, Recovery, StoredMessage};
+use hubbub_history::{Engine, Epoch, Position, Recovery, StoredMessage};
 use hubbub_protocol::Since;
 
 use crate::link::{ClientId, Frame, Peer, encode};
@@ -115,6 +115,53 @@ pub(crate) struct Room {
     delivered: AtomicU64,
     /// Set once the room has been removed from the hub (it emptied).
     removed: AtomicBool,
+    /// Cluster mode: where this node stands with the room's stream in Redis.
+    feed: Mutex<Feed>,
+    /// Cluster mode: the room's members on other nodes.
+    others: Mutex<Others>,
+    /// How many members `others` holds, for counts without its lock.
+    remote: AtomicUsize,
+}
+
+/// The room's members on other nodes of a cluster: node, then member id,
+/// then name.
+pub(crate) type Others = HashMap<Box<str>, HashMap<Box<str>, Box<str>>>;
+
+/// Cluster mode: where this node stands with a room's stream. Kept
+/// messages arrive from Redis in offset order; one that does not follow
+/// `delivered` starts a repair (the missing ones are read from the stream),
+/// and what arrives meanwhile waits in `pending`.
+#[derive(Debug, Default)]
+struct Feed {
+    /// The room's epoch as this node knows it; `None` before it knows.
+    epoch: Option<Epoch>,
+    /// A repair is under way.
+    repairing: bool,
+    /// Kept messages that arrived during a repair, in arrival order.
+    pending: Vec<Pending>,
+    /// The newest offset Redis had at the previous position check.
+    checked: u64,
+}
+
+/// A kept message waiting for a repair to finish.
+#[derive(Debug)]
+struct Pending {
+    epoch: Epoch,
+    offset: u64,
+    frame: Frame,
+    except: Option<ClientId>,
+}
+
+/// What a position check found for a room (cluster mode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Checked {
+    /// Nothing missing (or a repair is already under way).
+    Fine,
+    /// Messages are missing: repair.
+    Behind,
+    /// Messages Redis had at the previous check still have not arrived:
+    /// repair, and the subscription is suspect.
+    Stale,
 }
 
 /// What a join asks of the room's history.
@@ -127,6 +174,17 @@ pub(crate) struct Recall<'a> {
     pub(crate) max_messages: usize,
     /// Most bytes to replay, so the replay fits the joiner's queue.
     pub(crate) max_bytes: usize,
+    /// The room's position read before the join (cluster mode, so that no
+    /// Redis round trip happens under the hub's locks); `None`: ask the
+    /// engine.
+    pub(crate) position: Option<Position>,
+    /// The room's members on other nodes, read before the join (cluster
+    /// mode); used when the room comes into being here.
+    pub(crate) others: Option<Others>,
+    /// Whether the engine may be asked during the join; false in a cluster
+    /// whose Redis did not answer just before (the join must not wait for
+    /// it under the hub's locks).
+    pub(crate) readable: bool,
 }
 
 /// What [`Room::remember`] found.
@@ -221,9 +279,209 @@ impl Room {
         self.removed.load(Ordering::Acquire)
     }
 
-    /// Current number of members.
+    /// Current number of members, on every node of a cluster.
     pub(crate) fn len(&self) -> usize {
-        read(&self.members).len()
+        read(&self.members).len() + self.remote.load(Ordering::Acquire)
+    }
+
+    /// Cluster mode: delivers the kept message at `offset` of `epoch` if it
+    /// is the next one, skips it if members have it, and otherwise keeps it
+    /// for a repair; true if a repair must start.
+    pub(crate) fn feed(&self, epoch: &str, offset: u64, frame: &Frame, except: Option<ClientId>) -> bool {
+        let members = read(&self.members);
+        let mut feed = lock(&self.feed);
+        let pending = |feed: &mut Feed| {
+            feed.pending.push(Pending { epoch: Epoch::new(epoch), offset, frame: frame.clone(), except });
+        };
+        if feed.repairing {
+            pending(&mut feed);
+            return false;
+        }
+        if feed.epoch.is_none() {
+            feed.epoch = Some(Epoch::new(epoch));
+        }
+        let delivered = self.delivered.load(Ordering::Acquire);
+        let same_epoch = feed.epoch.as_ref().is_some_and(|known| known.as_str() == epoch);
+        if same_epoch && offset <= delivered {
+            return false;
+        }
+        if same_epoch && offset == delivered + 1 {
+            fan_out(members.iter(), frame, except, &self.stats);
+            self.delivered.store(offset, Ordering::Release);
+            return false;
+        }
+        pending(&mut feed);
+        feed.repairing = true;
+        true
+    }
+
+    /// Cluster mode: the room's epoch as this node knows it, and the newest
+    /// offset its members have had: where a repair reads from.
+    pub(crate) fn stream_position(&self) -> (Option<Epoch>, u64) {
+        let _members = read(&self.members);
+        let feed = lock(&self.feed);
+        (feed.epoch.clone(), self.delivered.load(Ordering::Acquire))
+    }
+
+    /// Cluster mode: finishes a repair with what the stream answered:
+    /// delivers the missed messages, or tells the members to `resync` when
+    /// they cannot all be given, then what waited meanwhile. False if
+    /// another gap showed up and the repair must go on.
+    pub(crate) fn repaired(&self, recovery: Recovery) -> bool {
+        let members = read(&self.members);
+        let mut feed = lock(&self.feed);
+        let mut delivered = self.delivered.load(Ordering::Acquire);
+        match recovery {
+            Recovery::Recovered { position, messages } => {
+                if feed.epoch.as_ref() != Some(&position.epoch) {
+                    // Only a room whose epoch was unknown recovers in another.
+                    feed.epoch = Some(position.epoch);
+                }
+                for message in messages {
+                    if message.offset == delivered + 1 {
+                        let frame = ws::encode(ws::OpCode::Text, &message.bytes);
+                        fan_out(members.iter(), &frame, None, &self.stats);
+                        delivered = message.offset;
+                    }
+                }
+            }
+            Recovery::NotRecoverable { position } => {
+                let resync = encode(&ServerMessage::Resync {
+                    room: self.name.to_string(),
+                    epoch: position.epoch.as_str().to_owned(),
+                    offset: position.offset,
+                });
+                fan_out(members.iter(), &resync, None, &self.stats);
+                delivered = position.offset;
+                feed.epoch = Some(position.epoch);
+            }
+        }
+        let pending = std::mem::take(&mut feed.pending);
+        let mut rest = pending.into_iter();
+        let epoch = feed.epoch.clone();
+        let mut gap = false;
+        for message in rest.by_ref() {
+            if epoch.as_ref() != Some(&message.epoch) || message.offset <= delivered {
+                // Of an epoch gone by, or had already.
+                continue;
+            }
+            if message.offset == delivered + 1 {
+                fan_out(members.iter(), &message.frame, message.except, &self.stats);
+                delivered = message.offset;
+            } else {
+                feed.pending.push(message);
+                gap = true;
+                break;
+            }
+        }
+        feed.pending.extend(rest);
+        self.delivered.store(delivered, Ordering::Release);
+        feed.repairing = gap;
+        !gap
+    }
+
+    /// Cluster mode: compares what Redis has (`None`: the room's keys are
+    /// gone) with what members have had; a room found behind is marked as
+    /// repairing, for the caller to repair. Messages newer than what members
+    /// have may still be on their way: unless `now` (just after subscribing
+    /// again), a room is repaired only when messages Redis already had at
+    /// the previous check are missing (`Stale`), or its epoch changed.
+    pub(crate) fn check(&self, epoch: Option<&str>, newest: u64, now: bool) -> Checked {
+        let _members = read(&self.members);
+        let mut feed = lock(&self.feed);
+        if feed.repairing {
+            return Checked::Fine;
+        }
+        let delivered = self.delivered.load(Ordering::Acquire);
+        let previous = std::mem::replace(&mut feed.checked, newest);
+        let same_epoch = matches!((epoch, &feed.epoch), (Some(now), Some(known)) if now == known.as_str());
+        let verdict = if !same_epoch || (now && newest > delivered) {
+            Checked::Behind
+        } else if previous > delivered && newest > delivered {
+            Checked::Stale
+        } else {
+            Checked::Fine
+        };
+        if verdict != Checked::Fine {
+            feed.repairing = true;
+        }
+        verdict
+    }
+
+    /// Cluster mode: a member joined on another node; tells the members
+    /// here with `userJoined`.
+    pub(crate) fn remote_joined(&self, node: &str, member: &str, user: &str) {
+        let members = read(&self.members);
+        let count = {
+            let mut others = lock(&self.others);
+            let node = others.entry(node.into()).or_default();
+            if node.insert(member.into(), user.into()).is_none() {
+                self.remote.fetch_add(1, Ordering::AcqRel);
+            }
+            self.remote.load(Ordering::Acquire)
+        };
+        let joined = encode(&ServerMessage::UserJoined {
+            user: user.to_owned(),
+            room: self.name.to_string(),
+            user_count: members.len() + count,
+        });
+        fan_out(members.iter(), &joined, None, &self.stats);
+    }
+
+    /// Cluster mode: members left on another node (or the node is gone:
+    /// `member` `None`); tells the members here with `userLeft`.
+    pub(crate) fn remote_left(&self, node: &str, member: Option<&str>) {
+        let members = read(&self.members);
+        let mut gone = Vec::new();
+        {
+            let mut others = lock(&self.others);
+            match member {
+                Some(member) => {
+                    if let Some(of_node) = others.get_mut(node)
+                        && let Some(user) = of_node.remove(member)
+                    {
+                        gone.push(user);
+                        if of_node.is_empty() {
+                            others.remove(node);
+                        }
+                    }
+                }
+                None => gone.extend(others.remove(node).into_iter().flat_map(HashMap::into_values)),
+            }
+        }
+        for user in gone {
+            let count = self.remote.fetch_sub(1, Ordering::AcqRel).saturating_sub(1);
+            let left = encode(&ServerMessage::UserLeft {
+                user: user.into(),
+                user_count: members.len() + count,
+                room: Some(self.name.to_string()),
+            });
+            fan_out(members.iter(), &left, None, &self.stats);
+        }
+    }
+
+    /// Cluster mode: a member on another node changed its name.
+    pub(crate) fn remote_renamed(&self, node: &str, member: &str, user: &str, previous: &str) {
+        let members = read(&self.members);
+        if let Some(name) = lock(&self.others).get_mut(node).and_then(|n| n.get_mut(member)) {
+            *name = user.into();
+        }
+        let renamed = encode(&ServerMessage::UserRenamed {
+            user: user.to_owned(),
+            previous: previous.to_owned(),
+            room: self.name.to_string(),
+        });
+        fan_out(members.iter(), &renamed, None, &self.stats);
+    }
+
+    /// Cluster mode: replaces what this node knows of the members elsewhere
+    /// with what Redis holds, without telling anyone (a periodic check
+    /// correcting what events missed).
+    pub(crate) fn set_others(&self, others: Others) {
+        let _members = read(&self.members);
+        let count = others.values().map(HashMap::len).sum();
+        *lock(&self.others) = others;
+        self.remote.store(count, Ordering::Release);
     }
 }
 
@@ -238,13 +496,27 @@ pub(crate) struct Hub {
     pub(crate) subscribers: PeerSet,
     /// Counters.
     pub(crate) stats: Arc<Stats>,
+    /// Whether rooms made and removed here are announced to the
+    /// notification subscribers; off in a cluster, where Redis tells every
+    /// node when a room comes to exist or empties anywhere.
+    pub(crate) announce_rooms: bool,
 }
 
 impl Recall<'_> {
+    /// The room's position: as read before the join, else from the engine
+    /// if it may be asked.
+    fn position(&self, name: &str) -> hubbub_history::Result<Position> {
+        match &self.position {
+            Some(position) => Ok(position.clone()),
+            None if !self.readable => Err(hubbub_history::Error::Unavailable("not reachable now".to_owned())),
+            None => self.engine.position(name),
+        }
+    }
+
     /// The joiner's `roomJoined` and the messages to replay after it, for
     /// a room whose members have had everything up to `delivered`.
     fn answer(&self, name: &str, user_count: usize, delivered: u64) -> (ServerMessage, Vec<StoredMessage>) {
-        let position = match self.engine.position(name) {
+        let position = match self.position(name) {
             Ok(position) => position,
             Err(err) => {
                 tracing::warn!(room = %name, cause = %err, "cannot read the room's history position");
@@ -310,6 +582,8 @@ pub(crate) struct Joined {
     pub(crate) room: Arc<Room>,
     /// Members after the join.
     pub(crate) user_count: usize,
+    /// Whether the room came into being here with this join.
+    pub(crate) created: bool,
 }
 
 /// Shards for the lobby and subscriber sets: enough that joins on a few
@@ -324,6 +598,7 @@ impl Hub {
             lobby: PeerSet::new(SHARDS, stats.clone()),
             subscribers: PeerSet::new(SHARDS, stats.clone()),
             stats,
+            announce_rooms: true,
         }
     }
 
@@ -357,20 +632,26 @@ impl Hub {
             None => {
                 // Messages kept before the room came into being here were
                 // delivered to whoever was there: count them as delivered.
-                let kept = recall.as_ref().map_or(0, |recall| match recall.engine.position(name) {
-                    Ok(position) => position.offset,
-                    Err(err) => {
-                        tracing::warn!(room = %name, cause = %err, "cannot read the room's history position");
-                        0
-                    }
+                let position = recall.as_ref().and_then(|recall| {
+                    recall
+                        .position(name)
+                        .inspect_err(|err| {
+                            tracing::warn!(room = %name, cause = %err, "cannot read the room's history position");
+                        })
+                        .ok()
                 });
+                let others = recall.as_ref().and_then(|recall| recall.others.clone()).unwrap_or_default();
+                let remote = others.values().map(HashMap::len).sum();
                 let room = Arc::new(Room {
                     name: Arc::from(name),
                     members: RwLock::default(),
                     recent: Mutex::default(),
                     stats: self.stats.clone(),
-                    delivered: AtomicU64::new(kept),
+                    delivered: AtomicU64::new(position.as_ref().map_or(0, |p| p.offset)),
                     removed: AtomicBool::new(false),
+                    feed: Mutex::new(Feed { epoch: position.map(|p| p.epoch), ..Feed::default() }),
+                    others: Mutex::new(others),
+                    remote: AtomicUsize::new(remote),
                 });
                 rooms.insert(room.name.clone(), room.clone());
                 self.stats.rooms.set(rooms.len() as i64);
@@ -381,14 +662,14 @@ impl Hub {
         // join announced under the room's write lock, so every member sees
         // `userJoined` before any later message in the room.
         let mut members = write(&room.members);
-        if created {
+        if created && self.announce_rooms {
             // Under the rooms lock, so subscribers see creations and removals
             // in the order they happened.
             self.notify(&ServerMessage::RoomCreated { room: name.to_owned() });
         }
         drop(rooms);
         members.insert(peer.id(), peer.clone());
-        let user_count = members.len();
+        let user_count = members.len() + room.remote.load(Ordering::Acquire);
         let joined =
             encode(&ServerMessage::UserJoined { user: user.to_owned(), room: name.to_owned(), user_count });
         fan_out(members.iter(), &joined, None, &self.stats);
@@ -415,22 +696,24 @@ impl Hub {
             peer.send(ws::encode(ws::OpCode::Text, &message.bytes));
         }
         drop(members);
-        Joined { room, user_count }
+        Joined { room, user_count, created }
     }
 
     /// Removes `peer` from `room`, tells those who remain with `userLeft`, and
-    /// removes the room if it is now empty.
-    pub(crate) fn leave(&self, peer: &Peer, user: &str, room: &Room) {
+    /// removes the room if it is now empty here; true if it was.
+    pub(crate) fn leave(&self, peer: &Peer, user: &str, room: &Room) -> bool {
         let mut rooms = lock(&self.rooms);
         let mut members = write(&room.members);
         members.remove(&peer.id());
-        let user_count = members.len();
-        let removed = user_count == 0;
+        let user_count = members.len() + room.remote.load(Ordering::Acquire);
+        let removed = members.is_empty();
         if removed {
             room.removed.store(true, Ordering::Release);
             rooms.remove(&room.name);
             self.stats.rooms.set(rooms.len() as i64);
-            self.notify(&ServerMessage::RoomRemoved { room: room.name.to_string() });
+            if self.announce_rooms {
+                self.notify(&ServerMessage::RoomRemoved { room: room.name.to_string() });
+            }
         }
         drop(rooms);
         if !removed {
@@ -442,20 +725,28 @@ impl Hub {
             fan_out(members.iter(), &left, None, &self.stats);
         }
         drop(members);
+        removed
     }
 
     /// Removes `peer` from `room` without telling the other members, for a
     /// server shutdown; the room goes when it is empty, as with
-    /// [`Hub::leave`].
-    pub(crate) fn leave_quietly(&self, peer: &Peer, room: &Room) {
+    /// [`Hub::leave`]; true if it went.
+    pub(crate) fn leave_quietly(&self, peer: &Peer, room: &Room) -> bool {
         let mut rooms = lock(&self.rooms);
         let mut members = write(&room.members);
         members.remove(&peer.id());
-        if members.is_empty() {
+        let removed = members.is_empty();
+        if removed {
             room.removed.store(true, Ordering::Release);
             rooms.remove(&room.name);
             self.stats.rooms.set(rooms.len() as i64);
         }
+        removed
+    }
+
+    /// Every room here, for the cluster's checks.
+    pub(crate) fn all_rooms(&self) -> Vec<Arc<Room>> {
+        lock(&self.rooms).values().cloned().collect()
     }
 
     /// Sends a server event to every notification subscriber.
@@ -546,6 +837,146 @@ mod tests {
         assert!(slow.is_closing());
         assert!(slow.close_reason().is_slow_consumer());
         assert!(!fast.is_closing());
+    }
+
+    /// A kept message's frame, as the cluster receives it.
+    fn kept(offset: u64) -> Frame {
+        encode(&ServerMessage::UserTyping { user: format!("m{offset}") })
+    }
+
+    fn offsets(peer: &Peer) -> Vec<String> {
+        drain(peer)
+            .into_iter()
+            .map(|m| match m["type"].as_str() {
+                Some("userTyping") => m["user"].as_str().unwrap().to_owned(),
+                Some("resync") => format!("resync {} {}", m["epoch"].as_str().unwrap(), m["offset"]),
+                _ => String::new(),
+            })
+            .filter(|m| !m.is_empty())
+            .collect()
+    }
+
+    fn cluster_room(hub: &Hub, peers: &[&Peer], epoch: &str, offset: u64) -> Arc<Room> {
+        let engine = hubbub_history::MemoryEngine::new(hubbub_history::Options::default());
+        let recall = || Recall {
+            engine: &engine,
+            since: None,
+            max_messages: 100,
+            max_bytes: 1 << 20,
+            position: Some(Position { epoch: Epoch::new(epoch), offset }),
+            others: None,
+            readable: true,
+        };
+        let room = hub.join(peers[0], "a", "r", Some(recall())).room;
+        for peer in &peers[1..] {
+            hub.join(peer, "b", "r", Some(recall()));
+        }
+        for peer in peers {
+            drain(peer);
+        }
+        room
+    }
+
+    #[test]
+    fn a_cluster_room_delivers_in_order_and_repairs_a_gap_from_the_stream() {
+        let hub = Hub::new(Arc::new(Stats::new()));
+        let (ada, bob) = (peer(), peer());
+        let room = cluster_room(&hub, &[&ada, &bob], "e1", 4);
+        // The next offset goes out, an old one is skipped, the sender is skipped.
+        assert!(!room.feed("e1", 5, &kept(5), Some(ada.id())));
+        assert!(!room.feed("e1", 5, &kept(5), None));
+        assert!(!room.feed("e1", 3, &kept(3), None));
+        assert_eq!((offsets(&ada), offsets(&bob)), (vec![], vec!["m5".to_owned()]));
+        // 6 and 7 were lost on the way; 8 starts a repair, 9 waits for it.
+        assert!(room.feed("e1", 8, &kept(8), None));
+        assert!(!room.feed("e1", 9, &kept(9), Some(bob.id())));
+        assert!(offsets(&bob).is_empty(), "nothing out of order");
+        let (epoch, delivered) = room.stream_position();
+        assert_eq!((epoch.unwrap().as_str(), delivered), ("e1", 5));
+        let stored = |offset: u64| StoredMessage {
+            offset,
+            timestamp_ms: 0,
+            bytes: bytes::Bytes::from(format!(r#"{{"type":"userTyping","user":"m{offset}"}}"#)),
+        };
+        let position = Position { epoch: Epoch::new("e1"), offset: 8 };
+        assert!(
+            room.repaired(Recovery::Recovered { position, messages: vec![stored(6), stored(7), stored(8)] })
+        );
+        assert_eq!(offsets(&ada), ["m6", "m7", "m8", "m9"]);
+        assert_eq!(offsets(&bob), ["m6", "m7", "m8"], "the pending message keeps its sender skipped");
+        assert_eq!(room.stream_position().1, 9);
+    }
+
+    #[test]
+    fn a_cluster_room_that_cannot_recover_tells_its_members_to_resync() {
+        let hub = Hub::new(Arc::new(Stats::new()));
+        let ada = peer();
+        let room = cluster_room(&hub, &[&ada], "e1", 10);
+        // Redis lost the room: a message of a new epoch arrives.
+        assert!(room.feed("e2", 2, &kept(2), None));
+        assert!(offsets(&ada).is_empty());
+        let position = Position { epoch: Epoch::new("e2"), offset: 1 };
+        assert!(room.repaired(Recovery::NotRecoverable { position }));
+        assert_eq!(offsets(&ada), ["resync e2 1", "m2"]);
+        assert!(!room.feed("e2", 3, &kept(3), None));
+        assert_eq!(offsets(&ada), ["m3"]);
+    }
+
+    #[test]
+    fn a_position_check_waits_one_round_before_calling_a_subscription_stale() {
+        let hub = Hub::new(Arc::new(Stats::new()));
+        let ada = peer();
+        let room = cluster_room(&hub, &[&ada], "e1", 3);
+        assert_eq!(room.check(Some("e1"), 3, false), Checked::Fine);
+        // Offset 4 may be on its way: not yet.
+        assert_eq!(room.check(Some("e1"), 4, false), Checked::Fine);
+        // It arrives: fine.
+        assert!(!room.feed("e1", 4, &kept(4), None));
+        assert_eq!(room.check(Some("e1"), 5, false), Checked::Fine);
+        // 5 never arrives: a round later the subscription is stale.
+        assert_eq!(room.check(Some("e1"), 5, false), Checked::Stale);
+        // The repair is under way: no second one.
+        assert_eq!(room.check(Some("e1"), 5, false), Checked::Fine);
+        let position = Position { epoch: Epoch::new("e1"), offset: 5 };
+        assert!(room.repaired(Recovery::Recovered { position, messages: vec![] }));
+        // Just after subscribing again, behind is repaired at once; a lost
+        // epoch always is.
+        assert_eq!(room.check(Some("e1"), 6, true), Checked::Behind);
+        assert!(room.repaired(Recovery::Recovered {
+            position: Position { epoch: Epoch::new("e1"), offset: 6 },
+            messages: vec![]
+        }));
+        assert_eq!(room.check(None, 0, false), Checked::Behind);
+    }
+
+    #[test]
+    fn members_on_other_nodes_count_and_are_announced() {
+        let hub = Hub::new(Arc::new(Stats::new()));
+        let ada = peer();
+        let room = cluster_room(&hub, &[&ada], "e1", 0);
+        room.remote_joined("n2", "m1", "bob");
+        room.remote_joined("n2", "m2", "cy");
+        room.remote_joined("n3", "m3", "di");
+        assert_eq!(room.len(), 4);
+        let joined = drain(&ada);
+        assert_eq!(joined[2], json!({"type": "userJoined", "user": "di", "room": "r", "userCount": 4}));
+        room.remote_renamed("n2", "m1", "bobby", "bob");
+        assert_eq!(
+            drain(&ada),
+            [json!({"type": "userRenamed", "user": "bobby", "previous": "bob", "room": "r"})]
+        );
+        room.remote_left("n3", Some("m3"));
+        assert_eq!(drain(&ada), [json!({"type": "userLeft", "user": "di", "userCount": 3, "room": "r"})]);
+        // Node n2 is gone: each of its members leaves.
+        room.remote_left("n2", None);
+        let mut left: Vec<_> = drain(&ada).iter().map(|m| m["user"].as_str().unwrap().to_owned()).collect();
+        left.sort();
+        assert_eq!(left, ["bobby", "cy"]);
+        assert_eq!(room.len(), 1);
+        // A periodic check replaces the view silently.
+        room.set_others(Others::from([("n4".into(), HashMap::from([("m9".into(), "eve".into())]))]));
+        assert_eq!(room.len(), 2);
+        assert!(drain(&ada).is_empty());
     }
 
     #[test]

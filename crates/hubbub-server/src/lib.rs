@@ -23,6 +23,7 @@
 mod admission;
 mod auth;
 mod chat;
+mod cluster;
 mod config;
 mod conn;
 mod deflate;
@@ -59,8 +60,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::{
-    Config, ConfigError, ConnectionLimits, DeliverySettings, HeartbeatSettings, HistorySettings,
-    HistoryStore, RateLimitSettings, UploadSettings, WebSocketLimits,
+    ClusterSettings, Config, ConfigError, ConnectionLimits, DeliverySettings, HeartbeatSettings,
+    HistorySettings, HistoryStore, RateLimitSettings, UploadSettings, WebSocketLimits,
 };
 pub use tls::{TlsError, TlsReloader, TlsSettings};
 
@@ -92,8 +93,10 @@ pub(crate) struct Shared {
     pub(crate) limits: ratelimit::AddressLimits,
     /// Verifies tokens, when authentication is on.
     pub(crate) auth: Option<auth::Authenticator>,
-    /// Room history, unless `history.store = "off"`.
+    /// Room history, unless `history.store = "off"`; in Redis in a cluster.
     pub(crate) history: Option<HistoryHandle>,
+    /// This node of a cluster, when `cluster.redis_url` is set.
+    pub(crate) cluster: Option<Arc<cluster::Cluster>>,
 }
 
 /// A Hubbub server, ready to run on a listener.
@@ -124,14 +127,24 @@ impl Server {
         let tls = config.tls.clone().map(TlsReloader::load).transpose()?;
         let auth = auth::Authenticator::from_settings(&config.auth)?;
         let limits = ratelimit::AddressLimits::new(&config.rate_limit, Instant::now());
-        let history = open_history(&config)?;
+        let (history, cluster) = match &config.cluster.redis_url {
+            Some(url) => {
+                let cluster = cluster::Cluster::connect(&config.cluster, url, history_options(&config))
+                    .map_err(ConfigError::Cluster)?;
+                let engine: Arc<dyn hubbub_history::Engine> = cluster.engine.clone();
+                (Some(HistoryHandle(engine)), Some(Arc::new(cluster)))
+            }
+            None => (open_history(&config)?, None),
+        };
+        let mut hub = hub::Hub::new(Arc::new(metrics::Stats::new()));
+        hub.announce_rooms = cluster.is_none();
         Ok(Self {
             tls,
             shared: Arc::new(Shared {
                 // Before `config` moves in.
                 beats: sweeper::Registry::new(config.heartbeat.into()),
                 config,
-                hub: hub::Hub::new(Arc::new(metrics::Stats::new())),
+                hub,
                 started: Instant::now(),
                 shutdown: CancellationToken::new(),
                 tasks: TaskTracker::new(),
@@ -142,6 +155,7 @@ impl Server {
                 limits,
                 auth,
                 history,
+                cluster,
             }),
         })
     }
@@ -180,6 +194,10 @@ impl Server {
         shared.tasks.spawn(sweep_uploads(shared.clone()));
         shared.tasks.spawn(sweep_limits(shared.clone()));
         shared.tasks.spawn(sweeper::sweeper(shared.clone()));
+        if let Some(cluster) = &shared.cluster {
+            tracing::info!(node = %cluster.node, "serving as a node of a cluster");
+            shared.tasks.spawn(cluster::run(shared.clone(), cluster.clone()));
+        }
         let notice = {
             let shared = shared.clone();
             async move {
@@ -237,18 +255,9 @@ async fn sweep_limits(shared: Arc<Shared>) {
 /// opened (damaged, of another format, locked by another process) is an
 /// error naming it: history is never silently discarded.
 fn open_history(config: &Config) -> Result<Option<HistoryHandle>, ConfigError> {
-    use hubbub_history::{DiskConfig, DiskEngine, MemoryEngine, Options, Retention};
+    use hubbub_history::{DiskConfig, DiskEngine, MemoryEngine};
     let settings = &config.history;
-    let options = Options {
-        retention: Retention {
-            max_messages: settings.max_messages,
-            ttl: settings.ttl,
-            dedupe_window: config.delivery.dedupe_window,
-            dedupe_capacity: config.delivery.dedupe_capacity as u64,
-            ..Retention::default()
-        },
-        ..Options::default()
-    };
+    let options = history_options(config);
     Ok(match settings.store {
         HistoryStore::Off => None,
         HistoryStore::Memory => Some(HistoryHandle(Arc::new(MemoryEngine::new(options)))),
@@ -268,6 +277,22 @@ fn open_history(config: &Config) -> Result<Option<HistoryHandle>, ConfigError> {
             Some(HistoryHandle(Arc::new(engine)))
         }
     })
+}
+
+/// Retention and dedupe as configured, for any history engine.
+fn history_options(config: &Config) -> hubbub_history::Options {
+    use hubbub_history::{Options, Retention};
+    let settings = &config.history;
+    Options {
+        retention: Retention {
+            max_messages: settings.max_messages,
+            ttl: settings.ttl,
+            dedupe_window: config.delivery.dedupe_window,
+            dedupe_capacity: config.delivery.dedupe_capacity as u64,
+            ..Retention::default()
+        },
+        ..Options::default()
+    }
 }
 
 /// The history store, shared by every chat session.

@@ -72,6 +72,12 @@ pub(crate) struct Cli {
     #[arg(long, value_name = "DIR")]
     upload_dir: Option<PathBuf>,
 
+    /// Run as one node of a cluster sharing rooms, history and presence
+    /// through this Redis (`redis://HOST:PORT`, `rediss://` for TLS); also
+    /// `[cluster] redis_url`, HUBBUB_CLUSTER_REDIS_URL
+    #[arg(long, value_name = "URL")]
+    redis_url: Option<String>,
+
     /// Time between heartbeat pings to each connection, e.g. `30s`, `500ms` [default: 30s]
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     heartbeat_interval: Option<Duration>,
@@ -134,6 +140,7 @@ struct Overrides {
     echo_enabled: Option<bool>,
     heartbeat: HeartbeatOverrides,
     uploads: UploadOverrides,
+    cluster: ClusterOverrides,
     rate_limit: RateLimitOverrides,
     #[serde(skip_serializing_if = "Option::is_none")]
     tls: Option<TlsOverrides>,
@@ -151,6 +158,13 @@ struct TlsOverrides {
 struct RateLimitOverrides {
     #[serde(skip_serializing_if = "Option::is_none")]
     enabled: Option<bool>,
+}
+
+/// The `[cluster]` keys the command line can set.
+#[derive(Serialize)]
+struct ClusterOverrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redis_url: Option<String>,
 }
 
 /// The `[uploads]` keys the command line can set.
@@ -215,6 +229,7 @@ impl Cli {
                 timeout: self.heartbeat_timeout.map(|d| humantime::format_duration(d).to_string()),
             },
             uploads: UploadOverrides { dir: self.upload_dir.clone() },
+            cluster: ClusterOverrides { redis_url: self.redis_url.clone() },
             rate_limit: RateLimitOverrides { enabled: self.no_rate_limit.then_some(false) },
             tls: match (&self.tls_cert, &self.tls_key) {
                 (Some(cert), Some(key)) => Some(TlsOverrides { cert: cert.clone(), key: key.clone() }),

@@ -2,7 +2,9 @@
 //!
 //! Typed lines are messages; `/nick`, `/join`, `/leave`, `/send PATH`,
 //! `/history [N]`, `/ping` and `/quit` are commands. After a reconnect it
-//! shows what was said meanwhile, under a "while you were away" line.
+//! shows what was said meanwhile, under a "while you were away" line. Given
+//! several server URLs (a cluster's nodes), it moves to the next one when
+//! its server cannot be reached.
 //!
 //! It is scriptable: piped lines are sent in order and, at the end of input,
 //! it waits until the server has acknowledged every message and upload
@@ -49,9 +51,11 @@ not change the exit status.";
 #[command(version, after_help = EXIT_STATUS)]
 struct Args {
     /// The server's chat endpoint, e.g. ws://localhost:8080/ws/chat
-    /// (wss:// for TLS).
-    #[arg(value_parser = parse_url)]
-    url: String,
+    /// (wss:// for TLS). Give several (the nodes of a cluster) to have the
+    /// client try them in turn: it connects to the first that answers, and
+    /// moves to the next whenever a connect fails or the connection is lost.
+    #[arg(value_name = "URL", required = true, value_parser = parse_url)]
+    urls: Vec<String>,
     /// Your name in the chat.
     #[arg(long)]
     name: String,
@@ -186,7 +190,11 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         ..ClientConfig::default()
     };
     let ui = Ui::new(args.reconnect_attempts.0);
-    let (client, events) = Client::connect(&args.url, config).await.map_err(connect_error)?;
+    let several = args.urls.len() > 1;
+    // The origin for file links until the first connection says which
+    // server it is.
+    let files_base = http_origin(args.urls.first().map_or("", String::as_str));
+    let (client, events) = Client::connect_any(args.urls, config).await.map_err(connect_error)?;
     client.set_username(&args.name).await.context("invalid --name")?;
     if let Some(room) = &args.room {
         client.join_room(room).await.context("invalid --room")?;
@@ -195,7 +203,8 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         client,
         events,
         ui,
-        files_base: http_origin(&args.url),
+        several,
+        files_base,
         outstanding: HashSet::new(),
         uploads: HashMap::new(),
         me: None,
@@ -236,7 +245,10 @@ struct Chat {
     client: Client,
     events: EventStream,
     ui: Ui,
-    /// `http(s)://host:port` of the server, for absolute file links.
+    /// Whether several server URLs were given: then "connected" says which.
+    several: bool,
+    /// `http(s)://host:port` of the server connected to, for absolute file
+    /// links.
     files_base: String,
     /// Messages sent and not yet acknowledged.
     outstanding: HashSet<Uuid>,
@@ -268,6 +280,9 @@ struct Chat {
 /// The room the client is in, and how far back it has shown it.
 struct Room {
     name: String,
+    /// The room's epoch, when the server keeps history: `/history` pages of
+    /// another epoch (from before a resync) do not move `before`.
+    epoch: Option<String>,
     /// `/history` shows the messages before this offset: the oldest one
     /// shown so far, or the newest at the join plus one. `None` when the
     /// server keeps no history (then `/history` shows the newest).
@@ -283,12 +298,16 @@ struct History {
     /// Whether a request is out: one at a time, since each page starts where
     /// the previous one ended.
     loading: bool,
+    /// The request out was made before the room's history restarted: its
+    /// page is dropped, and this many of the newest messages are fetched
+    /// instead.
+    refetch: Option<u32>,
 }
 
 impl History {
     fn new() -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        Self { tx, rx, loading: false }
+        Self { tx, rx, loading: false, refetch: None }
     }
 
     /// The next page, once one is loading.
@@ -410,12 +429,17 @@ impl Chat {
     /// the room's beginning.
     fn show_history(&mut self, page: Option<hubbub_client::Result<HistoryPage>>) {
         self.history.loading = false;
+        if let Some(limit) = self.history.refetch.take() {
+            // Asked for before the history restarted: ask again instead.
+            self.fetch_history(limit);
+            return;
+        }
         let page = match page {
             Some(Ok(page)) => page,
             Some(Err(err)) => return self.ui.info(&format!("error: {err}")),
             None => return,
         };
-        let HistoryPage { room: name, messages, has_more, .. } = page;
+        let HistoryPage { room: name, epoch, messages, has_more } = page;
         let count = messages.len();
         match count {
             0 => self.ui.info(&format!("— no earlier messages in #{name} —")),
@@ -434,6 +458,7 @@ impl Chat {
         }
         if let Some(room) = &mut self.room
             && room.name == name
+            && room.epoch.as_ref().is_none_or(|current| *current == epoch)
             && let Some(oldest) = oldest
         {
             room.before = Some(room.before.map_or(oldest, |before| before.min(oldest)));
@@ -543,7 +568,7 @@ impl Chat {
         }
         match event {
             Event::Connected { .. } => {
-                self.ui.connected();
+                self.render(event);
                 for held in self.restoring.take().unwrap_or_default() {
                     self.show_reply(held);
                 }
@@ -590,7 +615,10 @@ impl Chat {
                 self.outstanding.remove(&client_msg_id);
                 self.failed = true;
             }
-            Event::Connected { .. } => ui.connected(),
+            Event::Connected { url, .. } => {
+                ui.connected(self.several.then_some(url.as_str()));
+                self.files_base = http_origin(&url);
+            }
             Event::Disconnected { code, reason } => {
                 let reason = if reason.is_empty() { String::new() } else { format!(": {reason}") };
                 ui.info(&format!("disconnected ({code}{reason})"));
@@ -604,23 +632,25 @@ impl Chat {
                 ui.info(&format!("you are {username}"));
                 self.me = Some(username);
             }
-            Event::RoomJoined { room, user_count, offset, missed, .. } => {
+            Event::RoomJoined { room, user_count, epoch, offset, missed } => {
                 ui.info(&format!("joined #{room} ({user_count} here)"));
                 // Back in the same room after a reconnect, `/history` goes
                 // on from where it was.
                 if self.room.as_ref().is_none_or(|r| r.name != room) {
-                    self.room = Some(Room { name: room, before: offset.map(|o| o + 1) });
+                    self.room = Some(Room { name: room, epoch, before: offset.map(|o| o + 1) });
                 }
                 self.away = (missed > 0).then_some(offset.map(|o| (o, false))).flatten();
             }
-            Event::RecoveryFailed { room, offset, .. } => {
+            Event::RecoveryFailed { room, epoch, offset } => {
                 ui.info(&format!(
                     "the messages missed in #{room} could not be recovered; /history shows the latest"
                 ));
                 if let Some(current) = &mut self.room {
+                    current.epoch = Some(epoch);
                     current.before = Some(offset + 1);
                 }
             }
+            Event::Resync { room, epoch, offset } => self.restart_history(&room, epoch, offset),
             Event::RoomLeft { room } => {
                 self.room = None;
                 ui.info(&format!("left #{room}"));
@@ -656,6 +686,24 @@ impl Chat {
                 ui.info("the access token expires soon; reconnect with a fresh one")
             }
             other => tracing::debug!(?other, "event not shown"),
+        }
+    }
+
+    /// The server restarted the room's stream: say so, and show its newest
+    /// messages again, as they are now.
+    fn restart_history(&mut self, room: &str, epoch: String, offset: u64) {
+        let Some(current) = self.room.as_mut().filter(|current| current.name == room) else {
+            // Not the room shown; the client follows the new position.
+            return;
+        };
+        current.epoch = Some(epoch);
+        current.before = Some(offset + 1);
+        self.away = None;
+        self.ui.info("— history restarted —");
+        if self.history.loading {
+            self.history.refetch = Some(HISTORY_DEFAULT);
+        } else {
+            self.fetch_history(HISTORY_DEFAULT);
         }
     }
 
@@ -754,9 +802,13 @@ impl Ui {
         }
     }
 
-    fn connected(&mut self) {
+    /// Connected, to `url` when it is worth saying (several were given).
+    fn connected(&mut self, url: Option<&str>) {
         self.countdown = None;
-        self.info("connected");
+        match url {
+            Some(url) => self.info(&format!("connected to {url}")),
+            None => self.info("connected"),
+        }
     }
 
     fn reconnecting(&mut self, attempt: u32, delay: Duration) {

@@ -338,6 +338,153 @@ async fn missed_messages_are_shown_under_a_mark_and_history_pages_back() {
     server.shutdown().await;
 }
 
+// ----- several servers, and a restarted history --------------------------------------
+
+#[tokio::test]
+async fn given_several_urls_it_skips_a_dead_one_and_moves_on_when_its_server_goes() {
+    let a = TestServer::start().await;
+    let b = TestServer::start().await;
+    let dead = closed_port_url().await;
+    let mut chat = Chat::start(&[
+        &dead,
+        &a.chat_url(),
+        &b.chat_url(),
+        "--name",
+        "ada",
+        "--room",
+        "general",
+        "--reconnect-attempts",
+        "unlimited",
+    ]);
+    chat.expect(Out::Stderr, &format!("* connected to {}", a.chat_url())).await;
+    chat.expect(Out::Stderr, "* joined #general (1 here)").await;
+    let (bob, mut bob_events) = member(&b.chat_url(), "bob", "general", fast()).await;
+
+    // A goes away: the next in the list after it is B, where bob is.
+    a.shutdown().await;
+    chat.expect(Out::Stderr, &format!("* connected to {}", b.chat_url())).await;
+    chat.expect(Out::Stderr, "* joined #general (2 here)").await;
+    bob.send_message("hello on b").await.unwrap();
+    chat.expect(Out::Stdout, "bob: hello on b").await;
+    chat.type_line("hi bob").await;
+    bob_events.message("hi bob").await;
+    let (status, seen) = chat.finish().await;
+    assert!(status.success(), "{status:?}: {seen:#?}");
+    b.shutdown().await;
+}
+
+/// A chat server played by hand for one session: it greets, takes the name,
+/// puts the joiner in `general` at offset 1 of epoch `e1`, sends one
+/// message, then `resync`s the room to offset 2 of epoch `e2`, and answers
+/// a `history` request with e2's two messages. It sends one more live
+/// message when `go_on` is notified, and passes on every client message it
+/// reads.
+async fn server_that_resyncs(
+    go_on: Arc<tokio::sync::Notify>,
+) -> (String, mpsc::UnboundedReceiver<ClientMessage>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}/ws/chat", listener.local_addr().unwrap());
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+        let message = |text: &str, offset: u64| ServerMessage::ChatMessage {
+            user: "bob".into(),
+            text: text.into(),
+            timestamp: 1_700_000_000_000 + offset,
+            client_msg_id: None,
+            offset: Some(offset),
+        };
+        let history = |text: &str, offset: u64| serde_json::json!({"type": "chatMessage", "user": "bob", "text": text, "timestamp": 1, "offset": offset});
+        let mut replies = vec![
+            ServerMessage::Welcome { message: "hi".into() },
+            ServerMessage::Connected { client_id: hubbub_client::Uuid::new_v4() },
+        ];
+        loop {
+            for reply in replies.drain(..) {
+                ws.send(Message::text(reply.to_json())).await.unwrap();
+            }
+            let frame = tokio::select! {
+                frame = ws.next() => frame,
+                () = go_on.notified() => {
+                    replies.push(message("after the restart", 3));
+                    continue;
+                }
+            };
+            let msg = match frame {
+                Some(Ok(Message::Text(text))) => decode_client(&text),
+                // Reading on answers a close.
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return,
+            };
+            match &msg {
+                ClientMessage::SetUsername { username } => {
+                    replies.push(ServerMessage::UsernameSet { username: username.clone() });
+                }
+                ClientMessage::JoinRoom { room, .. } => replies.extend([
+                    ServerMessage::UserJoined { user: "ada".into(), room: room.clone(), user_count: 2 },
+                    ServerMessage::RoomJoined {
+                        room: room.clone(),
+                        user_count: 2,
+                        epoch: Some("e1".into()),
+                        offset: Some(1),
+                        recovered: None,
+                        missed: None,
+                    },
+                    message("before the restart", 2),
+                    ServerMessage::Resync { room: room.clone(), epoch: "e2".into(), offset: 2 },
+                ]),
+                ClientMessage::History { .. } => replies.push(ServerMessage::History {
+                    room: "general".into(),
+                    epoch: "e2".into(),
+                    messages: vec![history("one of e2", 1), history("two of e2", 2)],
+                    has_more: false,
+                }),
+                ClientMessage::Ping { timestamp } => {
+                    replies.push(ServerMessage::Pong { timestamp: timestamp.clone(), server_time: 0 });
+                }
+                _ => {}
+            }
+            let _ = tx.send(msg);
+        }
+    });
+    (url, rx)
+}
+
+#[tokio::test]
+async fn a_resync_says_the_history_restarted_and_shows_the_room_again() {
+    let go_on = Arc::new(tokio::sync::Notify::new());
+    let (url, mut received) = server_that_resyncs(go_on.clone()).await;
+    let mut chat = Chat::start(&[&url, "--name", "ada", "--room", "general"]);
+    // Stdout and stderr are read apart, so only the order within each is known.
+    chat.expect(Out::Stdout, "bob: two of e2").await;
+    go_on.notify_one();
+    chat.expect(Out::Stdout, "bob: after the restart").await;
+    let (status, seen) = chat.finish().await;
+    assert!(status.success(), "{status:?}: {seen:#?}");
+
+    let stdout: Vec<&str> =
+        seen.iter().filter(|(out, _)| *out == Out::Stdout).map(|(_, line)| line.as_str()).collect();
+    assert_eq!(
+        stdout,
+        ["bob: before the restart", "bob: one of e2", "bob: two of e2", "bob: after the restart"],
+        "the room as it is after the restart, then live"
+    );
+    let stderr = Chat::stderr(&seen);
+    let restarted = position(&stderr, "* — history restarted —");
+    let page = position(&stderr, "* — 2 earlier messages in #general —");
+    assert!(restarted < page, "{stderr:#?}");
+    assert!(stderr.contains(&"* — the beginning of #general —"), "{stderr:#?}");
+    // The page asked for is the one up to the new position.
+    let mut asked = Vec::new();
+    while let Ok(msg) = received.try_recv() {
+        if let ClientMessage::History { before, limit } = msg {
+            asked.push((before, limit));
+        }
+    }
+    assert_eq!(asked, [(Some(3), Some(20))]);
+}
+
 // ----- errors: one line, each cause once --------------------------------------------
 
 /// Runs `hubbub-chat` to its end with no input; its exit code and stderr.
