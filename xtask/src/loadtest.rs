@@ -664,13 +664,14 @@ fn start(root: &Path, target: Target) -> anyhow::Result<Deployment> {
         match target.kind {
             ServerKind::Hubbub => {
                 // One upload directory for the cluster, as the nodes behind
-                // one address need; each node's other data its own.
+                // one address need; anything else a node keeps goes to its
+                // own working directory (history is in Redis).
                 command
                     .arg("--upload-dir")
                     .arg(dir.path().join("uploads"))
                     .arg("--redis-url")
                     .arg(redis.url())
-                    .env("HUBBUB_HISTORY_PATH", own.join("history.redb"));
+                    .env("HUBBUB_CLUSTER_NODE_NAME", format!("loadtest-{node}"));
             }
             _ => {
                 command.env("REDIS_URL", redis.url());
