@@ -880,11 +880,21 @@ fn one_line(scenario: Scenario, r: &Report) -> String {
                 format_ms(l.p50),
                 format_ms(l.p99),
                 format_ms(l.max),
-                s.lost,
+                lost(s),
                 nodes_cpu(s),
                 s.generator_cpu_percent
             )
         }
+    }
+}
+
+/// Deliveries lost, and the error replies that announced some of them
+/// (`54 (6 errors)`): a message the server refused with `unavailable` is
+/// lost with notice, since the generator does not resend.
+fn lost(s: &run::Summary) -> String {
+    match s.errors {
+        0 => s.lost.to_string(),
+        errors => format!("{} ({errors} errors)", s.lost),
     }
 }
 
@@ -943,7 +953,7 @@ fn row(scenario: Scenario, r: &Report, clustered: bool) -> (String, Vec<f64>) {
                 format_ms(l.p99),
                 format_ms(l.p999),
                 format_ms(l.max),
-                s.lost,
+                lost(s),
                 s.closed,
                 nodes_cpu(s),
                 s.redis.map_or_else(|| "none".to_owned(), |redis| format!("{:.0} %", redis.cpu_percent)),
@@ -997,7 +1007,7 @@ fn row(scenario: Scenario, r: &Report, clustered: bool) -> (String, Vec<f64>) {
                 format_ms(l.p99),
                 format_ms(l.p999),
                 format_ms(l.max),
-                s.lost,
+                lost(s),
                 s.closed,
                 server.cpu_percent,
                 s.generator_cpu_percent,
@@ -1183,6 +1193,7 @@ mod tests {
             expected: 999,
             delivered: 999,
             lost: 0,
+            errors: 0,
             delivery_ratio: Some(1.0),
             deliveries_per_sec,
             bytes_per_delivery: None,
@@ -1264,6 +1275,11 @@ Hubbub vs node-ws: deliveries/s ×21.9, p50 ×40.5 lower, p99 ×40.5 lower, serv
             report.nodes = 3;
             report
         };
+        let mut refused = cluster("hubbub (3 nodes)", 900_000.0, 30.0, [40.0, 41.0, 42.0], 30.0);
+        if let Measured::Load(summary) = &mut refused.measured {
+            (summary.lost, summary.errors) = (54, 6);
+        }
+        assert!(row(Scenario::Fanout, &refused, true).0.contains("| 54 (6 errors) | 0 |"));
         let reports = [
             cluster("hubbub (3 nodes)", 900_000.0, 30.0, [40.0, 41.0, 42.0], 30.0),
             load("hubbub", 1_500_000.0, 20.0, 110.0),

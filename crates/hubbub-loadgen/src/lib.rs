@@ -184,6 +184,9 @@ pub struct Shared {
     pub closed: AtomicUsize,
     /// `userJoined` events received.
     pub join_events: AtomicU64,
+    /// `error` replies received (a chat message the server refused, for
+    /// one: a cluster node that cannot keep it answers `unavailable`).
+    pub errors: AtomicU64,
     /// Chat messages sent in the run.
     pub sent: AtomicU64,
     /// Deliveries the sent messages should make (recipients per message).
@@ -219,6 +222,7 @@ impl Shared {
             first_error: Mutex::new(None),
             closed: AtomicUsize::new(0),
             join_events: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
             sent: AtomicU64::new(0),
             expected: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
@@ -512,6 +516,8 @@ impl Client {
             }
         } else if payload.starts_with(br#"{"type":"userJoined""#) {
             tally.join_events += 1;
+        } else if payload.starts_with(br#"{"type":"error""#) {
+            tally.errors += 1;
         } else if payload.starts_with(br#"{"type":"roomJoined""#) {
             self.shared.ready.fetch_add(1, Ordering::Relaxed);
         }
@@ -524,6 +530,7 @@ impl Client {
 struct Tally {
     delivered: u64,
     join_events: u64,
+    errors: u64,
 }
 
 impl Tally {
@@ -533,6 +540,9 @@ impl Tally {
         }
         if self.join_events > 0 {
             shared.join_events.fetch_add(self.join_events, Ordering::Relaxed);
+        }
+        if self.errors > 0 {
+            shared.errors.fetch_add(self.errors, Ordering::Relaxed);
         }
     }
 }

@@ -225,6 +225,7 @@ fn table(s: &Summary) -> String {
     rows.extend([
         ("sent", s.sent.to_string()),
         ("delivered / expected", format!("{} / {} (lost {})", s.delivered, s.expected, s.lost)),
+        ("error replies", s.errors.to_string()),
         ("delivery ratio", s.delivery_ratio.map_or_else(|| "n/a".to_owned(), |r| format!("{r:.6}"))),
         ("closed by the server", s.closed.to_string()),
         ("generator CPU", format!("{:.0} % of one core", s.generator_cpu_percent)),

@@ -96,6 +96,11 @@ pub struct Summary {
     pub delivered: u64,
     /// `expected - delivered`.
     pub lost: i64,
+    /// `error` replies the clients received, setup included. The generator
+    /// never resends, so a chat message the server refused (`unavailable`
+    /// with `retryAfterMs`, say) counts here once and in `lost` once per
+    /// recipient: lost with notice, not silently.
+    pub errors: u64,
     /// `delivered / expected`; `None` when nothing was sent.
     pub delivery_ratio: Option<f64>,
     /// Deliveries per second over the sending window.
@@ -364,6 +369,7 @@ fn drive(plan: &Plan, shared: &Shared, options: &Options, started: Instant) -> a
         expected,
         delivered,
         lost: i64::try_from(i128::from(expected) - i128::from(delivered)).unwrap_or(i64::MAX),
+        errors: shared.errors.load(Ordering::Relaxed),
         delivery_ratio: (expected > 0).then(|| delivered as f64 / expected as f64),
         deliveries_per_sec: delivered1.saturating_sub(delivered0) as f64 / window.as_secs_f64(),
         bytes_per_delivery: (delivered1 > delivered0)

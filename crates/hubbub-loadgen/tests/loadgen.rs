@@ -37,6 +37,7 @@ async fn a_short_load_delivers_everything_and_reports_json() {
     assert!(report["expected"].as_u64().unwrap() >= report["sent"].as_u64().unwrap() * 9, "{report}");
     assert_eq!(report["delivered"], report["expected"], "{report}");
     assert_eq!(report["deliveryRatio"], 1.0, "{report}");
+    assert_eq!(report["errors"], 0, "{report}");
     assert_eq!(report["closed"], 0, "{report}");
     assert!(report["deliveriesPerSec"].as_f64().unwrap() > 0.0, "{report}");
     let latency = &report["latencyMs"];
