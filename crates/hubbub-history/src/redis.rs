@@ -130,7 +130,16 @@ redis.call('HSET', KEYS[1], 'newest', newest)
 
 redis.call('XTRIM', KEYS[2], 'MAXLEN', ARGV[4])
 local cutoff = tonumber(ARGV[3])
-while true do
+-- The oldest entry first: most of the time it has not expired, and nothing more is read.
+local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
+local expiring = false
+if #oldest > 0 then
+  local fields = oldest[1][2]
+  for j = 1, #fields, 2 do
+    if fields[j] == 't' and tonumber(fields[j + 1]) < cutoff then expiring = true end
+  end
+end
+while expiring do
   local head = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 100)
   local expired = 0
   for _, entry in ipairs(head) do
