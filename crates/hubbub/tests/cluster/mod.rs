@@ -146,14 +146,22 @@ fn an_upload_to_one_node_is_shared_with_the_room_and_downloadable_from_another()
     sentinel(&mut bob, &mut [&mut ada]);
 
     // Kept like a chat message: fileSaved to the uploader and fileShared
-    // to the room carry the next offset.
+    // to the room carry the next offset. A node that starts meanwhile on
+    // the same upload directory leaves the upload alone.
     let data: Vec<u8> = (0..10_000_u32).map(|i| (i * 7 % 251) as u8).collect();
-    ada.send(&json!({"type": "fileStart", "name": "notes.txt", "size": data.len(), "mimeType": "text/plain", "chunkSize": 4096}));
+    let chunks: Vec<Vec<u8>> = data
+        .chunks(4096)
+        .enumerate()
+        .map(|(index, chunk)| [&(index as u32).to_be_bytes()[..], chunk].concat())
+        .collect();
+    let start = json!({"type": "fileStart", "name": "notes.txt", "size": data.len(), "chunkSize": 4096});
+    ada.send(&start);
     ada.expect("fileAccepted");
-    for (index, chunk) in data.chunks(4096).enumerate() {
-        let mut frame = (index as u32).to_be_bytes().to_vec();
-        frame.extend_from_slice(chunk);
-        ada.chat().send_binary(&frame);
+    ada.chat().send_binary(&chunks[0]);
+    ada.expect("fileProgress");
+    let c = Node::start(&dir, "c", &redis.url());
+    for chunk in &chunks[1..] {
+        ada.chat().send_binary(chunk);
     }
     ada.send(&json!({"type": "fileEnd"}));
     let saved = ada.expect("fileSaved");
@@ -161,9 +169,9 @@ fn an_upload_to_one_node_is_shared_with_the_room_and_downloadable_from_another()
     bob.wait_holds(3);
     check(b.port, &[&ada, &bob]);
 
-    // The nodes share the upload directory: node b serves what node a took.
+    // The nodes share the upload directory: each serves what node a took.
     let url = saved["url"].as_str().unwrap();
-    for node in [&a, &b] {
+    for node in [&a, &b, &c] {
         let (status, body) = get(node.port, url);
         assert_eq!(status, 200, "{url} from node {}: {}", node.name, String::from_utf8_lossy(&body));
         assert!(body == data, "the download from node {} is not the upload to node a", node.name);
