@@ -56,9 +56,9 @@ pub(super) struct Member {
     pub(super) room: String,
     chat: Option<Chat>,
     pub(super) view: View,
-    /// Messages other than kept ones and acks, not yet taken by the test.
+    /// Messages other than kept ones, acks and refusals, not yet taken by the test.
     events: VecDeque<Value>,
-    /// Every event ever received, for assertions after the fact.
+    /// Every message but kept ones and acks, for assertions after the fact.
     pub(super) log: Vec<Value>,
     /// The room's epoch as this client knows it ("" before it knows).
     epoch: String,
@@ -70,6 +70,8 @@ pub(super) struct Member {
     pub(super) texts: HashMap<String, String>,
     /// Offsets by id, from the first acknowledgement.
     pub(super) acked: HashMap<String, u64>,
+    /// Refusals (`error` with code `unavailable`), in order.
+    pub(super) refusals: Vec<Value>,
     /// Messages sent and neither acknowledged nor refused yet.
     outstanding: usize,
     /// Messages sent so far, for their texts.
@@ -93,6 +95,7 @@ impl Member {
             unacked: Vec::new(),
             texts: HashMap::new(),
             acked: HashMap::new(),
+            refusals: Vec::new(),
             outstanding: 0,
             sent: 0,
             asked: None,
@@ -291,7 +294,12 @@ impl Member {
                 self.epoch = epoch;
             }
             "error" if msg["code"] == "unavailable" => {
+                // An answer to a message sent, like an ack: the sending side
+                // deals with it, not the events.
                 self.outstanding = self.outstanding.saturating_sub(1);
+                self.refusals.push(msg.clone());
+                self.log.push(msg.clone());
+                return;
             }
             _ => {}
         }
@@ -327,7 +335,7 @@ impl Member {
 
     /// Reads until every message sent has been acknowledged, resending
     /// those refused with `unavailable` after the `retryAfterMs` the server
-    /// asked for.
+    /// asked for, as a client's offline queue does.
     pub(super) fn settle(&mut self) {
         let deadline = Instant::now() + WAIT;
         while !self.unacked.is_empty() {
@@ -345,8 +353,16 @@ impl Member {
                 }
             }
         }
-        // Refusals for resends acknowledged meanwhile are of no interest.
-        self.events.retain(|e| !(e["type"] == "error" && e["code"] == "unavailable"));
+    }
+
+    /// Reads until the next refusal of a message sent (`error` with code
+    /// `unavailable`) and returns it.
+    pub(super) fn expect_refusal(&mut self) -> Value {
+        let seen = self.refusals.len();
+        while self.refusals.len() == seen {
+            self.read();
+        }
+        self.refusals[seen].clone()
     }
 
     /// Reads until this client holds a message at `offset` or above (by the
