@@ -5,6 +5,13 @@
 //! Servers alternate on fresh processes so the ratios hold on a noisy
 //! machine.
 //!
+//! With `--cluster N` (issue 18) the scenarios also run against N `hubbub`
+//! nodes sharing one fresh `redis-server`, the clients spread over the
+//! nodes round robin, beside single-node Hubbub in the same run; and
+//! `--compare node-ws-redis` runs N processes of the Node `ws` tutorial's
+//! server scaled with Redis pub/sub (`bench/peers/node-ws-redis`). The
+//! tables then give the nodes' CPU and Redis's apart.
+//!
 //! Scenarios (issue 8's names, so results compare over time):
 //! - `fanout`: 1,000 clients in one room, 10 senders, each as fast as a
 //!   window of 8 undelivered messages allows: deliveries per second, latency.
@@ -25,7 +32,7 @@
 //! time and count, and all traffic goes to 127.0.0.1.
 
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -36,6 +43,7 @@ use hubbub_loadgen::{Plan, Sending, churn, format_mib, format_ms, run};
 use serde::Serialize;
 
 use crate::measure::{self, ServerProcess};
+use crate::redis::{RedisServer, TempDir};
 
 /// How long a fresh server gets to finish starting before its baseline is
 /// read.
@@ -65,6 +73,12 @@ pub(crate) enum Scenario {
 }
 
 impl Scenario {
+    /// The scenarios `--cluster` runs when none is named, as issue 18 asks.
+    const CLUSTER: &[Self] = &[Self::Fanout, Self::Rooms];
+    /// The scenarios a cluster can run: those of long-lived clients that
+    /// send.
+    const CLUSTER_CAN: &[Self] = &[Self::Fanout, Self::Fixed, Self::Rooms];
+
     fn name(self) -> &'static str {
         match self {
             Self::Fanout => "fanout",
@@ -117,6 +131,9 @@ pub(crate) enum ServerKind {
     NodeWs,
     /// `bench/peers/uws/`: uWebSockets.js.
     Uws,
+    /// `bench/peers/node-ws-redis/`: Node's `ws` with Redis pub/sub between
+    /// processes; N of them with `--cluster N`.
+    NodeWsRedis,
 }
 
 impl ServerKind {
@@ -125,7 +142,19 @@ impl ServerKind {
             Self::Hubbub => "hubbub",
             Self::NodeWs => "node-ws",
             Self::Uws => "uws",
+            Self::NodeWsRedis => "node-ws-redis",
         }
+    }
+
+    /// Whether its processes can share a Redis and serve one chat
+    /// together.
+    fn clusters(self) -> bool {
+        matches!(self, Self::Hubbub | Self::NodeWsRedis)
+    }
+
+    /// Whether it cannot run without a Redis, even as one process.
+    fn needs_redis(self) -> bool {
+        self == Self::NodeWsRedis
     }
 
     /// A reference peer's folder, holding its `package.json` and
@@ -135,7 +164,37 @@ impl ServerKind {
             Self::Hubbub => None,
             Self::NodeWs => Some("bench/peers/node-ws"),
             Self::Uws => Some("bench/peers/uws"),
+            Self::NodeWsRedis => Some("bench/peers/node-ws-redis"),
         }
+    }
+}
+
+/// What one run starts: some processes of one server kind, and whether
+/// they share a fresh Redis.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Target {
+    kind: ServerKind,
+    /// Processes started; client `i` connects to the `(i mod nodes)`-th.
+    nodes: usize,
+    /// Whether a fresh `redis-server` is started and every process pointed
+    /// at it.
+    redis: bool,
+}
+
+impl Target {
+    /// One process of `kind`, with the Redis it cannot do without.
+    fn single(kind: ServerKind) -> Self {
+        Self { kind, nodes: 1, redis: kind.needs_redis() }
+    }
+
+    /// The name its rows and ratio lines carry: the kind's name, and the
+    /// number of nodes when it runs as a cluster (`hubbub (3 nodes)`).
+    fn label(self) -> String {
+        if self == Self::single(self.kind) {
+            return self.kind.name().to_owned();
+        }
+        let plural = if self.nodes == 1 { "" } else { "s" };
+        format!("{} ({} node{plural})", self.kind.name(), self.nodes)
     }
 }
 
@@ -191,6 +250,12 @@ pub(crate) struct Options {
     /// flag repeated.
     #[arg(long, value_name = "PEERS", value_delimiter = ',')]
     compare: Vec<ServerKind>,
+    /// Also run N hubbub nodes sharing a fresh redis-server (and N
+    /// processes of each peer that can: node-ws-redis), clients spread over
+    /// the nodes; scenarios fanout, fixed and rooms (fanout and rooms by
+    /// default).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=16))]
+    cluster: Option<u16>,
     #[command(flatten)]
     scale: Scale,
     /// Divide every default size by 10 and run windows of at most 3 s.
@@ -208,13 +273,15 @@ pub(crate) struct Options {
 }
 
 impl Options {
-    /// The scenarios named, in order and each once; all when none is.
+    /// The scenarios named, in order and each once; all when none is (with
+    /// `--cluster`, all those a cluster runs: see [`Scenario::CLUSTER`]).
     fn scenarios(&self) -> Vec<Scenario> {
+        let every = if self.cluster.is_some() { Scenario::CLUSTER } else { Scenario::value_variants() };
         let mut scenarios: Vec<Scenario> = Vec::new();
         for selection in self.scenarios.iter().chain(&self.scenario_flags) {
             let named = match selection {
                 Selection::One(scenario) => std::slice::from_ref(scenario),
-                Selection::All => Scenario::value_variants(),
+                Selection::All => every,
             };
             for &scenario in named {
                 if !scenarios.contains(&scenario) {
@@ -223,20 +290,42 @@ impl Options {
             }
         }
         if scenarios.is_empty() {
-            scenarios = Scenario::value_variants().to_vec();
+            scenarios = every.to_vec();
         }
         scenarios
     }
 
-    /// Hubbub, then each peer to compare, once.
-    fn servers(&self) -> Vec<ServerKind> {
-        let mut servers = vec![ServerKind::Hubbub];
+    /// What runs, in order: with `--cluster N`, N hubbub nodes first; then
+    /// single-node hubbub; then each peer to compare, once, as N processes
+    /// if it can run as a cluster.
+    fn targets(&self) -> Vec<Target> {
+        let cluster = self.cluster.map(usize::from);
+        let mut targets = Vec::new();
+        if let Some(nodes) = cluster {
+            targets.push(Target { kind: ServerKind::Hubbub, nodes, redis: true });
+        }
+        targets.push(Target::single(ServerKind::Hubbub));
         for &peer in &self.compare {
-            if !servers.contains(&peer) {
-                servers.push(peer);
+            let target = match cluster {
+                Some(nodes) if peer.clusters() => Target { nodes, ..Target::single(peer) },
+                _ => Target::single(peer),
+            };
+            if !targets.contains(&target) {
+                targets.push(target);
             }
         }
-        servers
+        targets
+    }
+
+    /// Refuses what a cluster cannot run: `idle` and `churn` measure one
+    /// process.
+    fn check(&self) -> anyhow::Result<()> {
+        if self.cluster.is_some()
+            && let Some(scenario) = self.scenarios().into_iter().find(|s| !Scenario::CLUSTER_CAN.contains(s))
+        {
+            bail!("--cluster runs fanout, fixed and rooms, not {}", scenario.name());
+        }
+        Ok(())
     }
 }
 
@@ -256,10 +345,12 @@ struct Params {
     sources: usize,
     padding: usize,
     deflate: bool,
+    /// Nodes of the clusters (`--cluster`), for the heading.
+    cluster: Option<usize>,
 }
 
 impl Params {
-    fn new(scenario: Scenario, scale: &Scale, quick: bool) -> Self {
+    fn new(scenario: Scenario, scale: &Scale, quick: bool, cluster: Option<usize>) -> Self {
         let div = if quick { 10 } else { 1 };
         let (clients, rooms, senders, rate, seconds) = match scenario {
             Scenario::Fanout => (1000 / div, 1, 10, 0.0, 10.0),
@@ -294,10 +385,19 @@ impl Params {
             }),
             padding: scale.padding.unwrap_or(0),
             deflate: scale.deflate,
+            cluster,
         }
     }
 
     fn describe(&self, scenario: Scenario) -> String {
+        let sizes = self.sizes(scenario);
+        match self.cluster {
+            Some(nodes) => format!("{sizes}; clusters of {nodes} node(s) and one Redis"),
+            None => sizes,
+        }
+    }
+
+    fn sizes(&self, scenario: Scenario) -> String {
         match scenario {
             Scenario::Fanout => format!(
                 "{} clients in {} room(s), {} senders, window {}, {} s",
@@ -328,7 +428,10 @@ impl Params {
 #[serde(rename_all = "camelCase")]
 struct Report {
     scenario: &'static str,
-    server: &'static str,
+    /// The target's label: `hubbub`, `node-ws`, `hubbub (3 nodes)`.
+    server: String,
+    /// Processes of the server the clients were spread over.
+    nodes: usize,
     /// The scenario's sizes, as the tables' headings give them.
     params: String,
     #[serde(flatten)]
@@ -389,28 +492,41 @@ pub(crate) fn loadtest(root: &Path, options: &Options, args: &[String]) -> anyho
 }
 
 fn run_loadtest(root: &Path, options: &Options, command: &str) -> anyhow::Result<()> {
-    let servers = options.servers();
-    prepare(root, &servers)?;
+    options.check()?;
+    // Read before anything of this command runs: what else the machine
+    // was doing.
+    let load = measure::load_average();
+    let targets = prepare(root, &options.targets())?;
+    let labels: Vec<String> = targets.iter().map(|t| t.label()).collect();
+    let cluster = options.cluster.map(usize::from);
     let mut results: Vec<(Scenario, Params, Vec<Report>)> = Vec::new();
     for scenario in options.scenarios() {
-        let params = Params::new(scenario, &options.scale, options.quick);
+        let params = Params::new(scenario, &options.scale, options.quick, cluster);
         eprintln!("\nxtask loadtest: {} — {}", scenario.name(), params.describe(scenario));
+        if let Some(nodes) = cluster.filter(|&n| gcd(n, params.rooms) > 1) {
+            eprintln!(
+                "  note: with {} rooms over {nodes} nodes each room's members are on {} node(s) only \
+                 (client i joins room i % rooms on node i % nodes)",
+                params.rooms,
+                nodes / gcd(nodes, params.rooms)
+            );
+        }
         let mut reports = Vec::new();
         for round in 0..options.rounds.max(1) {
             // Alternate which server goes first, so neither always gets the
             // machine just after the other has warmed or fragmented it.
-            let mut order = servers.clone();
+            let mut order = targets.clone();
             if round % 2 == 1 {
                 order.reverse();
             }
-            for &server in &order {
-                let report = run_one(root, scenario, &params, server)
-                    .with_context(|| format!("{} against {}", scenario.name(), server.name()))?;
+            for &target in &order {
+                let report = run_one(root, scenario, &params, target)
+                    .with_context(|| format!("{} against {}", scenario.name(), target.label()))?;
                 eprintln!("  {}", one_line(scenario, &report));
                 reports.push(report);
             }
         }
-        print_table(scenario, &params, &reports, &servers);
+        print_table(scenario, &params, &reports, &labels);
         results.push((scenario, params, reports));
     }
     if options.json {
@@ -423,39 +539,160 @@ fn run_loadtest(root: &Path, options: &Options, command: &str) -> anyhow::Result
     }
     if options.write_docs {
         let (date, commit) = measure::date_and_commit(root);
-        let body = docs_section(command, &date, &commit, &results, &servers);
-        measure::replace_section(&root.join("docs/BENCHMARKS.md"), "loadtest", "## Load benchmark", &body)?;
+        let body = docs_section(command, &date, &commit, &results, &labels, &load);
+        let docs = root.join("docs/BENCHMARKS.md");
+        match cluster {
+            Some(_) => measure::replace_section(&docs, "cluster", "## Cluster", &body)?,
+            None => measure::replace_section(&docs, "loadtest", "## Load benchmark", &body)?,
+        }
     }
     Ok(())
 }
 
-/// Builds the release server and installs the compared Node peers'
-/// packages.
-fn prepare(root: &Path, servers: &[ServerKind]) -> anyhow::Result<()> {
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+/// Builds the release server, installs the compared Node peers' packages,
+/// and checks that what the targets need is there; returns the targets that
+/// can run (N hubbub nodes only if this hubbub has a cluster mode).
+fn prepare(root: &Path, targets: &[Target]) -> anyhow::Result<Vec<Target>> {
     crate::run(root, "cargo", &["build", "--release", "--package", "hubbub"])?;
-    for &kind in servers {
-        let Some(dir) = kind.peer_dir() else { continue };
+    let mut installed = Vec::new();
+    for target in targets {
+        let Some(dir) = target.kind.peer_dir() else { continue };
+        if installed.contains(&dir) {
+            continue;
+        }
+        installed.push(dir);
         if Command::new("npm").arg("--version").output().is_err() {
             bail!(
                 "--compare {} needs Node.js and npm (on Debian: apt-get install -y nodejs npm)",
-                kind.name()
+                target.kind.name()
             );
         }
-        crate::run(&root.join(dir), "npm", &["ci", "--no-audit", "--no-fund"])?;
+        npm_ci(&root.join(dir))?;
     }
-    Ok(())
+    if targets.iter().any(|t| t.redis) {
+        RedisServer::check_installed()?;
+    }
+    let hubbub = hubbub_binary(root);
+    let help = measure::output(root, &hubbub.to_string_lossy(), &["--help"])?;
+    let has_cluster_mode = help.contains("--redis-url");
+    let mut runnable = Vec::new();
+    for &target in targets {
+        if target.kind == ServerKind::Hubbub && target.redis && !has_cluster_mode {
+            eprintln!(
+                "xtask loadtest: this hubbub has no cluster mode (no --redis-url in `hubbub --help`): \
+                 {} is left out",
+                target.label()
+            );
+            continue;
+        }
+        runnable.push(target);
+    }
+    Ok(runnable)
 }
 
-fn start(root: &Path, kind: ServerKind) -> anyhow::Result<ServerProcess> {
-    let mut command = match kind.peer_dir() {
+/// `npm ci` in a peer's folder, unless its `node_modules` was installed
+/// from the `package-lock.json` there now (npm's own record of that install,
+/// `node_modules/.package-lock.json`, is not older than the lock file).
+fn npm_ci(dir: &Path) -> anyhow::Result<()> {
+    let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let installed = modified(&dir.join("node_modules/.package-lock.json"));
+    let locked = modified(&dir.join("package-lock.json"));
+    if let (Some(installed), Some(locked)) = (installed, locked)
+        && installed >= locked
+    {
+        return Ok(());
+    }
+    crate::run(dir, "npm", &["ci", "--no-audit", "--no-fund"])
+}
+
+/// The release binary `prepare` built, wherever CARGO_TARGET_DIR put it.
+fn hubbub_binary(root: &Path) -> PathBuf {
+    crate::target_dir(root).join("release/hubbub")
+}
+
+/// The processes of one run, killed when dropped: the nodes first, then
+/// Redis, then their temporary directory is removed.
+struct Deployment {
+    /// The server, or a cluster's nodes, in the order clients are spread
+    /// over them.
+    nodes: Vec<ServerProcess>,
+    /// The Redis the nodes share.
+    redis: Option<RedisServer>,
+    /// Redis's directory, the shared uploads and each node's own data.
+    _dir: Option<TempDir>,
+}
+
+impl Deployment {
+    /// Fails if a node or Redis has exited.
+    fn check_alive(&mut self) -> anyhow::Result<()> {
+        for (i, node) in self.nodes.iter_mut().enumerate() {
+            node.check_alive().with_context(|| format!("node {i}"))?;
+        }
+        self.redis.as_mut().map_or(Ok(()), RedisServer::check_alive)
+    }
+}
+
+/// Starts what `target` names: one server on its own as before, or a
+/// fresh Redis and then the nodes, one after the other, each on a free
+/// loopback port.
+fn start(root: &Path, target: Target) -> anyhow::Result<Deployment> {
+    if !target.redis {
+        let mut command = server_command(root, target.kind);
+        if target.kind == ServerKind::Hubbub {
+            let data = crate::target_dir(root).join("loadtest");
+            command.arg("--upload-dir").arg(data.join("uploads"));
+        }
+        command.current_dir(root);
+        let server = ServerProcess::start(command)?;
+        // Let the process finish starting before its baseline is read.
+        std::thread::sleep(START_PAUSE);
+        return Ok(Deployment { nodes: vec![server], redis: None, _dir: None });
+    }
+    let dir = TempDir::new("loadtest-cluster")?;
+    let redis_dir = dir.path().join("redis");
+    std::fs::create_dir_all(&redis_dir).context("creating Redis's directory")?;
+    let redis = RedisServer::start(&redis_dir)?;
+    let mut deployment = Deployment { nodes: Vec::new(), redis: None, _dir: None };
+    for node in 0..target.nodes {
+        let mut command = server_command(root, target.kind);
+        let own = dir.path().join(format!("node-{node}"));
+        std::fs::create_dir_all(&own).with_context(|| format!("creating {}", own.display()))?;
+        match target.kind {
+            ServerKind::Hubbub => {
+                // One upload directory for the cluster, as the nodes behind
+                // one address need; anything else a node keeps goes to its
+                // own working directory (history is in Redis).
+                command
+                    .arg("--upload-dir")
+                    .arg(dir.path().join("uploads"))
+                    .arg("--redis-url")
+                    .arg(redis.url())
+                    .env("HUBBUB_CLUSTER_NODE_NAME", format!("loadtest-{node}"));
+            }
+            _ => {
+                command.env("REDIS_URL", redis.url());
+            }
+        }
+        command.current_dir(&own);
+        deployment.nodes.push(ServerProcess::start(command).with_context(|| format!("node {node}"))?);
+    }
+    (deployment.redis, deployment._dir) = (Some(redis), Some(dir));
+    std::thread::sleep(START_PAUSE);
+    Ok(deployment)
+}
+
+/// The command line of one process of `kind` on 127.0.0.1:0, without
+/// where it keeps data.
+fn server_command(root: &Path, kind: ServerKind) -> Command {
+    match kind.peer_dir() {
         None => {
-            // The binary `prepare` built, wherever CARGO_TARGET_DIR put it.
-            let target = crate::target_dir(root);
-            let uploads = target.join("loadtest/uploads");
-            let mut command = Command::new(target.join("release/hubbub"));
+            let mut command = Command::new(hubbub_binary(root));
             command
-                .args(["--listen", "127.0.0.1:0", "--no-rate-limit", "--log", "warn", "--upload-dir"])
-                .arg(uploads)
+                .args(["--listen", "127.0.0.1:0", "--no-rate-limit", "--log", "warn"])
                 // All the load comes from 127.0.0.x.
                 .env("HUBBUB_LIMITS_MAX_CONNECTIONS_PER_IP", "0")
                 .env("HUBBUB_HTTP_MAX_CONNECTIONS_PER_IP", "0");
@@ -467,26 +704,27 @@ fn start(root: &Path, kind: ServerKind) -> anyhow::Result<ServerProcess> {
             command.arg(root.join(dir).join("server.js")).env("HOST", "127.0.0.1").env("PORT", "0");
             command
         }
-    };
-    command.current_dir(root);
-    let server = ServerProcess::start(command)?;
-    // Let the process finish starting before its baseline is read.
-    std::thread::sleep(START_PAUSE);
-    Ok(server)
+    }
 }
 
-fn run_one(root: &Path, scenario: Scenario, params: &Params, kind: ServerKind) -> anyhow::Result<Report> {
-    let mut server = start(root, kind)?;
+fn run_one(root: &Path, scenario: Scenario, params: &Params, target: Target) -> anyhow::Result<Report> {
+    let mut deployment = start(root, target)?;
     let measured = match scenario {
-        Scenario::Churn => Measured::Churn(churn(&server, params, kind)?),
-        _ => Measured::Load(clients(&mut server, scenario, params)?),
+        Scenario::Churn => Measured::Churn(churn(&deployment.nodes[0], params, target.kind)?),
+        _ => Measured::Load(clients(&mut deployment, scenario, params)?),
     };
-    server.check_alive()?;
-    Ok(Report { scenario: scenario.name(), server: kind.name(), params: params.describe(scenario), measured })
+    deployment.check_alive()?;
+    Ok(Report {
+        scenario: scenario.name(),
+        server: target.label(),
+        nodes: target.nodes,
+        params: params.describe(scenario),
+        measured,
+    })
 }
 
 /// Runs the scenarios made of long-lived clients: fanout, fixed, rooms, idle.
-fn clients(server: &mut ServerProcess, scenario: Scenario, params: &Params) -> anyhow::Result<run::Summary> {
+fn clients(deployment: &mut Deployment, scenario: Scenario, params: &Params) -> anyhow::Result<run::Summary> {
     let sending = match scenario {
         Scenario::Fanout => Sending::Window { senders: params.senders, window: params.window },
         Scenario::Fixed => {
@@ -500,8 +738,10 @@ fn clients(server: &mut ServerProcess, scenario: Scenario, params: &Params) -> a
         }
         Scenario::Idle | Scenario::Churn => Sending::Nobody,
     };
+    let (first, others) = deployment.nodes.split_first().context("no server was started")?;
     let plan = Plan {
-        addr: server.addr,
+        addr: first.addr,
+        more_addrs: others.iter().map(|node| node.addr).collect(),
         clients: params.clients,
         rooms: params.rooms,
         sending,
@@ -529,11 +769,13 @@ fn clients(server: &mut ServerProcess, scenario: Scenario, params: &Params) -> a
         // RSS per connection is still worth knowing if some could not
         // connect; a load with clients missing is not.
         allow_failed_connections: idle,
-        server_pid: Some(server.pid()),
+        server_pid: Some(first.pid()),
+        more_server_pids: others.iter().map(ServerProcess::pid).collect(),
+        redis_pid: deployment.redis.as_ref().map(RedisServer::pid),
     };
     let summary = run::run(plan, &options);
     // A server that died explains a failed run better than its symptoms.
-    server.check_alive()?;
+    deployment.check_alive()?;
     let summary = summary?;
     if summary.failed > 0 {
         let first = summary.first_error.as_deref().unwrap_or_default();
@@ -547,6 +789,7 @@ fn clients(server: &mut ServerProcess, scenario: Scenario, params: &Params) -> a
 fn churn(server: &ServerProcess, params: &Params, kind: ServerKind) -> anyhow::Result<ChurnReport> {
     let plan = Plan {
         addr: server.addr,
+        more_addrs: Vec::new(),
         clients: 0,
         rooms: 1,
         sending: Sending::Nobody,
@@ -583,7 +826,7 @@ fn churn(server: &ServerProcess, params: &Params, kind: ServerKind) -> anyhow::R
     let rss_after_bytes = server.rss()?;
     let connections_after = match kind {
         ServerKind::Hubbub => measure::api_status(server.addr).ok().and_then(|s| s["connections"].as_u64()),
-        ServerKind::NodeWs | ServerKind::Uws => None,
+        ServerKind::NodeWs | ServerKind::Uws | ServerKind::NodeWsRedis => None,
     };
     Ok(ChurnReport { summary, rss_after_bytes, connections_after })
 }
@@ -628,24 +871,56 @@ fn one_line(scenario: Scenario, r: &Report) -> String {
         }
         Measured::Load(s) => {
             let l = s.latency_ms.unwrap_or_default();
+            let redis =
+                s.redis.map(|redis| format!(", Redis CPU {:.0} %", redis.cpu_percent)).unwrap_or_default();
             format!(
-                "{}: {} deliveries, p50 {} p99 {} max {}, lost {}, server CPU {:.0} %, generator CPU {:.0} %",
+                "{}: {} deliveries, p50 {} p99 {} max {}, lost {}, server CPU {}{redis}, generator CPU {:.0} %",
                 r.server,
                 rate(s.deliveries_per_sec),
                 format_ms(l.p50),
                 format_ms(l.p99),
                 format_ms(l.max),
-                s.lost,
-                s.server.unwrap_or_default().cpu_percent,
+                lost(s),
+                nodes_cpu(s),
                 s.generator_cpu_percent
             )
         }
     }
 }
 
+/// Deliveries lost, and the error replies that announced some of them
+/// (`54 (6 errors)`): a message the server refused with `unavailable` is
+/// lost with notice, since the generator does not resend.
+fn lost(s: &run::Summary) -> String {
+    match s.errors {
+        0 => s.lost.to_string(),
+        errors => format!("{} ({errors} errors)", s.lost),
+    }
+}
+
+/// The server's CPU, or a cluster's nodes' together and one by one:
+/// `215 % (72 + 70 + 73)`.
+fn nodes_cpu(s: &run::Summary) -> String {
+    let all = s.server.unwrap_or_default().cpu_percent;
+    if s.nodes.is_empty() {
+        return format!("{all:.0} %");
+    }
+    let each: Vec<String> = s.nodes.iter().map(|node| format!("{:.0}", node.cpu_percent)).collect();
+    format!("{all:.0} % ({})", each.join(" + "))
+}
+
+/// Whether a scenario's table needs the cluster's columns: some run had
+/// several nodes or a Redis.
+fn clustered(reports: &[Report]) -> bool {
+    reports.iter().any(|r| r.nodes > 1 || matches!(&r.measured, Measured::Load(s) if s.redis.is_some()))
+}
+
 /// The table heading of a scenario's runs.
-fn header(scenario: Scenario) -> &'static str {
+fn header(scenario: Scenario, clustered: bool) -> &'static str {
     match scenario {
+        Scenario::Fanout | Scenario::Fixed | Scenario::Rooms if clustered => {
+            "| server | nodes | setup | deliveries/s | p50 | p90 | p99 | p99.9 | max | lost | closed | nodes' CPU | Redis CPU | generator CPU | nodes' RSS |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        }
         Scenario::Idle => {
             "| server | connections | setup | server RSS before | server RSS with clients | RSS per connection | server CPU idle |\n| --- | --- | --- | --- | --- | --- | --- |"
         }
@@ -660,9 +935,33 @@ fn header(scenario: Scenario) -> &'static str {
 
 /// One run's table row, and the figures the ratio lines compare: for idle
 /// the RSS per connection, for churn the connects per second, otherwise
-/// deliveries per second, p50, p99 and server CPU.
-fn row(scenario: Scenario, r: &Report) -> (String, Vec<f64>) {
+/// deliveries per second, p50, p99 and server CPU (in a cluster's table,
+/// the nodes' and Redis's together).
+fn row(scenario: Scenario, r: &Report, clustered: bool) -> (String, Vec<f64>) {
     match &r.measured {
+        Measured::Load(s) if clustered && scenario != Scenario::Idle => {
+            let (server, l) = (s.server.unwrap_or_default(), s.latency_ms.unwrap_or_default());
+            let redis_cpu = s.redis.map_or(0.0, |redis| redis.cpu_percent);
+            let row = format!(
+                "| {} | {} | {:.1} s | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} % | {} |",
+                r.server,
+                r.nodes,
+                s.setup_seconds,
+                s.deliveries_per_sec,
+                format_ms(l.p50),
+                format_ms(l.p90),
+                format_ms(l.p99),
+                format_ms(l.p999),
+                format_ms(l.max),
+                lost(s),
+                s.closed,
+                nodes_cpu(s),
+                s.redis.map_or_else(|| "none".to_owned(), |redis| format!("{:.0} %", redis.cpu_percent)),
+                s.generator_cpu_percent,
+                format_mib(server.rss_bytes)
+            );
+            (row, vec![s.deliveries_per_sec, l.p50, l.p99, server.cpu_percent + redis_cpu])
+        }
         Measured::Churn(c) => {
             let (s, server) = (&c.summary, c.summary.server.unwrap_or_default());
             let l = s.cycle_ms.unwrap_or_default();
@@ -708,7 +1007,7 @@ fn row(scenario: Scenario, r: &Report) -> (String, Vec<f64>) {
                 format_ms(l.p99),
                 format_ms(l.p999),
                 format_ms(l.max),
-                s.lost,
+                lost(s),
                 s.closed,
                 server.cpu_percent,
                 s.generator_cpu_percent,
@@ -719,27 +1018,35 @@ fn row(scenario: Scenario, r: &Report) -> (String, Vec<f64>) {
     }
 }
 
-/// A Markdown table of one scenario's runs, with Hubbub's advantage over
-/// each peer (times better: >1 means Hubbub is ahead) from the first round.
-fn table(scenario: Scenario, reports: &[Report], servers: &[ServerKind]) -> String {
+/// A Markdown table of one scenario's runs, with the first target's
+/// advantage over each other one (times better: >1 means the first is
+/// ahead) from the first round. `labels` are the targets' labels in the
+/// order they were set up: Hubbub (with `--cluster`, its cluster) first.
+fn table(scenario: Scenario, reports: &[Report], labels: &[String]) -> String {
     let mut out = String::new();
-    let rows: Vec<(String, Vec<f64>)> = reports.iter().map(|r| row(scenario, r)).collect();
-    let _ = writeln!(out, "{}", header(scenario));
+    let clustered = clustered(reports);
+    let rows: Vec<(String, Vec<f64>)> = reports.iter().map(|r| row(scenario, r, clustered)).collect();
+    let _ = writeln!(out, "{}", header(scenario, clustered));
     for (row, _) in &rows {
         let _ = writeln!(out, "{row}");
     }
-    // Ratios: Hubbub's first run against each peer's first run.
-    let first = |name: &str| reports.iter().position(|r| r.server == name).map(|i| &rows[i].1);
-    let Some(hub) = first(ServerKind::Hubbub.name()) else { return out };
-    for peer in servers.iter().filter(|s| **s != ServerKind::Hubbub) {
-        let Some(other) = first(peer.name()) else { continue };
-        let _ = writeln!(out, "\nHubbub vs {}: {}.", peer.name(), ratios(scenario, hub, other));
+    // Ratios: the first target's first run against each other's first run.
+    let first = |label: &str| reports.iter().position(|r| r.server == label).map(|i| &rows[i].1);
+    let Some((base, others)) = labels.split_first() else { return out };
+    let Some(hub) = first(base) else { return out };
+    let mut name = base.clone();
+    if let Some(initial) = name.get_mut(..1) {
+        initial.make_ascii_uppercase();
+    }
+    for other_label in others {
+        let Some(other) = first(other_label) else { continue };
+        let _ = writeln!(out, "\n{name} vs {other_label}: {}.", ratios(scenario, hub, other, clustered));
     }
     out
 }
 
 /// The ratio line's text for Hubbub's figures `hub` against a peer's.
-fn ratios(scenario: Scenario, hub: &[f64], other: &[f64]) -> String {
+fn ratios(scenario: Scenario, hub: &[f64], other: &[f64], clustered: bool) -> String {
     let times = |h: f64, o: f64| {
         let x = h / o;
         if x.is_finite() { format!("×{x:.1}") } else { "n/a".to_owned() }
@@ -760,21 +1067,22 @@ fn ratios(scenario: Scenario, hub: &[f64], other: &[f64]) -> String {
         Scenario::Idle => format!("RSS per connection {}", less(hub[0], other[0], "smaller", "larger")),
         Scenario::Churn => format!("{} the connects per second", times(hub[0], other[0])),
         Scenario::Fanout | Scenario::Fixed | Scenario::Rooms => format!(
-            "deliveries/s {}, p50 {}, p99 {}, server CPU {}",
+            "deliveries/s {}, p50 {}, p99 {}, {} {}",
             times(hub[0], other[0]),
             less(hub[1], other[1], "lower", "higher"),
             less(hub[2], other[2], "lower", "higher"),
+            if clustered { "CPU (nodes + Redis)" } else { "server CPU" },
             less(hub[3], other[3], "lower", "higher")
         ),
     }
 }
 
-fn print_table(scenario: Scenario, params: &Params, reports: &[Report], servers: &[ServerKind]) {
+fn print_table(scenario: Scenario, params: &Params, reports: &[Report], labels: &[String]) {
     eprintln!(
         "\n### {} — {}\n\n{}",
         scenario.name(),
         params.describe(scenario),
-        table(scenario, reports, servers)
+        table(scenario, reports, labels)
     );
 }
 
@@ -783,13 +1091,14 @@ fn docs_section(
     date: &str,
     commit: &str,
     results: &[(Scenario, Params, Vec<Report>)],
-    servers: &[ServerKind],
+    labels: &[String],
+    load: &str,
 ) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "```sh\n{command}\n```\n");
     let _ = writeln!(
         out,
-        "Run on {date}, commit `{commit}`, {}; the generator (one process, {} thread(s)) on the same machine.\n",
+        "Run on {date}, commit `{commit}`, {}, load average {load} when it began; the generator (one process, {} thread(s)) on the same machine.\n",
         measure::machine(),
         results.first().map_or(1, |(_, p, _)| p.threads)
     );
@@ -799,7 +1108,7 @@ fn docs_section(
             "### {} — {}\n\n{}",
             scenario.name(),
             params.describe(*scenario),
-            table(*scenario, reports, servers)
+            table(*scenario, reports, labels)
         );
     }
     out
@@ -822,17 +1131,44 @@ mod tests {
         Cli::parse_from(std::iter::once("loadtest").chain(line.split_whitespace())).options
     }
 
+    fn labels(targets: &[Target]) -> Vec<String> {
+        targets.iter().map(|t| t.label()).collect()
+    }
+
     #[test]
     fn scenarios_and_peers_are_named_once_each() {
         let o = options("fanout --scenario idle fanout --compare node-ws,uws --compare uws --quick");
         assert_eq!(o.scenarios(), [Scenario::Fanout, Scenario::Idle]);
-        assert_eq!(o.servers(), [ServerKind::Hubbub, ServerKind::NodeWs, ServerKind::Uws]);
+        assert_eq!(labels(&o.targets()), ["hubbub", "node-ws", "uws"]);
         assert!(o.quick);
         assert_eq!(options("all").scenarios(), Scenario::value_variants());
         assert_eq!(options("--json").scenarios(), Scenario::value_variants());
-        assert_eq!(options("").servers(), [ServerKind::Hubbub]);
+        assert_eq!(labels(&options("").targets()), ["hubbub"]);
         let hubbub_is_not_a_peer = Cli::try_parse_from(["loadtest", "--compare", "hubbub"]);
         assert!(hubbub_is_not_a_peer.is_err());
+    }
+
+    #[test]
+    fn a_cluster_runs_beside_single_node_hubbub_and_the_peers_that_can_cluster() {
+        let o = options("--cluster 3 --compare node-ws-redis,node-ws");
+        assert_eq!(o.scenarios(), [Scenario::Fanout, Scenario::Rooms]);
+        assert_eq!(options("all --cluster 3").scenarios(), [Scenario::Fanout, Scenario::Rooms]);
+        assert_eq!(
+            labels(&o.targets()),
+            ["hubbub (3 nodes)", "hubbub", "node-ws-redis (3 nodes)", "node-ws"]
+        );
+        let targets = o.targets();
+        assert!(targets[0].redis && !targets[1].redis && targets[2].redis && !targets[3].redis);
+        assert_eq!(targets.iter().map(|t| t.nodes).collect::<Vec<_>>(), [3, 1, 3, 1]);
+        // The Redis peer needs its Redis even as one process.
+        let single = options("--compare node-ws-redis").targets();
+        assert_eq!(labels(&single), ["hubbub", "node-ws-redis"]);
+        assert!(single[1].redis && single[1].nodes == 1);
+        assert_eq!(labels(&options("--cluster 1").targets()), ["hubbub (1 node)", "hubbub"]);
+        assert!(options("fixed rooms --cluster 2").check().is_ok());
+        let err = options("churn --cluster 2").check().unwrap_err().to_string();
+        assert!(err.contains("not churn"), "{err}");
+        assert!(options("idle churn").check().is_ok());
     }
 
     fn sample(cpu_percent: f64, rss_base_mib: f64, rss_mib: f64) -> Option<ServerSample> {
@@ -840,7 +1176,7 @@ mod tests {
         Some(ServerSample { pid: 1, cpu_percent, rss_base_bytes: mib(rss_base_mib), rss_bytes: mib(rss_mib) })
     }
 
-    fn load(server: &'static str, deliveries_per_sec: f64, p50: f64, cpu: f64) -> Report {
+    fn load(server: &str, deliveries_per_sec: f64, p50: f64, cpu: f64) -> Report {
         let latency = Latency { p50, p90: 39.68, p99: 2.0 * p50, p999: 76.29, max: 91.88 };
         let summary = run::Summary {
             addr: "127.0.0.1:1".to_owned(),
@@ -857,6 +1193,7 @@ mod tests {
             expected: 999,
             delivered: 999,
             lost: 0,
+            errors: 0,
             delivery_ratio: Some(1.0),
             deliveries_per_sec,
             bytes_per_delivery: None,
@@ -864,15 +1201,18 @@ mod tests {
             latency_ms: Some(latency),
             generator_cpu_percent: 61.0,
             server: sample(cpu, 6.0, 12.8),
+            nodes: Vec::new(),
+            redis: None,
         };
-        Report { scenario: "fanout", server, params: String::new(), measured: Measured::Load(summary) }
+        let measured = Measured::Load(summary);
+        Report { scenario: "fanout", server: server.to_owned(), nodes: 1, params: String::new(), measured }
     }
 
     /// The tables in docs/BENCHMARKS.md keep their columns and formats.
     #[test]
     fn tables_keep_the_documented_format() {
         let reports = [load("hubbub", 1_771_498.0, 23.17, 114.0), load("node-ws", 80_865.0, 938.0, 100.0)];
-        let table = table(Scenario::Fanout, &reports, &[ServerKind::Hubbub, ServerKind::NodeWs]);
+        let table = table(Scenario::Fanout, &reports, &["hubbub".to_owned(), "node-ws".to_owned()]);
         let expected = "\
 | server | setup | deliveries/s | p50 | p90 | p99 | p99.9 | max | lost | closed | server CPU | generator CPU | server RSS |
 | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
@@ -886,7 +1226,7 @@ Hubbub vs node-ws: deliveries/s ×21.9, p50 ×40.5 lower, p99 ×40.5 lower, serv
         let Measured::Load(mut idle) = load("hubbub", 0.0, 0.0, 0.0).measured else { unreachable!() };
         (idle.clients, idle.setup_seconds, idle.server) = (19_000, 2.3, sample(0.0, 6.8, 41.5));
         let idle = Report { measured: Measured::Load(idle), ..load("hubbub", 0.0, 0.0, 0.0) };
-        let (idle_row, _) = row(Scenario::Idle, &idle);
+        let (idle_row, _) = row(Scenario::Idle, &idle, false);
         assert_eq!(idle_row, "| hubbub | 19000 | 2.3 s | 6.8 MiB | 41.5 MiB | 1.92 KB | 0.0 % |");
 
         let churn = churn::Summary {
@@ -907,12 +1247,58 @@ Hubbub vs node-ws: deliveries/s ×21.9, p50 ×40.5 lower, p99 ×40.5 lower, serv
             rss_after_bytes: (7.6 * 1024.0 * 1024.0) as u64,
             connections_after: Some(0),
         });
-        let churn = Report { scenario: "churn", server: "hubbub", params: String::new(), measured };
-        let (churn_row, _) = row(Scenario::Churn, &churn);
+        let churn = Report {
+            scenario: "churn",
+            server: "hubbub".to_owned(),
+            nodes: 1,
+            params: String::new(),
+            measured,
+        };
+        let (churn_row, _) = row(Scenario::Churn, &churn, false);
         assert_eq!(
             churn_row,
             "| hubbub | 12910 | 4.70 ms | 10.05 ms | 0 | 88 % | 88 % | 7.5 MiB | 7.6 MiB | 7.6 MiB | 0 |"
         );
+    }
+
+    /// A cluster's table: its nodes, their CPU together and one by one,
+    /// Redis's CPU apart, and the ratios against single-node Hubbub and the
+    /// peer counting Redis's CPU with the nodes'.
+    #[test]
+    fn cluster_tables_give_the_nodes_and_redis_apart() {
+        let cluster = |label: &str, deliveries_per_sec: f64, p50: f64, nodes: [f64; 3], redis: f64| {
+            let mut report = load(label, deliveries_per_sec, p50, 0.0);
+            let Measured::Load(summary) = &mut report.measured else { unreachable!() };
+            summary.nodes = nodes.iter().map(|&cpu| sample(cpu, 6.0, 12.0).unwrap()).collect();
+            summary.server = ServerSample::sum(&summary.nodes);
+            summary.redis = sample(redis, 3.0, 4.0);
+            report.nodes = 3;
+            report
+        };
+        let mut refused = cluster("hubbub (3 nodes)", 900_000.0, 30.0, [40.0, 41.0, 42.0], 30.0);
+        if let Measured::Load(summary) = &mut refused.measured {
+            (summary.lost, summary.errors) = (54, 6);
+        }
+        assert!(row(Scenario::Fanout, &refused, true).0.contains("| 54 (6 errors) | 0 |"));
+        let reports = [
+            cluster("hubbub (3 nodes)", 900_000.0, 30.0, [40.0, 41.0, 42.0], 30.0),
+            load("hubbub", 1_500_000.0, 20.0, 110.0),
+            cluster("node-ws-redis (3 nodes)", 60_000.0, 900.0, [35.0, 36.0, 37.0], 50.0),
+        ];
+        let labels = ["hubbub (3 nodes)", "hubbub", "node-ws-redis (3 nodes)"].map(str::to_owned);
+        let table = table(Scenario::Fanout, &reports, &labels);
+        let expected = "\
+| server | nodes | setup | deliveries/s | p50 | p90 | p99 | p99.9 | max | lost | closed | nodes' CPU | Redis CPU | generator CPU | nodes' RSS |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
+| hubbub (3 nodes) | 3 | 0.5 s | 900000 | 30.00 ms | 39.68 ms | 60.00 ms | 76.29 ms | 91.88 ms | 0 | 0 | 123 % (40 + 41 + 42) | 30 % | 61 % | 36.0 MiB |
+| hubbub | 1 | 0.5 s | 1500000 | 20.00 ms | 39.68 ms | 40.00 ms | 76.29 ms | 91.88 ms | 0 | 0 | 110 % | none | 61 % | 12.8 MiB |
+| node-ws-redis (3 nodes) | 3 | 0.5 s | 60000 | 900 ms | 39.68 ms | 1800 ms | 76.29 ms | 91.88 ms | 0 | 0 | 108 % (35 + 36 + 37) | 50 % | 61 % | 36.0 MiB |
+
+Hubbub (3 nodes) vs hubbub: deliveries/s ×0.6, p50 ×1.5 higher, p99 ×1.5 higher, CPU (nodes + Redis) ×1.4 higher.
+
+Hubbub (3 nodes) vs node-ws-redis (3 nodes): deliveries/s ×15.0, p50 ×30.0 lower, p99 ×30.0 lower, CPU (nodes + Redis) ×1.0 lower.
+";
+        assert_eq!(table, expected);
     }
 
     #[test]

@@ -22,10 +22,12 @@
 //! - `cargo xtask bench [--quick] [--no-load]` — the criterion
 //!   micro-benchmarks, then the load benchmark; both tables go to
 //!   `docs/BENCHMARKS.md`.
-//! - `cargo xtask loadtest [SCENARIO|all]... [--compare node-ws,uws] [--quick]
-//!   [--json] [--write-docs] [sizes]` — end-to-end load scenarios against
-//!   the release server and the reference peers, run and measured by the
-//!   `hubbub-loadgen` library.
+//! - `cargo xtask loadtest [SCENARIO|all]... [--compare node-ws,uws]
+//!   [--cluster N] [--quick] [--json] [--write-docs] [sizes]` — end-to-end
+//!   load scenarios against the release server and the reference peers, run
+//!   and measured by the `hubbub-loadgen` library; `--cluster N` adds N
+//!   nodes sharing a fresh redis-server (`--compare node-ws-redis`: the Node
+//!   peer scaled the same way).
 //! - `cargo xtask upload-bench [--size-mib N] [--chat-size-mib M]` — upload
 //!   throughput and peak RSS against `sha256sum`, and chat latency during an
 //!   upload.
@@ -40,6 +42,7 @@ mod fuzz;
 mod idle;
 mod loadtest;
 mod measure;
+mod redis;
 mod upload_bench;
 
 use std::path::{Path, PathBuf};
@@ -76,7 +79,8 @@ enum Task {
     /// Criterion micro-benchmarks, then the load benchmark.
     Bench(bench::Options),
     /// Load scenarios fanout, fixed, rooms, idle, churn against release
-    /// hubbub (and the reference peers in bench/peers: node-ws, uws).
+    /// hubbub (and the reference peers in bench/peers: node-ws, uws,
+    /// node-ws-redis); --cluster N for N nodes sharing one Redis.
     Loadtest(loadtest::Options),
     /// Upload throughput and peak RSS vs sha256sum; chat latency during an
     /// upload.
@@ -214,6 +218,7 @@ mod tests {
             "autobahn",
             "bench --quick --no-load",
             "loadtest fanout --quick",
+            "loadtest fanout rooms --cluster 3 --compare node-ws-redis",
             "upload-bench --size-mib 8 --chat-size-mib 2",
         ] {
             let args = std::iter::once("xtask").chain(line.split_whitespace());
@@ -221,7 +226,13 @@ mod tests {
                 panic!("`{line}` does not parse: {err}");
             }
         }
-        for wrong in ["fuzz nope", "heartbeat-cost --interval soon", "bench --slow", "loadtest --window 65"] {
+        for wrong in [
+            "fuzz nope",
+            "heartbeat-cost --interval soon",
+            "bench --slow",
+            "loadtest --window 65",
+            "loadtest --cluster 0",
+        ] {
             let args = std::iter::once("xtask").chain(wrong.split_whitespace());
             assert!(Cli::try_parse_from(args).is_err(), "`{wrong}` was accepted");
         }

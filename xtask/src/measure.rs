@@ -177,6 +177,14 @@ pub(crate) fn machine() -> String {
     format!("{model}, {cores} cores, {mem_gib:.0} GiB, Linux {}", kernel.trim())
 }
 
+/// The load averages over 1, 5 and 15 minutes (`/proc/loadavg`), for
+/// benchmark tables measured on a machine that may be busy.
+pub(crate) fn load_average() -> String {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let fields: Vec<&str> = text.split_whitespace().take(3).collect();
+    if fields.len() == 3 { fields.join(" / ") } else { "unknown".to_owned() }
+}
+
 /// Today's date (UTC) and the commit, for benchmark tables.
 pub(crate) fn date_and_commit(root: &Path) -> (String, String) {
     let date = output(root, "date", &["-u", "+%Y-%m-%d"]).unwrap_or_else(|_| "unknown date".into());

@@ -36,7 +36,7 @@ fn publish_throughput(c: &mut Criterion) {
                             let room = format!("room{}", p % 16);
                             for _ in 0..each {
                                 let text = text.clone();
-                                let request = Publish::new(room.as_str(), "ada", move |_| text);
+                                let request = Publish::new(room.as_str(), "ada", move |_| text.clone());
                                 publish_and_wait(&*engine, request).unwrap();
                             }
                         })

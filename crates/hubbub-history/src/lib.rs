@@ -169,7 +169,10 @@ pub struct Assigned {
 }
 
 /// Builds a message's stored bytes from what the engine assigned.
-pub type Build = Box<dyn FnOnce(Assigned) -> Bytes + Send>;
+///
+/// Called at most once by the memory and disk engines; the Redis engine calls it again with
+/// another offset when another process published to the room at the same moment.
+pub type Build = Box<dyn Fn(Assigned) -> Bytes + Send>;
 
 /// Receives the outcome of a publish; see [`Engine::publish`] for when it runs.
 pub type OnDone = Box<dyn FnOnce(Result<Published>) + Send>;
@@ -185,7 +188,8 @@ pub struct Publish {
     /// The message's timestamp (milliseconds since the Unix epoch); `None`: the engine's clock.
     pub timestamp_ms: Option<u64>,
     /// Makes the bytes to store once the offset is known. Not called for a duplicate or a
-    /// publish that fails before its offset is assigned.
+    /// publish that fails before its offset is assigned; may be called more than once (see
+    /// [`Build`]), and only the last call's bytes are kept.
     pub build: Build,
     /// A tag published with the message on its room's channel by the Redis engine (the
     /// sending connection, so that the nodes delivering it can skip its sender); not stored,
@@ -198,7 +202,7 @@ impl Publish {
     pub fn new(
         room: impl Into<Arc<str>>,
         sender: impl Into<Arc<str>>,
-        build: impl FnOnce(Assigned) -> Bytes + Send + 'static,
+        build: impl Fn(Assigned) -> Bytes + Send + 'static,
     ) -> Self {
         Self {
             room: room.into(),

@@ -35,12 +35,9 @@ pub struct RedisConfig {
     pub connection_timeout: Duration,
     /// Most publishes of one room sent in one script. Default 256.
     pub max_batch: usize,
-    /// How long a batch holds its room's lock at most, should its process die between the two
-    /// scripts. Default 2 s.
-    pub lock_lease: Duration,
-    /// How long a batch waits before asking again for a room another process has locked.
-    /// Default 2 ms.
-    pub lock_retry: Duration,
+    /// How many times a batch is built and sent again when other processes published to its
+    /// room at the same moment, before it fails with [`Error::Unavailable`]. Default 16.
+    pub max_attempts: u32,
 }
 
 impl RedisConfig {
@@ -52,8 +49,7 @@ impl RedisConfig {
             response_timeout: Duration::from_secs(2),
             connection_timeout: Duration::from_secs(1),
             max_batch: 256,
-            lock_lease: Duration::from_secs(2),
-            lock_retry: Duration::from_millis(2),
+            max_attempts: 16,
         }
     }
 
@@ -65,20 +61,11 @@ impl RedisConfig {
     }
 }
 
-/// For a publish, takes the room's lock (unless another process holds it: then it answers an
-/// empty epoch and changes nothing); creates the room if needed; answers its epoch, newest and
-/// oldest kept offsets, and the dedupe records of the ids asked (`''` for none).
+/// Reads a room for `position`, `since` and `history`, creating it if needed: answers its epoch
+/// and newest and oldest kept offsets.
 ///
-/// KEYS: meta, stream, dedupe, dedupe_age, lock. ARGV: the epoch for a new room, the lock token
-/// (`''` for a read, which takes no lock), the lock's lease in ms, then dedupe fields.
+/// KEYS: meta, stream, dedupe, dedupe_age. ARGV: the epoch for a new room.
 const PREPARE: &str = r"
-if ARGV[2] ~= '' then
-  local holder = redis.call('GET', KEYS[5])
-  if holder and holder ~= ARGV[2] then
-    return {'', 0, 0, {}}
-  end
-  redis.call('SET', KEYS[5], ARGV[2], 'PX', ARGV[3])
-end
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
   epoch = ARGV[1]
@@ -91,40 +78,46 @@ local head = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
 if #head > 0 then
   first = tonumber(string.match(head[1][1], '-(%d+)$'))
 end
-local seen = {}
-for i = 4, #ARGV do
-  seen[#seen + 1] = redis.call('HGET', KEYS[3], ARGV[i]) or ''
-end
-return {epoch, newest, first, seen}
+return {epoch, newest, first}
 ";
 
-/// Appends a batch if the room is still where `PREPARE` found it, publishes each message on the
-/// room's channel, and trims messages by count and age and dedupe records by age and count.
+/// Appends a batch if the room is where the batch was built for (its epoch and newest offset),
+/// and no id of the batch is kept already; publishes each message on the room's channel; trims
+/// messages by count and age and dedupe records by age and count. Otherwise changes nothing
+/// and answers where the room is, for the batch to be built again: `{'conflict', epoch,
+/// newest, seen}`, `seen` holding per message the record of its id (`''` for none).
+/// Creates the room (a new epoch) if it has no meta hash.
 ///
-/// Releases the room's lock if this batch still holds it.
-///
-/// KEYS: meta, stream, dedupe, dedupe_age, lock. ARGV: epoch, expected newest, now, forget ids
-/// recorded at or before, ttl cutoff, max messages, dedupe capacity, channel, lock token, then
-/// per message its dedupe field (`''` for none), timestamp, origin (`-` for none) and bytes.
+/// KEYS: meta, stream, dedupe, dedupe_age. ARGV: expected epoch, expected newest, now, forget ids
+/// recorded at or before, ttl cutoff, max messages, dedupe capacity, channel, the epoch for a
+/// new room, then per message its dedupe field (`''` for none), timestamp, origin (`-` for none)
+/// and bytes.
 const COMMIT: &str = r"
-if redis.call('GET', KEYS[5]) == ARGV[9] then
-  redis.call('DEL', KEYS[5])
-end
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
-local newest = tonumber(redis.call('HGET', KEYS[1], 'newest'))
-if epoch ~= ARGV[1] or newest ~= tonumber(ARGV[2]) then
-  return 'conflict'
+if not epoch then
+  epoch = ARGV[9]
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'newest', 0)
 end
-local now = ARGV[3]
+local newest = tonumber(redis.call('HGET', KEYS[1], 'newest')) or 0
+local conflict = epoch ~= ARGV[1] or newest ~= tonumber(ARGV[2])
 local forget_before = tonumber(ARGV[4])
+local seen = {}
 for i = 10, #ARGV, 4 do
+  local record = ''
   if ARGV[i] ~= '' then
-    local seen = redis.call('HGET', KEYS[3], ARGV[i])
-    if seen and tonumber(string.match(seen, '(%d+)$')) > forget_before then
-      return 'conflict'
+    local kept = redis.call('HGET', KEYS[3], ARGV[i])
+    if kept and tonumber(string.match(kept, '(%d+)$')) > forget_before then
+      record = kept
+      conflict = true
     end
   end
+  seen[#seen + 1] = record
 end
+if conflict then
+  return {'conflict', epoch, newest, seen}
+end
+local now = ARGV[3]
 for i = 10, #ARGV, 4 do
   newest = newest + 1
   local field, ts, origin, bytes = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
@@ -168,7 +161,7 @@ if extra > 0 then
     redis.call('HDEL', KEYS[3], popped[j])
   end
 end
-return 'ok'
+return {'ok', epoch, newest}
 ";
 
 /// History in Redis, shared by every process connected to the same Redis.
@@ -184,26 +177,26 @@ return 'ok'
 /// | `<prefix>{room}:stream` | stream | one entry per kept message, id `0-<offset>`, fields `t` (timestamp ms) and `d` (bytes) |
 /// | `<prefix>{room}:dedupe` | hash | `<len>:<sender>:<clientMsgId>` → `<offset> <timestamp> <recorded>` |
 /// | `<prefix>{room}:dedupe_age` | sorted set | the same fields by when they were recorded |
-/// | `<prefix>{room}:lock` | string | the token of the process between `PREPARE` and `COMMIT`, with a lease |
 /// | `<prefix>{room}:ch` | channel | every kept message, as `<epoch> <offset> <timestamp> <origin>\n<bytes>` (origin `-` for none); other publishers may use it for messages that start with `~` |
 ///
 /// If the meta hash is missing (Redis lost its data, or it was evicted), the next script that
 /// reads it makes a new epoch and deletes whatever is left of the room's other keys, so offsets
 /// start again at 1 in a stream nobody can mistake for the old one.
 ///
-/// # Why two scripts per batch
+/// # One script per batch, built again on a conflict
 ///
-/// [`Publish::build`] makes the stored bytes from the assigned offset, and is called at most
-/// once, and not at all for a duplicate. So a batch first runs `PREPARE` (create the room if
-/// needed; read its epoch, newest offset and the dedupe records of the batch's ids), then builds
-/// the messages in Rust, then runs `COMMIT`, which appends them only if the epoch and newest
-/// offset are still those `PREPARE` saw and no id of the batch was recorded meanwhile. One engine
-/// runs one batch per room at a time; between processes, `PREPARE` takes the room's lock (a key
-/// with a lease, [`RedisConfig::lock_lease`]) and `COMMIT` releases it, and a batch that finds
-/// the room locked waits and asks again before building anything. So `COMMIT` fails its check
-/// only if a lease ran out (a process stalled longer than the lease between its two scripts):
-/// then the batch fails with [`Error::Unavailable`] (no offset used) and the senders retry;
-/// dedupe makes the retry safe.
+/// [`Publish::build`] makes the stored bytes from the assigned offset. A batch of a room's
+/// publishes is built with the offsets that follow the room's newest offset as this engine last
+/// saw it, and `COMMIT` appends it only if the room is still at that epoch and offset and no id
+/// of the batch is kept already, atomically with the dedupe records, the channel messages and
+/// the trimming. Otherwise `COMMIT` changes nothing and answers where the room is and which ids
+/// are kept: those publishes complete as duplicates, and the rest is built again with the new
+/// offsets and sent again (up to [`RedisConfig::max_attempts`] times; then the batch fails with
+/// [`Error::Unavailable`], no offset used, and the senders retry, which dedupe makes safe). One
+/// engine runs one batch per room at a time, so the conflicts are with other processes
+/// publishing to the same room at the same moment: no lock is taken, and a stalled process
+/// holds up nobody. The first batch of a room this engine has not seen yet is a conflict by
+/// construction (one round trip more), and so is the first after Redis lost the room.
 ///
 /// # Time
 ///
@@ -270,10 +263,11 @@ struct Inner {
     /// The two scripts, sent by hash (`EVALSHA`, loaded on first use).
     prepare: Script,
     commit: Script,
+    /// Each room's epoch and newest offset as this engine last saw them, to build the next
+    /// batch for.
+    known: Mutex<HashMap<Arc<str>, (Epoch, u64)>>,
     /// Publishes waiting per room; a room is present exactly while a task works on it.
     rooms: Mutex<HashMap<Arc<str>, VecDeque<Queued>>>,
-    /// This engine's token for room locks (unique per engine, random).
-    token: String,
     /// The completion thread's queue.
     done: mpsc::Sender<(OnDone, Result<Published>)>,
 }
@@ -329,7 +323,6 @@ struct RoomKeys {
     stream: String,
     dedupe: String,
     dedupe_age: String,
-    lock: String,
     channel: String,
 }
 
@@ -351,7 +344,6 @@ impl RoomKeys {
             stream: format!("{prefix}{tag}:stream"),
             dedupe: format!("{prefix}{tag}:dedupe"),
             dedupe_age: format!("{prefix}{tag}:dedupe_age"),
-            lock: format!("{prefix}{tag}:lock"),
             channel: format!("{prefix}{tag}:ch"),
         }
     }
@@ -405,8 +397,6 @@ struct Prepared {
     epoch: Epoch,
     newest: u64,
     first: u64,
-    /// Per dedupe field asked: `(offset, timestamp, recorded)` if one is recorded.
-    seen: Vec<Option<(u64, u64, u64)>>,
 }
 
 fn parse_seen(raw: &str) -> Option<(u64, u64, u64)> {
@@ -425,163 +415,219 @@ enum Outcome {
     IfCommitted(Published),
 }
 
+/// One publish of a batch, while the batch is being committed.
+struct Slot {
+    request: Publish,
+    completer: Completer,
+    /// Its dedupe field, if it has a `clientMsgId`.
+    field: Option<String>,
+    /// What it comes to, for this attempt (`Ready` ones stay).
+    outcome: Option<Outcome>,
+}
+
+/// What `COMMIT` answered.
+enum Committed {
+    /// Appended: the room's epoch and newest offset now.
+    Ok(Epoch, u64),
+    /// Nothing done: where the room is, and per message sent the record of its id if kept.
+    Conflict(Epoch, u64, Vec<Option<(u64, u64, u64)>>),
+}
+
+fn parse_committed(reply: redis::Value) -> Option<Committed> {
+    use redis::Value;
+    let text = |value: &Value| match value {
+        Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
+        Value::SimpleString(text) => Some(text.clone()),
+        _ => None,
+    };
+    let number = |value: &Value| match value {
+        Value::Int(n) => u64::try_from(*n).ok(),
+        other => text(other)?.parse().ok(),
+    };
+    let Value::Array(parts) = reply else { return None };
+    match parts.as_slice() {
+        [kind, epoch, newest] if text(kind)? == "ok" => {
+            Some(Committed::Ok(Epoch::new(text(epoch)?), number(newest)?))
+        }
+        [kind, epoch, newest, seen] if text(kind)? == "conflict" => {
+            let seen = match seen {
+                Value::Array(seen) => {
+                    seen.iter().map(|raw| text(raw).and_then(|raw| parse_seen(&raw))).collect()
+                }
+                _ => Vec::new(),
+            };
+            Some(Committed::Conflict(Epoch::new(text(epoch)?), number(newest)?, seen))
+        }
+        _ => None,
+    }
+}
+
 impl Inner {
-    /// Reads the room, creating it if needed; with `lock`, takes the room's lock first and
-    /// answers `None` if another process holds it.
-    async fn prepare(
-        &self,
-        keys: &RoomKeys,
-        lock: Option<&str>,
-        fields: &[&str],
-    ) -> redis::RedisResult<Option<Prepared>> {
+    /// Reads the room, creating it if needed.
+    async fn prepare(&self, keys: &RoomKeys) -> redis::RedisResult<Prepared> {
         let mut invocation = self.prepare.key(&keys.meta);
-        invocation
-            .key(&keys.stream)
-            .key(&keys.dedupe)
-            .key(&keys.dedupe_age)
-            .key(&keys.lock)
-            .arg(Epoch::random().as_str())
-            .arg(lock.unwrap_or(""))
-            .arg(millis(self.config.lock_lease));
-        for field in fields {
-            invocation.arg(*field);
-        }
+        invocation.key(&keys.stream).key(&keys.dedupe).key(&keys.dedupe_age).arg(Epoch::random().as_str());
         let mut conn = self.conn.clone();
-        let (epoch, newest, first, seen): (String, u64, u64, Vec<String>) =
-            invocation.invoke_async(&mut conn).await?;
-        if epoch.is_empty() {
-            return Ok(None);
-        }
-        let seen = seen.iter().map(|raw| parse_seen(raw)).collect();
-        Ok(Some(Prepared { epoch: Epoch::new(epoch), newest, first, seen }))
+        let (epoch, newest, first): (String, u64, u64) = invocation.invoke_async(&mut conn).await?;
+        Ok(Prepared { epoch: Epoch::new(epoch), newest, first })
     }
 
     /// Publishes one batch of a room's queue and completes each of its publishes, in order.
-    async fn publish_batch(&self, room: &str, batch: Vec<Queued>) {
-        let fail_all = |batch: Vec<Queued>, err: Error| {
-            for queued in batch {
-                queued.completer.complete(Err(err.clone()));
-            }
-        };
+    async fn publish_batch(&self, room: &Arc<str>, batch: Vec<Queued>) {
         if self.options.faults.failing() {
-            return fail_all(batch, Error::Unavailable("injected write failure".into()));
+            for queued in batch {
+                queued.completer.complete(Err(Error::Unavailable("injected write failure".into())));
+            }
+            return;
         }
+        let mut slots: Vec<Slot> = batch
+            .into_iter()
+            .map(|Queued { request, completer }| {
+                let field = request.client_msg_id.map(|id| dedupe_field(&request.sender, id));
+                Slot { request, completer, field, outcome: None }
+            })
+            .collect();
+        let result = self.commit_slots(room, &mut slots).await;
+        if let Err(err) = &result {
+            tracing::warn!(room = &**room, cause = %err, "history publish to redis failed");
+        }
+        for slot in slots {
+            let result = match slot.outcome {
+                Some(Outcome::Ready(result)) => result,
+                Some(Outcome::IfCommitted(published)) => result.clone().map(|()| published),
+                None => Err(result.clone().err().unwrap_or(Error::Closed)),
+            };
+            slot.completer.complete(result);
+        }
+    }
+
+    /// Builds the batch for where the room is believed to be and commits it, again from where
+    /// it is after each conflict; leaves each slot's outcome.
+    async fn commit_slots(&self, room: &Arc<str>, slots: &mut [Slot]) -> Result<()> {
         let retention = &self.options.retention;
         let now_ms = self.options.clock.now_ms();
-        let keys = RoomKeys::new(&self.config.prefix, room);
-        let fields: Vec<Option<String>> = batch
-            .iter()
-            .map(|q| q.request.client_msg_id.map(|id| dedupe_field(&q.request.sender, id)))
-            .collect();
-        let asked: Vec<&str> = fields.iter().flatten().map(String::as_str).collect();
-        // Another process's batch holds the room for the moment between its two scripts; wait
-        // for it before building anything (a build cannot be undone).
-        let deadline = tokio::time::Instant::now() + self.config.response_timeout;
-        let prepared = loop {
-            match self.prepare(&keys, Some(&self.token), &asked).await {
-                Ok(Some(prepared)) => break prepared,
-                Ok(None) if tokio::time::Instant::now() < deadline => {
-                    tokio::time::sleep(self.config.lock_retry).await;
-                }
-                Ok(None) => {
-                    let busy = format!("room {room:?} stayed locked by another process; retry");
-                    return fail_all(batch, Error::Unavailable(busy));
-                }
-                Err(err) => return fail_all(batch, unavailable(&err)),
-            }
-        };
         let forget_before = now_ms.saturating_sub(millis(retention.dedupe_window));
-        // Ids already kept (and within the window), then those kept by this batch: field ->
-        // (offset, timestamp, whether it is in this batch).
-        let mut known: HashMap<&str, (u64, u64, bool)> = HashMap::new();
-        for (field, seen) in asked.iter().zip(&prepared.seen) {
-            if let Some((offset, timestamp, recorded)) = *seen
-                && recorded > forget_before
-            {
-                known.insert(field, (offset, timestamp, false));
-            }
-        }
-
-        let mut newest = prepared.newest;
-        let mut outcomes = Vec::with_capacity(batch.len());
-        let mut commit = self.commit.key(&keys.meta);
-        commit
-            .key(&keys.stream)
-            .key(&keys.dedupe)
-            .key(&keys.dedupe_age)
-            .key(&keys.lock)
-            .arg(prepared.epoch.as_str())
-            .arg(prepared.newest)
-            .arg(now_ms)
-            .arg(forget_before)
-            .arg(core::ttl_cutoff(retention, now_ms))
-            .arg(retention.max_messages)
-            .arg(retention.dedupe_capacity)
-            .arg(&keys.channel)
-            .arg(&self.token);
-        for (Queued { request, completer }, field) in batch.into_iter().zip(&fields) {
-            if let Some(field) = field
-                && let Some(&(offset, timestamp_ms, in_batch)) = known.get(field.as_str())
-            {
-                let duplicate = Published {
-                    epoch: prepared.epoch.clone(),
-                    offset,
-                    timestamp_ms,
-                    duplicate: true,
-                    bytes: None,
-                };
-                let outcome =
-                    if in_batch { Outcome::IfCommitted(duplicate) } else { Outcome::Ready(Ok(duplicate)) };
-                outcomes.push((completer, outcome));
-                continue;
-            }
-            let assigned =
-                Assigned { offset: newest + 1, timestamp_ms: request.timestamp_ms.unwrap_or(now_ms) };
-            let build = request.build;
-            // Nothing is sent before the bytes exist, so a panicking builder leaves no trace.
-            let Ok(bytes) = catch_unwind(AssertUnwindSafe(|| build(assigned))) else {
-                outcomes.push((completer, Outcome::Ready(Err(Error::BuildPanicked))));
-                continue;
-            };
-            newest = assigned.offset;
-            if let Some(field) = field {
-                known.insert(field, (assigned.offset, assigned.timestamp_ms, true));
-            }
-            let origin = request.origin.as_deref().filter(|o| valid_origin(o)).unwrap_or("-");
+        let keys = RoomKeys::new(&self.config.prefix, room);
+        let known = lock(&self.known).get(room).cloned();
+        let (mut epoch, mut newest) = known.map_or((None, 0), |(epoch, newest)| (Some(epoch), newest));
+        // Ids found kept in Redis: field -> (offset, timestamp).
+        let mut kept: HashMap<String, (u64, u64)> = HashMap::new();
+        for _ in 0..self.config.max_attempts.max(1) {
+            let expected = epoch.clone().unwrap_or_else(|| Epoch::new(""));
+            let mut commit = self.commit.key(&keys.meta);
             commit
-                .arg(field.as_deref().unwrap_or(""))
-                .arg(assigned.timestamp_ms)
-                .arg(origin)
-                .arg(bytes.as_ref());
-            let published = Published {
-                epoch: prepared.epoch.clone(),
-                offset: assigned.offset,
-                timestamp_ms: assigned.timestamp_ms,
-                duplicate: false,
-                bytes: Some(bytes),
+                .key(&keys.stream)
+                .key(&keys.dedupe)
+                .key(&keys.dedupe_age)
+                .arg(expected.as_str())
+                .arg(newest)
+                .arg(now_ms)
+                .arg(forget_before)
+                .arg(core::ttl_cutoff(retention, now_ms))
+                .arg(retention.max_messages)
+                .arg(retention.dedupe_capacity)
+                .arg(&keys.channel)
+                .arg(Epoch::random().as_str());
+            // This attempt's ids (field -> offset, timestamp), and the slot of each message sent.
+            let mut in_batch: HashMap<String, (u64, u64)> = HashMap::new();
+            let mut sent: Vec<usize> = Vec::new();
+            let mut next = newest;
+            for (index, slot) in slots.iter_mut().enumerate() {
+                if matches!(slot.outcome, Some(Outcome::Ready(_))) {
+                    continue;
+                }
+                let earlier = slot.field.as_ref().and_then(|field| {
+                    kept.get(field).map(|&k| (k, false)).or_else(|| in_batch.get(field).map(|&k| (k, true)))
+                });
+                if let Some(((offset, timestamp_ms), this_batch)) = earlier {
+                    let duplicate = Published {
+                        epoch: expected.clone(),
+                        offset,
+                        timestamp_ms,
+                        duplicate: true,
+                        bytes: None,
+                    };
+                    slot.outcome = Some(if this_batch {
+                        Outcome::IfCommitted(duplicate)
+                    } else {
+                        Outcome::Ready(Ok(duplicate))
+                    });
+                    continue;
+                }
+                let assigned =
+                    Assigned { offset: next + 1, timestamp_ms: slot.request.timestamp_ms.unwrap_or(now_ms) };
+                let build = &slot.request.build;
+                // Nothing is sent before the bytes exist, so a panicking builder leaves no trace.
+                let Ok(bytes) = catch_unwind(AssertUnwindSafe(|| build(assigned))) else {
+                    slot.outcome = Some(Outcome::Ready(Err(Error::BuildPanicked)));
+                    continue;
+                };
+                next = assigned.offset;
+                let origin = slot.request.origin.as_deref().filter(|o| valid_origin(o)).unwrap_or("-");
+                commit
+                    .arg(slot.field.as_deref().unwrap_or(""))
+                    .arg(assigned.timestamp_ms)
+                    .arg(origin)
+                    .arg(bytes.as_ref());
+                if let Some(field) = &slot.field {
+                    in_batch.insert(field.clone(), (assigned.offset, assigned.timestamp_ms));
+                }
+                sent.push(index);
+                slot.outcome = Some(Outcome::IfCommitted(Published {
+                    epoch: expected.clone(),
+                    offset: assigned.offset,
+                    timestamp_ms: assigned.timestamp_ms,
+                    duplicate: false,
+                    bytes: Some(bytes),
+                }));
+            }
+            if sent.is_empty() {
+                return Ok(());
+            }
+            let mut conn = self.conn.clone();
+            let answer = match commit.invoke_async::<redis::Value>(&mut conn).await {
+                Ok(reply) => parse_committed(reply),
+                Err(err) => {
+                    lock(&self.known).remove(room);
+                    return Err(unavailable(&err));
+                }
             };
-            outcomes.push((completer, Outcome::IfCommitted(published)));
+            match answer {
+                Some(Committed::Ok(now_epoch, now_newest)) => {
+                    lock(&self.known).insert(room.clone(), (now_epoch, now_newest));
+                    return Ok(());
+                }
+                Some(Committed::Conflict(now_epoch, now_newest, seen)) => {
+                    if epoch.as_ref() != Some(&now_epoch) {
+                        // Ids found kept belong to the epoch they were kept in.
+                        kept.clear();
+                    }
+                    for (index, record) in sent.iter().zip(seen) {
+                        if let (Some(field), Some((offset, timestamp, recorded))) =
+                            (&slots[*index].field, record)
+                            && recorded > forget_before
+                        {
+                            kept.insert(field.clone(), (offset, timestamp));
+                        }
+                    }
+                    for slot in slots.iter_mut() {
+                        if !matches!(slot.outcome, Some(Outcome::Ready(Err(_)))) {
+                            slot.outcome = None;
+                        }
+                    }
+                    epoch = Some(now_epoch);
+                    newest = now_newest;
+                }
+                None => {
+                    lock(&self.known).remove(room);
+                    return Err(Error::Unavailable("redis: unexpected answer to a publish".into()));
+                }
+            }
         }
-
-        // Run even with nothing to append: it releases the lock.
-        let mut conn = self.conn.clone();
-        let committed = match commit.invoke_async::<String>(&mut conn).await {
-            Ok(answer) if answer == "ok" => Ok(()),
-            Ok(_) => Err(Error::Unavailable(format!(
-                "another process published to room {room:?} at the same time; retry"
-            ))),
-            Err(err) => Err(unavailable(&err)),
-        };
-        if let Err(err) = &committed {
-            tracing::warn!(room, cause = %err, "history publish to redis failed");
-        }
-        for (completer, outcome) in outcomes {
-            let result = match outcome {
-                Outcome::Ready(result) => result,
-                Outcome::IfCommitted(published) => committed.clone().map(|()| published),
-            };
-            completer.complete(result);
-        }
+        lock(&self.known).remove(room);
+        Err(Error::Unavailable(format!(
+            "other processes kept publishing to room {room:?} at the same moment; retry"
+        )))
     }
 
     /// A room's kept messages in `low..=high`, at most `limit`, from the high end if
@@ -702,7 +748,7 @@ impl RedisEngine {
             prepare: Script::new(PREPARE),
             commit: Script::new(COMMIT),
             rooms: Mutex::new(HashMap::new()),
-            token: Uuid::new_v4().simple().to_string(),
+            known: Mutex::new(HashMap::new()),
             done,
         });
         Ok(Self { inner, handle, runtime: Some(runtime) })
@@ -738,11 +784,8 @@ impl RedisEngine {
     fn prepared(&self, room: &str) -> Result<Prepared> {
         let inner = self.inner.clone();
         let keys = RoomKeys::new(&inner.config.prefix, room);
-        let prepared = self.run(async move { inner.prepare(&keys, None, &[]).await })?;
-        // Without a lock to take, `PREPARE` always answers the room.
-        prepared
-            .map_err(|err| Error::Read(format!("redis: {err}")))?
-            .ok_or_else(|| Error::Read("redis: no answer for the room".into()))
+        let prepared = self.run(async move { inner.prepare(&keys).await })?;
+        prepared.map_err(|err| Error::Read(format!("redis: {err}")))
     }
 }
 

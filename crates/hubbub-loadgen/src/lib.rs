@@ -28,9 +28,11 @@
 //! wakes the sender. A message is complete only when every recipient has it,
 //! so the server's queues never fill faster than all clients read them.
 //!
-//! All traffic goes to the one address of the [`Plan`] (with more than one
+//! All traffic goes to the [`Plan`]'s address, or, for a cluster of
+//! servers, to its addresses round robin by client index (with more than one
 //! source, from 127.0.0.1, 127.0.0.2, ...); [`run::run`] and the binary
-//! accept only loopback addresses.
+//! accept only loopback addresses. Latency and deliveries are measured the
+//! same way whichever server a sender and its recipients are connected to.
 
 pub mod churn;
 pub mod process;
@@ -89,8 +91,13 @@ pub enum Sending {
 /// What to run: who connects where, and who sends.
 #[derive(Clone, Debug)]
 pub struct Plan {
-    /// The server under test.
+    /// The server under test; with [`Plan::more_addrs`], the first node of
+    /// a cluster.
     pub addr: SocketAddr,
+    /// The other nodes of a cluster under test, empty for one server:
+    /// client `i` connects to entry `i % n` of `addr` followed by these
+    /// (see [`Plan::addr_of`]).
+    pub more_addrs: Vec<SocketAddr>,
     /// Number of clients.
     pub clients: usize,
     /// Client `i` joins room `i % rooms`.
@@ -114,6 +121,23 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Every server under test: `addr`, then `more_addrs`.
+    pub fn addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        std::iter::once(self.addr).chain(self.more_addrs.iter().copied())
+    }
+
+    /// The server client `id` connects to: the servers round robin by
+    /// client index. Room `r`'s members are the clients `i` with
+    /// `i % rooms == r`, so with N servers they spread over all N when N
+    /// and the number of rooms have no common divisor (3 nodes and 1 or
+    /// 1,000 rooms), and over N / gcd(N, rooms) of them otherwise.
+    pub fn addr_of(&self, id: usize) -> SocketAddr {
+        match id % (1 + self.more_addrs.len()) {
+            0 => self.addr,
+            n => self.more_addrs[n - 1],
+        }
+    }
+
     /// Members of room `room`.
     pub fn room_size(&self, room: usize) -> usize {
         self.clients / self.rooms + usize::from(room < self.clients % self.rooms)
@@ -160,6 +184,9 @@ pub struct Shared {
     pub closed: AtomicUsize,
     /// `userJoined` events received.
     pub join_events: AtomicU64,
+    /// `error` replies received (a chat message the server refused, for
+    /// one: a cluster node that cannot keep it answers `unavailable`).
+    pub errors: AtomicU64,
     /// Chat messages sent in the run.
     pub sent: AtomicU64,
     /// Deliveries the sent messages should make (recipients per message).
@@ -195,6 +222,7 @@ impl Shared {
             first_error: Mutex::new(None),
             closed: AtomicUsize::new(0),
             join_events: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
             sent: AtomicU64::new(0),
             expected: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
@@ -488,6 +516,8 @@ impl Client {
             }
         } else if payload.starts_with(br#"{"type":"userJoined""#) {
             tally.join_events += 1;
+        } else if payload.starts_with(br#"{"type":"error""#) {
+            tally.errors += 1;
         } else if payload.starts_with(br#"{"type":"roomJoined""#) {
             self.shared.ready.fetch_add(1, Ordering::Relaxed);
         }
@@ -500,6 +530,7 @@ impl Client {
 struct Tally {
     delivered: u64,
     join_events: u64,
+    errors: u64,
 }
 
 impl Tally {
@@ -509,6 +540,9 @@ impl Tally {
         }
         if self.join_events > 0 {
             shared.join_events.fetch_add(self.join_events, Ordering::Relaxed);
+        }
+        if self.errors > 0 {
+            shared.errors.fetch_add(self.errors, Ordering::Relaxed);
         }
     }
 }
@@ -577,19 +611,19 @@ fn tracing_line(id: usize, err: &anyhow::Error) {
 /// whatever followed the response head. Source addresses apply to IPv4 only;
 /// an IPv6 server is reached from the system's choice.
 pub async fn connect(plan: &Plan, id: usize) -> anyhow::Result<(TcpStream, Vec<u8>, usize)> {
-    let socket = if plan.addr.is_ipv6() { TcpSocket::new_v6() } else { TcpSocket::new_v4() };
+    let addr = plan.addr_of(id);
+    let socket = if addr.is_ipv6() { TcpSocket::new_v6() } else { TcpSocket::new_v4() };
     let socket = socket.context("socket")?;
-    if plan.sources > 1 && plan.addr.is_ipv4() {
+    if plan.sources > 1 && addr.is_ipv4() {
         let source = Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 0, 0, 1)) + (id % plan.sources) as u32);
         socket.bind(SocketAddr::new(source.into(), 0)).with_context(|| format!("binding {source}"))?;
     }
-    let mut stream = socket.connect(plan.addr).await.context("connecting")?;
+    let mut stream = socket.connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
     stream.set_nodelay(true).context("TCP_NODELAY")?;
     let offer = if plan.deflate { "Sec-WebSocket-Extensions: permessage-deflate\r\n" } else { "" };
     let request = format!(
-        "GET /ws/chat HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n",
-        plan.addr
+        "GET /ws/chat HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n"
     );
     stream.write_all(request.as_bytes()).await.context("sending the upgrade request")?;
     let mut buf = vec![0_u8; plan.read_buffer.max(1024)];
@@ -880,6 +914,7 @@ mod tests {
     fn room_sizes_add_up() {
         let plan = Plan {
             addr: "127.0.0.1:1".parse().unwrap(),
+            more_addrs: Vec::new(),
             clients: 25,
             rooms: 10,
             sending: Sending::Nobody,

@@ -5,6 +5,11 @@
 //! delivery ratio and its own CPU, plus the server's CPU and RSS with
 //! `--server-pid`: as a table, or as one JSON object with `--json`.
 //!
+//! Against a cluster, `--addr` repeats (clients are spread over the nodes
+//! round robin by client index), `--server-pid` repeats in the same order
+//! (the nodes' CPU and RSS are reported summed and one by one), and
+//! `--redis-pid` samples the Redis they share.
+//!
 //! Only loopback addresses are accepted, and every wait is bounded.
 
 // Progress and errors go to stderr, the report to stdout.
@@ -17,7 +22,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use hubbub_loadgen::process::{cpu_time, raise_fd_limit};
-use hubbub_loadgen::run::{Options, Summary, default_setup_timeout, loopback_target, run};
+use hubbub_loadgen::run::{Options, ServerSample, Summary, default_setup_timeout, loopback_target, run};
 use hubbub_loadgen::{Plan, Sending, format_mib, format_ms};
 
 /// Runs one load against a chat server on this machine (loopback only) and
@@ -29,9 +34,11 @@ use hubbub_loadgen::{Plan, Sending, format_mib, format_ms};
 #[derive(Debug, Parser)]
 #[command(name = "hubbub-loadgen", version)]
 struct Args {
-    /// The server, as IP:PORT (or localhost:PORT) on 127.0.0.0/8 or [::1].
+    /// The server, as IP:PORT (or localhost:PORT) on 127.0.0.0/8 or [::1];
+    /// repeated for the nodes of a cluster, which client i reaches as the
+    /// (i mod N)-th.
     #[arg(long, value_name = "HOST:PORT", required_unless_present = "url", conflicts_with = "url")]
-    addr: Option<String>,
+    addr: Vec<String>,
     /// The server, as ws://HOST:PORT[/ws/chat] on loopback.
     #[arg(long)]
     url: Option<String>,
@@ -68,9 +75,14 @@ struct Args {
     /// Bytes of padding added to each chat message's text.
     #[arg(long, default_value_t = 0)]
     padding: usize,
-    /// The server's process id: sample its CPU and RSS from /proc.
+    /// The server's process id: sample its CPU and RSS from /proc; repeated
+    /// for a cluster's nodes.
     #[arg(long, value_name = "PID")]
-    server_pid: Option<u32>,
+    server_pid: Vec<u32>,
+    /// The process id of the Redis a cluster's nodes share: sample its CPU
+    /// and RSS too.
+    #[arg(long, value_name = "PID")]
+    redis_pid: Option<u32>,
     /// Longest wait for every client to connect and join, in seconds
     /// (default 60 plus 4 ms per client).
     #[arg(long, value_name = "SECONDS")]
@@ -92,8 +104,11 @@ fn main() -> ExitCode {
 
 fn try_main(args: &Args) -> anyhow::Result<()> {
     let (plan, options) = plan(args)?;
-    if let Some(pid) = options.server_pid {
-        cpu_time(pid).with_context(|| format!("no server process {pid} to sample"))?;
+    for pid in options.server_pid.iter().chain(&options.more_server_pids) {
+        cpu_time(*pid).with_context(|| format!("no server process {pid} to sample"))?;
+    }
+    if let Some(pid) = options.redis_pid {
+        cpu_time(pid).with_context(|| format!("no Redis process {pid} to sample"))?;
     }
     match raise_fd_limit() {
         Ok(limit) if (limit as usize) < plan.clients + 64 => bail!(
@@ -103,11 +118,12 @@ fn try_main(args: &Args) -> anyhow::Result<()> {
         Ok(_) => {}
         Err(err) => eprintln!("hubbub-loadgen: {err:#}; going on with the current limit"),
     }
+    let addrs: Vec<String> = plan.addrs().map(|addr| addr.to_string()).collect();
     eprintln!(
         "hubbub-loadgen: {} clients in {} room(s) on {}, {} sender(s), {} s",
         plan.clients,
         plan.rooms,
-        plan.addr,
+        addrs.join(", "),
         plan.senders(),
         options.seconds.as_secs_f64()
     );
@@ -128,8 +144,9 @@ fn seconds(value: f64, what: &str, max: f64) -> anyhow::Result<Duration> {
 }
 
 fn plan(args: &Args) -> anyhow::Result<(Plan, Options)> {
-    let spec = args.addr.as_deref().or(args.url.as_deref()).context("--addr or --url is required")?;
-    let addr = loopback_target(spec)?;
+    let specs: Vec<&str> = args.addr.iter().map(String::as_str).chain(args.url.as_deref()).collect();
+    let addrs = specs.into_iter().map(loopback_target).collect::<anyhow::Result<Vec<_>>>()?;
+    let (&addr, more_addrs) = addrs.split_first().context("--addr or --url is required")?;
     if args.clients == 0 {
         bail!("--clients must be at least 1");
     }
@@ -145,14 +162,18 @@ fn plan(args: &Args) -> anyhow::Result<(Plan, Options)> {
         (window, None) => Sending::Window { senders, window: window.unwrap_or(8) },
     };
     let sources = args.sources.unwrap_or_else(|| args.clients.div_ceil(10_000)).max(1);
-    if sources > 1 && addr.is_ipv6() {
+    if sources > 1 && addrs.iter().any(std::net::SocketAddr::is_ipv6) {
         bail!("--sources works with an IPv4 server only");
     }
     if sources > 254 {
         bail!("--sources must be at most 254");
     }
+    if args.server_pid.len() > addrs.len() {
+        bail!("--server-pid is given more often than --addr");
+    }
     let plan = Plan {
         addr,
+        more_addrs: more_addrs.to_vec(),
         clients: args.clients,
         rooms: args.rooms.clamp(1, args.clients),
         sending,
@@ -174,7 +195,9 @@ fn plan(args: &Args) -> anyhow::Result<(Plan, Options)> {
         drain_timeout: Duration::from_secs(10),
         settle: Duration::ZERO,
         allow_failed_connections: false,
-        server_pid: args.server_pid,
+        server_pid: args.server_pid.first().copied(),
+        more_server_pids: args.server_pid.iter().skip(1).copied().collect(),
+        redis_pid: args.redis_pid,
     };
     Ok((plan, options))
 }
@@ -202,18 +225,26 @@ fn table(s: &Summary) -> String {
     rows.extend([
         ("sent", s.sent.to_string()),
         ("delivered / expected", format!("{} / {} (lost {})", s.delivered, s.expected, s.lost)),
+        ("error replies", s.errors.to_string()),
         ("delivery ratio", s.delivery_ratio.map_or_else(|| "n/a".to_owned(), |r| format!("{r:.6}"))),
         ("closed by the server", s.closed.to_string()),
         ("generator CPU", format!("{:.0} % of one core", s.generator_cpu_percent)),
     ]);
+    let cpu = |p: &ServerSample| format!("{:.0} % of one core (pid {})", p.cpu_percent, p.pid);
+    let rss = |p: &ServerSample| format!("{} -> {}", format_mib(p.rss_base_bytes), format_mib(p.rss_bytes));
     if let Some(server) = &s.server {
-        rows.extend([
-            ("server CPU", format!("{:.0} % of one core (pid {})", server.cpu_percent, server.pid)),
-            (
-                "server RSS",
-                format!("{} -> {}", format_mib(server.rss_base_bytes), format_mib(server.rss_bytes)),
-            ),
-        ]);
+        if s.nodes.is_empty() {
+            rows.extend([("server CPU", cpu(server)), ("server RSS", rss(server))]);
+        } else {
+            let all = format!("{:.0} % of one core, {} nodes", server.cpu_percent, s.nodes.len());
+            rows.extend([("nodes' CPU", all), ("nodes' RSS", rss(server))]);
+            for node in &s.nodes {
+                rows.push(("node CPU, RSS", format!("{}, {}", cpu(node), rss(node))));
+            }
+        }
+    }
+    if let Some(redis) = &s.redis {
+        rows.extend([("Redis CPU", cpu(redis)), ("Redis RSS", rss(redis))]);
     }
     let mut out = String::from("| measure | value |\n| --- | --- |\n");
     for (name, value) in rows {

@@ -1,6 +1,7 @@
-//! One measured load against a server that is already running: set up every
-//! client, let the server settle if asked, send for a fixed time, wait for
-//! what is in flight, and report. This is what the `hubbub-loadgen` binary
+//! One measured load against a server that is already running (or the nodes
+//! of a cluster, with the Redis they share): set up every client, let the
+//! server settle if asked, send for a fixed time, wait for what is in
+//! flight, and report. This is what the `hubbub-loadgen` binary
 //! does and what `cargo xtask loadtest` runs for its client scenarios; every
 //! wait in it is bounded, so a run always ends by itself.
 
@@ -34,8 +35,23 @@ pub struct Options {
     /// connections, where the connections that work are still worth
     /// measuring.
     pub allow_failed_connections: bool,
-    /// The server's process id, to sample its CPU and RSS from /proc.
+    /// The server's process id, to sample its CPU and RSS from /proc; for
+    /// a cluster, the first node's.
     pub server_pid: Option<u32>,
+    /// The process ids of a cluster's other nodes, sampled like
+    /// `server_pid`: [`Summary::server`] is then the nodes' sum and
+    /// [`Summary::nodes`] lists each. Empty for one server.
+    pub more_server_pids: Vec<u32>,
+    /// The process id of the Redis a cluster's nodes share, sampled on its
+    /// own into [`Summary::redis`].
+    pub redis_pid: Option<u32>,
+}
+
+impl Options {
+    /// The server's process and a cluster's other nodes, in that order.
+    fn node_pids(&self) -> Vec<u32> {
+        self.server_pid.into_iter().chain(self.more_server_pids.iter().copied()).collect()
+    }
 }
 
 /// The setup timeout a run of `clients` gets unless told otherwise: 60 s
@@ -49,7 +65,7 @@ pub fn default_setup_timeout(clients: usize) -> Duration {
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Summary {
-    /// The server's address.
+    /// The server's address; for a cluster, every node's, comma-separated.
     pub addr: String,
     /// Clients connected and joined.
     pub clients: usize,
@@ -80,6 +96,11 @@ pub struct Summary {
     pub delivered: u64,
     /// `expected - delivered`.
     pub lost: i64,
+    /// `error` replies the clients received, setup included. The generator
+    /// never resends, so a chat message the server refused (`unavailable`
+    /// with `retryAfterMs`, say) counts here once and in `lost` once per
+    /// recipient: lost with notice, not silently.
+    pub errors: u64,
     /// `delivered / expected`; `None` when nothing was sent.
     pub delivery_ratio: Option<f64>,
     /// Deliveries per second over the sending window.
@@ -94,8 +115,17 @@ pub struct Summary {
     pub latency_ms: Option<Latency>,
     /// The generator's CPU over the window, in % of one core.
     pub generator_cpu_percent: f64,
-    /// The server's CPU and memory, when its process id was given.
+    /// The server's CPU and memory, when its process id was given; for a
+    /// cluster, the sum over its nodes (with the first node's pid).
     pub server: Option<ServerSample>,
+    /// A cluster's nodes one by one, in the order of the plan's addresses;
+    /// empty for one server.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<ServerSample>,
+    /// The CPU and memory of the Redis a cluster shares, when its process
+    /// id was given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis: Option<ServerSample>,
 }
 
 /// Latency percentiles, in milliseconds.
@@ -122,7 +152,8 @@ impl Latency {
     }
 }
 
-/// The server process, sampled from /proc.
+/// The server process (or a cluster's nodes together, or its Redis),
+/// sampled from /proc.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ServerSample {
@@ -135,6 +166,20 @@ pub struct ServerSample {
     pub rss_base_bytes: u64,
     /// Its RSS at the end of the window.
     pub rss_bytes: u64,
+}
+
+impl ServerSample {
+    /// Several processes as one: CPU and RSS added up, under the first
+    /// one's pid. `None` for no process.
+    pub fn sum(samples: &[Self]) -> Option<Self> {
+        let first = samples.first()?;
+        Some(Self {
+            pid: first.pid,
+            cpu_percent: samples.iter().map(|s| s.cpu_percent).sum(),
+            rss_base_bytes: samples.iter().map(|s| s.rss_base_bytes).sum(),
+            rss_bytes: samples.iter().map(|s| s.rss_bytes).sum(),
+        })
+    }
 }
 
 /// Parses where to send the load: `HOST:PORT` or `ws://HOST:PORT[/ws/chat]`,
@@ -179,12 +224,21 @@ pub fn run(plan: Plan, options: &Options) -> anyhow::Result<Summary> {
     check(&plan, options)?;
     let plan = Arc::new(plan);
     let shared = Shared::new(&plan);
-    let rss_base = options.server_pid.map(server_rss).transpose()?;
+    let nodes_rss_base: Vec<u64> =
+        options.node_pids().into_iter().map(server_rss).collect::<Result<_, _>>()?;
+    let redis_rss_base = options.redis_pid.map(server_rss).transpose()?;
     let started = Instant::now();
     let (outcome, histogram) = run_clients(&plan, &shared, || drive(&plan, &shared, options, started))?;
     let mut summary = outcome?;
-    if let (Some(server), Some(base)) = (summary.server.as_mut(), rss_base) {
-        server.rss_base_bytes = base;
+    for (node, base) in summary.nodes.iter_mut().zip(nodes_rss_base) {
+        node.rss_base_bytes = base;
+    }
+    if let (Some(redis), Some(base)) = (summary.redis.as_mut(), redis_rss_base) {
+        redis.rss_base_bytes = base;
+    }
+    summary.server = ServerSample::sum(&summary.nodes);
+    if summary.nodes.len() < 2 {
+        summary.nodes.clear();
     }
     summary.latency_ms = (histogram.count() > 0).then(|| Latency::new(&histogram));
     Ok(summary)
@@ -201,8 +255,11 @@ fn check(plan: &Plan, options: &Options) -> anyhow::Result<()> {
         Sending::Rate { period, .. } if period.is_zero() => bail!("the rate is too high"),
         _ => {}
     }
-    if !is_loopback(plan.addr.ip()) {
-        bail!("{} is not a loopback address", plan.addr.ip());
+    if let Some(addr) = plan.addrs().find(|addr| !is_loopback(addr.ip())) {
+        bail!("{} is not a loopback address", addr.ip());
+    }
+    if options.server_pid.is_none() && !options.more_server_pids.is_empty() {
+        bail!("a cluster's other nodes are sampled only beside the first one's server_pid");
     }
     if options.seconds.is_zero() {
         bail!("the run needs a sending window longer than zero");
@@ -218,6 +275,32 @@ pub(crate) fn server_cpu(pid: Option<u32>) -> anyhow::Result<Duration> {
     pid.map_or(Ok(Duration::ZERO), |pid| {
         cpu_time(pid).with_context(|| format!("sampling the server, process {pid}"))
     })
+}
+
+/// The CPU time of each process of `pids`, in order.
+fn cpu_times(pids: &[u32]) -> anyhow::Result<Vec<Duration>> {
+    pids.iter().map(|&pid| server_cpu(Some(pid))).collect()
+}
+
+/// Each process of `pids` over a window: its CPU between `before` and
+/// `after`, and its RSS now (the baseline is filled in by [`run`]).
+fn samples(
+    pids: &[u32],
+    before: &[Duration],
+    after: &[Duration],
+    window: Duration,
+) -> anyhow::Result<Vec<ServerSample>> {
+    pids.iter()
+        .zip(before.iter().zip(after))
+        .map(|(&pid, (before, after))| {
+            Ok(ServerSample {
+                pid,
+                cpu_percent: percent(after.saturating_sub(*before), window),
+                rss_base_bytes: 0,
+                rss_bytes: server_rss(pid)?,
+            })
+        })
+        .collect()
 }
 
 /// The phases, from the calling thread.
@@ -242,26 +325,20 @@ fn drive(plan: &Plan, shared: &Shared, options: &Options, started: Instant) -> a
     let setup = started.elapsed();
     std::thread::sleep(options.settle);
 
-    let (cpu0, gen0, delivered0) =
-        (server_cpu(options.server_pid)?, own_cpu_time()?, shared.delivered.load(Ordering::Relaxed));
+    let (nodes, redis) = (options.node_pids(), Vec::from_iter(options.redis_pid));
+    let (cpu0, redis0) = (cpu_times(&nodes)?, cpu_times(&redis)?);
+    let (gen0, delivered0) = (own_cpu_time()?, shared.delivered.load(Ordering::Relaxed));
     let bytes0 = shared.bytes_in.load(Ordering::Relaxed);
     let t0 = Instant::now();
     shared.set_phase(Phase::Run);
     std::thread::sleep(options.seconds);
     shared.set_phase(Phase::Drain);
     let window = t0.elapsed();
-    let (cpu1, gen1, delivered1) =
-        (server_cpu(options.server_pid)?, own_cpu_time()?, shared.delivered.load(Ordering::Relaxed));
+    let (cpu1, redis1) = (cpu_times(&nodes)?, cpu_times(&redis)?);
+    let (gen1, delivered1) = (own_cpu_time()?, shared.delivered.load(Ordering::Relaxed));
     let bytes1 = shared.bytes_in.load(Ordering::Relaxed);
-    let server = match options.server_pid {
-        Some(pid) => Some(ServerSample {
-            pid,
-            cpu_percent: percent(cpu1.saturating_sub(cpu0), window),
-            rss_base_bytes: 0,
-            rss_bytes: server_rss(pid)?,
-        }),
-        None => None,
-    };
+    let nodes = samples(&nodes, &cpu0, &cpu1, window)?;
+    let redis = samples(&redis, &redis0, &redis1, window)?.pop();
     // What was sent must arrive; give it a little time.
     let _ = wait_until(Instant::now() + options.drain_timeout, "deliveries to drain", || {
         shared.delivered.load(Ordering::Relaxed) >= shared.expected.load(Ordering::Relaxed)
@@ -272,7 +349,7 @@ fn drive(plan: &Plan, shared: &Shared, options: &Options, started: Instant) -> a
         shared.delivered.load(Ordering::Relaxed),
     );
     Ok(Summary {
-        addr: plan.addr.to_string(),
+        addr: plan.addrs().map(|addr| addr.to_string()).collect::<Vec<_>>().join(","),
         clients: shared.ready.load(Ordering::Relaxed),
         failed,
         first_error,
@@ -292,6 +369,7 @@ fn drive(plan: &Plan, shared: &Shared, options: &Options, started: Instant) -> a
         expected,
         delivered,
         lost: i64::try_from(i128::from(expected) - i128::from(delivered)).unwrap_or(i64::MAX),
+        errors: shared.errors.load(Ordering::Relaxed),
         delivery_ratio: (expected > 0).then(|| delivered as f64 / expected as f64),
         deliveries_per_sec: delivered1.saturating_sub(delivered0) as f64 / window.as_secs_f64(),
         bytes_per_delivery: (delivered1 > delivered0)
@@ -299,7 +377,10 @@ fn drive(plan: &Plan, shared: &Shared, options: &Options, started: Instant) -> a
         closed: shared.closed.load(Ordering::Relaxed),
         latency_ms: None,
         generator_cpu_percent: percent(gen1.saturating_sub(gen0), window),
-        server,
+        // Filled in by `run`: the nodes' sum.
+        server: None,
+        nodes,
+        redis,
     })
 }
 

@@ -12,6 +12,7 @@ use hubbub_loadgen::{Plan, Sending, churn, run};
 fn plan(addr: std::net::SocketAddr, clients: usize, rooms: usize) -> Plan {
     Plan {
         addr,
+        more_addrs: Vec::new(),
         clients,
         rooms,
         sending: Sending::Nobody,
@@ -36,6 +37,8 @@ async fn idle_clients_are_measured_with_the_refused_ones_counted() {
         settle: Duration::from_millis(100),
         allow_failed_connections: true,
         server_pid: Some(std::process::id()),
+        more_server_pids: Vec::new(),
+        redis_pid: None,
     };
     let strict = run::Options { allow_failed_connections: false, ..options.clone() };
     let (summary, refused) = tokio::task::spawn_blocking(move || {

@@ -345,9 +345,11 @@ impl ChatSession {
                     let user = self.name().to_owned();
                     let (peer, stats) = (self.peer.clone(), self.shared.hub.stats.clone());
                     let retry_after_ms = self.retry_after_ms();
+                    // Built again if a cluster's Redis engine must give it another
+                    // offset, hence the clones.
                     let build = move |at: Assigned| ServerMessage::ChatMessage {
-                        user,
-                        text,
+                        user: user.clone(),
+                        text: text.clone(),
                         timestamp: at.timestamp_ms,
                         client_msg_id,
                         offset: Some(at.offset),
@@ -602,12 +604,12 @@ impl ChatSession {
                 let Some(room) = self.room.clone() else { return self.reply(&saved) };
                 let user = self.name().to_owned();
                 let share = move |offset| ServerMessage::FileShared {
-                    user,
-                    file_id: file.id,
-                    name: file.name,
+                    user: user.clone(),
+                    file_id: file.id.clone(),
+                    name: file.name.clone(),
                     size: file.size,
-                    mime_type: file.mime_type,
-                    url,
+                    mime_type: file.mime_type.clone(),
+                    url: url.clone(),
                     offset,
                 };
                 if self.shared.history.is_none() {
@@ -653,7 +655,7 @@ impl ChatSession {
         &self,
         room: &Arc<Room>,
         client_msg_id: Option<uuid::Uuid>,
-        build: impl FnOnce(Assigned) -> ServerMessage + Send + 'static,
+        build: impl Fn(Assigned) -> ServerMessage + Send + 'static,
         then: impl FnOnce(&Result<Published, HistoryError>) + Send + 'static,
     ) {
         let Some(engine) = self.shared.history.clone() else {
