@@ -343,6 +343,10 @@ fn redis_restarted_without_persistence_means_unavailable_then_resync() {
     bob.expect_refusal();
     ada.send(&json!({"type": "ping", "timestamp": 1}));
     assert_eq!(ada.expect("pong")["timestamp"], 1);
+    // A join works, without a position in the history.
+    let mut dan = Member::connect(a.port, "dan", "r");
+    let joined = dan.join();
+    assert!(joined.get("epoch").is_none() && joined["userCount"] == 3, "{joined}");
 
     // It comes back empty: ready again, and every member is told to resync.
     redis.start_again();
@@ -351,12 +355,13 @@ fn redis_restarted_without_persistence_means_unavailable_then_resync() {
     let resync = ada.expect("resync");
     assert_ne!(resync["epoch"], old.0.as_str(), "{resync}");
     assert_eq!(bob.expect("resync"), resync, "both nodes agree on the new epoch");
-    a.wait_rooms(&[("r", 2)]);
+    assert_eq!(dan.expect("resync"), resync, "the member who joined meanwhile learns the epoch");
+    a.wait_rooms(&[("r", 3)]);
 
     // The refused messages, sent again, are kept in the new epoch.
     ada.settle();
     bob.settle();
-    sentinel(&mut ada, &mut [&mut bob]);
+    sentinel(&mut ada, &mut [&mut bob, &mut dan]);
     let mut cy = Member::connect(b.port, "cy", "r");
     let joined = cy.join_since(old);
     assert_eq!(
@@ -364,7 +369,7 @@ fn redis_restarted_without_persistence_means_unavailable_then_resync() {
         (&json!(false), &resync["epoch"], None),
         "{joined}"
     );
-    let stream = check(a.port, &[&ada, &bob, &cy]);
+    let stream = check(a.port, &[&ada, &bob, &cy, &dan]);
     let new_epoch = resync["epoch"].as_str().unwrap();
     assert_eq!(stream.keys().filter(|(epoch, _)| epoch == new_epoch).count(), 3);
 }
@@ -476,4 +481,64 @@ fn seen_before_offset(member: &Member, n: usize) -> u64 {
         })
         .max()
         .unwrap_or(0)
+}
+
+#[test]
+fn a_node_cut_for_longer_than_max_recover_tells_its_members_to_resync() {
+    let dir = test_dir("cut-resync");
+    let Some(redis) = Redis::start(&dir, Persistence::None) else { return };
+    let proxy = Proxy::start(redis.port);
+    let a = Node::start(&dir, "a", &redis.url());
+    let b = Node::start_with(&dir, "b", &proxy.url(), &[("HUBBUB_HISTORY_MAX_RECOVER", "10")]);
+    let mut ada = Member::connect(a.port, "ada", "r");
+    let mut bob = Member::connect(b.port, "bob", "r");
+    ada.join();
+    bob.join();
+    bob.say();
+    sentinel(&mut ada, &mut [&mut bob]);
+
+    // More than node b may replay is published while it is cut off.
+    proxy.cut();
+    b.wait_ready(503);
+    for _ in 0..11 {
+        ada.say();
+    }
+    ada.settle();
+    let newest = ada.position();
+    proxy.restore();
+    b.wait_ready(200);
+    let resync = bob.expect("resync");
+    assert_eq!(resync, json!({"type": "resync", "room": "r", "epoch": newest.0, "offset": newest.1}));
+    // Live messages go on after the position it gave.
+    let last = sentinel(&mut ada, &mut [&mut bob]);
+    assert_eq!(last, newest.1 + 1);
+    check(a.port, &[&ada, &bob]);
+}
+
+#[test]
+fn a_node_stopped_with_sigterm_takes_its_members_out_at_once() {
+    let dir = test_dir("sigterm");
+    let Some(redis) = Redis::start(&dir, Persistence::None) else { return };
+    let (a, mut b) = (Node::start(&dir, "a", &redis.url()), Node::start(&dir, "b", &redis.url()));
+    a.wait_nodes(2);
+    let mut ada = Member::connect(a.port, "ada", "r");
+    let mut bob = Member::connect(b.port, "bob", "r");
+    let mut bea = Member::connect(b.port, "bea", "r");
+    for member in [&mut ada, &mut bob, &mut bea] {
+        member.join();
+    }
+    a.wait_rooms(&[("r", 3)]);
+
+    // No lease runs out: the node leaves the cluster as it stops.
+    let stopped = Instant::now();
+    b.terminate();
+    let mut left: Vec<Value> = (0..2).map(|_| ada.expect("userLeft")).collect();
+    let elapsed = stopped.elapsed();
+    left.sort_by_key(|event| event["user"].as_str().unwrap().to_owned());
+    let counts: Vec<(&str, u64)> =
+        left.iter().map(|e| (e["user"].as_str().unwrap(), e["userCount"].as_u64().unwrap())).collect();
+    assert!(counts == [("bea", 2), ("bob", 1)] || counts == [("bea", 1), ("bob", 2)], "{counts:?}");
+    assert!(elapsed < NODE_TIMEOUT - rig::CHECK_INTERVAL, "the members left {elapsed:?} after SIGTERM");
+    a.wait_rooms(&[("r", 1)]);
+    a.wait_nodes(1);
 }

@@ -19,7 +19,7 @@ use super::super::{Running, WAIT, banner_port, hubbub};
 /// within about this long.
 pub(super) const NODE_TIMEOUT: Duration = Duration::from_secs(3);
 /// `cluster.check_interval` in these tests.
-const CHECK_INTERVAL: Duration = Duration::from_millis(500);
+pub(super) const CHECK_INTERVAL: Duration = Duration::from_millis(500);
 /// How often an HTTP state is polled while waiting for it.
 const POLL: Duration = Duration::from_millis(25);
 
@@ -238,6 +238,11 @@ impl Node {
     /// `dir/name`, with the test's shared upload directory, and waits until
     /// it is ready.
     pub(super) fn start(dir: &Path, name: &'static str, redis_url: &str) -> Self {
+        Self::start_with(dir, name, redis_url, &[])
+    }
+
+    /// [`Node::start`] with more `HUBBUB_*` variables.
+    pub(super) fn start_with(dir: &Path, name: &'static str, redis_url: &str, env: &[(&str, &str)]) -> Self {
         let own = dir.join(name);
         std::fs::create_dir_all(&own).unwrap();
         let mut command = hubbub(&own);
@@ -247,7 +252,8 @@ impl Node {
             .arg(dir.join("uploads"))
             .env("HUBBUB_CLUSTER_NODE_NAME", name)
             .env("HUBBUB_CLUSTER_NODE_TIMEOUT", format!("{}ms", NODE_TIMEOUT.as_millis()))
-            .env("HUBBUB_CLUSTER_CHECK_INTERVAL", format!("{}ms", CHECK_INTERVAL.as_millis()));
+            .env("HUBBUB_CLUSTER_CHECK_INTERVAL", format!("{}ms", CHECK_INTERVAL.as_millis()))
+            .envs(env.iter().copied());
         let server = Running::start(command);
         let banner = Running::until(&server.stdout, |line| line.contains("/api/status"));
         let node = Self { name, port: banner_port(&banner), server };
@@ -259,6 +265,22 @@ impl Node {
     pub(super) fn kill(&mut self) {
         let _ = self.server.child.kill();
         let _ = self.server.child.wait();
+    }
+
+    /// Stops the process with SIGTERM and waits until it has exited, with
+    /// success.
+    pub(super) fn terminate(&mut self) {
+        let pid = self.server.child.id().to_string();
+        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        let deadline = Instant::now() + WAIT;
+        let status = loop {
+            if let Some(status) = self.server.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "node {} did not stop on SIGTERM", self.name);
+            std::thread::sleep(POLL);
+        };
+        assert!(status.success(), "node {}: {status}", self.name);
     }
 
     /// Waits until `GET /ready` answers `code`.
