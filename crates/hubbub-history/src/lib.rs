@@ -43,7 +43,9 @@
 //!   [`Engine::position`] on, until its history is lost.
 //! - **Failure.** If a write fails (disk full, I/O error, Redis unreachable), every publish of that batch completes
 //!   with [`Error::Unavailable`]; nothing of it is kept and no offset is used. The engine keeps
-//!   working once writes succeed again. A store file that cannot be opened is an [`OpenError`]
+//!   working once writes succeed again. (One exception: a Redis engine's publish whose answer
+//!   timed out may have been kept, if Redis ran it late; a resend with its `clientMsgId` is
+//!   then recognised as a duplicate.) A store file that cannot be opened is an [`OpenError`]
 //!   naming the file; history is never discarded silently.
 //! - **Retention** per room, trimming from the oldest: at most [`Retention::max_messages`], none
 //!   older than [`Retention::ttl`]. Rooms keep their history when they have no members. A room's
@@ -170,8 +172,9 @@ pub struct Assigned {
 
 /// Builds a message's stored bytes from what the engine assigned.
 ///
-/// Called at most once by the memory and disk engines; the Redis engine calls it again with
-/// another offset when another process published to the room at the same moment.
+/// Called once by the memory and disk engines. The Redis engine calls it with two probe offsets
+/// first, to find where the offset goes (the bytes must hold it at most once, in decimal, and
+/// not depend on it otherwise), and once more with the assigned offset.
 pub type Build = Box<dyn Fn(Assigned) -> Bytes + Send>;
 
 /// Receives the outcome of a publish; see [`Engine::publish`] for when it runs.

@@ -35,9 +35,6 @@ pub struct RedisConfig {
     pub connection_timeout: Duration,
     /// Most publishes of one room sent in one script. Default 256.
     pub max_batch: usize,
-    /// How many times a batch is built and sent again when other processes published to its
-    /// room at the same moment, before it fails with [`Error::Unavailable`]. Default 16.
-    pub max_attempts: u32,
 }
 
 impl RedisConfig {
@@ -49,7 +46,6 @@ impl RedisConfig {
             response_timeout: Duration::from_secs(2),
             connection_timeout: Duration::from_secs(1),
             max_batch: 256,
-            max_attempts: 16,
         }
     }
 
@@ -81,57 +77,59 @@ end
 return {epoch, newest, first}
 ";
 
-/// Appends a batch if the room is where the batch was built for (its epoch and newest offset),
-/// and no id of the batch is kept already; publishes each message on the room's channel; trims
-/// messages by count and age and dedupe records by age and count. Otherwise changes nothing
-/// and answers where the room is, for the batch to be built again: `{'conflict', epoch,
-/// newest, seen}`, `seen` holding per message the record of its id (`''` for none).
-/// Creates the room (a new epoch) if it has no meta hash.
+/// Appends a batch to a room, atomically: per message, unless its id is kept already (within
+/// the dedupe window), the room's next offset, spliced into the message's bytes between the
+/// prefix and suffix the engine sent (or not, for bytes that do not contain their offset); the
+/// stream entry, the dedupe record, and a message on the room's channel. Then trims messages
+/// by count and age and dedupe records by age and count. Creates the room (a new epoch) if it
+/// has no meta hash. Answers `{epoch, results}`, per message its new offset, or the kept
+/// record `<offset> <timestamp> <recorded>` of a duplicate.
 ///
-/// KEYS: meta, stream, dedupe, dedupe_age. ARGV: expected epoch, expected newest, now, forget ids
-/// recorded at or before, ttl cutoff, max messages, dedupe capacity, channel, the epoch for a
-/// new room, then per message its dedupe field (`''` for none), timestamp, origin (`-` for none)
-/// and bytes.
+/// KEYS: meta, stream, dedupe, dedupe_age. ARGV: now, forget ids recorded at or before, ttl
+/// cutoff, max messages, dedupe capacity, channel, the epoch for a new room, then per message
+/// its dedupe field (`''` for none), timestamp, origin (`-` for none), `1` if the offset goes
+/// between prefix and suffix (else `0`), prefix and suffix.
 const COMMIT: &str = r"
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
-  epoch = ARGV[9]
+  epoch = ARGV[7]
   redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'newest', 0)
 end
 local newest = tonumber(redis.call('HGET', KEYS[1], 'newest')) or 0
-local conflict = epoch ~= ARGV[1] or newest ~= tonumber(ARGV[2])
-local forget_before = tonumber(ARGV[4])
-local seen = {}
-for i = 10, #ARGV, 4 do
-  local record = ''
-  if ARGV[i] ~= '' then
-    local kept = redis.call('HGET', KEYS[3], ARGV[i])
-    if kept and tonumber(string.match(kept, '(%d+)$')) > forget_before then
-      record = kept
-      conflict = true
+local now = ARGV[1]
+local forget_before = tonumber(ARGV[2])
+local results = {}
+for i = 8, #ARGV, 6 do
+  local field, ts, origin = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local kept = nil
+  if field ~= '' then
+    kept = redis.call('HGET', KEYS[3], field)
+    if kept and tonumber(string.match(kept, '(%d+)$')) <= forget_before then
+      kept = nil
     end
   end
-  seen[#seen + 1] = record
-end
-if conflict then
-  return {'conflict', epoch, newest, seen}
-end
-local now = ARGV[3]
-for i = 10, #ARGV, 4 do
-  newest = newest + 1
-  local field, ts, origin, bytes = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  redis.call('XADD', KEYS[2], '0-' .. newest, 't', ts, 'd', bytes)
-  if field ~= '' then
-    redis.call('HSET', KEYS[3], field, newest .. ' ' .. ts .. ' ' .. now)
-    redis.call('ZADD', KEYS[4], now, field)
+  if kept then
+    results[#results + 1] = kept
+  else
+    newest = newest + 1
+    local bytes = ARGV[i + 4]
+    if ARGV[i + 3] == '1' then
+      bytes = bytes .. newest .. ARGV[i + 5]
+    end
+    redis.call('XADD', KEYS[2], '0-' .. newest, 't', ts, 'd', bytes)
+    if field ~= '' then
+      redis.call('HSET', KEYS[3], field, newest .. ' ' .. ts .. ' ' .. now)
+      redis.call('ZADD', KEYS[4], now, field)
+    end
+    redis.call('PUBLISH', ARGV[6], epoch .. ' ' .. newest .. ' ' .. ts .. ' ' .. origin .. '\n' .. bytes)
+    results[#results + 1] = tostring(newest)
   end
-  redis.call('PUBLISH', ARGV[8], epoch .. ' ' .. newest .. ' ' .. ts .. ' ' .. origin .. '\n' .. bytes)
 end
 redis.call('HSET', KEYS[1], 'newest', newest)
 
-redis.call('XTRIM', KEYS[2], 'MAXLEN', ARGV[6])
-local cutoff = tonumber(ARGV[5])
+redis.call('XTRIM', KEYS[2], 'MAXLEN', ARGV[4])
+local cutoff = tonumber(ARGV[3])
 while true do
   local head = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 100)
   local expired = 0
@@ -147,21 +145,21 @@ while true do
   if expired == 0 or expired < #head then break end
 end
 
-local old = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', ARGV[4])
+local old = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', ARGV[2])
 for _, field in ipairs(old) do
   redis.call('HDEL', KEYS[3], field)
 end
 if #old > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[4])
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[2])
 end
-local extra = redis.call('ZCARD', KEYS[4]) - tonumber(ARGV[7])
+local extra = redis.call('ZCARD', KEYS[4]) - tonumber(ARGV[5])
 if extra > 0 then
   local popped = redis.call('ZPOPMIN', KEYS[4], extra)
   for j = 1, #popped, 2 do
     redis.call('HDEL', KEYS[3], popped[j])
   end
 end
-return {'ok', epoch, newest}
+return {epoch, results}
 ";
 
 /// History in Redis, shared by every process connected to the same Redis.
@@ -183,20 +181,16 @@ return {'ok', epoch, newest}
 /// reads it makes a new epoch and deletes whatever is left of the room's other keys, so offsets
 /// start again at 1 in a stream nobody can mistake for the old one.
 ///
-/// # One script per batch, built again on a conflict
+/// # One script per batch, offsets spliced in
 ///
-/// [`Publish::build`] makes the stored bytes from the assigned offset. A batch of a room's
-/// publishes is built with the offsets that follow the room's newest offset as this engine last
-/// saw it, and `COMMIT` appends it only if the room is still at that epoch and offset and no id
-/// of the batch is kept already, atomically with the dedupe records, the channel messages and
-/// the trimming. Otherwise `COMMIT` changes nothing and answers where the room is and which ids
-/// are kept: those publishes complete as duplicates, and the rest is built again with the new
-/// offsets and sent again (up to [`RedisConfig::max_attempts`] times; then the batch fails with
-/// [`Error::Unavailable`], no offset used, and the senders retry, which dedupe makes safe). One
-/// engine runs one batch per room at a time, so the conflicts are with other processes
-/// publishing to the same room at the same moment: no lock is taken, and a stalled process
-/// holds up nobody. The first batch of a room this engine has not seen yet is a conflict by
-/// construction (one round trip more), and so is the first after Redis lost the room.
+/// [`Publish::build`] makes the stored bytes from the assigned offset, which only Redis knows
+/// while the script runs. So the engine builds each message twice with two probe offsets and
+/// finds where the offset goes (the bytes must hold it at most once, in decimal, and otherwise
+/// not depend on it: true of the server's JSON), and sends the bytes before and after it; the
+/// `COMMIT` script assigns the offsets, splices them in, skips ids already kept, appends,
+/// records, publishes and trims, atomically. Processes publishing to one room at once take
+/// turns in Redis itself: no lock, no retry, a stalled process holds up nobody. The engine then
+/// builds each new message once more with its real offset, for the caller.
 ///
 /// # Time
 ///
@@ -263,9 +257,7 @@ struct Inner {
     /// The two scripts, sent by hash (`EVALSHA`, loaded on first use).
     prepare: Script,
     commit: Script,
-    /// Each room's epoch and newest offset as this engine last saw them, to build the next
-    /// batch for.
-    known: Mutex<HashMap<Arc<str>, (Epoch, u64)>>,
+
     /// Publishes waiting per room; a room is present exactly while a task works on it.
     rooms: Mutex<HashMap<Arc<str>, VecDeque<Queued>>>,
     /// The completion thread's queue.
@@ -407,58 +399,52 @@ fn parse_seen(raw: &str) -> Option<(u64, u64, u64)> {
     }
 }
 
-/// What happens to one publish of a batch once the batch's `COMMIT` has answered.
-enum Outcome {
-    /// Known already: a duplicate of a kept message, or a build that panicked.
-    Ready(Result<Published>),
-    /// Kept if the commit succeeds (a new message, or a duplicate of one in this batch).
-    IfCommitted(Published),
-}
-
 /// One publish of a batch, while the batch is being committed.
 struct Slot {
     request: Publish,
     completer: Completer,
     /// Its dedupe field, if it has a `clientMsgId`.
     field: Option<String>,
-    /// What it comes to, for this attempt (`Ready` ones stay).
-    outcome: Option<Outcome>,
+    /// Its timestamp.
+    timestamp_ms: u64,
+    /// What it comes to, once known.
+    outcome: Option<Result<Published>>,
 }
 
-/// What `COMMIT` answered.
-enum Committed {
-    /// Appended: the room's epoch and newest offset now.
-    Ok(Epoch, u64),
-    /// Nothing done: where the room is, and per message sent the record of its id if kept.
-    Conflict(Epoch, u64, Vec<Option<(u64, u64, u64)>>),
+/// Offsets the engine builds a message with to find where its offset goes: the same number of
+/// digits, every digit different between the two.
+const PROBES: [u64; 2] = [1_111_111_111_111_111_111, 2_222_222_222_222_222_222];
+
+/// A message's bytes around its offset: built with two different offsets, the bytes must be
+/// the same but for one decimal offset. `None` if they are not (the offset is written twice,
+/// or the bytes depend on it otherwise).
+struct Template {
+    /// The bytes before the offset (all of them if the offset is not in the bytes).
+    prefix: Vec<u8>,
+    /// The bytes after it.
+    suffix: Vec<u8>,
+    /// Whether the offset goes between them.
+    spliced: bool,
 }
 
-fn parse_committed(reply: redis::Value) -> Option<Committed> {
-    use redis::Value;
-    let text = |value: &Value| match value {
-        Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
-        Value::SimpleString(text) => Some(text.clone()),
-        _ => None,
-    };
-    let number = |value: &Value| match value {
-        Value::Int(n) => u64::try_from(*n).ok(),
-        other => text(other)?.parse().ok(),
-    };
-    let Value::Array(parts) = reply else { return None };
-    match parts.as_slice() {
-        [kind, epoch, newest] if text(kind)? == "ok" => {
-            Some(Committed::Ok(Epoch::new(text(epoch)?), number(newest)?))
+impl Template {
+    fn of(build: &crate::Build, timestamp_ms: u64) -> Option<Self> {
+        let [one, two] = PROBES.map(|offset| build(Assigned { offset, timestamp_ms }));
+        if one == two {
+            return Some(Self { prefix: one.to_vec(), suffix: Vec::new(), spliced: false });
         }
-        [kind, epoch, newest, seen] if text(kind)? == "conflict" => {
-            let seen = match seen {
-                Value::Array(seen) => {
-                    seen.iter().map(|raw| text(raw).and_then(|raw| parse_seen(&raw))).collect()
-                }
-                _ => Vec::new(),
-            };
-            Some(Committed::Conflict(Epoch::new(text(epoch)?), number(newest)?, seen))
+        if one.len() != two.len() {
+            return None;
         }
-        _ => None,
+        let first = one.iter().zip(two.iter()).position(|(a, b)| a != b)?;
+        let last = one.len() - 1 - one.iter().rev().zip(two.iter().rev()).position(|(a, b)| a != b)?;
+        let digits = PROBES.map(|probe| probe.to_string());
+        let (a, b) = (&one[first..=last], &two[first..=last]);
+        (a == digits[0].as_bytes() && b == digits[1].as_bytes()).then(|| Self {
+            prefix: one[..first].to_vec(),
+            suffix: one[last + 1..].to_vec(),
+            spliced: true,
+        })
     }
 }
 
@@ -480,154 +466,102 @@ impl Inner {
             }
             return;
         }
+        let now_ms = self.options.clock.now_ms();
         let mut slots: Vec<Slot> = batch
             .into_iter()
             .map(|Queued { request, completer }| {
                 let field = request.client_msg_id.map(|id| dedupe_field(&request.sender, id));
-                Slot { request, completer, field, outcome: None }
+                let timestamp_ms = request.timestamp_ms.unwrap_or(now_ms);
+                Slot { request, completer, field, timestamp_ms, outcome: None }
             })
             .collect();
-        let result = self.commit_slots(room, &mut slots).await;
-        if let Err(err) = &result {
+        if let Err(err) = self.commit(room, &mut slots, now_ms).await {
             tracing::warn!(room = &**room, cause = %err, "history publish to redis failed");
+            for slot in &mut slots {
+                slot.outcome.get_or_insert_with(|| Err(err.clone()));
+            }
         }
         for slot in slots {
-            let result = match slot.outcome {
-                Some(Outcome::Ready(result)) => result,
-                Some(Outcome::IfCommitted(published)) => result.clone().map(|()| published),
-                None => Err(result.clone().err().unwrap_or(Error::Closed)),
-            };
-            slot.completer.complete(result);
+            slot.completer.complete(slot.outcome.unwrap_or(Err(Error::Closed)));
         }
     }
 
-    /// Builds the batch for where the room is believed to be and commits it, again from where
-    /// it is after each conflict; leaves each slot's outcome.
-    async fn commit_slots(&self, room: &Arc<str>, slots: &mut [Slot]) -> Result<()> {
+    /// Sends the batch's templates in one `COMMIT` and leaves each slot's outcome.
+    async fn commit(&self, room: &str, slots: &mut [Slot], now_ms: u64) -> Result<()> {
         let retention = &self.options.retention;
-        let now_ms = self.options.clock.now_ms();
         let forget_before = now_ms.saturating_sub(millis(retention.dedupe_window));
         let keys = RoomKeys::new(&self.config.prefix, room);
-        let known = lock(&self.known).get(room).cloned();
-        let (mut epoch, mut newest) = known.map_or((None, 0), |(epoch, newest)| (Some(epoch), newest));
-        // Ids found kept in Redis: field -> (offset, timestamp).
-        let mut kept: HashMap<String, (u64, u64)> = HashMap::new();
-        for _ in 0..self.config.max_attempts.max(1) {
-            let expected = epoch.clone().unwrap_or_else(|| Epoch::new(""));
-            let mut commit = self.commit.key(&keys.meta);
-            commit
-                .key(&keys.stream)
-                .key(&keys.dedupe)
-                .key(&keys.dedupe_age)
-                .arg(expected.as_str())
-                .arg(newest)
-                .arg(now_ms)
-                .arg(forget_before)
-                .arg(core::ttl_cutoff(retention, now_ms))
-                .arg(retention.max_messages)
-                .arg(retention.dedupe_capacity)
-                .arg(&keys.channel)
-                .arg(Epoch::random().as_str());
-            // This attempt's ids (field -> offset, timestamp), and the slot of each message sent.
-            let mut in_batch: HashMap<String, (u64, u64)> = HashMap::new();
-            let mut sent: Vec<usize> = Vec::new();
-            let mut next = newest;
-            for (index, slot) in slots.iter_mut().enumerate() {
-                if matches!(slot.outcome, Some(Outcome::Ready(_))) {
+        let mut commit = self.commit.key(&keys.meta);
+        commit
+            .key(&keys.stream)
+            .key(&keys.dedupe)
+            .key(&keys.dedupe_age)
+            .arg(now_ms)
+            .arg(forget_before)
+            .arg(core::ttl_cutoff(retention, now_ms))
+            .arg(retention.max_messages)
+            .arg(retention.dedupe_capacity)
+            .arg(&keys.channel)
+            .arg(Epoch::random().as_str());
+        let mut sent = Vec::with_capacity(slots.len());
+        for (index, slot) in slots.iter_mut().enumerate() {
+            // Nothing is sent before the bytes exist, so a panicking builder leaves no trace.
+            let build = &slot.request.build;
+            let template = match catch_unwind(AssertUnwindSafe(|| Template::of(build, slot.timestamp_ms))) {
+                Ok(Some(template)) => template,
+                Ok(None) => {
+                    let why = "the message's bytes must hold its offset at most once, in decimal";
+                    slot.outcome = Some(Err(Error::Unavailable(why.into())));
                     continue;
                 }
-                let earlier = slot.field.as_ref().and_then(|field| {
-                    kept.get(field).map(|&k| (k, false)).or_else(|| in_batch.get(field).map(|&k| (k, true)))
-                });
-                if let Some(((offset, timestamp_ms), this_batch)) = earlier {
-                    let duplicate = Published {
-                        epoch: expected.clone(),
-                        offset,
-                        timestamp_ms,
-                        duplicate: true,
-                        bytes: None,
-                    };
-                    slot.outcome = Some(if this_batch {
-                        Outcome::IfCommitted(duplicate)
-                    } else {
-                        Outcome::Ready(Ok(duplicate))
-                    });
+                Err(_) => {
+                    slot.outcome = Some(Err(Error::BuildPanicked));
                     continue;
-                }
-                let assigned =
-                    Assigned { offset: next + 1, timestamp_ms: slot.request.timestamp_ms.unwrap_or(now_ms) };
-                let build = &slot.request.build;
-                // Nothing is sent before the bytes exist, so a panicking builder leaves no trace.
-                let Ok(bytes) = catch_unwind(AssertUnwindSafe(|| build(assigned))) else {
-                    slot.outcome = Some(Outcome::Ready(Err(Error::BuildPanicked)));
-                    continue;
-                };
-                next = assigned.offset;
-                let origin = slot.request.origin.as_deref().filter(|o| valid_origin(o)).unwrap_or("-");
-                commit
-                    .arg(slot.field.as_deref().unwrap_or(""))
-                    .arg(assigned.timestamp_ms)
-                    .arg(origin)
-                    .arg(bytes.as_ref());
-                if let Some(field) = &slot.field {
-                    in_batch.insert(field.clone(), (assigned.offset, assigned.timestamp_ms));
-                }
-                sent.push(index);
-                slot.outcome = Some(Outcome::IfCommitted(Published {
-                    epoch: expected.clone(),
-                    offset: assigned.offset,
-                    timestamp_ms: assigned.timestamp_ms,
-                    duplicate: false,
-                    bytes: Some(bytes),
-                }));
-            }
-            if sent.is_empty() {
-                return Ok(());
-            }
-            let mut conn = self.conn.clone();
-            let answer = match commit.invoke_async::<redis::Value>(&mut conn).await {
-                Ok(reply) => parse_committed(reply),
-                Err(err) => {
-                    lock(&self.known).remove(room);
-                    return Err(unavailable(&err));
                 }
             };
-            match answer {
-                Some(Committed::Ok(now_epoch, now_newest)) => {
-                    lock(&self.known).insert(room.clone(), (now_epoch, now_newest));
-                    return Ok(());
-                }
-                Some(Committed::Conflict(now_epoch, now_newest, seen)) => {
-                    if epoch.as_ref() != Some(&now_epoch) {
-                        // Ids found kept belong to the epoch they were kept in.
-                        kept.clear();
-                    }
-                    for (index, record) in sent.iter().zip(seen) {
-                        if let (Some(field), Some((offset, timestamp, recorded))) =
-                            (&slots[*index].field, record)
-                            && recorded > forget_before
-                        {
-                            kept.insert(field.clone(), (offset, timestamp));
-                        }
-                    }
-                    for slot in slots.iter_mut() {
-                        if !matches!(slot.outcome, Some(Outcome::Ready(Err(_)))) {
-                            slot.outcome = None;
-                        }
-                    }
-                    epoch = Some(now_epoch);
-                    newest = now_newest;
-                }
-                None => {
-                    lock(&self.known).remove(room);
-                    return Err(Error::Unavailable("redis: unexpected answer to a publish".into()));
-                }
-            }
+            let origin = slot.request.origin.as_deref().filter(|o| valid_origin(o)).unwrap_or("-");
+            commit
+                .arg(slot.field.as_deref().unwrap_or(""))
+                .arg(slot.timestamp_ms)
+                .arg(origin)
+                .arg(if template.spliced { "1" } else { "0" })
+                .arg(template.prefix)
+                .arg(template.suffix);
+            sent.push(index);
         }
-        lock(&self.known).remove(room);
-        Err(Error::Unavailable(format!(
-            "other processes kept publishing to room {room:?} at the same moment; retry"
-        )))
+        if sent.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        let (epoch, results): (String, Vec<String>) =
+            commit.invoke_async(&mut conn).await.map_err(|err| unavailable(&err))?;
+        if results.len() != sent.len() {
+            return Err(Error::Unavailable("redis: unexpected answer to a publish".into()));
+        }
+        let epoch = Epoch::new(epoch);
+        for (index, result) in sent.into_iter().zip(results) {
+            let slot = &mut slots[index];
+            let published = if let Ok(offset) = result.parse::<u64>() {
+                let assigned = Assigned { offset, timestamp_ms: slot.timestamp_ms };
+                // The bytes Redis made by splicing, made again here for the caller.
+                let build = &slot.request.build;
+                let bytes = catch_unwind(AssertUnwindSafe(|| build(assigned))).ok();
+                Published {
+                    epoch: epoch.clone(),
+                    offset,
+                    timestamp_ms: slot.timestamp_ms,
+                    duplicate: false,
+                    bytes,
+                }
+            } else if let Some((offset, timestamp_ms, _)) = parse_seen(&result) {
+                Published { epoch: epoch.clone(), offset, timestamp_ms, duplicate: true, bytes: None }
+            } else {
+                slot.outcome = Some(Err(Error::Unavailable("redis: unexpected answer to a publish".into())));
+                continue;
+            };
+            slot.outcome = Some(Ok(published));
+        }
+        Ok(())
     }
 
     /// A room's kept messages in `low..=high`, at most `limit`, from the high end if
@@ -748,7 +682,7 @@ impl RedisEngine {
             prepare: Script::new(PREPARE),
             commit: Script::new(COMMIT),
             rooms: Mutex::new(HashMap::new()),
-            known: Mutex::new(HashMap::new()),
+
             done,
         });
         Ok(Self { inner, handle, runtime: Some(runtime) })
@@ -918,6 +852,25 @@ mod tests {
         assert_eq!(ChannelMessage::parse(b"e1 x 1700 -\n{}"), None);
         assert_eq!(ChannelMessage::parse(b"no newline"), None);
         assert!(valid_origin("a1") && !valid_origin("a b") && !valid_origin(""));
+    }
+
+    #[test]
+    fn a_template_finds_the_one_place_of_the_offset() {
+        let build: crate::Build = Box::new(|at: Assigned| {
+            Bytes::from(format!(r#"{{"text":"1111 {}","offset":{}}}"#, at.timestamp_ms, at.offset))
+        });
+        let template = Template::of(&build, 1111).unwrap();
+        assert!(template.spliced);
+        assert_eq!(template.prefix, br#"{"text":"1111 1111","offset":"#);
+        assert_eq!(template.suffix, b"}");
+        let fixed: crate::Build = Box::new(|_| Bytes::from_static(b"no offset"));
+        let template = Template::of(&fixed, 0).unwrap();
+        assert_eq!((template.spliced, template.prefix.as_slice()), (false, &b"no offset"[..]));
+        let twice: crate::Build =
+            Box::new(|at: Assigned| Bytes::from(format!("{} {}", at.offset, at.offset)));
+        assert!(Template::of(&twice, 0).is_none());
+        let hex: crate::Build = Box::new(|at: Assigned| Bytes::from(format!("{:x}", at.offset)));
+        assert!(Template::of(&hex, 0).is_none());
     }
 
     #[test]
