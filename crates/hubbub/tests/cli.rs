@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 const WAIT: Duration = Duration::from_secs(20);
 
 mod abuse;
+mod chat;
+mod cluster;
 mod history;
 
 /// A fresh directory for one test, under cargo's scratch space.

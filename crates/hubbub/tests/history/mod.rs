@@ -2,90 +2,12 @@
 //! SIGKILL and started again on the same data directory loses no
 //! acknowledged message, keeps its epoch and continues the offsets.
 
-use std::io::{Read as _, Write as _};
-use std::net::TcpStream;
 use std::process::Command;
 
-use serde_json::{Value, json};
+use serde_json::json;
 
+use super::chat::Chat;
 use super::{Running, banner_port, hubbub, scratch};
-
-/// A blocking chat client over a hand-made WebSocket, enough for a test.
-struct Chat {
-    tcp: TcpStream,
-    /// Bytes read past the last frame.
-    pending: Vec<u8>,
-}
-
-impl Chat {
-    fn connect(port: u16) -> Self {
-        let tcp = super::abuse::upgrade(port, "/ws/chat");
-        let mut chat = Self { tcp, pending: Vec::new() };
-        assert_eq!(chat.recv()["type"], "welcome");
-        assert_eq!(chat.recv()["type"], "connected");
-        chat
-    }
-
-    /// Sends a masked text frame (all-zero key).
-    fn send(&mut self, value: &Value) {
-        let payload = value.to_string().into_bytes();
-        let mut frame = vec![0x81];
-        if payload.len() < 126 {
-            frame.push(0x80 | payload.len() as u8);
-        } else {
-            frame.push(0x80 | 126);
-            frame.extend_from_slice(&u16::try_from(payload.len()).unwrap().to_be_bytes());
-        }
-        frame.extend_from_slice(&[0, 0, 0, 0]);
-        frame.extend_from_slice(&payload);
-        self.tcp.write_all(&frame).unwrap();
-    }
-
-    /// The next text frame, as JSON (pings and other control frames are
-    /// skipped).
-    fn recv(&mut self) -> Value {
-        loop {
-            if let Some((opcode, payload, used)) = frame(&self.pending) {
-                self.pending.drain(..used);
-                if opcode == 0x1 {
-                    return serde_json::from_slice(&payload).unwrap();
-                }
-                assert_ne!(opcode, 0x8, "the server closed the connection");
-                continue;
-            }
-            let mut buf = [0_u8; 16 << 10];
-            let n = self.tcp.read(&mut buf).unwrap();
-            assert!(n > 0, "the connection ended");
-            self.pending.extend_from_slice(&buf[..n]);
-        }
-    }
-
-    /// The next message of type `kind`, skipping presence events.
-    fn recv_type(&mut self, kind: &str) -> Value {
-        loop {
-            let msg = self.recv();
-            if msg["type"] == kind {
-                return msg;
-            }
-            assert!(["userJoined", "userLeft"].contains(&msg["type"].as_str().unwrap()), "{msg}");
-        }
-    }
-}
-
-/// A complete unmasked server frame at the start of `bytes`: opcode,
-/// payload and bytes used.
-fn frame(bytes: &[u8]) -> Option<(u8, Vec<u8>, usize)> {
-    if bytes.len() < 2 {
-        return None;
-    }
-    let (header, len) = match bytes[1] & 0x7f {
-        126 => (4, usize::from(u16::from_be_bytes([*bytes.get(2)?, *bytes.get(3)?]))),
-        127 => (10, u64::from_be_bytes(bytes.get(2..10)?.try_into().ok()?) as usize),
-        len => (2, usize::from(len)),
-    };
-    let payload = bytes.get(header..header + len)?.to_vec();
-    Some((bytes[0] & 0x0f, payload, header + len))
-}
 
 /// Starts `hubbub` in `dir` and returns it with its port.
 fn start(dir: &std::path::Path) -> (Running, u16) {
