@@ -700,6 +700,7 @@ async fn check_rooms(
             pipe.cmd("HMGET").arg(cluster.engine.room_key(&room.name, "meta")).arg("epoch").arg("newest");
             pipe.cmd("HGETALL").arg(cluster.presence_key(&room.name));
         }
+        let sent = std::time::Instant::now();
         let answers: Vec<redis::Value> = match pipe.query_async(conn).await {
             Ok(answers) => answers,
             Err(err) => {
@@ -720,7 +721,7 @@ async fn check_rooms(
                 }
             }
             if let Ok(all) = redis::from_redis_value::<HashMap<String, String>>(presence.clone()) {
-                room.set_others(cluster.others_of(all));
+                room.set_others(cluster.others_of(all), sent);
             }
         }
     }

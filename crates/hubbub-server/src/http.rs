@@ -396,7 +396,9 @@ async fn download(
     if !hubbub_transfer::is_file_id(&file_id) {
         return not_found().await.into_response();
     }
-    let Some(file) = shared.store.get(&file_id) else {
+    // Off the runtime: in a cluster, a file another node saved is read from disk.
+    let (store, id) = (shared.store.clone(), file_id.clone());
+    let Ok(Some(file)) = tokio::task::spawn_blocking(move || store.get(&id)).await else {
         return not_found().await.into_response();
     };
     let mime = served_type(&file.mime_type);

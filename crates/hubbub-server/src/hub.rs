@@ -118,9 +118,32 @@ pub(crate) struct Room {
     /// Cluster mode: where this node stands with the room's stream in Redis.
     feed: Mutex<Feed>,
     /// Cluster mode: the room's members on other nodes.
-    others: Mutex<Others>,
-    /// How many members `others` holds, for counts without its lock.
+    others: Mutex<Remote>,
+    /// How many members `others` holds, for counts without its lock
+    /// (written only under it).
     remote: AtomicUsize,
+}
+
+/// Cluster mode: a room's members on other nodes, from their events and
+/// from the periodic reads of Redis's presence. A read is older than the
+/// events handled while it was on its way, so it changes only what no event
+/// touched since it was sent.
+#[derive(Debug, Default)]
+struct Remote {
+    /// Node, then member id: name, and when an event or a read last said so.
+    members: HashMap<Box<str>, HashMap<Box<str>, Seen>>,
+    /// Members whose departure an event told, and when (until a read sent
+    /// after it no longer lists them).
+    departed: HashMap<(Box<str>, Box<str>), Instant>,
+}
+
+/// A member elsewhere's name, and when an event or a read last told of it.
+type Seen = (Box<str>, Instant);
+
+impl Remote {
+    fn count(&self) -> usize {
+        self.members.values().map(HashMap::len).sum()
+    }
 }
 
 /// The room's members on other nodes of a cluster: node, then member id,
@@ -409,16 +432,23 @@ impl Room {
     }
 
     /// Cluster mode: a member joined on another node; tells the members
-    /// here with `userJoined`.
+    /// here with `userJoined` (unless a read of Redis already did).
     pub(crate) fn remote_joined(&self, node: &str, member: &str, user: &str) {
         let members = read(&self.members);
         let count = {
-            let mut others = lock(&self.others);
-            let node = others.entry(node.into()).or_default();
-            if node.insert(member.into(), user.into()).is_none() {
-                self.remote.fetch_add(1, Ordering::AcqRel);
+            let mut remote = lock(&self.others);
+            remote.departed.remove(&(node.into(), member.into()));
+            let known = remote
+                .members
+                .entry(node.into())
+                .or_default()
+                .insert(member.into(), (user.into(), Instant::now()));
+            if known.is_some() {
+                return;
             }
-            self.remote.load(Ordering::Acquire)
+            let count = remote.count();
+            self.remote.store(count, Ordering::Release);
+            count
         };
         let joined = encode(&ServerMessage::UserJoined {
             user: user.to_owned(),
@@ -429,31 +459,48 @@ impl Room {
     }
 
     /// Cluster mode: members left on another node (or the node is gone:
-    /// `member` `None`); tells the members here with `userLeft`.
+    /// `member` `None`); tells the members here with `userLeft` (unless a
+    /// read of Redis already did).
     pub(crate) fn remote_left(&self, node: &str, member: Option<&str>) {
         let members = read(&self.members);
-        let mut gone = Vec::new();
-        {
-            let mut others = lock(&self.others);
+        let (gone, count) = {
+            let mut remote = lock(&self.others);
+            let now = Instant::now();
+            let mut gone = Vec::new();
             match member {
                 Some(member) => {
-                    if let Some(of_node) = others.get_mut(node)
-                        && let Some(user) = of_node.remove(member)
+                    remote.departed.insert((node.into(), member.into()), now);
+                    if let Some(of_node) = remote.members.get_mut(node)
+                        && let Some((user, _)) = of_node.remove(member)
                     {
                         gone.push(user);
                         if of_node.is_empty() {
-                            others.remove(node);
+                            remote.members.remove(node);
                         }
                     }
                 }
-                None => gone.extend(others.remove(node).into_iter().flat_map(HashMap::into_values)),
+                None => {
+                    for (member, (user, _)) in remote.members.remove(node).unwrap_or_default() {
+                        remote.departed.insert((node.into(), member), now);
+                        gone.push(user);
+                    }
+                }
             }
-        }
-        for user in gone {
-            let count = self.remote.fetch_sub(1, Ordering::AcqRel).saturating_sub(1);
+            let count = remote.count();
+            self.remote.store(count, Ordering::Release);
+            (gone, count)
+        };
+        self.announce_left(&members, gone, count);
+    }
+
+    /// Tells the members here that `gone` left, counting down to `count`
+    /// members elsewhere.
+    fn announce_left(&self, members: &HashMap<ClientId, Peer>, gone: Vec<Box<str>>, count: usize) {
+        let total = gone.len();
+        for (i, user) in gone.into_iter().enumerate() {
             let left = encode(&ServerMessage::UserLeft {
                 user: user.into(),
-                user_count: members.len() + count,
+                user_count: members.len() + count + (total - 1 - i),
                 room: Some(self.name.to_string()),
             });
             fan_out(members.iter(), &left, None, &self.stats);
@@ -463,8 +510,8 @@ impl Room {
     /// Cluster mode: a member on another node changed its name.
     pub(crate) fn remote_renamed(&self, node: &str, member: &str, user: &str, previous: &str) {
         let members = read(&self.members);
-        if let Some(name) = lock(&self.others).get_mut(node).and_then(|n| n.get_mut(member)) {
-            *name = user.into();
+        if let Some(entry) = lock(&self.others).members.get_mut(node).and_then(|n| n.get_mut(member)) {
+            *entry = (user.into(), Instant::now());
         }
         let renamed = encode(&ServerMessage::UserRenamed {
             user: user.to_owned(),
@@ -474,14 +521,56 @@ impl Room {
         fan_out(members.iter(), &renamed, None, &self.stats);
     }
 
-    /// Cluster mode: replaces what this node knows of the members elsewhere
-    /// with what Redis holds, without telling anyone (a periodic check
-    /// correcting what events missed).
-    pub(crate) fn set_others(&self, others: Others) {
-        let _members = read(&self.members);
-        let count = others.values().map(HashMap::len).sum();
-        *lock(&self.others) = others;
-        self.remote.store(count, Ordering::Release);
+    /// Cluster mode: corrects what this node knows of the members elsewhere
+    /// with what Redis held when a read was sent at `sent`: members it lists
+    /// that no event told of join (`userJoined`), members it no longer lists
+    /// that no event told of leave (`userLeft`); what an event changed after
+    /// `sent` stays as the event left it.
+    pub(crate) fn set_others(&self, listed: Others, sent: Instant) {
+        let members = read(&self.members);
+        let (joined, left, count) = {
+            let mut remote = lock(&self.others);
+            let mut left = Vec::new();
+            for (node, of_node) in &mut remote.members {
+                of_node.retain(|member, (user, at)| {
+                    let keep = *at >= sent || listed.get(node).is_some_and(|l| l.contains_key(member));
+                    if !keep {
+                        left.push(user.clone());
+                    }
+                    keep
+                });
+            }
+            remote.members.retain(|_, of_node| !of_node.is_empty());
+            let mut joined = Vec::new();
+            for (node, of_node) in listed {
+                for (member, user) in of_node {
+                    let key = (node.clone(), member.clone());
+                    if remote.departed.get(&key).is_some_and(|at| *at >= sent) {
+                        continue;
+                    }
+                    let of_node = remote.members.entry(node.clone()).or_default();
+                    if let std::collections::hash_map::Entry::Vacant(entry) = of_node.entry(member) {
+                        entry.insert((user.clone(), sent));
+                        joined.push(user);
+                    }
+                }
+            }
+            remote.departed.retain(|_, at| *at >= sent);
+            let count = remote.count();
+            self.remote.store(count, Ordering::Release);
+            (joined, left, count)
+        };
+        // The departures first, counting down to what remains before the
+        // arrivals, which count up to `count`.
+        self.announce_left(&members, left, count - joined.len());
+        for (i, user) in joined.iter().enumerate() {
+            let message = encode(&ServerMessage::UserJoined {
+                user: user.to_string(),
+                room: self.name.to_string(),
+                user_count: members.len() + count - (joined.len() - 1 - i),
+            });
+            fan_out(members.iter(), &message, None, &self.stats);
+        }
     }
 }
 
@@ -641,7 +730,17 @@ impl Hub {
                         .ok()
                 });
                 let others = recall.as_ref().and_then(|recall| recall.others.clone()).unwrap_or_default();
-                let remote = others.values().map(HashMap::len).sum();
+                let now = Instant::now();
+                let others = Remote {
+                    members: others
+                        .into_iter()
+                        .map(|(node, members)| {
+                            (node, members.into_iter().map(|(member, user)| (member, (user, now))).collect())
+                        })
+                        .collect(),
+                    departed: HashMap::new(),
+                };
+                let remote = others.count();
                 let room = Arc::new(Room {
                     name: Arc::from(name),
                     members: RwLock::default(),
@@ -973,10 +1072,35 @@ mod tests {
         left.sort();
         assert_eq!(left, ["bobby", "cy"]);
         assert_eq!(room.len(), 1);
-        // A periodic check replaces the view silently.
-        room.set_others(Others::from([("n4".into(), HashMap::from([("m9".into(), "eve".into())]))]));
-        assert_eq!(room.len(), 2);
+        // A read of Redis sent before the last events changes nothing they
+        // told: bobby and cy stay gone, di too.
+        let sent = Instant::now() - Duration::from_secs(1);
+        let listed = |entries: &[(&str, &str, &str)]| {
+            let mut others = Others::new();
+            for (node, member, user) in entries {
+                others.entry((*node).into()).or_default().insert((*member).into(), (*user).into());
+            }
+            others
+        };
+        room.set_others(listed(&[("n2", "m1", "bobby"), ("n2", "m2", "cy"), ("n3", "m3", "di")]), sent);
+        assert_eq!(room.len(), 1);
         assert!(drain(&ada).is_empty());
+        // A later read tells of a member whose join event was missed, and of
+        // one whose departure was: both are announced, once.
+        room.remote_joined("n5", "m5", "fay");
+        drain(&ada);
+        let later = Instant::now() + Duration::from_millis(1);
+        room.set_others(listed(&[("n4", "m9", "eve")]), later);
+        assert_eq!(
+            drain(&ada),
+            [
+                json!({"type": "userLeft", "user": "fay", "userCount": 1, "room": "r"}),
+                json!({"type": "userJoined", "user": "eve", "room": "r", "userCount": 2}),
+            ]
+        );
+        room.set_others(listed(&[("n4", "m9", "eve")]), later);
+        assert!(drain(&ada).is_empty());
+        assert_eq!(room.len(), 2);
     }
 
     #[test]

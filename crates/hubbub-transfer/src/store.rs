@@ -55,6 +55,11 @@ pub struct StoreConfig {
     pub account_max_uploads: usize,
     /// Limits on each upload.
     pub limits: TransferLimits,
+    /// Whether other processes use the directory too (the nodes of a cluster): then a file
+    /// another process saved is found on disk when asked for, and opening deletes only
+    /// unfinished uploads nobody has written to for longer than any could be resumed
+    /// ([`Store::open`]). The quota counts what this process saved and reserved.
+    pub shared: bool,
 }
 
 /// Why the store refused or failed an upload. Shown to the uploader in
@@ -188,12 +193,24 @@ const OCTET_STREAM: &str = "application/octet-stream";
 impl Store {
     /// Opens (creating if needed) the upload directory, loads the saved
     /// files' metadata and deletes leftovers of uploads a previous run did
-    /// not finish. Blocking; meant for startup.
+    /// not finish (in a [`StoreConfig::shared`] directory, only those nobody
+    /// has written to for longer than the resume time, at least 10 minutes,
+    /// and a minute more: the others may be another process's uploads).
+    /// Blocking; meant for startup.
     pub fn open(config: StoreConfig) -> io::Result<Self> {
         let partial_dir = config.dir.join(".partial");
         fs::create_dir_all(&partial_dir)?;
+        let idle = config.resume_ttl.max(Duration::from_secs(600)) + Duration::from_secs(60);
         for entry in fs::read_dir(&partial_dir)? {
-            let _ = fs::remove_file(entry?.path());
+            let entry = entry?;
+            let abandoned = !config.shared
+                || entry
+                    .metadata()
+                    .and_then(|meta| meta.modified())
+                    .is_ok_and(|at| at.elapsed().is_ok_and(|age| age > idle));
+            if abandoned {
+                let _ = fs::remove_file(entry.path());
+            }
         }
         let mut files = HashMap::new();
         let mut used = 0;
@@ -235,9 +252,20 @@ impl Store {
         lock(&self.inner.usage).accounts.get(account).map_or((0, 0), |r| (r.bytes, r.uploads))
     }
 
-    /// A saved file's metadata.
+    /// A saved file's metadata. In a [`StoreConfig::shared`] directory, a
+    /// file this process does not know is looked for on disk (another process
+    /// may have saved it), which blocks on a small read.
     pub fn get(&self, id: &str) -> Option<StoredFile> {
-        lock(&self.inner.files).get(id).cloned()
+        if let Some(file) = lock(&self.inner.files).get(id) {
+            return Some(file.clone());
+        }
+        if !self.inner.config.shared || !is_file_id(id) {
+            return None;
+        }
+        let dir = &self.inner.config.dir;
+        let text = fs::read_to_string(dir.join(format!("{id}.json"))).ok()?;
+        let meta = serde_json::from_str::<StoredFile>(&text).ok()?;
+        (meta.id == id && dir.join(id).is_file()).then_some(meta)
     }
 
     /// Where a saved file's bytes are.
@@ -663,6 +691,7 @@ mod tests {
 
     fn config(dir: &Path, quota: u64) -> StoreConfig {
         StoreConfig {
+            shared: false,
             dir: dir.to_owned(),
             quota_bytes: quota,
             resume_ttl: Duration::from_secs(600),
@@ -712,6 +741,25 @@ mod tests {
 
     fn frame(index: u32, data: &[u8]) -> Bytes {
         Bytes::from(hubbub_protocol::chunk::frame(index, data))
+    }
+
+    #[tokio::test]
+    async fn a_shared_directory_keeps_others_uploads_and_finds_their_files() {
+        let dir = temp_dir();
+        let shared = || StoreConfig { shared: true, ..config(&dir, 1 << 20) };
+        let one = Store::open(shared()).unwrap();
+        let data = b"0123456789abcdef".to_vec();
+        let mut upload = one.begin(request(16, 8, None)).await.unwrap();
+        upload.write_frame(frame(0, &data[..8])).await.unwrap();
+        // Another process opens the directory meanwhile: the upload under way stays.
+        let two = Store::open(shared()).unwrap();
+        upload.write_frame(frame(1, &data[8..])).await.unwrap();
+        let saved = upload.finish().await.unwrap();
+        // The other process finds the file on disk; a store of its own would not.
+        assert_eq!(two.get(&saved.id), Some(saved.clone()));
+        let alone = Store::open(config(&dir, 1 << 20)).unwrap();
+        assert_eq!(alone.get(&"0".repeat(32)), None);
+        assert_eq!(two.get("../etc/passwd"), None);
     }
 
     #[tokio::test]

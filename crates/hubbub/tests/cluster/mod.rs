@@ -134,9 +134,6 @@ fn nodes_share_rooms_counts_events_the_lobby_and_notifications() {
 }
 
 #[test]
-#[ignore = "server bug: a node knows only the uploads its store indexed at start (GET /files/{id} of another \
-            node's upload is 404), and a node that starts empties the shared .partial directory under another \
-            node's upload in progress (fileError: No such file or directory)"]
 fn an_upload_to_one_node_is_shared_with_the_room_and_downloadable_from_another() {
     let dir = test_dir("upload");
     let Some(redis) = Redis::start(&dir, Persistence::None) else { return };
@@ -246,9 +243,6 @@ fn a_client_reconnecting_to_another_node_recovers_exactly_what_it_missed() {
 }
 
 #[test]
-#[ignore = "server bug, about 1 run in 10: the periodic check's Room::set_others races with remote_left for the \
-            dead node's Gone event, so `remote` wraps below zero (debug: overflow panic in Hub::join or \
-            Hub::leave, the connection dies) or the dead node's members drop out of the count without userLeft"]
 fn a_killed_nodes_members_leave_and_its_clients_recover_on_another_node() {
     let dir = test_dir("sigkill");
     let Some(redis) = Redis::start(&dir, Persistence::None) else { return };
