@@ -664,14 +664,25 @@ impl RedisEngine {
             .build()
             .map_err(|err| Error::Unavailable(format!("starting the redis engine's runtime: {err}")))?;
         let handle = runtime.handle().clone();
-        let client = redis::Client::open(config.url.as_str()).map_err(|err| unavailable(&err))?;
         let manager = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.connection_timeout))
             .set_response_timeout(Some(config.response_timeout))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
-        let conn = wait(&handle, async move { ConnectionManager::new_with_config(client, manager).await })?
-            .map_err(|err| unavailable(&err))?;
+        let connected =
+            redis::Client::open(config.url.as_str()).map_err(|err| unavailable(&err)).and_then(|client| {
+                wait(&handle, async move { ConnectionManager::new_with_config(client, manager).await })?
+                    .map_err(|err| unavailable(&err))
+            });
+        let conn = match connected {
+            Ok(conn) => conn,
+            Err(err) => {
+                // Dropping a runtime may block, which panics inside another runtime (the
+                // server's, when it connects at startup).
+                runtime.shutdown_background();
+                return Err(err);
+            }
+        };
         let (done, completions) = mpsc::channel::<(OnDone, Result<Published>)>();
         std::thread::Builder::new()
             .name("hubbub-history-redis-done".into())
@@ -691,7 +702,6 @@ impl RedisEngine {
             prepare: Script::new(PREPARE),
             commit: Script::new(COMMIT),
             rooms: Mutex::new(HashMap::new()),
-
             done,
         });
         Ok(Self { inner, handle, runtime: Some(runtime) })

@@ -199,7 +199,13 @@ impl Cluster {
         options: hubbub_history::Options,
     ) -> Result<Self, String> {
         let config = hubbub_history::RedisConfig::new(url).prefix(settings.prefix.clone());
-        let engine = RedisEngine::connect(config, options).map_err(|err| err.to_string())?;
+        let engine = RedisEngine::connect(config, options).map_err(|err| {
+            let at = without_password(url);
+            match err {
+                hubbub_history::Error::Unavailable(why) => format!("{why} (at {at})"),
+                other => format!("{other} (at {at})"),
+            }
+        })?;
         let client = redis::Client::open(url).map_err(|err| err.to_string())?;
         let name = settings.node_name.clone().unwrap_or_else(host_name);
         let suffix = &uuid::Uuid::new_v4().simple().to_string()[..6];
@@ -425,6 +431,14 @@ impl Cluster {
             .collect();
         list.sort();
         Ok(list)
+    }
+}
+
+/// `url` without the password it may carry, for messages.
+fn without_password(url: &str) -> String {
+    match (url.split_once("://"), url.rfind('@')) {
+        (Some((scheme, _)), Some(at)) => format!("{scheme}://***{}", &url[at..]),
+        _ => url.to_owned(),
     }
 }
 

@@ -216,9 +216,10 @@ impl Sources {
             }
             source = cause.source();
         }
-        // A history file that cannot be opened is not a mistake in the
-        // configuration: the message says which file and what to do.
-        if matches!(err, ConfigError::History(_)) {
+        // A history file that cannot be opened, or a cluster's Redis that
+        // cannot be reached, is not a mistake in the configuration: the
+        // message says which and why.
+        if matches!(err, ConfigError::History(_) | ConfigError::Cluster(_)) {
             return anyhow::anyhow!("{message}");
         }
         let settings: Vec<String> = err.keys().iter().filter_map(|key| self.setting(key)).collect();
