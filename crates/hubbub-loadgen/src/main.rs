@@ -71,6 +71,10 @@ struct Args {
     /// The server's process id: sample its CPU and RSS from /proc.
     #[arg(long, value_name = "PID")]
     server_pid: Option<u32>,
+    /// With --server-pid: count the server's write system calls during the
+    /// window with `perf stat` (needs perf and the right to trace it).
+    #[arg(long, requires = "server_pid")]
+    count_writes: bool,
     /// Longest wait for every client to connect and join, in seconds
     /// (default 60 plus 4 ms per client).
     #[arg(long, value_name = "SECONDS")]
@@ -175,6 +179,7 @@ fn plan(args: &Args) -> anyhow::Result<(Plan, Options)> {
         settle: Duration::ZERO,
         allow_failed_connections: false,
         server_pid: args.server_pid,
+        count_writes: args.count_writes,
     };
     Ok((plan, options))
 }
@@ -212,6 +217,18 @@ fn table(s: &Summary) -> String {
             (
                 "server RSS",
                 format!("{} -> {}", format_mib(server.rss_base_bytes), format_mib(server.rss_bytes)),
+            ),
+            (
+                "server CPU per delivery",
+                if s.deliveries_per_sec > 0.0 {
+                    format!("{:.2} µs", server.cpu_percent / 100.0 / s.deliveries_per_sec * 1e6)
+                } else {
+                    "n/a".to_owned()
+                },
+            ),
+            (
+                "server writes per delivery",
+                server.writes_per_delivery.map_or_else(|| "n/a".to_owned(), |w| format!("{w:.3}")),
             ),
         ]);
     }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use serde::Serialize;
 
-use crate::process::{cpu_time, own_cpu_time, rss_bytes};
+use crate::process::{WriteCounter, cpu_time, own_cpu_time, rss_bytes};
 use crate::{Histogram, Phase, Plan, Sending, Shared, run_clients};
 
 /// How long a run lasts, and what else it samples.
@@ -36,6 +36,9 @@ pub struct Options {
     pub allow_failed_connections: bool,
     /// The server's process id, to sample its CPU and RSS from /proc.
     pub server_pid: Option<u32>,
+    /// Count the server's write system calls over the window
+    /// ([`WriteCounter`]); needs `server_pid`.
+    pub count_writes: bool,
 }
 
 /// The setup timeout a run of `clients` gets unless told otherwise: 60 s
@@ -135,6 +138,10 @@ pub struct ServerSample {
     pub rss_base_bytes: u64,
     /// Its RSS at the end of the window.
     pub rss_bytes: u64,
+    /// Its write system calls (`write`, `writev`, `sendto`, `sendmsg`) over
+    /// the window per delivery in it, when they were counted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub writes_per_delivery: Option<f64>,
 }
 
 /// Parses where to send the load: `HOST:PORT` or `ws://HOST:PORT[/ws/chat]`,
@@ -242,6 +249,7 @@ fn drive(plan: &Plan, shared: &Shared, options: &Options, started: Instant) -> a
     let setup = started.elapsed();
     std::thread::sleep(options.settle);
 
+    let writes = options.server_pid.filter(|_| options.count_writes).and_then(WriteCounter::start);
     let (cpu0, gen0, delivered0) =
         (server_cpu(options.server_pid)?, own_cpu_time()?, shared.delivered.load(Ordering::Relaxed));
     let bytes0 = shared.bytes_in.load(Ordering::Relaxed);
@@ -252,6 +260,7 @@ fn drive(plan: &Plan, shared: &Shared, options: &Options, started: Instant) -> a
     let window = t0.elapsed();
     let (cpu1, gen1, delivered1) =
         (server_cpu(options.server_pid)?, own_cpu_time()?, shared.delivered.load(Ordering::Relaxed));
+    let writes = writes.and_then(WriteCounter::stop);
     let bytes1 = shared.bytes_in.load(Ordering::Relaxed);
     let server = match options.server_pid {
         Some(pid) => Some(ServerSample {
@@ -259,6 +268,9 @@ fn drive(plan: &Plan, shared: &Shared, options: &Options, started: Instant) -> a
             cpu_percent: percent(cpu1.saturating_sub(cpu0), window),
             rss_base_bytes: 0,
             rss_bytes: server_rss(pid)?,
+            writes_per_delivery: writes
+                .filter(|_| delivered1 > delivered0)
+                .map(|writes| writes as f64 / (delivered1 - delivered0) as f64),
         }),
         None => None,
     };

@@ -36,6 +36,7 @@ async fn idle_clients_are_measured_with_the_refused_ones_counted() {
         settle: Duration::from_millis(100),
         allow_failed_connections: true,
         server_pid: Some(std::process::id()),
+        count_writes: false,
     };
     let strict = run::Options { allow_failed_connections: false, ..options.clone() };
     let (summary, refused) = tokio::task::spawn_blocking(move || {
