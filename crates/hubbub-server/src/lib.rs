@@ -119,6 +119,7 @@ impl Server {
             account_reserved_bytes: uploads.max_reserved_bytes_per_owner,
             account_max_uploads: uploads.max_uploads_per_owner,
             limits: uploads.transfer_limits(),
+            write_batch_bytes: uploads.write_batch_bytes,
         })
         .map_err(|err| ConfigError::UploadDir { path: uploads.dir.clone(), cause: err.to_string() })?;
         let tls = config.tls.clone().map(TlsReloader::load).transpose()?;

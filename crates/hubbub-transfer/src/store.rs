@@ -55,6 +55,12 @@ pub struct StoreConfig {
     pub account_max_uploads: usize,
     /// Limits on each upload.
     pub limits: TransferLimits,
+    /// Chunk bytes an upload gathers before handing them to the blocking
+    /// pool in one job (written and hashed there, in order). Each hand-off
+    /// costs two thread wake-ups, as much as writing a 64 KiB chunk, so
+    /// gathering several saves them; an upload holds at most about twice
+    /// this in memory (the job's chunks and the next ones).
+    pub write_batch_bytes: usize,
 }
 
 /// Why the store refused or failed an upload. Shown to the uploader in
@@ -268,6 +274,8 @@ impl Store {
             temp_path: temp_path.clone(),
             hasher: Some(Sha256::new()),
             hashed_upto: 0,
+            pending: Vec::new(),
+            pending_bytes: 0,
             in_flight: None,
             reserved: request.size,
             saved: false,
@@ -284,7 +292,9 @@ impl Store {
     /// Keeps an interrupted upload for [`StoreConfig::resume_ttl`], or for
     /// [`StoreConfig::empty_resume_ttl`] if none of its bytes arrived (when
     /// that is zero, the upload is dropped at once).
-    pub fn park(&self, upload: Upload, now: Instant) {
+    pub fn park(&self, mut upload: Upload, now: Instant) {
+        // Chunks already accepted go to disk, after the job in flight.
+        upload.dispatch();
         let config = &self.inner.config;
         let ttl =
             if upload.assembler.received_bytes() == 0 { config.empty_resume_ttl } else { config.resume_ttl };
@@ -399,10 +409,15 @@ pub struct Upload {
     /// mid-way; the whole file is then hashed at the end.
     hasher: Option<Sha256>,
     hashed_upto: u64,
-    /// The last chunk's write (and hash), still running on the blocking pool
-    /// while the connection reads the next chunk. At most one is in flight:
-    /// the next write, and `finish`, wait for it first.
-    in_flight: Option<tokio::task::JoinHandle<ChunkWritten>>,
+    /// Chunks accepted and not yet handed to the blocking pool, with their
+    /// offsets, in arrival order: up to `write_batch_bytes` of them.
+    pending: Vec<(u64, Bytes)>,
+    /// Their bytes.
+    pending_bytes: usize,
+    /// The last batch's write (and hash), still running on the blocking pool
+    /// while the connection reads the next chunks. At most one is in flight:
+    /// the next batch, and `finish`, wait for it first.
+    in_flight: Option<tokio::task::JoinHandle<BatchWritten>>,
     /// Bytes reserved against the quota.
     reserved: u64,
     /// Set once moved into place: the reservation then stands for the
@@ -422,42 +437,65 @@ impl Upload {
     }
 
     /// Stores one binary frame (`[index][bytes]`). Returns the number of new
-    /// bytes written (0 for an identical duplicate).
+    /// bytes accepted (0 for an identical duplicate). Chunks are gathered
+    /// and written in batches of [`StoreConfig::write_batch_bytes`]; a
+    /// failed write surfaces on a later call or in `finish`.
     pub async fn write_frame(&mut self, frame: Bytes) -> Result<u64, StoreError> {
         let (placement, data) = self.assembler.on_frame(&frame)?;
         let Placement::Write { offset } = placement else { return Ok(0) };
-        let len = data.len() as u64;
-        // The previous chunk must be on disk (and its hasher back) first.
-        self.settle().await?;
-        let data = frame.slice(hubbub_protocol::chunk::HEADER_LEN..);
-        let file = self.file.clone().ok_or_else(|| io::Error::other("upload file missing"))?;
-        let in_order = offset == self.hashed_upto;
-        let mut hasher = if in_order { self.hasher.take() } else { None };
-        // Not awaited here: the write and the hash overlap with reading the
-        // next chunk from the socket. A failure surfaces on the next write
-        // or in `finish`.
-        self.in_flight = Some(tokio::task::spawn_blocking(move || {
-            let result = file.write_all_at(&data, offset);
-            if result.is_ok()
-                && let Some(h) = hasher.as_mut()
-            {
-                h.update(&data);
-            }
-            ChunkWritten { len, hasher, result }
-        }));
-        Ok(len)
+        let len = data.len();
+        self.pending.push((offset, frame.slice(hubbub_protocol::chunk::HEADER_LEN..)));
+        self.pending_bytes += len;
+        if self.pending_bytes >= self.store.inner.config.write_batch_bytes {
+            // The previous batch must be on disk (and its hasher back) first.
+            self.settle().await?;
+            self.dispatch();
+        }
+        Ok(len as u64)
     }
 
-    /// Waits for the chunk write in flight, if any.
+    /// Hands the gathered chunks to the blocking pool, without waiting: the
+    /// write and the hash overlap with reading the next chunks from the
+    /// socket. A batch in flight goes first (the new one is chained after
+    /// it, which happens only when the upload is parked; otherwise it has
+    /// been settled).
+    fn dispatch(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let chunks = std::mem::take(&mut self.pending);
+        self.pending_bytes = 0;
+        let Some(file) = self.file.clone() else {
+            // Only before `begin` created it, when nothing can be pending.
+            return;
+        };
+        self.in_flight = Some(match self.in_flight.take() {
+            None => {
+                let (hasher, from) = (self.hasher.take(), self.hashed_upto);
+                tokio::task::spawn_blocking(move || write_batch(&file, &chunks, hasher, from))
+            }
+            Some(previous) => tokio::spawn(async move {
+                let previous = match previous.await {
+                    Ok(previous) if previous.result.is_ok() => previous,
+                    Ok(failed) => return failed,
+                    Err(join) => return BatchWritten::failed(io::Error::other(join)),
+                };
+                let (hasher, from) = (previous.hasher, previous.hashed_upto);
+                tokio::task::spawn_blocking(move || write_batch(&file, &chunks, hasher, from))
+                    .await
+                    .unwrap_or_else(|join| BatchWritten::failed(io::Error::other(join)))
+            }),
+        });
+    }
+
+    /// Waits for the batch in flight, if any.
     async fn settle(&mut self) -> Result<(), StoreError> {
         let Some(job) = self.in_flight.take() else { return Ok(()) };
         let written = job.await.map_err(io::Error::other)?;
         match written.result {
             Ok(()) => {
-                if let Some(hasher) = written.hasher {
-                    self.hasher = Some(hasher);
-                    self.hashed_upto += written.len;
-                }
+                self.hasher = written.hasher;
+                self.hashed_upto = written.hashed_upto;
                 Ok(())
             }
             Err(err) => {
@@ -474,6 +512,10 @@ impl Upload {
     /// On [`TransferError::Incomplete`] the upload stays usable, so missing
     /// chunks may still come.
     pub async fn finish(mut self) -> Result<StoredFile, (Option<Self>, StoreError)> {
+        if let Err(err) = self.settle().await {
+            return Err((None, err));
+        }
+        self.dispatch();
         if let Err(err) = self.settle().await {
             return Err((None, err));
         }
@@ -572,11 +614,40 @@ impl Drop for Upload {
 
 /// What a chunk write on the blocking pool hands back.
 #[derive(Debug)]
-struct ChunkWritten {
-    len: u64,
-    /// The running hash, when this chunk was the next in order.
+/// What a batch's job hands back.
+struct BatchWritten {
+    /// The running hash of `0..hashed_upto`; `None` after a failed write,
+    /// when the whole file is hashed again at the end.
     hasher: Option<Sha256>,
+    hashed_upto: u64,
     result: io::Result<()>,
+}
+
+impl BatchWritten {
+    fn failed(err: io::Error) -> Self {
+        Self { hasher: None, hashed_upto: 0, result: Err(err) }
+    }
+}
+
+/// Writes a batch of chunks at their offsets, in order, on the blocking
+/// pool, and hashes on the way each one that continues the bytes hashed so
+/// far (`hasher` covers `0..from`); the others are hashed in `finish`.
+fn write_batch(file: &File, chunks: &[(u64, Bytes)], mut hasher: Option<Sha256>, from: u64) -> BatchWritten {
+    let mut hashed_upto = from;
+    for (offset, data) in chunks {
+        if let Err(err) = file.write_all_at(data, *offset) {
+            // The chunk may be partly on disk; hash everything again at
+            // the end rather than trust the running digest.
+            return BatchWritten::failed(err);
+        }
+        if let Some(h) = hasher.as_mut()
+            && *offset == hashed_upto
+        {
+            h.update(data);
+            hashed_upto += data.len() as u64;
+        }
+    }
+    BatchWritten { hasher, hashed_upto, result: Ok(()) }
 }
 
 /// Hashes `file[from..size]` into `hasher`.
@@ -671,6 +742,8 @@ mod tests {
             account_reserved_bytes: quota,
             account_max_uploads: 10,
             limits: TransferLimits { min_chunk_size: 4, ..TransferLimits::default() },
+            // Small, so that the tests' tiny chunks make batches.
+            write_batch_bytes: 16,
         }
     }
 
