@@ -238,7 +238,7 @@ async fn sweep_limits(shared: Arc<Shared>) {
 /// opened (damaged, of another format, locked by another process) is an
 /// error naming it: history is never silently discarded.
 fn open_history(config: &Config) -> Result<Option<HistoryHandle>, ConfigError> {
-    use hubbub_history::{DiskConfig, DiskEngine, MemoryEngine, Options, Retention};
+    use hubbub_history::{BatchScope, DiskConfig, DiskEngine, MemoryEngine, Options, Retention};
     let settings = &config.history;
     let options = Options {
         retention: Retention {
@@ -248,6 +248,8 @@ fn open_history(config: &Config) -> Result<Option<HistoryHandle>, ConfigError> {
             dedupe_capacity: config.delivery.dedupe_capacity as u64,
             ..Retention::default()
         },
+        // A recipient with several messages in one commit writes them at once.
+        batch: BatchScope::new(link::with_deferred_wakes),
         ..Options::default()
     };
     Ok(match settings.store {
