@@ -293,7 +293,8 @@ impl Store {
     /// [`StoreConfig::empty_resume_ttl`] if none of its bytes arrived (when
     /// that is zero, the upload is dropped at once).
     pub fn park(&self, mut upload: Upload, now: Instant) {
-        // Chunks already accepted go to disk, after the job in flight.
+        // Chunks already accepted go to disk, after the job in flight, so
+        // that a parked upload holds none of them in memory.
         upload.dispatch();
         let config = &self.inner.config;
         let ttl =
@@ -822,6 +823,34 @@ mod tests {
         assert!(matches!(err, StoreError::Transfer(TransferError::Sha256Mismatch)), "{err}");
         assert_eq!(store.used_bytes(), 0);
         partial_emptied(&dir).await;
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Parked uploads (up to `max_parked`) must not hold their gathered
+    /// chunks in memory until resumed or expired.
+    #[tokio::test]
+    async fn chunks_still_gathered_when_an_upload_is_parked_reach_the_file_and_the_hash() {
+        let dir = temp_dir();
+        let store = Store::open(config(&dir, 1 << 20)).unwrap();
+        let data: Vec<u8> = (0..40).collect();
+        let sha = sha256_to_hex(&Sha256::digest(&data).into());
+        let mut upload = store.begin(request(40, 4, Some(sha))).await.unwrap();
+        // Batches of 16 bytes: chunks 0-3 go as one, chunk 4 is still
+        // gathered when the connection drops.
+        for (index, chunk) in data.chunks(4).enumerate().take(5) {
+            upload.write_frame(frame(index as u32, chunk)).await.unwrap();
+        }
+        assert_eq!(upload.pending.len(), 1);
+        store.park(upload, Instant::now());
+        let mut resumed = store.resume("t1", Some("ada")).unwrap();
+        assert_eq!(resumed.assembler().received_ranges(), vec![0..5]);
+        // A parked upload holds no chunk in memory: they went to the pool.
+        assert!(resumed.pending.is_empty());
+        for (index, chunk) in data.chunks(4).enumerate().skip(5) {
+            resumed.write_frame(frame(index as u32, chunk)).await.unwrap();
+        }
+        let saved = resumed.finish().await.unwrap();
+        assert_eq!(fs::read(store.path_of(&saved)).unwrap(), data);
         fs::remove_dir_all(dir).unwrap();
     }
 
