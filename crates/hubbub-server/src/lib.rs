@@ -75,7 +75,8 @@ pub(crate) struct Shared {
     pub(crate) beats: sweeper::Registry,
     /// When the server was created, for `uptime`.
     pub(crate) started: Instant,
-    /// Cancelled when shutdown begins; every connection's task watches it.
+    /// Cancelled when shutdown begins; the heartbeat sweeper then closes
+    /// every connection (`sweeper::Registry::close_all`).
     pub(crate) shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for them to finish.
     pub(crate) tasks: TaskTracker,
