@@ -772,6 +772,10 @@ fn clients(deployment: &mut Deployment, scenario: Scenario, params: &Params) -> 
         server_pid: Some(first.pid()),
         more_server_pids: others.iter().map(ServerProcess::pid).collect(),
         redis_pid: deployment.redis.as_ref().map(RedisServer::pid),
+        // Where one write per delivery is the question (issue 19); perf's
+        // count costs a little per system call, so not in fanout, and it
+        // follows one process, so not for a cluster.
+        count_writes: scenario == Scenario::Rooms && others.is_empty(),
     };
     let summary = run::run(plan, &options);
     // A server that died explains a failed run better than its symptoms.
@@ -927,8 +931,11 @@ fn header(scenario: Scenario, clustered: bool) -> &'static str {
         Scenario::Churn => {
             "| server | connects/s | cycle p50 | cycle p99 | failures | server CPU | generator CPU | RSS baseline | RSS at end | RSS 5 s later | connections 5 s later |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
         }
-        Scenario::Fanout | Scenario::Fixed | Scenario::Rooms => {
-            "| server | setup | deliveries/s | p50 | p90 | p99 | p99.9 | max | lost | closed | server CPU | generator CPU | server RSS |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        Scenario::Fanout | Scenario::Fixed => {
+            "| server | setup | deliveries/s | p50 | p90 | p99 | p99.9 | max | lost | closed | server CPU | CPU per delivery | generator CPU | server RSS |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        }
+        Scenario::Rooms => {
+            "| server | setup | deliveries/s | p50 | p90 | p99 | p99.9 | max | lost | closed | server CPU | CPU per delivery | writes per delivery | generator CPU | server RSS |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
         }
     }
 }
@@ -960,7 +967,10 @@ fn row(scenario: Scenario, r: &Report, clustered: bool) -> (String, Vec<f64>) {
                 s.generator_cpu_percent,
                 format_mib(server.rss_bytes)
             );
-            (row, vec![s.deliveries_per_sec, l.p50, l.p99, server.cpu_percent + redis_cpu])
+            let cpu = server.cpu_percent + redis_cpu;
+            let per_delivery =
+                if s.deliveries_per_sec > 0.0 { cpu / 100.0 / s.deliveries_per_sec * 1e6 } else { f64::NAN };
+            (row, vec![s.deliveries_per_sec, l.p50, l.p99, cpu, per_delivery])
         }
         Measured::Churn(c) => {
             let (s, server) = (&c.summary, c.summary.server.unwrap_or_default());
@@ -997,8 +1007,16 @@ fn row(scenario: Scenario, r: &Report, clustered: bool) -> (String, Vec<f64>) {
         }
         Measured::Load(s) => {
             let (server, l) = (s.server.unwrap_or_default(), s.latency_ms.unwrap_or_default());
+            let per_delivery = cpu_per_delivery_us(s);
+            let writes = if scenario == Scenario::Rooms {
+                let writes =
+                    server.writes_per_delivery.map_or_else(|| "n/a".to_owned(), |w| format!("{w:.2}"));
+                format!(" {writes} |")
+            } else {
+                String::new()
+            };
             let row = format!(
-                "| {} | {:.1} s | {:.0} | {} | {} | {} | {} | {} | {} | {} | {:.0} % | {:.0} % | {} |",
+                "| {} | {:.1} s | {:.0} | {} | {} | {} | {} | {} | {} | {} | {:.0} % | {} |{writes} {:.0} % | {} |",
                 r.server,
                 s.setup_seconds,
                 s.deliveries_per_sec,
@@ -1010,12 +1028,28 @@ fn row(scenario: Scenario, r: &Report, clustered: bool) -> (String, Vec<f64>) {
                 lost(s),
                 s.closed,
                 server.cpu_percent,
+                per_delivery.map_or_else(|| "n/a".to_owned(), |us| format!("{us:.2} µs")),
                 s.generator_cpu_percent,
                 format_mib(server.rss_bytes)
             );
-            (row, vec![s.deliveries_per_sec, l.p50, l.p99, server.cpu_percent])
+            (
+                row,
+                vec![
+                    s.deliveries_per_sec,
+                    l.p50,
+                    l.p99,
+                    server.cpu_percent,
+                    per_delivery.unwrap_or(f64::NAN),
+                ],
+            )
         }
     }
+}
+
+/// The server's CPU time per delivery over the window, in microseconds.
+fn cpu_per_delivery_us(s: &run::Summary) -> Option<f64> {
+    let server = s.server?;
+    (s.deliveries_per_sec > 0.0).then(|| server.cpu_percent / 100.0 / s.deliveries_per_sec * 1e6)
 }
 
 /// A Markdown table of one scenario's runs, with the first target's
@@ -1067,12 +1101,13 @@ fn ratios(scenario: Scenario, hub: &[f64], other: &[f64], clustered: bool) -> St
         Scenario::Idle => format!("RSS per connection {}", less(hub[0], other[0], "smaller", "larger")),
         Scenario::Churn => format!("{} the connects per second", times(hub[0], other[0])),
         Scenario::Fanout | Scenario::Fixed | Scenario::Rooms => format!(
-            "deliveries/s {}, p50 {}, p99 {}, {} {}",
+            "deliveries/s {}, p50 {}, p99 {}, {} {}, CPU per delivery {}",
             times(hub[0], other[0]),
             less(hub[1], other[1], "lower", "higher"),
             less(hub[2], other[2], "lower", "higher"),
             if clustered { "CPU (nodes + Redis)" } else { "server CPU" },
-            less(hub[3], other[3], "lower", "higher")
+            less(hub[3], other[3], "lower", "higher"),
+            less(hub[4], other[4], "lower", "higher")
         ),
     }
 }
@@ -1173,7 +1208,13 @@ mod tests {
 
     fn sample(cpu_percent: f64, rss_base_mib: f64, rss_mib: f64) -> Option<ServerSample> {
         let mib = |m: f64| (m * 1024.0 * 1024.0) as u64;
-        Some(ServerSample { pid: 1, cpu_percent, rss_base_bytes: mib(rss_base_mib), rss_bytes: mib(rss_mib) })
+        Some(ServerSample {
+            pid: 1,
+            cpu_percent,
+            rss_base_bytes: mib(rss_base_mib),
+            rss_bytes: mib(rss_mib),
+            writes_per_delivery: None,
+        })
     }
 
     fn load(server: &str, deliveries_per_sec: f64, p50: f64, cpu: f64) -> Report {
@@ -1214,14 +1255,28 @@ mod tests {
         let reports = [load("hubbub", 1_771_498.0, 23.17, 114.0), load("node-ws", 80_865.0, 938.0, 100.0)];
         let table = table(Scenario::Fanout, &reports, &["hubbub".to_owned(), "node-ws".to_owned()]);
         let expected = "\
-| server | setup | deliveries/s | p50 | p90 | p99 | p99.9 | max | lost | closed | server CPU | generator CPU | server RSS |
-| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
-| hubbub | 0.5 s | 1771498 | 23.17 ms | 39.68 ms | 46.34 ms | 76.29 ms | 91.88 ms | 0 | 0 | 114 % | 61 % | 12.8 MiB |
-| node-ws | 0.5 s | 80865 | 938 ms | 39.68 ms | 1876 ms | 76.29 ms | 91.88 ms | 0 | 0 | 100 % | 61 % | 12.8 MiB |
+| server | setup | deliveries/s | p50 | p90 | p99 | p99.9 | max | lost | closed | server CPU | CPU per delivery | generator CPU | server RSS |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
+| hubbub | 0.5 s | 1771498 | 23.17 ms | 39.68 ms | 46.34 ms | 76.29 ms | 91.88 ms | 0 | 0 | 114 % | 0.64 µs | 61 % | 12.8 MiB |
+| node-ws | 0.5 s | 80865 | 938 ms | 39.68 ms | 1876 ms | 76.29 ms | 91.88 ms | 0 | 0 | 100 % | 12.37 µs | 61 % | 12.8 MiB |
 
-Hubbub vs node-ws: deliveries/s ×21.9, p50 ×40.5 lower, p99 ×40.5 lower, server CPU ×1.1 higher.
+Hubbub vs node-ws: deliveries/s ×21.9, p50 ×40.5 lower, p99 ×40.5 lower, server CPU ×1.1 higher, CPU per delivery ×19.2 lower.
 ";
         assert_eq!(table, expected);
+
+        // rooms also has the server's writes per delivery, when perf counted them.
+        let Measured::Load(mut rooms) = load("hubbub", 90_000.0, 12.0, 117.0).measured else {
+            unreachable!()
+        };
+        if let Some(server) = rooms.server.as_mut() {
+            server.writes_per_delivery = Some(0.694);
+        }
+        let rooms = Report { measured: Measured::Load(rooms), ..load("hubbub", 0.0, 0.0, 0.0) };
+        let (rooms_row, _) = row(Scenario::Rooms, &rooms, false);
+        assert_eq!(
+            rooms_row,
+            "| hubbub | 0.5 s | 90000 | 12.00 ms | 39.68 ms | 24.00 ms | 76.29 ms | 91.88 ms | 0 | 0 | 117 % | 13.00 µs | 0.69 | 61 % | 12.8 MiB |"
+        );
 
         let Measured::Load(mut idle) = load("hubbub", 0.0, 0.0, 0.0).measured else { unreachable!() };
         (idle.clients, idle.setup_seconds, idle.server) = (19_000, 2.3, sample(0.0, 6.8, 41.5));
@@ -1294,9 +1349,9 @@ Hubbub vs node-ws: deliveries/s ×21.9, p50 ×40.5 lower, p99 ×40.5 lower, serv
 | hubbub | 1 | 0.5 s | 1500000 | 20.00 ms | 39.68 ms | 40.00 ms | 76.29 ms | 91.88 ms | 0 | 0 | 110 % | none | 61 % | 12.8 MiB |
 | node-ws-redis (3 nodes) | 3 | 0.5 s | 60000 | 900 ms | 39.68 ms | 1800 ms | 76.29 ms | 91.88 ms | 0 | 0 | 108 % (35 + 36 + 37) | 50 % | 61 % | 36.0 MiB |
 
-Hubbub (3 nodes) vs hubbub: deliveries/s ×0.6, p50 ×1.5 higher, p99 ×1.5 higher, CPU (nodes + Redis) ×1.4 higher.
+Hubbub (3 nodes) vs hubbub: deliveries/s ×0.6, p50 ×1.5 higher, p99 ×1.5 higher, CPU (nodes + Redis) ×1.4 higher, CPU per delivery ×2.3 higher.
 
-Hubbub (3 nodes) vs node-ws-redis (3 nodes): deliveries/s ×15.0, p50 ×30.0 lower, p99 ×30.0 lower, CPU (nodes + Redis) ×1.0 lower.
+Hubbub (3 nodes) vs node-ws-redis (3 nodes): deliveries/s ×15.0, p50 ×30.0 lower, p99 ×30.0 lower, CPU (nodes + Redis) ×1.0 lower, CPU per delivery ×15.5 lower.
 ";
         assert_eq!(table, expected);
     }

@@ -29,11 +29,22 @@ pub(crate) struct Options {
     /// Size of the upload that runs under the chat latency probe, in MiB.
     #[arg(long, value_name = "M", default_value_t = 100)]
     chat_size_mib: u64,
+    /// Run this `hubbub` binary instead of building the workspace's, to
+    /// compare two builds on the same machine.
+    #[arg(long, value_name = "PATH")]
+    server: Option<std::path::PathBuf>,
 }
 
 pub(crate) fn upload_bench(root: &Path, options: &Options) -> anyhow::Result<()> {
-    crate::run(root, "cargo", &["build", "--release", "--package", "hubbub"])?;
-    let work = root.join("target/upload-bench");
+    let binary = match &options.server {
+        Some(path) => path.clone(),
+        None => {
+            crate::run(root, "cargo", &["build", "--release", "--package", "hubbub"])?;
+            // Wherever CARGO_TARGET_DIR put it.
+            crate::target_dir(root).join("release/hubbub")
+        }
+    };
+    let work = crate::target_dir(root).join("upload-bench");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
     let big = work.join("big.bin");
@@ -47,7 +58,7 @@ pub(crate) fn upload_bench(root: &Path, options: &Options) -> anyhow::Result<()>
     let sha256sum_time = started.elapsed();
 
     let max = (options.size_mib.max(options.chat_size_mib) + 1) << 20;
-    let mut command = Command::new(root.join("target/release/hubbub"));
+    let mut command = Command::new(binary);
     command
         .args(["--listen", "127.0.0.1:0", "--log", "warn", "--no-rate-limit"])
         .arg("--upload-dir")
@@ -109,7 +120,10 @@ pub(crate) fn upload_bench(root: &Path, options: &Options) -> anyhow::Result<()>
         options.chat_size_mib, busy.count, busy.p50_ms, busy.p99_ms
     ));
     eprintln!("\n{table}");
-    replace_section(&root.join("docs/BENCHMARKS.md"), "upload", "## Uploads", &table)?;
+    // A binary from elsewhere is a comparison, not this commit's figures.
+    if options.server.is_none() {
+        replace_section(&root.join("docs/BENCHMARKS.md"), "upload", "## Uploads", &table)?;
+    }
     let _ = std::fs::remove_dir_all(&work);
     Ok(())
 }

@@ -216,6 +216,12 @@ impl<P> HeartbeatTable<P> {
         self.entries.get(key.0 as usize)?.as_ref().map(|entry| &entry.peer)
     }
 
+    /// Every peer in the table, in no particular order: for a driver that
+    /// must tell them all something (a server shutting down).
+    pub fn peers(&self) -> impl Iterator<Item = &P> {
+        self.entries.iter().flatten().map(|entry| &entry.peer)
+    }
+
     /// Records a pong carrying `token` from the peer at `key`, which arrived
     /// at `now`.
     ///

@@ -70,7 +70,8 @@ impl Rig {
     pub fn new(retention: Retention) -> Self {
         let clock = Arc::new(ManualClock::new(START_MS));
         let faults = FaultInjector::default();
-        let options = Options { retention, clock: clock.clone(), faults: faults.clone() };
+        let options =
+            Options { retention, clock: clock.clone(), faults: faults.clone(), ..Options::default() };
         Self { clock, faults, options }
     }
 }

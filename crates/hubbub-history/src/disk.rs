@@ -29,8 +29,8 @@ use redb::{
 
 use crate::core::{self, Dedupe, DedupeAge, Reader, RoomMeta, StoreError, StoreResult, Tables};
 use crate::{
-    Engine, Epoch, Error, FaultInjector, History, OnDone, Options, Position, Publish, Published, Recovery,
-    Result, StoredMessage,
+    BatchScope, Engine, Epoch, Error, FaultInjector, History, OnDone, Options, Position, Publish, Published,
+    Recovery, Result, StoredMessage,
 };
 
 /// The version of this crate's layout of tables; a file with another is refused at open.
@@ -277,9 +277,7 @@ impl Writer {
             std::thread::Builder::new().name("hubbub-history-completer".into()).spawn(move || {
                 let _ = shared.completer.set(std::thread::current().id());
                 for batch in completions {
-                    for (on_done, result) in batch {
-                        complete(on_done, result);
-                    }
+                    complete_batch(&shared.options.batch, batch);
                 }
             });
         let completer = match completer {
@@ -327,10 +325,10 @@ impl Writer {
                 match done {
                     Some(done) => {
                         if let Err(mpsc::SendError(completions)) = done.send(completions) {
-                            completions.into_iter().for_each(|(on_done, result)| complete(on_done, result));
+                            complete_batch(&self.shared.options.batch, completions);
                         }
                     }
-                    None => completions.into_iter().for_each(|(on_done, result)| complete(on_done, result)),
+                    None => complete_batch(&self.shared.options.batch, completions),
                 }
             }
         }
@@ -442,6 +440,14 @@ impl Writer {
             self.reopen();
         }
     }
+}
+
+/// Runs one commit's completions, in order, inside the engine's [`BatchScope`].
+fn complete_batch(scope: &BatchScope, completions: Completions) {
+    let mut completions = Some(completions);
+    scope.run(|| {
+        completions.take().into_iter().flatten().for_each(|(on_done, result)| complete(on_done, result))
+    });
 }
 
 fn complete(on_done: OnDone, result: Result<Published>) {

@@ -343,6 +343,8 @@ pub struct Options {
     pub clock: Arc<dyn Clock>,
     /// A switch that makes writes fail, for tests; off unless a test turns it on.
     pub faults: FaultInjector,
+    /// What the completions of one batch (one commit) run inside, on the thread that runs them.
+    pub batch: BatchScope,
 }
 
 impl Default for Options {
@@ -351,7 +353,44 @@ impl Default for Options {
             retention: Retention::default(),
             clock: Arc::new(SystemClock),
             faults: FaultInjector::default(),
+            batch: BatchScope::default(),
         }
+    }
+}
+
+/// Runs the completions of one batch, in order, inside a function of the caller's: a server
+/// that delivers from its callbacks can hold its recipients' wake-ups until the batch is
+/// done, so a recipient with several messages in one commit is woken, and writes, once.
+///
+/// The function must call the closure it is given exactly once, on the same thread. The
+/// default calls it directly.
+#[derive(Clone)]
+pub struct BatchScope(Arc<ScopeFn>);
+
+/// A function that runs the batch it is given.
+type ScopeFn = dyn Fn(&mut dyn FnMut()) + Send + Sync;
+
+impl BatchScope {
+    /// A scope that runs each batch inside `scope`.
+    pub fn new(scope: impl Fn(&mut dyn FnMut()) + Send + Sync + 'static) -> Self {
+        Self(Arc::new(scope))
+    }
+
+    /// Runs `batch` inside the scope.
+    pub fn run(&self, mut batch: impl FnMut()) {
+        (self.0)(&mut batch);
+    }
+}
+
+impl Default for BatchScope {
+    fn default() -> Self {
+        Self::new(|batch| batch())
+    }
+}
+
+impl fmt::Debug for BatchScope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("BatchScope")
     }
 }
 

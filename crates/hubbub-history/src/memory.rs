@@ -8,8 +8,8 @@ use bytes::Bytes;
 
 use crate::core::{self, Dedupe, DedupeAge, Reader, RoomMeta, StoreResult, Tables};
 use crate::{
-    Engine, Epoch, Error, History, OnDone, Options, Position, Publish, Published, Recovery, Result,
-    StoredMessage,
+    BatchScope, Engine, Epoch, Error, History, OnDone, Options, Position, Publish, Published, Recovery,
+    Result, StoredMessage,
 };
 
 /// History kept in RAM, lost at exit: every start is a new [`Epoch`].
@@ -123,20 +123,23 @@ impl MemoryEngine {
 
 impl MemRoom {
     /// Delivers queued completions unless another thread is; see [`MemoryEngine`].
-    fn deliver(&self) {
+    fn deliver(&self, scope: &BatchScope) {
         loop {
             if self.delivering.swap(true, Ordering::SeqCst) {
                 // The thread delivering will see what this one queued: it checks the queue
                 // again after it stops.
                 return;
             }
-            loop {
-                let next = lock(&self.state).pending.pop_front();
-                let Some((on_done, result)) = next else { break };
-                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| on_done(result))).is_err() {
-                    tracing::error!("a history completion callback panicked");
+            // What is queued now is one batch.
+            scope.run(|| {
+                loop {
+                    let next = lock(&self.state).pending.pop_front();
+                    let Some((on_done, result)) = next else { break };
+                    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| on_done(result))).is_err() {
+                        tracing::error!("a history completion callback panicked");
+                    }
                 }
-            }
+            });
             self.delivering.store(false, Ordering::SeqCst);
             if lock(&self.state).pending.is_empty() {
                 return;
@@ -162,7 +165,7 @@ impl Engine for MemoryEngine {
             };
             state.pending.push_back((on_done, result));
         }
-        room.deliver();
+        room.deliver(&self.options.batch);
     }
 
     fn position(&self, room: &str) -> Result<Position> {

@@ -82,6 +82,7 @@ pub fn run(plan: &Plan, options: &Options) -> anyhow::Result<Summary> {
             cpu_percent: percent(cpu1.saturating_sub(cpu0), elapsed),
             rss_base_bytes,
             rss_bytes: server_rss(pid)?,
+            writes_per_delivery: None,
         }),
         _ => None,
     };

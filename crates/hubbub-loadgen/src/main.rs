@@ -83,6 +83,11 @@ struct Args {
     /// and RSS too.
     #[arg(long, value_name = "PID")]
     redis_pid: Option<u32>,
+    /// With --server-pid: count the (first) server's write system calls
+    /// during the window with `perf stat` (needs perf and the right to
+    /// trace it).
+    #[arg(long, requires = "server_pid")]
+    count_writes: bool,
     /// Longest wait for every client to connect and join, in seconds
     /// (default 60 plus 4 ms per client).
     #[arg(long, value_name = "SECONDS")]
@@ -198,6 +203,7 @@ fn plan(args: &Args) -> anyhow::Result<(Plan, Options)> {
         server_pid: args.server_pid.first().copied(),
         more_server_pids: args.server_pid.iter().skip(1).copied().collect(),
         redis_pid: args.redis_pid,
+        count_writes: args.count_writes,
     };
     Ok((plan, options))
 }
@@ -235,6 +241,20 @@ fn table(s: &Summary) -> String {
     if let Some(server) = &s.server {
         if s.nodes.is_empty() {
             rows.extend([("server CPU", cpu(server)), ("server RSS", rss(server))]);
+            rows.extend([
+                (
+                    "server CPU per delivery",
+                    if s.deliveries_per_sec > 0.0 {
+                        format!("{:.2} µs", server.cpu_percent / 100.0 / s.deliveries_per_sec * 1e6)
+                    } else {
+                        "n/a".to_owned()
+                    },
+                ),
+                (
+                    "server writes per delivery",
+                    server.writes_per_delivery.map_or_else(|| "n/a".to_owned(), |w| format!("{w:.3}")),
+                ),
+            ]);
         } else {
             let all = format!("{:.0} % of one core, {} nodes", server.cpu_percent, s.nodes.len());
             rows.extend([("nodes' CPU", all), ("nodes' RSS", rss(server))]);

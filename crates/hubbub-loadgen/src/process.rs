@@ -1,8 +1,10 @@
 //! Processes as Linux's /proc shows them: CPU time and RSS, of the server
-//! under test and of the generator itself; and this process's limit on open
-//! files, raised so that one process can hold many connections.
+//! under test and of the generator itself; the server's write system calls,
+//! counted by `perf stat`; and this process's limit on open files, raised so
+//! that one process can hold many connections.
 
-use std::process::Command;
+use std::io::Read as _;
+use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -41,6 +43,66 @@ fn clock_ticks() -> u64 {
             .and_then(|text| text.trim().parse().ok())
             .unwrap_or(100)
     })
+}
+
+/// The system calls a server sends bytes with: `write` and `writev` (Tokio,
+/// libuv), `sendto` and `sendmsg` (uSockets, whose `send` is `sendto`).
+const WRITE_EVENTS: &str =
+    "syscalls:sys_enter_write,syscalls:sys_enter_writev,syscalls:sys_enter_sendto,syscalls:sys_enter_sendmsg";
+
+/// How long `perf stat` gets to attach before the window it counts starts.
+const PERF_ATTACH: Duration = Duration::from_millis(200);
+
+/// Counts another process's write system calls (every thread) from `start`
+/// to `stop`, with `perf stat` on the kernel's syscall tracepoints: any
+/// server, whatever it is written in, with the kernel's own count and
+/// almost no overhead (unlike `strace`). Needs `perf` and the permission to
+/// trace the process (root, or `kernel.perf_event_paranoid` allowing it);
+/// without them there is no count, and the run goes on.
+#[derive(Debug)]
+pub struct WriteCounter {
+    perf: Child,
+}
+
+impl WriteCounter {
+    /// Starts counting the writes of process `pid`; `None` if `perf` cannot
+    /// be started.
+    pub fn start(pid: u32) -> Option<Self> {
+        let perf = Command::new("perf")
+            .args(["stat", "--no-big-num", "-x", ",", "-e", WRITE_EVENTS, "-p", &pid.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .ok()?;
+        std::thread::sleep(PERF_ATTACH);
+        Some(Self { perf })
+    }
+
+    /// Stops counting: the writes since `start`, or `None` if `perf` could
+    /// not count them (no tracepoints, not allowed, the process gone).
+    pub fn stop(mut self) -> Option<u64> {
+        let pid = rustix::process::Pid::from_raw(i32::try_from(self.perf.id()).ok()?)?;
+        // `perf stat` prints its counts when interrupted.
+        if rustix::process::kill_process(pid, rustix::process::Signal::INT).is_err() {
+            let _ = self.perf.kill();
+        }
+        let mut report = String::new();
+        self.perf.stderr.take()?.read_to_string(&mut report).ok()?;
+        let _ = self.perf.wait();
+        parse_perf_counts(&report)
+    }
+}
+
+/// The sum of `perf stat -x ,` counts: `None` if any event was not counted.
+fn parse_perf_counts(report: &str) -> Option<u64> {
+    let mut total = 0;
+    let mut events = 0;
+    for line in report.lines().filter(|line| line.contains("syscalls:")) {
+        total += line.split(',').next()?.trim().parse::<u64>().ok()?;
+        events += 1;
+    }
+    (events > 0).then_some(total)
 }
 
 /// A process's resident set size in bytes, from /proc/PID/status.
@@ -100,6 +162,18 @@ mod tests {
         let (by_pid, own) = (cpu_time(pid).unwrap(), own_cpu_time().unwrap());
         assert!(own >= by_pid, "CPU time does not go back");
         assert!(cpu_time(u32::MAX).is_err(), "no such process");
+    }
+
+    #[test]
+    fn perf_counts_are_summed_and_an_uncounted_event_is_no_count() {
+        let report = "# started on Sun Dec  6 15:36:02 2026\n\n\
+            10,,syscalls:sys_enter_write,2998478776,100.00,,\n\
+            214402,,syscalls:sys_enter_writev,2998439377,100.00,,\n\
+            0,,syscalls:sys_enter_sendto,2998470273,100.00,,\n";
+        assert_eq!(parse_perf_counts(report), Some(214_412));
+        let unsupported = "<not supported>,,syscalls:sys_enter_write,0,100.00,,\n";
+        assert_eq!(parse_perf_counts(unsupported), None);
+        assert_eq!(parse_perf_counts("perf: command failed\n"), None);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use serde::Serialize;
 
-use crate::process::{cpu_time, own_cpu_time, rss_bytes};
+use crate::process::{WriteCounter, cpu_time, own_cpu_time, rss_bytes};
 use crate::{Histogram, Phase, Plan, Sending, Shared, run_clients};
 
 /// How long a run lasts, and what else it samples.
@@ -45,6 +45,9 @@ pub struct Options {
     /// The process id of the Redis a cluster's nodes share, sampled on its
     /// own into [`Summary::redis`].
     pub redis_pid: Option<u32>,
+    /// Count the server's write system calls over the window
+    /// ([`WriteCounter`]); needs `server_pid`.
+    pub count_writes: bool,
 }
 
 impl Options {
@@ -166,6 +169,10 @@ pub struct ServerSample {
     pub rss_base_bytes: u64,
     /// Its RSS at the end of the window.
     pub rss_bytes: u64,
+    /// Its write system calls (`write`, `writev`, `sendto`, `sendmsg`) over
+    /// the window per delivery in it, when they were counted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub writes_per_delivery: Option<f64>,
 }
 
 impl ServerSample {
@@ -178,6 +185,8 @@ impl ServerSample {
             cpu_percent: samples.iter().map(|s| s.cpu_percent).sum(),
             rss_base_bytes: samples.iter().map(|s| s.rss_base_bytes).sum(),
             rss_bytes: samples.iter().map(|s| s.rss_bytes).sum(),
+            // Counted for one process only.
+            writes_per_delivery: if samples.len() == 1 { first.writes_per_delivery } else { None },
         })
     }
 }
@@ -298,6 +307,7 @@ fn samples(
                 cpu_percent: percent(after.saturating_sub(*before), window),
                 rss_base_bytes: 0,
                 rss_bytes: server_rss(pid)?,
+                writes_per_delivery: None,
             })
         })
         .collect()
@@ -325,6 +335,7 @@ fn drive(plan: &Plan, shared: &Shared, options: &Options, started: Instant) -> a
     let setup = started.elapsed();
     std::thread::sleep(options.settle);
 
+    let writes = options.server_pid.filter(|_| options.count_writes).and_then(WriteCounter::start);
     let (nodes, redis) = (options.node_pids(), Vec::from_iter(options.redis_pid));
     let (cpu0, redis0) = (cpu_times(&nodes)?, cpu_times(&redis)?);
     let (gen0, delivered0) = (own_cpu_time()?, shared.delivered.load(Ordering::Relaxed));
@@ -336,8 +347,14 @@ fn drive(plan: &Plan, shared: &Shared, options: &Options, started: Instant) -> a
     let window = t0.elapsed();
     let (cpu1, redis1) = (cpu_times(&nodes)?, cpu_times(&redis)?);
     let (gen1, delivered1) = (own_cpu_time()?, shared.delivered.load(Ordering::Relaxed));
+    let writes = writes.and_then(WriteCounter::stop);
     let bytes1 = shared.bytes_in.load(Ordering::Relaxed);
-    let nodes = samples(&nodes, &cpu0, &cpu1, window)?;
+    let mut nodes = samples(&nodes, &cpu0, &cpu1, window)?;
+    if let Some(first) = nodes.first_mut() {
+        first.writes_per_delivery = writes
+            .filter(|_| delivered1 > delivered0)
+            .map(|writes| writes as f64 / (delivered1 - delivered0) as f64);
+    }
     let redis = samples(&redis, &redis0, &redis1, window)?.pop();
     // What was sent must arrive; give it a little time.
     let _ = wait_until(Instant::now() + options.drain_timeout, "deliveries to drain", || {

@@ -39,6 +39,7 @@ async fn idle_clients_are_measured_with_the_refused_ones_counted() {
         server_pid: Some(std::process::id()),
         more_server_pids: Vec::new(),
         redis_pid: None,
+        count_writes: false,
     };
     let strict = run::Options { allow_failed_connections: false, ..options.clone() };
     let (summary, refused) = tokio::task::spawn_blocking(move || {

@@ -310,6 +310,10 @@ pub struct UploadSettings {
     /// Largest chunk size a client may choose; a chunk frame must fit
     /// `websocket.max_message_bytes`. Default 65,536.
     pub max_chunk_size: u32,
+    /// Chunk bytes an upload gathers before writing them to disk in one
+    /// job on the blocking pool; an upload holds about twice this in
+    /// memory. Default 262,144 (256 KiB, four 64 KiB chunks).
+    pub write_batch_bytes: usize,
 }
 
 impl Default for UploadSettings {
@@ -329,6 +333,7 @@ impl Default for UploadSettings {
             default_chunk_size: limits.default_chunk_size,
             min_chunk_size: limits.min_chunk_size,
             max_chunk_size: limits.max_chunk_size,
+            write_batch_bytes: 256 << 10,
         }
     }
 }
@@ -1008,6 +1013,7 @@ impl UploadSettings {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.transfer_limits().validate().map_err(ConfigError::Uploads)?;
         zero("uploads.max_parked", self.max_parked as u64)?;
+        zero("uploads.write_batch_bytes", self.write_batch_bytes as u64)?;
         zero("uploads.max_uploads_per_owner", self.max_uploads_per_owner as u64)?;
         // Otherwise a file of the largest allowed size could never be sent.
         if self.max_reserved_bytes_per_owner < self.max_file_size {

@@ -28,7 +28,7 @@ use std::future::poll_fn;
 use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::net::IpAddr;
-use std::pin::{Pin, pin};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
@@ -39,7 +39,6 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use crate::ws::{CloseCode, Text};
-use tokio_util::sync::WaitForCancellationFuture;
 use tracing::Instrument;
 
 use crate::Shared;
@@ -144,10 +143,9 @@ const MAX_SLICES: usize = 64;
 
 /// What woke the connection's task.
 enum Event {
-    /// The peer was asked to close (by the hub, a handler, or a reaper).
+    /// The peer was asked to close (by the hub, a handler, a reaper, or
+    /// the sweeper at shutdown).
     Closing,
-    /// The server is shutting down.
-    Shutdown,
     /// The handler's deadline passed.
     Timer,
     /// Writing failed: the transport is gone.
@@ -188,15 +186,11 @@ impl<S: Stream> Wire<S> {
         cx: &mut Context<'_>,
         peer: &Peer,
         min_bytes: usize,
-        shutdown: Pin<&mut WaitForCancellationFuture<'_>>,
         timer: Option<Pin<&mut Sleep>>,
     ) -> Poll<Event> {
         peer.register(cx.waker());
         if peer.is_closing() {
             return Poll::Ready(Event::Closing);
-        }
-        if shutdown.poll(cx).is_ready() {
-            return Poll::Ready(Event::Shutdown);
         }
         if timer.is_some_and(|timer| timer.poll(cx).is_ready()) {
             return Poll::Ready(Event::Timer);
@@ -326,13 +320,13 @@ async fn handle<S: Stream>(
     wire: &mut Wire<S>,
     peer: &Peer,
     min_bytes: usize,
-    mut shutdown: Pin<&mut WaitForCancellationFuture<'_>>,
     mut handled: Pin<Box<impl Future<Output = ()>>>,
 ) -> bool {
     poll_fn(|cx| {
         peer.register(cx.waker());
-        // A closing connection does not wait for its handler.
-        if peer.is_closing() || shutdown.as_mut().poll(cx).is_ready() {
+        // A closing connection (shutdown included) does not wait for its
+        // handler.
+        if peer.is_closing() {
             return Poll::Ready(false);
         }
         if handled.as_mut().poll(cx).is_ready() {
@@ -359,7 +353,13 @@ fn drive<S: Stream, H: Handler>(
     async move {
         let stats = &shared.hub.stats;
         let beat = shared.beats.insert(&peer);
-        let mut shutdown = pin!(shared.shutdown.cancelled());
+        // Shutdown closes every registered connection (`sweeper`); one that
+        // registered after that sees the token. No connection waits on the
+        // token itself: each poll of it would take a lock all connections
+        // share.
+        if shared.shutdown.is_cancelled() {
+            peer.close(CloseReason::GOING_AWAY);
+        }
         // Boxed, and only while the handler has a deadline (chat waiting
         // for a token, or a token's expiry): most connections need no timer.
         let mut timer: Option<Pin<Box<Sleep>>> =
@@ -377,13 +377,12 @@ fn drive<S: Stream, H: Handler>(
                     cx,
                     &peer,
                     shared.config.websocket.compression_min_bytes,
-                    shutdown.as_mut(),
                     timer.as_mut().map(Pin::as_mut),
                 )
             })
             .await;
             match event {
-                Event::Closing | Event::Shutdown => break,
+                Event::Closing => break,
                 Event::Timer => {
                     let now = Instant::now();
                     if handler.deadline().is_some_and(|at| at <= now) {
@@ -400,14 +399,8 @@ fn drive<S: Stream, H: Handler>(
                         stats.received.inc();
                         stats.bytes_in.inc_by(message.data_len() as u64);
                         let handled = Box::pin(dispatch(&mut handler, message));
-                        if !handle(
-                            &mut wire,
-                            &peer,
-                            shared.config.websocket.compression_min_bytes,
-                            shutdown.as_mut(),
-                            handled,
-                        )
-                        .await
+                        if !handle(&mut wire, &peer, shared.config.websocket.compression_min_bytes, handled)
+                            .await
                         {
                             break;
                         }
@@ -610,6 +603,8 @@ mod tests {
     #[tokio::test]
     async fn echo_and_shutdown_over_an_in_memory_pipe() {
         let shared = shared(Config::default());
+        // What tells connections of shutdown.
+        tokio::spawn(crate::sweeper::sweeper(shared.clone()));
         let (mut client, _peer, task) = echo(&shared, 64 << 10);
         client.write_all(&masked(0x1, b"hello")).await.unwrap();
         let got = read_until(&mut client, has(0x1)).await;

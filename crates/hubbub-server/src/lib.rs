@@ -76,7 +76,8 @@ pub(crate) struct Shared {
     pub(crate) beats: sweeper::Registry,
     /// When the server was created, for `uptime`.
     pub(crate) started: Instant,
-    /// Cancelled when shutdown begins; every connection's task watches it.
+    /// Cancelled when shutdown begins; the heartbeat sweeper then closes
+    /// every connection (`sweeper::Registry::close_all`).
     pub(crate) shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for them to finish.
     pub(crate) tasks: TaskTracker,
@@ -124,6 +125,7 @@ impl Server {
             limits: uploads.transfer_limits(),
             // The nodes of a cluster share the directory (CLUSTER.md).
             shared: config.cluster.redis_url.is_some(),
+            write_batch_bytes: uploads.write_batch_bytes,
         })
         .map_err(|err| ConfigError::UploadDir { path: uploads.dir.clone(), cause: err.to_string() })?;
         let tls = config.tls.clone().map(TlsReloader::load).transpose()?;
@@ -283,7 +285,7 @@ fn open_history(config: &Config) -> Result<Option<HistoryHandle>, ConfigError> {
 
 /// Retention and dedupe as configured, for any history engine.
 fn history_options(config: &Config) -> hubbub_history::Options {
-    use hubbub_history::{Options, Retention};
+    use hubbub_history::{BatchScope, Options, Retention};
     let settings = &config.history;
     Options {
         retention: Retention {
@@ -293,6 +295,8 @@ fn history_options(config: &Config) -> hubbub_history::Options {
             dedupe_capacity: config.delivery.dedupe_capacity as u64,
             ..Retention::default()
         },
+        // A recipient with several messages in one commit writes them at once.
+        batch: BatchScope::new(link::with_deferred_wakes),
         ..Options::default()
     }
 }

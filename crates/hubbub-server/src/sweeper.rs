@@ -77,6 +77,20 @@ impl Registry {
         lock(&self.shards[slot.shard as usize]).on_pong(slot.key, now(), token)
     }
 
+    /// Asks every registered connection to close because the server is
+    /// shutting down (1001, after what is queued). This is how connections
+    /// learn of shutdown: each already waits on its own waker, so none of
+    /// them also waits on the shared cancellation token, whose every poll
+    /// takes one lock shared by all connections. A connection that
+    /// registers after this ran sees the token cancelled (`conn`).
+    pub(crate) fn close_all(&self) {
+        for shard in &self.shards {
+            for peer in lock(shard).peers() {
+                peer.close(CloseReason::GOING_AWAY);
+            }
+        }
+    }
+
     /// Forgets a connection.
     pub(crate) fn remove(&self, slot: Place) {
         let peer = lock(&self.shards[slot.shard as usize]).remove(slot.key);
@@ -115,13 +129,14 @@ pub(crate) fn tick(interval: Duration) -> Duration {
     (interval / 8).clamp(Duration::from_millis(1), Duration::from_secs(1))
 }
 
-/// Sweeps the registry on every tick until shutdown.
+/// Sweeps the registry on every tick until shutdown, then closes every
+/// connection.
 pub(crate) async fn sweeper(shared: Arc<Shared>) {
     let mut ticks = tokio::time::interval(tick(shared.config.heartbeat.interval));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            () = shared.shutdown.cancelled() => return,
+            () = shared.shutdown.cancelled() => return shared.beats.close_all(),
             now = ticks.tick() => shared.beats.sweep(now, &shared.hub.stats),
         }
     }
@@ -202,6 +217,19 @@ mod tests {
         tokio::time::advance(50 * DAY).await;
         assert_eq!(five_minutes(&registry, &stats, &live).await, (10, true));
         assert_eq!(stats.dead_reaped.get(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_closes_every_registered_connection_with_1001_and_only_those() {
+        let registry = Registry::new(HeartbeatConfig::default());
+        let conns: Vec<Conn> = (0..40).map(|_| Conn::new(&registry, true)).collect();
+        registry.remove(conns[0].slot);
+        registry.close_all();
+        assert!(!conns[0].peer.is_closing(), "a connection that left is not touched");
+        for conn in &conns[1..] {
+            assert!(conn.peer.is_closing());
+            assert_eq!(conn.peer.close_reason().code, CloseCode::AWAY);
+        }
     }
 
     #[tokio::test(start_paused = true)]
