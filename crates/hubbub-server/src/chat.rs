@@ -664,10 +664,13 @@ impl ChatSession {
         let mut request = Publish::new(room.name.clone(), self.name(), move |at: Assigned| {
             Bytes::from(build(at).to_json())
         })
-        .timestamp_ms(now_ms())
-        .origin(self.peer.id().simple().to_string());
+        .timestamp_ms(now_ms());
         if let Some(id) = client_msg_id {
             request = request.client_msg_id(id);
+        }
+        if self.shared.cluster.is_some() {
+            // So the nodes delivering it from Redis can skip its sender.
+            request = request.origin(self.peer.id().simple().to_string());
         }
         let (shared, room, sender) = (self.shared.clone(), room.clone(), self.peer.id());
         // In a cluster every node, this one included, delivers from its

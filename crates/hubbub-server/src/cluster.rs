@@ -315,12 +315,25 @@ impl Cluster {
         (position, others)
     }
 
+    /// The command connection, once [`run`] has made it.
+    fn connection(&self) -> redis::RedisResult<ConnectionManager> {
+        self.conn
+            .get()
+            .cloned()
+            .ok_or_else(|| redis::RedisError::from((redis::ErrorKind::Io, "not connected yet")))
+    }
+
+    /// `HMGET` of a room's epoch and newest offset, answered as
+    /// `(Option<String>, Option<u64>)`.
+    fn meta(&self, room: &str) -> redis::Cmd {
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(self.engine.room_key(room, "meta")).arg("epoch").arg("newest");
+        cmd
+    }
+
     /// The room's members on other nodes, as Redis holds them.
     async fn presence(&self, room: &str) -> redis::RedisResult<Others> {
-        let Some(conn) = self.conn.get() else {
-            return Err(redis::RedisError::from((redis::ErrorKind::Io, "not connected yet")));
-        };
-        let mut conn = conn.clone();
+        let mut conn = self.connection()?;
         let all: HashMap<String, String> =
             redis::cmd("HGETALL").arg(self.presence_key(room)).query_async(&mut conn).await?;
         Ok(self.others_of(all))
@@ -341,15 +354,11 @@ impl Cluster {
     /// read of its position and its creation reached no room here; if Redis
     /// has any, they are read from the stream and delivered now.
     pub(crate) fn settle(self: &Arc<Self>, shared: &Arc<Shared>, room: Arc<Room>) {
-        let Some(mut conn) = self.conn.get().cloned() else { return };
+        let Ok(mut conn) = self.connection() else { return };
         let (shared, cluster) = (shared.clone(), self.clone());
         tokio::spawn(async move {
-            let meta: redis::RedisResult<(Option<String>, Option<u64>)> = redis::cmd("HMGET")
-                .arg(cluster.engine.room_key(&room.name, "meta"))
-                .arg("epoch")
-                .arg("newest")
-                .query_async(&mut conn)
-                .await;
+            let meta: redis::RedisResult<(Option<String>, Option<u64>)> =
+                cluster.meta(&room.name).query_async(&mut conn).await;
             if let Ok((Some(epoch), newest)) = meta
                 && room.check(Some(&epoch), newest.unwrap_or(0), true) != Checked::Fine
             {
@@ -419,10 +428,7 @@ impl Cluster {
 
     /// Every room with members anywhere in the cluster, with their counts.
     pub(crate) async fn room_counts(&self) -> redis::RedisResult<Vec<(String, usize)>> {
-        let Some(conn) = self.conn.get() else {
-            return Err(redis::RedisError::from((redis::ErrorKind::Io, "not connected yet")));
-        };
-        let mut conn = conn.clone();
+        let mut conn = self.connection()?;
         let counts: HashMap<String, i64> =
             redis::cmd("HGETALL").arg(self.counts_key()).query_async(&mut conn).await?;
         let mut list: Vec<(String, usize)> = counts
@@ -629,11 +635,6 @@ async fn remove_node(cluster: &Cluster, conn: &mut ConnectionManager, node: &str
         .await
 }
 
-/// Milliseconds since the Unix epoch.
-fn now_ms() -> u64 {
-    crate::chat::now_ms()
-}
-
 /// Every `check_interval`: renews this node's lease, removes nodes whose
 /// lease ran out, and compares every room here with Redis.
 async fn check(shared: Arc<Shared>, cluster: Arc<Cluster>, mut conn: ConnectionManager) {
@@ -644,7 +645,7 @@ async fn check(shared: Arc<Shared>, cluster: Arc<Cluster>, mut conn: ConnectionM
     let mut registered = false;
     loop {
         ticks.tick().await;
-        let now = now_ms();
+        let now = crate::chat::now_ms();
         let nodes: redis::RedisResult<(usize, Vec<String>, usize)> = redis::pipe()
             .cmd("ZADD")
             .arg(cluster.nodes_key())
@@ -711,7 +712,7 @@ async fn check_rooms(
     for chunk in rooms.chunks(100) {
         let mut pipe = redis::pipe();
         for room in chunk {
-            pipe.cmd("HMGET").arg(cluster.engine.room_key(&room.name, "meta")).arg("epoch").arg("newest");
+            pipe.add_command(cluster.meta(&room.name));
             pipe.cmd("HGETALL").arg(cluster.presence_key(&room.name));
         }
         let sent = std::time::Instant::now();

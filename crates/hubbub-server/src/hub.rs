@@ -799,8 +799,8 @@ impl Hub {
     }
 
     /// Removes `peer` from `room`, tells those who remain with `userLeft`, and
-    /// removes the room if it is now empty here; true if it was.
-    pub(crate) fn leave(&self, peer: &Peer, user: &str, room: &Room) -> bool {
+    /// removes the room if it is now empty here.
+    pub(crate) fn leave(&self, peer: &Peer, user: &str, room: &Room) {
         let mut rooms = lock(&self.rooms);
         let mut members = write(&room.members);
         members.remove(&peer.id());
@@ -824,23 +824,20 @@ impl Hub {
             fan_out(members.iter(), &left, None, &self.stats);
         }
         drop(members);
-        removed
     }
 
     /// Removes `peer` from `room` without telling the other members, for a
     /// server shutdown; the room goes when it is empty, as with
-    /// [`Hub::leave`]; true if it went.
-    pub(crate) fn leave_quietly(&self, peer: &Peer, room: &Room) -> bool {
+    /// [`Hub::leave`].
+    pub(crate) fn leave_quietly(&self, peer: &Peer, room: &Room) {
         let mut rooms = lock(&self.rooms);
         let mut members = write(&room.members);
         members.remove(&peer.id());
-        let removed = members.is_empty();
-        if removed {
+        if members.is_empty() {
             room.removed.store(true, Ordering::Release);
             rooms.remove(&room.name);
             self.stats.rooms.set(rooms.len() as i64);
         }
-        removed
     }
 
     /// Every room here, for the cluster's checks.
