@@ -169,7 +169,11 @@ pub(crate) fn trim<T: Tables>(
         meta.first += 1;
     }
     let forget_before = now_ms.saturating_sub(millis(retention.dedupe_window));
-    while let Some(oldest) = tables.dedupe_oldest(room)? {
+    // `dedupe_len` counts the room's remembered ids, so a room that sends without ids (most
+    // do) skips the lookup.
+    while meta.dedupe_len > 0
+        && let Some(oldest) = tables.dedupe_oldest(room)?
+    {
         // Kept while a resend would still be recognised (see `publish`) and within capacity.
         if oldest.recorded_ms > forget_before && meta.dedupe_len <= retention.dedupe_capacity {
             break;

@@ -546,6 +546,8 @@ struct WriteTables<'txn> {
     messages: Table<'txn, (&'static str, u64), &'static [u8]>,
     dedupe: Table<'txn, (&'static str, &'static str, u128), (u64, u64, u64)>,
     dedupe_age: Table<'txn, (&'static str, u64, &'static str, u128), ()>,
+    /// A message's value while it is being inserted, reused across the batch.
+    value: Vec<u8>,
 }
 
 impl<'txn> WriteTables<'txn> {
@@ -555,6 +557,7 @@ impl<'txn> WriteTables<'txn> {
             messages: txn.open_table(MESSAGES)?,
             dedupe: txn.open_table(DEDUPE)?,
             dedupe_age: txn.open_table(DEDUPE_AGE)?,
+            value: Vec::new(),
         })
     }
 }
@@ -565,10 +568,15 @@ fn meta_from((newest, first, dedupe_len): (u64, u64, u64)) -> RoomMeta {
 
 /// A stored message value: the timestamp, 8 bytes big-endian, then the bytes.
 fn decode_message(offset: u64, value: &[u8]) -> StoreResult<StoredMessage> {
-    let (time, bytes) =
-        value.split_at_checked(8).ok_or_else(|| StoreError("message record too short".into()))?;
-    let time: [u8; 8] = time.try_into().map_err(|_| StoreError("message record too short".into()))?;
-    Ok(StoredMessage { offset, timestamp_ms: u64::from_be_bytes(time), bytes: Bytes::copy_from_slice(bytes) })
+    let (timestamp_ms, bytes) = decode_time(value)?;
+    Ok(StoredMessage { offset, timestamp_ms, bytes: Bytes::copy_from_slice(bytes) })
+}
+
+/// A stored message value's timestamp, and the bytes after it, uncopied.
+fn decode_time(value: &[u8]) -> StoreResult<(u64, &[u8])> {
+    let too_short = || StoreError("message record too short".into());
+    let (time, bytes) = value.split_first_chunk::<8>().ok_or_else(too_short)?;
+    Ok((u64::from_be_bytes(*time), bytes))
 }
 
 impl Tables for WriteTables<'_> {
@@ -582,7 +590,8 @@ impl Tables for WriteTables<'_> {
     }
 
     fn append(&mut self, room: &str, offset: u64, timestamp_ms: u64, bytes: &Bytes) -> StoreResult<()> {
-        let mut value = Vec::with_capacity(8 + bytes.len());
+        let value = &mut self.value;
+        value.clear();
         value.extend_from_slice(&timestamp_ms.to_be_bytes());
         value.extend_from_slice(bytes);
         self.messages.insert((room, offset), value.as_slice())?;
@@ -591,7 +600,7 @@ impl Tables for WriteTables<'_> {
 
     fn message_time(&mut self, room: &str, offset: u64) -> StoreResult<Option<u64>> {
         match self.messages.get((room, offset))? {
-            Some(value) => Ok(Some(decode_message(offset, value.value())?.timestamp_ms)),
+            Some(value) => Ok(Some(decode_time(value.value())?.0)),
             None => Ok(None),
         }
     }
