@@ -49,9 +49,11 @@ pub(crate) fn bench(root: &Path, options: &Options) -> anyhow::Result<()> {
         cargo_args.extend(timing);
         crate::run(root, "cargo", &cargo_args)?;
     }
-    let results = collect(&root.join("target/criterion"), started)?;
+    // Criterion writes under cargo's target directory, wherever CARGO_TARGET_DIR put it.
+    let estimates = crate::target_dir(root).join("criterion");
+    let results = collect(&estimates, started)?;
     if results.is_empty() {
-        bail!("criterion wrote no estimates under target/criterion");
+        bail!("criterion wrote no estimates under {}", estimates.display());
     }
     let (date, commit) = measure::date_and_commit(root);
     let mut body = String::new();
