@@ -134,6 +134,9 @@ pub(crate) enum ServerKind {
     /// `bench/peers/node-ws-redis/`: Node's `ws` with Redis pub/sub between
     /// processes; N of them with `--cluster N`.
     NodeWsRedis,
+    /// Hubbub with its room history off (`HUBBUB_HISTORY_STORE=off`): what
+    /// keeping history costs, by difference with the default `hubbub` row.
+    HubbubNoHistory,
 }
 
 impl ServerKind {
@@ -143,11 +146,17 @@ impl ServerKind {
             Self::NodeWs => "node-ws",
             Self::Uws => "uws",
             Self::NodeWsRedis => "node-ws-redis",
+            Self::HubbubNoHistory => "hubbub-no-history",
         }
     }
 
+    /// Whether it is the `hubbub` binary (with or without history).
+    fn is_hubbub(self) -> bool {
+        matches!(self, Self::Hubbub | Self::HubbubNoHistory)
+    }
+
     /// Whether its processes can share a Redis and serve one chat
-    /// together.
+    /// together (a cluster keeps its history in Redis, so not without it).
     fn clusters(self) -> bool {
         matches!(self, Self::Hubbub | Self::NodeWsRedis)
     }
@@ -161,7 +170,7 @@ impl ServerKind {
     /// `server.js`; Hubbub has none.
     fn peer_dir(self) -> Option<&'static str> {
         match self {
-            Self::Hubbub => None,
+            Self::Hubbub | Self::HubbubNoHistory => None,
             Self::NodeWs => Some("bench/peers/node-ws"),
             Self::Uws => Some("bench/peers/uws"),
             Self::NodeWsRedis => Some("bench/peers/node-ws-redis"),
@@ -642,7 +651,7 @@ impl Deployment {
 fn start(root: &Path, target: Target) -> anyhow::Result<Deployment> {
     if !target.redis {
         let mut command = server_command(root, target.kind);
-        if target.kind == ServerKind::Hubbub {
+        if target.kind.is_hubbub() {
             let data = crate::target_dir(root).join("loadtest");
             command.arg("--upload-dir").arg(data.join("uploads"));
         }
@@ -691,6 +700,9 @@ fn server_command(root: &Path, kind: ServerKind) -> Command {
     match kind.peer_dir() {
         None => {
             let mut command = Command::new(hubbub_binary(root));
+            if kind == ServerKind::HubbubNoHistory {
+                command.env("HUBBUB_HISTORY_STORE", "off");
+            }
             command
                 .args(["--listen", "127.0.0.1:0", "--no-rate-limit", "--log", "warn"])
                 // All the load comes from 127.0.0.x.
@@ -829,7 +841,9 @@ fn churn(server: &ServerProcess, params: &Params, kind: ServerKind) -> anyhow::R
     std::thread::sleep(CHURN_AFTER);
     let rss_after_bytes = server.rss()?;
     let connections_after = match kind {
-        ServerKind::Hubbub => measure::api_status(server.addr).ok().and_then(|s| s["connections"].as_u64()),
+        ServerKind::Hubbub | ServerKind::HubbubNoHistory => {
+            measure::api_status(server.addr).ok().and_then(|s| s["connections"].as_u64())
+        }
         ServerKind::NodeWs | ServerKind::Uws | ServerKind::NodeWsRedis => None,
     };
     Ok(ChurnReport { summary, rss_after_bytes, connections_after })

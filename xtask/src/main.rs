@@ -27,7 +27,8 @@
 //!   load scenarios against the release server and the reference peers, run
 //!   and measured by the `hubbub-loadgen` library; `--cluster N` adds N
 //!   nodes sharing a fresh redis-server (`--compare node-ws-redis`: the Node
-//!   peer scaled the same way).
+//!   peer scaled the same way); `--compare hubbub-no-history` adds Hubbub
+//!   with its room history off, to show what keeping history costs.
 //! - `cargo xtask upload-bench [--size-mib N] [--chat-size-mib M]` — upload
 //!   throughput and peak RSS against `sha256sum`, and chat latency during an
 //!   upload.
