@@ -43,7 +43,7 @@ use hubbub_loadgen::{Plan, Sending, churn, format_mib, format_ms, run};
 use serde::Serialize;
 
 use crate::measure::{self, ServerProcess};
-use crate::redis::{RedisServer, TempDir};
+use crate::redis::{self, RedisServer, TempDir};
 
 /// How long a fresh server gets to finish starting before its baseline is
 /// read.
@@ -583,7 +583,7 @@ fn prepare(root: &Path, targets: &[Target]) -> anyhow::Result<Vec<Target>> {
         npm_ci(&root.join(dir))?;
     }
     if targets.iter().any(|t| t.redis) {
-        RedisServer::check_installed()?;
+        redis::check_installed()?;
     }
     let hubbub = hubbub_binary(root);
     let help = measure::output(root, &hubbub.to_string_lossy(), &["--help"])?;
@@ -641,7 +641,7 @@ impl Deployment {
         for (i, node) in self.nodes.iter_mut().enumerate() {
             node.check_alive().with_context(|| format!("node {i}"))?;
         }
-        self.redis.as_mut().map_or(Ok(()), RedisServer::check_alive)
+        self.redis.as_mut().map_or(Ok(()), |redis| redis.check_alive().context("Redis"))
     }
 }
 
@@ -664,7 +664,7 @@ fn start(root: &Path, target: Target) -> anyhow::Result<Deployment> {
     let dir = TempDir::new("loadtest-cluster")?;
     let redis_dir = dir.path().join("redis");
     std::fs::create_dir_all(&redis_dir).context("creating Redis's directory")?;
-    let redis = RedisServer::start(&redis_dir)?;
+    let redis = redis::start(&redis_dir)?;
     let mut deployment = Deployment { nodes: Vec::new(), redis: None, _dir: None };
     for node in 0..target.nodes {
         let mut command = server_command(root, target.kind);
@@ -783,7 +783,7 @@ fn clients(deployment: &mut Deployment, scenario: Scenario, params: &Params) -> 
         allow_failed_connections: idle,
         server_pid: Some(first.pid()),
         more_server_pids: others.iter().map(ServerProcess::pid).collect(),
-        redis_pid: deployment.redis.as_ref().map(RedisServer::pid),
+        redis_pid: deployment.redis.as_ref().and_then(RedisServer::pid),
         // Where one write per delivery is the question (issue 19); perf's
         // count costs a little per system call, so not in fanout, and it
         // follows one process, so not for a cluster.

@@ -5,11 +5,8 @@
 //! `CI=true`, where they fail (CI installs it: see `.ci/run`).
 #![cfg(feature = "redis")]
 
-use std::io::Write;
-use std::net::{TcpListener, TcpStream};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Once, mpsc};
+use std::process::Command;
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -17,117 +14,42 @@ use hubbub_history::conformance::{Guarded, Rig, message};
 use hubbub_history::{
     Engine, Error, Options, Position, Recovery, RedisConfig, RedisEngine, Retention, publish_and_wait,
 };
+use hubbub_testkit::{self as testkit, Persistence};
 use tempfile::TempDir;
 
-/// A `redis-server` on a free port with a temporary directory and no persistence, killed on
-/// drop.
+/// A `redis-server` without persistence in a temporary directory, which goes once the server
+/// is gone (the fields drop in order).
 struct RedisServer {
-    child: Child,
-    port: u16,
-    /// Redis's working directory; removed after the process is gone.
-    dir: TempDir,
+    redis: testkit::RedisServer,
+    _dir: TempDir,
 }
 
 impl RedisServer {
-    /// Starts one on a free port (another, should a test running alongside take the port
-    /// between its choice and the server's start).
     fn start() -> Self {
-        for _ in 0..5 {
-            let port = {
-                let listener = TcpListener::bind("127.0.0.1:0").expect("a free port");
-                listener.local_addr().expect("bound").port()
-            };
-            let dir = tempfile::tempdir().expect("temporary directory");
-            let mut server = Self { child: spawn_redis(port, dir.path()), port, dir };
-            if server.came_up() {
-                return server;
-            }
-        }
-        panic!("redis-server did not start on any of five free ports");
-    }
-
-    /// Starts one on `port` in `dir` (a restart keeps both).
-    fn start_on(port: u16, dir: TempDir) -> Self {
-        let child = spawn_redis(port, dir.path());
-        let mut server = Self { child, port, dir };
-        assert!(server.came_up(), "redis-server did not start again on port {port}");
-        server
-    }
-
-    /// Waits until the server answers on its port; false if it exited instead (the port was
-    /// taken).
-    fn came_up(&mut self) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return false;
-            }
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                // Ours, unless it exited meanwhile for want of the port.
-                return !matches!(self.child.try_wait(), Ok(Some(_)));
-            }
-            assert!(Instant::now() < deadline, "redis-server did not open port {}", self.port);
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let redis = testkit::RedisServer::start(dir.path(), Persistence::None).expect("redis-server starts");
+        Self { redis, _dir: dir }
     }
 
     fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        self.redis.url()
     }
 
-    /// Kills the process and waits for it; answers what a restart needs.
-    fn stop(mut self) -> (u16, TempDir) {
-        self.kill();
-        // Moving out of a type with Drop: take the fields by replacing them.
-        let port = self.port;
-        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temporary directory"));
-        (port, dir)
-    }
-
+    /// Kills it (SIGKILL); without persistence it loses everything.
     fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.redis.kill();
     }
-}
 
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill();
+    /// Starts it again on the same port.
+    fn start_again(&mut self) {
+        self.redis.start_again().expect("redis-server starts again on its port");
     }
-}
-
-fn spawn_redis(port: u16, dir: &Path) -> Child {
-    Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .arg("--dir")
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("redis-server starts")
 }
 
 /// True (after one line on stderr) when `redis-server` is missing and the tests should pass
 /// without running; under `CI=true` a missing server is a failure.
 fn skip() -> bool {
-    let missing = Command::new("redis-server")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map_or(true, |status| !status.success());
-    if missing {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "redis-server is not installed (CI=true): install Debian's redis-server package"
-        );
-        static SAID: Once = Once::new();
-        SAID.call_once(|| {
-            // Straight to stderr, past the test harness's capture, so that the skip is seen.
-            let _ = writeln!(std::io::stderr(), "redis-server not found: skipping the Redis engine tests");
-        });
-    }
-    missing
+    testkit::skip_without_redis("the Redis engine tests")
 }
 
 /// An engine on its own new `redis-server`.
@@ -164,15 +86,15 @@ fn redis_restarted_without_persistence_is_a_new_epoch() {
     if skip() {
         return;
     }
-    let server = RedisServer::start();
+    let mut server = RedisServer::start();
     let rig = Rig::new(Retention::default());
     let engine = RedisEngine::connect(RedisConfig::new(server.url()), rig.options.clone()).expect("connects");
     publish_and_wait(&engine, message("a", "ada", "1")).expect("publishes");
     let before = publish_and_wait(&engine, message("a", "ada", "2")).expect("publishes");
     assert_eq!(before.offset, 2);
 
-    let (port, dir) = server.stop();
-    let _server = RedisServer::start_on(port, dir);
+    server.kill();
+    server.start_again();
     let after = publish_eventually(&engine, "3");
     assert_ne!(after.epoch, before.epoch);
     assert_eq!(after.offset, 1);
@@ -192,19 +114,19 @@ fn redis_stopped_is_unavailable_until_it_is_back() {
     if skip() {
         return;
     }
-    let server = RedisServer::start();
+    let mut server = RedisServer::start();
     let rig = Rig::new(Retention::default());
     let engine = RedisEngine::connect(RedisConfig::new(server.url()), rig.options.clone()).expect("connects");
     assert_eq!(publish_and_wait(&engine, message("a", "ada", "1")).expect("publishes").offset, 1);
 
-    let (port, dir) = server.stop();
+    server.kill();
     for i in 0..3 {
         let result = publish_and_wait(&engine, message("a", "ada", &format!("lost{i}")));
         assert!(matches!(result, Err(Error::Unavailable(_))), "{result:?}");
     }
     assert!(matches!(engine.position("a"), Err(Error::Read(_))));
 
-    let _server = RedisServer::start_on(port, dir);
+    server.start_again();
     let back = publish_eventually(&engine, "2");
     assert_eq!(back.offset, 1, "a restarted Redis without persistence starts the room again");
     let next = publish_and_wait(&engine, message("a", "ada", "3")).expect("publishes");
@@ -282,8 +204,8 @@ fn redis_not_answering_fails_publishes_and_resends_keep_each_once() {
 }
 
 fn signal(server: &RedisServer, signal: &str) {
-    let status =
-        Command::new("kill").args([signal, &server.child.id().to_string()]).status().expect("kill runs");
+    let pid = server.redis.pid().expect("redis-server runs");
+    let status = Command::new("kill").args([signal, &pid.to_string()]).status().expect("kill runs");
     assert!(status.success(), "kill {signal} failed");
 }
 

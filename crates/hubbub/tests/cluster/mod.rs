@@ -19,12 +19,12 @@ use serde_json::{Value, json};
 
 use super::chat::Chat;
 use member::{Member, Seen, check, lobby, sentinel};
-use rig::{NODE_TIMEOUT, Node, Persistence, Proxy, Redis, get, test_dir};
+use rig::{NODE_TIMEOUT, Node, Persistence, Proxy, get, redis, test_dir};
 
 #[test]
 fn nodes_share_rooms_counts_events_the_lobby_and_notifications() {
     let dir = test_dir("delivery");
-    let Some(redis) = Redis::start(&dir, Persistence::None) else { return };
+    let Some(redis) = redis(&dir, Persistence::None) else { return };
     let (a, b, c) = (
         Node::start(&dir, "a", &redis.url()),
         Node::start(&dir, "b", &redis.url()),
@@ -136,7 +136,7 @@ fn nodes_share_rooms_counts_events_the_lobby_and_notifications() {
 #[test]
 fn an_upload_to_one_node_is_shared_with_the_room_and_downloadable_from_another() {
     let dir = test_dir("upload");
-    let Some(redis) = Redis::start(&dir, Persistence::None) else { return };
+    let Some(redis) = redis(&dir, Persistence::None) else { return };
     let (a, b) = (Node::start(&dir, "a", &redis.url()), Node::start(&dir, "b", &redis.url()));
     let mut ada = Member::connect(a.port, "ada", "r");
     let mut bob = Member::connect(b.port, "bob", "r");
@@ -181,7 +181,7 @@ fn an_upload_to_one_node_is_shared_with_the_room_and_downloadable_from_another()
 #[test]
 fn a_client_reconnecting_to_another_node_recovers_exactly_what_it_missed() {
     let dir = test_dir("recovery");
-    let Some(redis) = Redis::start(&dir, Persistence::None) else { return };
+    let Some(redis) = redis(&dir, Persistence::None) else { return };
     let (a, b) = (Node::start(&dir, "a", &redis.url()), Node::start(&dir, "b", &redis.url()));
     let mut ada = Member::connect(a.port, "ada", "r");
     let mut bob = Member::connect(b.port, "bob", "r");
@@ -245,7 +245,7 @@ fn a_client_reconnecting_to_another_node_recovers_exactly_what_it_missed() {
 #[test]
 fn a_killed_nodes_members_leave_and_its_clients_recover_on_another_node() {
     let dir = test_dir("sigkill");
-    let Some(redis) = Redis::start(&dir, Persistence::None) else { return };
+    let Some(redis) = redis(&dir, Persistence::None) else { return };
     let (mut a, b) = (Node::start(&dir, "a", &redis.url()), Node::start(&dir, "b", &redis.url()));
     b.wait_nodes(2);
     let mut a1 = Member::connect(a.port, "a1", "r");
@@ -313,7 +313,7 @@ fn a_killed_nodes_members_leave_and_its_clients_recover_on_another_node() {
 #[test]
 fn redis_restarted_without_persistence_means_unavailable_then_resync() {
     let dir = test_dir("redis-lost");
-    let Some(mut redis) = Redis::start(&dir, Persistence::None) else { return };
+    let Some(mut redis) = redis(&dir, Persistence::None) else { return };
     let (a, b) = (Node::start(&dir, "a", &redis.url()), Node::start(&dir, "b", &redis.url()));
     let mut ada = Member::connect(a.port, "ada", "r");
     let mut bob = Member::connect(b.port, "bob", "r");
@@ -349,7 +349,7 @@ fn redis_restarted_without_persistence_means_unavailable_then_resync() {
     assert!(joined.get("epoch").is_none() && joined["userCount"] == 3, "{joined}");
 
     // It comes back empty: ready again, and every member is told to resync.
-    redis.start_again();
+    redis.start_again().expect("redis-server starts again on its port");
     a.wait_ready(200);
     b.wait_ready(200);
     let resync = ada.expect("resync");
@@ -377,7 +377,7 @@ fn redis_restarted_without_persistence_means_unavailable_then_resync() {
 #[test]
 fn redis_restarted_with_aof_always_loses_no_acknowledged_message() {
     let dir = test_dir("redis-aof");
-    let Some(mut redis) = Redis::start(&dir, Persistence::Aof) else { return };
+    let Some(mut redis) = redis(&dir, Persistence::Aof) else { return };
     let (a, b) = (Node::start(&dir, "a", &redis.url()), Node::start(&dir, "b", &redis.url()));
     let mut ada = Member::connect(a.port, "ada", "r");
     let mut bob = Member::connect(b.port, "bob", "r");
@@ -404,7 +404,7 @@ fn redis_restarted_with_aof_always_loses_no_acknowledged_message() {
     redis.kill();
     a.wait_ready(503);
     b.wait_ready(503);
-    redis.start_again();
+    redis.start_again().expect("redis-server starts again on its port");
     a.wait_ready(200);
     b.wait_ready(200);
 
@@ -427,8 +427,8 @@ fn redis_restarted_with_aof_always_loses_no_acknowledged_message() {
 #[test]
 fn a_node_cut_from_redis_catches_up_in_order_once_it_is_back() {
     let dir = test_dir("cut");
-    let Some(redis) = Redis::start(&dir, Persistence::None) else { return };
-    let proxy = Proxy::start(redis.port);
+    let Some(redis) = redis(&dir, Persistence::None) else { return };
+    let proxy = Proxy::start(redis.port());
     let (a, b) = (Node::start(&dir, "a", &redis.url()), Node::start(&dir, "b", &proxy.url()));
     let mut a1 = Member::connect(a.port, "a1", "r");
     let mut a2 = Member::connect(a.port, "a2", "r");
@@ -486,8 +486,8 @@ fn seen_before_offset(member: &Member, n: usize) -> u64 {
 #[test]
 fn a_node_cut_for_longer_than_max_recover_tells_its_members_to_resync() {
     let dir = test_dir("cut-resync");
-    let Some(redis) = Redis::start(&dir, Persistence::None) else { return };
-    let proxy = Proxy::start(redis.port);
+    let Some(redis) = redis(&dir, Persistence::None) else { return };
+    let proxy = Proxy::start(redis.port());
     let a = Node::start(&dir, "a", &redis.url());
     let b = Node::start_with(&dir, "b", &proxy.url(), &[("HUBBUB_HISTORY_MAX_RECOVER", "10")]);
     let mut ada = Member::connect(a.port, "ada", "r");
@@ -518,7 +518,7 @@ fn a_node_cut_for_longer_than_max_recover_tells_its_members_to_resync() {
 #[test]
 fn a_node_stopped_with_sigterm_takes_its_members_out_at_once() {
     let dir = test_dir("sigterm");
-    let Some(redis) = Redis::start(&dir, Persistence::None) else { return };
+    let Some(redis) = redis(&dir, Persistence::None) else { return };
     let (a, mut b) = (Node::start(&dir, "a", &redis.url()), Node::start(&dir, "b", &redis.url()));
     a.wait_nodes(2);
     let mut ada = Member::connect(a.port, "ada", "r");

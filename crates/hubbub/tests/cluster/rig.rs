@@ -6,12 +6,15 @@
 use std::io::{Read as _, Write as _};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use hubbub_testkit::{self as testkit, RedisServer};
 use serde_json::{Value, json};
+
+pub(super) use hubbub_testkit::Persistence;
 
 use super::super::{Running, WAIT, banner_port, hubbub};
 
@@ -23,122 +26,14 @@ pub(super) const CHECK_INTERVAL: Duration = Duration::from_millis(500);
 /// How often an HTTP state is polled while waiting for it.
 const POLL: Duration = Duration::from_millis(25);
 
-/// Whether Redis writes to disk.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Persistence {
-    /// Nothing: a restart loses every key.
-    None,
-    /// AOF with `appendfsync always`: a write is on disk before Redis answers.
-    Aof,
-}
-
-/// A `redis-server` of one test, on a free port, in the test's directory;
-/// killed on drop.
-pub(super) struct Redis {
-    child: Option<Child>,
-    pub(super) port: u16,
-    dir: PathBuf,
-    persistence: Persistence,
-}
-
-impl Redis {
-    /// Starts one in `dir/redis`; `None` (after one line on stderr) when
-    /// `redis-server` is missing and the test should pass without running.
-    pub(super) fn start(dir: &Path, persistence: Persistence) -> Option<Self> {
-        if skip() {
-            return None;
-        }
-        let dir = dir.join("redis");
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut redis = Self { child: None, port: free_port(), dir, persistence };
-        redis.spawn();
-        Some(redis)
+/// Starts the test's own `redis-server` in `dir/redis`; `None` (after one
+/// line on stderr) when `redis-server` is missing and the test should pass
+/// without running (a failure under `CI=true`).
+pub(super) fn redis(dir: &Path, persistence: Persistence) -> Option<RedisServer> {
+    if testkit::skip_without_redis("the cluster tests") {
+        return None;
     }
-
-    pub(super) fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    fn spawn(&mut self) {
-        let mut command = Command::new("redis-server");
-        command
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
-            .arg("--dir")
-            .arg(&self.dir)
-            .arg("--logfile")
-            .arg(self.dir.join("redis.log"));
-        match self.persistence {
-            Persistence::None => command.args(["--appendonly", "no"]),
-            Persistence::Aof => command.args(["--appendonly", "yes", "--appendfsync", "always"]),
-        };
-        command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
-        self.child = Some(command.spawn().expect("redis-server starts"));
-        // Up once it answers PING (not LOADING).
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Ok(mut tcp) = TcpStream::connect(("127.0.0.1", self.port)) {
-                tcp.set_read_timeout(Some(WAIT)).unwrap();
-                let mut answer = [0_u8; 5];
-                if tcp.write_all(b"PING\r\n").is_ok()
-                    && tcp.read_exact(&mut answer).is_ok()
-                    && &answer == b"+PONG"
-                {
-                    return;
-                }
-            }
-            assert!(Instant::now() < deadline, "redis-server did not answer on port {}", self.port);
-            std::thread::sleep(POLL);
-        }
-    }
-
-    /// Kills the process (SIGKILL) and waits for it.
-    pub(super) fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Starts it again on the same port and directory.
-    pub(super) fn start_again(&mut self) {
-        assert!(self.child.is_none(), "still running");
-        self.spawn();
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// True (after one line on stderr) when `redis-server` is missing and the
-/// tests should pass without running; under `CI=true` a missing server is
-/// a failure.
-fn skip() -> bool {
-    let missing = Command::new("redis-server")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map_or(true, |status| !status.success());
-    if missing {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "redis-server is not installed (CI=true): install Debian's redis-server package"
-        );
-        static SAID: Once = Once::new();
-        SAID.call_once(|| {
-            // Straight to stderr, past the test harness's capture, so that the skip is seen.
-            let _ = writeln!(std::io::stderr(), "redis-server not found: skipping the cluster tests");
-        });
-    }
-    missing
-}
-
-/// A port nobody listens on now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    Some(RedisServer::start(&dir.join("redis"), persistence).expect("redis-server starts"))
 }
 
 /// A fresh directory for one test, with the upload directory its nodes share.
