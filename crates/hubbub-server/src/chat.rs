@@ -85,7 +85,7 @@ pub(crate) struct ChatSession {
     /// This connection's queue.
     peer: Peer,
     /// The name set with `setUsername`, if any.
-    username: Option<String>,
+    username: Option<Box<str>>,
     /// The room this connection is in, if any. Holding the `Arc` lets room
     /// messages skip the hub's rooms map.
     room: Option<Arc<Room>>,
@@ -162,7 +162,7 @@ impl ChatSession {
             user: identity.user.clone(),
             expires_at: identity.expires_at_ms,
         });
-        self.username = Some(identity.user.clone());
+        self.username = Some(identity.user.as_str().into());
         self.auth = AuthState::Authenticated { identity: Box::new(identity), expires, warned: false };
         if first {
             self.shared.hub.lobby.insert(self.peer.clone());
@@ -254,7 +254,7 @@ impl ChatSession {
                         cluster.renamed(&room.name, self.peer.id(), &username, self.name());
                     }
                 }
-                self.username = Some(username);
+                self.username = Some(username.into_boxed_str());
             }
             ClientMessage::JoinRoom { room, since } => {
                 if let AuthState::Authenticated { identity, .. } = &self.auth
@@ -442,7 +442,7 @@ impl ChatSession {
             }
             ClientMessage::Chat { user, text } => {
                 let user = match (&self.username, user) {
-                    (Some(name), _) => name.clone(),
+                    (Some(name), _) => name.to_string(),
                     (None, Some(claimed)) => claimed,
                     (None, None) => ANONYMOUS.to_owned(),
                 };
@@ -472,7 +472,7 @@ impl ChatSession {
                     return self.error("File uploads are not enabled on this server", "uploadsDisabled");
                 }
                 let transfer_id = transfer_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-                let owner = self.username.clone();
+                let owner = self.username.as_deref().map(str::to_owned);
                 // The quota share is charged to what the client cannot pick:
                 // its verified user, else its address.
                 let account = crate::upload::account(&match &self.auth {

@@ -34,7 +34,6 @@ use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
 use hubbub_heartbeat::decode_token;
-use prometheus::IntGauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
@@ -91,21 +90,23 @@ impl Endpoint {
 }
 
 /// Sets up a connection and returns the future that runs it to its end.
-/// `deflate` is what the handshake negotiated. `make_handler` builds the
+/// `early` is what the client sent before the socket was handed over (read
+/// first), `deflate` what the handshake negotiated. `make_handler` builds the
 /// endpoint's handler once the connection's [`Peer`] exists (a chat session
 /// greets its client there).
 ///
 /// Everything is built here, synchronously, and moved into one `async`
 /// block that uses it in place: an `async fn` would keep a second copy of
 /// its arguments in its state for the connection's whole life.
-pub(crate) fn run<S: Stream, H: Handler>(
+pub(crate) fn run<S: Stream, H: Handler, M: FnOnce(Peer) -> H>(
     socket: S,
+    early: &[u8],
     shared: Arc<Shared>,
     endpoint: Endpoint,
     ip: IpAddr,
     deflate: Deflate,
-    make_handler: impl FnOnce(Peer) -> H,
-) -> impl Future<Output = ()> {
+    make_handler: M,
+) -> impl Future<Output = ()> + use<S, H, M> {
     let limits = &shared.config.websocket;
     let peer = Peer::new(limits.outbound_queue, limits.outbound_queue_bytes, deflate);
     let span = tracing::info_span!(
@@ -115,25 +116,21 @@ pub(crate) fn run<S: Stream, H: Handler>(
         endpoint = endpoint.name(),
         user = tracing::field::Empty
     );
-    let open = shared.hub.stats.open.with_label_values(&[endpoint.name()]);
     let (wire, handler) = {
         let _entered = span.enter();
         shared.hub.stats.accepted.with_label_values(&[endpoint.name()]).inc();
-        open.inc();
+        shared.hub.stats.open.with_label_values(&[endpoint.name()]).inc();
         tracing::info!("connected");
         let limits = &shared.config.websocket;
-        let wire = Wire {
-            io: socket,
-            decoder: Decoder::new(
-                ws::FrameLimits { max_frame: limits.max_frame_bytes, max_message: limits.max_message_bytes },
-                deflate,
-            ),
-            sending: VecDeque::new(),
-            offset: 0,
-        };
+        let mut decoder = Decoder::new(
+            ws::FrameLimits { max_frame: limits.max_frame_bytes, max_message: limits.max_message_bytes },
+            deflate,
+        );
+        decoder.preload(early);
+        let wire = Wire { io: socket, decoder, sending: VecDeque::new(), offset: 0 };
         (wire, make_handler(peer.clone()))
     };
-    drive(wire, handler, shared, peer, open).instrument(span)
+    drive(wire, handler, shared, peer, endpoint).instrument(span)
 }
 
 /// Bytes read from the socket at a time, into a buffer on the stack.
@@ -316,13 +313,17 @@ async fn dispatch<H: Handler>(handler: &mut H, message: Incoming) {
 
 /// Runs a handler's future to its end while the connection goes on writing.
 /// False if the connection must stop meanwhile.
-async fn handle<S: Stream>(
-    wire: &mut Wire<S>,
-    peer: &Peer,
+///
+/// A plain function returning the `poll_fn`, not an `async fn`: an
+/// `async fn` would keep its arguments and the closure's copies of them,
+/// and this future is part of every connection's task (`drive`).
+fn handle<'a, S: Stream, F: Future<Output = ()> + 'a>(
+    wire: &'a mut Wire<S>,
+    peer: &'a Peer,
     min_bytes: usize,
-    mut handled: Pin<Box<impl Future<Output = ()>>>,
-) -> bool {
-    poll_fn(|cx| {
+    mut handled: Pin<Box<F>>,
+) -> impl Future<Output = bool> + 'a {
+    poll_fn(move |cx| {
         peer.register(cx.waker());
         // A closing connection (shutdown included) does not wait for its
         // handler.
@@ -339,7 +340,6 @@ async fn handle<S: Stream>(
         }
         Poll::Pending
     })
-    .await
 }
 
 #[expect(clippy::manual_async_fn, reason = "an async fn would store its arguments twice; see `run`")]
@@ -348,10 +348,12 @@ fn drive<S: Stream, H: Handler>(
     mut handler: H,
     shared: Arc<Shared>,
     peer: Peer,
-    open: IntGauge,
+    endpoint: Endpoint,
 ) -> impl Future<Output = ()> {
+    // The state of this block is most of a connection's memory for its whole
+    // life: what is live across an `.await` here is kept small on purpose
+    // (an event is taken apart before any handler runs; see `handle`).
     async move {
-        let stats = &shared.hub.stats;
         let beat = shared.beats.insert(&peer);
         // Shutdown closes every registered connection (`sweeper`); one that
         // registered after that sees the token. No connection waits on the
@@ -372,77 +374,92 @@ fn drive<S: Stream, H: Handler>(
         // nothing more is read from it, not even a close frame.
         let mut failed = false;
         loop {
-            let event = poll_fn(|cx| {
-                wire.poll_event(
-                    cx,
-                    &peer,
-                    shared.config.websocket.compression_min_bytes,
-                    timer.as_mut().map(Pin::as_mut),
-                )
-            })
-            .await;
-            match event {
-                Event::Closing => break,
-                Event::Timer => {
-                    let now = Instant::now();
-                    if handler.deadline().is_some_and(|at| at <= now) {
-                        handler.on_deadline();
-                    }
-                }
-                Event::WriteFailed(err) => {
-                    tracing::debug!(cause = %err, "write failed");
-                    peer.close(CloseReason::ABNORMAL);
-                    break;
-                }
-                Event::Read(Ok(Some(message))) => match message {
-                    Incoming::Text(_) | Incoming::Binary(_) => {
-                        stats.received.inc();
-                        stats.bytes_in.inc_by(message.data_len() as u64);
-                        let handled = Box::pin(dispatch(&mut handler, message));
-                        if !handle(&mut wire, &peer, shared.config.websocket.compression_min_bytes, handled)
-                            .await
-                        {
-                            break;
+            let carry_on = {
+                // Decided without an `.await`, so the event is not kept while the
+                // handler runs.
+                let event = poll_fn(|cx| {
+                    wire.poll_event(
+                        cx,
+                        &peer,
+                        shared.config.websocket.compression_min_bytes,
+                        timer.as_mut().map(Pin::as_mut),
+                    )
+                });
+                let handled = match event.await {
+                    Event::Closing => break,
+                    Event::Timer => {
+                        let now = Instant::now();
+                        if handler.deadline().is_some_and(|at| at <= now) {
+                            handler.on_deadline();
                         }
+                        None
                     }
-                    Incoming::Ping(payload) => {
-                        peer.send(ws::encode(ws::OpCode::Pong, &payload));
-                    }
-                    Incoming::Pong(payload) => {
-                        if let Some(token) = decode_token(&payload) {
-                            let rtt = shared.beats.on_pong(beat, token);
-                            tracing::trace!(token, ?rtt, "heartbeat pong");
-                        }
-                    }
-                    Incoming::Close(frame) => {
-                        client_close = Some(frame.map(|(code, _)| code));
-                        peer.close(CloseReason { code: CloseCode::NORMAL, reason: "", drain_queue: false });
+                    Event::WriteFailed(err) => {
+                        tracing::debug!(cause = %err, "write failed");
+                        peer.close(CloseReason::ABNORMAL);
                         break;
                     }
-                },
-                Event::Read(Ok(None)) => {
-                    // The client dropped TCP without a close frame.
-                    peer.close(CloseReason::ABNORMAL);
-                    break;
+                    Event::Read(Ok(Some(message))) => match message {
+                        Incoming::Text(_) | Incoming::Binary(_) => {
+                            let stats = &shared.hub.stats;
+                            stats.received.inc();
+                            stats.bytes_in.inc_by(message.data_len() as u64);
+                            Some(Box::pin(dispatch(&mut handler, message)))
+                        }
+                        Incoming::Ping(payload) => {
+                            peer.send(ws::encode(ws::OpCode::Pong, &payload));
+                            None
+                        }
+                        Incoming::Pong(payload) => {
+                            if let Some(token) = decode_token(&payload) {
+                                let rtt = shared.beats.on_pong(beat, token);
+                                tracing::trace!(token, ?rtt, "heartbeat pong");
+                            }
+                            None
+                        }
+                        Incoming::Close(frame) => {
+                            client_close = Some(frame.map(|(code, _)| code));
+                            peer.close(CloseReason {
+                                code: CloseCode::NORMAL,
+                                reason: "",
+                                drain_queue: false,
+                            });
+                            break;
+                        }
+                    },
+                    Event::Read(Ok(None)) => {
+                        // The client dropped TCP without a close frame.
+                        peer.close(CloseReason::ABNORMAL);
+                        break;
+                    }
+                    Event::Read(Err(ReadFailure::Io(err))) => {
+                        tracing::debug!(cause = %err, "read failed");
+                        peer.close(CloseReason::ABNORMAL);
+                        break;
+                    }
+                    Event::Read(Err(ReadFailure::Ws(err))) => {
+                        tracing::debug!(cause = %err, "bad frame from the client");
+                        // Replies to what the client sent before its bad frame are
+                        // already queued; they go out before the close frame (found
+                        // by Autobahn 3.*, 4.*, 5.15).
+                        peer.close(CloseReason {
+                            code: err.close_code(),
+                            reason: err.close_reason(),
+                            drain_queue: true,
+                        });
+                        failed = true;
+                        break;
+                    }
+                };
+                match handled {
+                    Some(handled) => {
+                        handle(&mut wire, &peer, shared.config.websocket.compression_min_bytes, handled).await
+                    }
+                    None => true,
                 }
-                Event::Read(Err(ReadFailure::Io(err))) => {
-                    tracing::debug!(cause = %err, "read failed");
-                    peer.close(CloseReason::ABNORMAL);
-                    break;
-                }
-                Event::Read(Err(ReadFailure::Ws(err))) => {
-                    tracing::debug!(cause = %err, "bad frame from the client");
-                    // Replies to what the client sent before its bad frame are
-                    // already queued; they go out before the close frame (found
-                    // by Autobahn 3.*, 4.*, 5.15).
-                    peer.close(CloseReason {
-                        code: err.close_code(),
-                        reason: err.close_reason(),
-                        drain_queue: true,
-                    });
-                    failed = true;
-                    break;
-                }
+            };
+            if !carry_on {
+                break;
             }
             match (handler.deadline(), timer.as_mut()) {
                 (None, _) => timer = None,
@@ -453,6 +470,7 @@ fn drive<S: Stream, H: Handler>(
         }
 
         shared.beats.remove(beat);
+        let stats = &shared.hub.stats;
         // Counted here rather than where the queue overflowed, so that the
         // code that queues frames needs no metrics; before `on_close`, so a
         // room hears of the departure after the count moved.
@@ -461,34 +479,37 @@ fn drive<S: Stream, H: Handler>(
         }
         handler.on_close();
         drop(handler);
-        // With no reason recorded, the server is shutting down; recording it now
-        // also refuses anything queued from here on.
-        let ours = peer.close_reason();
-        peer.close(ours.clone());
-        let vanished = client_close.is_none() && ours.code == CloseCode::ABNORMAL;
-        if !vanished {
-            let close_timeout = shared.config.close_timeout;
+        // Made in a block, so the reason is not kept while the handshake runs.
+        let (code, reason, closing) = {
+            // With no reason recorded, the server is shutting down; recording
+            // it now also refuses anything queued from here on.
+            let ours = peer.close_reason();
+            peer.close(ours.clone());
+            let code = client_close.map_or(ours.code, |code| code.unwrap_or(CloseCode::NO_STATUS)).get();
+            let reason = ours.reason;
+            // 1006 that the client did not send: the transport is gone, or
+            // the peer is dead; nothing is sent.
+            let vanished = client_close.is_none() && ours.code == CloseCode::ABNORMAL;
+            let min_bytes = shared.config.websocket.compression_min_bytes;
             // Boxed: the handshake runs once, at the end, and its state would
             // otherwise enlarge every connection's task for its whole life.
-            let closing = Box::pin(tokio::time::timeout(
-                close_timeout,
-                close(
-                    &mut wire,
-                    &peer,
-                    shared.config.websocket.compression_min_bytes,
-                    &ours,
-                    client_close,
-                    failed,
-                ),
-            ));
-            if closing.await.is_err() {
-                tracing::debug!("closing handshake not completed in time");
-            }
+            let closing = (!vanished).then(|| {
+                Box::pin(tokio::time::timeout(
+                    shared.config.close_timeout,
+                    close(&mut wire, &peer, min_bytes, ours, client_close, failed),
+                ))
+            });
+            (code, reason, closing)
+        };
+        if let Some(closing) = closing
+            && closing.await.is_err()
+        {
+            tracing::debug!("closing handshake not completed in time");
         }
-        let code = client_close.map_or(ours.code, |code| code.unwrap_or(CloseCode::NO_STATUS)).get();
-        open.dec();
+        let stats = &shared.hub.stats;
+        stats.open.with_label_values(&[endpoint.name()]).dec();
         stats.closed.with_label_values(&[code_label(code)]).inc();
-        tracing::info!(code, by_peer = client_close.is_some(), reason = ours.reason, "disconnected");
+        tracing::info!(code, by_peer = client_close.is_some(), reason, "disconnected");
     }
 }
 
@@ -499,7 +520,7 @@ async fn close<S: Stream>(
     wire: &mut Wire<S>,
     peer: &Peer,
     min_bytes: usize,
-    ours: &CloseReason,
+    ours: CloseReason,
     client_close: Option<Option<CloseCode>>,
     failed: bool,
 ) {
@@ -569,7 +590,7 @@ mod tests {
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
         let (handle, peer) = std::sync::mpsc::channel();
         let state = shared.clone();
-        let connection = run(server, shared.clone(), Endpoint::Echo, ip, Deflate::OFF, move |p| {
+        let connection = run(server, &[], shared.clone(), Endpoint::Echo, ip, Deflate::OFF, move |p| {
             handle.send(p.clone()).unwrap();
             Echo::new(state, p, ip)
         });

@@ -16,7 +16,7 @@
 //! a room message never touches the rooms map. No lock is held across an
 //! `.await` (there is no `.await` in this module).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -35,27 +35,32 @@ use crate::ws;
 /// Queues `frame` to every peer of `peers` but `except`, and records the
 /// broadcast: the one place fan-out happens and is counted.
 fn fan_out<'a>(
-    peers: impl IntoIterator<Item = (&'a ClientId, &'a Peer)>,
+    peers: impl IntoIterator<Item = &'a Peer>,
     frame: &Frame,
     except: Option<ClientId>,
     stats: &Stats,
 ) {
     let started = Instant::now();
     let mut sent = 0;
-    for (id, peer) in peers {
-        if Some(*id) != except {
+    for peer in peers {
+        if Some(peer.id()) != except {
             sent += u64::from(peer.send(frame.clone()));
         }
     }
     stats.broadcast(sent, frame.len(), started);
 }
 
+/// Peers by id: each entry is the peer's pointer alone (8 bytes, where a
+/// map from id to peer took 24), since a `Peer` hashes and compares by its
+/// id and can be looked up by it.
+type Peers = HashSet<Peer>;
+
 /// A set of peers that receives broadcasts, split into shards so that
 /// joining and leaving do not contend with each other or with delivery.
 #[derive(Debug)]
 pub(crate) struct PeerSet {
     /// Each peer lives in the shard its id selects.
-    shards: Box<[RwLock<HashMap<ClientId, Peer>>]>,
+    shards: Box<[RwLock<Peers>]>,
     /// Where broadcasts are counted.
     stats: Arc<Stats>,
 }
@@ -66,7 +71,7 @@ impl PeerSet {
         Self { shards: (0..shards.max(1)).map(|_| RwLock::default()).collect(), stats }
     }
 
-    fn shard(&self, id: &ClientId) -> &RwLock<HashMap<ClientId, Peer>> {
+    fn shard(&self, id: &ClientId) -> &RwLock<Peers> {
         // Ids are random v4 UUIDs, so their low bits spread evenly.
         let index = (id.as_u128() as usize) % self.shards.len();
         &self.shards[index]
@@ -74,7 +79,7 @@ impl PeerSet {
 
     /// Adds a peer.
     pub(crate) fn insert(&self, peer: Peer) {
-        write(self.shard(&peer.id())).insert(peer.id(), peer);
+        write(self.shard(&peer.id())).insert(peer);
     }
 
     /// Removes a peer.
@@ -102,7 +107,7 @@ pub(crate) struct Room {
     /// The room's name, as validated (trimmed).
     pub(crate) name: Arc<str>,
     /// Members by connection id. Written only under the hub's rooms lock.
-    members: RwLock<HashMap<ClientId, Peer>>,
+    members: RwLock<Peers>,
     /// Ids of recent messages, so a resend is delivered once.
     recent: Mutex<RecentIds>,
     /// Where broadcasts are counted.
@@ -495,7 +500,11 @@ impl Room {
 
     /// Tells the members here that `gone` left, counting down to `count`
     /// members elsewhere.
-    fn announce_left(&self, members: &HashMap<ClientId, Peer>, gone: Vec<Box<str>>, count: usize) {
+    #[expect(
+        clippy::mutable_key_type,
+        reason = "a Peer hashes and compares by its id, which never changes; its queue takes no part"
+    )]
+    fn announce_left(&self, members: &Peers, gone: Vec<Box<str>>, count: usize) {
         let total = gone.len();
         for (i, user) in gone.into_iter().enumerate() {
             let left = encode(&ServerMessage::UserLeft {
@@ -767,7 +776,7 @@ impl Hub {
             self.notify(&ServerMessage::RoomCreated { room: name.to_owned() });
         }
         drop(rooms);
-        members.insert(peer.id(), peer.clone());
+        members.insert(peer.clone());
         let user_count = members.len() + room.remote.load(Ordering::Acquire);
         let joined =
             encode(&ServerMessage::UserJoined { user: user.to_owned(), room: name.to_owned(), user_count });

@@ -6,20 +6,103 @@
 //! directly, without per-connection buffers while the connection is idle.
 
 use std::future::Future;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use hyper::upgrade::OnUpgrade;
+use bytes::Bytes;
+use futures_util::FutureExt as _;
+use futures_util::future::Either;
+use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use sha1::{Digest as _, Sha1};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio_util::task::TaskTracker;
 
 use crate::deflate::{self, Deflate};
 
 /// The byte stream of an accepted WebSocket, after the handshake.
-pub(crate) type Socket = TokioIo<hyper::upgrade::Upgraded>;
+///
+/// Plain TCP is taken back out of hyper's upgraded stream
+/// ([`Upgraded::downcast`]): the connection then holds the `TcpStream`
+/// itself, 16 bytes smaller than hyper's stream, which also keeps it in a
+/// heap allocation of its own. Anything else (TLS) stays hyper's stream,
+/// boxed so the common case stays small.
+#[derive(Debug)]
+pub(crate) enum Socket {
+    /// A plain TCP connection.
+    Tcp(TcpStream),
+    /// Whatever else hyper upgraded.
+    Upgraded(Box<TokioIo<Upgraded>>),
+}
+
+impl Socket {
+    /// The stream and the bytes hyper read past the request (a client that
+    /// did not wait for the `101`), which come before anything read from
+    /// the stream. Only plain TCP can have them: hyper's own stream gives
+    /// them back itself.
+    fn from_upgraded(upgraded: Upgraded) -> (Self, Bytes) {
+        match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => (Self::Tcp(parts.io.into_inner()), parts.read_buf),
+            Err(upgraded) => (Self::Upgraded(Box::new(TokioIo::new(upgraded))), Bytes::new()),
+        }
+    }
+}
+
+impl AsyncRead for Socket {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(io) => Pin::new(io).poll_read(cx, buf),
+            Self::Upgraded(io) => Pin::new(io).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Socket {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Tcp(io) => Pin::new(io).poll_write(cx, buf),
+            Self::Upgraded(io) => Pin::new(io).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Tcp(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+            Self::Upgraded(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Tcp(io) => io.is_write_vectored(),
+            Self::Upgraded(io) => io.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(io) => Pin::new(io).poll_flush(cx),
+            Self::Upgraded(io) => Pin::new(io).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(io) => Pin::new(io).poll_shutdown(cx),
+            Self::Upgraded(io) => Pin::new(io).poll_shutdown(cx),
+        }
+    }
+}
 
 /// True when the request asks to switch to another protocol, whether or not
 /// it is a well-formed WebSocket upgrade.
@@ -28,7 +111,8 @@ pub(crate) fn wants_upgrade(headers: &HeaderMap) -> bool {
 }
 
 /// Answers a WebSocket upgrade request: `101` and, once hyper has switched
-/// protocols, `on_socket` runs with the socket and what permessage-deflate
+/// protocols, `on_socket` runs with the socket, the bytes that arrived
+/// before it (see [`Socket::from_upgraded`]) and what permessage-deflate
 /// was negotiated (only if `compression` is on and the client offered it).
 /// A request that is not a valid WebSocket upgrade gets a 4xx and
 /// `on_socket` never runs. The connection's task is tracked by `tasks`, so
@@ -40,7 +124,7 @@ pub(crate) fn accept<F, Fut>(
     on_socket: F,
 ) -> Response
 where
-    F: FnOnce(Socket, Deflate) -> Fut + Send + 'static,
+    F: FnOnce(Socket, Bytes, Deflate) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let headers = req.headers();
@@ -83,12 +167,20 @@ where
         return (StatusCode::BAD_REQUEST, "Connection cannot be upgraded\n").into_response();
     };
 
-    tasks.spawn(async move {
-        match on_upgrade.await {
-            Ok(upgraded) => on_socket(TokioIo::new(upgraded), deflate).await,
-            Err(err) => tracing::debug!(cause = %err, "upgrade failed after 101"),
+    // `then`, not an `async` block: a block would keep `on_socket`'s
+    // captures, and the result it matched on, beside the connection's
+    // future for the connection's whole life; `then` holds one or the other.
+    let connection = on_upgrade.then(move |upgraded| match upgraded {
+        Ok(upgraded) => {
+            let (socket, early) = Socket::from_upgraded(upgraded);
+            Either::Left(on_socket(socket, early, deflate))
+        }
+        Err(err) => {
+            tracing::debug!(cause = %err, "upgrade failed after 101");
+            Either::Right(std::future::ready(()))
         }
     });
+    tasks.spawn(connection);
 
     let mut response = Response::new(Body::empty());
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;

@@ -420,6 +420,12 @@ impl Decoder {
         Self { state, buf: Vec::new(), pos: 0 }
     }
 
+    /// Takes bytes that arrived before the decoder existed, to be decoded
+    /// before anything read later (by [`Decoder::next_buffered`]).
+    pub(crate) fn preload(&mut self, early: &[u8]) {
+        self.keep(early);
+    }
+
     /// Whether bytes are waiting: [`Decoder::next_buffered`] may yield a
     /// message without another read.
     pub(crate) fn has_buffered(&self) -> bool {

@@ -891,6 +891,52 @@ async fn raw_close_payload(tcp: &mut TcpStream) -> Vec<u8> {
     }
 }
 
+/// Reads the next server frame (never masked): its opcode and payload.
+async fn raw_frame(tcp: &mut TcpStream) -> (u8, Vec<u8>) {
+    let mut start = [0_u8; 2];
+    timeout(WAIT, tcp.read_exact(&mut start)).await.unwrap().unwrap();
+    let len = match start[1] & 0x7F {
+        126 => u64::from(tcp.read_u16().await.unwrap()),
+        127 => tcp.read_u64().await.unwrap(),
+        len => u64::from(len),
+    };
+    let mut payload = vec![0; usize::try_from(len).unwrap()];
+    timeout(WAIT, tcp.read_exact(&mut payload)).await.unwrap().unwrap();
+    (start[0] & 0x0F, payload)
+}
+
+/// A client that does not wait for the `101` before sending frames: what
+/// hyper read past the request is decoded before anything read later,
+/// including a frame cut in two by the end of that read.
+#[tokio::test]
+async fn frames_sent_right_behind_the_upgrade_request_are_read_first() {
+    let server = TestServer::start().await;
+    let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+    let text = |payload: &[u8]| {
+        // FIN + text, masked with an all-zero key.
+        let mut bytes = vec![0x81, 0x80 | u8::try_from(payload.len()).unwrap(), 0, 0, 0, 0];
+        bytes.extend_from_slice(payload);
+        bytes
+    };
+    let mut sent = b"GET /ws/echo HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                     Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        .to_vec();
+    sent.extend(text(b"first"));
+    let second = text(b"second");
+    sent.extend_from_slice(&second[..4]);
+    tcp.write_all(&sent).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0_u8; 1];
+        timeout(WAIT, tcp.read_exact(&mut byte)).await.unwrap().unwrap();
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    assert_eq!(raw_frame(&mut tcp).await, (0x1, b"first".to_vec()));
+    tcp.write_all(&second[4..]).await.unwrap();
+    assert_eq!(raw_frame(&mut tcp).await, (0x1, b"second".to_vec()));
+}
+
 #[tokio::test]
 async fn a_sec_websocket_key_must_be_one_16_byte_base64_value() {
     let server = TestServer::start().await;
