@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::process::own_cpu_time;
 use crate::run::{Latency, ServerSample, percent, server_cpu, server_rss};
-use crate::{Histogram, OP_CLOSE, OP_TEXT, Plan, connect, parse_frame, push_frame};
+use crate::{Histogram, OP_CLOSE, OP_TEXT, Plan, connect_with, parse_frame, push_frame};
 
 /// How a churn run goes.
 #[derive(Clone, Debug)]
@@ -199,7 +199,7 @@ async fn one_loop(loops: Rc<Loops>, worker: usize, deadline: Instant) {
 /// is bounded by `timeout`. Returns the time the cycle took.
 pub async fn churn_once(plan: &Plan, id: usize, timeout: Duration) -> anyhow::Result<Duration> {
     let started = Instant::now();
-    let (mut stream, mut buf, mut end) = connect(plan, id).await?;
+    let (mut stream, mut buf, mut end) = connect_with(plan, id, false).await?;
     let mut texts = 0;
     let mut start = 0;
     while texts < 2 {

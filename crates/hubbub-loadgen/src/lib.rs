@@ -611,6 +611,19 @@ fn tracing_line(id: usize, err: &anyhow::Error) {
 /// whatever followed the response head. Source addresses apply to IPv4 only;
 /// an IPv6 server is reached from the system's choice.
 pub async fn connect(plan: &Plan, id: usize) -> anyhow::Result<(TcpStream, Vec<u8>, usize)> {
+    connect_with(plan, id, true).await
+}
+
+/// [`connect`], with TCP_NODELAY only if `nodelay`. A client that writes
+/// only once the server has answered everything it wrote before (churn: the
+/// request, then the close after the greeting) never has a write held back
+/// by Nagle's algorithm, so for it the option is a system call per
+/// connection for nothing.
+pub async fn connect_with(
+    plan: &Plan,
+    id: usize,
+    nodelay: bool,
+) -> anyhow::Result<(TcpStream, Vec<u8>, usize)> {
     let addr = plan.addr_of(id);
     let socket = if addr.is_ipv6() { TcpSocket::new_v6() } else { TcpSocket::new_v4() };
     let socket = socket.context("socket")?;
@@ -619,7 +632,9 @@ pub async fn connect(plan: &Plan, id: usize) -> anyhow::Result<(TcpStream, Vec<u
         socket.bind(SocketAddr::new(source.into(), 0)).with_context(|| format!("binding {source}"))?;
     }
     let mut stream = socket.connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
-    stream.set_nodelay(true).context("TCP_NODELAY")?;
+    if nodelay {
+        stream.set_nodelay(true).context("TCP_NODELAY")?;
+    }
     let offer = if plan.deflate { "Sec-WebSocket-Extensions: permessage-deflate\r\n" } else { "" };
     let request = format!(
         "GET /ws/chat HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\

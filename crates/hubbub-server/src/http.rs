@@ -503,7 +503,8 @@ mod tests {
             identity: None,
             slot,
         };
-        let connection = accepted.connection(Socket::Tcp(server), &[], Deflate::OFF);
+        let connection =
+            accepted.connection(Socket::Tcp(crate::upgrade::Coalesce::new(server)), &[], Deflate::OFF);
         let size = std::mem::size_of_val(&connection);
         assert!(size <= 528, "a chat connection's future is {size} bytes");
         drop((connection, client));

@@ -4,11 +4,16 @@
 //! We do the handshake ourselves rather than through axum's `ws` extractor
 //! so the server owns the raw upgraded stream: `conn` reads and writes it
 //! directly, without per-connection buffers while the connection is idle.
+//!
+//! Hyper writes the `101` response itself. [`Coalesce`], below hyper, holds
+//! that response back and writes it with the connection's first frames (a
+//! chat client's greeting), so opening a connection costs one write and one
+//! TCP segment instead of two.
 
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use axum::body::Body;
 use axum::extract::Request;
@@ -30,13 +35,13 @@ use crate::deflate::{self, Deflate};
 ///
 /// Plain TCP is taken back out of hyper's upgraded stream
 /// ([`Upgraded::downcast`]): the connection then holds the `TcpStream`
-/// itself, 16 bytes smaller than hyper's stream, which also keeps it in a
-/// heap allocation of its own. Anything else (TLS) stays hyper's stream,
-/// boxed so the common case stays small.
-#[derive(Debug)]
+/// itself (in the [`Coalesce`] that may still hold the `101`), smaller than
+/// hyper's stream, which also keeps it in a heap allocation of its own.
+/// Anything else (TLS) stays hyper's stream, boxed so the common case stays
+/// small.
 pub(crate) enum Socket {
     /// A plain TCP connection.
-    Tcp(TcpStream),
+    Tcp(Coalesce<TcpStream>),
     /// Whatever else hyper upgraded.
     Upgraded(Box<TokioIo<Upgraded>>),
 }
@@ -47,7 +52,7 @@ impl Socket {
     /// the stream. Only plain TCP can have them: hyper's own stream gives
     /// them back itself.
     fn from_upgraded(upgraded: Upgraded) -> (Self, Bytes) {
-        match upgraded.downcast::<TokioIo<TcpStream>>() {
+        match upgraded.downcast::<TokioIo<Coalesce<TcpStream>>>() {
             Ok(parts) => (Self::Tcp(parts.io.into_inner()), parts.read_buf),
             Err(upgraded) => (Self::Upgraded(Box::new(TokioIo::new(upgraded))), Bytes::new()),
         }
@@ -198,6 +203,132 @@ where
     response
 }
 
+/// What a `101` response written by hyper starts with.
+const SWITCHING: &[u8] = b"HTTP/1.1 101 ";
+/// Most slices [`Coalesce`] hands to one vectored write: the held response
+/// and the caller's (`conn` passes at most 64).
+const MAX_SLICES: usize = 65;
+
+/// A connection's byte stream as hyper sees it, which holds a `101
+/// Switching Protocols` back until the upgraded connection writes, and then
+/// writes it in the same system call as the connection's first frames.
+///
+/// Only a `101` that is the connection's first write is held: the first
+/// response on a fresh connection, which is how WebSocket clients connect.
+/// Anything else passes straight through. Hyper flushes once after writing
+/// the response; that flush is the one not passed on. Every later write,
+/// flush or shutdown writes the held bytes first, so they always go out
+/// before anything else, and an upgraded connection that writes nothing
+/// sends them at its first flush (`conn` flushes on its first poll).
+pub(crate) struct Coalesce<S> {
+    /// The underlying stream (TCP, or TLS over TCP).
+    io: S,
+    /// The `101` response, or what is left of it, not yet written.
+    held: Option<Box<[u8]>>,
+    /// Nothing has been written yet: the next write may be held.
+    fresh: bool,
+    /// Hyper's flush after the held response has been let through.
+    flushed: bool,
+}
+
+impl<S> Coalesce<S> {
+    /// Wraps a freshly accepted stream.
+    pub(crate) fn new(io: S) -> Self {
+        Self { io, held: None, fresh: true, flushed: false }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> Coalesce<S> {
+    /// Writes the held response, if any, by itself.
+    fn poll_write_held(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while let Some(held) = &self.held {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, held))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.held = (n < held.len()).then(|| held[n..].into());
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Coalesce<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Coalesce<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if std::mem::take(&mut this.fresh)
+            && bufs.iter().find(|b| !b.is_empty()).is_some_and(|b| b.starts_with(SWITCHING))
+        {
+            let len = bufs.iter().map(|b| b.len()).sum();
+            let mut held = Vec::with_capacity(len);
+            for buf in bufs {
+                held.extend_from_slice(buf);
+            }
+            this.held = Some(held.into_boxed_slice());
+            return Poll::Ready(Ok(len));
+        }
+        while let Some(held) = &this.held {
+            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+            slices[0] = IoSlice::new(held);
+            let mut count = 1;
+            for (slot, buf) in slices[1..].iter_mut().zip(bufs) {
+                *slot = *buf;
+                count += 1;
+            }
+            let n = ready!(Pin::new(&mut this.io).poll_write_vectored(cx, &slices[..count]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            if n < held.len() {
+                this.held = Some(held[n..].into());
+                continue;
+            }
+            let written = n - held.len();
+            this.held = None;
+            // Reporting 0 bytes would read as a closed stream: go on and
+            // write the caller's bytes.
+            if written > 0 || bufs.iter().all(|b| b.is_empty()) {
+                return Poll::Ready(Ok(written));
+            }
+        }
+        Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.held.is_some() && !std::mem::replace(&mut this.flushed, true) {
+            // Hyper's flush of the response it just wrote: the upgraded
+            // connection's first write takes it along.
+            return Poll::Ready(Ok(()));
+        }
+        ready!(this.poll_write_held(cx))?;
+        Pin::new(&mut this.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_write_held(cx))?;
+        Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}
+
 /// `Sec-WebSocket-Accept` for a key (RFC 6455 section 4.2.2): the base64 of
 /// the SHA-1 of the key followed by the protocol's GUID.
 fn derive_accept_key(key: &[u8]) -> String {
@@ -256,6 +387,65 @@ mod tests {
         assert_eq!(base64(b"f"), "Zg==");
         assert_eq!(base64(b"fo"), "Zm8=");
         assert_eq!(base64(b"foo"), "Zm9v");
+    }
+
+    /// Reads what is available on `side` now, without waiting.
+    async fn available(side: &mut tokio::io::DuplexStream) -> Vec<u8> {
+        use tokio::io::AsyncReadExt as _;
+        let mut out = Vec::new();
+        let mut buf = [0; 256];
+        while let Ok(Ok(n @ 1..)) =
+            tokio::time::timeout(std::time::Duration::from_millis(1), side.read(&mut buf)).await
+        {
+            out.extend_from_slice(&buf[..n]);
+        }
+        out
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_switching_response_goes_out_with_the_first_frames() {
+        use tokio::io::AsyncWriteExt as _;
+        let (inner, mut client) = tokio::io::duplex(1024);
+        let mut io = Coalesce::new(inner);
+        let response = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n";
+        io.write_all(response).await.unwrap();
+        io.flush().await.unwrap();
+        assert_eq!(available(&mut client).await, b"", "held until the connection writes");
+        io.write_all(b"greeting").await.unwrap();
+        io.flush().await.unwrap();
+        assert_eq!(available(&mut client).await, [&response[..], b"greeting"].concat());
+        io.write_all(b"more").await.unwrap();
+        assert_eq!(available(&mut client).await, b"more");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_held_response_goes_out_at_the_second_flush_or_shutdown() {
+        use tokio::io::AsyncWriteExt as _;
+        let response = b"HTTP/1.1 101 Switching Protocols\r\n\r\n";
+        let (inner, mut client) = tokio::io::duplex(1024);
+        let mut io = Coalesce::new(inner);
+        io.write_all(response).await.unwrap();
+        io.flush().await.unwrap();
+        io.flush().await.unwrap();
+        assert_eq!(available(&mut client).await, response);
+
+        let (inner, mut client) = tokio::io::duplex(1024);
+        let mut io = Coalesce::new(inner);
+        io.write_all(response).await.unwrap();
+        io.shutdown().await.unwrap();
+        assert_eq!(available(&mut client).await, response);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn other_responses_and_later_ones_pass_straight_through() {
+        use tokio::io::AsyncWriteExt as _;
+        let (inner, mut client) = tokio::io::duplex(1024);
+        let mut io = Coalesce::new(inner);
+        io.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
+        assert_eq!(available(&mut client).await, b"HTTP/1.1 200 OK\r\n\r\n");
+        // Not the connection's first write: never held.
+        io.write_all(b"HTTP/1.1 101 Switching Protocols\r\n\r\n").await.unwrap();
+        assert_eq!(available(&mut client).await, b"HTTP/1.1 101 Switching Protocols\r\n\r\n");
     }
 
     #[test]
