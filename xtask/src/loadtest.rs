@@ -431,7 +431,10 @@ impl Params {
                     self.clients, self.rooms, self.seconds
                 )
             }
-            Scenario::Churn => format!("{} concurrent connect-close loops, {} s", self.workers, self.seconds),
+            Scenario::Churn => format!(
+                "{} concurrent connect-close loops, {} s, {} generator thread(s)",
+                self.workers, self.seconds, self.threads
+            ),
         }
     }
 }
@@ -1152,9 +1155,13 @@ fn docs_section(
     let _ = writeln!(out, "```sh\n{command}\n```\n");
     let _ = writeln!(
         out,
-        "Run on {date}, commit `{commit}`, {}, load average {load} when it began; the generator (one process, {} thread(s)) on the same machine.\n",
+        "Run on {date}, commit `{commit}`, {}, load average {load} when it began; the generator (one process, {} thread(s) unless the scenario says otherwise) on the same machine.\n",
         measure::machine(),
-        results.first().map_or(1, |(_, p, _)| p.threads)
+        results
+            .iter()
+            .find(|(s, _, _)| *s != Scenario::Churn)
+            .or(results.first())
+            .map_or(1, |(_, p, _)| p.threads)
     );
     for (scenario, params, reports) in results {
         let _ = writeln!(
