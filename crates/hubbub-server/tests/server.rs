@@ -876,16 +876,8 @@ async fn raw_upgrade(addr: SocketAddr, path: &str, key_headers: &str) -> (String
 /// Reads server frames (never masked) until a close frame; returns its payload.
 async fn raw_close_payload(tcp: &mut TcpStream) -> Vec<u8> {
     loop {
-        let mut start = [0_u8; 2];
-        timeout(WAIT, tcp.read_exact(&mut start)).await.unwrap().unwrap();
-        let len = match start[1] & 0x7F {
-            126 => u64::from(tcp.read_u16().await.unwrap()),
-            127 => tcp.read_u64().await.unwrap(),
-            len => u64::from(len),
-        };
-        let mut payload = vec![0; usize::try_from(len).unwrap()];
-        timeout(WAIT, tcp.read_exact(&mut payload)).await.unwrap().unwrap();
-        if start[0] & 0x0F == 0x8 {
+        let (opcode, payload) = raw_frame(tcp).await;
+        if opcode == 0x8 {
             return payload;
         }
     }
