@@ -848,11 +848,11 @@ fn churn(server: &ServerProcess, params: &Params, kind: ServerKind) -> anyhow::R
     }
     std::thread::sleep(CHURN_AFTER);
     let rss_after_bytes = server.rss()?;
-    let connections_after = match kind {
-        ServerKind::Hubbub | ServerKind::HubbubNoHistory => {
-            measure::api_status(server.addr).ok().and_then(|s| s["connections"].as_u64())
-        }
-        ServerKind::NodeWs | ServerKind::Uws | ServerKind::NodeWsRedis => None,
+    // Only Hubbub reports its connections (`/api/status`).
+    let connections_after = if kind.is_hubbub() {
+        measure::api_status(server.addr).ok().and_then(|s| s["connections"].as_u64())
+    } else {
+        None
     };
     Ok(ChurnReport { summary, rss_after_bytes, connections_after })
 }

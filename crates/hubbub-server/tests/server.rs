@@ -834,13 +834,7 @@ async fn raw_peer(addr: SocketAddr, frames: &[Value]) -> TcpStream {
     let request = "GET /ws/chat HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
                    Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
     tcp.write_all(request.as_bytes()).await.unwrap();
-    // Read the response head byte by byte so no frame is consumed after it.
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0_u8; 1];
-        timeout(WAIT, tcp.read_exact(&mut byte)).await.unwrap().unwrap();
-        head.push(byte[0]);
-    }
+    let head = read_head(&mut tcp).await;
     assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
     for frame in frames {
         let payload = frame.to_string().into_bytes();
@@ -863,14 +857,20 @@ async fn raw_upgrade(addr: SocketAddr, path: &str, key_headers: &str) -> (String
          {key_headers}Sec-WebSocket-Version: 13\r\n\r\n"
     );
     tcp.write_all(request.as_bytes()).await.unwrap();
+    let head = String::from_utf8(read_head(&mut tcp).await).unwrap();
+    (head.lines().next().unwrap().to_owned(), tcp)
+}
+
+/// Reads an HTTP response head, byte by byte so that no frame after it is
+/// consumed.
+async fn read_head(tcp: &mut TcpStream) -> Vec<u8> {
     let mut head = Vec::new();
     while !head.ends_with(b"\r\n\r\n") {
         let mut byte = [0_u8; 1];
         timeout(WAIT, tcp.read_exact(&mut byte)).await.unwrap().unwrap();
         head.push(byte[0]);
     }
-    let head = String::from_utf8(head).unwrap();
-    (head.lines().next().unwrap().to_owned(), tcp)
+    head
 }
 
 /// Reads server frames (never masked) until a close frame; returns its payload.
@@ -917,12 +917,7 @@ async fn frames_sent_right_behind_the_upgrade_request_are_read_first() {
     let second = text(b"second");
     sent.extend_from_slice(&second[..4]);
     tcp.write_all(&sent).await.unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0_u8; 1];
-        timeout(WAIT, tcp.read_exact(&mut byte)).await.unwrap().unwrap();
-        head.push(byte[0]);
-    }
+    let head = read_head(&mut tcp).await;
     assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
     assert_eq!(raw_frame(&mut tcp).await, (0x1, b"first".to_vec()));
     tcp.write_all(&second[4..]).await.unwrap();

@@ -620,3 +620,19 @@ pub(super) fn sentinel(from: &mut Member, others: &mut [&mut Member]) -> u64 {
 pub(super) fn lobby(member: &mut Member, n: usize) -> Vec<String> {
     (0..n).map(|_| member.expect("chat")["text"].as_str().unwrap().to_owned()).collect()
 }
+
+/// Ada and Cy on the node at `a`, Bob on the node at `b`, all in room `r`,
+/// once Ada and Bob have each said three things (sent, not yet settled).
+pub(super) fn three_talking(a: u16, b: u16) -> (Member, Member, Member) {
+    let mut ada = Member::connect(a, "ada", "r");
+    let mut bob = Member::connect(b, "bob", "r");
+    let mut cy = Member::connect(a, "cy", "r");
+    for member in [&mut ada, &mut bob, &mut cy] {
+        member.join();
+    }
+    for _ in 0..3 {
+        ada.say();
+        bob.say();
+    }
+    (ada, bob, cy)
+}

@@ -18,7 +18,7 @@ use std::time::Instant;
 use serde_json::{Value, json};
 
 use super::chat::Chat;
-use member::{Member, Seen, check, lobby, sentinel};
+use member::{Member, Seen, check, lobby, sentinel, three_talking};
 use rig::{NODE_TIMEOUT, Node, Persistence, Proxy, get, redis, test_dir};
 
 #[test]
@@ -183,16 +183,7 @@ fn a_client_reconnecting_to_another_node_recovers_exactly_what_it_missed() {
     let dir = test_dir("recovery");
     let Some(redis) = redis(&dir, Persistence::None) else { return };
     let (a, b) = (Node::start(&dir, "a", &redis.url()), Node::start(&dir, "b", &redis.url()));
-    let mut ada = Member::connect(a.port, "ada", "r");
-    let mut bob = Member::connect(b.port, "bob", "r");
-    let mut cy = Member::connect(a.port, "cy", "r");
-    for member in [&mut ada, &mut bob, &mut cy] {
-        member.join();
-    }
-    for _ in 0..3 {
-        ada.say();
-        bob.say();
-    }
+    let (mut ada, mut bob, mut cy) = three_talking(a.port, b.port);
     bob.settle();
     let last_of_ada = ada.say();
     sentinel(&mut ada, &mut [&mut bob, &mut cy]);
@@ -379,16 +370,7 @@ fn redis_restarted_with_aof_always_loses_no_acknowledged_message() {
     let dir = test_dir("redis-aof");
     let Some(mut redis) = redis(&dir, Persistence::Aof) else { return };
     let (a, b) = (Node::start(&dir, "a", &redis.url()), Node::start(&dir, "b", &redis.url()));
-    let mut ada = Member::connect(a.port, "ada", "r");
-    let mut bob = Member::connect(b.port, "bob", "r");
-    let mut cy = Member::connect(a.port, "cy", "r");
-    for member in [&mut ada, &mut bob, &mut cy] {
-        member.join();
-    }
-    for _ in 0..3 {
-        ada.say();
-        bob.say();
-    }
+    let (mut ada, mut bob, mut cy) = three_talking(a.port, b.port);
     ada.settle();
     sentinel(&mut bob, &mut [&mut ada, &mut cy]);
     cy.disconnect();
