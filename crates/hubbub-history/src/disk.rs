@@ -1,12 +1,18 @@
-//! The disk engine: history in one redb file, written by one thread with group commit.
+//! The disk engine: history in one redb file and its journal, written by one thread with
+//! group commit.
 //!
 //! Every publish goes into a queue. The writer thread takes everything waiting at that moment
-//! (up to `max_batch`), applies it in one write transaction, commits it with one fsync, and only
-//! then calls the callbacks, in queue order. One writer and one queue make offsets contiguous
-//! and completions ordered without any lock on the publish path.
+//! (up to `max_batch`), applies it over what is kept, appends the batch's changes to the
+//! journal with one flush, and only then calls the callbacks, in queue order. One writer and
+//! one queue make offsets contiguous and completions ordered without any lock on the publish
+//! path. The journal's changes stay in memory (an overlay that every read consults before the
+//! file) until the checkpoint thread writes them into redb, in one commit per second or so;
+//! see the [`journal`](crate::journal) module. At open, changes the journal holds beyond the
+//! last checkpoint are written into redb first.
 //!
 //! The file has five tables (format version [`FORMAT_VERSION`]):
-//! `store` (the epoch and the format version), `rooms` (each room's counters),
+//! `store` (the epoch, the format version and the last checkpointed journal generation),
+//! `rooms` (each room's counters),
 //! `messages` (`(room, offset)` → 8-byte big-endian timestamp, then the bytes),
 //! `dedupe` (`(room, sender, id)` → offset, timestamp, time remembered) and
 //! `dedupe_age` (`(room, time remembered, sender, id)`, to forget the oldest first).
@@ -14,20 +20,21 @@
 use std::fs::OpenOptions;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use redb::backends::FileBackend;
 use redb::{
-    Builder, Database, DatabaseError, ReadOnlyTable, ReadableTable, StorageBackend, StorageError, Table,
-    TableDefinition, TableHandle, WriteTransaction,
+    Builder, Database, DatabaseError, ReadOnlyTable, ReadTransaction, ReadableTable, StorageBackend,
+    StorageError, Table, TableDefinition, TableHandle, WriteTransaction,
 };
 
 use crate::core::{self, Dedupe, DedupeAge, Reader, RoomMeta, StoreError, StoreResult, Tables};
+use crate::journal::{self, Change, Journal, Kept, Layers, Overlay};
 use crate::{
     BatchScope, Engine, Epoch, Error, FaultInjector, History, OnDone, Options, Position, Publish, Published,
     Recovery, Result, StoredMessage,
@@ -44,6 +51,8 @@ const DEDUPE_AGE: TableDefinition<'_, (&str, u64, &str, u128), ()> = TableDefini
 
 const EPOCH_KEY: &str = "epoch";
 const FORMAT_KEY: &str = "format";
+/// The newest journal generation whose changes are all in the file (8 bytes big-endian).
+const JOURNAL_KEY: &str = "journal";
 
 /// Where the disk engine keeps its file and how it batches.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,6 +66,12 @@ pub struct DiskConfig {
     /// How long the writer waits before opening the file again after a failed write, while no
     /// publish asks it to. Default 1 s.
     pub reopen_interval: Duration,
+    /// Longest time a change stays only in the journal (and in memory) before a checkpoint
+    /// starts writing it into the redb file. Default 1 s.
+    pub checkpoint_interval: Duration,
+    /// Journal bytes after which a checkpoint starts, however recent the oldest change. Bounds
+    /// the memory the journal's changes take. Default 8 MiB.
+    pub checkpoint_bytes: u64,
 }
 
 impl DiskConfig {
@@ -67,6 +82,8 @@ impl DiskConfig {
             max_batch: 1_024,
             cache_bytes: 32 << 20,
             reopen_interval: Duration::from_secs(1),
+            checkpoint_interval: Duration::from_secs(1),
+            checkpoint_bytes: 8 << 20,
         }
     }
 }
@@ -104,24 +121,31 @@ pub enum OpenFailure {
     /// The file or its directory could not be opened or created.
     #[error("{0}")]
     Io(#[from] io::Error),
+    /// The journal beside the file could not be read or written into the file.
+    #[error("its journal could not be recovered: {0}")]
+    Journal(String),
 }
 
 /// Counters of the writer, for metrics and tests.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DiskStats {
-    /// Transactions committed (each one fsync).
+    /// Batches written to the journal (each one flush).
     pub commits: u64,
     /// Publishes completed successfully (duplicates included).
     pub published: u64,
     /// Batches that failed to write.
     pub failed_batches: u64,
+    /// Checkpoints written into the redb file (each one commit).
+    pub checkpoints: u64,
+    /// Checkpoints that failed (and were tried again).
+    pub failed_checkpoints: u64,
 }
 
-/// History in one redb file: durable before completion, one fsync per batch.
+/// History in one redb file and its journal: durable before completion, one flush per batch.
 ///
 /// See the [crate docs](crate) for the guarantees. Reads run on the calling thread in their
-/// own read transaction and never wait for the writer. Dropping the engine completes every
-/// publish already queued, then closes the file.
+/// own read transaction and never wait for the writer's flush. Dropping the engine completes
+/// every publish already queued, writes the journal's changes into the file, then closes it.
 pub struct DiskEngine {
     /// State shared with the writer thread.
     shared: Arc<Shared>,
@@ -134,14 +158,41 @@ pub struct DiskEngine {
 struct Shared {
     config: DiskConfig,
     options: Options,
-    /// The open file; `None` while the writer reopens it after a failed write.
+    /// The open file; `None` while it is reopened after a failed write.
     handle: RwLock<Option<Arc<Handle>>>,
+    /// Serialises reopening between the writer and the checkpointer.
+    reopening: Mutex<()>,
+    /// The journal's changes not yet in the file.
+    pending: RwLock<Pending>,
     commits: AtomicU64,
     published: AtomicU64,
     failed_batches: AtomicU64,
+    checkpoints: AtomicU64,
+    failed_checkpoints: AtomicU64,
+    /// Set when the engine is dropped: a failing checkpoint stops trying (the journal keeps its
+    /// changes for the next open).
+    closing: AtomicBool,
     /// The thread that runs the completion callbacks, once started.
     completer: std::sync::OnceLock<std::thread::ThreadId>,
 }
+
+/// Changes in the journal and not yet in the file, newest first when read.
+#[derive(Default)]
+struct Pending {
+    /// Changes of the segment being appended to.
+    active: Overlay,
+    /// Changes of the previous segment while the checkpointer writes them into the file.
+    frozen: Option<Arc<Overlay>>,
+}
+
+impl Pending {
+    fn layers(&self) -> Layers<'_> {
+        Layers([Some(&self.active), self.frozen.as_deref(), None])
+    }
+}
+
+/// A segment's changes for the checkpointer, and the segment's generation.
+type Checkpoint = (Arc<Overlay>, u64);
 
 /// A committed (or failed) batch's completions, in commit order.
 type Completions = Vec<(OnDone, Result<Published>)>;
@@ -159,27 +210,46 @@ impl std::fmt::Debug for DiskEngine {
 }
 
 impl DiskEngine {
-    /// Opens (or creates) the store file and starts the writer thread.
+    /// Opens (or creates) the store file, writes into it what its journal holds beyond the last
+    /// checkpoint, and starts the writer and checkpoint threads.
     ///
     /// A new file gets a new epoch. A file that is locked, damaged, of another format or not a
     /// history store is an error naming it; nothing is ever overwritten.
     pub fn open(config: DiskConfig, options: Options) -> Result<Self, OpenError> {
+        let fail = |failure| OpenError { path: config.path.clone(), failure };
         let handle = open_handle(&config, &options.faults)?;
+        let generation = recover(&config.path, &handle).map_err(fail)?;
+        let journal = Journal::start(&config.path, &handle.epoch, generation, options.faults.clone())
+            .map_err(|err| fail(OpenFailure::Journal(err.to_string())))?;
         let shared = Arc::new(Shared {
             config,
             options,
             handle: RwLock::new(Some(Arc::new(handle))),
+            reopening: Mutex::new(()),
+            pending: RwLock::new(Pending::default()),
             commits: AtomicU64::new(0),
             published: AtomicU64::new(0),
             failed_batches: AtomicU64::new(0),
+            checkpoints: AtomicU64::new(0),
+            failed_checkpoints: AtomicU64::new(0),
+            closing: AtomicBool::new(false),
             completer: std::sync::OnceLock::new(),
         });
+        let spawn_failed =
+            |err: io::Error| OpenError { path: shared.config.path.clone(), failure: err.into() };
+        let (checkpoints, jobs) = mpsc::channel::<Checkpoint>();
+        let checkpoint_shared = shared.clone();
+        let checkpointer = std::thread::Builder::new()
+            .name("hubbub-history-checkpoint".into())
+            .spawn(move || run_checkpointer(&checkpoint_shared, &jobs))
+            .map_err(spawn_failed)?;
         let (queue, requests) = mpsc::channel();
         let writer_shared = shared.clone();
+        let writer = Writer::new(writer_shared, journal, checkpoints, checkpointer);
         let writer = std::thread::Builder::new()
             .name("hubbub-history-writer".into())
-            .spawn(move || Writer::new(writer_shared).run_with_completer(&requests))
-            .map_err(|err| OpenError { path: shared.config.path.clone(), failure: err.into() })?;
+            .spawn(move || writer.run_with_completer(&requests))
+            .map_err(spawn_failed)?;
         Ok(Self { shared, queue: Some(queue), writer: Some(writer) })
     }
 
@@ -190,23 +260,28 @@ impl DiskEngine {
 
     /// The writer's counters so far.
     pub fn stats(&self) -> DiskStats {
+        let count = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         DiskStats {
-            commits: self.shared.commits.load(Ordering::Relaxed),
-            published: self.shared.published.load(Ordering::Relaxed),
-            failed_batches: self.shared.failed_batches.load(Ordering::Relaxed),
+            commits: count(&self.shared.commits),
+            published: count(&self.shared.published),
+            failed_batches: count(&self.shared.failed_batches),
+            checkpoints: count(&self.shared.checkpoints),
+            failed_checkpoints: count(&self.shared.failed_checkpoints),
         }
     }
 
-    fn read<T>(&self, f: impl FnOnce(&ReadTables, &Epoch, u64) -> StoreResult<T>) -> Result<T> {
-        let handle = self.shared.handle.read().unwrap_or_else(PoisonError::into_inner).clone();
-        let Some(handle) = handle else {
+    fn read<T>(&self, f: impl FnOnce(&View<'_>, &Epoch, u64) -> StoreResult<T>) -> Result<T> {
+        let Some(handle) = self.shared.handle() else {
             return Err(Error::Unavailable("the store is being reopened after a failed write".into()));
         };
         let now_ms = self.shared.options.clock.now_ms();
         let run = || -> StoreResult<T> {
+            // The journal's changes first, then the file: a checkpoint that lands in between
+            // is then read twice (the same state), never missed.
+            let pending = self.shared.pending.read().unwrap_or_else(PoisonError::into_inner);
             let txn = handle.db.begin_read()?;
-            let tables = ReadTables { rooms: txn.open_table(ROOMS)?, messages: txn.open_table(MESSAGES)? };
-            f(&tables, &handle.epoch, now_ms)
+            let file = FileTables::open(&txn, false)?;
+            f(&View { layers: pending.layers(), file: &file }, &handle.epoch, now_ms)
         };
         run().map_err(|err| Error::Read(err.0))
     }
@@ -252,17 +327,74 @@ impl Engine for DiskEngine {
     }
 }
 
+impl Shared {
+    fn handle(&self) -> Option<Arc<Handle>> {
+        self.handle.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Closes the file and opens it again: redb refuses every operation after an I/O error
+    /// until then, and that also drops whatever a failed transaction left in memory.
+    fn reopen(&self) {
+        let _reopening = self.reopening.lock().unwrap_or_else(PoisonError::into_inner);
+        let old = self.handle.write().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(old) = old {
+            // The file lock is released only when the last reader lets go of the database;
+            // reads are short, so wait for them, for a bounded time.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Arc::strong_count(&old) > 1 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            drop(old);
+        }
+        self.open_if_closed();
+    }
+
+    fn ensure_open(&self) {
+        if self.handle().is_some() {
+            return;
+        }
+        let _reopening = self.reopening.lock().unwrap_or_else(PoisonError::into_inner);
+        self.open_if_closed();
+    }
+
+    fn open_if_closed(&self) {
+        if self.handle().is_some() {
+            return;
+        }
+        match open_handle(&self.config, &self.options.faults) {
+            Ok(handle) => {
+                tracing::info!(path = %self.config.path.display(), "history store reopened");
+                *self.handle.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(handle));
+            }
+            Err(err) => tracing::warn!(cause = %err, "history store could not be reopened"),
+        }
+    }
+}
+
 /// The writer thread's state.
 struct Writer {
     shared: Arc<Shared>,
+    /// The segment being appended to.
+    journal: Journal,
+    /// When the oldest change not yet handed to a checkpoint was made.
+    oldest_change: Option<Instant>,
+    /// The checkpointer's queue.
+    checkpoints: Sender<Checkpoint>,
+    /// The checkpoint thread, joined when the writer ends.
+    checkpointer: JoinHandle<()>,
     /// When every room is next swept, by the engine's clock.
     next_sweep_ms: u64,
 }
 
 impl Writer {
-    fn new(shared: Arc<Shared>) -> Self {
+    fn new(
+        shared: Arc<Shared>,
+        journal: Journal,
+        checkpoints: Sender<Checkpoint>,
+        checkpointer: JoinHandle<()>,
+    ) -> Self {
         let next_sweep_ms = shared.options.clock.now_ms();
-        Self { shared, next_sweep_ms }
+        Self { shared, journal, oldest_change: None, checkpoints, checkpointer, next_sweep_ms }
     }
 
     /// Runs the writer with a second thread for the completions: while the
@@ -301,24 +433,28 @@ impl Writer {
     fn run(mut self, requests: &Receiver<(Publish, OnDone)>, done: Option<&Sender<Completions>>) {
         let mut batch = Vec::new();
         loop {
-            let wait = if self.handle().is_some() {
+            let mut wait = if self.shared.handle().is_some() {
                 self.shared.options.retention.sweep_interval
             } else {
                 self.shared.config.reopen_interval
             };
+            if let Some(oldest) = self.oldest_change {
+                let due = oldest + self.shared.config.checkpoint_interval;
+                wait = wait.min(due.saturating_duration_since(Instant::now()));
+            }
             match requests.recv_timeout(wait) {
                 Ok(first) => batch.push(first),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
-            // Group commit: everything waiting now goes into this transaction.
+            // Group commit: everything waiting now goes into this batch.
             while batch.len() < self.shared.config.max_batch.max(1) {
                 match requests.try_recv() {
                     Ok(next) => batch.push(next),
                     Err(_) => break,
                 }
             }
-            self.ensure_open();
+            self.shared.ensure_open();
             self.maybe_sweep();
             if !batch.is_empty() {
                 let completions = self.commit(&mut batch);
@@ -331,37 +467,41 @@ impl Writer {
                     None => complete_batch(&self.shared.options.batch, completions),
                 }
             }
+            self.maybe_checkpoint();
+        }
+        self.finish();
+    }
+
+    /// Writes the journal's last changes into the file and waits for the checkpointer.
+    fn finish(self) {
+        let Self { shared, journal, oldest_change, checkpoints, checkpointer, .. } = self;
+        if oldest_change.is_some() {
+            // Nothing reads the engine any more: the active changes can leave the overlay.
+            let active =
+                std::mem::take(&mut shared.pending.write().unwrap_or_else(PoisonError::into_inner).active);
+            let _ = checkpoints.send((Arc::new(active), journal.generation()));
+        }
+        shared.closing.store(true, Ordering::SeqCst);
+        drop(checkpoints);
+        if checkpointer.join().is_err() {
+            tracing::error!("the history checkpoint thread panicked");
         }
     }
 
-    fn handle(&self) -> Option<Arc<Handle>> {
-        self.shared.handle.read().unwrap_or_else(PoisonError::into_inner).clone()
-    }
-
-    /// Commits a batch; returns its completions, in order.
+    /// Applies a batch; returns its completions, in order.
     fn commit(&mut self, batch: &mut Vec<(Publish, OnDone)>) -> Completions {
         let now_ms = self.shared.options.clock.now_ms();
         let retention = self.shared.options.retention;
         let (requests, callbacks): (Vec<_>, Vec<_>) = batch.drain(..).unzip();
-        let outcome = match self.handle() {
-            None => Err(StoreError("the store could not be reopened after a failed write".into())),
-            Some(handle) => (|| {
-                let txn = handle.db.begin_write()?;
-                let results = {
-                    let mut tables = WriteTables::open(&txn)?;
-                    let mut results = Vec::with_capacity(requests.len());
-                    for request in requests {
-                        results.push(core::publish(&mut tables, &retention, &handle.epoch, now_ms, request)?);
-                    }
-                    results
-                };
-                txn.commit()?;
-                Ok(results)
-            })(),
-        };
+        let outcome = self.apply(|tables, epoch| {
+            let mut results = Vec::with_capacity(requests.len());
+            for request in requests {
+                results.push(core::publish(tables, &retention, epoch, now_ms, request)?);
+            }
+            Ok(results)
+        });
         match outcome {
             Ok(results) => {
-                self.shared.commits.fetch_add(1, Ordering::Relaxed);
                 let ok = results.iter().filter(|r| r.is_ok()).count();
                 self.shared.published.fetch_add(ok as u64, Ordering::Relaxed);
                 callbacks.into_iter().zip(results).collect()
@@ -371,41 +511,65 @@ impl Writer {
                 tracing::warn!(cause = %err.0, count = callbacks.len(), "history write failed");
                 let failed =
                     callbacks.into_iter().map(|on_done| (on_done, Err(Error::Unavailable(err.0.clone()))));
-                let failed = failed.collect();
-                // redb refuses every operation after an I/O error until the file is opened
-                // again; that also drops whatever the failed transaction left in memory.
-                self.reopen();
-                failed
+                failed.collect()
             }
         }
     }
 
-    /// Closes the file and opens it again.
-    fn reopen(&mut self) {
-        let old = self.shared.handle.write().unwrap_or_else(PoisonError::into_inner).take();
-        if let Some(old) = old {
-            // The file lock is released only when the last reader lets go of the database;
-            // reads are short, so wait for them, for a bounded time.
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Arc::strong_count(&old) > 1 && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            drop(old);
+    /// Runs `f` over the store as it is, collecting what it changes; appends the changes to the
+    /// journal with one flush, then makes them visible. Nothing is visible or kept on error.
+    fn apply<T>(&mut self, f: impl FnOnce(&mut BatchTables<'_>, &Epoch) -> StoreResult<T>) -> StoreResult<T> {
+        let handle = self
+            .shared
+            .handle()
+            .ok_or_else(|| StoreError("the store could not be reopened after a failed write".into()))?;
+        let (value, changes, payload) = {
+            let pending = self.shared.pending.read().unwrap_or_else(PoisonError::into_inner);
+            let txn = handle.db.begin_read()?;
+            let file = FileTables::open(&txn, true)?;
+            let mut tables = BatchTables {
+                below: pending.layers(),
+                file: &file,
+                batch: Overlay::default(),
+                payload: Vec::new(),
+            };
+            let value = f(&mut tables, &handle.epoch)?;
+            (value, tables.batch, tables.payload)
+        };
+        if !changes.is_empty() {
+            self.journal.append(&payload)?;
+            self.shared.commits.fetch_add(1, Ordering::Relaxed);
+            self.oldest_change.get_or_insert_with(Instant::now);
+            self.shared.pending.write().unwrap_or_else(PoisonError::into_inner).active.merge(changes);
         }
-        self.ensure_open();
+        Ok(value)
     }
 
-    fn ensure_open(&mut self) {
-        if self.handle().is_some() {
+    /// Hands the active segment's changes to the checkpointer and moves to the next segment,
+    /// once they are old or large enough and the previous checkpoint is done.
+    fn maybe_checkpoint(&mut self) {
+        let Some(oldest) = self.oldest_change else { return };
+        let config = &self.shared.config;
+        let due =
+            oldest.elapsed() >= config.checkpoint_interval || self.journal.used() >= config.checkpoint_bytes;
+        if !due || self.shared.pending.read().unwrap_or_else(PoisonError::into_inner).frozen.is_some() {
             return;
         }
-        match open_handle(&self.shared.config, &self.shared.options.faults) {
-            Ok(handle) => {
-                tracing::info!(path = %self.shared.config.path.display(), "history store reopened");
-                *self.shared.handle.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(handle));
-            }
-            Err(err) => tracing::warn!(cause = %err, "history store could not be reopened"),
+        let generation = self.journal.generation();
+        // The next segment reuses the file of the one before this, already checkpointed.
+        if let Err(err) = self.journal.rotate() {
+            tracing::warn!(cause = %err, "history journal could not move to its next segment");
+            return;
         }
+        let frozen = {
+            let mut pending = self.shared.pending.write().unwrap_or_else(PoisonError::into_inner);
+            let frozen = Arc::new(std::mem::take(&mut pending.active));
+            pending.frozen = Some(frozen.clone());
+            frozen
+        };
+        self.oldest_change = None;
+        // The checkpointer lives as long as the writer.
+        let _ = self.checkpoints.send((frozen, generation));
     }
 
     /// Removes expired messages and ids of every room, once per sweep interval.
@@ -414,32 +578,141 @@ impl Writer {
         if now_ms < self.next_sweep_ms {
             return;
         }
-        let Some(handle) = self.handle() else { return };
         let interval =
             u64::try_from(self.shared.options.retention.sweep_interval.as_millis()).unwrap_or(u64::MAX);
         self.next_sweep_ms = now_ms.saturating_add(interval);
         let retention = self.shared.options.retention;
-        let swept = (|| -> StoreResult<()> {
-            let txn = handle.db.begin_write()?;
-            {
-                let mut tables = WriteTables::open(&txn)?;
-                let mut rooms = Vec::new();
-                for entry in tables.rooms.iter()? {
-                    rooms.push(entry?.0.value().to_owned());
-                }
-                for room in rooms {
-                    core::sweep_room(&mut tables, &retention, now_ms, &room)?;
-                }
+        let swept = self.apply(|tables, _| {
+            for room in tables.rooms()? {
+                core::sweep_room(tables, &retention, now_ms, &room)?;
             }
-            txn.commit()?;
             Ok(())
-        })();
+        });
         if let Err(err) = swept {
             tracing::warn!(cause = %err.0, "history sweep failed");
-            drop(handle);
-            self.reopen();
         }
     }
+}
+
+/// The checkpoint thread: writes each segment's changes into the file in one commit, in order,
+/// then lets readers forget them. A failed checkpoint is tried again (after reopening the file)
+/// until it succeeds or the engine closes; a later one never runs before it.
+fn run_checkpointer(shared: &Shared, jobs: &Receiver<Checkpoint>) {
+    for (changes, generation) in jobs {
+        loop {
+            let written = match shared.handle() {
+                Some(handle) => write_checkpoint(&handle.db, &changes, generation),
+                None => Err(StoreError("the store is being reopened".into())),
+            };
+            match written {
+                Ok(()) => {
+                    shared.checkpoints.fetch_add(1, Ordering::Relaxed);
+                    let mut pending = shared.pending.write().unwrap_or_else(PoisonError::into_inner);
+                    if pending.frozen.as_ref().is_some_and(|frozen| Arc::ptr_eq(frozen, &changes)) {
+                        pending.frozen = None;
+                    }
+                    break;
+                }
+                Err(err) => {
+                    shared.failed_checkpoints.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(cause = %err.0, "history checkpoint failed; the journal keeps its changes");
+                    shared.reopen();
+                    if shared.closing.load(Ordering::SeqCst) {
+                        // The journal holds this segment and the ones after it for the next
+                        // open; a later checkpoint must not mark them written.
+                        return;
+                    }
+                    std::thread::sleep(shared.config.reopen_interval);
+                }
+            }
+        }
+    }
+}
+
+/// Writes a segment's changes into the file, with the segment's generation, in one commit.
+fn write_checkpoint(db: &Database, changes: &Overlay, generation: u64) -> StoreResult<()> {
+    let txn = db.begin_write()?;
+    {
+        let mut tables = WriteTables::open(&txn)?;
+        for (room, room_changes) in &changes.rooms {
+            let room: &str = room;
+            if let Some(meta) = room_changes.meta {
+                tables.rooms.insert(room, (meta.newest, meta.first, meta.dedupe_len))?;
+            }
+            for (offset, kept) in &room_changes.messages {
+                match kept {
+                    Some(kept) => {
+                        let value = &mut tables.value;
+                        value.clear();
+                        value.extend_from_slice(&kept.timestamp_ms.to_be_bytes());
+                        value.extend_from_slice(&kept.bytes);
+                        tables.messages.insert((room, *offset), value.as_slice())?;
+                    }
+                    None => {
+                        tables.messages.remove((room, *offset))?;
+                    }
+                }
+            }
+            for (id, senders) in &room_changes.dedupe {
+                for (sender, entry) in senders {
+                    let key = (room, &**sender, *id);
+                    match entry {
+                        Some(entry) => {
+                            tables
+                                .dedupe
+                                .insert(key, (entry.offset, entry.timestamp_ms, entry.recorded_ms))?;
+                        }
+                        None => {
+                            tables.dedupe.remove(key)?;
+                        }
+                    }
+                }
+            }
+            for ((recorded_ms, sender, id), present) in &room_changes.ages {
+                let key = (room, *recorded_ms, &**sender, *id);
+                if *present {
+                    tables.dedupe_age.insert(key, ())?;
+                } else {
+                    tables.dedupe_age.remove(key)?;
+                }
+            }
+        }
+        let mut store = txn.open_table(STORE)?;
+        store.insert(JOURNAL_KEY, generation.to_be_bytes().as_slice())?;
+    }
+    txn.commit()?;
+    Ok(())
+}
+
+/// Writes into the file whatever the journal holds beyond its last checkpoint; returns the
+/// generation to start the journal at.
+fn recover(path: &Path, handle: &Handle) -> Result<u64, OpenFailure> {
+    let db = &handle.db;
+    let failure = |err: &dyn std::fmt::Display| OpenFailure::Journal(err.to_string());
+    let checkpointed = {
+        let txn = db.begin_read().map_err(|e| failure(&e))?;
+        let store = txn.open_table(STORE).map_err(|e| failure(&e))?;
+        let value = store.get(JOURNAL_KEY).map_err(|e| failure(&e))?;
+        value.and_then(|v| <[u8; 8]>::try_from(v.value()).ok()).map_or(0, u64::from_be_bytes)
+    };
+    let mut segments = Vec::new();
+    for slot in 0..2 {
+        segments.push(journal::read_segment(path, &handle.epoch, slot).map_err(|e| failure(&e))?);
+    }
+    let newest = segments.iter().map(|segment| segment.generation).max().unwrap_or(0).max(checkpointed);
+    segments.retain(|segment| segment.generation > checkpointed && !segment.records.is_empty());
+    segments.sort_by_key(|segment| segment.generation);
+    if let Some(last) = segments.last().map(|segment| segment.generation) {
+        let mut changes = Overlay::default();
+        for record in segments.iter().flat_map(|segment| &segment.records) {
+            for change in Change::decode_all(record).map_err(|e| failure(&e.0))? {
+                changes.apply(change);
+            }
+        }
+        write_checkpoint(db, &changes, last).map_err(|e| failure(&e.0))?;
+        tracing::info!(path = %path.display(), generation = last, "history journal recovered into the store");
+    }
+    Ok(newest + 1)
 }
 
 /// Runs one commit's completions, in order, inside the engine's [`BatchScope`].
@@ -579,77 +852,49 @@ fn decode_time(value: &[u8]) -> StoreResult<(u64, &[u8])> {
     Ok((u64::from_be_bytes(*time), bytes))
 }
 
-impl Tables for WriteTables<'_> {
-    fn meta(&mut self, room: &str) -> StoreResult<Option<RoomMeta>> {
-        Ok(self.rooms.get(room)?.map(|v| meta_from(v.value())))
-    }
-
-    fn set_meta(&mut self, room: &str, meta: RoomMeta) -> StoreResult<()> {
-        self.rooms.insert(room, (meta.newest, meta.first, meta.dedupe_len))?;
-        Ok(())
-    }
-
-    fn append(&mut self, room: &str, offset: u64, timestamp_ms: u64, bytes: &Bytes) -> StoreResult<()> {
-        let value = &mut self.value;
-        value.clear();
-        value.extend_from_slice(&timestamp_ms.to_be_bytes());
-        value.extend_from_slice(bytes);
-        self.messages.insert((room, offset), value.as_slice())?;
-        Ok(())
-    }
-
-    fn message_time(&mut self, room: &str, offset: u64) -> StoreResult<Option<u64>> {
-        match self.messages.get((room, offset))? {
-            Some(value) => Ok(Some(decode_time(value.value())?.0)),
-            None => Ok(None),
-        }
-    }
-
-    fn remove_message(&mut self, room: &str, offset: u64) -> StoreResult<()> {
-        self.messages.remove((room, offset))?;
-        Ok(())
-    }
-
-    fn dedupe_find(&mut self, room: &str, sender: &str, id: u128) -> StoreResult<Option<Dedupe>> {
-        Ok(self.dedupe.get((room, sender, id))?.map(|v| {
-            let (offset, timestamp_ms, recorded_ms) = v.value();
-            Dedupe { offset, timestamp_ms, recorded_ms }
-        }))
-    }
-
-    fn dedupe_insert(&mut self, room: &str, sender: &str, id: u128, entry: Dedupe) -> StoreResult<()> {
-        self.dedupe.insert((room, sender, id), (entry.offset, entry.timestamp_ms, entry.recorded_ms))?;
-        self.dedupe_age.insert((room, entry.recorded_ms, sender, id), ())?;
-        Ok(())
-    }
-
-    fn dedupe_oldest(&mut self, room: &str) -> StoreResult<Option<DedupeAge>> {
-        let mut range = self.dedupe_age.range((room, 0, "", 0)..)?;
-        let Some(entry) = range.next() else { return Ok(None) };
-        let (key, _) = entry?;
-        let (found_room, recorded_ms, sender, id) = key.value();
-        if found_room != room {
-            return Ok(None);
-        }
-        Ok(Some(DedupeAge { recorded_ms, sender: sender.to_owned(), id }))
-    }
-
-    fn dedupe_remove(&mut self, room: &str, age: &DedupeAge) -> StoreResult<()> {
-        self.dedupe_age.remove((room, age.recorded_ms, age.sender.as_str(), age.id))?;
-        self.dedupe.remove((room, age.sender.as_str(), age.id))?;
-        Ok(())
-    }
-}
-
-/// The tables of one read transaction.
-struct ReadTables {
+/// The file's tables in one read transaction; the dedupe tables only for the writer.
+struct FileTables {
     rooms: ReadOnlyTable<&'static str, (u64, u64, u64)>,
     messages: ReadOnlyTable<(&'static str, u64), &'static [u8]>,
+    dedupe: Option<DedupeTables>,
 }
 
-impl Reader for ReadTables {
+struct DedupeTables {
+    ids: ReadOnlyTable<(&'static str, &'static str, u128), (u64, u64, u64)>,
+    ages: ReadOnlyTable<(&'static str, u64, &'static str, u128), ()>,
+}
+
+impl FileTables {
+    fn open(txn: &ReadTransaction, with_dedupe: bool) -> StoreResult<Self> {
+        let dedupe = if with_dedupe {
+            Some(DedupeTables { ids: txn.open_table(DEDUPE)?, ages: txn.open_table(DEDUPE_AGE)? })
+        } else {
+            None
+        };
+        Ok(Self { rooms: txn.open_table(ROOMS)?, messages: txn.open_table(MESSAGES)?, dedupe })
+    }
+
+    fn dedupe(&self) -> StoreResult<&DedupeTables> {
+        self.dedupe.as_ref().ok_or_else(|| StoreError("dedupe tables not opened for reading".into()))
+    }
+
     fn meta(&self, room: &str) -> StoreResult<Option<RoomMeta>> {
         Ok(self.rooms.get(room)?.map(|v| meta_from(v.value())))
+    }
+}
+
+/// What a read sees: the journal's changes over the file.
+struct View<'a> {
+    layers: Layers<'a>,
+    file: &'a FileTables,
+}
+
+impl Reader for View<'_> {
+    fn meta(&self, room: &str) -> StoreResult<Option<RoomMeta>> {
+        match self.layers.meta(room) {
+            Some(meta) => Ok(Some(meta)),
+            None => self.file.meta(room),
+        }
     }
 
     fn messages(
@@ -660,16 +905,199 @@ impl Reader for ReadTables {
         newest_first: bool,
         limit: usize,
     ) -> StoreResult<Vec<StoredMessage>> {
-        let range = self.messages.range((room, low)..=(room, high))?;
+        if low > high {
+            return Ok(Vec::new());
+        }
+        let changed = self.layers.messages(room, low, high);
+        let range = self.file.messages.range((room, low)..=(room, high))?;
         let decode = |entry: Result<_, StorageError>| -> StoreResult<StoredMessage> {
             let (key, value): (redb::AccessGuard<'_, (&str, u64)>, redb::AccessGuard<'_, &[u8]>) = entry?;
             decode_message(key.value().1, value.value())
         };
         if newest_first {
-            range.rev().take(limit).map(decode).collect()
+            merge(range.rev().map(decode), changed.into_iter().rev(), |a, b| a > b, limit)
         } else {
-            range.take(limit).map(decode).collect()
+            merge(range.map(decode), changed.into_iter(), |a, b| a < b, limit)
         }
+    }
+}
+
+/// Up to `limit` messages from the file's and the journal's, in the order `before` gives
+/// offsets; where both have an offset, the journal's state wins (and a removal hides it).
+fn merge<'k>(
+    file: impl Iterator<Item = StoreResult<StoredMessage>>,
+    changed: impl Iterator<Item = (u64, Option<&'k Kept>)>,
+    before: impl Fn(u64, u64) -> bool,
+    limit: usize,
+) -> StoreResult<Vec<StoredMessage>> {
+    let mut file = file.peekable();
+    let mut changed = changed.peekable();
+    let mut out = Vec::new();
+    while out.len() < limit {
+        let next_file = match file.peek() {
+            Some(Ok(message)) => Some(message.offset),
+            Some(Err(_)) => {
+                return Err(file.next().and_then(Result::err).unwrap_or(StoreError("read".into())));
+            }
+            None => None,
+        };
+        let next_changed = changed.peek().map(|(offset, _)| *offset);
+        let from_file = match (next_file, next_changed) {
+            (None, None) => break,
+            (Some(at), Some(changed_at)) => before(at, changed_at),
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+        };
+        if from_file {
+            if let Some(Ok(message)) = file.next() {
+                out.push(message);
+            }
+            continue;
+        }
+        if next_file == next_changed {
+            // The journal's state of this offset replaces the file's.
+            file.next();
+        }
+        if let Some((offset, Some(kept))) = changed.next() {
+            out.push(StoredMessage { offset, timestamp_ms: kept.timestamp_ms, bytes: kept.bytes.clone() });
+        }
+    }
+    Ok(out)
+}
+
+/// One batch's storage for the writer: reads see the batch's own changes, then the journal's,
+/// then the file; writes are collected, and encoded for the journal, as they are made.
+struct BatchTables<'a> {
+    below: Layers<'a>,
+    file: &'a FileTables,
+    /// The batch's changes.
+    batch: Overlay,
+    /// The batch's changes, encoded for the journal.
+    payload: Vec<u8>,
+}
+
+impl BatchTables<'_> {
+    fn layers(&self) -> Layers<'_> {
+        let [active, frozen, _] = self.below.0;
+        Layers([Some(&self.batch), active, frozen])
+    }
+
+    /// The room's name, shared with an entry that has it already.
+    fn room_key(&self, room: &str) -> Arc<str> {
+        let [active, frozen, _] = self.below.0;
+        [Some(&self.batch), active, frozen]
+            .into_iter()
+            .flatten()
+            .find_map(|layer| layer.rooms.get_key_value(room).map(|(key, _)| key.clone()))
+            .unwrap_or_else(|| Arc::from(room))
+    }
+
+    fn record(&mut self, change: Change) {
+        change.encode(&mut self.payload);
+        self.batch.apply(change);
+    }
+
+    /// Every room with counters, in the file or the journal.
+    fn rooms(&self) -> StoreResult<Vec<Arc<str>>> {
+        let mut rooms = self.layers().rooms();
+        for entry in self.file.rooms.iter()? {
+            rooms.push(Arc::from(entry?.0.value()));
+        }
+        rooms.sort_unstable();
+        rooms.dedup();
+        Ok(rooms)
+    }
+}
+
+impl Tables for BatchTables<'_> {
+    fn meta(&mut self, room: &str) -> StoreResult<Option<RoomMeta>> {
+        match self.layers().meta(room) {
+            Some(meta) => Ok(Some(meta)),
+            None => self.file.meta(room),
+        }
+    }
+
+    fn set_meta(&mut self, room: &str, meta: RoomMeta) -> StoreResult<()> {
+        self.record(Change::Meta { room: self.room_key(room), meta });
+        Ok(())
+    }
+
+    fn append(&mut self, room: &str, offset: u64, timestamp_ms: u64, bytes: &Bytes) -> StoreResult<()> {
+        let kept = Kept { timestamp_ms, bytes: bytes.clone() };
+        self.record(Change::Message { room: self.room_key(room), offset, kept: Some(kept) });
+        Ok(())
+    }
+
+    fn message_time(&mut self, room: &str, offset: u64) -> StoreResult<Option<u64>> {
+        if let Some(changed) = self.layers().message(room, offset) {
+            return Ok(changed.map(|kept| kept.timestamp_ms));
+        }
+        match self.file.messages.get((room, offset))? {
+            Some(value) => Ok(Some(decode_time(value.value())?.0)),
+            None => Ok(None),
+        }
+    }
+
+    fn remove_message(&mut self, room: &str, offset: u64) -> StoreResult<()> {
+        self.record(Change::Message { room: self.room_key(room), offset, kept: None });
+        Ok(())
+    }
+
+    fn dedupe_find(&mut self, room: &str, sender: &str, id: u128) -> StoreResult<Option<Dedupe>> {
+        if let Some(changed) = self.layers().dedupe(room, sender, id) {
+            return Ok(changed);
+        }
+        Ok(self.file.dedupe()?.ids.get((room, sender, id))?.map(|v| {
+            let (offset, timestamp_ms, recorded_ms) = v.value();
+            Dedupe { offset, timestamp_ms, recorded_ms }
+        }))
+    }
+
+    fn dedupe_insert(&mut self, room: &str, sender: &str, id: u128, entry: Dedupe) -> StoreResult<()> {
+        let (room, sender) = (self.room_key(room), Arc::from(sender));
+        self.record(Change::Dedupe { room, sender, id, recorded_ms: entry.recorded_ms, entry: Some(entry) });
+        Ok(())
+    }
+
+    fn dedupe_oldest(&mut self, room: &str) -> StoreResult<Option<DedupeAge>> {
+        let changed = self.layers().ages(room);
+        let mut changed = changed.into_iter().peekable();
+        let mut file = self.file.dedupe()?.ages.range((room, 0, "", 0)..)?;
+        let mut next_file = || -> StoreResult<Option<(u64, String, u128)>> {
+            let Some(entry) = file.next() else { return Ok(None) };
+            let key = entry?.0;
+            let (found_room, recorded_ms, sender, id) = key.value();
+            Ok((found_room == room).then(|| (recorded_ms, sender.to_owned(), id)))
+        };
+        let mut file_head = next_file()?;
+        loop {
+            let changed_head = changed.peek().map(|(key, present)| (*key, *present));
+            let from_file = match (&file_head, changed_head) {
+                (None, None) => return Ok(None),
+                (Some((recorded_ms, sender, id)), Some((key, _))) => {
+                    (*recorded_ms, sender.as_str(), *id) < key
+                }
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+            };
+            if from_file {
+                return Ok(file_head.map(|(recorded_ms, sender, id)| DedupeAge { recorded_ms, sender, id }));
+            }
+            let Some(((recorded_ms, sender, id), present)) = changed.next() else { return Ok(None) };
+            if file_head.as_ref().is_some_and(|(r, s, i)| (*r, s.as_str(), *i) == (recorded_ms, sender, id)) {
+                // The journal's state of this id replaces the file's.
+                file_head = next_file()?;
+            }
+            if present {
+                return Ok(Some(DedupeAge { recorded_ms, sender: sender.to_owned(), id }));
+            }
+        }
+    }
+
+    fn dedupe_remove(&mut self, room: &str, age: &DedupeAge) -> StoreResult<()> {
+        let (room, sender) = (self.room_key(room), Arc::from(age.sender.as_str()));
+        self.record(Change::Dedupe { room, sender, id: age.id, recorded_ms: age.recorded_ms, entry: None });
+        Ok(())
     }
 }
 

@@ -10,9 +10,11 @@
 //! ([`conformance`]) that every implementation must pass:
 //!
 //! - [`MemoryEngine`]: history in RAM, a new epoch at every start.
-//! - [`DiskEngine`]: history in one [redb](https://docs.rs/redb) file. A publish completes only
-//!   once it is durable (fsync), with group commit: one writer thread puts every publish waiting
-//!   at that moment into one transaction and one fsync.
+//! - [`DiskEngine`]: history in one [redb](https://docs.rs/redb) file and a journal beside it. A
+//!   publish completes only once it is durable (fsync), with group commit: one writer thread
+//!   appends the changes of every publish waiting at that moment to the journal with one write
+//!   and one fsync; a checkpoint thread moves the journal's changes into the redb file about
+//!   once a second.
 //! - `RedisEngine` (cargo feature `redis`): history in Redis ≥ 7, shared by every server process
 //!   connected to it. A publish completes once Redis has run the room's append script (durable
 //!   as Redis's persistence settings make it); epochs are per room and change when Redis has lost
@@ -91,6 +93,7 @@ mod clock;
 pub mod conformance;
 mod core;
 mod disk;
+mod journal;
 mod memory;
 #[cfg(feature = "redis")]
 mod redis;

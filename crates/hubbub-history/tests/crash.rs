@@ -2,7 +2,9 @@
 //! the store reopened holds every acknowledged message, with the same epoch, and offsets go on.
 //!
 //! The child is this same test binary, run again with [`CHILD_ENV`] set to the store's path
-//! and only the `child_publishes_until_killed` test selected.
+//! and only the `child_publishes_until_killed` test selected. It is killed twice over: once
+//! while every acknowledged message is only in the journal (checkpoints an hour apart), once
+//! while checkpoints run after every batch, so that the kill lands anywhere in one.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -14,6 +16,8 @@ use hubbub_history::conformance::{body, message};
 use hubbub_history::{DiskConfig, DiskEngine, Engine, Epoch, Options, Position, Recovery, Retention};
 
 const CHILD_ENV: &str = "HUBBUB_HISTORY_CRASH_STORE";
+/// The child's checkpoint interval, in milliseconds.
+const CHECKPOINT_ENV: &str = "HUBBUB_HISTORY_CRASH_CHECKPOINT_MS";
 const ROOMS: [&str; 3] = ["r0", "r1", "r2"];
 const ACKS_BEFORE_KILL: usize = 300;
 
@@ -25,8 +29,10 @@ fn options() -> Options {
 #[test]
 fn child_publishes_until_killed() {
     let Some(path) = std::env::var_os(CHILD_ENV) else { return };
-    let engine =
-        Arc::new(DiskEngine::open(DiskConfig::new(path), options()).expect("the child opens the store"));
+    let checkpoint_ms = std::env::var(CHECKPOINT_ENV).ok().and_then(|ms| ms.parse().ok()).unwrap_or(1_000);
+    let config =
+        DiskConfig { checkpoint_interval: Duration::from_millis(checkpoint_ms), ..DiskConfig::new(path) };
+    let engine = Arc::new(DiskEngine::open(config, options()).expect("the child opens the store"));
     let out = Arc::new(Mutex::new(std::io::stdout()));
     // Four publishers, each waiting for its ack: batches of several publishes per commit.
     let threads: Vec<_> = (0..4)
@@ -54,12 +60,23 @@ fn child_publishes_until_killed() {
 }
 
 #[test]
-fn acknowledged_messages_survive_sigkill() {
+fn acknowledged_messages_in_the_journal_survive_sigkill() {
+    killed_child_keeps_acknowledged(3_600_000);
+}
+
+#[test]
+fn acknowledged_messages_survive_sigkill_during_checkpoints() {
+    killed_child_keeps_acknowledged(0);
+}
+
+/// Runs the child with checkpoints `checkpoint_ms` apart, kills it, and checks the store.
+fn killed_child_keeps_acknowledged(checkpoint_ms: u64) {
     let dir = tempfile::tempdir().expect("temporary directory");
     let path = dir.path().join("history.redb");
     let mut child = Command::new(std::env::current_exe().expect("this test binary"))
         .args(["--exact", "child_publishes_until_killed", "--nocapture", "--test-threads=1"])
         .env(CHILD_ENV, &path)
+        .env(CHECKPOINT_ENV, checkpoint_ms.to_string())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

@@ -199,3 +199,19 @@ proptest! {
         })?;
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+
+    /// A checkpoint after every batch: reads meet messages in the file, in the segment being
+    /// checkpointed and in the journal at once.
+    #[test]
+    fn disk_engine_matches_the_model_while_checkpointing(ops in proptest::collection::vec(op(), 1..30)) {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("history.redb");
+        run(ops, |options, _| {
+            let config = DiskConfig { checkpoint_interval: Duration::ZERO, ..DiskConfig::new(&path) };
+            Box::new(DiskEngine::open(config, options).expect("opens"))
+        })?;
+    }
+}
