@@ -17,6 +17,7 @@
 //! `dedupe` (`(room, sender, id)` → offset, timestamp, time remembered) and
 //! `dedupe_age` (`(room, time remembered, sender, id)`, to forget the oldest first).
 
+use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -378,6 +379,9 @@ struct Writer {
     journal: Journal,
     /// When the oldest change not yet handed to a checkpoint was made.
     oldest_change: Option<Instant>,
+    /// Timestamps of messages read from the file: each publish checks its room's oldest
+    /// message against the ttl, and a kept message's timestamp never changes.
+    times: TimeCache,
     /// The checkpointer's queue.
     checkpoints: Sender<Checkpoint>,
     /// The checkpoint thread, joined when the writer ends.
@@ -394,7 +398,15 @@ impl Writer {
         checkpointer: JoinHandle<()>,
     ) -> Self {
         let next_sweep_ms = shared.options.clock.now_ms();
-        Self { shared, journal, oldest_change: None, checkpoints, checkpointer, next_sweep_ms }
+        Self {
+            shared,
+            journal,
+            oldest_change: None,
+            times: TimeCache::default(),
+            checkpoints,
+            checkpointer,
+            next_sweep_ms,
+        }
     }
 
     /// Runs the writer with a second thread for the completions: while the
@@ -528,6 +540,7 @@ impl Writer {
             let txn = handle.db.begin_read()?;
             let file = FileTables::open(&txn, true)?;
             let mut tables = BatchTables {
+                times: &mut self.times,
                 below: pending.layers(),
                 file: &file,
                 batch: Overlay::default(),
@@ -965,9 +978,34 @@ fn merge<'k>(
     Ok(out)
 }
 
+/// The timestamp of one message per room, as read from the file.
+#[derive(Default)]
+struct TimeCache(HashMap<Arc<str>, (u64, u64)>);
+
+impl TimeCache {
+    /// Rooms remembered at most; past that the cache starts again empty.
+    const ROOMS: usize = 1 << 16;
+
+    fn get(&self, room: &str, offset: u64) -> Option<u64> {
+        self.0.get(room).filter(|(at, _)| *at == offset).map(|(_, timestamp_ms)| *timestamp_ms)
+    }
+
+    fn insert(&mut self, room: &str, offset: u64, timestamp_ms: u64) {
+        if let Some(entry) = self.0.get_mut(room) {
+            *entry = (offset, timestamp_ms);
+            return;
+        }
+        if self.0.len() >= Self::ROOMS {
+            self.0.clear();
+        }
+        self.0.insert(Arc::from(room), (offset, timestamp_ms));
+    }
+}
+
 /// One batch's storage for the writer: reads see the batch's own changes, then the journal's,
 /// then the file; writes are collected, and encoded for the journal, as they are made.
 struct BatchTables<'a> {
+    times: &'a mut TimeCache,
     below: Layers<'a>,
     file: &'a FileTables,
     /// The batch's changes.
@@ -1032,10 +1070,13 @@ impl Tables for BatchTables<'_> {
         if let Some(changed) = self.layers().message(room, offset) {
             return Ok(changed.map(|kept| kept.timestamp_ms));
         }
-        match self.file.messages.get((room, offset))? {
-            Some(value) => Ok(Some(decode_time(value.value())?.0)),
-            None => Ok(None),
+        if let Some(timestamp_ms) = self.times.get(room, offset) {
+            return Ok(Some(timestamp_ms));
         }
+        let Some(value) = self.file.messages.get((room, offset))? else { return Ok(None) };
+        let timestamp_ms = decode_time(value.value())?.0;
+        self.times.insert(room, offset, timestamp_ms);
+        Ok(Some(timestamp_ms))
     }
 
     fn remove_message(&mut self, room: &str, offset: u64) -> StoreResult<()> {
