@@ -84,8 +84,9 @@ pub(crate) struct ChatSession {
     shared: Arc<Shared>,
     /// This connection's queue.
     peer: Peer,
-    /// The name set with `setUsername`, if any.
-    username: Option<Box<str>>,
+    /// The name set with `setUsername` (or proved by a token), if any;
+    /// shared with the connection's log context.
+    username: Option<Arc<str>>,
     /// The room this connection is in, if any. Holding the `Arc` lets room
     /// messages skip the hub's rooms map.
     room: Option<Arc<Room>>,
@@ -156,13 +157,14 @@ impl ChatSession {
     fn authenticate(&mut self, identity: Identity) {
         let expires = TokioInstant::now() + until(identity.expires_at_ms, now_ms());
         let first = !matches!(self.auth, AuthState::Authenticated { .. });
-        tracing::Span::current().record("user", identity.user.as_str());
+        let user: Arc<str> = identity.user.as_str().into();
+        crate::connlog::record_user(&user);
         tracing::debug!(user = %identity.user, "authenticated");
         self.reply(&ServerMessage::Authenticated {
             user: identity.user.clone(),
             expires_at: identity.expires_at_ms,
         });
-        self.username = Some(identity.user.as_str().into());
+        self.username = Some(user);
         self.auth = AuthState::Authenticated { identity: Box::new(identity), expires, warned: false };
         if first {
             self.shared.hub.lobby.insert(self.peer.clone());
@@ -235,7 +237,8 @@ impl ChatSession {
                 {
                     return self.error("Your username is set by your token", "usernameLocked");
                 }
-                tracing::Span::current().record("user", username.as_str());
+                let user: Arc<str> = username.as_str().into();
+                crate::connlog::record_user(&user);
                 tracing::debug!(%username, "username set");
                 self.reply(&ServerMessage::UsernameSet { username: username.clone() });
                 let previous = self.name().to_owned();
@@ -254,7 +257,7 @@ impl ChatSession {
                         cluster.renamed(&room.name, self.peer.id(), &username, self.name());
                     }
                 }
-                self.username = Some(username.into_boxed_str());
+                self.username = Some(user);
             }
             ClientMessage::JoinRoom { room, since } => {
                 if let AuthState::Authenticated { identity, .. } = &self.auth

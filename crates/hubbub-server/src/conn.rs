@@ -38,9 +38,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use crate::ws::{CloseCode, Text};
-use tracing::Instrument;
 
 use crate::Shared;
+use crate::connlog::{InConnection, LogContext};
 use crate::deflate::Deflate;
 use crate::link::{CloseReason, Frame, Peer};
 use crate::metrics::code_label;
@@ -80,7 +80,8 @@ pub(crate) enum Endpoint {
 }
 
 impl Endpoint {
-    fn name(self) -> &'static str {
+    /// The endpoint's name in logs and metrics.
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Chat => "chat",
             Self::Notifications => "notifications",
@@ -98,6 +99,9 @@ impl Endpoint {
 /// Everything is built here, synchronously, and moved into one `async`
 /// block that uses it in place: an `async fn` would keep a second copy of
 /// its arguments in its state for the connection's whole life.
+///
+/// What the connection logs, here and in its task, carries its id, address,
+/// endpoint and user (`connlog`).
 pub(crate) fn run<S: Stream, H: Handler, M: FnOnce(Peer) -> H>(
     socket: S,
     early: &[u8],
@@ -109,15 +113,8 @@ pub(crate) fn run<S: Stream, H: Handler, M: FnOnce(Peer) -> H>(
 ) -> impl Future<Output = ()> + use<S, H, M> {
     let limits = &shared.config.websocket;
     let peer = Peer::new(limits.outbound_queue, limits.outbound_queue_bytes, deflate);
-    let span = tracing::info_span!(
-        "conn",
-        client = %peer.id(),
-        peer = %ip,
-        endpoint = endpoint.name(),
-        user = tracing::field::Empty
-    );
-    let (wire, handler) = {
-        let _entered = span.enter();
+    let mut log = LogContext::new(&peer, ip, endpoint);
+    let (wire, handler) = log.scope(|| {
         shared.hub.stats.accepted.with_label_values(&[endpoint.name()]).inc();
         shared.hub.stats.open.with_label_values(&[endpoint.name()]).inc();
         tracing::info!("connected");
@@ -129,8 +126,8 @@ pub(crate) fn run<S: Stream, H: Handler, M: FnOnce(Peer) -> H>(
         decoder.preload(early);
         let wire = Wire { io: socket, decoder, sending: VecDeque::new(), offset: 0 };
         (wire, make_handler(peer.clone()))
-    };
-    drive(wire, handler, shared, peer, endpoint).instrument(span)
+    });
+    InConnection::new(log, drive(wire, handler, shared, peer, endpoint))
 }
 
 /// Bytes read from the socket at a time, into a buffer on the stack.

@@ -26,6 +26,7 @@ mod chat;
 mod cluster;
 mod config;
 mod conn;
+mod connlog;
 mod deflate;
 mod echo;
 mod feed;
@@ -63,6 +64,7 @@ pub use config::{
     ClusterSettings, Config, ConfigError, ConnectionLimits, DeliverySettings, HeartbeatSettings,
     HistorySettings, HistoryStore, RateLimitSettings, UploadSettings, WebSocketLimits,
 };
+pub use connlog::ConnectionSpans;
 pub use tls::{TlsError, TlsReloader, TlsSettings};
 
 /// State shared by every request and connection.

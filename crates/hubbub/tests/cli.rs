@@ -198,6 +198,86 @@ fn logs_go_to_stderr_uncoloured_and_the_banner_to_stdout() {
     );
 }
 
+/// Every line a connection logs is in its `conn` span: the id the client
+/// was sent, its address, the endpoint and, once set, the user; in the text
+/// format and in JSON (`span`, `spans`), as when each connection held the
+/// span for its whole life. (The binary opens the span per event.)
+#[test]
+fn a_connections_log_lines_carry_its_id_address_endpoint_and_user() {
+    for format in ["text", "json"] {
+        let dir = scratch(&format!("conn-logs-{format}"));
+        let mut command = hubbub(&dir);
+        command.args(["--listen", "127.0.0.1:0", "--log-format", format]);
+        let server = Running::start(command);
+        let port = banner_port(&Running::until(&server.stdout, |line| line.contains("/metrics")));
+
+        let mut chat = chat::Chat::open(port, "/ws/chat");
+        assert_eq!(chat.recv()["type"], "welcome");
+        let connected = chat.recv();
+        let client = connected["clientId"].as_str().unwrap().to_owned();
+        chat.send(&serde_json::json!({"type": "setUsername", "username": "ada"}));
+        chat.recv_type("usernameSet");
+        drop(chat);
+        let seen = Running::until(&server.stderr, |line| line.contains("disconnected"));
+        server.stop();
+
+        let line = |message: &str| {
+            let quoted = format!("\"{message}\"");
+            seen.iter()
+                .find(|line| line.contains(&format!(": {message}")) || line.contains(&quoted))
+                .unwrap_or_else(|| panic!("no {message} line in {seen:#?}"))
+                .clone()
+        };
+        let (connected, disconnected) = (line("connected"), line("disconnected"));
+        if format == "text" {
+            let span = format!("conn{{client={client} peer=127.0.0.1 endpoint=\"chat\"");
+            assert!(connected.contains(&format!("{span}}}: hubbub_server::conn: connected")), "{connected}");
+            assert!(
+                disconnected.contains(&format!("{span} user=\"ada\"}}: hubbub_server::conn: disconnected")),
+                "{disconnected}"
+            );
+        } else {
+            let span = |line: &str| {
+                let line: serde_json::Value = serde_json::from_str(line).unwrap();
+                assert_eq!(line["spans"], serde_json::json!([line["span"]]), "{line}");
+                line["span"].clone()
+            };
+            let mut expected = serde_json::json!({"name": "conn", "client": client, "peer": "127.0.0.1", "endpoint": "chat"});
+            assert_eq!(span(&connected), expected);
+            expected["user"] = "ada".into();
+            assert_eq!(span(&disconnected), expected);
+        }
+    }
+}
+
+/// At `--log warn` too, a connection's warning is in its `conn` span (a
+/// span held per connection would be at `info`, and off).
+#[test]
+fn at_warn_a_connections_warning_carries_its_span() {
+    let dir = scratch("conn-logs-warn");
+    let mut command = hubbub(&dir);
+    command.args(["--listen", "127.0.0.1:0", "--log", "warn"]).env("HUBBUB_RATE_LIMIT_FLOOD_STRIKES", "1");
+    let server = Running::start(command);
+    let port = banner_port(&Running::until(&server.stdout, |line| line.contains("/metrics")));
+
+    let mut chat = chat::Chat::open(port, "/ws/chat");
+    assert_eq!(chat.recv()["type"], "welcome");
+    let client = chat.recv()["clientId"].as_str().unwrap().to_owned();
+    // Past `control_burst` (40) pings, one refusal is a strike, and one
+    // strike (as configured) closes the connection for flooding.
+    for timestamp in 0..60 {
+        if chat.try_send(&serde_json::json!({"type": "ping", "timestamp": timestamp})).is_err() {
+            break;
+        }
+    }
+    let seen = Running::until(&server.stderr, |line| line.contains("keeps flooding"));
+    server.stop();
+    let line = seen.last().unwrap();
+    let span =
+        format!("WARN conn{{client={client} peer=127.0.0.1 endpoint=\"chat\"}}: hubbub_server::ratelimit: ");
+    assert!(line.contains(&span), "{line}");
+}
+
 /// On a terminal (util-linux `script` gives the server one) log lines are
 /// coloured, unless `NO_COLOR` is set.
 #[test]
