@@ -715,6 +715,20 @@ fn recover(path: &Path, handle: &Handle) -> Result<u64, OpenFailure> {
     let newest = segments.iter().map(|segment| segment.generation).max().unwrap_or(0).max(checkpointed);
     segments.retain(|segment| segment.generation > checkpointed && !segment.records.is_empty());
     segments.sort_by_key(|segment| segment.generation);
+    // A segment starts only once the one before it holds a record, and is reused only once
+    // that one is checkpointed: this file's journal goes on from its checkpoint without a gap.
+    // One that does not (a file restored from a backup beside a later journal) is not this
+    // file's, and replaying it would mix two states.
+    for (segment, expected) in segments.iter().zip(checkpointed + 1..) {
+        if segment.generation != expected {
+            return Err(OpenFailure::Journal(format!(
+                "{} holds generation {} but the file was checkpointed at generation {checkpointed}: \
+                 it is not this file's journal; move the journal files aside to open the file without it",
+                journal::segment_path(path, segment.generation % 2).display(),
+                segment.generation,
+            )));
+        }
+    }
     if let Some(last) = segments.last().map(|segment| segment.generation) {
         let mut changes = Overlay::default();
         for record in segments.iter().flat_map(|segment| &segment.records) {
@@ -1181,5 +1195,41 @@ impl StorageBackend for FaultyBackend {
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.check()?;
         self.inner.write(offset, data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conformance::message;
+
+    #[test]
+    fn a_journal_that_does_not_follow_the_files_checkpoint_is_refused() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("h.redb");
+        let epoch = {
+            // No checkpoint before the close: the journal stays at generation 1.
+            let config =
+                DiskConfig { checkpoint_interval: Duration::from_secs(3600), ..DiskConfig::new(&path) };
+            let engine = DiskEngine::open(config, Options::default()).expect("opens");
+            crate::publish_and_wait(&engine, message("a", "ada", "one")).expect("publishes").epoch
+        };
+        // The clean close checkpointed generation 1; a segment of generation 4 cannot follow it.
+        let mut change = Vec::new();
+        Change::Meta { room: "a".into(), meta: RoomMeta { newest: 9, first: 9, dedupe_len: 0 } }
+            .encode(&mut change);
+        let mut journal = Journal::start(&path, &epoch, 4, FaultInjector::default()).expect("starts");
+        journal.append(&change).expect("appends");
+        drop(journal);
+        let err = DiskEngine::open(DiskConfig::new(&path), Options::default()).expect_err("refused");
+        assert!(matches!(err.failure, OpenFailure::Journal(_)), "{err}");
+        assert!(err.to_string().contains("journal-0"), "{err}");
+
+        // The same change as the generation after the checkpoint is replayed.
+        let mut journal = Journal::start(&path, &epoch, 2, FaultInjector::default()).expect("starts");
+        journal.append(&change).expect("appends");
+        drop(journal);
+        let engine = DiskEngine::open(DiskConfig::new(&path), Options::default()).expect("opens");
+        assert_eq!(engine.position("a").expect("position").offset, 9);
     }
 }

@@ -200,8 +200,6 @@ pub(crate) struct RoomChanges {
 #[derive(Debug, Default)]
 pub(crate) struct Overlay {
     pub(crate) rooms: HashMap<Arc<str>, RoomChanges>,
-    /// Message bytes held, to checkpoint before memory grows.
-    pub(crate) bytes: usize,
 }
 
 impl Overlay {
@@ -214,7 +212,6 @@ impl Overlay {
         match change {
             Change::Meta { room, meta } => self.rooms.entry(room).or_default().meta = Some(meta),
             Change::Message { room, offset, kept } => {
-                self.bytes += kept.as_ref().map_or(0, |kept| kept.bytes.len());
                 self.rooms.entry(room).or_default().messages.insert(offset, kept);
             }
             Change::Dedupe { room, sender, id, recorded_ms, entry } => {
@@ -231,7 +228,6 @@ impl Overlay {
 
     /// Puts `newer`'s changes over this overlay's.
     pub(crate) fn merge(&mut self, newer: Overlay) {
-        self.bytes += newer.bytes;
         for (room, changes) in newer.rooms {
             let mine = self.rooms.entry(room).or_default();
             if changes.meta.is_some() {
