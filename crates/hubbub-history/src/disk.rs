@@ -6,7 +6,7 @@
 //! journal with one flush, and only then calls the callbacks, in queue order. One writer and
 //! one queue make offsets contiguous and completions ordered without any lock on the publish
 //! path. The journal's changes stay in memory (an overlay that every read consults before the
-//! file) until the checkpoint thread writes them into redb, in one commit every few seconds;
+//! file) until the checkpoint thread writes them into redb, in one commit per second or so;
 //! see the [`journal`](crate::journal) module. At open, changes the journal holds beyond the
 //! last checkpoint are written into redb first.
 //!
@@ -68,9 +68,7 @@ pub struct DiskConfig {
     /// publish asks it to. Default 1 s.
     pub reopen_interval: Duration,
     /// Longest time a change stays only in the journal (and in memory) before a checkpoint
-    /// starts writing it into the redb file. Default 4 s: each room's pages are then written
-    /// once for four seconds of its messages (in `rooms`, the checkpoint thread's CPU fell by
-    /// about half against 1 s), and `checkpoint_bytes` bounds the memory a busy server holds.
+    /// starts writing it into the redb file. Default 1 s.
     pub checkpoint_interval: Duration,
     /// Journal bytes after which a checkpoint starts, however recent the oldest change. Bounds
     /// the memory the journal's changes take. Default 8 MiB.
@@ -89,7 +87,7 @@ impl DiskConfig {
             max_batch: 1_024,
             cache_bytes: 32 << 20,
             reopen_interval: Duration::from_secs(1),
-            checkpoint_interval: Duration::from_secs(4),
+            checkpoint_interval: Duration::from_secs(1),
             checkpoint_bytes: 8 << 20,
             checkpoint_nice: 10,
         }

@@ -4,8 +4,8 @@
 //! A batch of publishes changes a few keys of a few rooms. Written into redb's B-trees, each
 //! message dirties its room's leaf and branch pages, and redb writes every dirty page at every
 //! commit: about 20 scattered page writes and one flush per batch. Written here instead, a batch
-//! is one sequential write and one flush; the checkpoint, every few seconds on its own thread,
-//! puts several seconds of changes into redb in one commit, where each touched page is written
+//! is one sequential write and one flush; the checkpoint, once a second or so on its own thread,
+//! puts a whole second of changes into redb in one commit, where each touched page is written
 //! once for all the messages it gained.
 //!
 //! Two segment files take turns (`<store>-journal-0` and `-1`): the writer appends to one while

@@ -13,8 +13,8 @@
 //! - [`DiskEngine`]: history in one [redb](https://docs.rs/redb) file and a journal beside it. A
 //!   publish completes only once it is durable (fsync), with group commit: one writer thread
 //!   appends the changes of every publish waiting at that moment to the journal with one write
-//!   and one fsync; a checkpoint thread moves the journal's changes into the redb file every
-//!   few seconds.
+//!   and one fsync; a checkpoint thread moves the journal's changes into the redb file about
+//!   once a second.
 //! - `RedisEngine` (cargo feature `redis`): history in Redis ≥ 7, shared by every server process
 //!   connected to it. A publish completes once Redis has run the room's append script (durable
 //!   as Redis's persistence settings make it); epochs are per room and change when Redis has lost
