@@ -456,8 +456,13 @@ impl Writer {
                 self.shared.config.reopen_interval
             };
             if let Some(oldest) = self.oldest_change {
-                let due = oldest + self.shared.config.checkpoint_interval;
-                wait = wait.min(due.saturating_duration_since(Instant::now()));
+                let interval = self.shared.config.checkpoint_interval;
+                let until_due = (oldest + interval).saturating_duration_since(Instant::now());
+                // While the previous checkpoint runs (or retries after a failure) this one cannot
+                // start: look again an interval later rather than spin on a deadline passed.
+                let in_flight =
+                    self.shared.pending.read().unwrap_or_else(PoisonError::into_inner).frozen.is_some();
+                wait = wait.min(if in_flight { interval.max(Duration::from_millis(10)) } else { until_due });
             }
             match requests.recv_timeout(wait) {
                 Ok(first) => batch.push(first),
