@@ -928,8 +928,12 @@ impl FileTables {
         self.dedupe.as_ref().ok_or_else(|| StoreError("dedupe tables not opened for reading".into()))
     }
 
-    fn meta(&self, room: &str) -> StoreResult<Option<RoomMeta>> {
-        Ok(self.rooms.get(room)?.map(|v| meta_from(v.value())))
+    /// A room's counters: the journal's, else the file's.
+    fn meta_under(&self, layers: Layers<'_>, room: &str) -> StoreResult<Option<RoomMeta>> {
+        match layers.meta(room) {
+            Some(meta) => Ok(Some(meta)),
+            None => Ok(self.rooms.get(room)?.map(|v| meta_from(v.value()))),
+        }
     }
 }
 
@@ -941,10 +945,7 @@ struct View<'a> {
 
 impl Reader for View<'_> {
     fn meta(&self, room: &str) -> StoreResult<Option<RoomMeta>> {
-        match self.layers.meta(room) {
-            Some(meta) => Ok(Some(meta)),
-            None => self.file.meta(room),
-        }
+        self.file.meta_under(self.layers, room)
     }
 
     fn messages(
@@ -1069,12 +1070,7 @@ impl BatchTables<'_> {
 
     /// The room's name, shared with an entry that has it already.
     fn room_key(&self, room: &str) -> Arc<str> {
-        let [active, frozen, _] = self.below.0;
-        [Some(&self.batch), active, frozen]
-            .into_iter()
-            .flatten()
-            .find_map(|layer| layer.rooms.get_key_value(room).map(|(key, _)| key.clone()))
-            .unwrap_or_else(|| Arc::from(room))
+        self.layers().room_key(room).unwrap_or_else(|| Arc::from(room))
     }
 
     fn record(&mut self, change: Change) {
@@ -1096,10 +1092,7 @@ impl BatchTables<'_> {
 
 impl Tables for BatchTables<'_> {
     fn meta(&mut self, room: &str) -> StoreResult<Option<RoomMeta>> {
-        match self.layers().meta(room) {
-            Some(meta) => Ok(Some(meta)),
-            None => self.file.meta(room),
-        }
+        self.file.meta_under(self.layers(), room)
     }
 
     fn set_meta(&mut self, room: &str, meta: RoomMeta) -> StoreResult<()> {
@@ -1208,11 +1201,7 @@ struct FaultyBackend {
 
 impl FaultyBackend {
     fn check(&self) -> io::Result<()> {
-        if self.faults.failing() {
-            Err(io::Error::new(io::ErrorKind::StorageFull, "injected write failure"))
-        } else {
-            Ok(())
-        }
+        self.faults.check_write()
     }
 }
 

@@ -217,11 +217,7 @@ impl Overlay {
             Change::Dedupe { room, sender, id, recorded_ms, entry } => {
                 let changes = self.rooms.entry(room).or_default();
                 changes.ages.insert((recorded_ms, sender.clone(), id), entry.is_some());
-                let senders = changes.dedupe.entry(id).or_default();
-                match senders.iter_mut().find(|(known, _)| **known == *sender) {
-                    Some((_, slot)) => *slot = entry,
-                    None => senders.push((sender, entry)),
-                }
+                set_sender(changes.dedupe.entry(id).or_default(), sender, entry);
             }
         }
     }
@@ -238,13 +234,18 @@ impl Overlay {
             for (id, senders) in changes.dedupe {
                 let known = mine.dedupe.entry(id).or_default();
                 for (sender, entry) in senders {
-                    match known.iter_mut().find(|(k, _)| *k == sender) {
-                        Some((_, slot)) => *slot = entry,
-                        None => known.push((sender, entry)),
-                    }
+                    set_sender(known, sender, entry);
                 }
             }
         }
+    }
+}
+
+/// Records what is now remembered for `sender` among an id's senders.
+fn set_sender(senders: &mut Senders, sender: Arc<str>, entry: Option<Dedupe>) {
+    match senders.iter_mut().find(|(known, _)| *known == sender) {
+        Some((_, slot)) => *slot = entry,
+        None => senders.push((sender, entry)),
     }
 }
 
@@ -259,6 +260,11 @@ impl<'a> Layers<'a> {
 
     fn room<'s>(&'s self, room: &'s str) -> impl DoubleEndedIterator<Item = &'a RoomChanges> + 's {
         self.each().filter_map(move |layer| layer.rooms.get(room))
+    }
+
+    /// The room's name as an overlay holds it, to share rather than allocate.
+    pub(crate) fn room_key(&self, room: &str) -> Option<Arc<str>> {
+        self.each().find_map(|layer| layer.rooms.get_key_value(room).map(|(key, _)| key.clone()))
     }
 
     /// The room's counters, if an overlay changed them.
@@ -347,7 +353,10 @@ impl Journal {
     ) -> io::Result<Self> {
         let file = open_segment(store, generation % 2)?;
         let length = file.metadata()?.len();
-        let mut journal = Self {
+        // A newly opened file is written from its start: the first record overwrites the
+        // start of whatever generation was here, so that recovery never reads this segment
+        // as an old one's even if it stopped short.
+        Ok(Self {
             store: store.to_owned(),
             epoch: epoch.clone(),
             faults,
@@ -356,12 +365,7 @@ impl Journal {
             position: 0,
             length,
             record: Vec::new(),
-        };
-        journal.file.seek(SeekFrom::Start(0))?;
-        // The first record overwrites the start of whatever generation was here, so that
-        // recovery never reads this segment as an old one's even if it stopped short.
-        journal.position = 0;
-        Ok(journal)
+        })
     }
 
     pub(crate) fn generation(&self) -> u64 {
@@ -399,9 +403,7 @@ impl Journal {
     }
 
     fn write_record(&mut self, payload: &[u8]) -> io::Result<()> {
-        if self.faults.failing() {
-            return Err(io::Error::new(io::ErrorKind::StorageFull, "injected write failure"));
-        }
+        self.faults.check_write()?;
         let len = u32::try_from(payload.len())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "journal record over 4 GiB"))?;
         let record = &mut self.record;

@@ -423,6 +423,15 @@ impl FaultInjector {
     pub fn failing(&self) -> bool {
         self.0.load(Ordering::SeqCst)
     }
+
+    /// The I/O error a write gets while writes are failing (a full disk).
+    pub(crate) fn check_write(&self) -> std::io::Result<()> {
+        if self.failing() {
+            Err(std::io::Error::new(std::io::ErrorKind::StorageFull, "injected write failure"))
+        } else {
+            Ok(())
+        }
+    }
 }
 
 /// Why an operation failed.
