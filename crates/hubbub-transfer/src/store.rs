@@ -302,6 +302,7 @@ impl Store {
             temp_path: temp_path.clone(),
             hasher: Some(Sha256::new()),
             hashed_upto: 0,
+            since_writeback: 0,
             pending: Vec::new(),
             pending_bytes: 0,
             in_flight: None,
@@ -443,6 +444,9 @@ pub struct Upload {
     pending: Vec<(u64, Bytes)>,
     /// Their bytes.
     pending_bytes: usize,
+    /// Bytes handed to the blocking pool since the last batch that started
+    /// the file's writeback ([`WRITEBACK_BYTES`]).
+    since_writeback: u64,
     /// The last batch's write (and hash), still running on the blocking pool
     /// while the connection reads the next chunks. At most one is in flight:
     /// the next batch, and `finish`, wait for it first.
@@ -493,7 +497,12 @@ impl Upload {
             return;
         }
         let chunks = std::mem::take(&mut self.pending);
+        self.since_writeback += self.pending_bytes as u64;
         self.pending_bytes = 0;
+        let writeback = self.since_writeback >= WRITEBACK_BYTES;
+        if writeback {
+            self.since_writeback = 0;
+        }
         let Some(file) = self.file.clone() else {
             // Only before `begin` created it, when nothing can be pending.
             return;
@@ -501,7 +510,7 @@ impl Upload {
         self.in_flight = Some(match self.in_flight.take() {
             None => {
                 let (hasher, from) = (self.hasher.take(), self.hashed_upto);
-                tokio::task::spawn_blocking(move || write_batch(&file, &chunks, hasher, from))
+                tokio::task::spawn_blocking(move || write_batch(&file, &chunks, hasher, from, writeback))
             }
             Some(previous) => tokio::spawn(async move {
                 let previous = match previous.await {
@@ -510,7 +519,7 @@ impl Upload {
                     Err(join) => return BatchWritten::failed(io::Error::other(join)),
                 };
                 let (hasher, from) = (previous.hasher, previous.hashed_upto);
-                tokio::task::spawn_blocking(move || write_batch(&file, &chunks, hasher, from))
+                tokio::task::spawn_blocking(move || write_batch(&file, &chunks, hasher, from, writeback))
                     .await
                     .unwrap_or_else(|join| BatchWritten::failed(io::Error::other(join)))
             }),
@@ -661,7 +670,15 @@ impl BatchWritten {
 /// Writes a batch of chunks at their offsets, in order, on the blocking
 /// pool, and hashes on the way each one that continues the bytes hashed so
 /// far (`hasher` covers `0..from`); the others are hashed in `finish`.
-fn write_batch(file: &File, chunks: &[(u64, Bytes)], mut hasher: Option<Sha256>, from: u64) -> BatchWritten {
+/// With `writeback`, then starts writing the file's dirty pages to disk and
+/// drops those already written ([`start_writeback`]).
+fn write_batch(
+    file: &File,
+    chunks: &[(u64, Bytes)],
+    mut hasher: Option<Sha256>,
+    from: u64,
+    writeback: bool,
+) -> BatchWritten {
     let mut hashed_upto = from;
     for (offset, data) in chunks {
         if let Err(err) = file.write_all_at(data, *offset) {
@@ -676,7 +693,33 @@ fn write_batch(file: &File, chunks: &[(u64, Bytes)], mut hasher: Option<Sha256>,
             hashed_upto += data.len() as u64;
         }
     }
+    if writeback {
+        start_writeback(file);
+    }
     BatchWritten { hasher, hashed_upto, result: Ok(()) }
+}
+
+/// Bytes an upload writes between two calls of [`start_writeback`].
+const WRITEBACK_BYTES: u64 = 8 << 20;
+
+/// Starts writing the file's dirty pages to disk without waiting, and drops
+/// from the page cache the pages already written, which the upload does not
+/// read again (chunks are hashed from memory as they are written).
+///
+/// Without it, a 1 GiB upload leaves 1 GiB of dirty pages for the final
+/// `fsync` to write (long seconds on a slow disk, while the kernel throttles
+/// every other writer of the machine) and pushes out of the page cache what
+/// the rest of the server reads, such as the history file. Called every
+/// [`WRITEBACK_BYTES`], it keeps an upload's share of the page cache to a
+/// few times that, and the memory it writes into is the memory it just
+/// freed. `POSIX_FADV_DONTNEED` on Linux does both (asynchronous writeback
+/// of the range, then dropping its clean pages); elsewhere this does
+/// nothing. It is advice: a failure changes nothing the upload relies on.
+fn start_writeback(file: &File) {
+    #[cfg(target_os = "linux")]
+    let _ = rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::DontNeed);
+    #[cfg(not(target_os = "linux"))]
+    let _ = file;
 }
 
 /// Hashes `file[from..size]` into `hasher`.
@@ -834,6 +877,36 @@ mod tests {
         let alone = Store::open(config(&dir, 1 << 20)).unwrap();
         assert_eq!(alone.get(&"0".repeat(32)), None);
         assert_eq!(two.get("../etc/passwd"), None);
+    }
+
+    #[tokio::test]
+    async fn a_large_upload_written_back_as_it_goes_is_saved_whole() {
+        let dir = temp_dir();
+        let store =
+            Store::open(StoreConfig { write_batch_bytes: 256 << 10, ..config(&dir, 64 << 20) }).unwrap();
+        let chunk = 64 << 10;
+        let size = 2 * WRITEBACK_BYTES as usize + 3 * chunk + 100;
+        let mut state = 0x9E37_79B9_7F4A_7C15_u64;
+        let data: Vec<u8> = (0..size)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect();
+        let sha = sha256_to_hex(&Sha256::digest(&data).into());
+        let mut upload = store.begin(request(size as u64, chunk as u32, Some(sha.clone()))).await.unwrap();
+        // Chunk 3 comes last: the bytes after it are hashed from the file in
+        // `finish`, after their pages were written back and dropped.
+        let chunks: Vec<_> = data.chunks(chunk).enumerate().collect();
+        for (index, bytes) in chunks.iter().filter(|(i, _)| *i != 3).chain(&chunks[3..4]) {
+            upload.write_frame(frame(*index as u32, bytes)).await.unwrap();
+        }
+        assert!(upload.since_writeback < WRITEBACK_BYTES, "writeback started during the upload");
+        let saved = upload.finish().await.unwrap();
+        assert_eq!(saved.sha256, sha);
+        assert_eq!(fs::read(store.path_of(&saved)).unwrap(), data);
     }
 
     #[tokio::test]
