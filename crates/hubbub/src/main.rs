@@ -19,6 +19,12 @@ use hubbub_server::{Config, ConnectionSpans, Server};
 use settings::{Action, Cli, LogFormat};
 use tracing_subscriber::util::SubscriberInitExt as _;
 
+/// jemalloc packs Tokio's 128-byte-aligned task and registration allocations without the
+/// holes glibc's malloc leaves around them (docs/BENCHMARKS.md, idle memory).
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::from_env_and_args();
