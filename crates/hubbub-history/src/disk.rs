@@ -338,6 +338,11 @@ impl Shared {
         self.handle.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
+    /// Whether a checkpoint is still writing (or retrying) the previous segment's changes.
+    fn checkpoint_in_flight(&self) -> bool {
+        self.pending.read().unwrap_or_else(PoisonError::into_inner).frozen.is_some()
+    }
+
     /// Closes the file and opens it again: redb refuses every operation after an I/O error
     /// until then, and that also drops whatever a failed transaction left in memory.
     fn reopen(&self) {
@@ -460,8 +465,7 @@ impl Writer {
                 let until_due = (oldest + interval).saturating_duration_since(Instant::now());
                 // While the previous checkpoint runs (or retries after a failure) this one cannot
                 // start: look again an interval later rather than spin on a deadline passed.
-                let in_flight =
-                    self.shared.pending.read().unwrap_or_else(PoisonError::into_inner).frozen.is_some();
+                let in_flight = self.shared.checkpoint_in_flight();
                 wait = wait.min(if in_flight { interval.max(Duration::from_millis(10)) } else { until_due });
             }
             match requests.recv_timeout(wait) {
@@ -575,7 +579,7 @@ impl Writer {
         let config = &self.shared.config;
         let due =
             oldest.elapsed() >= config.checkpoint_interval || self.journal.used() >= config.checkpoint_bytes;
-        if !due || self.shared.pending.read().unwrap_or_else(PoisonError::into_inner).frozen.is_some() {
+        if !due || self.shared.checkpoint_in_flight() {
             return;
         }
         let generation = self.journal.generation();
@@ -1022,7 +1026,13 @@ fn merge<'k>(
 /// next one's age: reading the next [`TimeCache::RUN`] timestamps in one range scan turns that
 /// many B-tree lookups into one.
 #[derive(Default)]
-struct TimeCache(HashMap<Arc<str>, Vec<(u64, u64)>>);
+struct TimeCache(HashMap<Arc<str>, TimeRun>);
+
+/// The timestamps of consecutive offsets from `first` on (a room's kept messages have no gaps).
+struct TimeRun {
+    first: u64,
+    times: Vec<u64>,
+}
 
 impl TimeCache {
     /// Rooms remembered at most; past that the cache starts again empty.
@@ -1032,13 +1042,10 @@ impl TimeCache {
 
     fn get(&self, room: &str, offset: u64) -> Option<u64> {
         let run = self.0.get(room)?;
-        let first = run.first()?.0;
-        // The run holds consecutive offsets (a room's kept messages have no gaps).
-        let (at, timestamp_ms) = run.get(usize::try_from(offset.checked_sub(first)?).ok()?)?;
-        (*at == offset).then_some(*timestamp_ms)
+        run.times.get(usize::try_from(offset.checked_sub(run.first)?).ok()?).copied()
     }
 
-    fn insert(&mut self, room: &str, run: Vec<(u64, u64)>) {
+    fn insert(&mut self, room: &str, run: TimeRun) {
         if let Some(entry) = self.0.get_mut(room) {
             *entry = run;
             return;
@@ -1113,18 +1120,17 @@ impl Tables for BatchTables<'_> {
         if let Some(timestamp_ms) = self.times.get(room, offset) {
             return Ok(Some(timestamp_ms));
         }
-        let mut run = Vec::with_capacity(TimeCache::RUN);
+        let mut times = Vec::with_capacity(TimeCache::RUN);
         for entry in self.file.messages.range((room, offset)..=(room, u64::MAX))?.take(TimeCache::RUN) {
             let (key, value) = entry?;
-            let at = key.value().1;
-            if at != offset + run.len() as u64 {
+            if key.value().1 != offset + times.len() as u64 {
                 break;
             }
-            run.push((at, decode_time(value.value())?.0));
+            times.push(decode_time(value.value())?.0);
         }
-        let found = run.first().map(|(_, timestamp_ms)| *timestamp_ms);
+        let found = times.first().copied();
         if found.is_some() {
-            self.times.insert(room, run);
+            self.times.insert(room, TimeRun { first: offset, times });
         }
         Ok(found)
     }

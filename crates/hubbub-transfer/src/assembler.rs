@@ -87,7 +87,8 @@ pub struct Assembler {
     /// One slot per chunk: empty until the chunk is accepted, then the
     /// fingerprint of its bytes, to tell an identical resend from a different
     /// one. The fingerprint is a 64-bit XXH3 of the chunk: it catches
-    /// accidental mismatches; the whole-file SHA-256 is the integrity check. `Option<NonZeroU64>` keeps a slot at 8 bytes.
+    /// accidental mismatches; the whole-file SHA-256 is the integrity check.
+    /// `Option<NonZeroU64>` keeps a slot at 8 bytes.
     slots: Vec<Option<NonZeroU64>>,
     /// How many slots are filled, kept so counting needs no scan.
     received_chunks: u32,
