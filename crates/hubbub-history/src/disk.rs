@@ -1205,12 +1205,6 @@ struct FaultyBackend {
     faults: FaultInjector,
 }
 
-impl FaultyBackend {
-    fn check(&self) -> io::Result<()> {
-        self.faults.check_write()
-    }
-}
-
 impl StorageBackend for FaultyBackend {
     fn len(&self) -> io::Result<u64> {
         self.inner.len()
@@ -1221,17 +1215,17 @@ impl StorageBackend for FaultyBackend {
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
-        self.check()?;
+        self.faults.check_write()?;
         self.inner.set_len(len)
     }
 
     fn sync_data(&self, eventual: bool) -> io::Result<()> {
-        self.check()?;
+        self.faults.check_write()?;
         self.inner.sync_data(eventual)
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        self.check()?;
+        self.faults.check_write()?;
         self.inner.write(offset, data)
     }
 }
